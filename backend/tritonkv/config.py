@@ -1,0 +1,87 @@
+"""Engine settings: one validated dataclass, filled from config.pbtxt ``parameters``.
+
+Every field may be set as a config.pbtxt parameter of the same name (string value).
+A bad value fails model load with a message naming the parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    checkpoint: str = ""  # HF-format checkpoint directory; "" serves the generated demo model
+    device: str = "auto"  # auto: cuda when the instance is a GPU instance and CUDA is there
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 0  # KV blocks in the pool; 0 derives it from kv_cache_memory_mb
+    kv_cache_memory_mb: int = 256  # KV pool size when num_blocks is 0
+    max_model_len: int = 0  # longest context served (prompt + output); 0: the model's limit
+    max_num_batched_tokens: int = 1024  # token budget of one engine step (decode + prefill chunks)
+    max_num_seqs: int = 64  # sequences in one engine step
+    sequence_idle_timeout_s: float = 600.0  # a live conversation idle this long is released
+    default_max_tokens: int = 128  # max_tokens when a request sets none
+    enable_prefix_caching: bool = True
+    pool_name: str = ""  # shared pool name; "" keeps the pool private to this instance
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"parameter {name!r} = {getattr(self, name)!r}: {why}")
+
+        if self.device not in DEVICES:
+            bad("device", f"must be one of {DEVICES}")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {DTYPES}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            bad("block_size", "must be a positive power of two")
+        if self.num_blocks < 0:
+            bad("num_blocks", "must be >= 0 (0 derives it from kv_cache_memory_mb)")
+        if self.kv_cache_memory_mb <= 0:
+            bad("kv_cache_memory_mb", "must be > 0")
+        if self.max_model_len < 0:
+            bad("max_model_len", "must be >= 0 (0 uses the model's max_position_embeddings)")
+        if self.max_num_batched_tokens < self.block_size:
+            bad("max_num_batched_tokens", f"must be >= block_size ({self.block_size})")
+        if self.max_num_seqs <= 0:
+            bad("max_num_seqs", "must be > 0")
+        if self.sequence_idle_timeout_s <= 0:
+            bad("sequence_idle_timeout_s", "must be > 0 seconds")
+        if self.default_max_tokens <= 0:
+            bad("default_max_tokens", "must be > 0")
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str], **overrides) -> "EngineConfig":
+        """Build from string-valued parameters; unknown keys are an error (typos matter)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for name, raw in params.items():
+            if name not in fields:
+                raise ValueError(f"unknown parameter {name!r}; known: {', '.join(sorted(fields))}")
+            values[name] = _parse(name, fields[name].type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse(name: str, type_name, raw):
+    if not isinstance(raw, str):
+        return raw
+    raw = raw.strip()
+    try:
+        if type_name in ("int", int):
+            return int(raw)
+        if type_name in ("float", float):
+            return float(raw)
+        if type_name in ("bool", bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ValueError(f"parameter {name!r} = {raw!r}: expected {type_name}") from None
+    return raw

@@ -1,0 +1,348 @@
+"""The step loop: schedule -> prepare tensors -> forward over the paged cache -> sample -> emit.
+
+The engine imports nothing from Triton. Callers (the Triton adapter, tests, benchmarks) hand
+it turns through ``submit``; all sequence state changes happen on the engine thread, in the
+order the turns were submitted, so a conversation's turns and its END stay in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+import torch
+
+from tritonkv.config import EngineConfig
+from tritonkv.kv.block_pool import BlockPool
+from tritonkv.kv.kv_cache_manager import KVCacheManager
+from tritonkv.model.llama import AttentionBatch, CausalLM
+from tritonkv.model.tokenizer import TextTokenizer
+from tritonkv.sampler import sample
+from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
+from tritonkv.sched.sequence import SamplingParams, Sequence, SeqStatus, Turn, TurnOutput
+from tritonkv.turn_output import TurnTextBuilder
+
+log = logging.getLogger("tritonkv.engine")
+
+CANCEL_POLL_S = 0.05
+
+
+class RequestError(ValueError):
+    """Bad input from a client: the message says what was wrong and what to do."""
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: TextTokenizer | None,
+                 pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], owner: int = 0):
+        self.config = config
+        self.model = model
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.pool = pool
+        self.kv_caches = kv_caches
+        self.kv = KVCacheManager(pool, owner, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        capacity = pool.num_blocks * pool.block_size
+        limit = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = min(limit, capacity)
+        eos = set(self.model_config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self._live: dict[Hashable, Sequence] = {}  # correlation id -> open conversation
+        self._seqs: dict[int, Sequence] = {}  # engine key -> every sequence holding state
+        self._keys = itertools.count(1)
+        self._commands: queue.Queue = queue.Queue()
+        self._steps = 0
+        self._last_cancel_poll = 0.0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.num_generated_tokens = 0
+
+    # -- intake (any thread) ---------------------------------------------------------------
+    def encode(self, text: str, first_turn: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer.json: send input_ids instead of text_input")
+        return self.tokenizer.encode(text, add_special_tokens=first_turn)
+
+    def submit(self, corr_id: Hashable, prompt_ids: list[int], params: SamplingParams,
+               emit: Callable[[TurnOutput], None], *, start: bool, end: bool,
+               is_cancelled: Callable[[], bool] = lambda: False, stateless: bool = False,
+               extra_keys: tuple = (), close_only: bool = False, error: str | None = None) -> None:
+        """Queue one turn. ``close_only``: no generation, just END. ``error``: the request was
+        invalid; it is answered with that error in order (and END still closes)."""
+        turn = Turn(list(prompt_ids), params, emit, is_cancelled, end_sequence=end or stateless)
+        self._commands.put((corr_id, turn, start, stateless, extra_keys, close_only, error))
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not prompt_ids:
+            raise RequestError("empty prompt: send a non-empty text_input or input_ids")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}); "
+                               f"{len(bad)} ids are out of range")
+        if params.max_tokens <= 0:
+            raise RequestError(f"max_tokens must be > 0, got {params.max_tokens}")
+        if params.max_tokens > self.max_model_len:
+            raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
+                               f"{self.max_model_len} tokens (max_model_len)")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise RequestError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+
+    # -- engine thread -----------------------------------------------------------------------
+    def start_loop(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tritonkv-engine", daemon=True)
+        self._thread.start()
+
+    def stop_loop(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            busy = any(s.status is SeqStatus.RUNNING for s in self._seqs.values())
+            try:
+                item = self._commands.get(block=not busy, timeout=None if busy else 1.0)
+                if item is None:
+                    continue
+                self._accept(*item)
+            except queue.Empty:
+                pass
+            self._drain()
+            self._expire_idle()
+            try:
+                self.step()
+            except Exception as exc:  # a failing step must not take the server down
+                log.exception("engine step failed")
+                self._fail_running(f"internal error in engine step: {exc}")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._accept(*item)
+
+    def run_until_idle(self, max_steps: int = 100_000) -> None:
+        """Synchronous driving for tests and benchmarks (no thread)."""
+        for _ in range(max_steps):
+            self._drain()
+            if not any(s.status is SeqStatus.RUNNING for s in self._seqs.values()):
+                return
+            self.step()
+        raise RuntimeError("engine did not go idle")
+
+    def _accept(self, corr_id, turn: Turn, start, stateless, extra_keys, close_only, error) -> None:
+        seq = self._live.get(corr_id)
+        if start and seq is not None and not stateless:
+            self._reply_error(turn, f"sequence {corr_id!r} is already live: START was sent for an "
+                                    "open conversation; send END first or use a new correlation id")
+            return
+        if not start and seq is None:
+            self._reply_error(turn, f"sequence {corr_id!r} is not live: its first request must carry "
+                                    "START (it may have ended, been cancelled or timed out)")
+            return
+        if start:
+            seq = Sequence(seq_id=next(self._keys), extra_keys=tuple(extra_keys), stateless=stateless)
+            self._seqs[seq.seq_id] = seq
+            if not stateless:
+                self._live[corr_id] = seq
+        if turn.end_sequence and self._live.get(corr_id) is seq:
+            del self._live[corr_id]
+        if error is not None or close_only:
+            turn.prompt_ids = []  # a close marker: answered when reached, in order
+            turn.params = SamplingParams(max_tokens=0)
+            turn.error = error
+        seq.pending.append(turn)
+        if seq.status is SeqStatus.IDLE:
+            self._begin_next_turn(seq)
+
+    def _begin_next_turn(self, seq: Sequence) -> None:
+        while seq.pending:
+            turn = seq.pending.popleft()
+            if not turn.prompt_ids:  # close marker or rejected request
+                reason = "error" if turn.error else "closed"
+                self._reply(turn, TurnOutput("", [], True, reason, error=turn.error))
+                if turn.end_sequence:
+                    self._release(seq)
+                    return
+                continue
+            context = len(seq.token_ids) + len(turn.prompt_ids)
+            if context >= self.max_model_len:
+                self._reply_error(turn, f"conversation would hold {context} tokens; this model serves "
+                                        f"at most {self.max_model_len} (max_model_len) — shorten the prompt "
+                                        "or start a new conversation")
+                if turn.end_sequence:
+                    self._release(seq)
+                    return
+                continue
+            seq.token_ids.extend(turn.prompt_ids)
+            seq.turn = turn
+            seq.status = SeqStatus.RUNNING
+            seq.admitted_at = self._steps
+            seq.last_active = time.monotonic()
+            turn.text = TurnTextBuilder(self.tokenizer, turn.params.stop)
+            turn.generator = None
+            if turn.params.seed is not None:
+                turn.generator = torch.Generator().manual_seed(turn.params.seed)
+            turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
+            return
+        seq.status = SeqStatus.IDLE
+
+    def step(self) -> None:
+        self._poll_cancelled()
+        running = [s for s in self._seqs.values() if s.status is SeqStatus.RUNNING]
+        if not running:
+            return
+        idle = [s for s in self._seqs.values() if s.status is SeqStatus.IDLE]
+        plan = self.scheduler.schedule(running, idle)
+        self._steps += 1
+        if not plan:
+            self._fail_unschedulable(running)
+            return
+        sampled = self._forward(plan)
+        for chunk in plan:
+            seq = chunk.seq
+            seq.num_computed += chunk.num_tokens
+            self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
+        for chunk, token in zip([c for c in plan if c.sample], sampled):
+            self._append_token(chunk.seq, token)
+
+    def _forward(self, plan: list[ScheduledChunk]) -> list[int]:
+        bs = self.pool.block_size
+        ids, positions, slots, seq_lens, starts, tables = [], [], [], [], [0], []
+        for c in plan:
+            table = self.kv.block_table(c.seq.seq_id)
+            pos = range(c.start, c.start + c.num_tokens)
+            ids.extend(c.seq.token_ids[c.start:c.start + c.num_tokens])
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            seq_lens.append(c.start + c.num_tokens)
+            starts.append(starts[-1] + c.num_tokens)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        batch = AttentionBatch(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            max_query_len=max(c.num_tokens for c in plan),
+        )
+        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=dev), batch, self.kv_caches)
+        rows = [starts[i + 1] - 1 for i, c in enumerate(plan) if c.sample]
+        if not rows:
+            return []
+        logits = self.model.logits(hidden[torch.tensor(rows, device=dev)])
+        self.last_logits = logits
+        samples = [c for c in plan if c.sample]
+        greedy = [c.seq.turn.params.temperature == 0.0 for c in samples]
+        argmax = logits.argmax(dim=-1).tolist() if any(greedy) else None
+        return [argmax[i] if g else sample(logits[i], c.seq.turn.params, c.seq.turn.generator)
+                for i, (c, g) in enumerate(zip(samples, greedy))]
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        turn = seq.turn
+        seq.token_ids.append(token)
+        turn.output_ids.append(token)
+        seq.last_active = time.monotonic()
+        self.num_generated_tokens += 1
+        is_eos = token in self.eos_token_ids and not turn.params.ignore_eos
+        text, stopped = ("", False) if is_eos else turn.text.push(token)
+        reason = None
+        if is_eos:
+            reason = "eos"
+        elif stopped:
+            reason = "stop"
+        elif len(turn.output_ids) >= turn.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = "length"
+        if reason is None:
+            self._reply(turn, TurnOutput(text, [token]))
+            return
+        text += turn.text.finish(stopped)
+        self._finish(seq, TurnOutput(text, [token], True, reason))
+
+    def _finish(self, seq: Sequence, out: TurnOutput) -> None:
+        turn = seq.turn
+        out.cached_tokens = max(turn.cached_tokens, 0)
+        out.prompt_tokens = len(turn.prompt_ids)
+        self._reply(turn, out)
+        seq.turn = None
+        seq.status = SeqStatus.IDLE
+        if turn.end_sequence or out.finish_reason == "cancelled":
+            self._release(seq)
+            return
+        self._begin_next_turn(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the conversation's KV; queued turns behind it are answered with an error."""
+        self.kv.release(seq.seq_id)
+        seq.status = SeqStatus.ENDED
+        self._seqs.pop(seq.seq_id, None)
+        for corr_id, live in list(self._live.items()):
+            if live is seq:
+                del self._live[corr_id]
+        while seq.pending:
+            turn = seq.pending.popleft()
+            self._reply_error(turn, "the conversation was released (cancelled, ended or timed out) "
+                                    "before this request ran")
+
+    def _reply(self, turn: Turn, out: TurnOutput) -> None:
+        try:
+            turn.emit(out)
+        except Exception:  # a vanished client must not stop the engine
+            log.exception("could not deliver a response")
+
+    def _reply_error(self, turn: Turn, message: str) -> None:
+        self._reply(turn, TurnOutput("", [], True, "error", error=message))
+
+    def _poll_cancelled(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cancel_poll < CANCEL_POLL_S:
+            return
+        self._last_cancel_poll = now
+        for seq in list(self._seqs.values()):
+            if seq.status is SeqStatus.RUNNING and seq.turn.is_cancelled():
+                self._finish(seq, TurnOutput("", [], True, "cancelled"))
+
+    def _expire_idle(self) -> None:
+        deadline = time.monotonic() - self.config.sequence_idle_timeout_s
+        for seq in list(self._seqs.values()):
+            if seq.status is SeqStatus.IDLE and not seq.pending and seq.last_active < deadline:
+                log.info("releasing conversation idle for over %ss", self.config.sequence_idle_timeout_s)
+                self._release(seq)
+
+    def _fail_running(self, message: str) -> None:
+        for seq in list(self._seqs.values()):
+            if seq.status is SeqStatus.RUNNING:
+                self._finish(seq, TurnOutput("", [], True, "error", error=message))
+                if seq.seq_id in self._seqs:
+                    self._release(seq)
+
+    def _fail_unschedulable(self, running: list[Sequence]) -> None:
+        """No block can be had for anyone even after preemption: the oldest turn cannot fit."""
+        oldest = min(running, key=lambda s: s.admitted_at)
+        self._finish(oldest, TurnOutput("", [], True, "error", error=(
+            f"the KV cache cannot hold this conversation ({len(oldest.token_ids)} tokens, "
+            f"pool of {self.pool.num_blocks} blocks x {self.pool.block_size}); raise num_blocks")))
+        if oldest.seq_id in self._seqs:
+            self._release(oldest)
+
+    # -- introspection -----------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        counts = self.pool.counts()
+        counts["live_sequences"] = len(self._seqs)
+        counts["preemptions"] = self.scheduler.num_preemptions
+        counts["generated_tokens"] = self.num_generated_tokens
+        return counts

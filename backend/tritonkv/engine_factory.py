@@ -1,0 +1,65 @@
+"""Builds an ``Engine`` from an ``EngineConfig``: checkpoint, tokenizer, device, KV pool."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tritonkv.config import EngineConfig
+from tritonkv.engine import Engine
+from tritonkv.kv.block_pool import BlockPool
+from tritonkv.model.checkpoint import load_model, resolve_dtype
+from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+from tritonkv.model.model_config import ModelConfig
+from tritonkv.model.tokenizer import TextTokenizer
+
+log = logging.getLogger("tritonkv")
+
+
+def pick_device(requested: str, gpu_instance: bool = True, device_id: int = 0) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not (gpu_instance and torch.cuda.is_available())):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("parameter 'device' = 'cuda' but CUDA is not available here")
+    return torch.device("cuda", device_id)
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers, K and V."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def resolve_num_blocks(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype) -> int:
+    if config.num_blocks:
+        return config.num_blocks
+    return max(1, config.kv_cache_memory_mb * 2**20 // kv_block_bytes(cfg, config.block_size, dtype))
+
+
+def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device,
+                       storage: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(k_cache, v_cache)``, views into one ``[layers, 2, blocks, bs, kv_heads, dim]``
+    tensor (``storage`` when given, e.g. a shared-memory tensor)."""
+    shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    if storage is None:
+        storage = torch.zeros(shape, dtype=dtype, device=device)
+    storage = storage.view(shape)
+    return [(storage[i, 0], storage[i, 1]) for i in range(cfg.num_layers)]
+
+
+def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int = 0) -> Engine:
+    checkpoint = config.checkpoint or ensure_demo_checkpoint()
+    device = pick_device(config.device, gpu_instance, device_id)
+    cfg = ModelConfig.from_checkpoint(checkpoint)
+    dtype = resolve_dtype(config.dtype, cfg, device)
+    model = load_model(checkpoint, device, dtype)
+    try:
+        tokenizer = TextTokenizer(checkpoint)
+    except FileNotFoundError:
+        log.warning("%s has no tokenizer.json; only input_ids requests will be served", checkpoint)
+        tokenizer = None
+    num_blocks = resolve_num_blocks(config, cfg, dtype)
+    pool = BlockPool.in_process(num_blocks, config.block_size)
+    kv_caches = allocate_kv_caches(cfg, num_blocks, config.block_size, dtype, device)
+    return Engine(config, model, tokenizer, pool, kv_caches)

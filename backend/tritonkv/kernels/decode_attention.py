@@ -1,0 +1,435 @@
+"""Paged decode attention (one query token per sequence), split-KV with a reduce step.
+
+Reference: ``tritonkv.ops.paged_attention.paged_attention_reference`` (and
+``tritonkv.ops.quant.paged_attention_quant_reference`` for FP8/INT8 caches);
+``attention_mass_reference`` below for the H2O side output.
+
+Design
+- Grid of stage 1: (num_seqs, num_kv_heads, num_splits). A program loads its KV head's
+  whole query-head group (GQA/MQA: each KV byte is read once per group) as a
+  ``[BLOCK_G, D]`` tile (BLOCK_G >= 16 rows so that ``tl.dot`` can be used; padding rows are
+  zero) and walks its share of the sequence's visible keys in tiles of BLOCK_N tokens,
+  gathering rows through the block table (online softmax, exp2 domain).
+- With one split it writes the output directly; with several it writes a normalised partial
+  output and its log-sum-exp per (token, head, split) and a second kernel merges them.
+- Quantised caches: fp8/int8 values are cast to the query dtype (exact) and the per-token
+  (or per-block) scale is applied to the scores (K) and the probabilities (V), so no
+  ``[N, D]`` multiply is needed.
+- Sliding window w: only keys in ``(pos - w, pos]`` are walked (split over that range);
+  ``num_sink_tokens`` extra keys ``[0, s)`` are walked by split 0 before its range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonkv.ops.paged_attention import gather_kv, paged_attention_reference  # noqa: F401
+from tritonkv.ops.paged_attention import visibility_mask
+from tritonkv.ops.quant import is_quantized
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_tile(
+    acc, m_i, l_i, q, n0, hi, kv_lo_vis, kvh, seq,
+    bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    sm_scale2, d, dmask,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_LO: tl.constexpr,
+    num_sinks,
+):
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs < hi
+    blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+    slot = offs % PAGE
+    kp = k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
+    vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
+    lmask = nmask[:, None] & dmask[None, :]
+    k = tl.load(kp + d[None, :], mask=lmask, other=0.0)
+    v = tl.load(vp + d[None, :], mask=lmask, other=0.0)
+    if KV_QUANT:
+        ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
+                      mask=nmask, other=0.0)
+        vsc = tl.load(v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
+                      mask=nmask, other=0.0)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k))
+    if KV_QUANT:
+        s = s * (ksc * sm_scale2)[None, :]
+    else:
+        s = s * sm_scale2
+    vis = nmask
+    if CHECK_LO:  # window: keys below kv_lo_vis are invisible unless they are sinks
+        vis = vis & ((offs >= kv_lo_vis) | (offs < num_sinks))
+    s = tl.where(vis[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if KV_QUANT:
+        p = p * vsc[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+    bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    sm_scale2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    stride_bt,
+    stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
+    window, num_sinks, split_size,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, KV_QUANT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    t = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - t
+    if q_len == 0:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)  # position seq_len-1 sees (pos - w, pos]
+    kv_lo_vis = lo
+    lo = (lo // BLOCK_N) * BLOCK_N
+    start = lo + split * split_size
+    end = tl.minimum(start + split_size, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < GROUP
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    t64 = t.to(tl.int64)
+    q = tl.load(q_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+    if HAS_WINDOW:
+        if split == 0:
+            sink_hi = tl.minimum(num_sinks, kv_lo_vis)
+            for n0 in range(0, sink_hi, BLOCK_N):
+                acc, m_i, l_i = _decode_tile(
+                    acc, m_i, l_i, q, n0, sink_hi, 0, kvh, seq,
+                    bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                    sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks)
+    for n0 in range(start, end, BLOCK_N):
+        acc, m_i, l_i = _decode_tile(
+            acc, m_i, l_i, q, n0, end, kv_lo_vis, kvh, seq,
+            bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks)
+
+    omask = gmask[:, None] & dmask[None, :]
+    if SPLIT:
+        valid = l_i > 0
+        o = acc / tl.where(valid, l_i, 1.0)[:, None]
+        lse = tl.where(valid, m_i + tl.log2(tl.where(valid, l_i, 1.0)), float("-inf"))
+        tl.store(part_o_ptr + t64 * stride_pot + heads[:, None] * stride_poh
+                 + split * stride_pos + d[None, :], o, mask=omask)
+        tl.store(part_lse_ptr + t64 * stride_plt + heads * stride_plh + split, lse, mask=gmask)
+    else:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + t64 * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, lse_out_ptr,
+    stride_pot, stride_poh, stride_pos, stride_plt, stride_plh, stride_ot, stride_oh,
+    num_heads, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - t
+    if q_len == 0:
+        return
+    t64 = t.to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < num_splits
+    lse = tl.load(part_lse_ptr + t64 * stride_plt + h * stride_plh + s, mask=smask,
+                  other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - m)
+    w_sum = tl.sum(w, axis=0)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    po = tl.load(part_o_ptr + t64 * stride_pot + h * stride_poh + s[:, None] * stride_pos
+                 + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    o = tl.sum(po * w[:, None], axis=0) / w_sum
+    tl.store(out_ptr + t64 * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=dmask)
+    if WRITE_LSE:
+        tl.store(lse_out_ptr + t64 * num_heads + h, m + tl.log2(w_sum))
+
+
+@triton.jit
+def _attention_mass_kernel(
+    q_ptr, k_cache_ptr, k_scale_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, lse_ptr, mass_ptr,
+    sm_scale2,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ksb, stride_kss, stride_ksh,
+    stride_bt, stride_mass, max_len, num_heads, num_kv_heads, window, num_sinks,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    """mass[seq, p] = sum over query heads of softmax prob of key p (0 where p >= seq_len or
+    invisible). Recomputes the scores against the final log-sum-exp (one extra K pass)."""
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    t = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - t
+    if q_len == 0:
+        return
+    t64 = t.to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs < seq_len
+    vis = nmask
+    if HAS_WINDOW:
+        vis = vis & ((offs > seq_len - 1 - window) | (offs < num_sinks))
+    blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+    slot = offs % PAGE
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < GROUP
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for kvh in range(0, num_kv_heads):
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks
+                    + kvh * stride_kh + d[None, :], mask=vis[:, None] & dmask[None, :], other=0.0)
+        if KV_QUANT:
+            ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
+                          mask=vis, other=0.0)
+            k = k.to(q.dtype)
+            s = tl.dot(q, tl.trans(k)) * (ksc * sm_scale2)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k)) * sm_scale2
+        lse = tl.load(lse_ptr + t64 * num_heads + heads, mask=gmask, other=0.0)
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(gmask[:, None] & vis[None, :], p, 0.0)
+        total += tl.sum(p, axis=0)
+    tl.store(mass_ptr + seq * stride_mass + offs, total, mask=offs < max_len)
+
+
+def _scale_strides(scale):
+    if scale is None:
+        return 0, 0, 0
+    if scale.dim() == 3:
+        return scale.stride(0), scale.stride(1), scale.stride(2)
+    return scale.stride(0), 0, scale.stride(1)
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_n: int,
+                       num_sms: int = 132, target_waves: float = 4.0,
+                       min_tiles_per_split: int = 4) -> int:
+    """Enough (seq, kv_head, split) programs for ``target_waves`` x num_sms, but each split
+    keeps at least ``min_tiles_per_split`` tiles of keys."""
+    base = num_seqs * num_kv_heads
+    want = max(1, math.ceil(target_waves * num_sms / max(base, 1)))
+    cap = max(1, max_kv_len // (block_n * min_tiles_per_split))
+    return int(min(want, cap, 256))
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    num_sink_tokens: int = 0,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    max_seq_len: int | None = None,
+):
+    """Decode attention: every sequence has exactly one (or zero) query rows.
+
+    Returns ``out`` ``[num_tokens, num_heads, head_dim]`` (q's dtype), or ``(out, lse)`` with
+    ``lse`` float32 ``[num_tokens, num_heads]`` in log2 units of the scaled scores when
+    ``return_lse``. ``max_seq_len`` (optional, host int) bounds the split size; without it the
+    block table width is used (no device sync)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    _, page, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    quant = is_quantized(k_cache.dtype)
+    if quant and (k_scale is None or v_scale is None):
+        raise ValueError("a quantised KV cache needs k_scale and v_scale")
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0:
+        return (out, torch.empty(0, num_heads, device=q.device)) if return_lse else out
+
+    block_g = max(16, triton.next_power_of_2(group))
+    block_d = triton.next_power_of_2(head_dim)
+    if block_n is None:
+        block_n = 64 if head_dim <= 128 else 32
+    block_n = max(block_n, page) if page <= 64 else block_n
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 2
+    max_kv = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
+    has_window = sliding_window is not None and sliding_window > 0
+    kv_range = min(max_kv, sliding_window + block_n) if has_window else max_kv
+    if num_splits is None:
+        num_splits = default_num_splits(num_seqs, num_kv_heads, kv_range, block_n,
+                                        _num_sms(q.device))
+    if return_lse:
+        num_splits = max(num_splits, 2)  # lse comes from the reduce kernel
+    # kv_range bounds the walked range: seq_len without a window; with one, the window plus
+    # less than a tile (its start is aligned down to a tile).
+    split_size = triton.cdiv(triton.cdiv(kv_range, num_splits), block_n) * block_n
+    use_split = num_splits > 1
+    dev = q.device
+    if use_split:
+        part_o = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
+                             device=dev)
+        part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32,
+                               device=dev)
+    else:
+        part_o = out
+        part_lse = None
+    ks, vs = _scale_strides(k_scale), _scale_strides(v_scale)
+    dummy = seq_lens
+    sm_scale2 = float(scale) * LOG2E
+    _decode_stage1_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache,
+        k_scale if k_scale is not None else dummy, v_scale if v_scale is not None else dummy,
+        block_tables, seq_lens, query_start_loc, out, part_o,
+        part_lse if part_lse is not None else dummy,
+        sm_scale2,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *ks, *vs,
+        block_tables.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2) if use_split else 0,
+        part_lse.stride(0) if use_split else 0, part_lse.stride(1) if use_split else 0,
+        int(sliding_window) if has_window else 0, int(num_sink_tokens), split_size,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    lse_out = None
+    if use_split:
+        if return_lse:
+            lse_out = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=dev)
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_o, part_lse, query_start_loc, out, lse_out if lse_out is not None else dummy,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            num_heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            WRITE_LSE=return_lse, num_warps=4 if head_dim >= 128 else 2,
+        )
+    return (out, lse_out) if return_lse else out
+
+
+def attention_mass_triton(
+    q, k_cache, block_tables, seq_lens, query_start_loc, scale, lse,
+    sliding_window=None, num_sink_tokens=0, *, k_scale=None, max_len=None, block_n=64,
+):
+    """Per-key attention probability summed over query heads, ``[num_seqs, max_len]`` float32
+    (``max_len`` defaults to the block-table width in tokens). Needs ``lse`` from
+    ``decode_attention_triton(..., return_lse=True)``."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    _, page, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if max_len is None:
+        max_len = block_tables.shape[1] * page
+    mass = torch.zeros(num_seqs, max_len, dtype=torch.float32, device=q.device)
+    if num_seqs == 0 or max_len == 0:
+        return mass
+    quant = is_quantized(k_cache.dtype)
+    ks = _scale_strides(k_scale)
+    has_window = sliding_window is not None and sliding_window > 0
+    _attention_mass_kernel[(num_seqs, triton.cdiv(max_len, block_n))](
+        q, k_cache, k_scale if k_scale is not None else seq_lens, block_tables, seq_lens,
+        query_start_loc, lse, mass, float(scale) * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        *ks, block_tables.stride(0), mass.stride(0), max_len, num_heads, num_kv_heads,
+        int(sliding_window) if has_window else 0, int(num_sink_tokens),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, PAGE=page,
+        KV_QUANT=quant, HAS_WINDOW=has_window, num_warps=4,
+    )
+    return mass
+
+
+def attention_mass_reference(
+    q, k_cache, block_tables, seq_lens, query_start_loc, scale,
+    sliding_window=None, num_sink_tokens=0, *, max_len=None, k_dequant=None,
+):
+    """Torch oracle for ``attention_mass_triton`` (decode rows only). ``k_dequant``: a float
+    cache to use instead of ``k_cache`` (for quantised caches)."""
+    kc = k_dequant if k_dequant is not None else k_cache
+    page, num_kv_heads = kc.shape[1], kc.shape[2]
+    num_heads = q.shape[1]
+    group = num_heads // num_kv_heads
+    if max_len is None:
+        max_len = block_tables.shape[1] * page
+    mass = torch.zeros(seq_lens.shape[0], max_len, dtype=torch.float32, device=q.device)
+    starts = query_start_loc.tolist()
+    for i, ctx in enumerate(seq_lens.tolist()):
+        if starts[i + 1] == starts[i]:
+            continue
+        t = starts[i + 1] - 1
+        k = gather_kv(kc, block_tables[i], ctx).float().repeat_interleave(group, dim=1)
+        qi = q[t].float()
+        s = torch.einsum("hd,khd->hk", qi, k) * scale
+        mask = visibility_mask(torch.tensor([ctx - 1], device=q.device), ctx, sliding_window, num_sink_tokens)[0]
+        s = s.masked_fill(~mask[None], float("-inf"))
+        mass[i, :ctx] = torch.softmax(s, dim=-1).sum(0)
+    return mass

@@ -1,0 +1,187 @@
+"""The pool of KV blocks: refcounts, owner-tagged references, prefix index, LRU eviction.
+
+All metadata lives in flat numpy arrays (``PoolArrays``) so that it can sit in shared memory
+and serve several processes; every public method runs under ``self.lock``.
+
+Block states (derived from the arrays, never stored twice):
+- free:    refcount 0, no hash          -> handed out first
+- cached:  refcount 0, hash set         -> still in the prefix index; evicted LRU when no block is free
+- used:    refcount > 0                 -> referenced by at least one live sequence
+
+Rules:
+- ``refcount[b] == owner_refs[:, b].sum()``: every reference is tagged with the owner (a
+  process slot) that took it, so a dead owner's references can be dropped wholesale.
+- A hash hit counts only if the stored tokens and parent hash equal the query's.
+- Eviction order: least recently used first (``last_used``: a pool-wide tick, bumped when a
+  block is taken or released), ties broken by lower block id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from tritonkv.kv.block_hash import NO_HASH
+
+STAT_NAMES = ("prefix_query_blocks", "prefix_hit_blocks", "evictions", "tick")
+
+
+@dataclass
+class PoolArrays:
+    """The pool's whole state. Shapes: refcount/block_hash/parent_hash/last_used [num_blocks],
+    block_tokens [num_blocks, block_size], owner_refs [max_owners, num_blocks], stats [4]."""
+
+    refcount: np.ndarray
+    owner_refs: np.ndarray
+    block_hash: np.ndarray
+    parent_hash: np.ndarray
+    block_tokens: np.ndarray
+    last_used: np.ndarray
+    stats: np.ndarray
+
+    @staticmethod
+    def layout(num_blocks: int, block_size: int, max_owners: int) -> dict:
+        """name -> (shape, dtype); the order is the order in a shared buffer."""
+        return {
+            "refcount": ((num_blocks,), np.int32),
+            "owner_refs": ((max_owners, num_blocks), np.int32),
+            "block_hash": ((num_blocks,), np.int64),
+            "parent_hash": ((num_blocks,), np.int64),
+            "block_tokens": ((num_blocks, block_size), np.int32),
+            "last_used": ((num_blocks,), np.int64),
+            "stats": ((len(STAT_NAMES),), np.int64),
+        }
+
+    @classmethod
+    def allocate(cls, num_blocks: int, block_size: int, max_owners: int) -> "PoolArrays":
+        return cls(**{name: np.zeros(shape, dtype) for name, (shape, dtype)
+                      in cls.layout(num_blocks, block_size, max_owners).items()})
+
+
+class PoolExhausted(Exception):
+    """Not enough free or evictable blocks; the caller queues or preempts."""
+
+
+class BlockPool:
+    def __init__(self, arrays: PoolArrays, lock=None):
+        self.a = arrays
+        self.num_blocks, self.block_size = arrays.block_tokens.shape
+        self.lock = lock if lock is not None else threading.RLock()
+
+    @classmethod
+    def in_process(cls, num_blocks: int, block_size: int, max_owners: int = 4) -> "BlockPool":
+        return cls(PoolArrays.allocate(num_blocks, block_size, max_owners))
+
+    # -- queries ---------------------------------------------------------------------------
+    def _tick(self) -> int:
+        self.a.stats[3] += 1
+        return int(self.a.stats[3])
+
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can get now: free plus cached (evictable)."""
+        with self.lock:
+            return int((self.a.refcount == 0).sum())
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            unused = self.a.refcount == 0
+            cached = int((unused & (self.a.block_hash != NO_HASH)).sum())
+            used = int((~unused).sum())
+            stats = {name: int(v) for name, v in zip(STAT_NAMES, self.a.stats)}
+            return {"total": self.num_blocks, "used": used, "cached": cached,
+                    "free": self.num_blocks - used - cached, **stats}
+
+    # -- references ------------------------------------------------------------------------
+    def allocate(self, n: int, owner: int) -> list[int]:
+        """``n`` blocks, free ones first (lowest id), then evicting cached ones LRU-first."""
+        with self.lock:
+            unused = self.a.refcount == 0
+            free = np.flatnonzero(unused & (self.a.block_hash == NO_HASH))
+            if len(free) >= n:
+                chosen = free[:n]
+            else:
+                cached = np.flatnonzero(unused & (self.a.block_hash != NO_HASH))
+                if len(free) + len(cached) < n:
+                    raise PoolExhausted(f"need {n} KV blocks, {len(free) + len(cached)} available")
+                order = np.lexsort((cached, self.a.last_used[cached]))
+                victims = cached[order[: n - len(free)]]
+                self.a.block_hash[victims] = NO_HASH
+                self.a.parent_hash[victims] = NO_HASH
+                self.a.stats[2] += len(victims)
+                chosen = np.concatenate([free, victims])
+            self._take(chosen, owner)
+            return [int(b) for b in chosen]
+
+    def _take(self, blocks: np.ndarray, owner: int) -> None:
+        np.add.at(self.a.refcount, blocks, 1)
+        np.add.at(self.a.owner_refs[owner], blocks, 1)
+        self.a.last_used[blocks] = self._tick()
+
+    def take_ref(self, blocks: list[int], owner: int) -> None:
+        with self.lock:
+            self._take(np.asarray(blocks, dtype=np.int64), owner)
+
+    def release(self, blocks: list[int], owner: int) -> None:
+        """Drop one reference per listed block; hashed blocks stay cached, others become free."""
+        if not blocks:
+            return
+        with self.lock:
+            idx = np.asarray(blocks, dtype=np.int64)
+            if (self.a.owner_refs[owner][idx] <= 0).any():
+                raise ValueError(f"owner {owner} releases blocks it does not hold: {blocks}")
+            np.subtract.at(self.a.refcount, idx, 1)
+            np.subtract.at(self.a.owner_refs[owner], idx, 1)
+            # Released last block of a chain is evicted before its parents (LRU by tick order).
+            tick = self._tick()
+            self.a.last_used[idx] = tick + np.arange(len(idx))[::-1]
+            self.a.stats[3] += len(idx)
+
+    def release_owner(self, owner: int) -> int:
+        """Drop every reference ``owner`` holds (its process died). Returns how many."""
+        with self.lock:
+            refs = self.a.owner_refs[owner].copy()
+            self.a.refcount -= refs
+            self.a.owner_refs[owner] = 0
+            return int(refs.sum())
+
+    # -- prefix index ----------------------------------------------------------------------
+    def register(self, block: int, block_hash: int, parent_hash: int, tokens) -> None:
+        """Enter a full, written block into the prefix index."""
+        with self.lock:
+            self.a.block_hash[block] = block_hash
+            self.a.parent_hash[block] = parent_hash
+            self.a.block_tokens[block] = tokens
+
+    def find(self, block_hash: int, parent_hash: int, tokens) -> int | None:
+        """A block holding exactly these tokens after this parent, or None."""
+        with self.lock:
+            for b in np.flatnonzero(self.a.block_hash == block_hash):
+                if self.a.parent_hash[b] == parent_hash and np.array_equal(self.a.block_tokens[b], tokens):
+                    return int(b)
+            return None
+
+    def acquire_cached_prefix(self, hashes: list[int], token_ids, owner: int) -> list[int]:
+        """Longest run of cached blocks matching ``hashes`` (block i = tokens of block i), with
+        one reference taken on each, atomically (no eviction can slip in between)."""
+        with self.lock:
+            blocks, parent = [], NO_HASH
+            bs = self.block_size
+            for i, h in enumerate(hashes):
+                b = self.find(h, parent, np.asarray(token_ids[i * bs:(i + 1) * bs], dtype=np.int32))
+                if b is None:
+                    break
+                blocks.append(b)
+                parent = h
+            self.a.stats[0] += len(hashes)
+            self.a.stats[1] += len(blocks)
+            if blocks:
+                self._take(np.asarray(blocks, dtype=np.int64), owner)
+            return blocks
+
+    @contextlib.contextmanager
+    def locked(self):
+        with self.lock:
+            yield

@@ -1,0 +1,82 @@
+"""Plans one engine step: which sequences run, and how many of their tokens.
+
+Rules:
+- One token budget per step (``max_num_batched_tokens``) shared by decode tokens and
+  prefill chunks; no separate prefill/decode phases. A prompt longer than the remaining
+  budget is prefilled in chunks over several steps.
+- Running sequences are served oldest turn first; a sequence samples only when the chunk
+  reaches its last token.
+- When blocks run out, the scheduler preempts instead of failing: idle conversations first
+  (least recently active), then the running sequence whose turn started last. Preemption
+  drops the KV (full blocks stay in the prefix cache) and the sequence recomputes later.
+- The scheduler never touches the free list: it asks the KV manager to ``grow``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tritonkv.kv.kv_cache_manager import KVCacheManager
+from tritonkv.sched.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed in this step (== seq.num_computed)
+    num_tokens: int
+    sample: bool  # this chunk ends at the sequence's last token
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int):
+        self.kv = kv
+        self.budget = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.num_preemptions = 0
+
+    def schedule(self, running: list[Sequence], idle: list[Sequence]) -> list[ScheduledChunk]:
+        order = sorted(running, key=lambda s: s.admitted_at)
+        planned: list[ScheduledChunk] = []
+        budget = self.budget
+        for seq in order:
+            if budget == 0 or len(planned) == self.max_num_seqs:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted-and-reset sequences keep RUNNING; ended ones are skipped
+            if seq.seq_id not in self.kv:
+                cached = self.kv.start(seq.seq_id, seq.token_ids, seq.extra_keys)
+                seq.num_computed = cached
+                if seq.turn is not None and seq.turn.cached_tokens < 0:
+                    seq.turn.cached_tokens = cached
+            n = min(seq.num_uncomputed, budget)
+            if n <= 0:
+                continue
+            if not self._grow(seq, seq.num_computed + n, planned, order, idle):
+                continue
+            planned.append(ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
+            budget -= n
+        return planned
+
+    def _grow(self, seq, num_tokens, planned, order, idle) -> bool:
+        busy = {c.seq.seq_id for c in planned} | {seq.seq_id}
+        while not self.kv.grow(seq.seq_id, num_tokens):
+            victim = self._pick_victim(busy, order, idle)
+            if victim is None:
+                return False
+            self.preempt(victim)
+        return True
+
+    def _pick_victim(self, busy, order, idle) -> Sequence | None:
+        holders = [s for s in idle if s.seq_id in self.kv]
+        if holders:
+            return min(holders, key=lambda s: s.last_active)
+        for s in reversed(order):
+            if s.seq_id not in busy and s.seq_id in self.kv:
+                return s
+        return None
+
+    def preempt(self, seq: Sequence) -> None:
+        self.kv.release(seq.seq_id)
+        seq.num_computed = 0
+        self.num_preemptions += 1

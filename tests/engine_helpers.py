@@ -1,0 +1,47 @@
+"""Drive an Engine synchronously in tests (no Triton, no thread)."""
+
+from __future__ import annotations
+
+from tritonkv.config import EngineConfig
+from tritonkv.engine_factory import build_engine
+from tritonkv.sched.sequence import SamplingParams
+
+
+def make_engine(checkpoint: str, **overrides):
+    cfg = EngineConfig(checkpoint=checkpoint, device="cpu", **{"block_size": 4, "num_blocks": 256, **overrides})
+    return build_engine(cfg)
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+class Collector:
+    """Gathers one turn's streamed outputs."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def __call__(self, out):
+        self.outputs.append(out)
+
+    @property
+    def token_ids(self):
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def text(self):
+        return "".join(o.text for o in self.outputs)
+
+    @property
+    def final(self):
+        assert self.outputs and self.outputs[-1].finished, "turn did not finish"
+        assert sum(o.finished for o in self.outputs) == 1
+        return self.outputs[-1]
+
+
+def run_turn(engine, corr_id, prompt_ids, max_tokens, *, start, end, **kw) -> Collector:
+    c = Collector()
+    engine.submit(corr_id, prompt_ids, greedy(max_tokens), c, start=start, end=end, **kw)
+    engine.run_until_idle()
+    return c
