@@ -21,6 +21,7 @@ Design
 
 from __future__ import annotations
 
+import os
 import math
 
 import torch
@@ -34,6 +35,34 @@ from tritonkv.ops.quant import is_quantized
 LOG2E = 1.4426950408889634
 
 
+# The Triton interpreter (CPU, TRITON_INTERPRET=1; seen with triton 3.9) gets tl.dot wrong on
+# bfloat16 operands, so under the interpreter bf16 dot operands are upcast to float32 (after
+# the same bf16 rounding the GPU path does). On the GPU DOT_F32 is False.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the interpreter also mis-casts int8 -> bf16, so it dequantises through float32
+_CAST_VIA_F32 = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _kv_cast(x, dtype: tl.constexpr):
+    if _CAST_VIA_F32:
+        return x.to(tl.float32).to(dtype)
+    else:
+        return x.to(dtype)  # exact for fp8 e4m3 and int8 values into bf16/fp16
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+@triton.jit
+def _mma(a, b, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
 @triton.jit
 def _decode_tile(
     acc, m_i, l_i, q, n0, hi, kv_lo_vis, kvh, seq,
@@ -42,7 +71,7 @@ def _decode_tile(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     sm_scale2, d, dmask,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_LO: tl.constexpr,
-    num_sinks,
+    num_sinks, DOT_F32: tl.constexpr,
 ):
     offs = n0 + tl.arange(0, BLOCK_N)
     nmask = offs < hi
@@ -58,9 +87,9 @@ def _decode_tile(
                       mask=nmask, other=0.0)
         vsc = tl.load(v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
                       mask=nmask, other=0.0)
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    s = tl.dot(q, tl.trans(k))
+        k = _kv_cast(k, q.dtype)
+        v = _kv_cast(v, q.dtype)
+    s = _mma(q, tl.trans(k), DOT_F32)
     if KV_QUANT:
         s = s * (ksc * sm_scale2)[None, :]
     else:
@@ -76,7 +105,7 @@ def _decode_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if KV_QUANT:
         p = p * vsc[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_F32)
     return acc, m_new, l_i
 
 
@@ -93,7 +122,7 @@ def _decode_stage1_kernel(
     window, num_sinks, split_size,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, KV_QUANT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -126,21 +155,21 @@ def _decode_stage1_kernel(
 
     if HAS_WINDOW:
         if split == 0:
-            sink_hi = tl.minimum(num_sinks, kv_lo_vis)
+            sink_hi = tl.minimum(num_sinks, lo)  # keys >= lo are walked below
             for n0 in range(0, sink_hi, BLOCK_N):
                 acc, m_i, l_i = _decode_tile(
                     acc, m_i, l_i, q, n0, sink_hi, 0, kvh, seq,
                     bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                    sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks)
+                    sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32)
     for n0 in range(start, end, BLOCK_N):
         acc, m_i, l_i = _decode_tile(
             acc, m_i, l_i, q, n0, end, kv_lo_vis, kvh, seq,
             bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks)
+            sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32)
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -196,6 +225,7 @@ def _attention_mass_kernel(
     stride_bt, stride_mass, max_len, num_heads, num_kv_heads, window, num_sinks,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     """mass[seq, p] = sum over query heads of softmax prob of key p (0 where p >= seq_len or
     invisible). Recomputes the scores against the final log-sum-exp (one extra K pass)."""
@@ -228,10 +258,10 @@ def _attention_mass_kernel(
         if KV_QUANT:
             ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
                           mask=vis, other=0.0)
-            k = k.to(q.dtype)
-            s = tl.dot(q, tl.trans(k)) * (ksc * sm_scale2)[None, :]
+            k = _kv_cast(k, q.dtype)
+            s = _mma(q, tl.trans(k), DOT_F32) * (ksc * sm_scale2)[None, :]
         else:
-            s = tl.dot(q, tl.trans(k)) * sm_scale2
+            s = _mma(q, tl.trans(k), DOT_F32) * sm_scale2
         lse = tl.load(lse_ptr + t64 * num_heads + heads, mask=gmask, other=0.0)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(gmask[:, None] & vis[None, :], p, 0.0)
@@ -359,6 +389,7 @@ def decode_attention_triton(
         int(sliding_window) if has_window else 0, int(num_sink_tokens), split_size,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
+        DOT_F32=_dot_f32(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     lse_out = None
@@ -403,7 +434,7 @@ def attention_mass_triton(
         int(sliding_window) if has_window else 0, int(num_sink_tokens),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, PAGE=page,
-        KV_QUANT=quant, HAS_WINDOW=has_window, num_warps=4,
+        KV_QUANT=quant, HAS_WINDOW=has_window, DOT_F32=_dot_f32(q.dtype), num_warps=4,
     )
     return mass
 

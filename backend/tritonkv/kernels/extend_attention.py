@@ -20,6 +20,7 @@ Design (FlashAttention-2 style, one program per (query tile, sequence, KV head))
 
 from __future__ import annotations
 
+import os
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +31,34 @@ from tritonkv.ops.quant import is_quantized
 LOG2E = 1.4426950408889634
 
 
+# The Triton interpreter (CPU, TRITON_INTERPRET=1; seen with triton 3.9) gets tl.dot wrong on
+# bfloat16 operands, so under the interpreter bf16 dot operands are upcast to float32 (after
+# the same bf16 rounding the GPU path does). On the GPU DOT_F32 is False.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the interpreter also mis-casts int8 -> bf16, so it dequantises through float32
+_CAST_VIA_F32 = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _kv_cast(x, dtype: tl.constexpr):
+    if _CAST_VIA_F32:
+        return x.to(tl.float32).to(dtype)
+    else:
+        return x.to(dtype)  # exact for fp8 e4m3 and int8 values into bf16/fp16
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+@triton.jit
+def _mma(a, b, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
 @triton.jit
 def _extend_tile(
     acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
@@ -38,7 +67,7 @@ def _extend_tile(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     sm_scale2, window, num_sinks, d,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_QUANT: tl.constexpr,
-    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     offs = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -59,9 +88,9 @@ def _extend_tile(
     if KV_QUANT:
         ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh)
         vsc = tl.load(v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh)
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    s = tl.dot(q, tl.trans(k))
+        k = _kv_cast(k, q.dtype)
+        v = _kv_cast(v, q.dtype)
+    s = _mma(q, tl.trans(k), DOT_F32)
     if KV_QUANT:
         s = s * (ksc * sm_scale2)[None, :]
     else:
@@ -82,7 +111,7 @@ def _extend_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if KV_QUANT:
         p = p * vsc[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_F32)
     return acc, m_new, l_i
 
 
@@ -97,7 +126,7 @@ def _extend_kernel(
     stride_bt, window, num_sinks,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PAD
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -137,14 +166,14 @@ def _extend_kernel(
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, sink_hi, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True)
+                sm_scale2, window, sink_hi, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True, DOT_F32)
         for n0 in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _extend_tile(
                 acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True)
+                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True, DOT_F32)
     else:
         full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N  # keys < full_end: visible to all
         for n0 in range(0, full_end, BLOCK_N):
@@ -153,14 +182,14 @@ def _extend_kernel(
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, False, False)
+                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, False, False, DOT_F32)
         for n0 in range(full_end, hi, BLOCK_N):
             acc, m_i, l_i = _extend_tile(
                 acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, False)
+                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, False, DOT_F32)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -244,7 +273,7 @@ def extend_attention_triton(
         *ks, *vs,
         block_tables.stride(0), int(sliding_window) if has_window else 0, int(num_sink_tokens),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGE=page, KV_QUANT=quant, HAS_WINDOW=has_window,
+        PAGE=page, KV_QUANT=quant, HAS_WINDOW=has_window, DOT_F32=_dot_f32(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -2,6 +2,15 @@
 
 The engine calls only these functions; kernels/ and the references share the layout rules
 stated in ops/paged_attention.py.
+
+Quantised KV cache (optional): allocate ``k_cache``/``v_cache`` as ``torch.float8_e4m3fn``
+(FP8 e4m3) or ``torch.int8`` and pass float32 ``k_scale``/``v_scale`` to both ``write_kv``
+and ``paged_attention``:
+- ``[num_blocks, block_size, num_kv_heads]``: per token-head scales, computed by
+  ``write_kv`` from each written token (amax / 448 for fp8, amax / 127 for int8);
+- ``[num_blocks, num_kv_heads]``: per-block static scales (e.g. a calibrated per-layer scale
+  broadcast with ``expand``); ``write_kv`` reads them and saturates, never updates them.
+Dequantised value = stored value * scale. See ops/quant.py for the exact rules.
 """
 
 from __future__ import annotations
@@ -9,10 +18,47 @@ from __future__ import annotations
 import torch
 
 from tritonkv.ops.paged_attention import paged_attention_reference, write_kv_reference
+from tritonkv.ops.quant import (
+    dequantize_cache,
+    is_quantized,
+    paged_attention_quant_reference,
+    write_kv_quant_reference,
+)
 
 
-def write_kv(k_cache, v_cache, key, value, slot_mapping) -> None:
-    write_kv_reference(k_cache, v_cache, key, value, slot_mapping)
+def _use_kernel(t: torch.Tensor, impl: str | None) -> bool:
+    if impl is None:
+        return t.is_cuda
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be 'triton', 'torch' or None, got {impl!r}")
+    return impl == "triton"
+
+
+def write_kv(
+    k_cache,
+    v_cache,
+    key,
+    value,
+    slot_mapping,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> None:
+    """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into the cache slots
+    ``slot_mapping`` (int, -1 = skip). ``k_scale``/``v_scale``: required for an fp8/int8 cache
+    (see the module docstring). ``impl``: None = kernel on CUDA, reference elsewhere;
+    'triton' / 'torch' force one (tests)."""
+    if _use_kernel(k_cache, impl):
+        from tritonkv.kernels.kv_write import write_kv_triton
+
+        write_kv_triton(k_cache, v_cache, key, value, slot_mapping, k_scale, v_scale)
+    elif is_quantized(k_cache.dtype):
+        if k_scale is None or v_scale is None:
+            raise ValueError("a quantised KV cache needs k_scale and v_scale")
+        write_kv_quant_reference(k_cache, v_cache, key, value, slot_mapping, k_scale, v_scale)
+    else:
+        write_kv_reference(k_cache, v_cache, key, value, slot_mapping)
 
 
 def paged_attention(
@@ -26,8 +72,93 @@ def paged_attention(
     sliding_window: int | None = None,
     num_sink_tokens: int = 0,
     max_query_len: int | None = None,
-) -> torch.Tensor:
-    return paged_attention_reference(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-        sliding_window, num_sink_tokens,
-    )
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    return_attention_mass: bool = False,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    impl: str | None = None,
+):
+    """Attention of ``q`` ``[num_tokens, num_heads, head_dim]`` over the paged cache
+    (layout: ops/paged_attention.py). Returns ``[num_tokens, num_heads, head_dim]`` in q's
+    dtype.
+
+    On CUDA: the decode kernel when every sequence has at most one query token
+    (``max_query_len == 1``), the extend kernel otherwise (mixed decode + extend batches
+    included). ``max_query_len`` should be passed by the engine (host int); when None it is
+    read from ``query_start_loc`` (one device sync).
+
+    Optional keyword arguments:
+    - ``k_scale``/``v_scale``: float32 scales of an fp8/int8 cache (module docstring).
+    - ``return_attention_mass``: decode only; also return ``mass`` float32
+      ``[num_seqs, max_blocks * block_size]``, each key's softmax probability summed over all
+      query heads (0 past ``seq_lens``/outside the window), for H2O heavy-hitter eviction.
+      Returns ``(out, mass)`` then.
+    - ``max_seq_len``: host int bound on ``seq_lens`` (sizes decode's split-KV); default the
+      block table's width.
+    - ``out``: preallocated output; ``impl``: None (auto) / 'triton' / 'torch'.
+    """
+    quant = is_quantized(k_cache.dtype)
+    if quant and (k_scale is None or v_scale is None):
+        raise ValueError("a quantised KV cache needs k_scale and v_scale")
+    if not _use_kernel(q, impl):
+        if quant:
+            res = paged_attention_quant_reference(
+                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale)
+        else:
+            res = paged_attention_reference(
+                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                sliding_window, num_sink_tokens)
+        if out is not None:
+            out.copy_(res)
+            res = out
+        if return_attention_mass:
+            from tritonkv.kernels.decode_attention import attention_mass_reference
+
+            _check_decode_only(query_start_loc, max_query_len)
+            mass = attention_mass_reference(
+                q, k_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                num_sink_tokens, k_dequant=dequantize_cache(k_cache, k_scale) if quant else None)
+            return res, mass
+        return res
+
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item()) \
+            if seq_lens.numel() else 0
+    if max_query_len <= 1:
+        from tritonkv.kernels.decode_attention import (
+            attention_mass_triton,
+            decode_attention_triton,
+        )
+
+        if not return_attention_mass:
+            return decode_attention_triton(
+                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale, out=out,
+                max_seq_len=max_seq_len)
+        res, lse = decode_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+            sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale, out=out,
+            max_seq_len=max_seq_len, return_lse=True)
+        mass = attention_mass_triton(
+            q, k_cache, block_tables, seq_lens, query_start_loc, scale, lse, sliding_window,
+            num_sink_tokens, k_scale=k_scale)
+        return res, mass
+
+    if return_attention_mass:
+        raise NotImplementedError("return_attention_mass is for decode batches only")
+    from tritonkv.kernels.extend_attention import extend_attention_triton
+
+    return extend_attention_triton(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+        num_sink_tokens, max_query_len=max_query_len, k_scale=k_scale, v_scale=v_scale, out=out)
+
+
+def _check_decode_only(query_start_loc, max_query_len):
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item()) \
+            if query_start_loc.numel() > 1 else 0
+    if max_query_len > 1:
+        raise NotImplementedError("return_attention_mass is for decode batches only")

@@ -1,0 +1,90 @@
+"""Random paged-cache cases shared by the kernel tests (fresh random data every call)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tritonkv.ops.quant import dynamic_scale, qmax, quantize
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = DEVICE == "cpu"
+
+
+@dataclasses.dataclass
+class Case:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    scale: float
+    max_query_len: int
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    def args(self):
+        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens,
+                self.query_start_loc, self.scale)
+
+
+def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
+              dtype=torch.bfloat16, kv_dtype=None, scale_mode="token", device=DEVICE,
+              extra_blocks=3, gen=None):
+    """Random q and cache; blocks handed out in a random order; cache slots that no sequence
+    uses hold random data too. kv_dtype fp8/int8 -> cache quantised from random floats with
+    per-token-head ('token') or per-block ('block') scales."""
+    g = gen or torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    num_seqs = len(seq_lens)
+    blocks_per_seq = [(s + page - 1) // page for s in seq_lens]
+    max_blocks = max(blocks_per_seq + [1]) + 1
+    num_blocks = sum(blocks_per_seq) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=g)
+    bt = torch.full((num_seqs, max_blocks), 0, dtype=torch.int32)
+    used = 0
+    for i, nb in enumerate(blocks_per_seq):
+        bt[i, :nb] = perm[used:used + nb].int()
+        # unused entries: random block ids (valid memory, wrong data) so a read past the
+        # sequence would give wrong results rather than pass silently
+        bt[i, nb:] = torch.randint(0, num_blocks, (max_blocks - nb,), generator=g).int()
+        used += nb
+    kf = torch.randn(num_blocks, page, num_kv_heads, head_dim, generator=g)
+    vf = torch.randn(num_blocks, page, num_kv_heads, head_dim, generator=g)
+    k_scale = v_scale = None
+    if kv_dtype is None or kv_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        k_cache = kf.to(kv_dtype or dtype)
+        v_cache = vf.to(kv_dtype or dtype)
+    else:
+        # vary magnitudes per token-head so that scales matter
+        kf = kf * torch.rand(num_blocks, page, num_kv_heads, 1, generator=g) * 4
+        vf = vf * torch.rand(num_blocks, page, num_kv_heads, 1, generator=g) * 4
+        if scale_mode == "token":
+            k_scale, v_scale = dynamic_scale(kf, kv_dtype), dynamic_scale(vf, kv_dtype)
+            k_cache = quantize(kf, k_scale[..., None], kv_dtype)
+            v_cache = quantize(vf, v_scale[..., None], kv_dtype)
+        else:
+            k_scale = kf.abs().amax(dim=(1, 3)) / qmax(kv_dtype)
+            v_scale = vf.abs().amax(dim=(1, 3)) / qmax(kv_dtype)
+            k_cache = quantize(kf, k_scale[:, None, :, None], kv_dtype)
+            v_cache = quantize(vf, v_scale[:, None, :, None], kv_dtype)
+    qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
+    q = torch.randn(int(qsl[-1]), num_heads, head_dim, generator=g).to(dtype)
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Case(mv(q), mv(k_cache), mv(v_cache), mv(bt), mv(torch.tensor(seq_lens, dtype=torch.int32)),
+                mv(qsl), head_dim ** -0.5, max(q_lens + [0]), mv(k_scale), mv(v_scale))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype) -> float:
+    return {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
