@@ -143,14 +143,21 @@ class Engine:
         raise RuntimeError("engine did not go idle")
 
     def _accept(self, corr_id, turn: Turn, start, stateless, extra_keys, close_only, error) -> None:
+        """Apply one submitted turn to the conversation table, in submission order.
+
+        A rejected request (``error``) changes nothing, except that its END still closes the
+        conversation once the turns queued before it are done."""
         seq = self._live.get(corr_id)
         if start and seq is not None and not stateless:
-            self._reply_error(turn, f"sequence {corr_id!r} is already live: START was sent for an "
-                                    "open conversation; send END first or use a new correlation id")
+            self._reply_error(turn, error or f"sequence {corr_id!r} is already live: START was sent "
+                                    "for an open conversation; send END first or use a new correlation id")
             return
         if not start and seq is None:
-            self._reply_error(turn, f"sequence {corr_id!r} is not live: its first request must carry "
-                                    "START (it may have ended, been cancelled or timed out)")
+            self._reply_error(turn, error or f"sequence {corr_id!r} is not live: its first request must "
+                                    "carry START (it may have ended, been cancelled or timed out)")
+            return
+        if error is not None and (start or not turn.end_sequence):
+            self._reply_error(turn, error)
             return
         if start:
             seq = Sequence(seq_id=next(self._keys), extra_keys=tuple(extra_keys), stateless=stateless)
@@ -161,7 +168,6 @@ class Engine:
             del self._live[corr_id]
         if error is not None or close_only:
             turn.prompt_ids = []  # a close marker: answered when reached, in order
-            turn.params = SamplingParams(max_tokens=0)
             turn.error = error
         seq.pending.append(turn)
         if seq.status is SeqStatus.IDLE:
