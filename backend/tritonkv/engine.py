@@ -68,6 +68,8 @@ class Engine:
     def encode(self, text: str, first_turn: bool) -> list[int]:
         if self.tokenizer is None:
             raise RequestError("this checkpoint has no tokenizer.json: send input_ids instead of text_input")
+        if not text:
+            raise RequestError("empty prompt: send a non-empty text_input or input_ids")
         return self.tokenizer.encode(text, add_special_tokens=first_turn)
 
     def submit(self, corr_id: Hashable, prompt_ids: list[int], params: SamplingParams,

@@ -1,0 +1,153 @@
+"""A real tritonserver started by the launcher, driven with tritonclient (gRPC stream + HTTP)."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tiny_models import hf_greedy
+from triton_calls import StreamClient, http_generate, metric_values
+from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+from tritonkv.serve import start_server
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with start_server(extra_params={"max_model_len": "512", "kv_cache_memory_mb": "64"}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def hf_demo():
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def stream(server):
+    client = StreamClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+def wait_for_baseline(server, timeout=10.0):
+    """Every instance reports no referenced block and no live sequence."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        used = metric_values(server.metrics_url, "tritonkv_kv_blocks_used")
+        live = metric_values(server.metrics_url, "tritonkv_live_sequences")
+        if used and live and not any(used) and not any(live):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_three_turn_conversation_reuses_kv_and_matches_full_recompute(stream, hf_demo):
+    history = []
+    turns = [[256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100], [32, 65, 103, 97, 105, 110], [63, 33]]
+    for i, new in enumerate(turns):
+        t = stream.turn(seq_id=4242, start=i == 0, end=i == 2, ids=new, max_tokens=8, **GREEDY)
+        assert t.error is None
+        expected, _ = hf_greedy(hf_demo, history + new, 8)
+        assert t.ids == expected, f"turn {i + 1}"
+        assert t.num_responses == 8  # one streamed response per token
+        assert t.finish_reason == "length"
+        assert t.cached_tokens == (0 if i == 0 else len(history) - 1)
+        history += new + t.ids
+
+
+def test_http_generate_text_matches_grpc_and_hf(server, stream, hf_demo):
+    code, body = http_generate(server.http_url, "llm_stateless",
+                               {"text_input": "Hello", "max_tokens": 6, **GREEDY})
+    assert code == 200, body
+    expected, _ = hf_greedy(hf_demo, [256] + list(b"Hello"), 6)
+    assert body["output_ids"] == expected
+    assert body["finish_reason"] == "length" and body["prompt_tokens"] == 6
+    grpc = StreamClient(server.grpc_url, "llm_stateless")
+    try:
+        t = grpc.turn(text="Hello", max_tokens=6, **GREEDY)
+    finally:
+        grpc.close()
+    assert t.ids == expected and t.num_responses == 1  # stateless default: one whole reply
+    assert t.text == body["text_output"]
+
+
+def test_http_generate_stream_sends_one_event_per_token(server):
+    code, events = http_generate(server.http_url, "llm_stateless",
+                                 {"text_input": "Hi", "max_tokens": 5, "stream": True, **GREEDY}, stream=True)
+    assert code == 200
+    assert len(events) == 5
+    # Triton's JSON writes a one-element output_ids as a bare number
+    assert all(isinstance(e["output_ids"], int) for e in events)
+    assert events[-1]["finish_reason"] == "length"
+
+
+def test_stop_string_and_seeded_sampling(server):
+    sampled = [http_generate(server.http_url, "llm_stateless",
+                             {"text_input": "abc", "max_tokens": 12, "temperature": 1.0, "seed": 7,
+                              "ignore_eos": True})[1]["output_ids"] for _ in range(2)]
+    assert sampled[0] == sampled[1]  # same seed, same tokens
+    full = http_generate(server.http_url, "llm_stateless",
+                         {"text_input": "abc", "max_tokens": 12, **GREEDY})[1]
+    stop = full["text_output"][3:5]
+    code, cut = http_generate(server.http_url, "llm_stateless",
+                              {"text_input": "abc", "max_tokens": 12, "stop": [stop], **GREEDY})
+    assert code == 200 and cut["finish_reason"] == "stop"
+    assert cut["text_output"] == full["text_output"][:full["text_output"].index(stop)]
+
+
+def test_bad_input_gets_clear_errors_and_loses_no_block(server, stream):
+    errors = {
+        "empty prompt": stream.turn(seq_id=7001, start=True, end=True, text=""),
+        "outside the vocabulary": stream.turn(seq_id=7002, start=True, end=True, ids=[256, 999]),
+        "max_tokens must be > 0": stream.turn(seq_id=7003, start=True, end=True, ids=[65], max_tokens=0),
+        "exceeds the context limit": stream.turn(seq_id=7004, start=True, end=True, ids=[65], max_tokens=10**6),
+        "at most 512": stream.turn(seq_id=7005, start=True, end=True, ids=[65] * 600),
+        "START": stream.turn(seq_id=7006, ids=[65], max_tokens=2),  # said by the sequence batcher
+        "not both": stream.turn(seq_id=7007, start=True, end=True, text="a", ids=[65]),
+    }
+    for expected, turn in errors.items():
+        assert turn.error is not None and expected in turn.error, (expected, turn.error)
+    first = stream.turn(seq_id=7008, start=True, ids=[65, 66, 67], max_tokens=3, **GREEDY)
+    assert first.error is None
+    again = stream.turn(seq_id=7008, start=True, ids=[65], max_tokens=3, **GREEDY)
+    assert "already live" in again.error
+    closed = stream.turn(seq_id=7008, end=True)  # END alone closes the conversation
+    assert closed.error is None and closed.finish_reason == "closed"
+    ok = stream.turn(seq_id=7009, start=True, end=True, ids=[65, 66], max_tokens=4, **GREEDY)
+    assert ok.error is None and len(ok.ids) == 4  # still serving
+    assert wait_for_baseline(server)
+
+
+def test_concurrent_conversations_match_hf(server, hf_demo):
+    prompts = [[256] + list(range(40 + i, 40 + i + 5 + 7 * i)) for i in range(4)]
+    results = {}
+
+    def converse(i):
+        client = StreamClient(server.grpc_url)
+        try:
+            results[i] = client.turn(seq_id=9000 + i, start=True, end=True, ids=prompts[i], max_tokens=10, **GREEDY)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=converse, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, p in enumerate(prompts):
+        assert results[i].ids == hf_greedy(hf_demo, p, 10)[0]
+    assert wait_for_baseline(server)
+
+
+def test_metrics_report_the_pool(server):
+    total = metric_values(server.metrics_url, "tritonkv_kv_blocks_total")
+    assert total and all(v > 0 for v in total)
+    free = metric_values(server.metrics_url, "tritonkv_kv_blocks_free")
+    cached = metric_values(server.metrics_url, "tritonkv_kv_blocks_cached")
+    used = metric_values(server.metrics_url, "tritonkv_kv_blocks_used")
+    assert [f + c + u for f, c, u in zip(free, cached, used)] == total

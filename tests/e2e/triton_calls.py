@@ -1,0 +1,100 @@
+"""Raw tritonclient calls used by the e2e tests (independent of client/)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import urllib.request
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+def inputs_for(text=None, ids=None, **settings):
+    tensors = []
+
+    def add(name, arr, dtype):
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+
+    if text is not None:
+        add("text_input", np.array([text.encode()], dtype=np.object_), "BYTES")
+    if ids is not None:
+        add("input_ids", np.array(ids, dtype=np.int32), "INT32")
+    kinds = {"max_tokens": (np.int32, "INT32"), "temperature": (np.float32, "FP32"),
+             "top_k": (np.int32, "INT32"), "top_p": (np.float32, "FP32"), "seed": (np.int64, "INT64"),
+             "ignore_eos": (bool, "BOOL"), "stream": (bool, "BOOL")}
+    for name, value in settings.items():
+        if name == "stop":
+            add("stop", np.array([s.encode() for s in value], dtype=np.object_), "BYTES")
+        else:
+            np_type, dtype = kinds[name]
+            add(name, np.array([value], dtype=np_type), dtype)
+    return tensors
+
+
+class Turn:
+    def __init__(self):
+        self.ids, self.text, self.finish_reason, self.cached_tokens, self.error = [], "", None, None, None
+        self.num_responses = 0
+
+
+class StreamClient:
+    """One gRPC bidirectional stream; ``turn`` sends a request and collects until final."""
+
+    def __init__(self, url: str, model: str = "llm"):
+        self.client = grpcclient.InferenceServerClient(url)
+        self.model = model
+        self.results: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
+
+    def turn(self, seq_id=0, start=False, end=False, timeout=120, parameters=None, **kw) -> Turn:
+        args = dict(model_name=self.model, inputs=inputs_for(**kw), enable_empty_final_response=True)
+        if seq_id:
+            args.update(sequence_id=seq_id, sequence_start=start, sequence_end=end)
+        if parameters:
+            args["parameters"] = parameters
+        self.client.async_stream_infer(**args)
+        turn = Turn()
+        while True:
+            result, error = self.results.get(timeout=timeout)
+            if error is not None:
+                turn.error = str(error)
+                return turn
+            response = result.get_response()
+            turn.num_responses += 1
+            ids = result.as_numpy("output_ids")
+            if ids is not None:
+                turn.ids += ids.tolist()
+                turn.text += result.as_numpy("text_output")[0].decode()
+            if result.as_numpy("finish_reason") is not None:
+                turn.finish_reason = result.as_numpy("finish_reason")[0].decode()
+                turn.cached_tokens = int(result.as_numpy("cached_tokens")[0])
+            if response.parameters["triton_final_response"].bool_param:
+                return turn
+
+    def close(self):
+        self.client.stop_stream()
+        self.client.close()
+
+
+def http_generate(http_url: str, model: str, body: dict, stream: bool = False):
+    endpoint = "generate_stream" if stream else "generate"
+    req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/{endpoint}",
+                                 data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            raw = r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+    if stream:
+        return 200, [json.loads(m) for m in re.findall(r"^data: (.*)$", raw, flags=re.M)]
+    return 200, json.loads(raw)
+
+
+def metric_values(metrics_url: str, name: str) -> list[float]:
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return [float(m) for m in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.M)]
