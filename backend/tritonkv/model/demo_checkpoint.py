@@ -16,7 +16,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-DEMO_VERSION = "demo-llama-v1"
+DEMO_VERSION = "demo-llama-v2"
 BOS, EOS = "<s>", "</s>"
 
 DEMO_CONFIG = {
@@ -82,8 +82,8 @@ def demo_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
     kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
 
-    def normal(*shape):
-        return torch.randn(*shape, generator=gen) * 0.02
+    def normal(*shape, std=0.05):
+        return torch.randn(*shape, generator=gen) * std
 
     state = {"model.embed_tokens.weight": normal(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h)}
     for i in range(cfg["num_hidden_layers"]):
@@ -97,7 +97,14 @@ def demo_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         state[p + "mlp.down_proj.weight"] = normal(h, inter)
         state[p + "input_layernorm.weight"] = torch.ones(h)
         state[p + "post_attention_layernorm.weight"] = torch.ones(h)
-    state["lm_head.weight"] = normal(cfg["vocab_size"], h)
+    # Readable babble: only printable ASCII bytes and newline get non-zero output weights,
+    # so greedy text stays printable; the special tokens (and so EOS) are never favoured.
+    head = normal(cfg["vocab_size"], h, std=0.5)
+    printable = torch.zeros(cfg["vocab_size"], dtype=torch.bool)
+    printable[32:127] = True
+    printable[10] = True
+    head[~printable] = 0.0
+    state["lm_head.weight"] = head
     return state
 
 
