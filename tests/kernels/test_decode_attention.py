@@ -1,0 +1,96 @@
+"""Paged decode kernel vs paged_attention_reference (outputs poisoned with NaN first)."""
+
+import pytest
+import torch
+from kvcase import INTERPRET, make_case, poisoned_like, rel_err, tol
+
+from tritonkv.kernels.decode_attention import (
+    attention_mass_reference,
+    attention_mass_triton,
+    decode_attention_triton,
+)
+from tritonkv.ops.paged_attention import paged_attention_reference
+from tritonkv.ops.quant import dequantize_cache, paged_attention_quant_reference
+
+if INTERPRET:
+    LENS = [[1], [1, 17, 45, 100], [130, 33]]
+    HEADS = [(4, 4), (8, 2), (8, 1)]  # GQA ratios 1, 4, 8
+else:
+    LENS = [[1], [1, 17, 45, 1000, 4099], [32768], [513] * 64, [2047, 1, 4096, 77] * 8]
+    HEADS = [(32, 32), (32, 8), (32, 4), (64, 8), (8, 1)]
+
+
+def _check(out, ref, dtype, q):
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
+    err = rel_err(out, ref)
+    assert err < tol(dtype), err
+
+
+@pytest.mark.parametrize("lens", LENS)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_bf16(lens, heads, head_dim):
+    c = make_case(lens, [1] * len(lens), heads[0], heads[1], head_dim)
+    ref = paged_attention_reference(*c.args())
+    for splits in (None, 1, 3):
+        out = decode_attention_triton(*c.args(), out=poisoned_like(c.q), num_splits=splits)
+        _check(out, ref, torch.bfloat16, c.q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decode_dtypes(dtype):
+    lens = [5, 60, 31] if INTERPRET else [5, 600, 3100, 8000]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64, dtype=dtype)
+    ref = paged_attention_reference(*c.args())
+    out = decode_attention_triton(*c.args(), out=poisoned_like(c.q))
+    _check(out, ref, dtype, c.q)
+
+
+@pytest.mark.parametrize("window,sinks", [(20, 0), (20, 4), (7, 1), (1, 0), (200, 3)])
+def test_decode_window_sinks(window, sinks):
+    lens = [1, 17, 45, 100] if INTERPRET else [1, 17, 45, 100, 3000, 9000]
+    if not INTERPRET:
+        window, sinks = window * 10, sinks * 3
+    c = make_case(lens, [1] * len(lens), 8, 2, 64 if INTERPRET else 128)
+    ref = paged_attention_reference(*c.args(), window, sinks)
+    for splits in (None, 1, 2):
+        out = decode_attention_triton(*c.args(), window, sinks, out=poisoned_like(c.q),
+                                      num_splits=splits)
+        _check(out, ref, torch.bfloat16, c.q)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("granularity", ["token", "block"])
+@pytest.mark.parametrize("window", [None, 24])
+def test_decode_quant(kv_dtype, granularity, window):
+    lens = [1, 40, 99] if INTERPRET else [1, 40, 999, 8192, 4097]
+    heads = (8, 2) if INTERPRET else (32, 8)
+    c = make_case(lens, [1] * len(lens), *heads, 128, kv_dtype=kv_dtype, scale_mode=granularity)
+    sinks = 2 if window else 0
+    ref = paged_attention_quant_reference(*c.args(), window, sinks, k_scale=c.k_scale,
+                                          v_scale=c.v_scale)
+    out = decode_attention_triton(*c.args(), window, sinks, k_scale=c.k_scale,
+                                  v_scale=c.v_scale, out=poisoned_like(c.q))
+    _check(out, ref, torch.bfloat16, c.q)
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (30, 2)])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_attention_mass(window, sinks, kv_dtype):
+    lens = [1, 50, 77] if INTERPRET else [1, 50, 777, 4096]
+    heads = (8, 2) if INTERPRET else (32, 8)
+    c = make_case(lens, [1] * len(lens), *heads, 64, kv_dtype=kv_dtype)
+    out, lse = decode_attention_triton(*c.args(), window, sinks, k_scale=c.k_scale,
+                                       v_scale=c.v_scale, return_lse=True)
+    mass = attention_mass_triton(c.q, c.k_cache, c.block_tables, c.seq_lens,
+                                 c.query_start_loc, c.scale, lse, window, sinks,
+                                 k_scale=c.k_scale)
+    kd = dequantize_cache(c.k_cache, c.k_scale) if kv_dtype is not None else None
+    ref = attention_mass_reference(c.q, c.k_cache, c.block_tables, c.seq_lens,
+                                   c.query_start_loc, c.scale, window, sinks, k_dequant=kd)
+    assert mass.shape == ref.shape
+    assert rel_err(mass, ref) < 2e-2
+    # each row sums to the number of query heads
+    torch.testing.assert_close(mass.sum(1).cpu(), torch.full((len(lens),), float(heads[0])),
+                               rtol=2e-2, atol=0)

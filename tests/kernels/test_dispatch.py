@@ -1,0 +1,77 @@
+"""ops.dispatch: CPU tensors -> references, CUDA (or impl='triton') -> kernels; mixed batches."""
+
+import pytest
+import torch
+from kvcase import DEVICE, INTERPRET, make_case, poisoned_like, rel_err
+
+from tritonkv.ops import dispatch
+from tritonkv.ops.paged_attention import paged_attention_reference, write_kv_reference
+from tritonkv.ops.quant import paged_attention_quant_reference
+
+
+def test_cpu_goes_to_reference():
+    c = make_case([3, 20], [1, 4], 4, 2, 64, device="cpu")
+    ref = paged_attention_reference(*c.args())
+    out = dispatch.paged_attention(*c.args())  # original positional signature
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_mixed_batch_through_dispatcher(kv_dtype):
+    """Some sequences decode (1 row), others extend: one write_kv, one paged_attention."""
+    if INTERPRET:
+        lens, q_lens, heads, d = [9, 40, 1, 26], [1, 12, 1, 26], (8, 2), 64
+    else:
+        lens, q_lens, heads, d = [900, 4000, 1, 2600, 70], [1, 1200, 1, 2600, 1], (32, 8), 128
+    c = make_case(lens, q_lens, *heads, d, kv_dtype=kv_dtype)
+    # write the chunk's own K/V through the dispatcher, then attend
+    page = c.k_cache.shape[1]
+    slots, key_rows = [], []
+    for i, (n, ql) in enumerate(zip(lens, q_lens)):
+        for p in range(n - ql, n):
+            slots.append(int(c.block_tables[i, p // page]) * page + p % page)
+    slots = torch.tensor(slots, dtype=torch.int32, device=c.q.device)
+    num_tokens = slots.numel()
+    gen = torch.Generator().manual_seed(3)
+    key = torch.randn(num_tokens, heads[1], d, generator=gen).to(torch.bfloat16).to(c.q.device)
+    val = torch.randn(num_tokens, heads[1], d, generator=gen).to(torch.bfloat16).to(c.q.device)
+    kw = {} if kv_dtype is None else dict(k_scale=c.k_scale, v_scale=c.v_scale)
+    rk, rv = c.k_cache.clone(), c.v_cache.clone()
+    rks = c.k_scale.clone() if kv_dtype is not None else None
+    rvs = c.v_scale.clone() if kv_dtype is not None else None
+    dispatch.write_kv(c.k_cache, c.v_cache, key, val, slots, impl="triton", **kw)
+    dispatch.write_kv(rk, rv, key, val, slots, impl="torch",
+                      **({} if kv_dtype is None else dict(k_scale=rks, v_scale=rvs)))
+    if kv_dtype is None:
+        assert torch.equal(c.k_cache, rk) and torch.equal(c.v_cache, rv)
+        ref = paged_attention_reference(*c.args())
+    else:
+        ref = paged_attention_quant_reference(*c.args(), k_scale=rks, v_scale=rvs)
+    out = dispatch.paged_attention(*c.args(), max_query_len=c.max_query_len, impl="triton",
+                                   out=poisoned_like(c.q), **kw)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_decode_with_mass_through_dispatcher():
+    lens = [3, 40, 17] if INTERPRET else [3, 4000, 1700]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64)
+    out, mass = dispatch.paged_attention(*c.args(), 16, 2, max_query_len=1, impl="triton",
+                                         return_attention_mass=True)
+    rout, rmass = dispatch.paged_attention(*c.args(), 16, 2, max_query_len=1, impl="torch",
+                                           return_attention_mass=True)
+    assert rel_err(out, rout) < 2e-2
+    assert rel_err(mass, rmass) < 2e-2
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="auto-dispatch to kernels needs CUDA tensors")
+def test_cuda_auto_dispatch():
+    c = make_case([5, 3000], [1, 1], 32, 8, 128)
+    out = dispatch.paged_attention(*c.args())  # no max_query_len: read from the device
+    assert rel_err(out, paged_attention_reference(*c.args())) < 2e-2
+    key = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
+    rk, rv = c.k_cache.clone(), c.v_cache.clone()
+    slots = torch.tensor([7, -1], dtype=torch.int32, device="cuda")
+    dispatch.write_kv(c.k_cache, c.v_cache, key, key, slots)
+    write_kv_reference(rk, rv, key, key, slots)
+    assert torch.equal(c.k_cache, rk)
