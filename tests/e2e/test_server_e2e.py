@@ -151,3 +151,12 @@ def test_metrics_report_the_pool(server):
     cached = metric_values(server.metrics_url, "tritonkv_kv_blocks_cached")
     used = metric_values(server.metrics_url, "tritonkv_kv_blocks_used")
     assert [f + c + u for f, c, u in zip(free, cached, used)] == total
+
+
+def test_string_conversation_ids_work(stream, hf_demo):
+    first = stream.turn(seq_id="conv-α-1", start=True, ids=[256, 65, 66, 67], max_tokens=4, **GREEDY)
+    assert first.error is None
+    second = stream.turn(seq_id="conv-α-1", end=True, ids=[68, 69], max_tokens=4, **GREEDY)
+    history = [256, 65, 66, 67] + first.ids + [68, 69]
+    assert second.ids == hf_greedy(hf_demo, history, 4)[0]
+    assert second.cached_tokens == 4 + 4 - 1
