@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 from tritonkv.config import EngineConfig
 from tritonkv.engine_factory import build_engine
 from tritonkv.sched.sequence import SamplingParams
 
 
+# The same tests run on a GPU (kernels instead of torch references) with TRITONKV_TEST_DEVICE=cuda.
+TEST_DEVICE = os.environ.get("TRITONKV_TEST_DEVICE", "cpu")
+
+
 def make_engine(checkpoint: str, **overrides):
-    cfg = EngineConfig(checkpoint=checkpoint, device="cpu", **{"block_size": 4, "num_blocks": 256, **overrides})
+    settings = {"block_size": 4, "num_blocks": 256, "device": TEST_DEVICE, "dtype": "float32", **overrides}
+    cfg = EngineConfig(checkpoint=checkpoint, **settings)
     return build_engine(cfg)
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from engine_helpers import Collector, greedy, make_engine, run_turn
+from engine_helpers import TEST_DEVICE, Collector, greedy, make_engine, run_turn
 from tiny_models import FAMILIES, build_tiny_checkpoint, hf_greedy
 from tritonkv.model.llama import AttentionBatch
 
@@ -29,18 +29,21 @@ def test_prefill_logits_match_hf(family):
     assert engine.kv.grow("x", len(ids))
     table = engine.kv.block_table("x")
     bs = engine.pool.block_size
+    dev = engine.device
     batch = AttentionBatch(
-        positions=torch.arange(len(ids)),
-        slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(len(ids))]),
-        block_tables=torch.tensor([table], dtype=torch.int32),
-        seq_lens=torch.tensor([len(ids)], dtype=torch.int32),
-        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32),
+        positions=torch.arange(len(ids), device=dev),
+        slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(len(ids))], device=dev),
+        block_tables=torch.tensor([table], dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([len(ids)], dtype=torch.int32, device=dev),
+        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32, device=dev),
         max_query_len=len(ids),
     )
-    ours = engine.model.logits(engine.model(torch.tensor(ids), batch, engine.kv_caches))
+    ours = engine.model.logits(engine.model(torch.tensor(ids, device=dev), batch, engine.kv_caches)).cpu()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
-    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    # fp32 everywhere on CPU; on CUDA the kernels' fp32 dots run as tf32 (~3e-4 relative)
+    tol = dict(atol=2e-4, rtol=1e-4) if TEST_DEVICE == "cpu" else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours, ref, **tol)
 
 
 def test_single_prompt_greedy_matches_hf(family):

@@ -39,8 +39,16 @@ def pytriton_dir() -> str:
     return os.path.join(os.path.dirname(pytriton.__file__), "tritonserver")
 
 
+def tritonserver_binary() -> str:
+    """$TRITONSERVER if set (e.g. an unpacked server on a GPU machine), else pytriton's."""
+    return os.environ.get("TRITONSERVER") or os.path.join(pytriton_dir(), "bin", "tritonserver")
+
+
 def prepare_backend_dir(dest: str) -> str:
-    """A backend directory whose python/ holds the stub for this interpreter."""
+    """A backend directory whose python/ holds the stub for this interpreter
+    ($TRITON_BACKENDS if set: a directory already prepared that way)."""
+    if os.environ.get("TRITON_BACKENDS"):
+        return os.environ["TRITON_BACKENDS"]
     src = pytriton_dir()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = os.path.join(src, "python_backend_stubs", version, "triton_python_backend_stub")
@@ -56,8 +64,9 @@ def prepare_backend_dir(dest: str) -> str:
 
 def server_env() -> dict:
     env = dict(os.environ)
-    libs = [sysconfig.get_config_var("LIBDIR") or "",
-            os.path.join(os.path.dirname(os.path.dirname(pytriton_dir())), "nvidia_pytriton.libs")]
+    libs = [sysconfig.get_config_var("LIBDIR") or ""]
+    if not os.environ.get("TRITONSERVER"):
+        libs.append(os.path.join(os.path.dirname(os.path.dirname(pytriton_dir())), "nvidia_pytriton.libs"))
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")])
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     # the stub ignores PYTHONPATH for site-packages, but model.py finds backend/ itself
@@ -182,7 +191,7 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
                             instances, extra_params, instance_kind)
     backends = prepare_backend_dir(os.path.join(workdir, "backends"))
     ports = [p or free_port() for p in (http_port, grpc_port, metrics_port)]
-    cmd = [os.path.join(pytriton_dir(), "bin", "tritonserver"),
+    cmd = [tritonserver_binary(),
            f"--model-repository={repo}", f"--backend-directory={backends}",
            f"--http-address={host}", f"--http-port={ports[0]}",
            f"--grpc-address={host}", f"--grpc-port={ports[1]}",

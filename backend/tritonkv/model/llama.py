@@ -53,15 +53,20 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.sliding_window = cfg.sliding_window
 
-    def forward(self, x, cos, sin, batch: AttentionBatch, k_cache, v_cache):
+    def forward(self, x, cos, sin, batch: AttentionBatch, layer_cache):
+        """``layer_cache``: ``(k_cache, v_cache)``, or ``(k_cache, v_cache, k_scale, v_scale)``
+        for an fp8 / int8 cache (scales per token-head, see ops/dispatch.py)."""
+        k_cache, v_cache = layer_cache[:2]
+        scales = dict(zip(("k_scale", "v_scale"), layer_cache[2:]))
         n = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        dispatch.write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+        dispatch.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, **scales)
         out = dispatch.paged_attention(
             q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
             self.scale, sliding_window=self.sliding_window, max_query_len=batch.max_query_len,
+            **scales,
         )
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
@@ -85,8 +90,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, batch, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
+    def forward(self, x, cos, sin, batch, layer_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, layer_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -112,11 +117,11 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_caches) -> torch.Tensor:
-        """``kv_caches[layer]`` is the pair ``(k_cache, v_cache)`` of that layer."""
+        """``kv_caches[layer]`` is that layer's cache tuple (see ``Attention.forward``)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(batch.positions, x.dtype)
-        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, batch, k_cache, v_cache)
+        for layer, layer_cache in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, batch, layer_cache)
         return self.model.norm(x)
 
     @torch.inference_mode()
