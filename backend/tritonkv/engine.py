@@ -150,6 +150,10 @@ class Engine:
         A rejected request (``error``) changes nothing, except that its END still closes the
         conversation once the turns queued before it are done."""
         seq = self._live.get(corr_id)
+        if start and seq is not None and seq.turn is not None and seq.turn.is_cancelled():
+            # a client that cancelled and at once reuses the id must not race the cancel poll
+            self._finish(seq, TurnOutput("", [], True, "cancelled"))
+            seq = self._live.get(corr_id)
         if start and seq is not None and not stateless:
             self._reply_error(turn, error or f"sequence {corr_id!r} is already live: START was sent "
                                     "for an open conversation; send END first or use a new correlation id")

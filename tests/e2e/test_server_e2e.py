@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tiny_models import hf_greedy
-from triton_calls import StreamClient, http_generate, metric_values
+from triton_calls import StreamClient, http_generate, inputs_for, metric_values
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.serve import start_server
 
@@ -34,15 +34,21 @@ def stream(server):
     client.close()
 
 
-def wait_for_baseline(server, timeout=10.0):
-    """Every instance reports no referenced block and no live sequence."""
+def wait_for_baseline(server, timeout=10.0, hold=1.2):
+    """Every instance reports no referenced block and no live sequence, for ``hold`` seconds
+    (metrics are published every 0.5 s, so one reading may predate the last request)."""
     deadline = time.monotonic() + timeout
+    since = None
     while time.monotonic() < deadline:
         used = metric_values(server.metrics_url, "tritonkv_kv_blocks_used")
         live = metric_values(server.metrics_url, "tritonkv_live_sequences")
         if used and live and not any(used) and not any(live):
-            return True
-        time.sleep(0.3)
+            since = since or time.monotonic()
+            if time.monotonic() - since >= hold:
+                return True
+        else:
+            since = None
+        time.sleep(0.2)
     return False
 
 
@@ -160,3 +166,21 @@ def test_string_conversation_ids_work(stream, hf_demo):
     history = [256, 65, 66, 67] + first.ids + [68, 69]
     assert second.ids == hf_greedy(hf_demo, history, 4)[0]
     assert second.cached_tokens == 4 + 4 - 1
+
+
+def test_client_cancel_releases_the_conversation(server):
+    client = StreamClient(server.grpc_url)
+    client.client.async_stream_infer(model_name="llm", inputs=inputs_for(ids=[256, 70, 71], max_tokens=400, **GREEDY),
+                                     sequence_id=5151, sequence_start=True, enable_empty_final_response=True)
+    result, error = client.results.get(timeout=60)  # generation is under way
+    assert error is None and len(result.as_numpy("output_ids")) == 1
+    client.client.stop_stream(cancel_requests=True)
+    client.client.close()
+    assert wait_for_baseline(server, timeout=20)
+    # the cancelled conversation is gone: a new START with the same id is accepted
+    fresh = StreamClient(server.grpc_url)
+    try:
+        t = fresh.turn(seq_id=5151, start=True, end=True, ids=[256, 70], max_tokens=2, **GREEDY)
+    finally:
+        fresh.close()
+    assert t.error is None and len(t.ids) == 2
