@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class EngineConfig:
     checkpoint: str = ""  # HF-format checkpoint directory; "" serves the generated demo model
     device: str = "auto"  # auto: cuda when the instance is a GPU instance and CUDA is there
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8 (e4m3) / int8 with per token-head scales
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 0  # KV blocks in the pool; 0 derives it from kv_cache_memory_mb
     kv_cache_memory_mb: int = 256  # KV pool size when num_blocks is 0
@@ -37,6 +39,8 @@ class EngineConfig:
             bad("device", f"must be one of {DEVICES}")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {DTYPES}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             bad("block_size", "must be a positive power of two")
         if self.num_blocks < 0:
