@@ -48,18 +48,42 @@ def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype
     return [(storage[i, 0], storage[i, 1]) for i in range(cfg.num_layers)]
 
 
+def shared_pool_name(pool_name: str, device: torch.device) -> str:
+    """One pool per (pool_name, device): every instance of every model that names the same
+    ``pool_name`` on the same device attaches it (files ``tritonkv-<this>.*`` in /dev/shm)."""
+    return f"{pool_name}-{device.type}{device.index or 0}"
+
+
 def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int = 0) -> Engine:
+    """``config.pool_name`` "" gives a private pool; otherwise the KV pool, its prefix index,
+    the KV storage and the weights are shared with every process on the device that uses the
+    same pool name (``engine.close()`` detaches; the last one out removes the shared files)."""
     checkpoint = config.checkpoint or ensure_demo_checkpoint()
     device = pick_device(config.device, gpu_instance, device_id)
     cfg = ModelConfig.from_checkpoint(checkpoint)
     dtype = resolve_dtype(config.dtype, cfg, device)
-    model = load_model(checkpoint, device, dtype)
     try:
         tokenizer = TextTokenizer(checkpoint)
     except FileNotFoundError:
         log.warning("%s has no tokenizer.json; only input_ids requests will be served", checkpoint)
         tokenizer = None
     num_blocks = resolve_num_blocks(config, cfg, dtype)
-    pool = BlockPool.in_process(num_blocks, config.block_size)
-    kv_caches = allocate_kv_caches(cfg, num_blocks, config.block_size, dtype, device)
-    return Engine(config, model, tokenizer, pool, kv_caches)
+    if not config.pool_name:
+        model = load_model(checkpoint, device, dtype)
+        pool = BlockPool.in_process(num_blocks, config.block_size)
+        kv_caches = allocate_kv_caches(cfg, num_blocks, config.block_size, dtype, device)
+        return Engine(config, model, tokenizer, pool, kv_caches)
+
+    from tritonkv.shared_storage import load_shared_model, open_shared_device_state
+
+    model = load_shared_model(checkpoint, device, dtype)
+    shared = open_shared_device_state(shared_pool_name(config.pool_name, device), checkpoint, cfg, model,
+                                      device, dtype, num_blocks, config.block_size)
+    model = model.to(device)  # parameters already sit in the shared copy; this moves buffers
+    log.info("KV pool %r: %s (owner slot %d, %d blocks x %d tokens, weights %s)", shared.pool.name,
+             "created" if shared.pool.created else "attached", shared.pool.owner, num_blocks,
+             config.block_size, "shared" if shared.weights_shared else "private")
+    kv_caches = allocate_kv_caches(cfg, num_blocks, config.block_size, dtype, device, storage=shared.kv_storage)
+    engine = Engine(config, model, tokenizer, shared.pool, kv_caches, owner=shared.pool.owner)
+    engine.close = shared.close  # the Triton adapter's finalize calls engine.close()
+    return engine

@@ -1,0 +1,150 @@
+"""Device memory shared by every instance on a device: the KV cache tensor and model weights.
+
+Both are companions of a ``SharedBlockPool`` (same name, same lifetime: made by the process
+that creates the pool, attached by the others, removed by the last one out). Call the
+functions here from the pool's ``on_open`` hook, i.e. under the pool lock, so an attacher
+never sees a half-made companion.
+
+- CPU: a file in the pool's shared-memory directory, mapped MAP_SHARED (``torch.from_file``);
+  pages are committed up front (``posix_fallocate``) so a full /dev/shm fails at load, not
+  with SIGBUS mid-request.
+- CUDA: one device allocation made by the creating process and exported with CUDA IPC
+  (torch's ``reduce_tensor``; the handle is pickled to ``tritonkv-<name>.<suffix>_cudaipc``).
+  Lifetime rule: the exporting (first) instance must outlive the importers; if it dies, the
+  other instances of that device must be restarted (the pool's metadata stays consistent,
+  but the KV and weight memory it exported is gone).
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+
+from tritonkv.kv.shared_pool import SharedBlockPool, reserve
+from tritonkv.model.checkpoint import load_model
+from tritonkv.model.model_config import ModelConfig
+
+WEIGHT_ALIGN_BYTES = 64
+
+
+def shared_tensor(pool: SharedBlockPool, suffix: str, numel: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """A flat ``numel`` tensor shared under ``pool``; zeros when this process made the pool."""
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu":
+        path = pool.companion_path(suffix)
+        if pool.created:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                reserve(fd, nbytes, path)
+            finally:
+                os.close(fd)
+        elif not os.path.exists(path) or os.path.getsize(path) != nbytes:
+            raise RuntimeError(f"KV pool {pool.name!r}: {path} is missing or not {nbytes} bytes; "
+                               "the pool's creator did not finish — restart the instances")
+        return torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    if device.type == "cuda":
+        return _cuda_ipc_tensor(pool, suffix, numel, dtype, device)
+    raise ValueError(f"no shared storage for device {device}")
+
+
+def _cuda_ipc_tensor(pool, suffix, numel, dtype, device) -> torch.Tensor:
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    path = pool.companion_path(suffix + "_cudaipc")
+    if pool.created:
+        t = torch.zeros(numel, dtype=dtype, device=device)
+        rebuild, args = reduce_tensor(t)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump({"exporter_pid": os.getpid(), "rebuild": rebuild, "args": args}, f)
+        os.replace(tmp, path)
+        return t
+    try:
+        with open(path, "rb") as f:
+            handle = pickle.load(f)
+    except FileNotFoundError:
+        raise RuntimeError(f"KV pool {pool.name!r}: no CUDA IPC handle at {path}; the pool's creator "
+                           "did not finish — restart the instances") from None
+    t = handle["rebuild"](*handle["args"])
+    if t.numel() != numel or t.dtype != dtype:
+        raise RuntimeError(f"KV pool {pool.name!r}: shared {suffix} has {t.numel()} x {t.dtype}, "
+                           f"expected {numel} x {dtype}")
+    return t
+
+
+def share_weights(pool: SharedBlockPool, model: torch.nn.Module, device: torch.device) -> bool:
+    """Point every parameter of ``model`` (loaded privately, on any device) at one shared
+    copy: the creator fills it, attachers drop their private copy. Tied parameters stay tied.
+    Returns False (nothing shared) when parameters mix dtypes."""
+    params = list(model.parameters())  # unique Parameters: a tied weight appears once
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1:
+        return False
+    dtype = dtypes.pop()
+    align = WEIGHT_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += -(-p.numel() // align) * align
+    flat = shared_tensor(pool, "weights", total, dtype, device)
+    with torch.no_grad():
+        for p, off in zip(params, offsets):
+            view = flat[off:off + p.numel()].view(p.shape)
+            if pool.created:
+                view.copy_(p.data)
+            p.data = view
+    return True
+
+
+@dataclass
+class SharedDeviceState:
+    pool: SharedBlockPool
+    kv_storage: torch.Tensor
+    weights_shared: bool
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def pool_description(checkpoint: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                     kv_shape: tuple) -> str:
+    """What the blocks (and weights) hold; attachers must agree on every part of it."""
+    files = sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
+    stamp = ",".join(f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in files)
+    return (f"checkpoint={os.path.abspath(checkpoint)} [{stamp}] layers={cfg.num_layers} "
+            f"kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} dtype={str(dtype).replace('torch.', '')} "
+            f"device={device} kv={list(kv_shape)}")
+
+
+def open_shared_device_state(name: str, checkpoint: str, cfg: ModelConfig, model: torch.nn.Module | None,
+                             device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int,
+                             **pool_kwargs) -> SharedDeviceState:
+    """Create or attach the pool ``name``, its KV storage and (when ``model`` is given) the
+    model's shared weights. ``model`` may sit on the CPU; its parameters end up on ``device``."""
+    kv_shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    numel = 1
+    for d in kv_shape:
+        numel *= d
+    made = {}
+
+    def on_open(pool: SharedBlockPool) -> None:
+        made["kv"] = shared_tensor(pool, "kv", numel, dtype, device).view(kv_shape)
+        made["weights"] = model is not None and share_weights(pool, model, device)
+
+    pool = SharedBlockPool.open(name, num_blocks, block_size,
+                                description=pool_description(checkpoint, cfg, dtype, device, kv_shape),
+                                on_open=on_open, **pool_kwargs)
+    atexit.register(pool.close)
+    return SharedDeviceState(pool, made["kv"], made["weights"])
+
+
+def load_shared_model(checkpoint: str, device: torch.device, dtype: torch.dtype):
+    """Load on the CPU (private, transient); ``open_shared_device_state`` then moves the
+    parameters into the shared copy on ``device``; call ``.to(device)`` after for buffers."""
+    return load_model(checkpoint, torch.device("cpu"), dtype)
