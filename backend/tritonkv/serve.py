@@ -68,7 +68,8 @@ def server_env() -> dict:
     if not os.environ.get("TRITONSERVER"):
         libs.append(os.path.join(os.path.dirname(os.path.dirname(pytriton_dir())), "nvidia_pytriton.libs"))
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")])
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    if not os.environ.get("TRITONSERVER"):  # a prepared server environment keeps its own PATH
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     # the stub ignores PYTHONPATH for site-packages, but model.py finds backend/ itself
     return env
 
