@@ -122,7 +122,7 @@ def _decode_stage1_kernel(
     window, num_sinks, split_size,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, KV_QUANT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -148,6 +148,8 @@ def _decode_stage1_kernel(
     t64 = t.to(tl.int64)
     q = tl.load(q_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if KV_QUANT:
+        q = q.to(COMPUTE)  # fp8/int8 K/V are cast to COMPUTE (exact) and dotted with q
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -225,7 +227,7 @@ def _attention_mass_kernel(
     stride_bt, stride_mass, max_len, num_heads, num_kv_heads, window, num_sinks,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """mass[seq, p] = sum over query heads of softmax prob of key p (0 where p >= seq_len or
     invisible). Recomputes the scores against the final log-sum-exp (one extra K pass)."""
@@ -253,6 +255,8 @@ def _attention_mass_kernel(
         heads = kvh * GROUP + g
         q = tl.load(q_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=gmask[:, None] & dmask[None, :], other=0.0)
+        if KV_QUANT:
+            q = q.to(COMPUTE)
         k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks
                     + kvh * stride_kh + d[None, :], mask=vis[:, None] & dmask[None, :], other=0.0)
         if KV_QUANT:
@@ -288,6 +292,24 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_
     return int(min(want, cap, 256))
 
 
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def default_decode_config(num_seqs: int, num_kv_heads: int, max_kv_len: int, quant: bool,
+                          num_sms: int = 132):
+    """(block_n, num_warps, num_stages, num_splits), from the H100 sweep in
+    bench/NOTES_kernels.md: many (seq, kv-head) pairs -> no split, 64-token tiles; few ->
+    small 32-token tiles 4 stages deep and enough splits for ~4 waves; fp8/int8 -> 128-token
+    tiles (same bytes per tile as 64 bf16 tokens) and ~2.5 waves."""
+    base = num_seqs * num_kv_heads
+    if base >= 2 * num_sms:
+        return (128 if quant else 64), 4, 3, 1
+    if quant:
+        return 128, 4, 3, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 128, num_sms,
+                                             2.5, 2)
+    return 32, 4, 4, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 32, num_sms, 4.0)
+
+
 _SM_COUNT: dict = {}
 
 
@@ -320,6 +342,7 @@ def decode_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     max_seq_len: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ):
     """Decode attention: every sequence has exactly one (or zero) query rows.
 
@@ -342,19 +365,23 @@ def decode_attention_triton(
 
     block_g = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
-    if block_n is None:
-        block_n = 64 if head_dim <= 128 else 32
-    block_n = max(block_n, page) if page <= 64 else block_n
-    if num_warps is None:
-        num_warps = 4
-    if num_stages is None:
-        num_stages = 2
+    # fp8/int8 K/V are cast to fp16 (one cvt per pair on sm_90; exact) and q to fp16 too
+    # (q must stay within fp16 range); bf16 as the compute type is kept as an option.
+    compute_dtype = compute_dtype or (torch.float16 if quant else q.dtype)
     max_kv = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
     has_window = sliding_window is not None and sliding_window > 0
+    kv_range0 = min(max_kv, sliding_window + 128) if has_window else max_kv
+    bn0, nw0, ns0, splits0 = default_decode_config(num_seqs, num_kv_heads, kv_range0, quant,
+                                                   _num_sms(q.device))
+    if head_dim > 128:
+        bn0 = min(bn0, 32)
+    block_n = block_n or bn0
+    num_warps = num_warps or nw0
+    num_stages = num_stages or ns0
     kv_range = min(max_kv, sliding_window + block_n) if has_window else max_kv
     if num_splits is None:
-        num_splits = default_num_splits(num_seqs, num_kv_heads, kv_range, block_n,
-                                        _num_sms(q.device))
+        num_splits = splits0 if block_n == bn0 else default_num_splits(
+            num_seqs, num_kv_heads, kv_range, block_n, _num_sms(q.device))
     if return_lse:
         num_splits = max(num_splits, 2)  # lse comes from the reduce kernel
     # kv_range bounds the walked range: seq_len without a window; with one, the window plus
@@ -389,7 +416,7 @@ def decode_attention_triton(
         int(sliding_window) if has_window else 0, int(num_sink_tokens), split_size,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
-        DOT_F32=_dot_f32(q.dtype),
+        DOT_F32=_dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=_TL[compute_dtype],
         num_warps=num_warps, num_stages=num_stages,
     )
     lse_out = None
@@ -424,6 +451,7 @@ def attention_mass_triton(
     if num_seqs == 0 or max_len == 0:
         return mass
     quant = is_quantized(k_cache.dtype)
+    cd = torch.float16 if quant else q.dtype
     ks = _scale_strides(k_scale)
     has_window = sliding_window is not None and sliding_window > 0
     _attention_mass_kernel[(num_seqs, triton.cdiv(max_len, block_n))](
@@ -434,7 +462,8 @@ def attention_mass_triton(
         int(sliding_window) if has_window else 0, int(num_sink_tokens),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, PAGE=page,
-        KV_QUANT=quant, HAS_WINDOW=has_window, DOT_F32=_dot_f32(q.dtype), num_warps=4,
+        KV_QUANT=quant, HAS_WINDOW=has_window, DOT_F32=_dot_f32(q.dtype if not quant else cd),
+        COMPUTE=_TL[cd], num_warps=4,
     )
     return mass
 

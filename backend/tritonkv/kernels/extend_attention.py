@@ -149,6 +149,8 @@ def _extend_kernel(
     row = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + row[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=rmask[:, None], other=0.0)
+    if KV_QUANT:
+        q = q.to(tl.float16)  # fp8/int8 K/V are cast to fp16 (exact); q must fit fp16
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -273,7 +275,8 @@ def extend_attention_triton(
         *ks, *vs,
         block_tables.stride(0), int(sliding_window) if has_window else 0, int(num_sink_tokens),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGE=page, KV_QUANT=quant, HAS_WINDOW=has_window, DOT_F32=_dot_f32(q.dtype),
+        PAGE=page, KV_QUANT=quant, HAS_WINDOW=has_window,
+        DOT_F32=_dot_f32(torch.float16 if quant else q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

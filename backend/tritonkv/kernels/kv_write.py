@@ -25,7 +25,7 @@ def _quantize_tile(x, scale_ptr, s_off, hmask, QUANT: tl.constexpr, DYN: tl.cons
         tl.store(scale_ptr + s_off, s, mask=hmask)
     else:
         s = tl.load(scale_ptr + s_off, mask=hmask, other=1.0)
-    y = x / s[:, None]
+    y = tl.math.div_rn(x, s[:, None])  # IEEE division, as torch (GPU '/' is approximate)
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if QUANT == 2:  # int8: round half away from zero (float->int truncates toward zero)
         y = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32)
