@@ -1,0 +1,83 @@
+"""What one request produced, and the clock it was measured with.
+
+Timing rules (all ``time.perf_counter`` seconds, measured on the client):
+- ``ttft_s``: request sent -> first response that carries a token;
+- ``inter_token_s``: gaps between consecutive tokens' arrivals; tokens that arrive together in
+  one response are 0 apart (a non-streamed reply has all gaps 0);
+- ``tpot_s`` (time per output token): (last token - first token) / (tokens - 1), vLLM's definition;
+- ``output_tokens_per_s``: tokens / ``e2e_s``, with ``e2e_s`` = request sent -> final response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One streamed response: the new token ids and the text they completed (may be "")."""
+
+    token_ids: list[int]
+    text: str
+    time_s: float  # arrival, perf_counter seconds
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cached_tokens: int | None = None
+    prompt_tokens: int | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    inter_token_s: list[float] = field(default_factory=list)
+    num_responses: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tpot_s(self) -> float | None:
+        if len(self.token_ids) < 2:
+            return None
+        return sum(self.inter_token_s) / (len(self.token_ids) - 1)
+
+    @property
+    def output_tokens_per_s(self) -> float | None:
+        if not self.e2e_s or not self.token_ids:
+            return None
+        return len(self.token_ids) / self.e2e_s
+
+
+class ResultBuilder:
+    """Folds responses into a ``GenerationResult`` as they arrive."""
+
+    def __init__(self, sent_at: float):
+        self.sent_at = sent_at
+        self.result = GenerationResult()
+        self._last_token_at: float | None = None
+
+    def add_tokens(self, ids: list[int], text: str, at: float) -> TokenDelta:
+        r = self.result
+        r.num_responses += 1
+        if ids:
+            if r.ttft_s is None:
+                r.ttft_s = at - self.sent_at
+            else:
+                r.inter_token_s.append(at - self._last_token_at)
+            r.inter_token_s.extend([0.0] * (len(ids) - 1))
+            self._last_token_at = at
+        r.token_ids.extend(ids)
+        r.text += text
+        return TokenDelta(list(ids), text, at)
+
+    def finish(self, at: float, finish_reason: str | None, cached_tokens: int | None,
+               prompt_tokens: int | None) -> GenerationResult:
+        r = self.result
+        r.e2e_s = at - self.sent_at
+        r.finish_reason = finish_reason
+        r.cached_tokens = cached_tokens
+        r.prompt_tokens = prompt_tokens
+        return r
