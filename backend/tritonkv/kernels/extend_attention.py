@@ -149,8 +149,6 @@ def _extend_kernel(
     row = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + row[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=rmask[:, None], other=0.0)
-    if KV_QUANT:
-        q = q.to(tl.float16)  # fp8/int8 K/V are cast to fp16 (exact); q must fit fp16
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -210,7 +208,7 @@ def default_extend_config(head_dim: int, group: int, quant: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_90-class GPUs."""
     if head_dim <= 64:
         return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    return 128, 128, 8, 3  # best of the H100 sweep at every 4k-chunk case (NOTES_kernels.md)
 
 
 def extend_attention_triton(
@@ -276,7 +274,7 @@ def extend_attention_triton(
         block_tables.stride(0), int(sliding_window) if has_window else 0, int(num_sink_tokens),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=page, KV_QUANT=quant, HAS_WINDOW=has_window,
-        DOT_F32=_dot_f32(torch.float16 if quant else q.dtype),
+        DOT_F32=_dot_f32(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
