@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory")
     p.add_argument("--checkpoint", default=None, help="checkpoint for the server it starts (default: demo)")
     p.add_argument("--instances", type=int, default=1)
+    p.add_argument("--pool-name", help="KV pool name for the server it starts (default: loadtest-<pid>)")
     p.add_argument("--grpc-url"), p.add_argument("--http-url"), p.add_argument("--metrics-url")
     args = p.parse_args(argv)
     preset = CI_PRESET if args.ci else FULL_PRESET
@@ -71,7 +72,10 @@ def server_for(args):
     from tritonkv.serve import start_server
 
     t0 = time.monotonic()
-    with start_server(args.checkpoint, instances=args.instances) as server:
+    # a pool of its own: KV pools are shared by name across processes on one device, and another
+    # server on this machine may hold the default pool with a different geometry
+    params = {"pool_name": args.pool_name or f"loadtest-{os.getpid()}"}
+    with start_server(args.checkpoint, instances=args.instances, extra_params=params) as server:
         print(f"server ready in {time.monotonic() - t0:.1f}s: gRPC {server.grpc_url}, HTTP {server.http_url}",
               flush=True)
         yield server.grpc_url, server.http_url, server.metrics_url

@@ -1,0 +1,162 @@
+"""Client, load-test and summary logic that needs no server: exact values for fixed inputs."""
+
+import io
+
+import numpy as np
+import pytest
+
+import summary
+import workload
+from tritonkv_client._responses import parse_json_response
+from tritonkv_client.chat import stats_line
+from tritonkv_client.http_client import error_from_body, iter_sse_data, request_body
+from tritonkv_client.metrics import PoolSnapshot, parse_prometheus
+from tritonkv_client.params import GenerationParams, grpc_inputs, request_arrays
+from tritonkv_client.result import GenerationResult, ResultBuilder
+
+
+def test_params_merge_and_encode():
+    p = GenerationParams(max_tokens=8).merged(temperature=0.0, stop="END", top_k=None)
+    assert p == GenerationParams(max_tokens=8, temperature=0.0, stop=("END",))
+    assert p.as_json() == {"max_tokens": 8, "temperature": 0.0, "stop": ["END"]}
+    arrays = request_arrays(p, stream=True)
+    assert sorted(arrays) == ["max_tokens", "stop", "stream", "temperature"]
+    assert arrays["max_tokens"][0].dtype == np.int32 and arrays["max_tokens"][1] == "INT32"
+    assert arrays["stop"][0].tolist() == [b"END"] and arrays["stream"][0].tolist() == [True]
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        p.merged(max_new_tokens=3)
+
+
+def test_grpc_inputs_carry_prompt_and_settings():
+    tensors = grpc_inputs(None, [256, 65], GenerationParams(seed=7, ignore_eos=True), stream=None)
+    assert [(t.name(), t.datatype(), t.shape()) for t in tensors] == [
+        ("input_ids", "INT32", [2]), ("seed", "INT64", [1]), ("ignore_eos", "BOOL", [1])]
+    with pytest.raises(ValueError, match="not both"):
+        grpc_inputs("a", [1], GenerationParams(), stream=None)
+
+
+def test_http_body_and_sse_parsing():
+    assert request_body("hi", None, GenerationParams(max_tokens=4), stream=True) == {
+        "text_input": "hi", "max_tokens": 4, "stream": True}
+    raw = ['data: {"a": 1}\n', "\n", "data: {\"b\":\n", "data: 2}\n", "\n", ": comment\n", "data: {}"]
+    assert list(iter_sse_data(raw)) == ['{"a": 1}', '{"b":\n2}', "{}"]
+    err = error_from_body('data: {"error":"token id 999 is outside the vocabulary"}\n\n', "llm_stateless", 400)
+    assert str(err) == "token id 999 is outside the vocabulary" and err.status == 400
+    assert "HTTP 502" in str(error_from_body("<html>bad gateway</html>", "m", 502))
+
+
+def test_json_response_with_bare_number_ids():
+    mid = parse_json_response({"text_output": "A", "output_ids": 65})
+    assert (mid.ids, mid.text, mid.final) == ([65], "A", False)
+    last = parse_json_response({"text_output": "", "output_ids": [], "finish_reason": "length",
+                                "cached_tokens": 3, "prompt_tokens": 5})
+    assert (last.ids, last.final, last.cached_tokens, last.prompt_tokens) == ([], True, 3, 5)
+
+
+def test_result_timings():
+    b = ResultBuilder(sent_at=10.0)
+    b.add_tokens([1], "a", 10.5)       # first token: TTFT 0.5
+    b.add_tokens([2, 3], "bc", 10.75)  # two tokens in one response: the second is 0 apart
+    b.add_tokens([4], "d", 11.0)
+    r = b.finish(11.25, "length", 7, 9)
+    assert r.token_ids == [1, 2, 3, 4] and r.text == "abcd"
+    assert r.ttft_s == 0.5 and r.inter_token_s == [0.25, 0.0, 0.25]
+    assert r.tpot_s == pytest.approx(0.5 / 3) and r.e2e_s == 1.25
+    assert r.output_tokens_per_s == pytest.approx(4 / 1.25)
+    assert (r.finish_reason, r.cached_tokens, r.prompt_tokens, r.num_responses) == ("length", 7, 9, 3)
+    assert "4 tokens" in stats_line(r) and "TTFT 500 ms" in stats_line(r) and "7 context tokens reused" in stats_line(r)
+
+
+METRICS = """# HELP tritonkv_kv_blocks_used KV blocks referenced by live sequences
+# TYPE tritonkv_kv_blocks_used gauge
+tritonkv_kv_blocks_used{instance="llm_0_0",model="llm"} 0
+tritonkv_kv_blocks_used{instance="llm_stateless_0_0",model="llm_stateless"} 2
+tritonkv_live_sequences{instance="llm_0_0",model="llm"} 0
+tritonkv_live_sequences{instance="llm_stateless_0_0",model="llm_stateless"} 1
+tritonkv_kv_blocks_cached{instance="llm_0_0",model="llm"} 4
+tritonkv_kv_blocks_total{instance="llm_0_0",model="llm"} 2730
+nv_cpu_utilization 0.25
+"""
+
+
+def test_prometheus_and_baseline():
+    samples = parse_prometheus(METRICS)
+    assert samples["nv_cpu_utilization"] == [({}, 0.25)]
+    assert samples["tritonkv_kv_blocks_used"][1] == ({"instance": "llm_stateless_0_0", "model": "llm_stateless"}, 2.0)
+    snap = PoolSnapshot.from_text(METRICS)
+    assert not snap.at_baseline and snap.total("tritonkv_kv_blocks_used") == 2
+    settled = PoolSnapshot.from_text(METRICS.replace("} 2\n", "} 0\n").replace("} 1\n", "} 0\n"))
+    assert settled.at_baseline  # cached blocks (the prefix cache) are not a leak
+    assert not PoolSnapshot.from_text("nv_cpu_utilization 0.25\n").at_baseline  # no pool metrics: not proven
+
+
+def _turn(prompt, out, reason="length"):
+    return GenerationResult(token_ids=list(range(out)), finish_reason=reason, prompt_tokens=prompt)
+
+
+def test_kv_reuse_rule():
+    assert workload.expected_cached_tokens([]) == 0
+    assert workload.expected_cached_tokens([_turn(13, 8), _turn(6, 8)]) == 13 + 8 + 6 + 8 - 1
+    assert workload.expected_cached_tokens([_turn(13, 3, "stop")]) is None
+    ok = GenerationResult(cached_tokens=20)
+    workload.check_kv_reuse(ok, [_turn(13, 8)])
+    with pytest.raises(workload.KVReuseError, match="reused 0 context tokens; the conversation had 20"):
+        workload.check_kv_reuse(GenerationResult(cached_tokens=0), [_turn(13, 8)])
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def fire(self, **kw):
+        self.calls.append(kw)
+
+
+def test_report_turn_fires_one_event_per_metric():
+    b = ResultBuilder(0.0)
+    b.add_tokens([1], "a", 0.1)
+    b.add_tokens([2], "b", 0.3)
+    r = b.finish(0.4, "length", 5, 6)
+    rec = _Recorder()
+    workload.report_turn(rec, "grpc multiturn", r)
+    got = {c["request_type"]: (c["response_time"], c["response_length"], c["exception"]) for c in rec.calls}
+    assert got == {"e2e": (pytest.approx(400), 2, None), "TTFT": (pytest.approx(100), 0, None),
+                   "TPOT": (pytest.approx(200), 0, None), "tok/s": (pytest.approx(5.0), 0, None),
+                   "cached": (5, 0, None)}
+    assert {c["name"] for c in rec.calls} == {"grpc multiturn"}
+    failed = _Recorder()
+    boom = RuntimeError("max_tokens must be > 0")
+    workload.report_turn(failed, "http single", exception=boom)
+    assert len(failed.calls) == 1 and failed.calls[0]["request_type"] == "e2e" and failed.calls[0]["exception"] is boom
+
+
+STATS_CSV = """Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%
+e2e,grpc single,10,1,280,275.0,184,321,7.2,2.0,0.2,280,290,300,310,320,320,320,320,320,320,320
+TTFT,grpc single,9,0,86,80.0,43,114,0,1.8,0,86,95,99,100,110,110,110,110,110,110,110
+TPOT,grpc single,9,0,27,27.0,20,35,0,1.8,0,27,28,33,34,35,35,35,35,35,35,35
+tok/s,grpc single,9,0,29,30.0,24,43,0,1.8,0,29,31,31,33,43,43,43,43,43,43,43
+cached,grpc single,9,0,0,0.0,0,0,0,1.8,0,0,0,0,0,0,0,0,0,0,0,0
+,Aggregated,46,1,47,117,0,321,1.5,9.2,0.2,47,88,160,210,280,370,720,720,1000,1000,1000
+"""
+
+
+def test_summary_rows(tmp_path):
+    path = tmp_path / "locust_stats.csv"
+    path.write_text(STATS_CSV)
+    rows = summary.summarize(summary.read_stats(str(path)))
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["name"], r["turns"], r["failures"]) == ("grpc single", 10, 1)
+    assert (r["ttft_p50_ms"], r["tpot_p95_ms"], r["e2e_p95_ms"], r["mean_cached_tokens"]) == (86, 35, 320, 0)
+    # 9 successful turns of 8 tokens each (content size 7.2 averages over all 10) at 2 turns/s
+    assert r["output_tokens_per_s"] == pytest.approx(2.0 * 0.9 * 8)
+    table = summary.markdown_table(rows)
+    assert "| grpc single | 10 | 1 | 86 / 110 |" in table
+
+
+def test_chat_cli_without_server_reports_usage_error():
+    from tritonkv_client.chat import main
+
+    err = io.StringIO()
+    assert main(["--http", "127.0.0.1:1"], stdin=io.StringIO(""), out=io.StringIO(), err=err) == 2
+    assert "needs gRPC" in err.getvalue()
