@@ -69,13 +69,11 @@ def server_for(args):
     if args.grpc_url:
         yield args.grpc_url, args.http_url, args.metrics_url
         return
-    from tritonkv.serve import start_server
+    from managed_server import managed_server
 
     t0 = time.monotonic()
-    # a pool of its own: KV pools are shared by name across processes on one device, and another
-    # server on this machine may hold the default pool with a different geometry
-    params = {"pool_name": args.pool_name or f"loadtest-{os.getpid()}"}
-    with start_server(args.checkpoint, instances=args.instances, extra_params=params) as server:
+    with managed_server(args.checkpoint, pool_name=args.pool_name or f"loadtest-{os.getpid()}",
+                        instances=args.instances) as server:
         print(f"server ready in {time.monotonic() - t0:.1f}s: gRPC {server.grpc_url}, HTTP {server.http_url}",
               flush=True)
         yield server.grpc_url, server.http_url, server.metrics_url

@@ -102,10 +102,13 @@ class TurnStream:
         try:
             at, result, error = self._stream.responses.get(timeout=self._timeout_s)
         except queue.Empty:
+            self._stream.close(cancel=True)  # a late reply must not reach the next request
             self._finish(ServerError(f"no response from model {self._model!r} in {self._timeout_s}s",
                                      model=self._model, status="timeout"))
             raise self._error from None
         if error is not None:
+            if error.status() is not None:  # a gRPC status, not a model's error response: the stream is gone
+                self._stream.close(cancel=True)
             self._finish(ServerError(error.message() or str(error), model=self._model, status=error.status()))
             raise self._error
         parsed = parse_grpc_result(result)
@@ -232,7 +235,7 @@ class Conversation:
         if prompt is None and input_ids is None:
             raise ValueError("a turn needs a prompt (text or input_ids); use close() to end the conversation")
         self._drain()
-        if self._stream is None:
+        if self._stream is None or self._stream.closed:  # the sequence id, not the stream, is the conversation
             self._stream = self.client._acquire()
         params = self.params.merged(**settings)
         start = not self.started
@@ -275,6 +278,8 @@ class Conversation:
             self._drain()
             if self.started and not self.ended:
                 self.ended = True
+                if self._stream is None or self._stream.closed:
+                    self._stream = self.client._acquire()
                 sent_at = self._stream.send(self.client.model, [], sequence_id=self.sequence_id, end=True)
                 closing = TurnStream(self._stream, self.client.model, sent_at, self.client.timeout_s)
                 closing.result()

@@ -1,0 +1,48 @@
+"""A tritonkv server for load tests, benchmarks and client tests: the launcher's
+``start_server`` plus two guards.
+
+- its own KV pool name: pools are shared by name across processes on one device, and
+  another server on the machine may hold the default pool with another geometry;
+- after stop, whatever is left of the server's process group is killed and the files of its
+  pool are removed. Seen with tritonserver 2.51 here: when shutdown waits out its 30 s for an
+  in-flight inference on ``llm``, the server exits but Python backend stubs stay behind,
+  orphaned, holding their shared-memory pool (and killed stubs cannot remove its files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import signal
+
+
+@contextlib.contextmanager
+def managed_server(checkpoint: str | None = None, *, pool_name: str, extra_params: dict | None = None, **kwargs):
+    from tritonkv.serve import start_server
+
+    params = {"pool_name": pool_name, **(extra_params or {})}
+    server = None
+    try:
+        with start_server(checkpoint, extra_params=params, **kwargs) as server:
+            yield server
+    finally:
+        if server is not None:
+            kill_leftovers(server.process.pid)
+        remove_pool_files(pool_name)  # the name is this server's alone
+
+
+def kill_leftovers(pgid: int) -> None:
+    """SIGKILL what remains of a stopped server's process group (the launcher starts the server
+    in a session of its own, so the group is exactly the server and its stubs)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def remove_pool_files(pool_name: str) -> None:
+    """Delete the shared-memory files of a pool this server alone used (``tritonkv-<name>-<device>.*``)."""
+    from tritonkv.kv.shared_pool import shm_dir
+
+    for path in glob.glob(os.path.join(shm_dir(), f"tritonkv-{glob.escape(pool_name)}-*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
