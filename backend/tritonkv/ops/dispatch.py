@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from tritonkv.ops.cpu_attention import paged_attention_cpu
 from tritonkv.ops.paged_attention import paged_attention_reference, write_kv_reference
 from tritonkv.ops.quant import (
     dequantize_cache,
@@ -29,8 +30,8 @@ from tritonkv.ops.quant import (
 def _use_kernel(t: torch.Tensor, impl: str | None) -> bool:
     if impl is None:
         return t.is_cuda
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"impl must be 'triton', 'torch' or None, got {impl!r}")
+    if impl not in ("triton", "torch", "reference"):
+        raise ValueError(f"impl must be 'triton', 'torch', 'reference' or None, got {impl!r}")
     return impl == "triton"
 
 
@@ -97,7 +98,8 @@ def paged_attention(
       Returns ``(out, mass)`` then.
     - ``max_seq_len``: host int bound on ``seq_lens`` (sizes decode's split-KV); default the
       block table's width.
-    - ``out``: preallocated output; ``impl``: None (auto) / 'triton' / 'torch'.
+    - ``out``: preallocated output; ``impl``: None (auto) / 'triton' / 'torch' (the batched
+      CPU path, ops/cpu_attention.py) / 'reference' (the plain oracle).
     """
     quant = is_quantized(k_cache.dtype)
     if quant and (k_scale is None or v_scale is None):
@@ -107,8 +109,12 @@ def paged_attention(
             res = paged_attention_quant_reference(
                 q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                 sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale)
-        else:
+        elif impl == "reference":
             res = paged_attention_reference(
+                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                sliding_window, num_sink_tokens)
+        else:
+            res = paged_attention_cpu(
                 q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                 sliding_window, num_sink_tokens)
         if out is not None:
