@@ -487,3 +487,65 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, period_s: float 
             return True
         time.sleep(period_s)
     return predicate()
+
+
+def pool_snapshot(name: str) -> dict | None:
+    """Counts and live owner pids of pool ``name`` without attaching (None if there is none):
+    for tests, metrics scrapers and operators."""
+    lock_path, path = pool_path(name, "lock"), pool_path(name, "pool")
+    if not os.path.exists(path):
+        return None
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            pfd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            geometry = _read_geometry(pfd)
+            if geometry is None:
+                return None
+            pf = _PoolFile(pfd, os.fstat(pfd).st_size, *geometry)
+        finally:
+            os.close(pfd)
+        a = pf.arrays
+        unused = a.refcount == 0
+        snap = {"total": int(len(a.refcount)), "used": int((~unused).sum()),
+                "cached": int((unused & (a.block_hash != 0)).sum()),
+                "refcounts_consistent": bool((a.refcount == a.owner_refs.sum(axis=0)).all()),
+                "owner_pids": [int(p) for p in pf.owner_pid if p],
+                "live_owner_pids": [int(p) for p, s in zip(pf.owner_pid, pf.owner_start)
+                                    if process_alive(int(p), int(s))]}
+        snap["free"] = snap["total"] - snap["used"] - snap["cached"]
+        del a
+        pf.close()
+        return snap
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def remove_if_stale(name: str) -> bool:
+    """Remove pool ``name``'s files if no live process is attached (left by a crash or by a
+    server killed before its instances detached). Returns whether files were removed."""
+    fd = _open_locked(pool_path(name, "lock"))
+    try:
+        path = pool_path(name, "pool")
+        if os.path.exists(path):
+            pfd = os.open(path, os.O_RDWR)
+            try:
+                geometry = _read_geometry(pfd)
+                if geometry is not None:
+                    pf = _PoolFile(pfd, os.fstat(pfd).st_size, *geometry)
+                    live = any(process_alive(int(p), int(s)) for p, s in zip(pf.owner_pid, pf.owner_start))
+                    pf.close()
+                    if live:
+                        return False
+            finally:
+                os.close(pfd)
+        remove_pool_files(name, keep_lock=False)
+        return True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

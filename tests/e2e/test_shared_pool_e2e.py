@@ -1,0 +1,128 @@
+"""A real tritonserver with instance_group count 2 for llm and llm_stateless: all four stub
+processes share one KV pool. A system prompt computed by one instance is a cache hit on
+another (cached_tokens, lower TTFT); a SIGKILLed stub leaves the server answering and the
+pool leak-free; stopping the server removes the pool's shared-memory files."""
+
+import contextlib
+import os
+import re
+import signal
+import statistics
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from triton_calls import StreamClient, http_generate, inputs_for
+from tritonkv.kv.shared_pool import pool_path, pool_snapshot, remove_if_stale, wait_until
+from tritonkv.serve import launch
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+SYSTEM = [256] + [(i * 37) % 256 for i in range(1023)]  # 1,024 tokens = 64 blocks of 16
+POOL = f"e2e-{uuid.uuid4().hex[:8]}"
+POOL_FILE_NAME = f"{POOL}-cpu0"
+
+
+@pytest.fixture(scope="module")
+def server():
+    params = {"pool_name": POOL, "kv_cache_memory_mb": "64", "max_model_len": "2048"}
+    s = launch(instances=2, extra_params=params, instance_kind="KIND_CPU")
+    try:
+        yield s
+    finally:
+        # with a stub killed, tritonserver 2.51 waits out its unload timeout for that model;
+        # 10 s is enough for the others to finalize
+        s.stop(timeout_s=10)
+        with contextlib.suppress(ProcessLookupError):  # stubs of a force-stopped server
+            os.killpg(s.process.pid, signal.SIGKILL)
+        # no instance is left attached; the files are gone (last one out) or stale (an
+        # instance killed by the server's forced stop never detached): removed here
+        assert wait_until(lambda: not (pool_snapshot(POOL_FILE_NAME) or {}).get("live_owner_pids"), 15)
+        remove_if_stale(POOL_FILE_NAME)
+        assert not os.path.exists(pool_path(POOL_FILE_NAME, "pool"))
+
+
+def per_instance(server, name) -> dict[str, float]:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(rf'^{name}{{[^}}]*instance="([^"]+)"[^}}]*}} (\S+)$', text, flags=re.M)}
+
+
+def llm_turn(server, seq_id, ids, **kw):
+    client = StreamClient(server.grpc_url)
+    try:
+        t0 = time.perf_counter()
+        turn = client.turn(seq_id=seq_id, start=True, end=True, ids=ids, max_tokens=1, **GREEDY, **kw)
+        return turn, (time.perf_counter() - t0) * 1e3
+    finally:
+        client.close()
+
+
+def test_all_instances_attach_one_pool(server):
+    snap = pool_snapshot(POOL_FILE_NAME)
+    assert snap is not None and len(snap["live_owner_pids"]) == 4  # llm x2 + llm_stateless x2
+    assert len(per_instance(server, "tritonkv_kv_blocks_total")) == 4
+
+
+def test_system_prompt_from_one_instance_is_a_hit_on_the_others(server):
+    # llm_stateless computes the system prompt (another process than any llm instance)
+    code, body = http_generate(server.http_url, "llm_stateless",
+                               {"input_ids": SYSTEM + [10], "max_tokens": 1, **GREEDY})
+    assert code == 200 and body["cached_tokens"] == 0, body
+    before = per_instance(server, "tritonkv_generated_tokens_total")
+    served_by, cold, warm = set(), [], []
+    for i in range(8):  # until both llm instances have served a conversation
+        question = [20 + i, 30 + i, 40 + i]
+        salted, ms = llm_turn(server, 600 + 2 * i, SYSTEM + question, parameters={"cache_salt": f"cold-{i}"})
+        assert salted.error is None and salted.cached_tokens == 0
+        cold.append(ms)
+        turn, ms = llm_turn(server, 601 + 2 * i, SYSTEM + question)
+        assert turn.error is None and turn.cached_tokens == 1024, turn.cached_tokens
+        warm.append(ms)
+        now = per_instance(server, "tritonkv_generated_tokens_total")
+        served_by = {k for k, v in now.items() if k.startswith("llm_") and not k.startswith("llm_stateless")
+                     and v > before.get(k, 0)}
+        if len(served_by) == 2 and i >= 2:
+            break
+    assert len(served_by) == 2, f"only {served_by} served llm conversations"
+    assert statistics.median(warm) * 3 < statistics.median(cold), (warm, cold)
+    # a pool-wide counter, reported alike by every instance (published every 0.5 s)
+    assert wait_until(lambda: min(per_instance(server, "tritonkv_prefix_hit_blocks_total").values())
+                      >= 64 * len(warm), 5)
+
+
+def test_killed_stub_leaves_server_answering_and_pool_leak_free(server):
+    stubs = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if any(server.workdir.encode() in c for c in cmd) and b"llm_0_1" in cmd:
+                stubs[int(pid)] = cmd
+    assert len(stubs) == 1, stubs
+    victim = next(iter(stubs))
+    # give the victim work that holds blocks, then kill it mid-way
+    client = StreamClient(server.grpc_url)
+    for i in range(4):
+        client.client.async_stream_infer(model_name="llm", inputs=inputs_for(
+            ids=SYSTEM[:300] + [i], max_tokens=300, **GREEDY), sequence_id=7700 + i, sequence_start=True,
+            sequence_end=True)
+    time.sleep(1.0)
+    os.kill(victim, signal.SIGKILL)
+    client.client.stop_stream(cancel_requests=True)
+    client.client.close()
+    # still answering, on both models
+    code, body = http_generate(server.http_url, "llm_stateless", {"input_ids": SYSTEM + [11], "max_tokens": 2,
+                                                                  **GREEDY})
+    assert code == 200 and body["cached_tokens"] == 1024
+    ok = [llm_turn(server, 7800 + i, [256, 65, 66])[0].error is None for i in range(4)]
+    assert any(ok), "no llm conversation succeeded after the kill"
+
+    def leak_free():
+        snap = pool_snapshot(POOL_FILE_NAME)
+        return (snap["used"] == 0 and snap["refcounts_consistent"] and victim not in snap["owner_pids"])
+    assert wait_until(leak_free, 30), pool_snapshot(POOL_FILE_NAME)
