@@ -37,8 +37,10 @@ class RequestError(ValueError):
 
 class Engine:
     def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: TextTokenizer | None,
-                 pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], owner: int = 0):
+                 pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], owner: int = 0,
+                 on_close: Callable[[], None] | None = None):
         self.config = config
+        self._on_close = on_close
         self.model = model
         self.model_config = model.config
         self.tokenizer = tokenizer
@@ -220,6 +222,10 @@ class Engine:
         plan = self.scheduler.schedule(running, idle)
         self._steps += 1
         if not plan:
+            held_here = sum(len(self.kv.block_table(s.seq_id)) for s in self._seqs.values() if s.seq_id in self.kv)
+            if self.pool.counts()["used"] > held_here:
+                time.sleep(0.005)  # other instances of a shared pool hold blocks: wait for them
+                return
             self._fail_unschedulable(running)
             return
         sampled = self._forward(plan)
@@ -350,6 +356,11 @@ class Engine:
             f"pool of {self.pool.num_blocks} blocks x {self.pool.block_size}); raise num_blocks")))
         if oldest.seq_id in self._seqs:
             self._release(oldest)
+
+    def close(self) -> None:
+        """Detach from shared state (a shared pool's last user removes its files)."""
+        if self._on_close is not None:
+            self._on_close()
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

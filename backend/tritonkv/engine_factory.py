@@ -84,6 +84,5 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
              "created" if shared.pool.created else "attached", shared.pool.owner, num_blocks,
              config.block_size, "shared" if shared.weights_shared else "private")
     kv_caches = allocate_kv_caches(cfg, num_blocks, config.block_size, dtype, device, storage=shared.kv_storage)
-    engine = Engine(config, model, tokenizer, shared.pool, kv_caches, owner=shared.pool.owner)
-    engine.close = shared.close  # the Triton adapter's finalize calls engine.close()
-    return engine
+    return Engine(config, model, tokenizer, shared.pool, kv_caches, owner=shared.pool.owner,
+                  on_close=shared.close)

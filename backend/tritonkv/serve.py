@@ -111,6 +111,31 @@ def set_parameter(pbtxt: str, key: str, value: str) -> str:
     return pbtxt.rstrip() + "\n" + entry + "\n"
 
 
+def remove_stale_pools(pool_names) -> None:
+    """Remove the /dev/shm files of these pools (on every device) that no live process holds."""
+    import glob
+
+    from tritonkv.kv.shared_pool import remove_if_stale, shm_dir
+
+    for pool_name in pool_names:
+        prefix = os.path.join(shm_dir(), f"tritonkv-{pool_name}-")
+        for path in glob.glob(glob.escape(prefix) + "*.pool"):  # one pool per device
+            name = os.path.basename(path)[len("tritonkv-"):-len(".pool")]
+            with contextlib.suppress(OSError):
+                remove_if_stale(name)
+
+
+def repository_pool_names(repo: str) -> tuple[str, ...]:
+    names = set()
+    for model in os.listdir(repo):
+        cfg_path = os.path.join(repo, model, "config.pbtxt")
+        if os.path.isfile(cfg_path):
+            m = re.search(r'key: "pool_name" value: \{ string_value: "([^"]*)" \}', open(cfg_path).read())
+            if m and m.group(1):
+                names.add(m.group(1))
+    return tuple(sorted(names))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,6 +150,7 @@ class Server:
     grpc_port: int
     metrics_port: int
     workdir: str
+    pool_names: tuple[str, ...] = ()  # config.pbtxt pool_name values of the served models
 
     @property
     def http_url(self) -> str:
@@ -158,6 +184,10 @@ class Server:
         raise TimeoutError(f"tritonserver not ready after {timeout_s}s; see {self.workdir}/server.log")
 
     def stop(self, timeout_s: float = 30) -> None:
+        """Graceful stop; then end whatever the server left behind. A model whose sequence
+        batcher still holds an open conversation does not unload before tritonserver's exit
+        timeout, and its Python stub outlives the server: the launcher started the server in
+        its own process group, so the group is killed, and pools nobody holds are removed."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # tritonserver's graceful shutdown
             try:
@@ -165,6 +195,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        remove_stale_pools(self.pool_names)
 
     def log(self) -> str:
         with open(os.path.join(self.workdir, "server.log"), errors="replace") as f:
@@ -174,7 +207,7 @@ class Server:
 def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
            instances: int = 1, host: str = "127.0.0.1", repository: str = DEFAULT_REPOSITORY,
            extra_params: dict | None = None, instance_kind: str | None = None,
-           ready_timeout_s: float = 300, log_to_console: bool = False) -> Server:
+           ready_timeout_s: float = 300, log_to_console: bool = False, exit_timeout_s: int = 10) -> Server:
     from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
     if checkpoint is None:
@@ -197,11 +230,12 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
            f"--http-address={host}", f"--http-port={ports[0]}",
            f"--grpc-address={host}", f"--grpc-port={ports[1]}",
            f"--metrics-address={host}", f"--metrics-port={ports[2]}",
-           "--allow-metrics=true", "--log-info=true", "--exit-on-error=true"]
+           "--allow-metrics=true", "--log-info=true", "--exit-on-error=true",
+           f"--exit-timeout-secs={exit_timeout_s}"]
     out = None if log_to_console else open(os.path.join(workdir, "server.log"), "w")
     proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    server = Server(proc, host, *ports, workdir)
+    server = Server(proc, host, *ports, workdir, repository_pool_names(repo))
     server.wait_ready(ready_timeout_s)
     return server
 

@@ -109,6 +109,4 @@ class TritonPythonModel:
     def finalize(self):
         self._stop.set()
         self.engine.stop_loop()
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
+        self.engine.close()

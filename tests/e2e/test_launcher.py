@@ -42,3 +42,37 @@ def test_serve_prints_endpoints_and_stops_on_sigterm():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stop_with_an_open_conversation_leaves_no_stub_and_no_pool_files():
+    from triton_calls import StreamClient
+    from tritonkv.kv.shared_pool import shm_dir
+    from tritonkv.serve import start_server
+
+    pool = f"stoptest{os.getpid()}"
+    with start_server(extra_params={"pool_name": pool, "kv_cache_memory_mb": "32"}, exit_timeout_s=3) as server:
+        client = StreamClient(server.grpc_url)
+        t = client.turn(seq_id=77, start=True, ids=[256, 65], max_tokens=2, temperature=0.0)
+        client.close()
+        assert t.error is None and len(t.ids) == 2  # the conversation stays open (no END)
+        group = server.process.pid
+    deadline = time.monotonic() + 5
+    while live_members(group) and time.monotonic() < deadline:  # SIGKILL lands asynchronously
+        time.sleep(0.1)
+    assert live_members(group) == []  # the stubs of the model that did not unload are gone
+    assert not [f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{pool}-")]
+
+
+def live_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (an orphan's zombie waits for init)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(entry))
+    return pids
