@@ -25,16 +25,33 @@ def pick_device(requested: str, gpu_instance: bool = True, device_id: int = 0) -
     return torch.device("cuda", device_id)
 
 
+QUANT_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def kv_storage_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
+    return QUANT_KV_DTYPES.get(config.kv_cache_dtype, model_dtype)
+
+
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block across all layers, K and V."""
+    """Bytes of one block across all layers, K and V (with the float32 per token-head scales
+    of a quantised cache)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    per_token_head = cfg.head_dim * elem + (4 if dtype in QUANT_KV_DTYPES.values() else 0)
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * per_token_head
 
 
 def resolve_num_blocks(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """``dtype``: the KV storage dtype."""
     if config.num_blocks:
         return config.num_blocks
     return max(1, config.kv_cache_memory_mb * 2**20 // kv_block_bytes(cfg, config.block_size, dtype))
+
+
+def add_kv_scales(kv_caches, num_blocks: int, block_size: int, num_kv_heads: int, device):
+    """Per token-head float32 scales beside each layer's fp8 / int8 K and V (ops/quant.py)."""
+    shape = (num_blocks, block_size, num_kv_heads)
+    return [(k, v, torch.zeros(shape, dtype=torch.float32, device=device),
+             torch.zeros(shape, dtype=torch.float32, device=device)) for k, v in kv_caches]
 
 
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device,
@@ -67,12 +84,18 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
     except FileNotFoundError:
         log.warning("%s has no tokenizer.json; only input_ids requests will be served", checkpoint)
         tokenizer = None
-    num_blocks = resolve_num_blocks(config, cfg, dtype)
+    kv_dtype = kv_storage_dtype(config, dtype)
+    num_blocks = resolve_num_blocks(config, cfg, kv_dtype)
     if not config.pool_name:
         model = load_model(checkpoint, device, dtype)
         pool = BlockPool.in_process(num_blocks, config.block_size)
-        kv_caches = allocate_kv_caches(cfg, num_blocks, config.block_size, dtype, device)
+        kv_caches = allocate_kv_caches(cfg, num_blocks, config.block_size, kv_dtype, device)
+        if kv_dtype != dtype:
+            kv_caches = add_kv_scales(kv_caches, num_blocks, config.block_size, cfg.num_kv_heads, device)
         return Engine(config, model, tokenizer, pool, kv_caches)
+    if kv_dtype != dtype:
+        raise ValueError(f"parameter 'kv_cache_dtype' = {config.kv_cache_dtype!r} needs a private pool "
+                         "(pool_name \"\"): the shared pool does not share KV scales yet")
 
     from tritonkv.shared_storage import load_shared_model, open_shared_device_state
 
