@@ -111,6 +111,22 @@ def set_parameter(pbtxt: str, key: str, value: str) -> str:
     return pbtxt.rstrip() + "\n" + entry + "\n"
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (an orphan's zombie waits for init)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(entry))
+    return pids
+
+
 def remove_stale_pools(pool_names) -> None:
     """Remove the /dev/shm files of these pools (on every device) that no live process holds."""
     import glob
@@ -197,6 +213,9 @@ class Server:
                 self.process.wait()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while live_group_members(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # SIGKILL lands asynchronously; a pool is stale only once they are gone
         remove_stale_pools(self.pool_names)
 
     def log(self) -> str:

@@ -8,7 +8,7 @@ import sys
 import time
 
 from triton_calls import http_generate
-from tritonkv.serve import free_port
+from tritonkv.serve import free_port, live_group_members
 
 
 def test_serve_prints_endpoints_and_stops_on_sigterm():
@@ -56,23 +56,6 @@ def test_stop_with_an_open_conversation_leaves_no_stub_and_no_pool_files():
         client.close()
         assert t.error is None and len(t.ids) == 2  # the conversation stays open (no END)
         group = server.process.pid
-    deadline = time.monotonic() + 5
-    while live_members(group) and time.monotonic() < deadline:  # SIGKILL lands asynchronously
-        time.sleep(0.1)
-    assert live_members(group) == []  # the stubs of the model that did not unload are gone
+    assert live_group_members(group) == []  # the stubs of the model that did not unload are gone
     assert not [f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{pool}-")]
 
-
-def live_members(pgid: int) -> list[int]:
-    """Processes of group ``pgid`` that are not zombies (an orphan's zombie waits for init)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(entry))
-    return pids
