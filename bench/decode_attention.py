@@ -44,6 +44,28 @@ SWEEP = [(16, 2, 4), (16, 4, 6), (32, 2, 4), (32, 4, 4), (32, 4, 6), (64, 4, 3),
          (128, 4, 3), (128, 8, 4)]  # (block_n, num_warps, num_stages)  # rotate among input sets until this many KV bytes
 
 
+BF16_VARIANTS = {
+    "v3 (masked, seq-major)": dict(even=False, heads_first=False),
+    "even": dict(even=True, heads_first=False),
+    "heads_first": dict(even=False, heads_first=True),
+    "even+heads_first": dict(even=True, heads_first=True),
+}
+FP8_VARIANTS = {
+    "v3 (bf16 cast, masked, s3 sp8)": dict(even=False, compute_dtype=torch.bfloat16,
+                                           kv_cvt="cast", num_stages=3, num_splits=8),
+    "f16 cast, masked": dict(even=False, compute_dtype=torch.float16, kv_cvt="cast"),
+    "f16 cast, even": dict(even=True, compute_dtype=torch.float16, kv_cvt="cast"),
+    "f16 asm, even": dict(even=True, compute_dtype=torch.float16, kv_cvt="asm"),
+    "f16 asm, even, hf": dict(even=True, compute_dtype=torch.float16, kv_cvt="asm",
+                              heads_first=True),
+}
+for _ns, _sp in [(2, 2), (2, 3), (2, 4), (2, 6), (3, 4)]:
+    for _cvt in ("asm", "cast"):
+        FP8_VARIANTS[f"f16 {_cvt}, even, bn128 w4 s{_ns} sp{_sp}"] = dict(
+            even=True, compute_dtype=torch.float16, kv_cvt=_cvt, block_n=128, num_warps=4,
+            num_stages=_ns, num_splits=_sp)
+
+
 def bench(fn, rep=200):
     fn()
     torch.cuda.synchronize()
@@ -251,6 +273,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--sweep", action="store_true", help="also time other kernel configs")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the kernel variants (BF16_VARIANTS / FP8_VARIANTS)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
@@ -279,6 +303,18 @@ def main():
         if kv_dtype != torch.bfloat16:
             row["ours_fp16compute_us"] = graph_bench(
                 sets, ours_call(compute_dtype=torch.float16)) * 1e3
+        if args.variants:
+            vs = BF16_VARIANTS if kv_dtype == torch.bfloat16 else FP8_VARIANTS
+            row["variants"] = {}
+            for name, cfg in vs.items():
+                try:
+                    err = check(ours_call(**cfg)(sets[0]), sets[0])
+                    t = graph_bench(sets, ours_call(**cfg), reps=15) * 1e3
+                except Exception as e:  # noqa: BLE001
+                    print("variant failed", name, type(e).__name__, str(e)[:200], flush=True)
+                    continue
+                row["variants"][name] = t
+                print(f"  {label} {name:45s} {t:8.1f} us  err {err:.1e}", flush=True)
         if args.sweep:
             best = (ms, "default")
             base = batch * HKV

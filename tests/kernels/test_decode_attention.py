@@ -94,3 +94,25 @@ def test_attention_mass(window, sinks, kv_dtype):
     # each row sums to the number of query heads
     torch.testing.assert_close(mass.sum(1).cpu(), torch.full((len(lens),), float(heads[0])),
                                rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("even,heads_first", [(False, False), (True, False), (True, True)])
+def test_decode_variants(kv_dtype, even, heads_first):
+    """Kernel variants (unmasked full tiles, head-major grid, fp8 -> fp16 via PTX cvt) match the
+    reference, including a tile-unaligned tail and a split that starts past seq_len."""
+    lens = [1, 40, 99, 130] if INTERPRET else [1, 40, 999, 8192, 4097, 16 * 131 + 5]
+    heads = (8, 2) if INTERPRET else (32, 8)
+    c = make_case(lens, [1] * len(lens), *heads, 128, kv_dtype=kv_dtype)
+    if kv_dtype is None:
+        ref = paged_attention_reference(*c.args())
+    else:
+        ref = paged_attention_quant_reference(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale)
+    cds = [None] if kv_dtype is None else [None, torch.float16]
+    for cd in cds:
+        for splits in (None, 1, 5):
+            out = decode_attention_triton(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale,
+                                          out=poisoned_like(c.q), num_splits=splits, even=even,
+                                          heads_first=heads_first, compute_dtype=cd,
+                                          kv_cvt="asm")
+            _check(out, ref, torch.bfloat16, c.q)

@@ -51,6 +51,24 @@ def _kv_cast(x, dtype: tl.constexpr):
         return x.to(dtype)  # exact for fp8 e4m3 and int8 values into bf16/fp16
 
 
+@triton.jit
+def _fp8_to_f16_asm(x):
+    """e4m3 -> fp16 as one ``cvt.rn.f16x2.e4m3x2`` per pair (sm_89+). Being opaque to the
+    compiler, it also keeps the conversion in the load layout (the V tile then reaches the
+    MMA through 16-bit ldmatrix.trans instead of byte loads from shared memory)."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h",
+                                     [x.to(tl.int8, bitcast=True)], dtype=tl.float16,
+                                     is_pure=True, pack=2)
+
+
+@triton.jit
+def _kv_convert(x, dtype: tl.constexpr, KV_CVT: tl.constexpr):
+    if KV_CVT == 1:
+        return _fp8_to_f16_asm(x)
+    else:
+        return _kv_cast(x, dtype)
+
+
 def _dot_f32(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
@@ -71,33 +89,46 @@ def _decode_tile(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     sm_scale2, d, dmask,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_LO: tl.constexpr,
-    num_sinks, DOT_F32: tl.constexpr,
+    num_sinks, DOT_F32: tl.constexpr, MASKED: tl.constexpr = True, KV_CVT: tl.constexpr = 0,
 ):
+    # MASKED=False: a full tile of keys all < hi, and HEAD_DIM == BLOCK_D (no masks at all)
     offs = n0 + tl.arange(0, BLOCK_N)
     nmask = offs < hi
-    blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
     slot = offs % PAGE
+    if MASKED:
+        blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE).to(tl.int64)
     kp = k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
     vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-    lmask = nmask[:, None] & dmask[None, :]
-    k = tl.load(kp + d[None, :], mask=lmask, other=0.0)
-    v = tl.load(vp + d[None, :], mask=lmask, other=0.0)
+    if MASKED:
+        lmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kp + d[None, :], mask=lmask, other=0.0)
+        v = tl.load(vp + d[None, :], mask=lmask, other=0.0)
+    else:
+        k = tl.load(kp + d[None, :])
+        v = tl.load(vp + d[None, :])
     if KV_QUANT:
-        ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
-                      mask=nmask, other=0.0)
-        vsc = tl.load(v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
-                      mask=nmask, other=0.0)
-        k = _kv_cast(k, q.dtype)
-        v = _kv_cast(v, q.dtype)
+        ksp = k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh
+        vsp = v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh
+        if MASKED:
+            ksc = tl.load(ksp, mask=nmask, other=0.0)
+            vsc = tl.load(vsp, mask=nmask, other=0.0)
+        else:
+            ksc = tl.load(ksp)
+            vsc = tl.load(vsp)
+        k = _kv_convert(k, q.dtype, KV_CVT)
+        v = _kv_convert(v, q.dtype, KV_CVT)
     s = _mma(q, tl.trans(k), DOT_F32)
     if KV_QUANT:
         s = s * (ksc * sm_scale2)[None, :]
     else:
         s = s * sm_scale2
-    vis = nmask
-    if CHECK_LO:  # window: keys below kv_lo_vis are invisible unless they are sinks
-        vis = vis & ((offs >= kv_lo_vis) | (offs < num_sinks))
-    s = tl.where(vis[None, :], s, float("-inf"))
+    if MASKED:
+        vis = nmask
+        if CHECK_LO:  # window: keys below kv_lo_vis are invisible unless they are sinks
+            vis = vis & ((offs >= kv_lo_vis) | (offs < num_sinks))
+        s = tl.where(vis[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
@@ -123,9 +154,14 @@ def _decode_stage1_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, KV_QUANT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
+    EVEN: tl.constexpr = False, KV_CVT: tl.constexpr = 0, HEADS_FIRST: tl.constexpr = False,
 ):
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FIRST:  # grid (kv_heads, seqs, splits): the heads of one page run side by side
+        kvh = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     t = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - t
@@ -164,14 +200,35 @@ def _decode_stage1_kernel(
                     bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                    sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32)
-    for n0 in range(start, end, BLOCK_N):
-        acc, m_i, l_i = _decode_tile(
-            acc, m_i, l_i, q, n0, end, kv_lo_vis, kvh, seq,
-            bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32)
+                    sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
+                    True, KV_CVT)
+    if EVEN:  # no window, HEAD_DIM == BLOCK_D: full tiles without masks, then one masked
+        n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+        for n0 in range(start, n_full, BLOCK_N):
+            acc, m_i, l_i = _decode_tile(
+                acc, m_i, l_i, q, n0, end, kv_lo_vis, kvh, seq,
+                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
+                False, KV_CVT)
+        if n_full < end:
+            acc, m_i, l_i = _decode_tile(
+                acc, m_i, l_i, q, n_full, end, kv_lo_vis, kvh, seq,
+                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
+                True, KV_CVT)
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _decode_tile(
+                acc, m_i, l_i, q, n0, end, kv_lo_vis, kvh, seq,
+                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32,
+                True, KV_CVT)
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -304,9 +361,9 @@ def default_decode_config(num_seqs: int, num_kv_heads: int, max_kv_len: int, qua
     base = num_seqs * num_kv_heads
     if base >= 2 * num_sms:
         return (128 if quant else 64), 4, 3, 1
-    if quant:
-        return 128, 4, 3, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 128, num_sms,
-                                             7.5, 2)
+    if quant:  # run 5 (v4): fp16 compute, unmasked tiles, 2 stages, ~3.5 waves (4 splits at 16x8k)
+        return 128, 4, 2, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 128, num_sms,
+                                             3.5, 2)
     return 32, 4, 4, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 32, num_sms, 4.0)
 
 
@@ -343,6 +400,9 @@ def decode_attention_triton(
     num_stages: int | None = None,
     max_seq_len: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    even: bool | None = None,
+    kv_cvt: str | None = None,
+    heads_first: bool | None = None,
 ):
     """Decode attention: every sequence has exactly one (or zero) query rows.
 
@@ -365,9 +425,22 @@ def decode_attention_triton(
 
     block_g = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
-    # fp8/int8 K/V are cast to compute_dtype (exact) and q too. Default: q's dtype. fp16 was
-    # measured slower on the H100 (161.8 vs 142.4 us at 16x8k, bench/NOTES_kernels.md).
-    compute_dtype = compute_dtype or q.dtype
+    # fp8/int8 K/V are cast to compute_dtype (exact) and q too.
+    # v4 (bench/NOTES_kernels.md, run 5): an fp8 e4m3 cache computes in fp16 (e4m3 -> fp16 is
+    # one cvt per pair on sm_90; q is cast to fp16, fine for |q| < 65504): 1.05-1.1x faster.
+    if compute_dtype is None:
+        compute_dtype = torch.float16 if k_cache.dtype == torch.float8_e4m3fn else q.dtype
+    has_window_ = sliding_window is not None and sliding_window > 0
+    if even is None:  # unmasked full tiles: faster for fp8 + fp16 (129 vs 136 us at 16x8k),
+        # slower on bf16 32-token tiles with triton 3.6 (121 vs 98 us at 16x4k)
+        even = quant and compute_dtype == torch.float16
+    even = bool(even) and not has_window_ and head_dim == triton.next_power_of_2(head_dim)
+    # fp8 -> fp16 through inline PTX (GPU only; the interpreter has no inline asm)
+    if kv_cvt is None:
+        kv_cvt = "asm"
+    use_asm = (kv_cvt == "asm" and k_cache.dtype == torch.float8_e4m3fn
+               and compute_dtype == torch.float16 and not _INTERPRET)
+    heads_first = bool(heads_first) if heads_first is not None else False
     max_kv = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
     has_window = sliding_window is not None and sliding_window > 0
     kv_range0 = min(max_kv, sliding_window + 128) if has_window else max_kv
@@ -400,7 +473,9 @@ def decode_attention_triton(
     ks, vs = _scale_strides(k_scale), _scale_strides(v_scale)
     dummy = seq_lens
     sm_scale2 = float(scale) * LOG2E
-    _decode_stage1_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = ((num_kv_heads, num_seqs, num_splits) if heads_first
+            else (num_seqs, num_kv_heads, num_splits))
+    _decode_stage1_kernel[grid](
         q, k_cache, v_cache,
         k_scale if k_scale is not None else dummy, v_scale if v_scale is not None else dummy,
         block_tables, seq_lens, query_start_loc, out, part_o,
@@ -417,6 +492,7 @@ def decode_attention_triton(
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
         DOT_F32=_dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=_TL[compute_dtype],
+        EVEN=even, KV_CVT=1 if use_asm else 0, HEADS_FIRST=heads_first,
         num_warps=num_warps, num_stages=num_stages,
     )
     lse_out = None

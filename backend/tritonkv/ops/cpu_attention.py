@@ -36,16 +36,17 @@ def _decode(q, k_cache, v_cache, block_tables, lens, starts, rows, scale, window
     group = num_heads // num_kv_heads
     ctx = [lens[i] for i in rows]
     num_blocks = -(-max(ctx) // block_size)
-    seqs = torch.tensor(rows)
+    dev = q.device  # also serves CUDA tensors when a caller forces impl="torch"
+    seqs = torch.tensor(rows, device=dev)
     tables = block_tables[seqs, :num_blocks].long()
     n = len(rows)
     k = k_cache[tables].reshape(n, num_blocks * block_size, num_kv_heads, head_dim).float()
     v = v_cache[tables].reshape(n, num_blocks * block_size, num_kv_heads, head_dim).float()
-    q_rows = torch.tensor([starts[i] for i in rows])
+    q_rows = torch.tensor([starts[i] for i in rows], device=dev)
     qd = q[q_rows].float().view(n, num_kv_heads, group, head_dim)
     scores = torch.einsum("sngd,sknd->sngk", qd, k) * scale
-    positions = torch.tensor(ctx)[:, None] - 1
-    k_pos = torch.arange(num_blocks * block_size)[None, :]
+    positions = torch.tensor(ctx, device=dev)[:, None] - 1
+    k_pos = torch.arange(num_blocks * block_size, device=dev)[None, :]
     mask = k_pos <= positions
     if window is not None:
         mask &= (k_pos > positions - window) | (k_pos < sinks)
@@ -64,7 +65,7 @@ def _extend_one(q, k_cache, v_cache, table, ctx_len, start, q_len, scale, window
         k = k.repeat_interleave(group, dim=0)
         v = v.repeat_interleave(group, dim=0)
     qi = q[start:start + q_len].float().transpose(0, 1)  # [H, q_len, D]
-    positions = torch.arange(ctx_len - q_len, ctx_len)
+    positions = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
     mask = visibility_mask(positions, ctx_len, window, sinks)
     o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
     out[start:start + q_len] = o.transpose(0, 1).to(q.dtype)
