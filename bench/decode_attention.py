@@ -40,30 +40,24 @@ from tritonkv.ops.quant import dynamic_scale, quantize  # noqa: E402
 H, HKV, D, PAGE = 32, 8, 128, 16
 SHAPES = [(1, 32768), (16, 4096), (64, 1024), (128, 2048)]
 ROT_BYTES = 400e6
-SWEEP = [(16, 2, 4), (16, 4, 6), (32, 2, 4), (32, 4, 4), (32, 4, 6), (64, 4, 3), (64, 4, 4),
-         (128, 4, 3), (128, 8, 4)]  # (block_n, num_warps, num_stages)  # rotate among input sets until this many KV bytes
+SWEEP = [(16, 4, 6), (16, 4, 8), (32, 4, 4), (32, 4, 6), (32, 4, 8), (64, 4, 3), (64, 4, 4),
+         (64, 4, 5), (64, 8, 4), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3)]  # (block_n, num_warps, num_stages)  # rotate among input sets until this many KV bytes
 
+
+LAYOUT = {"kv": "token"}  # --layout: "token" = [blocks, page, kv_heads, d] (engine), "head"
 
 BF16_VARIANTS = {
-    "v3 (masked, seq-major)": dict(even=False, heads_first=False),
-    "even": dict(even=True, heads_first=False),
-    "heads_first": dict(even=False, heads_first=True),
-    "even+heads_first": dict(even=True, heads_first=True),
+    "ids per tile (no gather)": dict(gather_ids=False),
+    "ids gathered": dict(gather_ids=True),
+    "v3 config (32-token tiles, 4 stages, 5 splits)": dict(block_n=32, num_stages=4,
+                                                           gather_ids=False),
 }
 FP8_VARIANTS = {
-    "v3 (bf16 cast, masked, s3 sp8)": dict(even=False, compute_dtype=torch.bfloat16,
-                                           kv_cvt="cast", num_stages=3, num_splits=8),
-    "f16 cast, masked": dict(even=False, compute_dtype=torch.float16, kv_cvt="cast"),
-    "f16 cast, even": dict(even=True, compute_dtype=torch.float16, kv_cvt="cast"),
-    "f16 asm, even": dict(even=True, compute_dtype=torch.float16, kv_cvt="asm"),
-    "f16 asm, even, hf": dict(even=True, compute_dtype=torch.float16, kv_cvt="asm",
-                              heads_first=True),
+    "ids per tile (no gather)": dict(gather_ids=False),
+    "run 4 best (128-token tiles, 2 stages, 2 splits)": dict(
+        block_n=128, num_warps=4, num_stages=2, num_splits=2, gather_ids=False),
+    "PTX cvt instead of cast": dict(kv_cvt="asm"),
 }
-for _ns, _sp in [(2, 2), (2, 3), (2, 4), (2, 6), (3, 4)]:
-    for _cvt in ("asm", "cast"):
-        FP8_VARIANTS[f"f16 {_cvt}, even, bn128 w4 s{_ns} sp{_sp}"] = dict(
-            even=True, compute_dtype=torch.float16, kv_cvt=_cvt, block_n=128, num_warps=4,
-            num_stages=_ns, num_splits=_sp)
 
 
 def bench(fn, rep=200):
@@ -142,6 +136,13 @@ class Inputs:
             self.v_scale = dynamic_scale(vf, kv_dtype)
             self.v = quantize(vf, self.v_scale[..., None], kv_dtype)
             del vf
+        if LAYOUT["kv"] == "head":  # physically [blocks, kv_heads, page, d]: a page of one
+            # head is one contiguous run; the kernels see the same logical shape via strides
+            self.k = self.k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+            self.v = self.v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+            if self.k_scale is not None:
+                self.k_scale = self.k_scale.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+                self.v_scale = self.v_scale.permute(0, 2, 1).contiguous().permute(0, 2, 1)
         self.batch, self.ctx = batch, ctx
         self.out = torch.empty_like(self.q)
         self.kc = self.vc = None
@@ -273,13 +274,16 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--sweep", action="store_true", help="also time other kernel configs")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated shape labels to run")
+    ap.add_argument("--layout", default="token", choices=["token", "head"])
     ap.add_argument("--variants", action="store_true",
                     help="also time the kernel variants (BF16_VARIANTS / FP8_VARIANTS)")
     args = ap.parse_args()
+    LAYOUT["kv"] = args.layout
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-            "triton": triton.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "triton": triton.__version__, "kv_layout": args.layout, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(info, flush=True)
     ceiling = copy_ceiling()
     info["copy_ceiling_GBps"] = ceiling / 1e9
@@ -291,6 +295,8 @@ def main():
     cases += [(16, 8192, torch.bfloat16), (16, 8192, torch.float8_e4m3fn)]
     for batch, ctx, kv_dtype in cases:
         label = f"{batch}x{ctx // 1024}k" + (" fp8" if kv_dtype != torch.bfloat16 else "")
+        if args.only and label not in args.only.split(","):
+            continue
         peers = kv_dtype == torch.bfloat16 and (batch, ctx) in SHAPES and not args.no_peers
         sets = make_sets(batch, ctx, kv_dtype, contiguous=peers)
         nbytes = sets[0].kv_bytes() + sets[0].qo_bytes()

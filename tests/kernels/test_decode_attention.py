@@ -1,5 +1,7 @@
 """Paged decode kernel vs paged_attention_reference (outputs poisoned with NaN first)."""
 
+import math
+
 import pytest
 import torch
 from kvcase import INTERPRET, make_case, poisoned_like, rel_err, tol
@@ -9,7 +11,7 @@ from tritonkv.kernels.decode_attention import (
     attention_mass_triton,
     decode_attention_triton,
 )
-from tritonkv.ops.paged_attention import paged_attention_reference
+from tritonkv.ops.paged_attention import gather_kv, paged_attention_reference
 from tritonkv.ops.quant import dequantize_cache, paged_attention_quant_reference
 
 if INTERPRET:
@@ -116,3 +118,70 @@ def test_decode_variants(kv_dtype, even, heads_first):
                                           heads_first=heads_first, compute_dtype=cd,
                                           kv_cvt="asm")
             _check(out, ref, torch.bfloat16, c.q)
+
+
+def _poison_stale_slots(c):
+    """NaN in every cache slot past a sequence's length inside its last page: a kernel that
+    reads whole pages must mask them (0 * NaN is NaN)."""
+    page = c.k_cache.shape[1]
+    for i, n in enumerate(c.seq_lens.tolist()):
+        if n % page:
+            blk = int(c.block_tables[i, (n - 1) // page])
+            for cache in (c.k_cache, c.v_cache):
+                if cache.dtype.is_floating_point and cache.dtype.itemsize > 1:
+                    cache[blk, n % page:] = float("nan")
+                elif cache.dtype == torch.float8_e4m3fn:
+                    cache[blk, n % page:] = torch.tensor(float("nan")).to(cache.dtype)
+
+
+def _reference_lse(c):
+    """log2-sum-exp2 of the scaled scores per (token, head), from the dequantised cache."""
+    kd = dequantize_cache(c.k_cache, c.k_scale) if c.k_scale is not None else c.k_cache
+    group = c.q.shape[1] // kd.shape[2]
+    out = torch.empty(c.q.shape[0], c.q.shape[1])
+    for i, n in enumerate(c.seq_lens.tolist()):
+        t = int(c.query_start_loc[i + 1]) - 1
+        k = gather_kv(kd, c.block_tables[i], n).float().repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,khd->hk", c.q[t].float(), k) * c.scale
+        out[t] = torch.logsumexp(s, dim=-1).cpu() / math.log(2)
+    return out.to(c.q.device)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("gather_ids", [True, False])
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_decode_gather_ids(kv_dtype, gather_ids, block_n):
+    """Block ids read per tile or gathered once per split (BT_GATHER), one or several splits:
+    same output and log-sum-exp as the reference; stale NaN slots in a last page ignored."""
+    lens = [1, 16, 40, 99, 130] if INTERPRET else [1, 16, 40, 999, 8192, 4097, 16 * 131 + 5]
+    heads = (8, 2) if INTERPRET else (32, 8)
+    c = make_case(lens, [1] * len(lens), *heads, 128, kv_dtype=kv_dtype)
+    _poison_stale_slots(c)
+    if kv_dtype is None:
+        ref = paged_attention_reference(*c.args())
+    else:
+        ref = paged_attention_quant_reference(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale)
+    ref_lse = _reference_lse(c)
+    for splits in (1, 3):
+        out = decode_attention_triton(
+            *c.args(), k_scale=c.k_scale, v_scale=c.v_scale, out=poisoned_like(c.q),
+            num_splits=splits, gather_ids=gather_ids, block_n=block_n)
+        _check(out, ref, torch.bfloat16, c.q)
+    out, lse = decode_attention_triton(
+        *c.args(), k_scale=c.k_scale, v_scale=c.v_scale, out=poisoned_like(c.q),
+        gather_ids=gather_ids, block_n=block_n, return_lse=True)
+    _check(out, ref, torch.bfloat16, c.q)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("window,sinks", [(20, 0), (37, 3)])
+def test_decode_gather_ids_window(window, sinks):
+    """Gathered block ids with a sliding window whose start is not page aligned (16-token
+    tiles over 32-token pages), with and without attention sinks."""
+    lens = [1, 45, 100] if INTERPRET else [1, 45, 100, 3000, 9000]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64, page=32)
+    ref = paged_attention_reference(*c.args(), window, sinks)
+    for splits in (1, 2):
+        out = decode_attention_triton(*c.args(), window, sinks, out=poisoned_like(c.q),
+                                      num_splits=splits, gather_ids=True, block_n=16)
+        _check(out, ref, torch.bfloat16, c.q)

@@ -90,12 +90,18 @@ def _decode_tile(
     sm_scale2, d, dmask,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_LO: tl.constexpr,
     num_sinks, DOT_F32: tl.constexpr, MASKED: tl.constexpr = True, KV_CVT: tl.constexpr = 0,
+    bt_vec=None, page0=0, BT_GATHER: tl.constexpr = False,
 ):
     # MASKED=False: a full tile of keys all < hi, and HEAD_DIM == BLOCK_D (no masks at all)
     offs = n0 + tl.arange(0, BLOCK_N)
     nmask = offs < hi
     slot = offs % PAGE
-    if MASKED:
+    if BT_GATHER:  # block ids from the split's slice of the table, loaded before the loop.
+        # Clamped: the pipeliner computes addresses of prefetched tiles past the loop's end
+        # (their loads are predicated off, but the register gather itself is not).
+        idx = tl.minimum(offs // PAGE - page0, bt_vec.shape[0] - 1)
+        blk = tl.gather(bt_vec, idx, 0).to(tl.int64)
+    elif MASKED:
         blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE).to(tl.int64)
@@ -150,11 +156,12 @@ def _decode_stage1_kernel(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     stride_bt,
     stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
-    window, num_sinks, split_size,
+    window, num_sinks, split_size, bt_cols,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, KV_QUANT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
     EVEN: tl.constexpr = False, KV_CVT: tl.constexpr = 0, HEADS_FIRST: tl.constexpr = False,
+    BT_GATHER: tl.constexpr = False, BT_PAGES: tl.constexpr = 1,
 ):
     if HEADS_FIRST:  # grid (kv_heads, seqs, splits): the heads of one page run side by side
         kvh = tl.program_id(0)
@@ -190,6 +197,12 @@ def _decode_stage1_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # BT_GATHER: the split's block ids are loaded once, up front. A K/V address that depends on
+    # a load inside the loop limits Triton's software pipeliner (3.6) to one tile in flight;
+    # with the ids in registers every K/V tile is prefetched num_stages - 1 tiles ahead.
+    page0 = start // PAGE
+    pg = page0 + tl.arange(0, BT_PAGES)
+    bt_vec = tl.load(bt_ptr + seq * stride_bt + pg, mask=(pg < bt_cols) & BT_GATHER, other=0)
 
     if HAS_WINDOW:
         if split == 0:
@@ -201,7 +214,7 @@ def _decode_stage1_kernel(
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                     sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
-                    True, KV_CVT)
+                    True, KV_CVT, bt_vec, page0, False)
     if EVEN:  # no window, HEAD_DIM == BLOCK_D: full tiles without masks, then one masked
         n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
         for n0 in range(start, n_full, BLOCK_N):
@@ -211,7 +224,7 @@ def _decode_stage1_kernel(
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
-                False, KV_CVT)
+                False, KV_CVT, bt_vec, page0, BT_GATHER)
         if n_full < end:
             acc, m_i, l_i = _decode_tile(
                 acc, m_i, l_i, q, n_full, end, kv_lo_vis, kvh, seq,
@@ -219,7 +232,7 @@ def _decode_stage1_kernel(
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
-                True, KV_CVT)
+                True, KV_CVT, bt_vec, page0, BT_GATHER)
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _decode_tile(
@@ -228,7 +241,7 @@ def _decode_stage1_kernel(
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32,
-                True, KV_CVT)
+                True, KV_CVT, bt_vec, page0, BT_GATHER)
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -354,17 +367,23 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 def default_decode_config(num_seqs: int, num_kv_heads: int, max_kv_len: int, quant: bool,
                           num_sms: int = 132):
-    """(block_n, num_warps, num_stages, num_splits), from the H100 sweep in
-    bench/NOTES_kernels.md: many (seq, kv-head) pairs -> no split, 64-token tiles; few ->
-    small 32-token tiles 4 stages deep and enough splits for ~4 waves; fp8/int8 -> 128-token
-    tiles (same bytes per tile as 64 bf16 tokens) and ~7.5 waves."""
+    """(block_n, num_warps, num_stages, num_splits, gather_ids), from the H100 sweeps in
+    bench/NOTES_kernels.md (runs 3 and 6):
+    - many (seq, kv-head) pairs (>= 2 per SM): one split, 64-token tiles (fp8/int8: 128);
+    - about one pair per SM (>= 0.8): one split, block ids gathered up front so that the K/V
+      tiles pipeline 3 deep (bf16 64-token tiles, 4 stages; fp8/int8 128-token, 3 stages);
+    - fewer: split the keys for ~4 waves (bf16 32-token tiles, 4 stages; fp8/int8 128-token
+      tiles, 2 stages, ~3.5 waves)."""
     base = num_seqs * num_kv_heads
     if base >= 2 * num_sms:
-        return (128 if quant else 64), 4, 3, 1
-    if quant:  # run 5 (v4): fp16 compute, unmasked tiles, 2 stages, ~3.5 waves (4 splits at 16x8k)
+        return (128 if quant else 64), 4, 3, 1, False
+    if base >= 0.8 * num_sms:
+        return (128, 4, 3, 1, True) if quant else (64, 4, 4, 1, True)
+    if quant:
         return 128, 4, 2, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 128, num_sms,
-                                             3.5, 2)
-    return 32, 4, 4, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 32, num_sms, 4.0)
+                                             3.5, 2), False
+    return 32, 4, 4, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 32, num_sms,
+                                        4.0), False
 
 
 _SM_COUNT: dict = {}
@@ -377,6 +396,11 @@ def _num_sms(device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+# Largest block-table slice (pages) one split holds in registers with BT_GATHER; longer
+# ranges get more splits (1024 ids = 8 registers per thread at 4 warps).
+MAX_SPLIT_PAGES = 1024
 
 
 def decode_attention_triton(
@@ -403,6 +427,7 @@ def decode_attention_triton(
     even: bool | None = None,
     kv_cvt: str | None = None,
     heads_first: bool | None = None,
+    gather_ids: bool | None = None,
 ):
     """Decode attention: every sequence has exactly one (or zero) query rows.
 
@@ -436,15 +461,15 @@ def decode_attention_triton(
         even = quant and compute_dtype == torch.float16
     even = bool(even) and not has_window_ and head_dim == triton.next_power_of_2(head_dim)
     # fp8 -> fp16 through inline PTX (GPU only; the interpreter has no inline asm)
-    if kv_cvt is None:
-        kv_cvt = "asm"
+    if kv_cvt is None:  # run 6: the compiler's cast beat the PTX cvt (119.0 vs 124.2 us)
+        kv_cvt = "cast"
     use_asm = (kv_cvt == "asm" and k_cache.dtype == torch.float8_e4m3fn
                and compute_dtype == torch.float16 and not _INTERPRET)
     heads_first = bool(heads_first) if heads_first is not None else False
     max_kv = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
     has_window = sliding_window is not None and sliding_window > 0
     kv_range0 = min(max_kv, sliding_window + 128) if has_window else max_kv
-    bn0, nw0, ns0, splits0 = default_decode_config(num_seqs, num_kv_heads, kv_range0, quant,
+    bn0, nw0, ns0, splits0, gather0 = default_decode_config(num_seqs, num_kv_heads, kv_range0, quant,
                                                    _num_sms(q.device))
     if head_dim > 128:
         bn0 = min(bn0, 32)
@@ -457,9 +482,16 @@ def decode_attention_triton(
             num_seqs, num_kv_heads, kv_range, block_n, _num_sms(q.device))
     if return_lse:
         num_splits = max(num_splits, 2)  # lse comes from the reduce kernel
+    gather_ids = gather0 if gather_ids is None else bool(gather_ids)
     # kv_range bounds the walked range: seq_len without a window; with one, the window plus
     # less than a tile (its start is aligned down to a tile).
     split_size = triton.cdiv(triton.cdiv(kv_range, num_splits), block_n) * block_n
+    if gather_ids and triton.cdiv(split_size, page) > MAX_SPLIT_PAGES:  # bound the id vector
+        num_splits = triton.cdiv(kv_range, MAX_SPLIT_PAGES * page)
+        split_size = triton.cdiv(triton.cdiv(kv_range, num_splits), block_n) * block_n
+    # block ids one split walks (+1: a window start aligned to block_n may be mid-page)
+    bt_pages = (triton.next_power_of_2(triton.cdiv(split_size, page) + (page > block_n))
+                if gather_ids else 1)
     use_split = num_splits > 1
     dev = q.device
     if use_split:
@@ -489,10 +521,12 @@ def decode_attention_triton(
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if use_split else 0,
         part_lse.stride(0) if use_split else 0, part_lse.stride(1) if use_split else 0,
         int(sliding_window) if has_window else 0, int(num_sink_tokens), split_size,
+        block_tables.shape[1],
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
         DOT_F32=_dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=_TL[compute_dtype],
         EVEN=even, KV_CVT=1 if use_asm else 0, HEADS_FIRST=heads_first,
+        BT_GATHER=gather_ids, BT_PAGES=bt_pages,
         num_warps=num_warps, num_stages=num_stages,
     )
     lse_out = None
