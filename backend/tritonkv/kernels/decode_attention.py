@@ -15,6 +15,10 @@ Design
 - Quantised caches: fp8/int8 values are cast to the query dtype (exact) and the per-token
   (or per-block) scale is applied to the scores (K) and the probabilities (V), so no
   ``[N, D]`` multiply is needed.
+- Block ids: per tile from the block table, or (BT_GATHER) the split's whole slice loaded
+  once before the loop and picked with ``tl.gather``: K/V addresses that depend on a load in
+  the same iteration get a single pipeline buffer from Triton, gathered ids get num_stages - 1
+  (bench/NOTES_kernels.md, runs 5-9).
 - Sliding window w: only keys in ``(pos - w, pos]`` are walked (split over that range);
   ``num_sink_tokens`` extra keys ``[0, s)`` are walked by split 0 before its range.
 """
