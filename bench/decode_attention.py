@@ -39,9 +39,10 @@ from tritonkv.ops.quant import dynamic_scale, quantize  # noqa: E402
 
 H, HKV, D, PAGE = 32, 8, 128, 16
 SHAPES = [(1, 32768), (16, 4096), (64, 1024), (128, 2048)]
-ROT_BYTES = 400e6
+ROT_BYTES = 400e6  # rotate among input sets until this many KV bytes
 SWEEP = [(16, 4, 6), (16, 4, 8), (32, 4, 4), (32, 4, 6), (32, 4, 8), (64, 4, 3), (64, 4, 4),
-         (64, 4, 5), (64, 8, 4), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3)]  # (block_n, num_warps, num_stages)  # rotate among input sets until this many KV bytes
+         (64, 4, 5), (64, 8, 4), (128, 4, 2), (128, 4, 3), (128, 4, 4),
+         (128, 8, 3)]  # (block_n, num_warps, num_stages)
 
 
 LAYOUT = {"kv": "token"}  # --layout: "token" = [blocks, page, kv_heads, d] (engine), "head"

@@ -164,15 +164,11 @@ def _decode_stage1_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, KV_QUANT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
-    EVEN: tl.constexpr = False, KV_CVT: tl.constexpr = 0, HEADS_FIRST: tl.constexpr = False,
+    EVEN: tl.constexpr = False, KV_CVT: tl.constexpr = 0,
     BT_GATHER: tl.constexpr = False, BT_PAGES: tl.constexpr = 1,
 ):
-    if HEADS_FIRST:  # grid (kv_heads, seqs, splits): the heads of one page run side by side
-        kvh = tl.program_id(0)
-        seq = tl.program_id(1)
-    else:
-        seq = tl.program_id(0)
-        kvh = tl.program_id(1)
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
     split = tl.program_id(2)
     t = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - t
@@ -430,7 +426,6 @@ def decode_attention_triton(
     compute_dtype: torch.dtype | None = None,
     even: bool | None = None,
     kv_cvt: str | None = None,
-    heads_first: bool | None = None,
     gather_ids: bool | None = None,
 ):
     """Decode attention: every sequence has exactly one (or zero) query rows.
@@ -459,19 +454,17 @@ def decode_attention_triton(
     # one cvt per pair on sm_90; q is cast to fp16, fine for |q| < 65504): 1.05-1.1x faster.
     if compute_dtype is None:
         compute_dtype = torch.float16 if k_cache.dtype == torch.float8_e4m3fn else q.dtype
-    has_window_ = sliding_window is not None and sliding_window > 0
+    has_window = sliding_window is not None and sliding_window > 0
     if even is None:  # unmasked full tiles: faster for fp8 + fp16 (129 vs 136 us at 16x8k),
         # slower on bf16 32-token tiles with triton 3.6 (121 vs 98 us at 16x4k)
         even = quant and compute_dtype == torch.float16
-    even = bool(even) and not has_window_ and head_dim == triton.next_power_of_2(head_dim)
+    even = bool(even) and not has_window and head_dim == triton.next_power_of_2(head_dim)
     # fp8 -> fp16 through inline PTX (GPU only; the interpreter has no inline asm)
     if kv_cvt is None:  # run 6: the compiler's cast beat the PTX cvt (119.0 vs 124.2 us)
         kv_cvt = "cast"
     use_asm = (kv_cvt == "asm" and k_cache.dtype == torch.float8_e4m3fn
                and compute_dtype == torch.float16 and not _INTERPRET)
-    heads_first = bool(heads_first) if heads_first is not None else False
     max_kv = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
-    has_window = sliding_window is not None and sliding_window > 0
     kv_range0 = min(max_kv, sliding_window + 128) if has_window else max_kv
     bn0, nw0, ns0, splits0, gather0 = default_decode_config(num_seqs, num_kv_heads, kv_range0, quant,
                                                    _num_sms(q.device))
@@ -509,9 +502,7 @@ def decode_attention_triton(
     ks, vs = _scale_strides(k_scale), _scale_strides(v_scale)
     dummy = seq_lens
     sm_scale2 = float(scale) * LOG2E
-    grid = ((num_kv_heads, num_seqs, num_splits) if heads_first
-            else (num_seqs, num_kv_heads, num_splits))
-    _decode_stage1_kernel[grid](
+    _decode_stage1_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache,
         k_scale if k_scale is not None else dummy, v_scale if v_scale is not None else dummy,
         block_tables, seq_lens, query_start_loc, out, part_o,
@@ -529,7 +520,7 @@ def decode_attention_triton(
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
         DOT_F32=_dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=_TL[compute_dtype],
-        EVEN=even, KV_CVT=1 if use_asm else 0, HEADS_FIRST=heads_first,
+        EVEN=even, KV_CVT=1 if use_asm else 0,
         BT_GATHER=gather_ids, BT_PAGES=bt_pages,
         num_warps=num_warps, num_stages=num_stages,
     )
