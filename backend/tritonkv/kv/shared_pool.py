@@ -133,6 +133,11 @@ class _PoolFile:
     def set_h(self, field: str, value: int) -> None:
         self.header[HEADER_FIELDS.index(field)] = value
 
+    def live_owner_pids(self) -> list[int]:
+        """Pids of the owner slots whose process (same start time) is still running."""
+        return [int(p) for p, s in zip(self.owner_pid, self.owner_start)
+                if p and process_alive(int(p), int(s))]
+
     @property
     def description(self) -> str:
         return bytes(self.views["desc"]).rstrip(b"\0").decode(errors="replace")
@@ -143,6 +148,12 @@ class _PoolFile:
             self.mm.close()
         except BufferError:  # a caller still holds a view; the mapping goes with the process
             pass
+
+
+def _map_pool_file(fd: int) -> _PoolFile | None:
+    """The pool file open on ``fd``, mapped; None if it is not a valid, ready pool file."""
+    geometry = _read_geometry(fd)
+    return None if geometry is None else _PoolFile(fd, os.fstat(fd).st_size, *geometry)
 
 
 def _read_geometry(fd: int) -> tuple[int, int, int] | None:
@@ -295,10 +306,9 @@ class SharedBlockPool(BlockPool):
             fd = None
         if fd is not None:
             try:
-                geometry = _read_geometry(fd)
-                if geometry is not None:
-                    pf = _PoolFile(fd, os.fstat(fd).st_size, *geometry)
-                    live = sorted({int(p) for p, s in zip(pf.owner_pid, pf.owner_start) if process_alive(int(p), int(s))})
+                pf = _map_pool_file(fd)
+                if pf is not None:
+                    live = sorted(set(pf.live_owner_pids()))
                     if live:
                         wanted = (num_blocks, block_size, max_owners, fp)
                         have = (pf.h("num_blocks"), pf.h("block_size"), pf.h("max_owners"), pf.h("fingerprint"))
@@ -363,8 +373,7 @@ class SharedBlockPool(BlockPool):
         self._closed = True
         pf = self._pf
         _reclaim_slot(pf, self.owner)
-        alive = any(process_alive(int(p), int(s)) for p, s in zip(pf.owner_pid, pf.owner_start))
-        if not alive:
+        if not pf.live_owner_pids():
             remove_pool_files(self.name, keep_lock=False)
         pf.set_h("holder_pid", 0)
         # the views stay valid (the mapping lives until the process ends); only stop using it
@@ -503,20 +512,18 @@ def pool_snapshot(name: str) -> dict | None:
         except FileNotFoundError:
             return None
         try:
-            geometry = _read_geometry(pfd)
-            if geometry is None:
-                return None
-            pf = _PoolFile(pfd, os.fstat(pfd).st_size, *geometry)
+            pf = _map_pool_file(pfd)
         finally:
             os.close(pfd)
+        if pf is None:
+            return None
         a = pf.arrays
         unused = a.refcount == 0
         snap = {"total": int(len(a.refcount)), "used": int((~unused).sum()),
                 "cached": int((unused & (a.block_hash != 0)).sum()),
                 "refcounts_consistent": bool((a.refcount == a.owner_refs.sum(axis=0)).all()),
                 "owner_pids": [int(p) for p in pf.owner_pid if p],
-                "live_owner_pids": [int(p) for p, s in zip(pf.owner_pid, pf.owner_start)
-                                    if process_alive(int(p), int(s))]}
+                "live_owner_pids": pf.live_owner_pids()}
         snap["free"] = snap["total"] - snap["used"] - snap["cached"]
         del a
         pf.close()
@@ -535,10 +542,9 @@ def remove_if_stale(name: str) -> bool:
         if os.path.exists(path):
             pfd = os.open(path, os.O_RDWR)
             try:
-                geometry = _read_geometry(pfd)
-                if geometry is not None:
-                    pf = _PoolFile(pfd, os.fstat(pfd).st_size, *geometry)
-                    live = any(process_alive(int(p), int(s)) for p, s in zip(pf.owner_pid, pf.owner_start))
+                pf = _map_pool_file(pfd)
+                if pf is not None:
+                    live = pf.live_owner_pids()
                     pf.close()
                     if live:
                         return False
