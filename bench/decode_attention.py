@@ -35,6 +35,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "backend"))
 from tritonkv.kernels.decode_attention import decode_attention_triton  # noqa: E402
+from tritonkv.ops.cache_layout import token_minor_view, use_token_minor_v  # noqa: E402
 from tritonkv.ops.quant import dynamic_scale, quantize  # noqa: E402
 
 H, HKV, D, PAGE = 32, 8, 128, 16
@@ -45,19 +46,22 @@ SWEEP = [(16, 4, 6), (16, 4, 8), (32, 4, 4), (32, 4, 6), (32, 4, 8), (64, 4, 3),
          (128, 8, 3)]  # (block_n, num_warps, num_stages)
 
 
-LAYOUT = {"kv": "token"}  # --layout: "token" = [blocks, page, kv_heads, d] (engine), "head"
+# --layout: "token" = [blocks, page, kv_heads, d] (engine), "head"; v_minor: V of an 8-bit
+# cache token-minor as the engine allocates it (ops/cache_layout.py; --v-major turns it off)
+LAYOUT = {"kv": "token", "v_minor": True}
 
 BF16_VARIANTS = {
     "ids per tile (no gather)": dict(gather_ids=False),
     "ids gathered": dict(gather_ids=True),
-    "v3 config (32-token tiles, 4 stages, 5 splits)": dict(block_n=32, num_stages=4,
-                                                           gather_ids=False),
+    "run 9 config for few pairs (32-token tiles, 4 stages, ~4 waves of splits)": dict(
+        block_n=32, num_stages=4, gather_ids=False),
 }
+# "_v_major": the same values with V token-major (the 8-bit layout of runs 1-9)
 FP8_VARIANTS = {
+    "V token-major (runs 1-9 layout)": {"_v_major": True},
+    "V token-minor, runs shorter than a page (no whole-page loads)": dict(v_pages=False),
     "ids per tile (no gather)": dict(gather_ids=False),
-    "run 4 best (128-token tiles, 2 stages, 2 splits)": dict(
-        block_n=128, num_warps=4, num_stages=2, num_splits=2, gather_ids=False),
-    "PTX cvt instead of cast": dict(kv_cvt="asm"),
+    "3 stages instead of 4": dict(num_stages=3),
 }
 
 
@@ -137,6 +141,8 @@ class Inputs:
             self.v_scale = dynamic_scale(vf, kv_dtype)
             self.v = quantize(vf, self.v_scale[..., None], kv_dtype)
             del vf
+            if LAYOUT["v_minor"] and use_token_minor_v(kv_dtype, D):
+                self.v = token_minor_view(self.v.permute(0, 2, 3, 1).contiguous())
         if LAYOUT["kv"] == "head":  # physically [blocks, kv_heads, page, d]: a page of one
             # head is one contiguous run; the kernels see the same logical shape via strides
             self.k = self.k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
@@ -160,6 +166,16 @@ class Inputs:
 
     def qo_bytes(self):
         return 2 * self.q.numel() * self.q.element_size()
+
+
+def with_v_major(s):
+    """A shallow copy of an input set whose V is token-major (same values)."""
+    import copy
+
+    c = copy.copy(s)
+    c.v = s.v.contiguous()
+    c.out = torch.empty_like(s.q)
+    return c
 
 
 def make_sets(batch, ctx, kv_dtype=torch.bfloat16, contiguous=False):
@@ -277,14 +293,18 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated shape labels to run")
     ap.add_argument("--layout", default="token", choices=["token", "head"])
+    ap.add_argument("--v-major", action="store_true",
+                    help="8-bit V token-major (the layout before token-minor V pages)")
     ap.add_argument("--variants", action="store_true",
                     help="also time the kernel variants (BF16_VARIANTS / FP8_VARIANTS)")
     args = ap.parse_args()
     LAYOUT["kv"] = args.layout
+    LAYOUT["v_minor"] = not args.v_major
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-            "triton": triton.__version__, "kv_layout": args.layout, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "triton": triton.__version__, "kv_layout": args.layout,
+            "fp8_v_layout": "token-major" if args.v_major else "token-minor", "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(info, flush=True)
     ceiling = copy_ceiling()
     info["copy_ceiling_GBps"] = ceiling / 1e9
@@ -314,9 +334,13 @@ def main():
             vs = BF16_VARIANTS if kv_dtype == torch.bfloat16 else FP8_VARIANTS
             row["variants"] = {}
             for name, cfg in vs.items():
+                cfg = dict(cfg)
+                vsets = sets
+                if cfg.pop("_v_major", False):
+                    vsets = [with_v_major(st) for st in sets]
                 try:
-                    err = check(ours_call(**cfg)(sets[0]), sets[0])
-                    t = graph_bench(sets, ours_call(**cfg), reps=15) * 1e3
+                    err = check(ours_call(**cfg)(vsets[0]), vsets[0])
+                    t = graph_bench(vsets, ours_call(**cfg), reps=15) * 1e3
                 except Exception as e:  # noqa: BLE001
                     print("variant failed", name, type(e).__name__, str(e)[:200], flush=True)
                     continue

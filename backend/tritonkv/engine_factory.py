@@ -9,6 +9,7 @@ import torch
 from tritonkv.config import EngineConfig
 from tritonkv.engine import Engine
 from tritonkv.kv.block_pool import BlockPool
+from tritonkv.ops.cache_layout import token_minor_view, use_token_minor_v
 from tritonkv.model.checkpoint import load_model, resolve_dtype
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.model.model_config import ModelConfig
@@ -57,12 +58,20 @@ def add_kv_scales(kv_caches, num_blocks: int, block_size: int, num_kv_heads: int
 def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, device,
                        storage: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer ``(k_cache, v_cache)``, views into one ``[layers, 2, blocks, bs, kv_heads, dim]``
-    tensor (``storage`` when given, e.g. a shared-memory tensor)."""
+    tensor (``storage`` when given, e.g. a shared-memory tensor). V of an fp8/int8 cache is
+    stored token-minor (ops/cache_layout.py); both are handed out in the logical shape."""
     shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     if storage is None:
         storage = torch.zeros(shape, dtype=dtype, device=device)
     storage = storage.view(shape)
-    return [(storage[i, 0], storage[i, 1]) for i in range(cfg.num_layers)]
+    minor = use_token_minor_v(dtype, cfg.head_dim)
+    caches = []
+    for i in range(cfg.num_layers):
+        v = storage[i, 1]
+        if minor:
+            v = token_minor_view(v.view(num_blocks, cfg.num_kv_heads, cfg.head_dim, block_size))
+        caches.append((storage[i, 0], v))
+    return caches
 
 
 def shared_pool_name(pool_name: str, device: torch.device) -> str:

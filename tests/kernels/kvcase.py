@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from tritonkv.ops.cache_layout import token_minor_view, use_token_minor_v
 from tritonkv.ops.quant import dynamic_scale, qmax, quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,10 +33,11 @@ class Case:
 
 def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
               dtype=torch.bfloat16, kv_dtype=None, scale_mode="token", device=DEVICE,
-              extra_blocks=3, gen=None):
+              extra_blocks=3, gen=None, v_minor=None):
     """Random q and cache; blocks handed out in a random order; cache slots that no sequence
     uses hold random data too. kv_dtype fp8/int8 -> cache quantised from random floats with
-    per-token-head ('token') or per-block ('block') scales."""
+    per-token-head ('token') or per-block ('block') scales. ``v_minor``: V stored token-minor
+    (ops/cache_layout.py); None = as the engine allocates it for this dtype."""
     g = gen or torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     num_seqs = len(seq_lens)
     blocks_per_seq = [(s + page - 1) // page for s in seq_lens]
@@ -69,12 +71,28 @@ def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
             v_scale = vf.abs().amax(dim=(1, 3)) / qmax(kv_dtype)
             k_cache = quantize(kf, k_scale[:, None, :, None], kv_dtype)
             v_cache = quantize(vf, v_scale[:, None, :, None], kv_dtype)
+    if v_minor is None:
+        v_minor = use_token_minor_v(v_cache.dtype, head_dim)
+    if v_minor:
+        v_cache = as_token_minor(v_cache)
     qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
     qsl[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
     q = torch.randn(int(qsl[-1]), num_heads, head_dim, generator=g).to(dtype)
-    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    mv = lambda t: None if t is None else _to(t, device)  # noqa: E731
     return Case(mv(q), mv(k_cache), mv(v_cache), mv(bt), mv(torch.tensor(seq_lens, dtype=torch.int32)),
                 mv(qsl), head_dim ** -0.5, max(q_lens + [0]), mv(k_scale), mv(v_scale))
+
+
+def as_token_minor(cache: torch.Tensor) -> torch.Tensor:
+    """The same values in token-minor storage (a permuted view of a new tensor)."""
+    return token_minor_view(cache.permute(0, 2, 3, 1).contiguous())
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """Move keeping the stride pattern (``.to`` of a permuted view may not)."""
+    if t.dim() == 4 and t.stride(1) == 1 and t.stride(-1) != 1:
+        return token_minor_view(t.permute(0, 2, 3, 1).to(device))
+    return t.to(device)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -88,3 +106,17 @@ def tol(dtype) -> float:
 
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
+
+
+def poison_stale_slots(c):
+    """NaN in every cache slot past a sequence's length inside its last page: a kernel that
+    reads whole pages must mask them (0 * NaN is NaN)."""
+    page = c.k_cache.shape[1]
+    for i, n in enumerate(c.seq_lens.tolist()):
+        if n % page:
+            blk = int(c.block_tables[i, (n - 1) // page])
+            for cache in (c.k_cache, c.v_cache):
+                if cache.dtype.is_floating_point and cache.dtype.itemsize > 1:
+                    cache[blk, n % page:] = float("nan")
+                elif cache.dtype == torch.float8_e4m3fn:
+                    cache[blk, n % page:] = torch.tensor(float("nan")).to(cache.dtype)

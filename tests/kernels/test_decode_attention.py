@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from kvcase import INTERPRET, make_case, poisoned_like, rel_err, tol
+from kvcase import INTERPRET, make_case, poison_stale_slots, poisoned_like, rel_err, tol
 
 from tritonkv.kernels.decode_attention import (
     attention_mass_reference,
@@ -65,10 +65,16 @@ def test_decode_window_sinks(window, sinks):
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8])
 @pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("window", [None, 24])
-def test_decode_quant(kv_dtype, granularity, window):
+@pytest.mark.parametrize("v_minor", [True, False])
+def test_decode_quant(kv_dtype, granularity, window, v_minor):
+    """v_minor: V token-minor (the engine's 8-bit layout) or token-major; stale slots of each
+    last page poisoned with NaN."""
     lens = [1, 40, 99] if INTERPRET else [1, 40, 999, 8192, 4097]
     heads = (8, 2) if INTERPRET else (32, 8)
-    c = make_case(lens, [1] * len(lens), *heads, 128, kv_dtype=kv_dtype, scale_mode=granularity)
+    c = make_case(lens, [1] * len(lens), *heads, 128, kv_dtype=kv_dtype, scale_mode=granularity,
+                  v_minor=v_minor)
+    assert (c.v_cache.stride(1) == 1) == v_minor
+    poison_stale_slots(c)
     sinks = 2 if window else 0
     ref = paged_attention_quant_reference(*c.args(), window, sinks, k_scale=c.k_scale,
                                           v_scale=c.v_scale)
@@ -119,20 +125,6 @@ def test_decode_variants(kv_dtype, even):
             _check(out, ref, torch.bfloat16, c.q)
 
 
-def _poison_stale_slots(c):
-    """NaN in every cache slot past a sequence's length inside its last page: a kernel that
-    reads whole pages must mask them (0 * NaN is NaN)."""
-    page = c.k_cache.shape[1]
-    for i, n in enumerate(c.seq_lens.tolist()):
-        if n % page:
-            blk = int(c.block_tables[i, (n - 1) // page])
-            for cache in (c.k_cache, c.v_cache):
-                if cache.dtype.is_floating_point and cache.dtype.itemsize > 1:
-                    cache[blk, n % page:] = float("nan")
-                elif cache.dtype == torch.float8_e4m3fn:
-                    cache[blk, n % page:] = torch.tensor(float("nan")).to(cache.dtype)
-
-
 def _reference_lse(c):
     """log2-sum-exp2 of the scaled scores per (token, head), from the dequantised cache."""
     kd = dequantize_cache(c.k_cache, c.k_scale) if c.k_scale is not None else c.k_cache
@@ -155,7 +147,7 @@ def test_decode_gather_ids(kv_dtype, gather_ids, block_n):
     lens = [1, 16, 40, 99, 130] if INTERPRET else [1, 16, 40, 999, 8192, 4097, 16 * 131 + 5]
     heads = (8, 2) if INTERPRET else (32, 8)
     c = make_case(lens, [1] * len(lens), *heads, 128, kv_dtype=kv_dtype)
-    _poison_stale_slots(c)
+    poison_stale_slots(c)
     if kv_dtype is None:
         ref = paged_attention_reference(*c.args())
     else:
@@ -184,3 +176,25 @@ def test_decode_gather_ids_window(window, sinks):
         out = decode_attention_triton(*c.args(), window, sinks, out=poisoned_like(c.q),
                                       num_splits=splits, gather_ids=True, block_n=16)
         _check(out, ref, torch.bfloat16, c.q)
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (37, 3)])
+@pytest.mark.parametrize("gather_ids", [True, False])
+def test_decode_v_token_minor_loads(window, sinks, gather_ids):
+    """Token-minor fp8 V read in whole pages (64-token tiles over 32-token pages) or in runs
+    shorter than a page (16-token tiles), with windows/sinks, one or two splits; stale NaN
+    slots of each last page are ignored."""
+    lens = [1, 45, 100] if INTERPRET else [1, 45, 100, 3000, 9000]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64, page=32, kv_dtype=torch.float8_e4m3fn,
+                  v_minor=True)
+    poison_stale_slots(c)
+    ref = paged_attention_quant_reference(*c.args(), window, sinks, k_scale=c.k_scale,
+                                          v_scale=c.v_scale)
+    for block_n in (16, 64):
+        for splits in (1, 2):
+            out = decode_attention_triton(*c.args(), window, sinks, k_scale=c.k_scale,
+                                          v_scale=c.v_scale, out=poisoned_like(c.q),
+                                          num_splits=splits, gather_ids=gather_ids,
+                                          block_n=block_n)
+            _check(out, ref, torch.bfloat16, c.q)
+

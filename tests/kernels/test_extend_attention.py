@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kvcase import INTERPRET, make_case, poisoned_like, rel_err, tol
+from kvcase import INTERPRET, make_case, poison_stale_slots, poisoned_like, rel_err, tol
 
 from tritonkv.kernels.extend_attention import extend_attention_triton
 from tritonkv.ops.paged_attention import paged_attention_reference
@@ -58,10 +58,32 @@ def test_extend_window_sinks(window, sinks):
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8])
 @pytest.mark.parametrize("granularity", ["token", "block"])
-def test_extend_quant(kv_dtype, granularity):
+@pytest.mark.parametrize("v_minor", [True, False])
+def test_extend_quant(kv_dtype, granularity, v_minor):
+    """v_minor: V stored token-minor (the engine's layout for 8-bit V) or token-major; the
+    lengths leave a partly filled last page (its stale slots are poisoned with NaN)."""
     lens, q_lens = ([40, 33], [20, 33]) if INTERPRET else ([6000, 1033], [2000, 1033])
-    c = make_case(lens, q_lens, 8, 2, 64, kv_dtype=kv_dtype, scale_mode=granularity)
+    c = make_case(lens, q_lens, 8, 2, 64, kv_dtype=kv_dtype, scale_mode=granularity,
+                  v_minor=v_minor)
+    poison_stale_slots(c)
     ref = paged_attention_quant_reference(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale)
     out = extend_attention_triton(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale,
                                   out=poisoned_like(c.q), **CFG)
     _check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_extend_v_token_minor_loads(block_n):
+    """Token-minor fp8 V over 32-token pages: whole pages (64-token tiles) or runs shorter
+    than a page (16-token tiles), with a window and sinks; stale NaN slots ignored."""
+    lens, q_lens = ([70, 33], [30, 33]) if INTERPRET else ([6000, 1033], [2000, 1033])
+    c = make_case(lens, q_lens, 8, 2, 64, page=32, kv_dtype=torch.float8_e4m3fn, v_minor=True)
+    poison_stale_slots(c)
+    for window, sinks in ((None, 0), (20, 3)):
+        ref = paged_attention_quant_reference(*c.args(), window, sinks, k_scale=c.k_scale,
+                                              v_scale=c.v_scale)
+        out = extend_attention_triton(*c.args(), window, sinks, k_scale=c.k_scale,
+                                      v_scale=c.v_scale, out=poisoned_like(c.q), block_m=32,
+                                      block_n=block_n, num_warps=4, num_stages=2)
+        _check(out, ref, torch.bfloat16)
+

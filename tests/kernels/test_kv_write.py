@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kvcase import DEVICE, INTERPRET
+from kvcase import DEVICE, INTERPRET, as_token_minor
 
 from tritonkv.kernels.kv_write import write_kv_triton
 from tritonkv.ops.paged_attention import write_kv_reference
@@ -39,13 +39,17 @@ def test_write_kv_plain(num_tokens, num_kv_heads, head_dim, dtype):
 @pytest.mark.parametrize("num_tokens,num_kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8])
 @pytest.mark.parametrize("granularity", ["token", "block"])
-def test_write_kv_quant(num_tokens, num_kv_heads, head_dim, kv_dtype, granularity):
+@pytest.mark.parametrize("v_minor", [True, False])
+def test_write_kv_quant(num_tokens, num_kv_heads, head_dim, kv_dtype, granularity, v_minor):
+    """v_minor: V stored token-minor (ops/cache_layout.py), as the engine allocates 8-bit V."""
     gen = torch.Generator().manual_seed(num_tokens * 13 + head_dim)
     page = 16
     num_blocks = (num_tokens + page - 1) // page + 3
     shape = (num_blocks, page, num_kv_heads, head_dim)
     kc = torch.randint(-100, 100, shape, generator=gen).to(kv_dtype)
     vc = torch.randint(-100, 100, shape, generator=gen).to(kv_dtype)
+    if v_minor:
+        vc = as_token_minor(vc)
     key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen) * 3
     value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen) * 3
     key, value = key.to(torch.bfloat16), value.to(torch.bfloat16)
@@ -58,7 +62,9 @@ def test_write_kv_quant(num_tokens, num_kv_heads, head_dim, kv_dtype, granularit
         vs = ks.clone() * 1.5
     rk, rv, rks, rvs = kc.clone(), vc.clone(), ks.clone(), vs.clone()
     write_kv_quant_reference(rk, rv, key, value, slots, rks, rvs)
-    dk, dv, dks, dvs = (t.to(DEVICE) for t in (kc, vc, ks, vs))
+    dk, dks, dvs = kc.to(DEVICE), ks.to(DEVICE), vs.to(DEVICE)
+    dv = as_token_minor(vc.contiguous().to(DEVICE)) if v_minor else vc.to(DEVICE)
+    assert (dv.stride(1) == 1 and dv.stride(3) == page) == v_minor
     write_kv_triton(dk, dv, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE), dks, dvs)
     torch.testing.assert_close(dks.cpu(), rks, rtol=1e-6, atol=0)
     torch.testing.assert_close(dvs.cpu(), rvs, rtol=1e-6, atol=0)

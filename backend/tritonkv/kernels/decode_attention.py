@@ -19,6 +19,9 @@ Design
   once before the loop and picked with ``tl.gather``: K/V addresses that depend on a load in
   the same iteration get a single pipeline buffer from Triton, gathered ids get num_stages - 1
   (bench/NOTES_kernels.md, runs 5-9).
+- V of an fp8/int8 cache is token-minor (ops/cache_layout.py) and read in whole pages
+  (kernels/paged_tiles.py), so the 8-bit V tile reaches the MMA without byte-wise shared
+  memory reads; only the tile holding the sequence end zeroes V past it (stale slots).
 - Sliding window w: only keys in ``(pos - w, pos]`` are walked (split over that range);
   ``num_sink_tokens`` extra keys ``[0, s)`` are walked by split 0 before its range.
 """
@@ -35,6 +38,8 @@ import triton.language as tl
 from tritonkv.ops.paged_attention import gather_kv, paged_attention_reference  # noqa: F401
 from tritonkv.ops.paged_attention import visibility_mask
 from tritonkv.ops.quant import is_quantized
+from tritonkv.ops.cache_layout import v_token_minor
+from tritonkv.kernels.paged_tiles import load_v_token_minor, load_v_token_minor_pages
 
 LOG2E = 1.4426950408889634
 
@@ -94,30 +99,50 @@ def _decode_tile(
     sm_scale2, d, dmask,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_LO: tl.constexpr,
     num_sinks, DOT_F32: tl.constexpr, MASKED: tl.constexpr = True, KV_CVT: tl.constexpr = 0,
-    bt_vec=None, page0=0, BT_GATHER: tl.constexpr = False,
+    bt_vec=None, page0=0, BT_GATHER: tl.constexpr = False, stride_vd=1,
+    V_T: tl.constexpr = False, V_VEC: tl.constexpr = 16, ZERO_V: tl.constexpr = True,
+    V_PAGES: tl.constexpr = False,
 ):
     # MASKED=False: a full tile of keys all < hi, and HEAD_DIM == BLOCK_D (no masks at all)
     offs = n0 + tl.arange(0, BLOCK_N)
     nmask = offs < hi
     slot = offs % PAGE
+    # V_T: every token of a page gets the page's block id (a page is loaded whole)
+    if V_T:
+        bmask = (offs - slot) < hi
+    else:
+        bmask = nmask
     if BT_GATHER:  # block ids from the split's slice of the table, loaded before the loop.
         # Clamped: the pipeliner computes addresses of prefetched tiles past the loop's end
         # (their loads are predicated off, but the register gather itself is not).
         idx = tl.minimum(offs // PAGE - page0, bt_vec.shape[0] - 1)
         blk = tl.gather(bt_vec, idx, 0).to(tl.int64)
     elif MASKED:
-        blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+        blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=bmask, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE).to(tl.int64)
     kp = k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
-    vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
     if MASKED:
-        lmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(kp + d[None, :], mask=lmask, other=0.0)
-        v = tl.load(vp + d[None, :], mask=lmask, other=0.0)
+        k = tl.load(kp + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
     else:
         k = tl.load(kp + d[None, :])
-        v = tl.load(vp + d[None, :])
+    if V_T and V_PAGES:  # whole pages, one block id per page (BLOCK_N % PAGE == 0)
+        pg = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
+        if BT_GATHER:
+            pblk = tl.gather(bt_vec, tl.minimum(pg - page0, bt_vec.shape[0] - 1), 0).to(tl.int64)
+        else:
+            pblk = tl.load(bt_ptr + seq * stride_bt + pg, mask=pg * PAGE < hi, other=0).to(tl.int64)
+        v = load_v_token_minor_pages(v_cache_ptr, pblk, kvh, stride_vb, stride_vh, d.shape[0],
+                                     PAGE, BLOCK_N // PAGE)
+    elif V_T:
+        v = load_v_token_minor(v_cache_ptr, blk, slot, kvh, d, stride_vb, stride_vh, stride_vd,
+                               V_VEC)
+    else:
+        vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
+        if MASKED:
+            v = tl.load(vp + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        else:
+            v = tl.load(vp + d[None, :])
     if KV_QUANT:
         ksp = k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh
         vsp = v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh
@@ -129,6 +154,9 @@ def _decode_tile(
             vsc = tl.load(vsp)
         k = _kv_convert(k, q.dtype, KV_CVT)
         v = _kv_convert(v, q.dtype, KV_CVT)
+    if V_T and ZERO_V:  # whole pages were loaded: zero the values of keys >= hi (stale, maybe
+        # NaN; only the tile holding hi has such keys)
+        v = tl.where(nmask[:, None], v, 0.0)
     s = _mma(q, tl.trans(k), DOT_F32)
     if KV_QUANT:
         s = s * (ksc * sm_scale2)[None, :]
@@ -156,7 +184,7 @@ def _decode_stage1_kernel(
     bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     sm_scale2,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     stride_bt,
     stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
@@ -165,7 +193,8 @@ def _decode_stage1_kernel(
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, KV_QUANT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
     EVEN: tl.constexpr = False, KV_CVT: tl.constexpr = 0,
-    BT_GATHER: tl.constexpr = False, BT_PAGES: tl.constexpr = 1,
+    BT_GATHER: tl.constexpr = False, BT_PAGES: tl.constexpr = 1, V_T: tl.constexpr = False,
+    V_VEC: tl.constexpr = 16, V_PAGES: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -214,8 +243,9 @@ def _decode_stage1_kernel(
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                     sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
-                    True, KV_CVT, bt_vec, page0, False)
-    if EVEN:  # no window, HEAD_DIM == BLOCK_D: full tiles without masks, then one masked
+                    True, KV_CVT, bt_vec, page0, False, stride_vd, V_T, V_VEC, True, V_PAGES)
+    if EVEN or V_T:  # full tiles (every key < end), then one tail tile. EVEN (no window,
+        # HEAD_DIM == BLOCK_D): full tiles without masks. V_T: only the tail zeroes stale V.
         n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
         for n0 in range(start, n_full, BLOCK_N):
             acc, m_i, l_i = _decode_tile(
@@ -223,16 +253,16 @@ def _decode_stage1_kernel(
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
-                False, KV_CVT, bt_vec, page0, BT_GATHER)
+                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32,
+                not EVEN, KV_CVT, bt_vec, page0, BT_GATHER, stride_vd, V_T, V_VEC, False, V_PAGES)
         if n_full < end:
             acc, m_i, l_i = _decode_tile(
                 acc, m_i, l_i, q, n_full, end, kv_lo_vis, kvh, seq,
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
-                True, KV_CVT, bt_vec, page0, BT_GATHER)
+                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32,
+                True, KV_CVT, bt_vec, page0, BT_GATHER, stride_vd, V_T, V_VEC, True, V_PAGES)
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _decode_tile(
@@ -241,7 +271,7 @@ def _decode_stage1_kernel(
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32,
-                True, KV_CVT, bt_vec, page0, BT_GATHER)
+                True, KV_CVT, bt_vec, page0, BT_GATHER, stride_vd, V_T, V_VEC, True, V_PAGES)
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -368,22 +398,21 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 def default_decode_config(num_seqs: int, num_kv_heads: int, max_kv_len: int, quant: bool,
                           num_sms: int = 132):
     """(block_n, num_warps, num_stages, num_splits, gather_ids), from the H100 sweeps in
-    bench/NOTES_kernels.md (runs 3 and 6):
-    - many (seq, kv-head) pairs (>= 2 per SM): one split, 64-token tiles (fp8/int8: 128);
+    bench/NOTES_kernels.md (runs 3, 6 and 10-12):
+    - many (seq, kv-head) pairs (>= 2 per SM): one split; bf16 64-token tiles, ids per tile;
+      fp8/int8 128-token tiles, ids gathered;
     - about one pair per SM (>= 0.8): one split, block ids gathered up front so that the K/V
-      tiles pipeline 3 deep (bf16 64-token tiles, 4 stages; fp8/int8 128-token, 3 stages);
-    - fewer: split the keys for ~4 waves (bf16 32-token tiles, 4 stages; fp8/int8 128-token
-      tiles, 2 stages, ~3.5 waves)."""
+      tiles pipeline num_stages - 1 deep (bf16 64-token tiles; fp8/int8 128-token; 4 stages);
+    - fewer: split each pair's keys so that the programs fill the SMs once (one program per
+      SM, no more than 256 splits, at least 4 tiles each), 128-token tiles, 3 stages, ids
+      gathered; a small reduce kernel merges the splits."""
     base = num_seqs * num_kv_heads
     if base >= 2 * num_sms:
-        return (128 if quant else 64), 4, 3, 1, False
+        return (128, 4, 3, 1, True) if quant else (64, 4, 3, 1, False)
     if base >= 0.8 * num_sms:
-        return (128, 4, 3, 1, True) if quant else (64, 4, 4, 1, True)
-    if quant:
-        return 128, 4, 2, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 128, num_sms,
-                                             3.5, 2), False
-    return 32, 4, 4, default_num_splits(num_seqs, num_kv_heads, max_kv_len, 32, num_sms,
-                                        4.0), False
+        return (128, 4, 4, 1, True) if quant else (64, 4, 4, 1, True)
+    splits = max(1, min(num_sms // max(base, 1), max_kv_len // (128 * 4), 256))
+    return 128, 4, 3, splits, True
 
 
 _SM_COUNT: dict = {}
@@ -427,6 +456,7 @@ def decode_attention_triton(
     even: bool | None = None,
     kv_cvt: str | None = None,
     gather_ids: bool | None = None,
+    v_pages: bool | None = None,
 ):
     """Decode attention: every sequence has exactly one (or zero) query rows.
 
@@ -441,7 +471,10 @@ def decode_attention_triton(
     quant = is_quantized(k_cache.dtype)
     if quant and (k_scale is None or v_scale is None):
         raise ValueError("a quantised KV cache needs k_scale and v_scale")
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    v_t = v_token_minor(v_cache)
+    if v_t and head_dim != triton.next_power_of_2(head_dim):
+        raise ValueError(f"a token-minor V cache needs a power-of-two head_dim, got {head_dim}")
     if out is None:
         out = torch.empty_like(q)
     if num_tokens == 0:
@@ -474,6 +507,8 @@ def decode_attention_triton(
     num_warps = num_warps or nw0
     num_stages = num_stages or ns0
     kv_range = min(max_kv, sliding_window + block_n) if has_window else max_kv
+    # V of an 8-bit cache is token-minor: read it in whole pages when a tile holds whole pages
+    v_pages = v_t and block_n % page == 0 and (v_pages is None or bool(v_pages))
     if num_splits is None:
         num_splits = splits0 if block_n == bn0 else default_num_splits(
             num_seqs, num_kv_heads, kv_range, block_n, _num_sms(q.device))
@@ -510,7 +545,7 @@ def decode_attention_triton(
         sm_scale2,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *ks, *vs,
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if use_split else 0,
@@ -521,7 +556,8 @@ def decode_attention_triton(
         PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
         DOT_F32=_dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=_TL[compute_dtype],
         EVEN=even, KV_CVT=1 if use_asm else 0,
-        BT_GATHER=gather_ids, BT_PAGES=bt_pages,
+        BT_GATHER=gather_ids, BT_PAGES=bt_pages, V_T=v_t, V_VEC=min(page, block_n),
+        V_PAGES=v_pages,
         num_warps=num_warps, num_stages=num_stages,
     )
     lse_out = None

@@ -27,6 +27,8 @@ import triton.language as tl
 
 from tritonkv.ops.paged_attention import paged_attention_reference  # noqa: F401  (the oracle)
 from tritonkv.ops.quant import is_quantized
+from tritonkv.ops.cache_layout import v_token_minor
+from tritonkv.kernels.paged_tiles import load_v_token_minor, load_v_token_minor_pages
 
 LOG2E = 1.4426950408889634
 
@@ -68,28 +70,48 @@ def _extend_tile(
     sm_scale2, window, num_sinks, d,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_QUANT: tl.constexpr,
     MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+    stride_vd, V_T: tl.constexpr, V_VEC: tl.constexpr, V_PAGES: tl.constexpr,
 ):
     offs = n0 + tl.arange(0, BLOCK_N)
+    slot = offs % PAGE
     if MASKED:
         nmask = offs < seq_len
-        blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+        if V_T:  # every token of a page gets the page's block id (V pages are loaded whole)
+            bmask = (offs - slot) < seq_len
+        else:
+            bmask = nmask
+        blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=bmask, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE).to(tl.int64)
-    slot = offs % PAGE
     kp = k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
-    vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
     if MASKED:
-        lmask = nmask[:, None] & (d[None, :] < HEAD_DIM)
-        k = tl.load(kp + d[None, :], mask=lmask, other=0.0)
-        v = tl.load(vp + d[None, :], mask=lmask, other=0.0)
+        k = tl.load(kp + d[None, :], mask=nmask[:, None], other=0.0)
     else:
         k = tl.load(kp + d[None, :])
-        v = tl.load(vp + d[None, :])
+    if V_T and V_PAGES:  # whole pages, one block id per page (BLOCK_N % PAGE == 0)
+        pg = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
+        if MASKED:
+            pblk = tl.load(bt_ptr + seq * stride_bt + pg, mask=pg * PAGE < seq_len, other=0)
+        else:
+            pblk = tl.load(bt_ptr + seq * stride_bt + pg)
+        v = load_v_token_minor_pages(v_cache_ptr, pblk.to(tl.int64), kvh, stride_vb, stride_vh,
+                                     HEAD_DIM, PAGE, BLOCK_N // PAGE)
+    elif V_T:
+        v = load_v_token_minor(v_cache_ptr, blk, slot, kvh, d, stride_vb, stride_vh, stride_vd,
+                               V_VEC)
+    else:
+        vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
+        if MASKED:
+            v = tl.load(vp + d[None, :], mask=nmask[:, None], other=0.0)
+        else:
+            v = tl.load(vp + d[None, :])
     if KV_QUANT:
         ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh)
         vsc = tl.load(v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh)
         k = _kv_cast(k, q.dtype)
         v = _kv_cast(v, q.dtype)
+    if V_T and MASKED:  # whole pages were loaded: zero keys >= seq_len (stale, maybe NaN)
+        v = tl.where(nmask[:, None], v, 0.0)
     s = _mma(q, tl.trans(k), DOT_F32)
     if KV_QUANT:
         s = s * (ksc * sm_scale2)[None, :]
@@ -121,12 +143,13 @@ def _extend_kernel(
     bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     sm_scale2,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     stride_bt, window, num_sinks,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+    V_T: tl.constexpr = False, V_VEC: tl.constexpr = 16, V_PAGES: tl.constexpr = False,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PAD
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -166,14 +189,16 @@ def _extend_kernel(
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, sink_hi, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True, DOT_F32)
+                sm_scale2, window, sink_hi, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True, DOT_F32,
+                stride_vd, V_T, V_VEC, V_PAGES)
         for n0 in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _extend_tile(
                 acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True, DOT_F32)
+                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True, DOT_F32,
+                stride_vd, V_T, V_VEC, V_PAGES)
     else:
         full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N  # keys < full_end: visible to all
         for n0 in range(0, full_end, BLOCK_N):
@@ -182,14 +207,16 @@ def _extend_kernel(
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, False, False, DOT_F32)
+                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, False, False, DOT_F32,
+                stride_vd, V_T, V_VEC, V_PAGES)
         for n0 in range(full_end, hi, BLOCK_N):
             acc, m_i, l_i = _extend_tile(
                 acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
                 bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, False, DOT_F32)
+                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, False, DOT_F32,
+                stride_vd, V_T, V_VEC, V_PAGES)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -230,6 +257,7 @@ def extend_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    v_pages: bool | None = None,
 ) -> torch.Tensor:
     """Extend / prefill attention over the paged cache (any q_len per sequence, 0 included).
     ``max_query_len`` (host int) sizes the grid; without it it is read from
@@ -242,7 +270,8 @@ def extend_attention_triton(
     quant = is_quantized(k_cache.dtype)
     if quant and (k_scale is None or v_scale is None):
         raise ValueError("a quantised KV cache needs k_scale and v_scale")
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    v_t = v_token_minor(v_cache)  # (head_dim is a power of two here)
     if out is None:
         out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
@@ -269,12 +298,13 @@ def extend_attention_triton(
         float(scale) * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *ks, *vs,
         block_tables.stride(0), int(sliding_window) if has_window else 0, int(num_sink_tokens),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=page, KV_QUANT=quant, HAS_WINDOW=has_window,
-        DOT_F32=_dot_f32(q.dtype),
+        DOT_F32=_dot_f32(q.dtype), V_T=v_t, V_VEC=min(page, block_n),
+        V_PAGES=v_t and block_n % page == 0 and (v_pages is None or bool(v_pages)),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

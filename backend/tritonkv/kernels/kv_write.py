@@ -13,6 +13,7 @@ import triton.language as tl
 
 from tritonkv.ops.paged_attention import write_kv_reference  # noqa: F401  (the oracle)
 from tritonkv.ops.quant import TINY, is_quantized, qmax, write_kv_quant_reference  # noqa: F401
+from tritonkv.ops.cache_layout import v_token_minor
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def _quantize_tile(x, scale_ptr, s_off, hmask, QUANT: tl.constexpr, DYN: tl.cons
 def _write_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     num_kv_heads,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -55,7 +56,9 @@ def _write_kv_kernel(
     k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=m, other=0.0)
     v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m, other=0.0)
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs + h[:, None] * stride_kch + d[None, :]
-    vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h[:, None] * stride_vch + d[None, :]
+    # stride_vcd: 1 (token-major) or the page size (token-minor V, ops/cache_layout.py)
+    vc = (v_cache_ptr + blk * stride_vcb + off * stride_vcs + h[:, None] * stride_vch
+          + d[None, :] * stride_vcd)
     if QUANT == 0:
         tl.store(kc, k.to(kc.dtype.element_ty), mask=m)
         tl.store(vc, v.to(vc.dtype.element_ty), mask=m)
@@ -96,7 +99,8 @@ def write_kv_triton(
     if num_tokens == 0:
         return
     assert key.stride(-1) == 1 and value.stride(-1) == 1
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k_cache.stride(-1) == 1
+    v_token_minor(v_cache)  # refuses layouts other than token-major / token-minor
     assert k_cache.dtype == v_cache.dtype
     page = k_cache.shape[1]
     quant = 0
@@ -119,7 +123,7 @@ def write_kv_triton(
         k_scale if k_scale is not None else dummy, v_scale if v_scale is not None else dummy,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *ks, *vs,
         num_kv_heads,
         PAGE=page, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,

@@ -30,13 +30,12 @@ def write_kv_reference(
     """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their slots.
 
     A slot of -1 means "do not store" (padding)."""
-    num_blocks, block_size = k_cache.shape[:2]
+    block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_flat = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
-    v_flat = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
-    k_flat[slots] = key[keep].to(k_cache.dtype)
-    v_flat[slots] = value[keep].to(v_cache.dtype)
+    blk, off = slots // block_size, slots % block_size  # (indexing works on any cache strides)
+    k_cache[blk, off] = key[keep].to(k_cache.dtype)
+    v_cache[blk, off] = value[keep].to(v_cache.dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -78,7 +78,7 @@ def write_kv_quant_reference(
     v_scale: torch.Tensor,
 ) -> None:
     """``write_kv_reference`` for a quantised cache (see the module docstring for scales)."""
-    num_blocks, block_size = k_cache.shape[:2]
+    block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     blk, off = slots // block_size, slots % block_size
@@ -88,8 +88,7 @@ def write_kv_quant_reference(
             scale[blk, off] = s
         else:
             s = scale[blk].float()  # [n, Hkv]
-        flat = cache.view(num_blocks * block_size, *cache.shape[2:])
-        flat[slots] = quantize(x, s[..., None], cache.dtype)
+        cache[blk, off] = quantize(x, s[..., None], cache.dtype)
 
 
 def dequantize_cache(cache: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

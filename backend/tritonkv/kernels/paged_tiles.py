@@ -1,0 +1,40 @@
+"""V tile loads shared by the paged attention kernels (decode, extend) for token-minor V
+pages (ops/cache_layout.py). Both return ``[BLOCK_N, D]`` ready for ``tl.dot(p, v)``:
+- ``load_v_token_minor_pages`` (tiles of whole pages, BLOCK_N % page == 0): each page of one
+  KV head is one run of D * page values, so a warp reads 512 contiguous bytes;
+- ``load_v_token_minor`` (tiles shorter than a page): runs of min(page, BLOCK_N) tokens.
+Both read whole runs without masks (a block id is a real one or 0 from a masked id load), so
+the caller zeroes the values of keys past the sequence before the product."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_v_token_minor(v_cache_ptr, blk, slot, kvh, d, stride_vb, stride_vh, stride_vd,
+                       VEC: tl.constexpr):
+    """V tile ``[BLOCK_N, D]`` from token-minor pages (physically ``[blocks, kv_heads, d, page]``,
+    ops/cache_layout.py), loaded as V^T ``[D, BLOCK_N]``. Rule: every tile starts at a multiple
+    of BLOCK_N and a page's tokens share one block id, so offsets run contiguous over
+    VEC = min(page, BLOCK_N) tokens. Whole pages are read, unmasked: a block id is a real one
+    or 0 (masked id loads), so the caller zeroes the values of keys past the sequence."""
+    vo = blk[None, :] * stride_vb + kvh * stride_vh + d[:, None] * stride_vd + slot[None, :]
+    vo = tl.max_contiguous(tl.multiple_of(vo, [1, VEC]), [1, VEC])
+    return tl.trans(tl.load(v_cache_ptr + vo))
+
+
+@triton.jit
+def load_v_token_minor_pages(v_cache_ptr, page_blk, kvh, stride_vb, stride_vh,
+                             D: tl.constexpr, PAGE: tl.constexpr, TP: tl.constexpr):
+    """The tile of ``load_v_token_minor`` read as TP whole pages: a page of one KV head is
+    D*PAGE contiguous values, so a warp's lanes cover 512 contiguous bytes (instead of
+    min(PAGE, BLOCK_N) bytes of 32 / TP channel rows per page)."""
+    j = tl.arange(0, D * PAGE)
+    vo = page_blk[:, None] * stride_vb + kvh * stride_vh + j[None, :]
+    vo = tl.max_contiguous(tl.multiple_of(vo, [1, 16]), [1, D * PAGE])
+    x = tl.load(v_cache_ptr + vo)  # [TP, D*PAGE]
+    x = tl.reshape(x, [TP, D, PAGE])
+    x = tl.permute(x, (1, 0, 2))
+    return tl.trans(tl.reshape(x, [D, TP * PAGE]))
