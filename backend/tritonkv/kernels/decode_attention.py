@@ -39,7 +39,7 @@ from tritonkv.ops.paged_attention import gather_kv, paged_attention_reference  #
 from tritonkv.ops.paged_attention import visibility_mask
 from tritonkv.ops.quant import is_quantized
 from tritonkv.ops.cache_layout import v_token_minor
-from tritonkv.kernels.paged_tiles import load_v_token_minor, load_v_token_minor_pages
+from tritonkv.kernels.paged_tiles import load_v_tile
 
 LOG2E = 1.4426950408889634
 
@@ -122,27 +122,20 @@ def _decode_tile(
     else:
         blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE).to(tl.int64)
     kp = k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
+    lmask = nmask[:, None] & dmask[None, :]
     if MASKED:
-        k = tl.load(kp + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        k = tl.load(kp + d[None, :], mask=lmask, other=0.0)
     else:
         k = tl.load(kp + d[None, :])
-    if V_T and V_PAGES:  # whole pages, one block id per page (BLOCK_N % PAGE == 0)
+    pblk = blk
+    if V_T and V_PAGES:  # one block id per page of the tile (BLOCK_N % PAGE == 0)
         pg = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
         if BT_GATHER:
             pblk = tl.gather(bt_vec, tl.minimum(pg - page0, bt_vec.shape[0] - 1), 0).to(tl.int64)
         else:
             pblk = tl.load(bt_ptr + seq * stride_bt + pg, mask=pg * PAGE < hi, other=0).to(tl.int64)
-        v = load_v_token_minor_pages(v_cache_ptr, pblk, kvh, stride_vb, stride_vh, d.shape[0],
-                                     PAGE, BLOCK_N // PAGE)
-    elif V_T:
-        v = load_v_token_minor(v_cache_ptr, blk, slot, kvh, d, stride_vb, stride_vh, stride_vd,
-                               V_VEC)
-    else:
-        vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-        if MASKED:
-            v = tl.load(vp + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        else:
-            v = tl.load(vp + d[None, :])
+    v = load_v_tile(v_cache_ptr, blk, pblk, slot, kvh, d, lmask, stride_vb, stride_vs, stride_vh,
+                    stride_vd, MASKED, V_T, V_PAGES, V_VEC, PAGE, BLOCK_N)
     if KV_QUANT:
         ksp = k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh
         vsp = v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh

@@ -28,7 +28,7 @@ import triton.language as tl
 from tritonkv.ops.paged_attention import paged_attention_reference  # noqa: F401  (the oracle)
 from tritonkv.ops.quant import is_quantized
 from tritonkv.ops.cache_layout import v_token_minor
-from tritonkv.kernels.paged_tiles import load_v_token_minor, load_v_token_minor_pages
+from tritonkv.kernels.paged_tiles import load_v_tile
 
 LOG2E = 1.4426950408889634
 
@@ -74,8 +74,8 @@ def _extend_tile(
 ):
     offs = n0 + tl.arange(0, BLOCK_N)
     slot = offs % PAGE
+    nmask = offs < seq_len  # (unused, and dropped, in unmasked tiles)
     if MASKED:
-        nmask = offs < seq_len
         if V_T:  # every token of a page gets the page's block id (V pages are loaded whole)
             bmask = (offs - slot) < seq_len
         else:
@@ -88,23 +88,16 @@ def _extend_tile(
         k = tl.load(kp + d[None, :], mask=nmask[:, None], other=0.0)
     else:
         k = tl.load(kp + d[None, :])
-    if V_T and V_PAGES:  # whole pages, one block id per page (BLOCK_N % PAGE == 0)
+    pblk = blk
+    if V_T and V_PAGES:  # one block id per page of the tile (BLOCK_N % PAGE == 0)
         pg = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
         if MASKED:
             pblk = tl.load(bt_ptr + seq * stride_bt + pg, mask=pg * PAGE < seq_len, other=0)
         else:
             pblk = tl.load(bt_ptr + seq * stride_bt + pg)
-        v = load_v_token_minor_pages(v_cache_ptr, pblk.to(tl.int64), kvh, stride_vb, stride_vh,
-                                     HEAD_DIM, PAGE, BLOCK_N // PAGE)
-    elif V_T:
-        v = load_v_token_minor(v_cache_ptr, blk, slot, kvh, d, stride_vb, stride_vh, stride_vd,
-                               V_VEC)
-    else:
-        vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-        if MASKED:
-            v = tl.load(vp + d[None, :], mask=nmask[:, None], other=0.0)
-        else:
-            v = tl.load(vp + d[None, :])
+        pblk = pblk.to(tl.int64)
+    v = load_v_tile(v_cache_ptr, blk, pblk, slot, kvh, d, nmask[:, None], stride_vb, stride_vs,
+                    stride_vh, stride_vd, MASKED, V_T, V_PAGES, V_VEC, PAGE, BLOCK_N)
     if KV_QUANT:
         ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh)
         vsc = tl.load(v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh)

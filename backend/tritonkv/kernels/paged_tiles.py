@@ -38,3 +38,25 @@ def load_v_token_minor_pages(v_cache_ptr, page_blk, kvh, stride_vb, stride_vh,
     x = tl.reshape(x, [TP, D, PAGE])
     x = tl.permute(x, (1, 0, 2))
     return tl.trans(tl.reshape(x, [D, TP * PAGE]))
+
+
+@triton.jit
+def load_v_tile(v_cache_ptr, blk, pblk, slot, kvh, d, lmask, stride_vb, stride_vs, stride_vh,
+                stride_vd, MASKED: tl.constexpr, V_T: tl.constexpr, V_PAGES: tl.constexpr,
+                V_VEC: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """V tile ``[BLOCK_N, D]`` in the cache's layout: token-major rows (``lmask`` when MASKED),
+    token-minor whole pages (``pblk``: the block id of each of the tile's pages) or runs."""
+    if V_T and V_PAGES:
+        v = load_v_token_minor_pages(v_cache_ptr, pblk, kvh, stride_vb, stride_vh, d.shape[0],
+                                     PAGE, BLOCK_N // PAGE)
+    elif V_T:
+        v = load_v_token_minor(v_cache_ptr, blk, slot, kvh, d, stride_vb, stride_vh, stride_vd,
+                               V_VEC)
+    else:
+        vp = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
+        if MASKED:
+            v = tl.load(vp + d[None, :], mask=lmask, other=0.0)
+        else:
+            v = tl.load(vp + d[None, :])
+    return v
+
