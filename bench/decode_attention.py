@@ -145,8 +145,10 @@ class Inputs:
                 self.v = token_minor_view(self.v.permute(0, 2, 3, 1).contiguous())
         if LAYOUT["kv"] == "head":  # physically [blocks, kv_heads, page, d]: a page of one
             # head is one contiguous run; the kernels see the same logical shape via strides
+            # (a token-minor V already keeps each page of one head contiguous)
             self.k = self.k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
-            self.v = self.v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+            if self.v.stride(-1) == 1:
+                self.v = self.v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
             if self.k_scale is not None:
                 self.k_scale = self.k_scale.permute(0, 2, 1).contiguous().permute(0, 2, 1)
                 self.v_scale = self.v_scale.permute(0, 2, 1).contiguous().permute(0, 2, 1)
