@@ -48,7 +48,7 @@ SWEEP = [(16, 4, 6), (16, 4, 8), (32, 4, 4), (32, 4, 6), (32, 4, 8), (64, 4, 3),
 
 # --layout: "token" = [blocks, page, kv_heads, d] (engine), "head"; v_minor: V of an 8-bit
 # cache token-minor as the engine allocates it (ops/cache_layout.py; --v-major turns it off)
-LAYOUT = {"kv": "token", "v_minor": True}
+LAYOUT = {"kv": "token", "v_minor": True, "blocks": "random"}
 
 BF16_VARIANTS = {
     "ids per tile (no gather)": dict(gather_ids=False),
@@ -122,7 +122,10 @@ class Inputs:
         dev = "cuda"
         nblk = ctx // PAGE
         num_blocks = batch * nblk + 7
-        perm = torch.randperm(num_blocks, device=dev)[: batch * nblk].int()
+        if LAYOUT["blocks"] == "random":
+            perm = torch.randperm(num_blocks, device=dev)[: batch * nblk].int()
+        else:  # "sequential": each sequence's blocks one contiguous run, in order
+            perm = torch.arange(batch * nblk, device=dev, dtype=torch.int32)
         self.block_tables = perm.view(batch, nblk).contiguous()
         self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
         self.qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
@@ -295,6 +298,8 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated shape labels to run")
     ap.add_argument("--layout", default="token", choices=["token", "head"])
+    ap.add_argument("--blocks", default="random", choices=["random", "sequential"],
+                    help="block ids of a sequence: a random permutation (default) or in order")
     ap.add_argument("--v-major", action="store_true",
                     help="8-bit V token-major (the layout before token-minor V pages)")
     ap.add_argument("--variants", action="store_true",
@@ -302,11 +307,13 @@ def main():
     args = ap.parse_args()
     LAYOUT["kv"] = args.layout
     LAYOUT["v_minor"] = not args.v_major
+    LAYOUT["blocks"] = args.blocks
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "kv_layout": args.layout,
-            "fp8_v_layout": "token-major" if args.v_major else "token-minor", "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "fp8_v_layout": "token-major" if args.v_major else "token-minor",
+            "block_order": args.blocks, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(info, flush=True)
     ceiling = copy_ceiling()
     info["copy_ceiling_GBps"] = ceiling / 1e9
@@ -430,7 +437,8 @@ def render(info, rows, ceiling, fp8_speedup):
         f"# Paged decode attention, {info['device']} ({info['time']})",
         "",
         f"torch {info['torch']}, triton {info['triton']}. bf16 q, 32 query heads / 8 KV heads, "
-        "head dim 128, block size 16 (blocks in random order). Time = median over replays of a "
+        f"head dim 128, block size 16 (blocks in {info.get('block_order', 'random')} order). "
+        "Time = median over replays of a "
         "CUDA graph of back-to-back calls rotating over input sets (no host launch gaps); "
         "'ours plain' = triton do_bench median of eager calls (includes launch gaps where the "
         "GPU outruns Python). % = (KV bytes + q/o bytes) / time as a fraction of the measured "
