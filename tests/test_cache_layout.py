@@ -67,3 +67,12 @@ def test_other_strides_are_refused_by_name():
     odd = odd.transpose(2, 3)
     with pytest.raises(ValueError, match="KV cache strides"):
         v_token_minor(odd)
+
+
+def test_token_minor_pages_need_power_of_two_sizes():
+    """The kernels read token-minor pages as aligned runs: a 12-token page or a 48-wide head
+    is refused by name, a 16 x 64 page is accepted."""
+    assert v_token_minor(token_minor_view(torch.zeros(3, 2, 64, 16, dtype=torch.int8)))
+    for page, dim in ((12, 64), (16, 48)):
+        with pytest.raises(ValueError, match="power-of-two block_size and head_dim"):
+            v_token_minor(token_minor_view(torch.zeros(3, 2, dim, page, dtype=torch.int8)))

@@ -33,11 +33,14 @@ class Case:
 
 def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
               dtype=torch.bfloat16, kv_dtype=None, scale_mode="token", device=DEVICE,
-              extra_blocks=3, gen=None, v_minor=None):
+              extra_blocks=3, gen=None, v_minor=None, pad="random"):
     """Random q and cache; blocks handed out in a random order; cache slots that no sequence
     uses hold random data too. kv_dtype fp8/int8 -> cache quantised from random floats with
     per-token-head ('token') or per-block ('block') scales. ``v_minor``: V stored token-minor
-    (ops/cache_layout.py); None = as the engine allocates it for this dtype."""
+    (ops/cache_layout.py); None = as the engine allocates it for this dtype. ``pad``: the
+    block-table entries past each sequence hold 'random' real ids, 'nan' the id of an unused,
+    NaN-filled block (a read through padding poisons the output), or 'out_of_range' ids far
+    past the cache (a read through padding faults)."""
     g = gen or torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     num_seqs = len(seq_lens)
     blocks_per_seq = [(s + page - 1) // page for s in seq_lens]
@@ -52,6 +55,12 @@ def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
         # sequence would give wrong results rather than pass silently
         bt[i, nb:] = torch.randint(0, num_blocks, (max_blocks - nb,), generator=g).int()
         used += nb
+    if pad == "nan":
+        bt[bt_padding(blocks_per_seq, max_blocks)] = int(perm[-1])  # extra_blocks >= 1: unused
+    elif pad == "out_of_range":
+        bt[bt_padding(blocks_per_seq, max_blocks)] = 2**30
+    elif pad != "random":
+        raise ValueError(f"pad={pad!r}")
     kf = torch.randn(num_blocks, page, num_kv_heads, head_dim, generator=g)
     vf = torch.randn(num_blocks, page, num_kv_heads, head_dim, generator=g)
     k_scale = v_scale = None
@@ -71,6 +80,15 @@ def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
             v_scale = vf.abs().amax(dim=(1, 3)) / qmax(kv_dtype)
             k_cache = quantize(kf, k_scale[:, None, :, None], kv_dtype)
             v_cache = quantize(vf, v_scale[:, None, :, None], kv_dtype)
+    if pad == "nan":  # perm[-1] is no sequence's block (extra_blocks >= 1)
+        nan_blk = int(perm[-1])
+        assert extra_blocks >= 1 and used < num_blocks
+        for cache in (k_cache, v_cache):
+            cache[nan_blk] = (torch.tensor(float("nan")).to(cache.dtype)
+                              if cache.dtype.is_floating_point else -128)
+        for sc in (k_scale, v_scale):
+            if sc is not None:
+                sc[nan_blk] = float("nan")
     if v_minor is None:
         v_minor = use_token_minor_v(v_cache.dtype, head_dim)
     if v_minor:
@@ -81,6 +99,12 @@ def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
     mv = lambda t: None if t is None else _to(t, device)  # noqa: E731
     return Case(mv(q), mv(k_cache), mv(v_cache), mv(bt), mv(torch.tensor(seq_lens, dtype=torch.int32)),
                 mv(qsl), head_dim ** -0.5, max(q_lens + [0]), mv(k_scale), mv(v_scale))
+
+
+def bt_padding(blocks_per_seq, max_blocks) -> torch.Tensor:
+    """Mask of the block-table entries past each sequence's last block."""
+    cols = torch.arange(max_blocks)[None, :]
+    return cols >= torch.tensor(blocks_per_seq)[:, None]
 
 
 def as_token_minor(cache: torch.Tensor) -> torch.Tensor:
@@ -115,6 +139,9 @@ def poison_stale_slots(c):
     for i, n in enumerate(c.seq_lens.tolist()):
         if n % page:
             blk = int(c.block_tables[i, (n - 1) // page])
+            for sc in (c.k_scale, c.v_scale):  # per token-head scales of the stale slots
+                if sc is not None and sc.dim() == 3:
+                    sc[blk, n % page:] = float("nan")
             for cache in (c.k_cache, c.v_cache):
                 if cache.dtype.is_floating_point and cache.dtype.itemsize > 1:
                     cache[blk, n % page:] = float("nan")

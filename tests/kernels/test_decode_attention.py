@@ -198,3 +198,26 @@ def test_decode_v_token_minor_loads(window, sinks, gather_ids):
                                           block_n=block_n)
             _check(out, ref, torch.bfloat16, c.q)
 
+
+
+@pytest.mark.parametrize("pad", ["nan", "out_of_range"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_decode_never_reads_block_table_padding(pad, kv_dtype):
+    """Block-table entries past a sequence's last block are never dereferenced: padding that
+    names a NaN-filled block or ids far outside the cache leaves the output exact, with ids
+    per tile or gathered per split (whose id slice runs past the sequence), whole-page or
+    run V loads, one or three splits, with and without a window."""
+    lens = [1, 16, 45, 100] if INTERPRET else [1, 16, 45, 3000, 9000]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64, kv_dtype=kv_dtype, pad=pad)
+    poison_stale_slots(c)
+    kw = dict(k_scale=c.k_scale, v_scale=c.v_scale)
+    for window, sinks in ((None, 0), (37, 3)):
+        if kv_dtype is None:
+            ref = paged_attention_reference(*c.args(), window, sinks)
+        else:
+            ref = paged_attention_quant_reference(*c.args(), window, sinks, **kw)
+        for gather_ids, block_n, splits in ((True, 64, 1), (True, 16, 3), (False, 64, 3)):
+            out = decode_attention_triton(*c.args(), window, sinks, **kw, out=poisoned_like(c.q),
+                                          num_splits=splits, gather_ids=gather_ids,
+                                          block_n=block_n)
+            _check(out, ref, torch.bfloat16, c.q)

@@ -87,3 +87,25 @@ def test_extend_v_token_minor_loads(block_n):
                                       block_n=block_n, num_warps=4, num_stages=2)
         _check(out, ref, torch.bfloat16)
 
+
+
+@pytest.mark.parametrize("pad", ["nan", "out_of_range"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_extend_never_reads_block_table_padding(pad, kv_dtype):
+    """Block-table entries past a sequence's last block name a NaN-filled block or ids far
+    outside the cache: never dereferenced (whole-page and run V loads, with a window); stale
+    slots of each last page, values and per-token scales, are NaN too."""
+    lens, q_lens = ([70, 33], [30, 33]) if INTERPRET else ([6000, 1033], [2000, 1033])
+    c = make_case(lens, q_lens, 8, 2, 64, kv_dtype=kv_dtype, pad=pad)
+    poison_stale_slots(c)
+    kw = dict(k_scale=c.k_scale, v_scale=c.v_scale)
+    for window, sinks in ((None, 0), (20, 3)):
+        if kv_dtype is None:
+            ref = paged_attention_reference(*c.args(), window, sinks)
+        else:
+            ref = paged_attention_quant_reference(*c.args(), window, sinks, **kw)
+        for block_n in (16, 64):
+            out = extend_attention_triton(*c.args(), window, sinks, **kw, out=poisoned_like(c.q),
+                                          block_m=32, block_n=block_n, num_warps=4,
+                                          num_stages=2)
+            _check(out, ref, torch.bfloat16)

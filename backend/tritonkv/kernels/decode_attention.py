@@ -224,7 +224,11 @@ def _decode_stage1_kernel(
     # with the ids in registers every K/V tile is prefetched num_stages - 1 tiles ahead.
     page0 = start // PAGE
     pg = page0 + tl.arange(0, BT_PAGES)
-    bt_vec = tl.load(bt_ptr + seq * stride_bt + pg, mask=(pg < bt_cols) & BT_GATHER, other=0)
+    # Rule: a block-table entry past the sequence is never dereferenced (the engine pads with 0,
+    # a caller may pad with -1 or anything): ids of pages at or past seq_len become 0 here, and
+    # whole-page V loads (V_T) of pages past the end read block 0, zeroed afterwards.
+    bt_vec = tl.load(bt_ptr + seq * stride_bt + pg,
+                     mask=(pg < bt_cols) & (pg * PAGE < seq_len) & BT_GATHER, other=0)
 
     if HAS_WINDOW:
         if split == 0:
@@ -465,9 +469,7 @@ def decode_attention_triton(
     if quant and (k_scale is None or v_scale is None):
         raise ValueError("a quantised KV cache needs k_scale and v_scale")
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
-    v_t = v_token_minor(v_cache)
-    if v_t and head_dim != triton.next_power_of_2(head_dim):
-        raise ValueError(f"a token-minor V cache needs a power-of-two head_dim, got {head_dim}")
+    v_t = v_token_minor(v_cache)  # (refuses token-minor pages with a non-power-of-two size)
     if out is None:
         out = torch.empty_like(q)
     if num_tokens == 0:
@@ -481,8 +483,9 @@ def decode_attention_triton(
     if compute_dtype is None:
         compute_dtype = torch.float16 if k_cache.dtype == torch.float8_e4m3fn else q.dtype
     has_window = sliding_window is not None and sliding_window > 0
-    if even is None:  # unmasked full tiles: faster for fp8 + fp16 (129 vs 136 us at 16x8k),
-        # slower on bf16 32-token tiles with triton 3.6 (121 vs 98 us at 16x4k)
+    if even is None:  # unmasked full tiles (EVEN): measured faster for fp8 computed in fp16
+        # (129 vs 136 us at 16x8k, token-major V, run 5), slower for bf16 (121 vs 98 us at 16x4k,
+        # run 2, triton 3.6); token-minor V (V_T) splits full and tail tiles in any case
         even = quant and compute_dtype == torch.float16
     even = bool(even) and not has_window and head_dim == triton.next_power_of_2(head_dim)
     # fp8 -> fp16 through inline PTX (GPU only; the interpreter has no inline asm)

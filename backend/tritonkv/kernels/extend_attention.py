@@ -99,8 +99,14 @@ def _extend_tile(
     v = load_v_tile(v_cache_ptr, blk, pblk, slot, kvh, d, nmask[:, None], stride_vb, stride_vs,
                     stride_vh, stride_vd, MASKED, V_T, V_PAGES, V_VEC, PAGE, BLOCK_N)
     if KV_QUANT:
-        ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh)
-        vsc = tl.load(v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh)
+        ksp = k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh
+        vsp = v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh
+        if MASKED:  # a stale scale past seq_len may be NaN/inf, and p * NaN is NaN even for p = 0
+            ksc = tl.load(ksp, mask=nmask, other=0.0)
+            vsc = tl.load(vsp, mask=nmask, other=0.0)
+        else:
+            ksc = tl.load(ksp)
+            vsc = tl.load(vsp)
         k = _kv_cast(k, q.dtype)
         v = _kv_cast(v, q.dtype)
     if V_T and MASKED:  # whole pages were loaded: zero keys >= seq_len (stale, maybe NaN)

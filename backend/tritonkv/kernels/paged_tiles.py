@@ -3,8 +3,10 @@ pages (ops/cache_layout.py). Both return ``[BLOCK_N, D]`` ready for ``tl.dot(p, 
 - ``load_v_token_minor_pages`` (tiles of whole pages, BLOCK_N % page == 0): each page of one
   KV head is one run of D * page values, so a warp reads 512 contiguous bytes;
 - ``load_v_token_minor`` (tiles shorter than a page): runs of min(page, BLOCK_N) tokens.
-Both read whole runs without masks (a block id is a real one or 0 from a masked id load), so
-the caller zeroes the values of keys past the sequence before the product."""
+Both read whole runs without masks. Rule for callers: every block id passed in is a real
+block of the cache (ids of pages at or past the sequence end are replaced by 0 when they are
+loaded, never taken from the table's padding), and the caller zeroes the values of keys past
+the sequence before the product."""
 
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ def load_v_token_minor(v_cache_ptr, blk, slot, kvh, d, stride_vb, stride_vh, str
     """V tile ``[BLOCK_N, D]`` from token-minor pages (physically ``[blocks, kv_heads, d, page]``,
     ops/cache_layout.py), loaded as V^T ``[D, BLOCK_N]``. Rule: every tile starts at a multiple
     of BLOCK_N and a page's tokens share one block id, so offsets run contiguous over
-    VEC = min(page, BLOCK_N) tokens. Whole pages are read, unmasked: a block id is a real one
-    or 0 (masked id loads), so the caller zeroes the values of keys past the sequence."""
+    VEC = min(page, BLOCK_N) tokens. Whole runs are read unmasked (the rule above)."""
     vo = blk[None, :] * stride_vb + kvh * stride_vh + d[:, None] * stride_vd + slot[None, :]
     vo = tl.max_contiguous(tl.multiple_of(vo, [1, VEC]), [1, VEC])
     return tl.trans(tl.load(v_cache_ptr + vo))

@@ -39,6 +39,11 @@ def v_token_minor(cache: torch.Tensor) -> bool:
     if cache.stride(-1) == 1 and dim > 1:
         return False
     if cache.stride(1) == 1 and cache.stride(3) == page and cache.stride(2) == page * dim:
+        # Rule: the kernels read a token-minor page as aligned runs (tl.multiple_of hints), so
+        # block_size and head_dim are powers of two and a page of one head is >= 16 values.
+        if page & (page - 1) or dim & (dim - 1) or page * dim < 16:
+            raise ValueError(f"a token-minor V cache needs power-of-two block_size and head_dim "
+                             f"with block_size*head_dim >= 16, got {page} and {dim}")
         return True
     raise ValueError(f"KV cache strides {tuple(cache.stride())} for shape {tuple(cache.shape)}: "
                      "want token-major (channels contiguous) or token-minor pages "
