@@ -115,6 +115,36 @@ def copy_ceiling():
     return 2 * n / (ms * 1e-3)
 
 
+# Block placements (--blocks): where a sequence's pages lie in the pool.
+# random: a random permutation of the whole pool (the worst case, the default);
+# sequential: each sequence one run of adjacent blocks (what the pool's lowest-id-first
+#   allocation gives a prompt prefilled into an empty pool);
+# interleaved: block j of sequence i is j * batch + i (lowest-id-first allocation while all
+#   sequences grow together in decode);
+# local: random order inside windows of 64 adjacent blocks (2 MB of bf16 K here): separates
+#   address locality (TLB reach) from the order of the pages.
+BLOCK_PLACEMENTS = ("random", "sequential", "interleaved", "local")
+
+
+def block_placement(kind, batch, nblk, num_blocks, dev):
+    n = batch * nblk
+    if kind == "random":
+        ids = torch.randperm(num_blocks, device=dev)[:n]
+    elif kind == "sequential":
+        ids = torch.arange(n, device=dev)
+    elif kind == "interleaved":
+        ids = torch.arange(n, device=dev).view(nblk, batch).t().reshape(-1)
+    elif kind == "local":
+        w = 64
+        m = -(-n // w) * w
+        keys = torch.arange(m, device=dev) // w * w + torch.rand(m, device=dev)
+        ids = keys.argsort()
+        ids = ids[ids < n]
+    else:
+        raise ValueError(kind)
+    return ids.int().view(batch, nblk).contiguous()
+
+
 class Inputs:
     """One paged decode problem: random data, blocks in a random order."""
 
@@ -122,11 +152,7 @@ class Inputs:
         dev = "cuda"
         nblk = ctx // PAGE
         num_blocks = batch * nblk + 7
-        if LAYOUT["blocks"] == "random":
-            perm = torch.randperm(num_blocks, device=dev)[: batch * nblk].int()
-        else:  # "sequential": each sequence's blocks one contiguous run, in order
-            perm = torch.arange(batch * nblk, device=dev, dtype=torch.int32)
-        self.block_tables = perm.view(batch, nblk).contiguous()
+        self.block_tables = block_placement(LAYOUT["blocks"], batch, nblk, num_blocks, dev)
         self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
         self.qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         self.q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16)
@@ -298,8 +324,8 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated shape labels to run")
     ap.add_argument("--layout", default="token", choices=["token", "head"])
-    ap.add_argument("--blocks", default="random", choices=["random", "sequential"],
-                    help="block ids of a sequence: a random permutation (default) or in order")
+    ap.add_argument("--blocks", default="random", choices=BLOCK_PLACEMENTS,
+                    help="where a sequence's blocks lie in the pool (BLOCK_PLACEMENTS)")
     ap.add_argument("--v-major", action="store_true",
                     help="8-bit V token-major (the layout before token-minor V pages)")
     ap.add_argument("--variants", action="store_true",

@@ -38,11 +38,17 @@ def c(bn, nw, ns, sp, g, **kw):
 
 
 PLAN = {
-    # bf16 with V token-minor too (whole-page V loads): does the access pattern help bf16?
-    "1x32k": [None], "1x32k_vminor": [None],
-    "16x4k": [None], "16x4k_vminor": [None, dict(v_pages=False)],
-    "64x1k": [None], "64x1k_vminor": [None, dict(gather_ids=True)],
-    "128x2k": [None], "128x2k_vminor": [None, dict(gather_ids=True)],
+    # bf16 gap to SDPA (run 18): deeper pipelines, 2 programs per SM, splits over idle SMs;
+    # defaults: 16x4k (64,4,4,1,g), 64x1k / 128x2k (64,4,3,1,-), 1x32k (128,4,3,16,g)
+    "16x4k": [None, c(64, 4, 5, 1, True), c(64, 4, 6, 1, True), c(128, 4, 3, 1, True),
+              c(64, 4, 3, 2, True), c(32, 4, 6, 1, True), c(64, 8, 4, 1, True),
+              c(128, 8, 3, 1, True)],
+    "64x1k": [None, c(64, 4, 3, 1, True), c(64, 4, 2, 1, False), c(32, 4, 4, 1, False),
+              c(128, 4, 2, 1, True), c(64, 8, 3, 1, False), c(64, 4, 4, 1, True)],
+    "128x2k": [None, c(64, 4, 3, 1, True), c(64, 4, 2, 1, False), c(32, 4, 4, 1, False),
+               c(64, 8, 3, 1, False)],
+    "1x32k": [None, c(128, 4, 4, 16, True), c(64, 4, 4, 16, True), c(128, 4, 3, 32, True),
+              c(128, 8, 3, 16, True), c(256, 8, 2, 16, True)],
 }
 
 
@@ -110,6 +116,8 @@ def main():
     ap.add_argument("--profile", default="", help="shape: run one config 3 times (for ncu)")
     ap.add_argument("--cfg", default="", help="JSON config for --profile (default: default)")
     ap.add_argument("--sdpa", action="store_true", help="--profile SDPA (enable_gqa) instead")
+    ap.add_argument("--blocks", default="random",
+                    help="comma-separated block placements (decode_attention.BLOCK_PLACEMENTS)")
     args = ap.parse_args()
     if args.profile:
         b, ctx, dt = SHAPES[args.profile]
@@ -125,11 +133,19 @@ def main():
         res += extend_fp8()
     if not args.only or "host" in args.only:
         host_overhead()
-    for name, cfgs in PLAN.items():
+    for blocks, name in [(p, n) for n in PLAN for p in args.blocks.split(",")]:
+        cfgs = PLAN[name]
         if args.only and name not in args.only.split(","):
             continue
+        B.LAYOUT["blocks"] = blocks
         b, ctx, dt = SHAPES[name]
         sets = B.make_sets(b, ctx, dt)
+        if args.sdpa:  # SDPA over the same data, unpaged (contiguous copies)
+            csets = B.make_sets(b, ctx, dt, contiguous=True)
+            t = B.graph_bench(csets, B.sdpa_fns(csets)["sdpa_gqa"], reps=15) * 1e3
+            res.append({"shape": name, "blocks": blocks, "cfg": "SDPA", "us": t})
+            print(f"{name:10s} {blocks:11s} {'SDPA (contiguous)':70s} {t:8.1f} us", flush=True)
+            del csets
         if name.endswith("vmajor"):  # 8-bit V token-major (the layout before run 10)
             for st in sets:
                 st.v = st.v.contiguous()
@@ -147,8 +163,9 @@ def main():
                 print(f"{name:10s} {label(cfg):70s} FAILED {type(e).__name__}: {str(e)[:150]}",
                       flush=True)
                 continue
-            res.append({"shape": name, "cfg": label(cfg), "us": t, "err": err})
-            print(f"{name:10s} {label(cfg):70s} {t:8.1f} us  err {err:.1e}", flush=True)
+            res.append({"shape": name, "blocks": blocks, "cfg": label(cfg), "us": t, "err": err})
+            print(f"{name:10s} {blocks:11s} {label(cfg):70s} {t:8.1f} us  err {err:.1e}",
+                  flush=True)
         del sets
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "explore.json"), "w") as fh:
