@@ -104,6 +104,17 @@ def graph_bench(sets, call, reps=30):
     return times[len(times) // 2]
 
 
+def paired_graph_bench(sets, calls, rounds=3, reps=30):
+    """Median over ``rounds`` of each call's graph-replay time (ms), the calls taking turns, so
+    that ours and a peer are timed under the same clocks and temperature (two timings of one
+    call minutes apart differ by up to 3% on the lent H100, bench/NOTES_kernels.md run 20)."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(graph_bench(sets, call, reps))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def copy_ceiling():
     n = 2 * 1024**3
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -322,6 +333,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--sweep", action="store_true", help="also time other kernel configs")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-flex", action="store_true", help="SDPA as the only peer")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument("--only", default="", help="comma-separated shape labels to run")
     ap.add_argument("--layout", default="token", choices=["token", "head"])
     ap.add_argument("--blocks", default="random", choices=BLOCK_PLACEMENTS,
@@ -359,7 +372,9 @@ def main():
         row = {"shape": label, "batch": batch, "ctx": ctx, "kv_dtype": str(kv_dtype),
                "bytes": nbytes, "rotating_sets": len(sets)}
         row["ours_err"] = check(ours_call()(sets[0]), sets[0])
-        ms = graph_bench(sets, ours_call())
+        calls = {"ours": ours_call(), **(sdpa_fns(sets) if peers else {})}
+        paired = paired_graph_bench(sets, calls)
+        ms = paired["ours"]
         row["ours_us"] = ms * 1e3
         row["ours_plain_us"] = bench(ours_fn(sets)) * 1e3
         if kv_dtype != torch.bfloat16:
@@ -406,23 +421,23 @@ def main():
             for name, call in sdpa_fns(sets).items():
                 try:
                     row[name + "_plain_us"] = bench(rotating(sets, call)) * 1e3
-                    row[name + "_us"] = graph_bench(sets, call)
-                    row[name + "_us"] *= 1e3
+                    row[name + "_us"] = paired[name] * 1e3
                 except Exception as e:  # noqa: BLE001
                     print(f"{name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            try:
-                call, opt = flex_fn(sets)
-                row["flex_err"] = check(call(sets[0]).transpose(1, 2), sets[0])
-                row["flex_opts"] = str(opt)
-                row["flex_plain_us"] = bench(rotating(sets, call)) * 1e3
+            if not args.no_flex:
                 try:
-                    row["flex_us"] = graph_bench(sets, call) * 1e3
+                    call, opt = flex_fn(sets)
+                    row["flex_err"] = check(call(sets[0]).transpose(1, 2), sets[0])
+                    row["flex_opts"] = str(opt)
+                    row["flex_plain_us"] = bench(rotating(sets, call)) * 1e3
+                    try:
+                        row["flex_us"] = graph_bench(sets, call) * 1e3
+                    except Exception as e:  # noqa: BLE001
+                        print(f"flex graph capture failed ({type(e).__name__}); plain timing used")
+                        row["flex_us"] = row["flex_plain_us"]
                 except Exception as e:  # noqa: BLE001
-                    print(f"flex graph capture failed ({type(e).__name__}); plain timing used")
-                    row["flex_us"] = row["flex_plain_us"]
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                print(f"flex failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    traceback.print_exc()
+                    print(f"flex failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         sd = [row[k] for k in ("sdpa_folded_us", "sdpa_gqa_us") if k in row]
         if sd:
             row["sdpa_us"] = min(sd)
@@ -432,7 +447,7 @@ def main():
         print(json.dumps(row), flush=True)
         del sets
         torch.cuda.empty_cache()
-        with open(os.path.join(args.out, "decode_attention.json"), "w") as fh:
+        with open(os.path.join(args.out, f"decode_attention{args.tag}.json"), "w") as fh:
             json.dump({"info": info, "rows": rows, "sweep": sweep}, fh, indent=1)
 
     bf = {r["shape"]: r for r in rows}
@@ -440,13 +455,13 @@ def main():
     if "16x8k" in bf and "16x8k fp8" in bf:
         fp8_speedup = bf["16x8k"]["ours_us"] / bf["16x8k fp8"]["ours_us"]
     info["fp8_speedup_16x8k"] = fp8_speedup
-    with open(os.path.join(args.out, "decode_attention.json"), "w") as fh:
+    with open(os.path.join(args.out, f"decode_attention{args.tag}.json"), "w") as fh:
         json.dump({"info": info, "rows": rows, "sweep": sweep}, fh, indent=1)
     table = render(info, rows, ceiling, fp8_speedup)
-    with open(os.path.join(args.out, "decode_attention.md"), "w") as fh:
+    with open(os.path.join(args.out, f"decode_attention{args.tag}.md"), "w") as fh:
         fh.write(table)
     try:
-        plot(rows, os.path.join(args.out, "decode_attention.png"), ceiling)
+        plot(rows, os.path.join(args.out, f"decode_attention{args.tag}.png"), ceiling)
     except Exception as e:  # noqa: BLE001
         print("plot failed", e)
     print(table)
@@ -460,12 +475,15 @@ def fmt(row, key):
 
 def render(info, rows, ceiling, fp8_speedup):
     out = [
-        f"# Paged decode attention, {info['device']} ({info['time']})",
+        f"# Paged decode attention, {info['device']} ({info['time']})"
+        + (f", blocks {info['block_order']}" if info.get("block_order", "random") != "random"
+           else ""),
         "",
         f"torch {info['torch']}, triton {info['triton']}. bf16 q, 32 query heads / 8 KV heads, "
         f"head dim 128, block size 16 (blocks in {info.get('block_order', 'random')} order). "
         "Time = median over replays of a "
-        "CUDA graph of back-to-back calls rotating over input sets (no host launch gaps); "
+        "CUDA graph of back-to-back calls rotating over input sets (no host launch gaps); ours "
+        "and SDPA take turns, three rounds each, median round; "
         "'ours plain' = triton do_bench median of eager calls (includes launch gaps where the "
         "GPU outruns Python). % = (KV bytes + q/o bytes) / time as a fraction of the measured "
         f"device-to-device copy ceiling, **{ceiling / 1e9:.0f} GB/s** (read + write).",

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# One device call (H100): GPU kernel + engine tests for the token-minor V change, then the
-# committed decode / extend benches and the exploration rows. Carry .gpu-carry (pytest wheels).
+# Device calls (H100) that produced the committed decode tables (run 21). Carry .gpu-carry
+# (pytest wheels). PART=tests: GPU kernel tests + the engine's oracle/behaviour/quantised-KV
+# tests on CUDA; PART=bench: the decode table with blocks in random order (both peers), then
+# in sequential and interleaved order (SDPA only): bench/results/decode_attention*.md.
 python3 -m pip install -q --no-index --no-deps --target /tmp/pt .gpu-carry/pytest-*.whl \
   .gpu-carry/pluggy-*.whl .gpu-carry/iniconfig-*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/pt:backend PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp}
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
-  tests/kernels/test_extend_attention.py tests/kernels/test_kv_write.py \
-  -k "quant or minor or gather or variants or kv" 2>&1 | tail -4 | tee $OUT/gpu_tests.log
-TRITONKV_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_quantized_kv.py tests/test_cache_layout.py 2>&1 | tail -3 | tee -a $OUT/gpu_tests.log
-timeout 200 python3 bench/decode_attention.py --out $OUT --variants 2>&1 | tail -25
-timeout 90 python3 bench/decode_explore.py --out $OUT 2>&1 | tee $OUT/explore.log | tail -20
+if [ "${PART:-tests}" = tests ]; then
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
+    tests/kernels/test_extend_attention.py tests/kernels/test_kv_write.py \
+    -k "${TESTK:-decode or padding or minor or quant or kv}" 2>&1 | tail -4 | tee $OUT/gpu_tests.log
+  TRITONKV_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_oracle.py tests/test_engine_behaviour.py tests/test_quantized_kv.py \
+    tests/test_cache_layout.py 2>&1 | tail -3 | tee -a $OUT/gpu_tests.log
+else
+  timeout 260 python3 bench/decode_attention.py --out $OUT 2>&1 | tail -16
+  for b in sequential interleaved; do
+    timeout 120 python3 bench/decode_attention.py --out $OUT --blocks $b --tag _$b --no-flex \
+      --only 1x32k,16x4k,64x1k,128x2k,16x8k,"16x8k fp8" 2>&1 | tail -12
+  done
+fi

@@ -6,12 +6,13 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/pt .gpu-carry/pytes
   .gpu-carry/pluggy-*.whl .gpu-carry/iniconfig-*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/pt:backend PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp}
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
-  tests/kernels/test_extend_attention.py -k "padding or minor or gather" 2>&1 | tail -4 \
+timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
+  tests/kernels/test_extend_attention.py -k "${TESTK:-padding or minor or gather}" 2>&1 | tail -4 \
   | tee $OUT/gpu_tests.log
 timeout ${EXPLORE_S:-300} python3 bench/decode_explore.py --out $OUT --sdpa \
   --only ${ONLY:-16x4k,64x1k,128x2k,1x32k} --blocks ${BLOCKS:-random,sequential,local} 2>&1 \
   | tee $OUT/explore.log | tail -90
+[ -n "$NO_NCU" ] && exit 0
 NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section SchedulerStats"
 timeout 60 $NCU -k regex:"flash|fmha|attn|sdp" -c 1 python3 bench/decode_explore.py --profile 16x4k --sdpa \
   > $OUT/ncu_sdpa16x4k.txt 2>&1

@@ -104,9 +104,18 @@ def _decode_tile(
     V_PAGES: tl.constexpr = False,
 ):
     # MASKED=False: a full tile of keys all < hi, and HEAD_DIM == BLOCK_D (no masks at all)
-    offs = n0 + tl.arange(0, BLOCK_N)
+    # Rule: n0 is a multiple of BLOCK_N (every walk starts at a tile-aligned key), so a tile of
+    # BLOCK_N >= PAGE keys holds whole pages: slots are a constant pattern and page indices a
+    # scalar plus a constant (no per-key division); a shorter tile lies inside one page.
+    r = tl.arange(0, BLOCK_N)
+    offs = n0 + r
     nmask = offs < hi
-    slot = offs % PAGE
+    if BLOCK_N >= PAGE:
+        slot = r % PAGE
+        page = n0 // PAGE + r // PAGE
+    else:
+        slot = n0 % PAGE + r
+        page = n0 // PAGE + r * 0
     # V_T: every token of a page gets the page's block id (a page is loaded whole)
     if V_T:
         bmask = (offs - slot) < hi
@@ -115,12 +124,12 @@ def _decode_tile(
     if BT_GATHER:  # block ids from the split's slice of the table, loaded before the loop.
         # Clamped: the pipeliner computes addresses of prefetched tiles past the loop's end
         # (their loads are predicated off, but the register gather itself is not).
-        idx = tl.minimum(offs // PAGE - page0, bt_vec.shape[0] - 1)
+        idx = tl.minimum(page - page0, bt_vec.shape[0] - 1)
         blk = tl.gather(bt_vec, idx, 0).to(tl.int64)
     elif MASKED:
-        blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=bmask, other=0).to(tl.int64)
+        blk = tl.load(bt_ptr + seq * stride_bt + page, mask=bmask, other=0).to(tl.int64)
     else:
-        blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE).to(tl.int64)
+        blk = tl.load(bt_ptr + seq * stride_bt + page).to(tl.int64)
     kp = k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
     lmask = nmask[:, None] & dmask[None, :]
     if MASKED:
@@ -395,9 +404,10 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 def default_decode_config(num_seqs: int, num_kv_heads: int, max_kv_len: int, quant: bool,
                           num_sms: int = 132):
     """(block_n, num_warps, num_stages, num_splits, gather_ids), from the H100 sweeps in
-    bench/NOTES_kernels.md (runs 3, 6 and 10-12):
-    - many (seq, kv-head) pairs (>= 2 per SM): one split; bf16 64-token tiles, ids per tile;
-      fp8/int8 128-token tiles, ids gathered;
+    bench/NOTES_kernels.md (runs 3, 6, 10-12 and 18-20):
+    - many (seq, kv-head) pairs (>= 2 per SM): one split; bf16 64-token tiles, ids per tile
+      (2-6 pairs per SM: 32-token tiles 4 deep, ~1% faster at 64x1k); fp8/int8 128-token
+      tiles, ids gathered;
     - about one pair per SM (>= 0.8): one split, block ids gathered up front so that the K/V
       tiles pipeline num_stages - 1 deep (bf16 64-token tiles; fp8/int8 128-token; 4 stages);
     - fewer: split each pair's keys so that the programs fill the SMs once (one program per
@@ -405,7 +415,9 @@ def default_decode_config(num_seqs: int, num_kv_heads: int, max_kv_len: int, qua
       gathered; a small reduce kernel merges the splits."""
     base = num_seqs * num_kv_heads
     if base >= 2 * num_sms:
-        return (128, 4, 3, 1, True) if quant else (64, 4, 3, 1, False)
+        if quant:
+            return 128, 4, 3, 1, True
+        return (64, 4, 3, 1, False) if base >= 6 * num_sms else (32, 4, 4, 1, False)
     if base >= 0.8 * num_sms:
         return (128, 4, 4, 1, True) if quant else (64, 4, 4, 1, True)
     splits = max(1, min(num_sms // max(base, 1), max_kv_len // (128 * 4), 256))
