@@ -221,3 +221,21 @@ def test_decode_never_reads_block_table_padding(pad, kv_dtype):
                                           num_splits=splits, gather_ids=gather_ids,
                                           block_n=block_n)
             _check(out, ref, torch.bfloat16, c.q)
+
+
+@pytest.mark.parametrize("q_lens", [[1, 0, 1], [1, 1, 0]])
+def test_decode_sequences_without_a_query_row(q_lens):
+    """A sequence with no query row this step (middle or last; the last one's row offset is
+    num_tokens) reads nothing and writes nothing: the other rows match the reference with one
+    split and with three (partials and log-sum-exp of the empty sequence are never stored)."""
+    lens = [45, 100, 17] if INTERPRET else [45, 3000, 17]
+    c = make_case(lens, q_lens, 8, 2, 64, pad="out_of_range")
+    ref = paged_attention_reference(*c.args())
+    for splits in (1, 3):
+        out = decode_attention_triton(*c.args(), out=poisoned_like(c.q), num_splits=splits,
+                                      gather_ids=True, block_n=16)
+        _check(out, ref, torch.bfloat16, c.q)
+        out, lse = decode_attention_triton(*c.args(), out=poisoned_like(c.q), num_splits=splits,
+                                           return_lse=True)
+        _check(out, ref, torch.bfloat16, c.q)
+        assert torch.isfinite(lse).all() and lse.shape == (2, 8)
