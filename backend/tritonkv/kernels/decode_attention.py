@@ -39,7 +39,7 @@ from tritonkv.ops.paged_attention import gather_kv, paged_attention_reference  #
 from tritonkv.ops.paged_attention import visibility_mask
 from tritonkv.ops.quant import is_quantized
 from tritonkv.ops.cache_layout import v_token_minor
-from tritonkv.kernels.paged_tiles import load_v_tile
+from tritonkv.kernels.paged_tiles import load_v_tile, tile_keys
 
 LOG2E = 1.4426950408889634
 
@@ -104,18 +104,8 @@ def _decode_tile(
     V_PAGES: tl.constexpr = False,
 ):
     # MASKED=False: a full tile of keys all < hi, and HEAD_DIM == BLOCK_D (no masks at all)
-    # Rule: n0 is a multiple of BLOCK_N (every walk starts at a tile-aligned key), so a tile of
-    # BLOCK_N >= PAGE keys holds whole pages: slots are a constant pattern and page indices a
-    # scalar plus a constant (no per-key division); a shorter tile lies inside one page.
-    r = tl.arange(0, BLOCK_N)
-    offs = n0 + r
+    offs, slot, page = tile_keys(n0, BLOCK_N, PAGE)  # (n0 is a multiple of BLOCK_N)
     nmask = offs < hi
-    if BLOCK_N >= PAGE:
-        slot = r % PAGE
-        page = n0 // PAGE + r // PAGE
-    else:
-        slot = n0 % PAGE + r
-        page = n0 // PAGE + r * 0
     # V_T: every token of a page gets the page's block id (a page is loaded whole)
     if V_T:
         bmask = (offs - slot) < hi

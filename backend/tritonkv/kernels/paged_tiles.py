@@ -1,5 +1,8 @@
-"""V tile loads shared by the paged attention kernels (decode, extend) for token-minor V
-pages (ops/cache_layout.py). Both return ``[BLOCK_N, D]`` ready for ``tl.dot(p, v)``:
+"""Tile helpers of the paged attention kernels: the key positions, slots and page indices of
+a decode tile (``tile_keys``; the extend kernel keeps its per-key division: with this helper
+its fp8 token-minor path ran 2674 instead of 2146 us on the H100, bench/NOTES_kernels.md run
+23), and V tile loads for token-minor V pages (ops/cache_layout.py) shared by decode and
+extend. The V loads return ``[BLOCK_N, D]`` ready for ``tl.dot(p, v)``:
 - ``load_v_token_minor_pages`` (tiles of whole pages, BLOCK_N % page == 0): each page of one
   KV head is one run of D * page values, so a warp reads 512 contiguous bytes;
 - ``load_v_token_minor`` (tiles shorter than a page): runs of min(page, BLOCK_N) tokens.
@@ -12,6 +15,22 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def tile_keys(n0, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """(key positions, slot in the page, page index) of the BLOCK_N keys from n0.
+    Rule: n0 is a multiple of BLOCK_N (every walk starts at a tile-aligned key), so a tile of
+    BLOCK_N >= PAGE keys holds whole pages: slots are a constant pattern and page indices a
+    scalar plus a constant (no per-key division); a shorter tile lies inside one page."""
+    r = tl.arange(0, BLOCK_N)
+    if BLOCK_N >= PAGE:
+        slot = r % PAGE
+        page = n0 // PAGE + r // PAGE
+    else:
+        slot = n0 % PAGE + r
+        page = n0 // PAGE + r * 0
+    return n0 + r, slot, page
 
 
 @triton.jit
