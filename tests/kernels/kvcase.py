@@ -7,7 +7,8 @@ import dataclasses
 import torch
 
 from tritonkv.ops.cache_layout import token_minor_view, use_token_minor_v
-from tritonkv.ops.quant import dynamic_scale, qmax, quantize
+from tritonkv.ops.paged_attention import paged_attention_reference
+from tritonkv.ops.quant import dynamic_scale, paged_attention_quant_reference, qmax, quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = DEVICE == "cpu"
@@ -117,6 +118,14 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
     if t.dim() == 4 and t.stride(1) == 1 and t.stride(-1) != 1:
         return token_minor_view(t.permute(0, 2, 3, 1).to(device))
     return t.to(device)
+
+
+def reference(c: Case, window=None, sinks=0) -> torch.Tensor:
+    """The oracle for a case: the float reference, dequantising first for an 8-bit cache."""
+    if c.k_scale is None:
+        return paged_attention_reference(*c.args(), window, sinks)
+    return paged_attention_quant_reference(*c.args(), window, sinks, k_scale=c.k_scale,
+                                           v_scale=c.v_scale)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

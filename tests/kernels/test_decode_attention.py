@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from kvcase import INTERPRET, make_case, poison_stale_slots, poisoned_like, rel_err, tol
+from kvcase import (INTERPRET, make_case, poison_stale_slots, poisoned_like, reference,
+                    rel_err, tol)
 
 from tritonkv.kernels.decode_attention import (
     attention_mass_reference,
@@ -212,10 +213,7 @@ def test_decode_never_reads_block_table_padding(pad, kv_dtype):
     poison_stale_slots(c)
     kw = dict(k_scale=c.k_scale, v_scale=c.v_scale)
     for window, sinks in ((None, 0), (37, 3)):
-        if kv_dtype is None:
-            ref = paged_attention_reference(*c.args(), window, sinks)
-        else:
-            ref = paged_attention_quant_reference(*c.args(), window, sinks, **kw)
+        ref = reference(c, window, sinks)
         for gather_ids, block_n, splits in ((True, 64, 1), (True, 16, 3), (False, 64, 3)):
             out = decode_attention_triton(*c.args(), window, sinks, **kw, out=poisoned_like(c.q),
                                           num_splits=splits, gather_ids=gather_ids,

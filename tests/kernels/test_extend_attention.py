@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from kvcase import INTERPRET, make_case, poison_stale_slots, poisoned_like, rel_err, tol
+from kvcase import (INTERPRET, make_case, poison_stale_slots, poisoned_like, reference,
+                    rel_err, tol)
 
 from tritonkv.kernels.extend_attention import extend_attention_triton
 from tritonkv.ops.paged_attention import paged_attention_reference
@@ -100,10 +101,7 @@ def test_extend_never_reads_block_table_padding(pad, kv_dtype):
     poison_stale_slots(c)
     kw = dict(k_scale=c.k_scale, v_scale=c.v_scale)
     for window, sinks in ((None, 0), (20, 3)):
-        if kv_dtype is None:
-            ref = paged_attention_reference(*c.args(), window, sinks)
-        else:
-            ref = paged_attention_quant_reference(*c.args(), window, sinks, **kw)
+        ref = reference(c, window, sinks)
         for block_n in (16, 64):
             out = extend_attention_triton(*c.args(), window, sinks, **kw, out=poisoned_like(c.q),
                                           block_m=32, block_n=block_n, num_warps=4,
