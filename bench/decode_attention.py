@@ -157,7 +157,7 @@ def block_placement(kind, batch, nblk, num_blocks, dev):
 
 
 class Inputs:
-    """One paged decode problem: random data, blocks in a random order."""
+    """One paged decode problem: random data, blocks placed as LAYOUT["blocks"] says."""
 
     def __init__(self, batch, ctx, kv_dtype=torch.bfloat16, contiguous=False, gen_seed=0):
         dev = "cuda"
@@ -373,7 +373,11 @@ def main():
                "bytes": nbytes, "rotating_sets": len(sets)}
         row["ours_err"] = check(ours_call()(sets[0]), sets[0])
         calls = {"ours": ours_call(), **(sdpa_fns(sets) if peers else {})}
-        paired = paired_graph_bench(sets, calls)
+        try:
+            paired = paired_graph_bench(sets, calls)
+        except Exception as e:  # noqa: BLE001  (a peer failed: time ours alone)
+            print(f"paired timing failed ({type(e).__name__}: {str(e)[:200]}); ours alone")
+            paired = paired_graph_bench(sets, {"ours": calls["ours"]})
         ms = paired["ours"]
         row["ours_us"] = ms * 1e3
         row["ours_plain_us"] = bench(ours_fn(sets)) * 1e3

@@ -39,9 +39,9 @@ def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
     uses hold random data too. kv_dtype fp8/int8 -> cache quantised from random floats with
     per-token-head ('token') or per-block ('block') scales. ``v_minor``: V stored token-minor
     (ops/cache_layout.py); None = as the engine allocates it for this dtype. ``pad``: the
-    block-table entries past each sequence hold 'random' real ids, 'nan' the id of an unused,
-    NaN-filled block (a read through padding poisons the output), or 'out_of_range' ids far
-    past the cache (a read through padding faults)."""
+    block-table entries past each sequence hold 'random' real ids, 'nan' the id of an unused
+    block filled with NaN (-128 for int8) and NaN scales, or 'out_of_range' ids far past the
+    cache (a read through them faults: an illegal address on the GPU, a crash on the CPU)."""
     g = gen or torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     num_seqs = len(seq_lens)
     blocks_per_seq = [(s + page - 1) // page for s in seq_lens]

@@ -237,3 +237,16 @@ def test_decode_sequences_without_a_query_row(q_lens):
                                            return_lse=True)
         _check(out, ref, torch.bfloat16, c.q)
         assert torch.isfinite(lse).all() and lse.shape == (2, 8)
+
+
+@pytest.mark.parametrize("page,block_n", [(12, 8), (24, 16), (48, 64), (16, 64), (32, 16)])
+def test_decode_pages_of_any_size(page, block_n):
+    """Tile slots and page indices are right whether or not the page size and the tile length
+    divide each other (12-token pages with 8-token tiles, 48-token pages with 64-token tiles)."""
+    lens = [1, 45, 100] if INTERPRET else [1, 45, 3000]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64, page=page)
+    ref = reference(c)
+    for splits in (1, 2):
+        out = decode_attention_triton(*c.args(), out=poisoned_like(c.q), num_splits=splits,
+                                      block_n=block_n, gather_ids=splits == 2)
+        _check(out, ref, torch.bfloat16, c.q)

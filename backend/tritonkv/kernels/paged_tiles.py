@@ -22,14 +22,18 @@ def tile_keys(n0, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
     """(key positions, slot in the page, page index) of the BLOCK_N keys from n0.
     Rule: n0 is a multiple of BLOCK_N (every walk starts at a tile-aligned key), so a tile of
     BLOCK_N >= PAGE keys holds whole pages: slots are a constant pattern and page indices a
-    scalar plus a constant (no per-key division); a shorter tile lies inside one page."""
+    scalar plus a constant (no per-key division); a shorter tile lies inside one page. Both
+    need one of BLOCK_N, PAGE to divide the other; other page sizes divide per key."""
     r = tl.arange(0, BLOCK_N)
-    if BLOCK_N >= PAGE:
+    if BLOCK_N % PAGE == 0:
         slot = r % PAGE
         page = n0 // PAGE + r // PAGE
-    else:
+    elif PAGE % BLOCK_N == 0:
         slot = n0 % PAGE + r
         page = n0 // PAGE + r * 0
+    else:  # neither divides the other (a page size that is not a power of two): per key
+        slot = (n0 + r) % PAGE
+        page = (n0 + r) // PAGE
     return n0 + r, slot, page
 
 
