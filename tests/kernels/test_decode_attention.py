@@ -113,10 +113,7 @@ def test_decode_variants(kv_dtype, even):
     lens = [1, 40, 99, 130] if INTERPRET else [1, 40, 999, 8192, 4097, 16 * 131 + 5]
     heads = (8, 2) if INTERPRET else (32, 8)
     c = make_case(lens, [1] * len(lens), *heads, 128, kv_dtype=kv_dtype)
-    if kv_dtype is None:
-        ref = paged_attention_reference(*c.args())
-    else:
-        ref = paged_attention_quant_reference(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale)
+    ref = reference(c)
     cds = [None] if kv_dtype is None else [None, torch.float16]
     for cd in cds:
         for splits in (None, 1, 5):
@@ -149,10 +146,7 @@ def test_decode_gather_ids(kv_dtype, gather_ids, block_n):
     heads = (8, 2) if INTERPRET else (32, 8)
     c = make_case(lens, [1] * len(lens), *heads, 128, kv_dtype=kv_dtype)
     poison_stale_slots(c)
-    if kv_dtype is None:
-        ref = paged_attention_reference(*c.args())
-    else:
-        ref = paged_attention_quant_reference(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale)
+    ref = reference(c)
     ref_lse = _reference_lse(c)
     for splits in (1, 3):
         out = decode_attention_triton(
