@@ -35,7 +35,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "backend"))
 from tritonkv.kernels.decode_attention import decode_attention_triton  # noqa: E402
-from tritonkv.ops.cache_layout import token_minor_view, use_token_minor_v  # noqa: E402
+from tritonkv.cache.layout import token_minor_view, use_token_minor_v  # noqa: E402
 from tritonkv.ops.quant import dynamic_scale, quantize  # noqa: E402
 
 H, HKV, D, PAGE = 32, 8, 128, 16
@@ -47,7 +47,7 @@ SWEEP = [(16, 4, 6), (16, 4, 8), (32, 4, 4), (32, 4, 6), (32, 4, 8), (64, 4, 3),
 
 
 # --layout: "token" = [blocks, page, kv_heads, d] (engine), "head"; v_minor: V of an 8-bit
-# cache token-minor as the engine allocates it (ops/cache_layout.py; --v-major turns it off)
+# cache token-minor as the engine allocates it (cache/layout.py; --v-major turns it off)
 LAYOUT = {"kv": "token", "v_minor": True, "blocks": "random"}
 
 BF16_VARIANTS = {

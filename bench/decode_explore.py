@@ -62,7 +62,7 @@ def extend_fp8():
     """Extend (4k-token chunk after a 4k prefix) over an fp8 cache: V token-minor vs major."""
     import extend_attention as E
     from tritonkv.kernels.extend_attention import extend_attention_triton
-    from tritonkv.ops.cache_layout import token_minor_view
+    from tritonkv.cache.layout import token_minor_view
     from tritonkv.ops.quant import dynamic_scale, quantize
 
     out = []
@@ -150,7 +150,7 @@ def main():
             for st in sets:
                 st.v = st.v.contiguous()
         if name.endswith("vminor"):  # V token-minor whatever its dtype
-            from tritonkv.ops.cache_layout import token_minor_view
+            from tritonkv.cache.layout import token_minor_view
             for st in sets:
                 st.v = token_minor_view(st.v.permute(0, 2, 3, 1).contiguous())
         for cfg in cfgs:

@@ -12,8 +12,8 @@ if [ "${PART:-tests}" = tests ]; then
     tests/kernels/test_extend_attention.py tests/kernels/test_kv_write.py \
     -k "${TESTK:-decode or padding or minor or quant or kv}" 2>&1 | tail -4 | tee $OUT/gpu_tests.log
   TRITONKV_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_oracle.py tests/test_engine_behaviour.py tests/test_quantized_kv.py \
-    tests/test_cache_layout.py 2>&1 | tail -3 | tee -a $OUT/gpu_tests.log
+    tests/engine/test_oracle.py tests/engine/test_engine_behaviour.py tests/engine/test_quantized_kv.py \
+    tests/cache/test_layout.py 2>&1 | tail -3 | tee -a $OUT/gpu_tests.log
 else
   timeout 260 python3 bench/decode_attention.py --out $OUT 2>&1 | tail -16
   for b in sequential interleaved; do

@@ -14,6 +14,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pt \
 export PYTHONPATH=/tmp/pt PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp}
 TRITONKV_TEST_DEVICE=cuda timeout 200 $IMGPY -m pytest -q -p no:cacheprovider \
-  tests/test_oracle.py tests/test_engine_behaviour.py 2>&1 | tee "$OUT/gpu_engine_tests.log" | tail -3
+  tests/engine/test_oracle.py tests/engine/test_engine_behaviour.py 2>&1 | tee "$OUT/gpu_engine_tests.log" | tail -3
 source .gpu-carry/device_env.sh
 timeout 300 $IMGPY -m pytest -q -p no:cacheprovider tests/e2e/test_server_e2e.py 2>&1 | tee "$OUT/gpu_e2e.log" | tail -3

@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "tests", "e2e")]
 
 from triton_calls import StreamClient  # noqa: E402
-from tritonkv.kv.shared_pool import pool_snapshot  # noqa: E402
-from tritonkv.serve import launch  # noqa: E402
+from tritonkv.cache.shared_pool import pool_snapshot  # noqa: E402
+from tritonkv.server.launcher import launch  # noqa: E402
 
 SYSTEM = [256] + [(i * 37) % 256 for i in range(1023)]
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -38,7 +38,7 @@ def settings(checkpoint, pool_name):
 
 def ttft_ms(engine, corr_id, ids, extra_keys=()):
     """Submit a 1-token turn and drive the engine until the first token: its wall time."""
-    from tritonkv.sched.sequence import SamplingParams
+    from tritonkv.engine.requests import SamplingParams
 
     outs = []
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def warmer(checkpoint, pool_name, system, ready, done):
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    from tritonkv.engine_factory import build_engine
+    from tritonkv.engine.factory import build_engine
 
     engine = build_engine(settings(checkpoint, pool_name))
     ttft_ms(engine, "warm", system + [65])
@@ -71,7 +71,7 @@ def main():
 
     import torch
 
-    from tritonkv.engine_factory import build_engine
+    from tritonkv.engine.factory import build_engine
     from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))

@@ -19,7 +19,7 @@ import signal
 
 @contextlib.contextmanager
 def managed_server(checkpoint: str | None = None, *, pool_name: str, extra_params: dict | None = None, **kwargs):
-    from tritonkv.serve import start_server
+    from tritonkv.server.launcher import start_server
 
     params = {"pool_name": pool_name, **(extra_params or {})}
     server = None
@@ -41,7 +41,7 @@ def kill_leftovers(pgid: int) -> None:
 
 def remove_pool_files(pool_name: str) -> None:
     """Delete the shared-memory files of a pool this server alone used (``tritonkv-<name>-<device>.*``)."""
-    from tritonkv.kv.shared_pool import shm_dir
+    from tritonkv.cache.shared_pool import shm_dir
 
     for path in glob.glob(os.path.join(shm_dir(), f"tritonkv-{glob.escape(pool_name)}-*")):
         with contextlib.suppress(FileNotFoundError):

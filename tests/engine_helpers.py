@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from tritonkv.config import EngineConfig
-from tritonkv.engine_factory import build_engine
-from tritonkv.sched.sequence import SamplingParams
+from tritonkv.engine.factory import build_engine
+from tritonkv.engine.requests import SamplingParams
 
 
 # The same tests run on a GPU (kernels instead of torch references) with TRITONKV_TEST_DEVICE=cuda.

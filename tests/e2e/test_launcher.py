@@ -8,13 +8,13 @@ import sys
 import time
 
 from triton_calls import http_generate
-from tritonkv.serve import free_port, live_group_members
+from tritonkv.server.launcher import free_port, live_group_members
 
 
 def test_serve_prints_endpoints_and_stops_on_sigterm():
     http, grpc, metrics = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tritonkv.cli", "serve", "--http-port", str(http), "--grpc-port", str(grpc),
+        [sys.executable, "-m", "tritonkv.server.cli", "serve", "--http-port", str(http), "--grpc-port", str(grpc),
          "--metrics-port", str(metrics)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "..", "backend")})
@@ -46,8 +46,8 @@ def test_serve_prints_endpoints_and_stops_on_sigterm():
 
 def test_stop_with_an_open_conversation_leaves_no_stub_and_no_pool_files():
     from triton_calls import StreamClient
-    from tritonkv.kv.shared_pool import shm_dir
-    from tritonkv.serve import start_server
+    from tritonkv.cache.shared_pool import shm_dir
+    from tritonkv.server.launcher import start_server
 
     pool = f"stoptest{os.getpid()}"
     with start_server(extra_params={"pool_name": pool, "kv_cache_memory_mb": "32"}, exit_timeout_s=3) as server:

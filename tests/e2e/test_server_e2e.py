@@ -9,7 +9,7 @@ import torch
 from tiny_models import hf_greedy
 from triton_calls import StreamClient, http_generate, inputs_for, metric_values
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
-from tritonkv.serve import start_server
+from tritonkv.server.launcher import start_server
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -15,8 +15,8 @@ import uuid
 import pytest
 
 from triton_calls import StreamClient, http_generate, inputs_for
-from tritonkv.kv.shared_pool import pool_path, pool_snapshot, remove_if_stale, wait_until
-from tritonkv.serve import launch
+from tritonkv.cache.shared_pool import pool_path, pool_snapshot, remove_if_stale, wait_until
+from tritonkv.server.launcher import launch
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 SYSTEM = [256] + [(i * 37) % 256 for i in range(1023)]  # 1,024 tokens = 64 blocks of 16

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from tritonkv.ops.cache_layout import token_minor_view, use_token_minor_v
+from tritonkv.cache.layout import token_minor_view, use_token_minor_v
 from tritonkv.ops.paged_attention import paged_attention_reference
 from tritonkv.ops.quant import dynamic_scale, paged_attention_quant_reference, qmax, quantize
 
@@ -38,7 +38,7 @@ def make_case(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, page=16,
     """Random q and cache; blocks handed out in a random order; cache slots that no sequence
     uses hold random data too. kv_dtype fp8/int8 -> cache quantised from random floats with
     per-token-head ('token') or per-block ('block') scales. ``v_minor``: V stored token-minor
-    (ops/cache_layout.py); None = as the engine allocates it for this dtype. ``pad``: the
+    (cache/layout.py); None = as the engine allocates it for this dtype. ``pad``: the
     block-table entries past each sequence hold 'random' real ids, 'nan' the id of an unused
     block filled with NaN (-128 for int8) and NaN scales, or 'out_of_range' ids far past the
     cache (a read through them faults: an illegal address on the GPU, a crash on the CPU)."""

@@ -41,7 +41,7 @@ def test_write_kv_plain(num_tokens, num_kv_heads, head_dim, dtype):
 @pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("v_minor", [True, False])
 def test_write_kv_quant(num_tokens, num_kv_heads, head_dim, kv_dtype, granularity, v_minor):
-    """v_minor: V stored token-minor (ops/cache_layout.py), as the engine allocates 8-bit V."""
+    """v_minor: V stored token-minor (cache/layout.py), as the engine allocates 8-bit V."""
     gen = torch.Generator().manual_seed(num_tokens * 13 + head_dim)
     page = 16
     num_blocks = (num_tokens + page - 1) // page + 3

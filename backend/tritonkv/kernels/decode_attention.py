@@ -19,7 +19,7 @@ Design
   once before the loop and picked with ``tl.gather``: K/V addresses that depend on a load in
   the same iteration get a single pipeline buffer from Triton, gathered ids get num_stages - 1
   (bench/NOTES_kernels.md, runs 5-9).
-- V of an fp8/int8 cache is token-minor (ops/cache_layout.py) and read in whole pages
+- V of an fp8/int8 cache is token-minor (cache/layout.py) and read in whole pages
   (kernels/paged_tiles.py), so the 8-bit V tile reaches the MMA without byte-wise shared
   memory reads; only the tile holding the sequence end zeroes V past it (stale slots).
 - Sliding window w: only keys in ``(pos - w, pos]`` are walked (split over that range);
@@ -38,7 +38,7 @@ import triton.language as tl
 from tritonkv.ops.paged_attention import gather_kv, paged_attention_reference  # noqa: F401
 from tritonkv.ops.paged_attention import visibility_mask
 from tritonkv.ops.quant import is_quantized
-from tritonkv.ops.cache_layout import v_token_minor
+from tritonkv.cache.layout import v_token_minor
 from tritonkv.kernels.paged_tiles import load_v_tile, tile_keys
 
 LOG2E = 1.4426950408889634

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from tritonkv.ops.paged_attention import paged_attention_reference  # noqa: F401  (the oracle)
 from tritonkv.ops.quant import is_quantized
-from tritonkv.ops.cache_layout import v_token_minor
+from tritonkv.cache.layout import v_token_minor
 from tritonkv.kernels.paged_tiles import load_v_tile
 
 LOG2E = 1.4426950408889634

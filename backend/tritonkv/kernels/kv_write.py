@@ -13,7 +13,7 @@ import triton.language as tl
 
 from tritonkv.ops.paged_attention import write_kv_reference  # noqa: F401  (the oracle)
 from tritonkv.ops.quant import TINY, is_quantized, qmax, write_kv_quant_reference  # noqa: F401
-from tritonkv.ops.cache_layout import v_token_minor
+from tritonkv.cache.layout import v_token_minor
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _write_kv_kernel(
     k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=m, other=0.0)
     v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m, other=0.0)
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs + h[:, None] * stride_kch + d[None, :]
-    # stride_vcd: 1 (token-major) or the page size (token-minor V, ops/cache_layout.py)
+    # stride_vcd: 1 (token-major) or the page size (token-minor V, cache/layout.py)
     vc = (v_cache_ptr + blk * stride_vcb + off * stride_vcs + h[:, None] * stride_vch
           + d[None, :] * stride_vcd)
     if QUANT == 0:

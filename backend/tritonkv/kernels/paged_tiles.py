@@ -1,7 +1,7 @@
 """Tile helpers of the paged attention kernels: the key positions, slots and page indices of
 a decode tile (``tile_keys``; the extend kernel keeps its per-key division: with this helper
 its fp8 token-minor path ran 2674 instead of 2146 us on the H100, bench/NOTES_kernels.md run
-23), and V tile loads for token-minor V pages (ops/cache_layout.py) shared by decode and
+23), and V tile loads for token-minor V pages (cache/layout.py) shared by decode and
 extend. The V loads return ``[BLOCK_N, D]`` ready for ``tl.dot(p, v)``:
 - ``load_v_token_minor_pages`` (tiles of whole pages, BLOCK_N % page == 0): each page of one
   KV head is one run of D * page values, so a warp reads 512 contiguous bytes;
@@ -41,7 +41,7 @@ def tile_keys(n0, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
 def load_v_token_minor(v_cache_ptr, blk, slot, kvh, d, stride_vb, stride_vh, stride_vd,
                        VEC: tl.constexpr):
     """V tile ``[BLOCK_N, D]`` from token-minor pages (physically ``[blocks, kv_heads, d, page]``,
-    ops/cache_layout.py), loaded as V^T ``[D, BLOCK_N]``. Rule: every tile starts at a multiple
+    cache/layout.py), loaded as V^T ``[D, BLOCK_N]``. Rule: every tile starts at a multiple
     of BLOCK_N and a page's tokens share one block id, so offsets run contiguous over
     VEC = min(page, BLOCK_N) tokens. Whole runs are read unmasked (the rule above)."""
     vo = blk[None, :] * stride_vb + kvh * stride_vh + d[:, None] * stride_vd + slot[None, :]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tritonkv.kv.kv_cache_manager import KVCacheManager
+from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
 

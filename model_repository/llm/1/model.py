@@ -2,4 +2,4 @@
 import os, sys  # noqa: E401
 
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "backend"))
-from tritonkv.triton_model import TritonPythonModel  # noqa: E402,F401
+from tritonkv.server.triton_model import TritonPythonModel  # noqa: E402,F401

@@ -6,8 +6,8 @@ import torch
 from engine_helpers import Collector, greedy, make_engine
 from tiny_models import build_tiny_checkpoint, hf_greedy
 from tritonkv.config import EngineConfig
-from tritonkv.engine_factory import build_engine
-from tritonkv.ops.cache_layout import v_token_minor
+from tritonkv.engine.factory import build_engine
+from tritonkv.cache.layout import v_token_minor
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_quantized_cache_stores_quantized_values_and_tracks_the_oracle(tiny, kv_
     engine = make_engine(path, kv_cache_dtype=kv_dtype)
     k_cache, v_cache, k_scale, v_scale = engine.kv_caches[0]
     assert k_cache.dtype == storage and k_scale.dtype == torch.float32
-    assert v_token_minor(v_cache) and not v_token_minor(k_cache)  # 8-bit V: ops/cache_layout.py
+    assert v_token_minor(v_cache) and not v_token_minor(k_cache)  # 8-bit V: cache/layout.py
     prompt = [1, 17, 33, 5, 60, 8, 71, 9, 42, 13, 77]
     c = Collector()
     engine.submit("q", prompt, greedy(24), c, start=True, end=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tritonkv.sched.sequence import SamplingParams, TurnOutput
+from tritonkv.engine.requests import SamplingParams, TurnOutput
 
 FLAG_SEQUENCE_START = 1  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
 FLAG_SEQUENCE_END = 2

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tritonkv.kv.block_hash import NO_HASH
+from tritonkv.cache.block_hash import NO_HASH
 
 STAT_NAMES = ("prefix_query_blocks", "prefix_hit_blocks", "evictions", "tick")
 

@@ -7,7 +7,7 @@ import pytest
 from engine_helpers import Collector, greedy, make_engine, run_turn
 from tiny_models import build_tiny_checkpoint, hf_greedy
 from tritonkv.config import EngineConfig
-from tritonkv.sched.sequence import SamplingParams
+from tritonkv.engine.requests import SamplingParams
 
 
 @pytest.fixture(scope="module")

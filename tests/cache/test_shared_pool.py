@@ -8,8 +8,8 @@ import time
 import pytest
 
 from pool_workers import BS, attach_only, hammer, hold_and_wait
-from tritonkv.kv.block_hash import hash_full_blocks
-from tritonkv.kv.shared_pool import PoolMismatch, SharedBlockPool, pool_path, wait_until
+from tritonkv.cache.block_hash import hash_full_blocks
+from tritonkv.cache.shared_pool import PoolMismatch, SharedBlockPool, pool_path, wait_until
 
 CTX = mp.get_context("spawn")  # no inherited locks or mappings: each worker attaches by name
 JOIN_S = 60

@@ -2,7 +2,7 @@
 
 from tritonkv.model.demo_checkpoint import byte_level_tokenizer, write_checkpoint
 from tritonkv.model.tokenizer import IncrementalDetokenizer, TextTokenizer
-from tritonkv.turn_output import TurnTextBuilder
+from tritonkv.engine.output import TurnTextBuilder
 
 
 def tokenizer(tmp_path):

@@ -8,8 +8,8 @@ import signal
 import pytest
 
 from engine_workers import engine_settings, second_instance, turn, weights_mapped_from_pool_file
-from tritonkv.engine_factory import build_engine
-from tritonkv.kv.shared_pool import pool_path, wait_until
+from tritonkv.engine.factory import build_engine
+from tritonkv.cache.shared_pool import pool_path, wait_until
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
 CTX = mp.get_context("spawn")

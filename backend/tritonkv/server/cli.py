@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     serve.add_argument("--verbose", action="store_true", help="server log on the console")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from tritonkv.serve import serve_forever
+        from tritonkv.server.launcher import serve_forever
 
         return serve_forever(args)
     return 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tritonkv.sched.sequence import SamplingParams
+from tritonkv.engine.requests import SamplingParams
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

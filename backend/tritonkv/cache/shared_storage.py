@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonkv.kv.shared_pool import SharedBlockPool, reserve
+from tritonkv.cache.allocate import kv_storage_shape
+from tritonkv.cache.shared_pool import SharedBlockPool, reserve
 from tritonkv.model.checkpoint import load_model
 from tritonkv.model.model_config import ModelConfig
 
@@ -112,22 +113,22 @@ class SharedDeviceState:
         self.pool.close()
 
 
-def pool_description(checkpoint: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+def pool_description(checkpoint: str, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
                      kv_shape: tuple) -> str:
     """What the blocks (and weights) hold; attachers must agree on every part of it."""
     files = sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
     stamp = ",".join(f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in files)
-    return (f"checkpoint={os.path.abspath(checkpoint)} [{stamp}] layers={cfg.num_layers} "
-            f"kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} dtype={str(dtype).replace('torch.', '')} "
+    return (f"checkpoint={os.path.abspath(checkpoint)} [{stamp}] layers={model_config.num_layers} "
+            f"kv_heads={model_config.num_kv_heads} head_dim={model_config.head_dim} dtype={str(dtype).replace('torch.', '')} "
             f"device={device} kv={list(kv_shape)}")
 
 
-def open_shared_device_state(name: str, checkpoint: str, cfg: ModelConfig, model: torch.nn.Module | None,
+def open_shared_device_state(name: str, checkpoint: str, model_config: ModelConfig, model: torch.nn.Module | None,
                              device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int,
                              **pool_kwargs) -> SharedDeviceState:
     """Create or attach the pool ``name``, its KV storage and (when ``model`` is given) the
     model's shared weights. ``model`` may sit on the CPU; its parameters end up on ``device``."""
-    kv_shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    kv_shape = kv_storage_shape(model_config, num_blocks, block_size)
     numel = 1
     for d in kv_shape:
         numel *= d
@@ -138,7 +139,7 @@ def open_shared_device_state(name: str, checkpoint: str, cfg: ModelConfig, model
         made["weights"] = model is not None and share_weights(pool, model, device)
 
     pool = SharedBlockPool.open(name, num_blocks, block_size,
-                                description=pool_description(checkpoint, cfg, dtype, device, kv_shape),
+                                description=pool_description(checkpoint, model_config, dtype, device, kv_shape),
                                 on_open=on_open, **pool_kwargs)
     atexit.register(pool.close)
     return SharedDeviceState(pool, made["kv"], made["weights"])

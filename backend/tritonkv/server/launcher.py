@@ -27,7 +27,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_REPOSITORY = os.path.join(ROOT, "model_repository")
 
 
@@ -131,7 +131,7 @@ def remove_stale_pools(pool_names) -> None:
     """Remove the /dev/shm files of these pools (on every device) that no live process holds."""
     import glob
 
-    from tritonkv.kv.shared_pool import remove_if_stale, shm_dir
+    from tritonkv.cache.shared_pool import remove_if_stale, shm_dir
 
     for pool_name in pool_names:
         prefix = os.path.join(shm_dir(), f"tritonkv-{pool_name}-")

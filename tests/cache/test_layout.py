@@ -1,11 +1,11 @@
-"""Token-minor V pages (ops/cache_layout.py): what the allocator hands out, and the rule that
+"""Token-minor V pages (cache/layout.py): what the allocator hands out, and the rule that
 the logical view and the physical order hold the same values."""
 
 import pytest
 import torch
 
-from tritonkv.engine_factory import allocate_kv_caches
-from tritonkv.ops.cache_layout import token_minor_view, use_token_minor_v, v_token_minor
+from tritonkv.cache.allocate import allocate_kv_caches
+from tritonkv.cache.layout import token_minor_view, use_token_minor_v, v_token_minor
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.ops.paged_attention import gather_kv, write_kv_reference
 

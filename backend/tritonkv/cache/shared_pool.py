@@ -35,9 +35,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tritonkv.kv.block_pool import BlockPool, PoolArrays, PoolExhausted
+from tritonkv.cache.block_pool import BlockPool, PoolArrays, PoolExhausted
 
-log = logging.getLogger("tritonkv.kv")
+log = logging.getLogger("tritonkv.cache")
 
 MAGIC = 0x7472_6B76_706F_6F6C  # "trkvpool"
 VERSION = 1

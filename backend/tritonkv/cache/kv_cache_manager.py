@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from tritonkv.kv.block_hash import NO_HASH, hash_full_blocks
-from tritonkv.kv.block_pool import BlockPool, PoolExhausted
+from tritonkv.cache.block_hash import NO_HASH, hash_full_blocks
+from tritonkv.cache.block_pool import BlockPool, PoolExhausted
 
 
 @dataclass

@@ -17,22 +17,19 @@ from collections.abc import Callable, Hashable
 import torch
 
 from tritonkv.config import EngineConfig
-from tritonkv.kv.block_pool import BlockPool
-from tritonkv.kv.kv_cache_manager import KVCacheManager
+from tritonkv.cache.block_pool import BlockPool
+from tritonkv.cache.kv_cache_manager import KVCacheManager
+from tritonkv.engine.output import TurnTextBuilder
+from tritonkv.engine.requests import RequestError, SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.engine.sampler import sample
 from tritonkv.model.llama import AttentionBatch, CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
-from tritonkv.sampler import sample
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
-from tritonkv.sched.sequence import SamplingParams, Sequence, SeqStatus, Turn, TurnOutput
-from tritonkv.turn_output import TurnTextBuilder
+from tritonkv.sched.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("tritonkv.engine")
 
 CANCEL_POLL_S = 0.05
-
-
-class RequestError(ValueError):
-    """Bad input from a client: the message says what was wrong and what to do."""
 
 
 class Engine:
@@ -81,7 +78,7 @@ class Engine:
         """Queue one turn. ``close_only``: no generation, just END. ``error``: the request was
         invalid; it is answered with that error in order (and END still closes)."""
         turn = Turn(list(prompt_ids), params, emit, is_cancelled, end_sequence=end or stateless)
-        self._commands.put((corr_id, turn, start, stateless, extra_keys, close_only, error))
+        self._commands.put(Submission(corr_id, turn, start, stateless, tuple(extra_keys), close_only, error))
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
@@ -117,7 +114,7 @@ class Engine:
                 item = self._commands.get(block=not busy, timeout=None if busy else 1.0)
                 if item is None:
                     continue
-                self._accept(*item)
+                self._accept(item)
             except queue.Empty:
                 pass
             self._drain()
@@ -135,7 +132,7 @@ class Engine:
             except queue.Empty:
                 return
             if item is not None:
-                self._accept(*item)
+                self._accept(item)
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Synchronous driving for tests and benchmarks (no thread)."""
@@ -146,11 +143,12 @@ class Engine:
             self.step()
         raise RuntimeError("engine did not go idle")
 
-    def _accept(self, corr_id, turn: Turn, start, stateless, extra_keys, close_only, error) -> None:
+    def _accept(self, sub: Submission) -> None:
         """Apply one submitted turn to the conversation table, in submission order.
 
         A rejected request (``error``) changes nothing, except that its END still closes the
         conversation once the turns queued before it are done."""
+        corr_id, turn, start, stateless, error = sub.corr_id, sub.turn, sub.start, sub.stateless, sub.error
         seq = self._live.get(corr_id)
         if start and seq is not None and seq.turn is not None and seq.turn.is_cancelled():
             # a client that cancelled and at once reuses the id must not race the cancel poll
@@ -168,13 +166,13 @@ class Engine:
             self._reply_error(turn, error)
             return
         if start:
-            seq = Sequence(seq_id=next(self._keys), extra_keys=tuple(extra_keys), stateless=stateless)
+            seq = Sequence(seq_id=next(self._keys), extra_keys=sub.extra_keys, stateless=stateless)
             self._seqs[seq.seq_id] = seq
             if not stateless:
                 self._live[corr_id] = seq
         if turn.end_sequence and self._live.get(corr_id) is seq:
             del self._live[corr_id]
-        if error is not None or close_only:
+        if error is not None or sub.close_only:
             turn.prompt_ids = []  # a close marker: answered when reached, in order
             turn.error = error
         seq.pending.append(turn)
@@ -263,7 +261,6 @@ class Engine:
         if not rows:
             return []
         logits = self.model.logits(hidden[torch.tensor(rows, device=dev)])
-        self.last_logits = logits
         samples = [c for c in plan if c.sample]
         greedy = [c.seq.turn.params.temperature == 0.0 for c in samples]
         argmax = logits.argmax(dim=-1).tolist() if any(greedy) else None

@@ -47,4 +47,4 @@ def v_token_minor(cache: torch.Tensor) -> bool:
         return True
     raise ValueError(f"KV cache strides {tuple(cache.stride())} for shape {tuple(cache.shape)}: "
                      "want token-major (channels contiguous) or token-minor pages "
-                     "(ops/cache_layout.py)")
+                     "(cache/layout.py)")

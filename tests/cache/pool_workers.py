@@ -9,9 +9,9 @@ from collections import Counter
 
 import numpy as np
 
-from tritonkv.kv.block_hash import NO_HASH, hash_full_blocks
-from tritonkv.kv.block_pool import PoolExhausted
-from tritonkv.kv.shared_pool import SharedBlockPool
+from tritonkv.cache.block_hash import NO_HASH, hash_full_blocks
+from tritonkv.cache.block_pool import PoolExhausted
+from tritonkv.cache.shared_pool import SharedBlockPool
 
 BS = 4
 VOCAB = 3  # tiny vocabulary: prompts share prefixes across workers often

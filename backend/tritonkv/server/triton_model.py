@@ -11,8 +11,8 @@ import logging
 import threading
 
 from tritonkv.config import EngineConfig
-from tritonkv.engine import RequestError
-from tritonkv.triton_request import BadRequest, ReplyChannel, parse_request
+from tritonkv.engine.requests import RequestError
+from tritonkv.server.triton_request import BadRequest, ReplyChannel, parse_request
 
 METRICS_PERIOD_S = 0.5
 GAUGES = {
@@ -34,7 +34,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
-        from tritonkv.engine_factory import build_engine
+        from tritonkv.engine.factory import build_engine
 
         self.pb_utils = pb_utils
         model_config = json.loads(args["model_config"])

@@ -4,10 +4,10 @@ the shared-memory pool (two attachments in one process stand for two instances).
 import numpy as np
 import pytest
 
-from tritonkv.kv.block_hash import NO_HASH, hash_full_blocks
-from tritonkv.kv.block_pool import BlockPool, PoolExhausted
-from tritonkv.kv.kv_cache_manager import KVCacheManager
-from tritonkv.kv.shared_pool import SharedBlockPool
+from tritonkv.cache.block_hash import NO_HASH, hash_full_blocks
+from tritonkv.cache.block_pool import BlockPool, PoolExhausted
+from tritonkv.cache.kv_cache_manager import KVCacheManager
+from tritonkv.cache.shared_pool import SharedBlockPool
 
 BS = 4
 SALT_1, SALT_2 = (("cache_salt", "tenant-1"),), (("cache_salt", "tenant-2"),)

@@ -3,7 +3,7 @@ import uuid
 
 import pytest
 
-from tritonkv.kv.shared_pool import remove_pool_files
+from tritonkv.cache.shared_pool import remove_pool_files
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from tritonkv.config import EngineConfig
-from tritonkv.engine_factory import build_engine
-from tritonkv.sched.sequence import SamplingParams
+from tritonkv.engine.factory import build_engine
+from tritonkv.engine.requests import SamplingParams
 
 
 def engine_settings(checkpoint: str, pool_name: str) -> EngineConfig:

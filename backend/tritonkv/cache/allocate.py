@@ -1,0 +1,75 @@
+"""KV cache memory: how many blocks fit, and the tensors that hold them.
+
+Rules:
+- All layers' K and V live in one tensor of ``kv_storage_shape`` (private, or the shared
+  pool's storage); each layer gets ``(k_cache, v_cache)`` views in the logical shape
+  ``[num_blocks, block_size, num_kv_heads, head_dim]`` (cache/layout.py has the page rules).
+- An fp8 / int8 cache adds float32 per token-head scales ``[num_blocks, block_size,
+  num_kv_heads]`` for K and V (ops/quant.py); they count in a block's bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tritonkv.cache.layout import token_minor_view, use_token_minor_v
+from tritonkv.config import EngineConfig
+from tritonkv.model.model_config import ModelConfig
+
+QUANT_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def kv_storage_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
+    return QUANT_KV_DTYPES.get(config.kv_cache_dtype, model_dtype)
+
+
+def kv_storage_shape(model_config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """``[layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]``."""
+    return (model_config.num_layers, 2, num_blocks, block_size, model_config.num_kv_heads,
+            model_config.head_dim)
+
+
+def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers, K and V (with the float32 per token-head scales
+    of a quantised cache)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token_head = model_config.head_dim * elem + (4 if dtype in QUANT_KV_DTYPES.values() else 0)
+    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * per_token_head
+
+
+def resolve_num_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
+                       budget_bytes: int | None = None) -> int:
+    """``dtype``: the KV storage dtype. ``num_blocks`` wins when set; else ``budget_bytes``
+    (a GPU budget from ``gpu_memory_utilization``) when given; else ``kv_cache_memory_mb``."""
+    if config.num_blocks:
+        return config.num_blocks
+    if budget_bytes is None:
+        budget_bytes = config.kv_cache_memory_mb * 2**20
+    return max(1, budget_bytes // kv_block_bytes(model_config, config.block_size, dtype))
+
+
+def add_kv_scales(kv_caches, num_blocks: int, block_size: int, num_kv_heads: int, device):
+    """Per token-head float32 scales beside each layer's fp8 / int8 K and V (ops/quant.py)."""
+    shape = (num_blocks, block_size, num_kv_heads)
+    return [(k, v, torch.zeros(shape, dtype=torch.float32, device=device),
+             torch.zeros(shape, dtype=torch.float32, device=device)) for k, v in kv_caches]
+
+
+def allocate_kv_caches(model_config: ModelConfig, num_blocks: int, block_size: int, dtype, device,
+                       storage: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(k_cache, v_cache)``, views into one ``kv_storage_shape`` tensor
+    (``storage`` when given, e.g. a shared-memory tensor). V of an fp8/int8 cache is stored
+    token-minor (cache/layout.py); both are handed out in the logical shape."""
+    shape = kv_storage_shape(model_config, num_blocks, block_size)
+    if storage is None:
+        storage = torch.zeros(shape, dtype=dtype, device=device)
+    storage = storage.view(shape)
+    minor = use_token_minor_v(dtype, model_config.head_dim)
+    layers, _, _, _, kv_heads, head_dim = shape
+    caches = []
+    for i in range(layers):
+        v = storage[i, 1]
+        if minor:
+            v = token_minor_view(v.view(num_blocks, kv_heads, head_dim, block_size))
+        caches.append((storage[i, 0], v))
+    return caches

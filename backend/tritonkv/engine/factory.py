@@ -1,0 +1,72 @@
+"""Builds an ``Engine`` from an ``EngineConfig``: checkpoint, tokenizer, device, KV pool."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tritonkv.config import EngineConfig
+from tritonkv.engine.engine import Engine
+from tritonkv.cache.allocate import add_kv_scales, allocate_kv_caches, kv_storage_dtype, resolve_num_blocks
+from tritonkv.cache.block_pool import BlockPool
+from tritonkv.model.checkpoint import load_model, resolve_dtype
+from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+from tritonkv.model.model_config import ModelConfig
+from tritonkv.model.tokenizer import TextTokenizer
+
+log = logging.getLogger("tritonkv")
+
+
+def pick_device(requested: str, gpu_instance: bool = True, device_id: int = 0) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not (gpu_instance and torch.cuda.is_available())):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("parameter 'device' = 'cuda' but CUDA is not available here")
+    return torch.device("cuda", device_id)
+
+
+def shared_pool_name(pool_name: str, device: torch.device) -> str:
+    """One pool per (pool_name, device): every instance of every model that names the same
+    ``pool_name`` on the same device attaches it (files ``tritonkv-<this>.*`` in /dev/shm)."""
+    return f"{pool_name}-{device.type}{device.index or 0}"
+
+
+def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int = 0) -> Engine:
+    """``config.pool_name`` "" gives a private pool; otherwise the KV pool, its prefix index,
+    the KV storage and the weights are shared with every process on the device that uses the
+    same pool name (``engine.close()`` detaches; the last one out removes the shared files)."""
+    checkpoint = config.checkpoint or ensure_demo_checkpoint()
+    device = pick_device(config.device, gpu_instance, device_id)
+    model_config = ModelConfig.from_checkpoint(checkpoint)
+    dtype = resolve_dtype(config.dtype, model_config, device)
+    try:
+        tokenizer = TextTokenizer(checkpoint)
+    except FileNotFoundError:
+        log.warning("%s has no tokenizer.json; only input_ids requests will be served", checkpoint)
+        tokenizer = None
+    kv_dtype = kv_storage_dtype(config, dtype)
+    num_blocks = resolve_num_blocks(config, model_config, kv_dtype)
+    if not config.pool_name:
+        model = load_model(checkpoint, device, dtype)
+        pool = BlockPool.in_process(num_blocks, config.block_size)
+        kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device)
+        if kv_dtype != dtype:
+            kv_caches = add_kv_scales(kv_caches, num_blocks, config.block_size, model_config.num_kv_heads, device)
+        return Engine(config, model, tokenizer, pool, kv_caches)
+    if kv_dtype != dtype:
+        raise ValueError(f"parameter 'kv_cache_dtype' = {config.kv_cache_dtype!r} needs a private pool "
+                         "(pool_name \"\"): the shared pool does not share KV scales yet")
+
+    from tritonkv.cache.shared_storage import load_shared_model, open_shared_device_state
+
+    model = load_shared_model(checkpoint, device, dtype)
+    shared = open_shared_device_state(shared_pool_name(config.pool_name, device), checkpoint, model_config, model,
+                                      device, dtype, num_blocks, config.block_size)
+    model = model.to(device)  # parameters already sit in the shared copy; this moves buffers
+    log.info("KV pool %r: %s (owner slot %d, %d blocks x %d tokens, weights %s)", shared.pool.name,
+             "created" if shared.pool.created else "attached", shared.pool.owner, num_blocks,
+             config.block_size, "shared" if shared.weights_shared else "private")
+    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device, storage=shared.kv_storage)
+    return Engine(config, model, tokenizer, shared.pool, kv_caches, owner=shared.pool.owner,
+                  on_close=shared.close)
