@@ -42,7 +42,7 @@ for path in (os.path.join(ROOT, "client"), os.path.join(ROOT, "backend"), os.pat
 
 import torch  # noqa: E402
 
-SYSTEMS = ("tritonkv", "no-kv-cache", "hf-generate")
+SYSTEMS = ("tritonkv", "no-kv-cache", "hf-generate", "inprocess", "inprocess-eager")
 
 
 @dataclass
@@ -161,6 +161,26 @@ def tritonkv_requester(grpc_url: str):
     return request
 
 
+def inprocess_engine(checkpoint: str, engine_params: dict, graphs: bool):
+    """The engine of the server, built and driven in this process (no tritonserver)."""
+    from tritonkv.config import EngineConfig
+    from tritonkv.engine.factory import build_engine
+
+    engine = build_engine(EngineConfig(checkpoint=checkpoint, **{**engine_params, "enable_cuda_graphs": graphs}))
+    engine.start_loop()
+    return engine
+
+
+def inprocess_requester(engine):
+    from inprocess import run_engine
+
+    def request(prompt, max_tokens) -> Sample:
+        (toks, ttft, tpot, e2e), = run_engine(engine, [prompt], 1, max_tokens)[0]
+        return Sample(toks, ttft, tpot, e2e)
+
+    return request
+
+
 # -- driver ------------------------------------------------------------------------------------
 def run_level(request, prompts: list[list[int]], concurrency: int, max_tokens: int):
     samples: list[Sample | None] = [None] * len(prompts)
@@ -227,7 +247,7 @@ def plot(results: dict, levels: list[int], cdf_levels: list[int], path: str) -> 
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = dict(zip(SYSTEMS, ("tab:blue", "tab:red", "tab:green")))
+    colors = dict(zip(SYSTEMS, ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:gray")))
     for system, per_level in results.items():
         cs = [c for c in levels if str(c) in per_level]
         ax1.plot(cs, [per_level[str(c)]["output_tokens_per_s"] for c in cs], "o-", label=system, color=colors[system])
@@ -261,6 +281,41 @@ def agreement(results_tokens: dict) -> dict:
     return out
 
 
+def breakdown_table(summary: dict) -> str:
+    """Mean milliseconds per step of each phase, per kind of step."""
+    phases = ("schedule", "prepare", "forward", "sample", "emit")
+    lines = ["| step kind | steps | mean seqs | " + " | ".join(f"{p} ms" for p in phases) + " | total ms |",
+             "|---|---:|---:|" + "---:|" * (len(phases) + 1)]
+    for kind, r in sorted(summary.items()):
+        lines.append(f"| {kind} | {r['steps']} | {r['mean_seqs']:.1f} | "
+                     + " | ".join(f"{r[p + '_ms']:.2f}" for p in phases) + f" | {r['total_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def reference_numbers(args, checkpoint, engine_params, device, prompts) -> dict:
+    """The floor from a copy-bandwidth measurement, and HF generate in one batch, same run."""
+    from inprocess import copy_bandwidth, hf_batch_generate, kv_bytes_per_token, weight_stream_bytes
+    from tritonkv.model.llama import CausalLM
+    from tritonkv.model.model_config import ModelConfig
+
+    bw = copy_bandwidth(device)
+    cfg = ModelConfig.from_checkpoint(checkpoint)
+    with torch.device("meta"):
+        weights = weight_stream_bytes(CausalLM(cfg).to(torch.bfloat16))
+    kv_tok = kv_bytes_per_token(cfg, 2)
+    ref = {"copy_bandwidth_GBps": bw / 1e9, "weight_stream_GB": weights / 1e9}
+    mean_ctx = args.prompt_tokens + args.max_tokens / 2
+    for c in args.concurrency:
+        step_s = (weights + c * mean_ctx * kv_tok) / bw
+        ref[f"floor_c{c}"] = {"step_ms": step_s * 1000, "tok_per_s": c / step_s}
+    for b in args.hf_batch or []:
+        tps, _ = hf_batch_generate(checkpoint, prompts[:b], args.max_tokens, device)
+        ref[f"hf_generate_batch{b}_tok_per_s"] = tps
+        print(f"HF generate batch {b}: {tps:.1f} tok/s", flush=True)
+    print(json.dumps(ref, indent=1), flush=True)
+    return ref
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="HF-format checkpoint (default: the demo model)")
@@ -276,6 +331,15 @@ def main(argv=None) -> int:
                    "the server picks KIND_GPU itself when CUDA is available")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (e.g. no matplotlib); plot later with --replot")
     p.add_argument("--replot", metavar="JSON", help="only redraw the PNG and table of an earlier results file")
+    p.add_argument("--synthetic", choices=("llama3-8b", "llama-1b"),
+                   help="random bf16 weights of this shape (written once to --synthetic-dir); GPU settings "
+                        "(bf16, 40 GB KV, 128 seqs, 8192-token steps), the in-process engine and HF batch "
+                        "generate as references, and the copy-bandwidth floor")
+    p.add_argument("--synthetic-dir", default="/tmp/tritonkv-synthetic")
+    p.add_argument("--engine-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine setting for the server and the in-process engine (repeatable)")
+    p.add_argument("--hf-batch", type=int, nargs="*", default=None,
+                   help="HF generate over this many prompts in one batch (default with --synthetic: 1 64)")
     args = p.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
@@ -291,6 +355,16 @@ def main(argv=None) -> int:
         args.concurrency, args.min_requests, args.max_tokens = [1, 4], 4, 32
     from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
+    engine_params = {}
+    if args.synthetic:
+        from synthetic_checkpoint import write_synthetic
+
+        args.checkpoint = write_synthetic(args.synthetic, os.path.join(args.synthetic_dir, args.synthetic))
+        engine_params = {"dtype": "bfloat16", "kv_cache_memory_mb": 40000, "max_num_seqs": 128,
+                         "max_num_batched_tokens": 8192, "device": "cuda"}
+        if args.hf_batch is None:
+            args.hf_batch = [1, 64]
+    engine_params.update(kv.split("=", 1) for kv in args.engine_param)
     checkpoint = os.path.abspath(args.checkpoint or ensure_demo_checkpoint())
     with open(os.path.join(checkpoint, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
@@ -298,14 +372,27 @@ def main(argv=None) -> int:
     prompts = make_prompts(n_max, args.prompt_tokens, vocab, seed=0)
     results: dict[str, dict] = {}
     tokens_at_c1: dict[str, list] = {}
+    reference = reference_numbers(args, checkpoint, engine_params, device, prompts) \
+        if device.type == "cuda" and args.synthetic else {}
     for system in args.systems:
         results[system] = {}
+        engine = None
         if system == "tritonkv":
             from managed_server import managed_server
 
-            ctx = managed_server(checkpoint, pool_name=f"bench-{os.getpid()}")
+            server_params = {k: v for k, v in engine_params.items() if k != "device"}
+            ctx = managed_server(checkpoint, pool_name=f"bench-{os.getpid()}", extra_params=server_params)
             server = ctx.__enter__()
             request, close = tritonkv_requester(server.grpc_url), lambda: ctx.__exit__(None, None, None)
+        elif system.startswith("inprocess"):
+            engine = inprocess_engine(checkpoint, engine_params, graphs=system == "inprocess")
+            request = inprocess_requester(engine)
+
+            def close(engine=engine):
+                engine.stop_loop()
+                engine.runner.graphs.clear()
+                engine.close()
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
         else:
             import transformers
 
@@ -320,8 +407,13 @@ def main(argv=None) -> int:
             run_level(request, warm, min(16, max(args.concurrency)), 8)
             for c in args.concurrency:
                 n = max(c, args.min_requests)
+                if engine is not None:
+                    engine.step_times.reset()
                 samples, wall = run_level(request, prompts[:n], c, args.max_tokens)
                 results[system][str(c)] = summarize(samples, wall)
+                if engine is not None:
+                    results[system][str(c)]["step_breakdown"] = engine.step_times.summary()
+                    print(breakdown_table(engine.step_times.summary()), flush=True)
                 if c == args.concurrency[0]:
                     tokens_at_c1[system] = [s.tokens for s in samples]
                 r = results[system][str(c)]
@@ -338,6 +430,8 @@ def main(argv=None) -> int:
         "no_kv_cache_baseline": "HF LlamaForCausalLM on the same weights, use_cache=False, whole context "
                                 "recomputed for every output token, greedy",
         "greedy_tokens_equal_to_tritonkv_at_first_level": agreement(tokens_at_c1),
+        "reference": reference,
+        "engine_params": engine_params,
         "command": " ".join(["python", "bench/serving_benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     os.makedirs(args.out, exist_ok=True)
@@ -353,6 +447,8 @@ def main(argv=None) -> int:
         f.write(table + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n")
         f.write(f"![throughput and TTFT CDF]({args.name}.png)\n")
     print(table)
+    if reference:
+        print(json.dumps(reference, indent=1))
     print(f"wrote {stem}.md, {stem}.json, {stem}.png")
     return 0
 

@@ -30,6 +30,10 @@ class EngineConfig:
     default_max_tokens: int = 128  # max_tokens when a request sets none
     enable_prefix_caching: bool = True
     pool_name: str = ""  # shared pool name; "" keeps the pool private to this instance
+    enable_cuda_graphs: bool = True  # CUDA: decode steps replay graphs captured at load
+    # CUDA: > 0 sizes the KV pool to this fraction of the device's free memory after the
+    # weights, minus activations and graphs (as vLLM's); 0 keeps kv_cache_memory_mb
+    gpu_memory_utilization: float = 0.0
 
     def __post_init__(self):
         def bad(name, why):
@@ -55,6 +59,8 @@ class EngineConfig:
             bad("max_num_seqs", "must be > 0")
         if self.sequence_idle_timeout_s <= 0:
             bad("sequence_idle_timeout_s", "must be > 0 seconds")
+        if not 0.0 <= self.gpu_memory_utilization < 1.0:
+            bad("gpu_memory_utilization", "must be in [0, 1) (0 keeps kv_cache_memory_mb)")
         if self.default_max_tokens <= 0:
             bad("default_max_tokens", "must be > 0")
 

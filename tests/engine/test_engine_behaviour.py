@@ -107,16 +107,16 @@ def test_validation_messages_name_the_problem(tiny):
 
 def test_a_failing_step_answers_with_an_error_and_the_engine_keeps_serving(tiny, monkeypatch):
     engine = make_engine(tiny[0])
-    real_forward = engine._forward
+    real_execute = engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(plan):
+    def flaky(rows):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return real_forward(plan)
+        return real_execute(rows)
 
-    monkeypatch.setattr(engine, "_forward", flaky)
+    monkeypatch.setattr(engine.runner, "execute", flaky)
     engine.start_loop()
     try:
         c, ok = Collector(), Collector()

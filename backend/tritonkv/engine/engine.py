@@ -21,8 +21,9 @@ from tritonkv.cache.block_pool import BlockPool
 from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
 from tritonkv.engine.requests import RequestError, SamplingParams, Submission, Turn, TurnOutput
-from tritonkv.engine.sampler import sample
-from tritonkv.model.llama import AttentionBatch, CausalLM
+from tritonkv.engine.runner import ModelRunner, StepRow
+from tritonkv.engine.step_times import StepBreakdown
+from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
@@ -49,6 +50,11 @@ class Engine:
         capacity = pool.num_blocks * pool.block_size
         limit = config.max_model_len or self.model_config.max_position_embeddings
         self.max_model_len = min(limit, capacity)
+        self.runner = ModelRunner(model, kv_caches, block_size=pool.block_size, max_model_len=self.max_model_len,
+                                  max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens, device=self.device,
+                                  enable_cuda_graphs=config.enable_cuda_graphs)
+        self.step_times = StepBreakdown()
         eos = set(self.model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -206,12 +212,13 @@ class Engine:
             turn.text = TurnTextBuilder(self.tokenizer, turn.params.stop)
             turn.generator = None
             if turn.params.seed is not None:
-                turn.generator = torch.Generator().manual_seed(turn.params.seed)
+                turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
             turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
             return
         seq.status = SeqStatus.IDLE
 
     def step(self) -> None:
+        t0 = time.perf_counter()
         self._poll_cancelled()
         running = [s for s in self._seqs.values() if s.status is SeqStatus.RUNNING]
         if not running:
@@ -226,46 +233,23 @@ class Engine:
                 return
             self._fail_unschedulable(running)
             return
-        sampled = self._forward(plan)
+        t1 = time.perf_counter()
+        sampled = self.runner.execute([self._step_row(c) for c in plan])
+        t2 = time.perf_counter()
         for chunk in plan:
             seq = chunk.seq
             seq.num_computed += chunk.num_tokens
             self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
         for chunk, token in zip([c for c in plan if c.sample], sampled):
             self._append_token(chunk.seq, token)
+        self.step_times.add(len(plan), sum(c.num_tokens for c in plan), t1 - t0, self.runner.times,
+                            time.perf_counter() - t2, t2 - t1)
 
-    def _forward(self, plan: list[ScheduledChunk]) -> list[int]:
-        bs = self.pool.block_size
-        ids, positions, slots, seq_lens, starts, tables = [], [], [], [], [0], []
-        for c in plan:
-            table = self.kv.block_table(c.seq.seq_id)
-            pos = range(c.start, c.start + c.num_tokens)
-            ids.extend(c.seq.token_ids[c.start:c.start + c.num_tokens])
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            seq_lens.append(c.start + c.num_tokens)
-            starts.append(starts[-1] + c.num_tokens)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        dev = self.device
-        batch = AttentionBatch(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            max_query_len=max(c.num_tokens for c in plan),
-        )
-        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=dev), batch, self.kv_caches)
-        rows = [starts[i + 1] - 1 for i, c in enumerate(plan) if c.sample]
-        if not rows:
-            return []
-        logits = self.model.logits(hidden[torch.tensor(rows, device=dev)])
-        samples = [c for c in plan if c.sample]
-        greedy = [c.seq.turn.params.temperature == 0.0 for c in samples]
-        argmax = logits.argmax(dim=-1).tolist() if any(greedy) else None
-        return [argmax[i] if g else sample(logits[i], c.seq.turn.params, c.seq.turn.generator)
-                for i, (c, g) in enumerate(zip(samples, greedy))]
+    def _step_row(self, chunk: ScheduledChunk) -> StepRow:
+        seq = chunk.seq
+        turn = seq.turn
+        return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens], chunk.start,
+                       self.kv.block_table(seq.seq_id), chunk.sample, turn.params, turn.generator)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         turn = seq.turn

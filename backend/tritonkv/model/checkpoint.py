@@ -44,4 +44,5 @@ def load_model(checkpoint_dir: str, device: torch.device, dtype: torch.dtype) ->
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = type(model.model.rotary_emb)(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    model.fuse_projections()
     return model.to(device).eval()

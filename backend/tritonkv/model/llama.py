@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tritonkv.model.model_config import ModelConfig
-from tritonkv.model.rope import RotaryEmbedding, apply_rotary
-from tritonkv.ops import dispatch
+from tritonkv.model.rope import RotaryEmbedding
+from tritonkv.ops import dispatch, fused_ops
+from tritonkv.ops.fused_ops import rotary_cos_sin
 
 
 @dataclass
@@ -27,6 +27,7 @@ class AttentionBatch:
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int
+    max_seq_len: int | None = None  # host bound on seq_lens (sizes decode splits); None: table width
 
 
 class RMSNorm(nn.Module):
@@ -35,14 +36,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``residual``: ``residual += x`` in place, then the norm of the sum."""
+        return fused_ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+def _fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side (one GEMM instead of many)."""
+    weight = torch.cat([p.weight.data for p in parts], dim=0)
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.data for p in parts]), requires_grad=False)
+    return fused
 
 
 class Attention(nn.Module):
+    """HF parameter names (q_proj / k_proj / v_proj) for loading; ``fuse`` concatenates them
+    into ``qkv_proj`` once the weights are in."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -52,23 +65,36 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
         self.sliding_window = cfg.sliding_window
+        self.qkv_proj: nn.Linear | None = None
 
-    def forward(self, x, cos, sin, batch: AttentionBatch, layer_cache):
+    def fuse(self) -> None:
+        self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _qkv(self, x):
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x)
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+    def forward(self, x, cos_sin, batch: AttentionBatch, layer_cache):
         """``layer_cache``: ``(k_cache, v_cache)``, or ``(k_cache, v_cache, k_scale, v_scale)``
         for an fp8 / int8 cache (scales per token-head, see ops/dispatch.py)."""
         k_cache, v_cache = layer_cache[:2]
         scales = dict(zip(("k_scale", "v_scale"), layer_cache[2:]))
         n = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._qkv(x)
+        fused_ops.rotary_qk_(qkv, batch.positions, cos_sin, h, kvh, d)
+        q = qkv[:, : h * d].view(n, h, d)
+        k = qkv[:, h * d: (h + kvh) * d].view(n, kvh, d)
+        v = qkv[:, (h + kvh) * d:].view(n, kvh, d)
         dispatch.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, **scales)
         out = dispatch.paged_attention(
             q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
             self.scale, sliding_window=self.sliding_window, max_query_len=batch.max_query_len,
-            **scales,
+            max_seq_len=batch.max_seq_len, **scales,
         )
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(n, h * d))
 
 
 class MLP(nn.Module):
@@ -77,9 +103,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
+        return self.down_proj(fused_ops.silu_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
 
 
 class DecoderLayer(nn.Module):
@@ -90,9 +123,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, batch, layer_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, layer_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos_sin, batch, layer_cache):
+        """``residual`` holds the stream before this layer's input norm; ``x`` is what the
+        previous layer adds to it (None for the first layer). Returns the pair for the next."""
+        if residual is None:
+            residual = x.clone()
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        x = self.self_attn(h, cos_sin, batch, layer_cache)
+        h = self.post_attention_layernorm(x, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -114,15 +155,33 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.cos_sin: torch.Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        """Concatenate q/k/v and gate/up weights (call once the checkpoint is loaded)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def rotary_table(self, device) -> torch.Tensor:
+        """The ``[max_positions, head_dim]`` float32 cos|sin table, built once per device."""
+        if self.cos_sin is None or self.cos_sin.device != torch.device(device):
+            rope = self.model.rotary_emb
+            self.cos_sin = rotary_cos_sin(rope.inv_freq.cpu(), self.config.max_position_embeddings,
+                                          rope.attention_scaling).to(device)
+        return self.cos_sin
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_caches) -> torch.Tensor:
         """``kv_caches[layer]`` is that layer's cache tuple (see ``Attention.forward``)."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(batch.positions, x.dtype)
+        cos_sin = self.rotary_table(x.device)
+        residual = None
         for layer, layer_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, batch, layer_cache)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos_sin, batch, layer_cache)
+        if residual is None:
+            return self.model.norm(x)
+        return self.model.norm(x, residual)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

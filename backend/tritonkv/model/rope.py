@@ -30,22 +30,10 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> tuple[tor
 
 
 class RotaryEmbedding(torch.nn.Module):
+    """Holds ``inv_freq`` and the attention scaling; the cos|sin table is built from them
+    (ops/fused_ops.py: ``rotary_cos_sin``)."""
+
     def __init__(self, head_dim: int, theta: float, scaling: dict):
         super().__init__()
         inv_freq, self.attention_scaling = inverse_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` is ``[num_tokens, heads, head_dim]``; cos/sin are ``[num_tokens, head_dim]``."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]

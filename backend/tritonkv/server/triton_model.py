@@ -12,6 +12,7 @@ import threading
 
 from tritonkv.config import EngineConfig
 from tritonkv.engine.requests import RequestError
+from tritonkv.server.response_streamer import ResponseStreamer
 from tritonkv.server.triton_request import BadRequest, ReplyChannel, parse_request
 
 METRICS_PERIOD_S = 0.5
@@ -46,6 +47,7 @@ class TritonPythonModel:
         config = EngineConfig.from_parameters(params)
         self.engine = build_engine(config, gpu_instance=args.get("model_instance_kind") == "GPU",
                                    device_id=int(args.get("model_instance_device_id", 0)))
+        self.streamer = ResponseStreamer()
         self.engine.start_loop()
         self._next_stateless_id = 0
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
@@ -74,7 +76,7 @@ class TritonPythonModel:
         except BadRequest as exc:
             ReplyChannel(pb_utils, sender, True).error(str(exc))
             return
-        reply = ReplyChannel(pb_utils, sender, parsed.stream)
+        reply = self.streamer.channel(ReplyChannel(pb_utils, sender, parsed.stream))
         corr_id = parsed.corr_id
         if self.stateless:
             self._next_stateless_id += 1
@@ -109,4 +111,5 @@ class TritonPythonModel:
     def finalize(self):
         self._stop.set()
         self.engine.stop_loop()
+        self.streamer.close()
         self.engine.close()

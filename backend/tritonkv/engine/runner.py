@@ -1,0 +1,218 @@
+"""The model runner: owns every tensor of a step and runs the model over the paged cache.
+
+Rules:
+- Step inputs live in persistent buffers sized at load (``max_num_batched_tokens`` tokens,
+  ``max_num_seqs`` rows of ``max_model_len / block_size`` block ids). Each step fills the
+  host side with numpy and copies each buffer to the device once (pinned, non-blocking on
+  CUDA); nothing is rebuilt from Python lists on the device.
+- Decode steps (every scheduled sequence computes exactly one token) replay a CUDA graph
+  captured at load for the smallest captured batch size >= the step's; padded rows write no
+  KV (slot -1) and attend to one token of block 0; their outputs are never read. Prefill and
+  mixed steps run eagerly. Graphs are captured with ``max_seq_len = max_model_len`` (the
+  decode kernel sizes its splits from it).
+- A step's logits exist only for the rows that sample; sampling is batched
+  (engine/sampler.py) and costs one device-to-host copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tritonkv.engine.requests import SamplingParams
+from tritonkv.engine.sampler import sample_batch
+from tritonkv.model.llama import AttentionBatch, CausalLM
+
+log = logging.getLogger("tritonkv.runner")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, then steps of 16 up to ``max_num_seqs`` (which is always included)."""
+    sizes = [b for b in (1, 2, 4, 8, 16) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))[1:] if max_num_seqs > 16 else []
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+@dataclass
+class StepRow:
+    """One scheduled sequence of a step, as the runner needs it."""
+
+    token_ids: list[int]  # the tokens computed this step
+    start: int  # position of the first of them
+    block_table: list[int]
+    sample: bool
+    params: SamplingParams | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent in the last step's phases (host clock; ``forward`` includes the wait for
+    the GPU, which the sample copy forces)."""
+
+    prepare: float = 0.0
+    forward: float = 0.0
+    sample: float = 0.0
+    graph: bool = False
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_caches, *, block_size: int, max_model_len: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, device: torch.device,
+                 enable_cuda_graphs: bool = True):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.device = device
+        self.max_seqs = max_num_seqs
+        self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
+        self.max_blocks = -(-max_model_len // block_size)
+        cuda = device.type == "cuda"
+        pin = dict(pin_memory=True) if cuda else {}
+
+        def host(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, **pin)
+
+        self._h_ids = host(self.max_tokens, torch.int64)
+        self._h_pos = host(self.max_tokens, torch.int64)
+        self._h_slots = host(self.max_tokens, torch.int64)
+        self._h_rows = host(self.max_tokens, torch.int64)
+        self._h_lens = host(self.max_seqs, torch.int32)
+        self._h_qsl = host(self.max_seqs + 1, torch.int32)
+        self._h_tables = host((self.max_seqs, self.max_blocks), torch.int32)
+        self._host = [self._h_ids, self._h_pos, self._h_slots, self._h_rows, self._h_lens, self._h_qsl,
+                      self._h_tables]
+        self._np = [t.numpy() for t in self._host]
+        if cuda:
+            self._dev = [torch.zeros_like(t, device=device) for t in self._host]
+        else:
+            self._dev = self._host  # the CPU path reads the host buffers directly
+        (self.ids, self.positions, self.slots, self.sample_rows, self.seq_lens, self.query_start_loc,
+         self.block_tables) = self._dev
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = None
+        self.times = StepTimes()
+        # pinned inputs are rewritten each step: wait until the last step's copies were done
+        self._uploaded = torch.cuda.Event() if cuda else None
+        if cuda and enable_cuda_graphs:
+            self.capture_graphs()
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _fill(self, rows: list[StepRow], pad_to: int) -> tuple[int, int, int, list[int]]:
+        """Write the step into the host buffers; returns (tokens, max_query_len, max_seq_len,
+        sample row indices). Rows past ``len(rows)`` up to ``pad_to`` become padding."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        ids, pos, slots, srows, lens, qsl, tables = self._np
+        bs = self.block_size
+        t = 0
+        max_q = max_len = 0
+        sample_at = []
+        qsl[0] = 0
+        for i, row in enumerate(rows):
+            n = len(row.token_ids)
+            end = row.start + n
+            table = row.block_table
+            if n == 1:
+                ids[t] = row.token_ids[0]
+                pos[t] = row.start
+                slots[t] = table[row.start // bs] * bs + row.start % bs
+            else:
+                p = np.arange(row.start, end)
+                ids[t:t + n] = row.token_ids
+                pos[t:t + n] = p
+                slots[t:t + n] = np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs
+            tables[i, :len(table)] = table
+            lens[i] = end
+            t += n
+            qsl[i + 1] = t
+            max_q = max(max_q, n)
+            max_len = max(max_len, end)
+            if row.sample:
+                sample_at.append(t - 1)
+        for i in range(len(rows), pad_to):  # graph padding: one query row, no KV write
+            ids[t] = 0
+            pos[t] = 0
+            slots[t] = -1
+            tables[i, 0] = 0
+            lens[i] = 1
+            t += 1
+            qsl[i + 1] = t
+        srows[:len(sample_at)] = sample_at
+        return t, max_q, max_len, sample_at
+
+    def _upload(self, num_tokens: int, num_seqs: int, num_samples: int) -> None:
+        if self._dev is self._host:
+            return
+        sizes = [num_tokens, num_tokens, num_tokens, num_samples, num_seqs, num_seqs + 1, num_seqs]
+        for d, h, n in zip(self._dev, self._host, sizes):
+            d[:n].copy_(h[:n], non_blocking=True)
+        self._uploaded.record()
+
+    def _batch(self, num_tokens: int, num_seqs: int, max_q: int, max_len: int) -> AttentionBatch:
+        return AttentionBatch(
+            positions=self.positions[:num_tokens], slot_mapping=self.slots[:num_tokens],
+            block_tables=self.block_tables[:num_seqs], seq_lens=self.seq_lens[:num_seqs],
+            query_start_loc=self.query_start_loc[:num_seqs + 1], max_query_len=max_q,
+            max_seq_len=max_len)
+
+    # -- one step ----------------------------------------------------------------------------
+    def execute(self, rows: list[StepRow]) -> list[int]:
+        """Run one step; returns the sampled token of each row with ``sample`` set, in order."""
+        t0 = time.perf_counter()
+        n = len(rows)
+        decode = all(len(r.token_ids) == 1 for r in rows)
+        graph_bs = self._graph_size(n) if decode else None
+        tokens, max_q, max_len, sample_at = self._fill(rows, graph_bs or n)
+        self._upload(tokens, graph_bs or n, len(sample_at))
+        t1 = time.perf_counter()
+        if graph_bs is not None:
+            graph, logits = self.graphs[graph_bs]
+            graph.replay()
+            logits = logits[:n] if len(sample_at) == n else logits[self.sample_rows[:len(sample_at)]]
+        else:
+            hidden = self.model(self.ids[:tokens], self._batch(tokens, n, max_q, max_len), self.kv_caches)
+            logits = self.model.logits(hidden[self.sample_rows[:len(sample_at)]]) if sample_at else None
+        t2 = time.perf_counter()
+        samplers = [r for r in rows if r.sample]
+        out = sample_batch(logits, [r.params for r in samplers], [r.generator for r in samplers]) \
+            if samplers else []
+        t3 = time.perf_counter()
+        self.times = StepTimes(t1 - t0, t2 - t1, t3 - t2, graph_bs is not None)
+        return out
+
+    def _graph_size(self, n: int) -> int | None:
+        for bs in sorted(self.graphs):
+            if bs >= n:
+                return bs
+        return None
+
+    # -- CUDA graphs -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture one decode graph per batch size (largest first, one shared memory pool)."""
+        sizes = graph_batch_sizes(self.max_seqs)
+        t0 = time.perf_counter()
+        free0 = torch.cuda.mem_get_info(self.device)[0]
+        self.graph_pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(sizes):
+            tokens, _, _, _ = self._fill([], bs)
+            self._upload(tokens, bs, 0)
+            batch = self._batch(bs, bs, 1, self.max_model_len)
+            for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
+                self.model.logits(self.model(self.ids[:bs], batch, self.kv_caches))
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                logits = self.model.logits(self.model(self.ids[:bs], batch, self.kv_caches))
+            self.graphs[bs] = (graph, logits)
+            log.info("captured decode CUDA graph for batch %d", bs)
+        torch.cuda.synchronize(self.device)
+        used = free0 - torch.cuda.mem_get_info(self.device)[0]
+        log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.0f MiB",
+                 len(sizes), sizes[0], sizes[-1], time.perf_counter() - t0, used / 2**20)

@@ -1,0 +1,99 @@
+"""Sends a model instance's responses on a thread of their own, off the engine's step loop.
+
+Rules:
+- The engine thread only queues a turn's outputs (``push``); the sender thread turns them
+  into Triton responses.
+- Coalescing: when the sender finds several outputs of one request waiting, it sends them as
+  one response (text and ids concatenated, the last one's finish facts). A stream that keeps
+  up gets one response per token; one that falls behind catches up in fewer, larger
+  responses. Nothing waits on purpose: the first token goes out as soon as the sender is free.
+- An error output is never merged: the tokens queued before it go first, then the error.
+- Order per request is the order of ``push``; a request's final response is its last.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from tritonkv.engine.requests import TurnOutput
+
+log = logging.getLogger("tritonkv.server")
+
+
+def merge_outputs(outs: list[TurnOutput]) -> list[TurnOutput]:
+    """Coalesce consecutive token outputs; an error output stays on its own."""
+    merged: list[TurnOutput] = []
+    run: list[TurnOutput] = []
+
+    def flush():
+        if not run:
+            return
+        last = run[-1]
+        merged.append(TurnOutput("".join(o.text for o in run), [t for o in run for t in o.token_ids],
+                                 last.finished, last.finish_reason, last.cached_tokens, last.prompt_tokens))
+        run.clear()
+
+    for out in outs:
+        if out.error is not None:
+            flush()
+            merged.append(out)
+        else:
+            run.append(out)
+    flush()
+    return merged
+
+
+class _Stream:
+    __slots__ = ("send", "pending", "queued")
+
+    def __init__(self, send: Callable[[TurnOutput], None]):
+        self.send = send
+        self.pending: list[TurnOutput] = []
+        self.queued = False
+
+
+class ResponseStreamer:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="tritonkv-responses", daemon=True)
+        self.responses_sent = 0
+        self.outputs_pushed = 0
+        self._thread.start()
+
+    def channel(self, send: Callable[[TurnOutput], None]) -> Callable[[TurnOutput], None]:
+        """An ``emit`` for one request: queues outputs for ``send`` on the sender thread."""
+        stream = _Stream(send)
+
+        def emit(out: TurnOutput) -> None:
+            with self._lock:
+                stream.pending.append(out)
+                self.outputs_pushed += 1
+                if stream.queued:
+                    return
+                stream.queued = True
+            self._ready.put(stream)
+
+        return emit
+
+    def close(self) -> None:
+        self._ready.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            stream = self._ready.get()
+            if stream is None:
+                return
+            with self._lock:
+                outs, stream.pending = stream.pending, []
+                stream.queued = False
+            for out in merge_outputs(outs):
+                try:
+                    stream.send(out)
+                    self.responses_sent += 1
+                except Exception:  # a vanished client must not stop the sender
+                    log.exception("could not deliver a response")

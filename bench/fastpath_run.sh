@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU fast-path recipe for the lent H200, in one device call (carry .gpu-carry, filled by
+# ../shared/gpu/prepare_carry.sh plus the pytest, pluggy and iniconfig wheels):
+#   PART=tests   engine oracle / behaviour / runner graph tests and fused-op kernels on CUDA
+#   PART=inproc  the in-process engine, graphs on and off, on the synthetic Llama-3-8B shape
+#   PART=server  tritonserver + in-process + HF references (bench/results/serving_h200.*)
+# Several parts: PART="tests inproc".
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pt \
+  .gpu-carry/pytest-*.whl .gpu-carry/pluggy-*.whl .gpu-carry/iniconfig-*.whl \
+  .gpu-carry/tritonclient-*.whl .gpu-carry/python_rapidjson-*.whl 2>/dev/null
+export PYTHONPATH=/tmp/pt
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+for part in ${PART:-tests}; do
+  case $part in
+    tests)
+      TRITONKV_TEST_DEVICE=cuda timeout 420 python3 -m pytest -q -p no:cacheprovider -x \
+        tests/engine/test_runner.py tests/kernels/test_fused_ops.py tests/engine/test_sampler.py \
+        tests/engine/test_oracle.py tests/engine/test_engine_behaviour.py tests/engine/test_quantized_kv.py \
+        2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    inproc)
+      timeout 560 python3 bench/serving_benchmark.py --synthetic llama3-8b --systems inprocess inprocess-eager \
+        --concurrency 1 64 --prompt-tokens 200 --max-tokens 180 --min-requests 8 --hf-batch \
+        --out "$OUT" --name inproc --no-plot 2>&1 | tee "$OUT/inproc.log" | grep -v Warning | tail -40 ;;
+    server)
+      source .gpu-carry/device_env.sh
+      timeout 580 python3 bench/serving_benchmark.py --synthetic llama3-8b \
+        --systems tritonkv inprocess --concurrency 1 16 64 --prompt-tokens 200 --max-tokens 180 \
+        --min-requests 16 --out "$OUT" --name serving_h200 2>&1 | tee "$OUT/server.log" | grep -v Warning | tail -40 ;;
+  esac
+done

@@ -1,0 +1,74 @@
+"""The model runner: persistent step buffers, graph batch sizes, and (on CUDA) decode graphs
+that give the same greedy tokens as eager steps."""
+
+import pytest
+import torch
+
+from engine_helpers import TEST_DEVICE, Collector, greedy, make_engine
+from tiny_models import build_tiny_checkpoint
+from tritonkv.engine.runner import StepRow, graph_batch_sizes
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama"))
+    build_tiny_checkpoint("llama", path)
+    return path
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert graph_batch_sizes(128)[-3:] == [96, 112, 128]
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(6) == [1, 2, 4, 6]
+
+
+def test_fill_writes_exact_step_inputs(llama):
+    engine = make_engine(llama, device="cpu", block_size=4)
+    runner = engine.runner
+    rows = [StepRow([7, 8, 9, 10, 11], 2, [5, 3], False),  # a prefill chunk at positions 2..6
+            StepRow([42], 9, [1, 6, 2], True)]  # a decode token at position 9
+    tokens, max_q, max_len, sample_at = runner._fill(rows, 4)  # two padding rows
+    assert (tokens, max_q, max_len, sample_at) == (8, 5, 10, [5])
+    assert runner.ids[:8].tolist() == [7, 8, 9, 10, 11, 42, 0, 0]
+    assert runner.positions[:8].tolist() == [2, 3, 4, 5, 6, 9, 0, 0]
+    # slot = block_table[pos // 4] * 4 + pos % 4; padding writes nowhere (-1)
+    assert runner.slots[:8].tolist() == [22, 23, 12, 13, 14, 9, -1, -1]
+    assert runner.seq_lens[:4].tolist() == [7, 10, 1, 1]
+    assert runner.query_start_loc[:5].tolist() == [0, 5, 6, 7, 8]
+    assert runner.block_tables[0, :2].tolist() == [5, 3]
+    assert runner.block_tables[1, :3].tolist() == [1, 6, 2]
+    assert runner.block_tables[2:4, 0].tolist() == [0, 0]
+    assert runner.sample_rows[:1].tolist() == [5]
+
+
+def _run_batch(engine, prompts, max_tokens):
+    outs = [Collector() for _ in prompts]
+    for i, (p, c) in enumerate(zip(prompts, outs)):
+        engine.submit(f"s{i}", p, greedy(max_tokens), c, start=True, end=True)
+    engine.run_until_idle()
+    return [c.token_ids for c in outs]
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="CUDA graphs need TRITONKV_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("batch", [1, 3, 5, 17])
+def test_graph_decode_equals_eager(llama, batch):
+    prompts = [[1] + [(7 * i + 3 * j) % 90 + 3 for j in range(5 + 4 * i)] for i in range(batch)]
+    graphs = make_engine(llama, enable_cuda_graphs=True)
+    eager = make_engine(llama, enable_cuda_graphs=False)
+    assert graphs.runner.graphs and not eager.runner.graphs
+    got = _run_batch(graphs, prompts, 12)
+    assert graphs.step_times.kinds["decode_graph"].steps > 0
+    assert got == _run_batch(eager, prompts, 12)
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="CUDA graphs need TRITONKV_TEST_DEVICE=cuda")
+def test_graph_decode_with_preemption_equals_eager(llama):
+    prompts = [[1] + [(5 * i + j) % 90 + 3 for j in range(14)] for i in range(6)]
+    small = dict(num_blocks=24, block_size=4)  # 6 sequences of 15 + 16 tokens cannot all fit
+    graphs = make_engine(llama, enable_cuda_graphs=True, **small)
+    got = _run_batch(graphs, prompts, 16)
+    assert graphs.scheduler.num_preemptions > 0
+    assert got == _run_batch(make_engine(llama, enable_cuda_graphs=False, num_blocks=256), prompts, 16)
+    assert graphs.pool.counts()["used"] == 0
