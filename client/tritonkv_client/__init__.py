@@ -7,8 +7,9 @@
   finish reason); server errors raise ``ServerError`` carrying the server's message.
 """
 
+from tritonkv_client._common import new_sequence_id
 from tritonkv_client.errors import ProtocolError, ServerError
-from tritonkv_client.grpc_client import Client, Conversation, TurnStream, new_sequence_id
+from tritonkv_client.grpc_client import Client, Conversation, TurnStream
 from tritonkv_client.http_client import HttpClient, HttpStream
 from tritonkv_client.params import GenerationParams
 from tritonkv_client.result import GenerationResult, TokenDelta

@@ -1,8 +1,13 @@
-"""Reading one Triton response of the llm / llm_stateless models (shared by sync and asyncio)."""
+"""Reading the responses of the llm / llm_stateless models: gRPC results, HTTP generate JSON
+and its server-sent events, error bodies (shared by the sync and asyncio clients)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+
+from tritonkv_client.errors import ServerError
+from tritonkv_client.result import GenerationResult, ResultBuilder
 
 
 @dataclass
@@ -58,6 +63,63 @@ def parse_json_response(body: dict) -> ParsedResponse:
         prompt_tokens=body.get("prompt_tokens"),
         final=finish is not None,
     )
+
+
+def parse_json_event(data: str, model: str) -> ParsedResponse:
+    """One ``generate_stream`` event's data; an ``{"error"}`` event is raised as ``ServerError``."""
+    body = json.loads(data)
+    error = error_of(body, model, 200)
+    if error is not None:
+        raise error
+    return parse_json_response(body)
+
+
+def reply_result(raw, model: str, status, sent_at: float, at: float) -> GenerationResult:
+    """The ``GenerationResult`` of a whole ``generate`` reply (one JSON object, received at ``at``)."""
+    data = json.loads(raw)
+    error = error_of(data, model, status)
+    if error is not None:
+        raise error
+    parsed = parse_json_response(data)
+    builder = ResultBuilder(sent_at)
+    builder.add_tokens(parsed.ids, parsed.text, at)
+    return builder.finish(at, parsed.finish_reason, parsed.cached_tokens, parsed.prompt_tokens)
+
+
+def iter_sse_data(lines):
+    """The ``data:`` payloads of a server-sent event stream given as an iterable of text lines;
+    multi-line data fields are joined with newlines, as the SSE spec says."""
+    data: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
+    if data:
+        yield "\n".join(data)
+
+
+def error_from_body(raw: str, model: str, status) -> ServerError:
+    """The ``ServerError`` for a non-200 reply: a JSON ``{"error"}`` body, or the same inside an
+    SSE ``data:`` line (generate_stream answers errors that way)."""
+    for candidate in [raw, *iter_sse_data(raw.splitlines())]:
+        try:
+            err = error_of(json.loads(candidate), model, status)
+        except ValueError:
+            continue
+        if err is not None:
+            return err
+    return ServerError(f"HTTP {status} from model {model!r}: {raw[:500]}", model=model, status=status)
+
+
+def error_of(body, model: str, status) -> ServerError | None:
+    """The ``ServerError`` a JSON ``{"error": ...}`` object stands for, or None."""
+    if isinstance(body, dict) and "error" in body:
+        return ServerError(str(body["error"]), model=model, status=status)
+    return None
 
 
 def _text(value) -> str:

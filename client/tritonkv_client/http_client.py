@@ -13,59 +13,15 @@ import json
 import time
 from urllib.parse import urlsplit
 
-from tritonkv_client._responses import parse_json_response
+from tritonkv_client._responses import error_from_body, iter_sse_data, parse_json_event, reply_result
 from tritonkv_client.errors import ProtocolError, ServerError
-from tritonkv_client.params import GenerationParams
-from tritonkv_client.result import GenerationResult, ResultBuilder, TokenDelta
+from tritonkv_client.params import DEFAULT_TIMEOUT_S, GenerationParams, request_body
+from tritonkv_client.result import DeltaStream, GenerationResult, ResultBuilder, TokenDelta
 
-DEFAULT_TIMEOUT_S = 300.0
-
-
-def request_body(prompt: str | None, input_ids, params: GenerationParams, stream: bool) -> dict:
-    if (prompt is None) == (input_ids is None):
-        raise ValueError("give the prompt as text or as input_ids (exactly one)")
-    body = {"text_input": prompt} if prompt is not None else {"input_ids": list(map(int, input_ids))}
-    body.update(params.as_json())
-    body["stream"] = stream
-    return body
+__all__ = ["HttpClient", "HttpStream", "DEFAULT_TIMEOUT_S", "error_from_body", "iter_sse_data", "request_body"]
 
 
-def iter_sse_data(lines):
-    """The ``data:`` payloads of a server-sent event stream given as an iterable of text lines;
-    multi-line data fields are joined with newlines, as the SSE spec says."""
-    data: list[str] = []
-    for raw in lines:
-        line = raw.rstrip("\r\n")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
-    if data:
-        yield "\n".join(data)
-
-
-def error_from_body(raw: str, model: str, status) -> ServerError:
-    """The ``ServerError`` for a non-200 reply: a JSON ``{"error"}`` body, or the same inside an
-    SSE ``data:`` line (generate_stream answers errors that way)."""
-    for candidate in [raw, *iter_sse_data(raw.splitlines())]:
-        try:
-            err = _error_of(json.loads(candidate), model, status)
-        except ValueError:
-            continue
-        if err is not None:
-            return err
-    return ServerError(f"HTTP {status} from model {model!r}: {raw[:500]}", model=model, status=status)
-
-
-def _error_of(body, model: str, status) -> ServerError | None:
-    if isinstance(body, dict) and "error" in body:
-        return ServerError(str(body["error"]), model=model, status=status)
-    return None
-
-
-class HttpStream:
+class HttpStream(DeltaStream):
     """The events of one ``generate_stream`` request; iterate for ``TokenDelta``s, ``result()``
     for the whole ``GenerationResult``."""
 
@@ -84,36 +40,23 @@ class HttpStream:
                 return
             yield line.decode("utf-8", errors="replace")
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> TokenDelta:
-        while not self.done:
-            try:
-                data = next(self._events)
-            except StopIteration:
-                self._close()
-                raise ProtocolError(f"{self._model}: event stream ended without a final event "
-                                    "(no finish_reason)") from None
-            at = time.perf_counter()
-            body = json.loads(data)
-            error = _error_of(body, self._model, 200)
-            if error is not None:
-                self._close()
-                raise error
-            parsed = parse_json_response(body)
-            delta = self._builder.add_tokens(parsed.ids, parsed.text, at)
-            if parsed.final:
-                self._builder.finish(at, parsed.finish_reason, parsed.cached_tokens, parsed.prompt_tokens)
-                self._close()
-            if delta.token_ids or delta.text:
-                return delta
-        raise StopIteration
-
-    def result(self) -> GenerationResult:
-        for _ in self:
-            pass
-        return self._builder.result
+    def _read_one(self) -> TokenDelta:
+        try:
+            data = next(self._events)
+        except StopIteration:
+            self._close()
+            raise ProtocolError(f"{self._model}: event stream ended without a final event "
+                                "(no finish_reason)") from None
+        at = time.perf_counter()
+        try:
+            parsed = parse_json_event(data, self._model)
+        except ServerError:
+            self._close()
+            raise
+        delta = self._builder.add_response(parsed, at)
+        if parsed.final:
+            self._close()
+        return delta
 
     def _close(self) -> None:
         self.done = True
@@ -155,15 +98,7 @@ class HttpClient:
             raw = response.read()
         finally:
             conn.close()
-        at = time.perf_counter()
-        data = json.loads(raw)
-        error = _error_of(data, model, response.status)
-        if error is not None:
-            raise error
-        parsed = parse_json_response(data)
-        builder = ResultBuilder(sent_at)
-        builder.add_tokens(parsed.ids, parsed.text, at)
-        return builder.finish(at, parsed.finish_reason, parsed.cached_tokens, parsed.prompt_tokens)
+        return reply_result(raw, model, response.status, sent_at, time.perf_counter())
 
     def generate_stream(self, prompt: str | None = None, *, input_ids=None, model: str | None = None,
                         **settings) -> HttpStream:

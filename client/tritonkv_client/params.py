@@ -1,4 +1,5 @@
-"""Generation settings and their encoding as Triton inputs (gRPC tensors or HTTP generate JSON).
+"""Generation settings and their encoding as requests: gRPC input tensors, HTTP generate JSON
+bodies, and the request parameters (shared by the sync and asyncio clients).
 
 Rule: a setting left at ``None`` is not sent, so the server's default applies
 (``temperature`` 1.0, ``max_tokens`` the model's ``default_max_tokens``, ...).
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
+
+DEFAULT_TIMEOUT_S = 300.0  # how long a client waits for a response
 
 # input name -> (numpy type, Triton datatype)
 _SCALARS = {
@@ -92,3 +95,18 @@ def grpc_inputs(prompt: str | None, input_ids, params: GenerationParams, stream:
         tensor.set_data_from_numpy(arr)
         tensors.append(tensor)
     return tensors
+
+
+def request_body(prompt: str | None, input_ids, params: GenerationParams, stream: bool) -> dict:
+    """The JSON body of one HTTP ``generate`` / ``generate_stream`` request."""
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("give the prompt as text or as input_ids (exactly one)")
+    body = {"text_input": prompt} if prompt is not None else {"input_ids": list(map(int, input_ids))}
+    body.update(params.as_json())
+    body["stream"] = stream
+    return body
+
+
+def salt_parameters(cache_salt: str | None) -> dict | None:
+    """The gRPC request parameters that carry ``cache_salt`` (None: no parameters)."""
+    return None if cache_salt is None else {"cache_salt": cache_salt}

@@ -21,6 +21,11 @@ class TokenDelta:
     text: str
     time_s: float  # arrival, perf_counter seconds
 
+    @property
+    def empty(self) -> bool:
+        """No token and no text (a response that only carried the finish reason): not yielded."""
+        return not (self.token_ids or self.text)
+
 
 @dataclass
 class GenerationResult:
@@ -73,6 +78,13 @@ class ResultBuilder:
         r.text += text
         return TokenDelta(list(ids), text, at)
 
+    def add_response(self, parsed, at: float) -> TokenDelta:
+        """One parsed response (``_responses.ParsedResponse``); the final one finishes the result."""
+        delta = self.add_tokens(parsed.ids, parsed.text, at)
+        if parsed.final:
+            self.finish(at, parsed.finish_reason, parsed.cached_tokens, parsed.prompt_tokens)
+        return delta
+
     def finish(self, at: float, finish_reason: str | None, cached_tokens: int | None,
                prompt_tokens: int | None) -> GenerationResult:
         r = self.result
@@ -81,3 +93,35 @@ class ResultBuilder:
         r.cached_tokens = cached_tokens
         r.prompt_tokens = prompt_tokens
         return r
+
+
+class DeltaStream:
+    """Sync iteration over one reply (``grpc_client.TurnStream``, ``http_client.HttpStream``):
+    ``for delta in reply`` gives the ``TokenDelta``s that carry tokens or text; ``result()``
+    reads to the end. A subclass reads one response per ``_read_one()``, sets ``done`` after
+    the last, and keeps its ``ResultBuilder`` in ``_builder``; an error it stored in ``_error``
+    is raised once the reply is done."""
+
+    done: bool
+    _builder: ResultBuilder
+    _error: Exception | None = None
+
+    def _read_one(self) -> TokenDelta:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenDelta:
+        while not self.done:
+            delta = self._read_one()
+            if not delta.empty:
+                return delta
+        if self._error is not None:
+            raise self._error
+        raise StopIteration
+
+    def result(self) -> GenerationResult:
+        for _ in self:
+            pass
+        return self._builder.result

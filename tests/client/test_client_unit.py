@@ -1,17 +1,21 @@
 """Client, load-test and summary logic that needs no server: exact values for fixed inputs."""
 
 import io
+import queue
+import types
 
 import numpy as np
 import pytest
 
 import summary
 import workload
-from tritonkv_client._responses import parse_json_response
+from tritonkv_client._responses import (error_from_body, iter_sse_data, parse_json_event, parse_json_response,
+                                        reply_result)
 from tritonkv_client.chat import stats_line
-from tritonkv_client.http_client import error_from_body, iter_sse_data, request_body
+from tritonkv_client.errors import ServerError
+from tritonkv_client.grpc_client import Conversation
 from tritonkv_client.metrics import PoolSnapshot, parse_prometheus
-from tritonkv_client.params import GenerationParams, grpc_inputs, request_arrays
+from tritonkv_client.params import GenerationParams, grpc_inputs, request_arrays, request_body
 from tritonkv_client.result import GenerationResult, ResultBuilder
 
 
@@ -160,3 +164,131 @@ def test_chat_cli_without_server_reports_usage_error():
     err = io.StringIO()
     assert main(["--http", "127.0.0.1:1"], stdin=io.StringIO(""), out=io.StringIO(), err=err) == 2
     assert "needs gRPC" in err.getvalue()
+
+
+def test_json_events_and_whole_replies():
+    mid = parse_json_event('{"text_output": "A", "output_ids": 65}', "m")
+    assert (mid.ids, mid.final) == ([65], False)
+    with pytest.raises(ServerError, match="boom") as e:
+        parse_json_event('{"error": "boom"}', "m")
+    assert (e.value.model, e.value.status) == ("m", 200)
+    r = reply_result(b'{"text_output": "AB", "output_ids": [65, 66], "finish_reason": "length", '
+                     b'"cached_tokens": 0, "prompt_tokens": 3}', "m", 200, sent_at=1.0, at=1.5)
+    assert (r.token_ids, r.text, r.finish_reason, r.prompt_tokens) == ([65, 66], "AB", "length", 3)
+    assert (r.ttft_s, r.e2e_s, r.inter_token_s, r.num_responses) == (0.5, 0.5, [0.0], 1)
+    with pytest.raises(ServerError, match="bad"):
+        reply_result('{"error": "bad"}', "m", 200, 0.0, 1.0)
+
+
+# -- conversation state, over a scripted stream (no server) ------------------------------------
+
+class _Result:
+    """Stands for a tritonclient InferResult of the llm model."""
+
+    def __init__(self, ids=(), text="", finish=None):
+        self._arrays = {"output_ids": np.array(ids, dtype=np.int32),
+                        "text_output": np.array([text.encode()], dtype=np.object_)}
+        if finish is not None:
+            self._arrays["finish_reason"] = np.array([finish.encode()], dtype=np.object_)
+            self._arrays["prompt_tokens"] = np.array([len(ids)], dtype=np.int32)
+
+    def as_numpy(self, name):
+        return self._arrays.get(name)
+
+    def get_response(self):
+        return types.SimpleNamespace(parameters={})
+
+
+class _Error:
+    def __init__(self, message):
+        self._message = message
+
+    def message(self):
+        return self._message
+
+    def status(self):
+        return None  # a model's error response: the stream stays usable
+
+
+class _ScriptedStream:
+    """A grpc_client._Stream whose replies are queued, send by send, from ``script``."""
+
+    def __init__(self, script):
+        self.script = script
+        self.responses = queue.Queue()
+        self.sent = []
+        self.busy = self.closed = False
+        self.cancelled = False
+
+    def send(self, model, inputs, *, sequence_id=0, start=False, end=False, parameters=None):
+        self.busy = True
+        self.sent.append((model, sequence_id, start, end, [t.name() for t in inputs], parameters))
+        for result, error in self.script.pop(0):
+            self.responses.put((1.0, result, error))
+        return 0.5
+
+    def close(self, cancel=False):
+        self.closed, self.cancelled = True, cancel
+
+
+class _ScriptedClient:
+    def __init__(self, script):
+        self.model, self.timeout_s, self.params = "llm", 5.0, GenerationParams(max_tokens=2)
+        self.stream = _ScriptedStream(script)
+        self.released = []
+
+    def _acquire(self):
+        return self.stream
+
+    def _release(self, stream):
+        self.released.append(stream)
+
+
+def _reply(*tokens, finish="length"):
+    return [(_Result([t], chr(t)), None) for t in tokens] + [(_Result(finish=finish), None)]
+
+
+def test_conversation_sends_start_once_and_a_bare_end_on_close():
+    client = _ScriptedClient([_reply(65, 66), _reply(67), [(_Result(finish="closed"), None)]])
+    conv = Conversation(client, 7, cache_salt="t")
+    first = conv.send("hi")
+    assert [d.token_ids for d in first] == [[65], [66]]
+    assert conv.ask("more").token_ids == [67]
+    conv.close()
+    conv.close()  # idempotent: nothing more is sent
+    salt = {"cache_salt": "t"}
+    assert client.stream.sent == [
+        ("llm", 7, True, False, ["text_input", "max_tokens", "stream"], salt),
+        ("llm", 7, False, False, ["text_input", "max_tokens", "stream"], salt),
+        ("llm", 7, False, True, [], None),
+    ]
+    assert [t.token_ids for t in conv.turns] == [[65, 66], [67]]
+    assert conv.ended and client.released == [client.stream]
+
+
+def test_conversation_whose_opening_turn_failed_starts_again():
+    client = _ScriptedClient([[(None, _Error("max_tokens must be > 0"))], _reply(65)])
+    conv = Conversation(client, 7)
+    with pytest.raises(ServerError, match="max_tokens must be > 0"):
+        conv.ask("hi", max_tokens=0)
+    assert not conv.started and not conv.ended
+    assert conv.ask("hi", end=True).token_ids == [65]  # START again, and END with it
+    conv.close()  # the last turn carried END: no bare END
+    assert [(start, end) for _, _, start, end, _, _ in client.stream.sent] == [(True, False), (True, True)]
+    assert conv.ended and client.released == [client.stream]
+
+
+def test_cancelling_a_turn_ends_the_conversation():
+    client = _ScriptedClient([_reply(65, 66)])
+    conv = Conversation(client, 7)
+    turn = conv.send("hi")
+    assert next(turn).token_ids == [65]
+    turn.cancel()
+    assert conv.ended and client.stream.cancelled
+    with pytest.raises(ServerError, match="cancelled") as e:
+        turn.result()
+    assert e.value.status == "cancelled"
+    conv.close()
+    assert len(client.stream.sent) == 1
+    with pytest.raises(RuntimeError, match="is over"):
+        conv.send("again")
