@@ -28,6 +28,6 @@ for part in ${PART:-tests}; do
       source .gpu-carry/device_env.sh
       timeout 580 python3 bench/serving_benchmark.py --synthetic llama3-8b \
         --systems tritonkv inprocess --concurrency 1 16 64 --prompt-tokens 200 --max-tokens 180 \
-        --min-requests 16 --out "$OUT" --name serving_h200 2>&1 | tee "$OUT/server.log" | grep -v Warning | tail -40 ;;
+        --min-requests 16 ${HF:---hf-batch} --out "$OUT" --name serving_h200 2>&1 | tee "$OUT/server.log" | grep -v Warning | tail -40 ;;
   esac
 done

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "tests", "e2e")]
 
 from triton_calls import StreamClient  # noqa: E402
-from tritonkv.cache.shared_pool import pool_snapshot  # noqa: E402
+from tritonkv.cache.pool_admin import pool_snapshot  # noqa: E402
 from tritonkv.server.launcher import launch  # noqa: E402
 
 SYSTEM = [256] + [(i * 37) % 256 for i in range(1023)]

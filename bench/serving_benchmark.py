@@ -292,6 +292,22 @@ def breakdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def prefill_rate(request, vocab: int, reference: dict, tokens: int = 4096) -> dict:
+    """TTFT of one 4k-token prompt (median of 3) and its rate against the measured matmul rate;
+    FLOPs: 2 x weights (embedding excluded) per token plus causal attention."""
+    import statistics
+
+    cfg = reference["model"]
+    ttft = statistics.median(request(make_prompts(1, tokens, vocab, seed=10 + i)[0], 1).ttft_s for i in range(3))
+    linear = tokens * reference["prefill_flops_per_token_GF"] * 1e9
+    attention = 2 * cfg["layers"] * cfg["heads"] * cfg["head_dim"] * tokens * tokens  # QK^T + PV, causal half
+    rate = (linear + attention) / ttft
+    out = {"tokens": tokens, "ttft_ms": ttft * 1000, "TFLOPs": rate / 1e12,
+           "fraction_of_matmul_rate": rate / (reference["bf16_matmul_TFLOPs"] * 1e12)}
+    print(f"prefill {tokens} tokens: {out}", flush=True)
+    return out
+
+
 def reference_numbers(args, checkpoint, engine_params, device, prompts) -> dict:
     """The floor from a copy-bandwidth measurement, and HF generate in one batch, same run."""
     from inprocess import copy_bandwidth, hf_batch_generate, kv_bytes_per_token, weight_stream_bytes
@@ -299,11 +315,24 @@ def reference_numbers(args, checkpoint, engine_params, device, prompts) -> dict:
     from tritonkv.model.model_config import ModelConfig
 
     bw = copy_bandwidth(device)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize(device)
+    mm_rate = 20 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
+    del a
     cfg = ModelConfig.from_checkpoint(checkpoint)
     with torch.device("meta"):
         weights = weight_stream_bytes(CausalLM(cfg).to(torch.bfloat16))
     kv_tok = kv_bytes_per_token(cfg, 2)
-    ref = {"copy_bandwidth_GBps": bw / 1e9, "weight_stream_GB": weights / 1e9}
+    ref_model = {"layers": cfg.num_layers, "heads": cfg.num_heads, "head_dim": cfg.head_dim}
+    ref = {"copy_bandwidth_GBps": bw / 1e9, "weight_stream_GB": weights / 1e9,
+           "bf16_matmul_TFLOPs": mm_rate / 1e12, "prefill_flops_per_token_GF": (weights - 2 * cfg.vocab_size * cfg.hidden_size) / 1e9,
+           "model": ref_model}
     mean_ctx = args.prompt_tokens + args.max_tokens / 2
     for c in args.concurrency:
         step_s = (weights + c * mean_ctx * kv_tok) / bw
@@ -414,6 +443,8 @@ def main(argv=None) -> int:
                 if engine is not None:
                     results[system][str(c)]["step_breakdown"] = engine.step_times.summary()
                     print(breakdown_table(engine.step_times.summary()), flush=True)
+            if engine is not None and reference and system == "inprocess":
+                results[system]["prefill_4k"] = prefill_rate(request, vocab, reference)
                 if c == args.concurrency[0]:
                     tokens_at_c1[system] = [s.tokens for s in samples]
                 r = results[system][str(c)]
