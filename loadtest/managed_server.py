@@ -41,7 +41,7 @@ def kill_leftovers(pgid: int) -> None:
 
 def remove_pool_files(pool_name: str) -> None:
     """Delete the shared-memory files of a pool this server alone used (``tritonkv-<name>-<device>.*``)."""
-    from tritonkv.cache.shared_pool import shm_dir
+    from tritonkv.cache.pool_file import shm_dir
 
     for path in glob.glob(os.path.join(shm_dir(), f"tritonkv-{glob.escape(pool_name)}-*")):
         with contextlib.suppress(FileNotFoundError):

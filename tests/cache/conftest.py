@@ -3,7 +3,7 @@ import uuid
 
 import pytest
 
-from tritonkv.cache.shared_pool import remove_pool_files
+from tritonkv.cache.pool_admin import remove_pool_files
 
 
 @pytest.fixture

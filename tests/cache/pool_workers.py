@@ -21,7 +21,7 @@ def check_invariants(pool: SharedBlockPool, held: Counter) -> None:
     """Under the pool lock: refcounts equal the owners' references, this worker's row equals
     what it thinks it holds, and no block is referenced while counted free or cached."""
     with pool.lock:
-        a = pool.a
+        a = pool.arrays
         assert (a.refcount == a.owner_refs.sum(axis=0)).all(), "refcount != sum of owner references"
         assert (a.owner_refs >= 0).all() and (a.refcount >= 0).all()
         mine = np.zeros(pool.num_blocks, np.int64)
@@ -98,7 +98,7 @@ def hold_and_wait(name: str, num_blocks: int, mode: str, ready, results) -> None
     results.put((pool.owner, blocks, more))
     if mode == "in_lock":
         with pool.lock:
-            pool.a.refcount[more[0]] += 1  # half of a _take: owner_refs not yet updated
+            pool.arrays.refcount[more[0]] += 1  # half of a _take: owner_refs not yet updated
             ready.set()
             time.sleep(30)  # bounded: a failing test must not hang on the lock
     ready.set()

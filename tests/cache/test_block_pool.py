@@ -43,9 +43,9 @@ def test_shared_prefix_is_reused_by_the_other_instance(two_instances):
     # b shares the first two full blocks, then diverges in a new block
     assert run_prefill(b, "b", list(range(8)) + [50, 51, 52]) == 8
     assert b.block_table("b") == [0, 1, 3]
-    assert pool.a.refcount[:5].tolist() == [2, 2, 1, 1, 0]
-    assert pool.a.owner_refs[0, :5].tolist() == [1, 1, 1, 0, 0]
-    assert pool.a.owner_refs[1, :5].tolist() == [1, 1, 0, 1, 0]
+    assert pool.arrays.refcount[:5].tolist() == [2, 2, 1, 1, 0]
+    assert pool.arrays.owner_refs[0, :5].tolist() == [1, 1, 1, 0, 0]
+    assert pool.arrays.owner_refs[1, :5].tolist() == [1, 1, 0, 1, 0]
     c = pool.counts()
     assert (c["used"], c["cached"], c["free"]) == (4, 0, 4)
     assert (c["prefix_query_blocks"], c["prefix_hit_blocks"]) == (4, 2)
@@ -54,7 +54,7 @@ def test_shared_prefix_is_reused_by_the_other_instance(two_instances):
     c = pool.counts()
     # blocks 0, 1 stay cached; 2 and 3 were never full, so they are free again
     assert (c["used"], c["cached"], c["free"]) == (0, 2, 6)
-    assert pool.a.refcount.sum() == 0
+    assert pool.arrays.refcount.sum() == 0
 
 
 def test_divergence_mid_block_reuses_only_the_blocks_before_it(two_instances):
@@ -63,7 +63,7 @@ def test_divergence_mid_block_reuses_only_the_blocks_before_it(two_instances):
     run_prefill(a, "a", prompt)
     assert a.block_table("a") == [0, 1, 2, 3]
     a.release("a")
-    assert pool.a.block_hash[:4].tolist()[3] == NO_HASH and (pool.a.block_hash[:3] != NO_HASH).all()
+    assert pool.arrays.block_hash[:4].tolist()[3] == NO_HASH and (pool.arrays.block_hash[:3] != NO_HASH).all()
     diverged = prompt[:6] + [7] * 7  # differs at token 6, inside block 1
     assert run_prefill(b, "b", diverged) == 4
     # block 0 reused; the new blocks come from the free list (3, 4, 5), cached 1 and 2 survive
@@ -97,7 +97,7 @@ def test_eviction_under_pressure_is_lru_tail_first(two_instances):
     assert b.block_table("d") == [6, 7, 2, 1]
     c = pool.counts()
     assert (c["used"], c["cached"], c["free"], c["evictions"]) == (4, 4, 0, 2)
-    assert pool.a.block_hash[[1, 2]].tolist() == [NO_HASH, NO_HASH]
+    assert pool.arrays.block_hash[[1, 2]].tolist() == [NO_HASH, NO_HASH]
     # a's prompt now hits its surviving head block only
     assert a.start("a2", list(range(12))) == 4
     assert a.block_table("a2") == [0]
@@ -134,7 +134,7 @@ def test_hash_hit_is_verified_against_stored_tokens(two_instances):
     assert pool.find(h, 12345, np.array([1, 2, 3, 4], np.int32)) is None
     assert pool.acquire_cached_prefix([h], [9, 9, 9, 9], a.owner) == []
     assert pool.acquire_cached_prefix([h], [1, 2, 3, 4], a.owner) == [5]
-    assert pool.a.refcount[5] == 1
+    assert pool.arrays.refcount[5] == 1
 
 
 def test_release_of_a_block_not_held_is_refused(two_instances):
@@ -142,7 +142,7 @@ def test_release_of_a_block_not_held_is_refused(two_instances):
     blocks = pool.allocate(2, a.owner)
     with pytest.raises(ValueError, match="does not hold"):
         pool.release(blocks, b.owner)
-    assert pool.a.refcount[blocks].tolist() == [1, 1]
+    assert pool.arrays.refcount[blocks].tolist() == [1, 1]
 
 
 def test_release_owner_drops_every_reference_of_that_owner(two_instances):
@@ -150,5 +150,5 @@ def test_release_owner_drops_every_reference_of_that_owner(two_instances):
     run_prefill(a, "a", list(range(9)))
     run_prefill(b, "b", list(range(9)))  # shares blocks 0, 1
     assert pool.release_owner(a.owner) == 3
-    assert pool.a.refcount[:4].tolist() == [1, 1, 0, 1]
-    assert (pool.a.refcount == pool.a.owner_refs.sum(axis=0)).all()
+    assert pool.arrays.refcount[:4].tolist() == [1, 1, 0, 1]
+    assert (pool.arrays.refcount == pool.arrays.owner_refs.sum(axis=0)).all()

@@ -8,8 +8,9 @@ import signal
 import pytest
 
 from engine_workers import engine_settings, second_instance, turn, weights_mapped_from_pool_file
+from polling import wait_until
+from tritonkv.cache.pool_file import pool_path
 from tritonkv.engine.factory import build_engine
-from tritonkv.cache.shared_pool import pool_path, wait_until
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
 CTX = mp.get_context("spawn")
@@ -27,7 +28,8 @@ def test_prefix_from_one_process_is_a_hit_in_the_other(checkpoint, pool_name):
     assert a.pool.created and a.pool.owner == 0 and weights_mapped_from_pool_file(a)
     first, cached = turn(a, "sys", SYSTEM + [65, 66, 67], 6)
     assert cached == 0
-    salted, _ = turn(a, "salted", SYSTEM + [68], 6, extra_keys=SALT)
+    salted, cached = turn(a, "salted", SYSTEM + [68], 6, extra_keys=SALT)
+    assert cached == 0  # the unsalted system prompt is cached, but not in tenant-1's namespace
     prompts = [(SYSTEM + [70, 71], ()),  # the system prompt A computed: 9 blocks hit
                (SYSTEM + [70, 71], (("cache_salt", "tenant-2"),)),  # other tenant: no hit
                (SYSTEM + [68], SALT)]  # A's tenant-1 prefix
@@ -39,6 +41,7 @@ def test_prefix_from_one_process_is_a_hit_in_the_other(checkpoint, pool_name):
         assert "error" not in out, out
         assert (out["owner"], out["created"], out["weights_shared"]) == (1, False, True)
         assert [c for _, c in out["turns"]] == [36, 0, 36]
+        assert out["turns"][2][0] == salted  # B continues from A's tenant-1 blocks
         # same tokens as a private engine computing everything itself
         private = build_engine(engine_settings(checkpoint, ""))
         for (ids, cached), (prompt, keys) in zip(out["turns"], prompts):
@@ -57,4 +60,3 @@ def test_prefix_from_one_process_is_a_hit_in_the_other(checkpoint, pool_name):
             b.join(10)
         a.close()
     assert not os.path.exists(pool_path(f"{pool_name}-cpu0", "pool"))
-    assert salted  # (computed before B attached)

@@ -1,4 +1,5 @@
-"""One pool, several processes: invariants under random load, SIGKILL reclaim, attach rules."""
+"""One pool, several processes: invariants under random load, SIGKILL reclaim, attach rules,
+the admin tools that read or remove a pool without attaching."""
 
 import multiprocessing as mp
 import os
@@ -7,9 +8,12 @@ import time
 
 import pytest
 
+from polling import wait_until
 from pool_workers import BS, attach_only, hammer, hold_and_wait
 from tritonkv.cache.block_hash import hash_full_blocks
-from tritonkv.cache.shared_pool import PoolMismatch, SharedBlockPool, pool_path, wait_until
+from tritonkv.cache.pool_admin import device_pools, pool_snapshot, remove_if_stale
+from tritonkv.cache.pool_file import pool_path
+from tritonkv.cache.shared_pool import PoolMismatch, SharedBlockPool
 
 CTX = mp.get_context("spawn")  # no inherited locks or mappings: each worker attaches by name
 JOIN_S = 60
@@ -39,8 +43,8 @@ def open_pool(name, num_blocks=64, **kw):
 
 def assert_consistent(pool):
     with pool.lock:
-        assert (pool.a.refcount == pool.a.owner_refs.sum(axis=0)).all()
-        assert (pool.a.refcount >= 0).all()
+        assert (pool.arrays.refcount == pool.arrays.owner_refs.sum(axis=0)).all()
+        assert (pool.arrays.refcount >= 0).all()
 
 
 def test_workers_hammering_one_pool_keep_the_invariants_and_leak_nothing(pool_name, procs):
@@ -56,7 +60,7 @@ def test_workers_hammering_one_pool_keep_the_invariants_and_leak_nothing(pool_na
     assert sum(o[2].get("hit_blocks", 0) for o in outcomes) > 0  # blocks were shared across workers
     c = parent.counts()
     assert c["used"] == 0 and c["owners"] == 1
-    assert parent.a.owner_refs.sum() == 0
+    assert parent.arrays.owner_refs.sum() == 0
     assert_consistent(parent)
     parent.close()
     assert not os.path.exists(pool_path(pool_name, "pool"))  # last one out removed the files
@@ -83,7 +87,7 @@ def test_killed_worker_references_are_reclaimed(pool_name, procs, mode):
     assert_consistent(parent)
     c = parent.counts()
     assert (c["used"], c["cached"], c["owners"]) == (1, 3, 1)
-    assert parent.a.refcount[mine].tolist() == [1]
+    assert parent.arrays.refcount[mine].tolist() == [1]
     # the dead worker's registered chain is still a prefix hit for the survivor
     tokens = list(range(12))
     assert parent.acquire_cached_prefix(hash_full_blocks(tokens, BS), tokens, parent.owner) == chain
@@ -150,3 +154,31 @@ def test_closed_attachment_refuses_use(pool_name):
     pool.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         pool.allocate(1, pool.owner)
+
+
+def test_remove_if_stale_keeps_a_live_pool_and_removes_a_dead_one(pool_name, procs):
+    ready, results = CTX.Event(), CTX.Queue()
+    p = start(procs, hold_and_wait, pool_name, 16, "holding", ready, results)
+    results.get(timeout=JOIN_S)
+    assert ready.wait(JOIN_S)
+    assert remove_if_stale(pool_name) is False
+    snap = pool_snapshot(pool_name)
+    assert (snap["total"], snap["used"], snap["cached"], snap["free"]) == (16, 5, 0, 11)
+    assert snap["refcounts_consistent"] and snap["owner_pids"] == snap["live_owner_pids"] == [p.pid]
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(JOIN_S)
+    assert pool_snapshot(pool_name)["live_owner_pids"] == []
+    assert remove_if_stale(pool_name) is True
+    assert pool_snapshot(pool_name) is None
+    assert not os.path.exists(pool_path(pool_name, "pool")) and not os.path.exists(pool_path(pool_name, "lock"))
+
+
+def test_device_pools_lists_the_pools_of_one_pool_name(pool_name):
+    names = [f"{pool_name}-cuda1", f"{pool_name}-cpu0", f"{pool_name}-x-cpu0", pool_name]
+    pools = [open_pool(name, 8) for name in names]
+    try:
+        assert device_pools(pool_name) == [f"{pool_name}-cpu0", f"{pool_name}-cuda1"]
+    finally:
+        for pool in pools:
+            pool.close()
+    assert device_pools(pool_name) == []

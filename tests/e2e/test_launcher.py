@@ -46,7 +46,7 @@ def test_serve_prints_endpoints_and_stops_on_sigterm():
 
 def test_stop_with_an_open_conversation_leaves_no_stub_and_no_pool_files():
     from triton_calls import StreamClient
-    from tritonkv.cache.shared_pool import shm_dir
+    from tritonkv.cache.pool_file import shm_dir
     from tritonkv.server.launcher import start_server
 
     pool = f"stoptest{os.getpid()}"

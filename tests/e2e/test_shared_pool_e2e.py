@@ -14,8 +14,10 @@ import uuid
 
 import pytest
 
+from polling import wait_until
 from triton_calls import StreamClient, http_generate, inputs_for
-from tritonkv.cache.shared_pool import pool_path, pool_snapshot, remove_if_stale, wait_until
+from tritonkv.cache.pool_admin import pool_snapshot, remove_if_stale
+from tritonkv.cache.pool_file import pool_path
 from tritonkv.server.launcher import launch
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

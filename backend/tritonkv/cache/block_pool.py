@@ -18,7 +18,6 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import numpy as np
 from tritonkv.cache.block_hash import NO_HASH
 
 STAT_NAMES = ("prefix_query_blocks", "prefix_hit_blocks", "evictions", "tick")
+_STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
 @dataclass
@@ -67,7 +67,7 @@ class PoolExhausted(Exception):
 
 class BlockPool:
     def __init__(self, arrays: PoolArrays, lock=None):
-        self.a = arrays
+        self.arrays = arrays
         self.num_blocks, self.block_size = arrays.block_tokens.shape
         self.lock = lock if lock is not None else threading.RLock()
 
@@ -76,21 +76,20 @@ class BlockPool:
         return cls(PoolArrays.allocate(num_blocks, block_size, max_owners))
 
     # -- queries ---------------------------------------------------------------------------
-    def _tick(self) -> int:
-        self.a.stats[3] += 1
-        return int(self.a.stats[3])
+    def _add_stat(self, name: str, n: int = 1) -> int:
+        """Add ``n`` to the counter ``name`` (one of ``STAT_NAMES``); returns its new value."""
+        self.arrays.stats[_STAT[name]] += n
+        return int(self.arrays.stats[_STAT[name]])
 
-    def num_free_blocks(self) -> int:
-        """Blocks an allocation can get now: free plus cached (evictable)."""
-        with self.lock:
-            return int((self.a.refcount == 0).sum())
+    def _tick(self) -> int:
+        return self._add_stat("tick")
 
     def counts(self) -> dict[str, int]:
         with self.lock:
-            unused = self.a.refcount == 0
-            cached = int((unused & (self.a.block_hash != NO_HASH)).sum())
+            unused = self.arrays.refcount == 0
+            cached = int((unused & (self.arrays.block_hash != NO_HASH)).sum())
             used = int((~unused).sum())
-            stats = {name: int(v) for name, v in zip(STAT_NAMES, self.a.stats)}
+            stats = {name: int(v) for name, v in zip(STAT_NAMES, self.arrays.stats)}
             return {"total": self.num_blocks, "used": used, "cached": cached,
                     "free": self.num_blocks - used - cached, **stats}
 
@@ -98,27 +97,27 @@ class BlockPool:
     def allocate(self, n: int, owner: int) -> list[int]:
         """``n`` blocks, free ones first (lowest id), then evicting cached ones LRU-first."""
         with self.lock:
-            unused = self.a.refcount == 0
-            free = np.flatnonzero(unused & (self.a.block_hash == NO_HASH))
+            unused = self.arrays.refcount == 0
+            free = np.flatnonzero(unused & (self.arrays.block_hash == NO_HASH))
             if len(free) >= n:
                 chosen = free[:n]
             else:
-                cached = np.flatnonzero(unused & (self.a.block_hash != NO_HASH))
+                cached = np.flatnonzero(unused & (self.arrays.block_hash != NO_HASH))
                 if len(free) + len(cached) < n:
                     raise PoolExhausted(f"need {n} KV blocks, {len(free) + len(cached)} available")
-                order = np.lexsort((cached, self.a.last_used[cached]))
+                order = np.lexsort((cached, self.arrays.last_used[cached]))
                 victims = cached[order[: n - len(free)]]
-                self.a.block_hash[victims] = NO_HASH
-                self.a.parent_hash[victims] = NO_HASH
-                self.a.stats[2] += len(victims)
+                self.arrays.block_hash[victims] = NO_HASH
+                self.arrays.parent_hash[victims] = NO_HASH
+                self._add_stat("evictions", len(victims))
                 chosen = np.concatenate([free, victims])
             self._take(chosen, owner)
             return [int(b) for b in chosen]
 
     def _take(self, blocks: np.ndarray, owner: int) -> None:
-        np.add.at(self.a.refcount, blocks, 1)
-        np.add.at(self.a.owner_refs[owner], blocks, 1)
-        self.a.last_used[blocks] = self._tick()
+        np.add.at(self.arrays.refcount, blocks, 1)
+        np.add.at(self.arrays.owner_refs[owner], blocks, 1)
+        self.arrays.last_used[blocks] = self._tick()
 
     def take_ref(self, blocks: list[int], owner: int) -> None:
         with self.lock:
@@ -130,36 +129,36 @@ class BlockPool:
             return
         with self.lock:
             idx = np.asarray(blocks, dtype=np.int64)
-            if (self.a.owner_refs[owner][idx] <= 0).any():
+            if (self.arrays.owner_refs[owner][idx] <= 0).any():
                 raise ValueError(f"owner {owner} releases blocks it does not hold: {blocks}")
-            np.subtract.at(self.a.refcount, idx, 1)
-            np.subtract.at(self.a.owner_refs[owner], idx, 1)
+            np.subtract.at(self.arrays.refcount, idx, 1)
+            np.subtract.at(self.arrays.owner_refs[owner], idx, 1)
             # Released last block of a chain is evicted before its parents (LRU by tick order).
             tick = self._tick()
-            self.a.last_used[idx] = tick + np.arange(len(idx))[::-1]
-            self.a.stats[3] += len(idx)
+            self.arrays.last_used[idx] = tick + np.arange(len(idx))[::-1]
+            self._add_stat("tick", len(idx))
 
     def release_owner(self, owner: int) -> int:
         """Drop every reference ``owner`` holds (its process died). Returns how many."""
         with self.lock:
-            refs = self.a.owner_refs[owner].copy()
-            self.a.refcount -= refs
-            self.a.owner_refs[owner] = 0
+            refs = self.arrays.owner_refs[owner].copy()
+            self.arrays.refcount -= refs
+            self.arrays.owner_refs[owner] = 0
             return int(refs.sum())
 
     # -- prefix index ----------------------------------------------------------------------
     def register(self, block: int, block_hash: int, parent_hash: int, tokens) -> None:
         """Enter a full, written block into the prefix index."""
         with self.lock:
-            self.a.block_hash[block] = block_hash
-            self.a.parent_hash[block] = parent_hash
-            self.a.block_tokens[block] = tokens
+            self.arrays.block_hash[block] = block_hash
+            self.arrays.parent_hash[block] = parent_hash
+            self.arrays.block_tokens[block] = tokens
 
     def find(self, block_hash: int, parent_hash: int, tokens) -> int | None:
         """A block holding exactly these tokens after this parent, or None."""
         with self.lock:
-            for b in np.flatnonzero(self.a.block_hash == block_hash):
-                if self.a.parent_hash[b] == parent_hash and np.array_equal(self.a.block_tokens[b], tokens):
+            for b in np.flatnonzero(self.arrays.block_hash == block_hash):
+                if self.arrays.parent_hash[b] == parent_hash and np.array_equal(self.arrays.block_tokens[b], tokens):
                     return int(b)
             return None
 
@@ -175,13 +174,9 @@ class BlockPool:
                     break
                 blocks.append(b)
                 parent = h
-            self.a.stats[0] += len(hashes)
-            self.a.stats[1] += len(blocks)
+            self._add_stat("prefix_query_blocks", len(hashes))
+            self._add_stat("prefix_hit_blocks", len(blocks))
             if blocks:
                 self._take(np.asarray(blocks, dtype=np.int64), owner)
             return blocks
 
-    @contextlib.contextmanager
-    def locked(self):
-        with self.lock:
-            yield

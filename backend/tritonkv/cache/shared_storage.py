@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from tritonkv.cache.allocate import kv_storage_shape
-from tritonkv.cache.shared_pool import SharedBlockPool, reserve
+from tritonkv.cache.pool_file import reserve
+from tritonkv.cache.shared_pool import SharedBlockPool
 from tritonkv.model.checkpoint import load_model
 from tritonkv.model.model_config import ModelConfig
 

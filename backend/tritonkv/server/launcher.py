@@ -129,14 +129,10 @@ def live_group_members(pgid: int) -> list[int]:
 
 def remove_stale_pools(pool_names) -> None:
     """Remove the /dev/shm files of these pools (on every device) that no live process holds."""
-    import glob
-
-    from tritonkv.cache.shared_pool import remove_if_stale, shm_dir
+    from tritonkv.cache.pool_admin import device_pools, remove_if_stale
 
     for pool_name in pool_names:
-        prefix = os.path.join(shm_dir(), f"tritonkv-{pool_name}-")
-        for path in glob.glob(glob.escape(prefix) + "*.pool"):  # one pool per device
-            name = os.path.basename(path)[len("tritonkv-"):-len(".pool")]
+        for name in device_pools(pool_name):
             with contextlib.suppress(OSError):
                 remove_if_stale(name)
 
