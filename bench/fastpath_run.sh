@@ -24,10 +24,11 @@ for part in ${PART:-tests}; do
       timeout 560 python3 bench/serving_benchmark.py --synthetic llama3-8b --systems inprocess inprocess-eager \
         --concurrency 1 64 --prompt-tokens 200 --max-tokens 180 --min-requests 8 --hf-batch \
         --out "$OUT" --name inproc --no-plot 2>&1 | tee "$OUT/inproc.log" | grep -v Warning | tail -40 ;;
-    server)
+    server)  # SYSTEMS, NAME, HF ("--hf-batch" skips HF generate), EXTRA (e.g. --engine-param k=v)
       source .gpu-carry/device_env.sh
       timeout 580 python3 bench/serving_benchmark.py --synthetic llama3-8b \
-        --systems tritonkv inprocess --concurrency 1 16 64 --prompt-tokens 200 --max-tokens 180 \
-        --min-requests 16 ${HF:---hf-batch} --out "$OUT" --name serving_h200 2>&1 | tee "$OUT/server.log" | grep -v Warning | tail -40 ;;
+        --systems ${SYSTEMS:-tritonkv inprocess} --concurrency 1 16 64 --prompt-tokens 200 --max-tokens 180 \
+        --min-requests 16 $HF $EXTRA --out "$OUT" --name ${NAME:-serving_h200} 2>&1 \
+        | tee "$OUT/${NAME:-serving_h200}.log" | grep -v Warning | tail -30 ;;
   esac
 done

@@ -283,7 +283,7 @@ def agreement(results_tokens: dict) -> dict:
 
 def breakdown_table(summary: dict) -> str:
     """Mean milliseconds per step of each phase, per kind of step."""
-    phases = ("schedule", "prepare", "forward", "sample", "emit")
+    phases = ("schedule", "prepare", "forward", "sample", "wait", "emit")
     lines = ["| step kind | steps | mean seqs | " + " | ".join(f"{p} ms" for p in phases) + " | total ms |",
              "|---|---:|---:|" + "---:|" * (len(phases) + 1)]
     for kind, r in sorted(summary.items()):

@@ -30,6 +30,7 @@ class EngineConfig:
     default_max_tokens: int = 128  # max_tokens when a request sets none
     enable_prefix_caching: bool = True
     pool_name: str = ""  # shared pool name; "" keeps the pool private to this instance
+    stream_interval: int = 1  # tokens per streamed response after the first (as vLLM's)
     enable_cuda_graphs: bool = True  # CUDA: decode steps replay graphs captured at load
     # CUDA: > 0 sizes the KV pool to this fraction of the device's free memory after the
     # weights, minus activations and graphs (as vLLM's); 0 keeps kv_cache_memory_mb
@@ -61,6 +62,8 @@ class EngineConfig:
             bad("sequence_idle_timeout_s", "must be > 0 seconds")
         if not 0.0 <= self.gpu_memory_utilization < 1.0:
             bad("gpu_memory_utilization", "must be in [0, 1) (0 keeps kv_cache_memory_mb)")
+        if self.stream_interval <= 0:
+            bad("stream_interval", "must be >= 1 (tokens per streamed response)")
         if self.default_max_tokens <= 0:
             bad("default_max_tokens", "must be > 0")
 

@@ -107,16 +107,16 @@ def test_validation_messages_name_the_problem(tiny):
 
 def test_a_failing_step_answers_with_an_error_and_the_engine_keeps_serving(tiny, monkeypatch):
     engine = make_engine(tiny[0])
-    real_execute = engine.runner.execute
+    real_launch = engine.runner.launch
     calls = {"n": 0}
 
-    def flaky(rows):
+    def flaky(rows, prev=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return real_execute(rows)
+        return real_launch(rows, prev)
 
-    monkeypatch.setattr(engine.runner, "execute", flaky)
+    monkeypatch.setattr(engine.runner, "launch", flaky)
     engine.start_loop()
     try:
         c, ok = Collector(), Collector()

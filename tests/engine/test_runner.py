@@ -29,8 +29,8 @@ def test_fill_writes_exact_step_inputs(llama):
     runner = engine.runner
     rows = [StepRow([7, 8, 9, 10, 11], 2, [5, 3], False),  # a prefill chunk at positions 2..6
             StepRow([42], 9, [1, 6, 2], True)]  # a decode token at position 9
-    tokens, max_q, max_len, sample_at = runner._fill(rows, 4)  # two padding rows
-    assert (tokens, max_q, max_len, sample_at) == (8, 5, 10, [5])
+    tokens, max_q, max_len, sample_at, num_prev = runner._fill(rows, 4)  # two padding rows
+    assert (tokens, max_q, max_len, sample_at, num_prev) == (8, 5, 10, [5], 0)
     assert runner.ids[:8].tolist() == [7, 8, 9, 10, 11, 42, 0, 0]
     assert runner.positions[:8].tolist() == [2, 3, 4, 5, 6, 9, 0, 0]
     # slot = block_table[pos // 4] * 4 + pos % 4; padding writes nowhere (-1)
@@ -71,4 +71,31 @@ def test_graph_decode_with_preemption_equals_eager(llama):
     got = _run_batch(graphs, prompts, 16)
     assert graphs.scheduler.num_preemptions > 0
     assert got == _run_batch(make_engine(llama, enable_cuda_graphs=False, num_blocks=256), prompts, 16)
+    assert graphs.pool.counts()["used"] == 0
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="CUDA graphs need TRITONKV_TEST_DEVICE=cuda")
+def test_overlapped_decode_with_uneven_lengths_and_a_second_turn_equals_eager(llama):
+    """Sequences that end at different steps (the step in flight past a finished turn is
+    dropped) and a second turn on a conversation whose first turn ran overlapped."""
+    def run(engine):
+        outs = []
+        for i, n in enumerate((3, 7, 12, 1)):
+            c = Collector()
+            engine.submit(f"c{i}", [1] + [(11 * i + j) % 90 + 3 for j in range(6 + i)], greedy(n), c,
+                          start=True, end=False)
+            outs.append(c)
+        engine.run_until_idle()
+        second = []
+        for i in range(4):
+            c = Collector()
+            engine.submit(f"c{i}", [5, 6, 7 + i], greedy(9), c, start=False, end=True)
+            second.append(c)
+        engine.run_until_idle()
+        return [c.token_ids for c in outs + second], [c.final.cached_tokens for c in second]
+
+    graphs = make_engine(llama, enable_cuda_graphs=True)
+    got = run(graphs)
+    assert got == run(make_engine(llama, enable_cuda_graphs=False))
+    assert [len(t) for t in got[0]] == [3, 7, 12, 1, 9, 9, 9, 9]
     assert graphs.pool.counts()["used"] == 0

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +22,7 @@ from tritonkv.cache.block_pool import BlockPool
 from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
 from tritonkv.engine.requests import RequestError, SamplingParams, Submission, Turn, TurnOutput
-from tritonkv.engine.runner import ModelRunner, StepRow
+from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow, StepTimes
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
@@ -29,6 +30,20 @@ from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("tritonkv.engine")
+
+
+@dataclass
+class PendingStep:
+    """A launched step: what was planned, each row's turn at launch, the runner's handle."""
+
+    plan: list[ScheduledChunk]
+    turns: list[Turn]
+    handle: StepHandle
+    schedule_s: float
+    handle_times: StepTimes = None
+
+    def __post_init__(self):
+        self.handle_times = self.handle.times
 
 CANCEL_POLL_S = 0.05
 
@@ -55,6 +70,7 @@ class Engine:
                                   max_num_batched_tokens=config.max_num_batched_tokens, device=self.device,
                                   enable_cuda_graphs=config.enable_cuda_graphs)
         self.step_times = StepBreakdown()
+        self._pending: PendingStep | None = None  # a launched step not yet read back
         eos = set(self.model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -129,6 +145,7 @@ class Engine:
                 self.step()
             except Exception as exc:  # a failing step must not take the server down
                 log.exception("engine step failed")
+                self._pending = None
                 self._fail_running(f"internal error in engine step: {exc}")
 
     def _drain(self) -> None:
@@ -145,6 +162,10 @@ class Engine:
         for _ in range(max_steps):
             self._drain()
             if not any(s.status is SeqStatus.RUNNING for s in self._seqs.values()):
+                if self._pending is not None:
+                    self._finalize(self._pending)
+                    self._pending = None
+                    continue
                 return
             self.step()
         raise RuntimeError("engine did not go idle")
@@ -218,6 +239,14 @@ class Engine:
         seq.status = SeqStatus.IDLE
 
     def step(self) -> None:
+        """One engine step. On CUDA with decode graphs, a pure decode continuation of the
+        step in flight is launched before that step's tokens are read back (overlap): the
+        host emits step n while the GPU runs step n + 1."""
+        if self._pending is not None:
+            if self._continue_pending():
+                return
+            self._finalize(self._pending)
+            self._pending = None
         t0 = time.perf_counter()
         self._poll_cancelled()
         running = [s for s in self._seqs.values() if s.status is SeqStatus.RUNNING]
@@ -234,16 +263,58 @@ class Engine:
             self._fail_unschedulable(running)
             return
         t1 = time.perf_counter()
-        sampled = self.runner.execute([self._step_row(c) for c in plan])
-        t2 = time.perf_counter()
-        for chunk in plan:
+        step = PendingStep(plan, [c.seq.turn for c in plan], self.runner.launch([self._step_row(c) for c in plan]),
+                           t1 - t0)
+        if self.runner.graphs and all(c.sample for c in plan):
+            self._pending = step  # read back after the next launch
+        else:
+            self._finalize(step)
+
+    def _continue_pending(self) -> bool:
+        """Launch the decode step that continues every sequence of the step in flight, then
+        finalize that step. False (nothing done) unless the step in flight is the whole work:
+        no other running sequence, every turn still its own, no sequence at its last token,
+        blocks for every next position without preemption, no cancel poll due."""
+        t0 = time.perf_counter()
+        pend = self._pending
+        running = sum(s.status is SeqStatus.RUNNING for s in self._seqs.values())
+        if running != len(pend.plan) or time.monotonic() - self._last_cancel_poll >= CANCEL_POLL_S:
+            return False
+        rows = []
+        for i, (chunk, turn) in enumerate(zip(pend.plan, pend.turns)):
             seq = chunk.seq
+            position = chunk.start + chunk.num_tokens  # where the token in flight goes
+            if (seq.turn is not turn or seq.status is not SeqStatus.RUNNING
+                    or len(turn.output_ids) + 1 >= turn.params.max_tokens or position + 1 >= self.max_model_len
+                    or not self.kv.grow(seq.seq_id, position + 1)):
+                return False
+            rows.append(StepRow([0], position, self.kv.block_table(seq.seq_id), True, turn.params, turn.generator,
+                                from_prev=i))
+        t1 = time.perf_counter()
+        handle = self.runner.launch(rows, pend.handle)
+        self._steps += 1
+        plan = [ScheduledChunk(c.seq, c.start + c.num_tokens, 1, True) for c in pend.plan]
+        self._finalize(pend)
+        self._pending = PendingStep(plan, pend.turns, handle, t1 - t0)
+        return True
+
+    def _finalize(self, step: PendingStep) -> None:
+        """Read a launched step's tokens back and apply them; rows whose turn ended meanwhile
+        (finished, cancelled, released) are dropped."""
+        t0 = time.perf_counter()
+        sampled = iter(self.runner.collect(step.handle))
+        t1 = time.perf_counter()
+        for chunk, turn in zip(step.plan, step.turns):
+            seq = chunk.seq
+            token = next(sampled) if chunk.sample else None
+            if seq.turn is not turn or seq.status is not SeqStatus.RUNNING or seq.num_computed != chunk.start:
+                continue
             seq.num_computed += chunk.num_tokens
             self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
-        for chunk, token in zip([c for c in plan if c.sample], sampled):
-            self._append_token(chunk.seq, token)
-        self.step_times.add(len(plan), sum(c.num_tokens for c in plan), t1 - t0, self.runner.times,
-                            time.perf_counter() - t2, t2 - t1)
+            if token is not None:
+                self._append_token(seq, token)
+        self.step_times.add(len(step.plan), sum(c.num_tokens for c in step.plan), step.schedule_s,
+                            step.handle_times, t1 - t0, time.perf_counter() - t1)
 
     def _step_row(self, chunk: ScheduledChunk) -> StepRow:
         seq = chunk.seq

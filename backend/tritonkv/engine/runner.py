@@ -11,7 +11,10 @@ Rules:
   mixed steps run eagerly. Graphs are captured with ``max_seq_len = max_model_len`` (the
   decode kernel sizes its splits from it).
 - A step's logits exist only for the rows that sample; sampling is batched
-  (engine/sampler.py) and costs one device-to-host copy.
+  (engine/sampler.py) and its ids come back in one asynchronous device-to-host copy:
+  ``launch`` returns at once, ``collect`` waits. A row may take its input token from the
+  previous launch's sampled ids on the device (``from_prev``), so a decode step can be
+  launched before the host has seen the tokens it continues (engine overlap).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from tritonkv.engine.requests import SamplingParams
-from tritonkv.engine.sampler import sample_batch
+from tritonkv.engine.sampler import RowSettings, sample_ids
 from tritonkv.model.llama import AttentionBatch, CausalLM
 
 log = logging.getLogger("tritonkv.runner")
@@ -38,6 +41,17 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 @dataclass
+class StepTimes:
+    """Host seconds of one launch: filling and uploading inputs, launching the forward (a graph
+    replay or eager kernels), launching the sampler; none of them waits for the GPU."""
+
+    prepare: float = 0.0
+    forward: float = 0.0
+    sample: float = 0.0
+    graph: bool = False
+
+
+@dataclass
 class StepRow:
     """One scheduled sequence of a step, as the runner needs it."""
 
@@ -47,17 +61,19 @@ class StepRow:
     sample: bool
     params: SamplingParams | None = None
     generator: torch.Generator | None = None
+    from_prev: int = -1  # >= 0: the one input token is sample number ``from_prev`` of the
+    # previous launch (still on the device); ``token_ids`` then holds a placeholder
 
 
 @dataclass
-class StepTimes:
-    """Seconds spent in the last step's phases (host clock; ``forward`` includes the wait for
-    the GPU, which the sample copy forces)."""
+class StepHandle:
+    """A launched step: its sampled ids arrive in ``host`` once ``done`` has fired."""
 
-    prepare: float = 0.0
-    forward: float = 0.0
-    sample: float = 0.0
-    graph: bool = False
+    sampled: torch.Tensor | None  # device ids [num_samples]
+    host: torch.Tensor | None
+    done: torch.cuda.Event | None
+    num_samples: int
+    times: StepTimes | None = None
 
 
 class ModelRunner:
@@ -85,15 +101,28 @@ class ModelRunner:
         self._h_lens = host(self.max_seqs, torch.int32)
         self._h_qsl = host(self.max_seqs + 1, torch.int32)
         self._h_tables = host((self.max_seqs, self.max_blocks), torch.int32)
+        self._h_src = host(self.max_seqs, torch.int64)  # from_prev: sample index in the last launch
+        self._h_dst = host(self.max_seqs, torch.int64)  # from_prev: token index in this launch
         self._host = [self._h_ids, self._h_pos, self._h_slots, self._h_rows, self._h_lens, self._h_qsl,
-                      self._h_tables]
+                      self._h_tables, self._h_src, self._h_dst]
+        # per-row sampling settings (uploaded only when a row samples at temperature > 0)
+        self._h_temp = host(self.max_seqs, torch.float32)
+        self._h_topk = host(self.max_seqs, torch.int64)
+        self._h_topp = host(self.max_seqs, torch.float32)
+        self._settings_host = [self._h_temp, self._h_topk, self._h_topp]
+        self._settings_dev = [torch.zeros_like(t, device=device) for t in self._settings_host] \
+            if cuda else self._settings_host
+        # sampled ids come back into one of two pinned buffers, alternating (a step's ids are
+        # read while the next step's copy is in flight)
+        self._h_out = [host(self.max_seqs, torch.int64) for _ in range(2)]
+        self._out_turn = 0
         self._np = [t.numpy() for t in self._host]
         if cuda:
             self._dev = [torch.zeros_like(t, device=device) for t in self._host]
         else:
             self._dev = self._host  # the CPU path reads the host buffers directly
         (self.ids, self.positions, self.slots, self.sample_rows, self.seq_lens, self.query_start_loc,
-         self.block_tables) = self._dev
+         self.block_tables, self.prev_src, self.prev_dst) = self._dev
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
         self.times = StepTimes()
@@ -103,12 +132,14 @@ class ModelRunner:
             self.capture_graphs()
 
     # -- inputs ------------------------------------------------------------------------------
-    def _fill(self, rows: list[StepRow], pad_to: int) -> tuple[int, int, int, list[int]]:
+    def _fill(self, rows: list[StepRow], pad_to: int) -> tuple[int, int, int, list[int], int]:
         """Write the step into the host buffers; returns (tokens, max_query_len, max_seq_len,
-        sample row indices). Rows past ``len(rows)`` up to ``pad_to`` become padding."""
+        sample row indices, rows fed from the previous launch). Rows past ``len(rows)`` up to
+        ``pad_to`` become padding."""
         if self._uploaded is not None:
             self._uploaded.synchronize()
-        ids, pos, slots, srows, lens, qsl, tables = self._np
+        ids, pos, slots, srows, lens, qsl, tables, src, dst = self._np
+        num_prev = 0
         bs = self.block_size
         t = 0
         max_q = max_len = 0
@@ -118,6 +149,10 @@ class ModelRunner:
             n = len(row.token_ids)
             end = row.start + n
             table = row.block_table
+            if row.from_prev >= 0:
+                src[num_prev] = row.from_prev
+                dst[num_prev] = t
+                num_prev += 1
             if n == 1:
                 ids[t] = row.token_ids[0]
                 pos[t] = row.start
@@ -144,12 +179,13 @@ class ModelRunner:
             t += 1
             qsl[i + 1] = t
         srows[:len(sample_at)] = sample_at
-        return t, max_q, max_len, sample_at
+        return t, max_q, max_len, sample_at, num_prev
 
-    def _upload(self, num_tokens: int, num_seqs: int, num_samples: int) -> None:
+    def _upload(self, num_tokens: int, num_seqs: int, num_samples: int, num_prev: int = 0) -> None:
         if self._dev is self._host:
             return
-        sizes = [num_tokens, num_tokens, num_tokens, num_samples, num_seqs, num_seqs + 1, num_seqs]
+        sizes = [num_tokens, num_tokens, num_tokens, num_samples, num_seqs, num_seqs + 1, num_seqs,
+                 num_prev, num_prev]
         for d, h, n in zip(self._dev, self._host, sizes):
             d[:n].copy_(h[:n], non_blocking=True)
         self._uploaded.record()
@@ -164,12 +200,24 @@ class ModelRunner:
     # -- one step ----------------------------------------------------------------------------
     def execute(self, rows: list[StepRow]) -> list[int]:
         """Run one step; returns the sampled token of each row with ``sample`` set, in order."""
+        return self.collect(self.launch(rows))
+
+    def launch(self, rows: list[StepRow], prev: StepHandle | None = None) -> StepHandle:
+        """Queue one step on the device and return without waiting for it. Rows with
+        ``from_prev`` read their input token from ``prev``'s sampled ids."""
         t0 = time.perf_counter()
         n = len(rows)
         decode = all(len(r.token_ids) == 1 for r in rows)
         graph_bs = self._graph_size(n) if decode else None
-        tokens, max_q, max_len, sample_at = self._fill(rows, graph_bs or n)
-        self._upload(tokens, graph_bs or n, len(sample_at))
+        tokens, max_q, max_len, sample_at, num_prev = self._fill(rows, graph_bs or n)
+        self._upload(tokens, graph_bs or n, len(sample_at), num_prev)
+        if num_prev:
+            self.ids.index_copy_(0, self.prev_dst[:num_prev], prev.sampled.index_select(0, self.prev_src[:num_prev]))
+        samplers = [r for r in rows if r.sample]
+        params = [r.params for r in samplers]
+        settings = self._row_settings(params) if samplers else None
+        if self._uploaded is not None:
+            self._uploaded.record()  # every pinned input of this step is now queued for copy
         t1 = time.perf_counter()
         if graph_bs is not None:
             graph, logits = self.graphs[graph_bs]
@@ -179,12 +227,41 @@ class ModelRunner:
             hidden = self.model(self.ids[:tokens], self._batch(tokens, n, max_q, max_len), self.kv_caches)
             logits = self.model.logits(hidden[self.sample_rows[:len(sample_at)]]) if sample_at else None
         t2 = time.perf_counter()
-        samplers = [r for r in rows if r.sample]
-        out = sample_batch(logits, [r.params for r in samplers], [r.generator for r in samplers]) \
-            if samplers else []
-        t3 = time.perf_counter()
-        self.times = StepTimes(t1 - t0, t2 - t1, t3 - t2, graph_bs is not None)
-        return out
+        handle = StepHandle(None, None, None, len(sample_at))
+        if sample_at:
+            handle.sampled = sample_ids(logits, params, [r.generator for r in samplers], settings)
+            if self.device.type == "cuda":
+                handle.host = self._h_out[self._out_turn][:len(sample_at)]
+                self._out_turn ^= 1
+                handle.host.copy_(handle.sampled, non_blocking=True)
+                handle.done = torch.cuda.Event()
+                handle.done.record()
+            else:
+                handle.host = handle.sampled
+        handle.times = self.times = StepTimes(t1 - t0, t2 - t1, time.perf_counter() - t2, graph_bs is not None)
+        return handle
+
+    def collect(self, handle: StepHandle) -> list[int]:
+        """Wait for a launched step; its sampled ids in row order."""
+        if handle.num_samples == 0:
+            return []
+        if handle.done is not None:
+            handle.done.synchronize()
+        return handle.host.tolist()
+
+    def _row_settings(self, params: list[SamplingParams]) -> RowSettings | None:
+        if all(p.temperature == 0.0 for p in params):
+            return None
+        n = len(params)
+        temp, topk, topp = (t.numpy() for t in self._settings_host)
+        for i, p in enumerate(params):
+            temp[i], topk[i], topp[i] = p.temperature, p.top_k, p.top_p
+        dev = self._settings_dev
+        if dev is not self._settings_host:
+            for d, h in zip(dev, self._settings_host):
+                d[:n].copy_(h[:n], non_blocking=True)
+        return RowSettings(dev[0][:n], dev[1][:n], dev[2][:n],
+                           any(p.top_k > 0 or p.top_p < 1.0 for p in params))
 
     def _graph_size(self, n: int) -> int | None:
         for bs in sorted(self.graphs):
@@ -201,7 +278,7 @@ class ModelRunner:
         free0 = torch.cuda.mem_get_info(self.device)[0]
         self.graph_pool = torch.cuda.graph_pool_handle()
         for bs in reversed(sizes):
-            tokens, _, _, _ = self._fill([], bs)
+            tokens, _, _, _, _ = self._fill([], bs)
             self._upload(tokens, bs, 0)
             batch = self._batch(bs, bs, 1, self.max_model_len)
             for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture

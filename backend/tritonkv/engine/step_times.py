@@ -1,11 +1,14 @@
-"""Where a step's time goes: schedule / prepare / forward / sample / emit, summed per kind of
-step (decode through a CUDA graph, eager decode, prefill or mixed), for benchmarks and logs."""
+"""Where a step's time goes, summed per kind of step (decode through a CUDA graph, eager
+decode, prefill or mixed), for benchmarks and logs. Host phases: schedule, prepare (inputs),
+forward (launch), sample (launch), wait (blocked on the GPU for the step's ids), emit (apply
+tokens, build and queue outputs). With overlap, a step's wait and emit happen while the GPU
+runs the next step, so the phases of consecutive steps interleave."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PHASES = ("schedule", "prepare", "forward", "sample", "emit")
+PHASES = ("schedule", "prepare", "forward", "sample", "wait", "emit")
 
 
 @dataclass
@@ -20,10 +23,9 @@ class StepBreakdown:
     def __init__(self):
         self.kinds: dict[str, PhaseSums] = {}
 
-    def add(self, num_seqs: int, num_tokens: int, schedule_s: float, runner_times, emit_s: float,
-            run_s: float) -> None:
-        """``runner_times``: the runner's ``StepTimes`` of this step; ``run_s`` the wall time
-        of the whole runner call (what it did not attribute counts as forward)."""
+    def add(self, num_seqs: int, num_tokens: int, schedule_s: float, runner_times, wait_s: float,
+            emit_s: float) -> None:
+        """``runner_times``: the runner's ``StepTimes`` of this step's launch."""
         if num_tokens == num_seqs:
             kind = "decode_graph" if runner_times.graph else "decode_eager"
         else:
@@ -32,8 +34,8 @@ class StepBreakdown:
         sums.steps += 1
         sums.seqs += num_seqs
         sums.tokens += num_tokens
-        forward = run_s - runner_times.prepare - runner_times.sample
-        for name, value in zip(PHASES, (schedule_s, runner_times.prepare, forward, runner_times.sample, emit_s)):
+        values = (schedule_s, runner_times.prepare, runner_times.forward, runner_times.sample, wait_s, emit_s)
+        for name, value in zip(PHASES, values):
             sums.seconds[name] += value
 
     def summary(self) -> dict[str, dict]:

@@ -7,6 +7,8 @@ Rules:
   one response (text and ids concatenated, the last one's finish facts). A stream that keeps
   up gets one response per token; one that falls behind catches up in fewer, larger
   responses. Nothing waits on purpose: the first token goes out as soon as the sender is free.
+- ``stream_interval`` k (as vLLM's): after a request's first response, its tokens are
+  handed to the sender once k of them are waiting (or the turn ends); 1 sends every token.
 - An error output is never merged: the tokens queued before it go first, then the error.
 - Order per request is the order of ``push``; a request's final response is its last.
 """
@@ -47,16 +49,19 @@ def merge_outputs(outs: list[TurnOutput]) -> list[TurnOutput]:
 
 
 class _Stream:
-    __slots__ = ("send", "pending", "queued")
+    __slots__ = ("send", "pending", "queued", "started", "waiting_tokens")
 
     def __init__(self, send: Callable[[TurnOutput], None]):
         self.send = send
         self.pending: list[TurnOutput] = []
         self.queued = False
+        self.started = False  # its first output was handed to the sender
+        self.waiting_tokens = 0
 
 
 class ResponseStreamer:
-    def __init__(self):
+    def __init__(self, stream_interval: int = 1):
+        self.stream_interval = stream_interval
         self._lock = threading.Lock()
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="tritonkv-responses", daemon=True)
@@ -72,9 +77,14 @@ class ResponseStreamer:
             with self._lock:
                 stream.pending.append(out)
                 self.outputs_pushed += 1
+                stream.waiting_tokens += len(out.token_ids)
                 if stream.queued:
                     return
-                stream.queued = True
+                if (stream.started and not out.finished and out.error is None
+                        and stream.waiting_tokens < self.stream_interval):
+                    return
+                stream.queued = stream.started = True
+                stream.waiting_tokens = 0
             self._ready.put(stream)
 
         return emit
