@@ -24,11 +24,15 @@ for part in ${PART:-tests}; do
       timeout 560 python3 bench/serving_benchmark.py --synthetic llama3-8b --systems inprocess inprocess-eager \
         --concurrency 1 64 --prompt-tokens 200 --max-tokens 180 --min-requests 8 --hf-batch \
         --out "$OUT" --name inproc --no-plot 2>&1 | tee "$OUT/inproc.log" | grep -v Warning | tail -40 ;;
+    hf)  # HF generate at batch 1 and 64 beside the floor (the image's python: transformers needs it)
+      timeout 300 python3 bench/serving_benchmark.py --synthetic llama3-8b --systems --concurrency 1 64 \
+        --prompt-tokens 200 --max-tokens 180 --hf-batch 1 64 --out "$OUT" --name hf_h200 --no-plot 2>&1 \
+        | tee "$OUT/hf_h200.log" | grep -v Warning | tail -25 ;;
     server)  # SYSTEMS, NAME, HF ("--hf-batch" skips HF generate), EXTRA (e.g. --engine-param k=v)
       source .gpu-carry/device_env.sh
       timeout 580 python3 bench/serving_benchmark.py --synthetic llama3-8b \
         --systems ${SYSTEMS:-tritonkv inprocess} --concurrency 1 16 64 --prompt-tokens 200 --max-tokens 180 \
-        --min-requests 16 $HF $EXTRA --out "$OUT" --name ${NAME:-serving_h200} 2>&1 \
+        --min-requests 16 --hf-batch $EXTRA --out "$OUT" --name ${NAME:-serving_h200} 2>&1 \
         | tee "$OUT/${NAME:-serving_h200}.log" | grep -v Warning | tail -30 ;;
   esac
 done

@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--quick", action="store_true", help="concurrency 1 4, 4 requests, 32 tokens (smoke)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for serving.{md,json,png}")
     p.add_argument("--name", default="serving", help="file stem of the results")
