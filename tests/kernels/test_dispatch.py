@@ -1,4 +1,5 @@
-"""ops.dispatch: CPU tensors -> references, CUDA (or impl='triton') -> kernels; mixed batches."""
+"""ops.dispatch: CPU tensors -> torch (impl='cpu'), CUDA (or impl='triton') -> kernels,
+impl='reference' -> the plain oracle; mixed batches."""
 
 import pytest
 import torch
@@ -15,7 +16,10 @@ def test_cpu_goes_to_the_batched_torch_path_and_reference_on_request():
     out = dispatch.paged_attention(*c.args())  # original positional signature
     # ops/cpu_attention.py: same function, other summation order; q/out are bf16 here
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    assert torch.equal(dispatch.paged_attention(*c.args(), impl="cpu"), out)
     assert torch.equal(dispatch.paged_attention(*c.args(), impl="reference"), ref)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        dispatch.paged_attention(*c.args(), impl="torch")  # the old name of 'cpu'
 
 
 @pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
@@ -42,7 +46,7 @@ def test_mixed_batch_through_dispatcher(kv_dtype):
     rks = c.k_scale.clone() if kv_dtype is not None else None
     rvs = c.v_scale.clone() if kv_dtype is not None else None
     dispatch.write_kv(c.k_cache, c.v_cache, key, val, slots, impl="triton", **kw)
-    dispatch.write_kv(rk, rv, key, val, slots, impl="torch",
+    dispatch.write_kv(rk, rv, key, val, slots, impl="cpu",
                       **({} if kv_dtype is None else dict(k_scale=rks, v_scale=rvs)))
     if kv_dtype is None:
         assert torch.equal(c.k_cache, rk) and torch.equal(c.v_cache, rv)
@@ -60,7 +64,7 @@ def test_decode_with_mass_through_dispatcher():
     c = make_case(lens, [1] * len(lens), 8, 2, 64)
     out, mass = dispatch.paged_attention(*c.args(), 16, 2, max_query_len=1, impl="triton",
                                          return_attention_mass=True)
-    rout, rmass = dispatch.paged_attention(*c.args(), 16, 2, max_query_len=1, impl="torch",
+    rout, rmass = dispatch.paged_attention(*c.args(), 16, 2, max_query_len=1, impl="cpu",
                                            return_attention_mass=True)
     assert rel_err(out, rout) < 2e-2
     assert rel_err(mass, rmass) < 2e-2

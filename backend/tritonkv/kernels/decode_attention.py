@@ -1,8 +1,8 @@
 """Paged decode attention (one query token per sequence), split-KV with a reduce step.
 
 Reference: ``tritonkv.ops.paged_attention.paged_attention_reference`` (and
-``tritonkv.ops.quant.paged_attention_quant_reference`` for FP8/INT8 caches);
-``attention_mass_reference`` below for the H2O side output.
+``tritonkv.ops.quant.paged_attention_quant_reference`` for FP8/INT8 caches). The H2O
+attention mass, computed from this kernel's log-sum-exp, is in kernels/attention_mass.py.
 
 Design
 - Grid of stage 1: (num_seqs, num_kv_heads, num_splits). A program loads its KV head's
@@ -28,81 +28,30 @@ Design
 
 from __future__ import annotations
 
-import os
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from tritonkv.ops.paged_attention import gather_kv, paged_attention_reference  # noqa: F401
-from tritonkv.ops.paged_attention import visibility_mask
-from tritonkv.ops.quant import is_quantized
 from tritonkv.cache.layout import v_token_minor
-from tritonkv.kernels.paged_tiles import load_v_tile, tile_keys
-
-LOG2E = 1.4426950408889634
-
-
-# The Triton interpreter (CPU, TRITON_INTERPRET=1; seen with triton 3.9) gets tl.dot wrong on
-# bfloat16 operands, so under the interpreter bf16 dot operands are upcast to float32 (after
-# the same bf16 rounding the GPU path does). On the GPU DOT_F32 is False.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# the interpreter also mis-casts int8 -> bf16, so it dequantises through float32
-_CAST_VIA_F32 = tl.constexpr(_INTERPRET)
-
-
-@triton.jit
-def _kv_cast(x, dtype: tl.constexpr):
-    if _CAST_VIA_F32:
-        return x.to(tl.float32).to(dtype)
-    else:
-        return x.to(dtype)  # exact for fp8 e4m3 and int8 values into bf16/fp16
-
-
-@triton.jit
-def _fp8_to_f16_asm(x):
-    """e4m3 -> fp16 as one ``cvt.rn.f16x2.e4m3x2`` per pair (sm_89+). Being opaque to the
-    compiler, it also keeps the conversion in the load layout (the V tile then reaches the
-    MMA through 16-bit ldmatrix.trans instead of byte loads from shared memory)."""
-    return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h",
-                                     [x.to(tl.int8, bitcast=True)], dtype=tl.float16,
-                                     is_pure=True, pack=2)
-
-
-@triton.jit
-def _kv_convert(x, dtype: tl.constexpr, KV_CVT: tl.constexpr):
-    if KV_CVT == 1:
-        return _fp8_to_f16_asm(x)
-    else:
-        return _kv_cast(x, dtype)
-
-
-def _dot_f32(dtype: torch.dtype) -> bool:
-    return _INTERPRET and dtype == torch.bfloat16
-
-
-@triton.jit
-def _mma(a, b, DOT_F32: tl.constexpr):
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        return tl.dot(a, b)
+from tritonkv.kernels.jit_helpers import LOG2E, TL_DTYPE, dot_f32, query_rows, scale_strides
+from tritonkv.kernels.paged_tiles import (load_token_major, load_v_tile, score_tile,
+                                         softmax_step, tile_keys)
+from tritonkv.kernels.quant_format import is_quantized
 
 
 @triton.jit
 def _decode_tile(
-    acc, m_i, l_i, q, n0, hi, kv_lo_vis, kvh, seq,
-    bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-    sm_scale2, d, dmask,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr, CHECK_LO: tl.constexpr,
-    num_sinks, DOT_F32: tl.constexpr, MASKED: tl.constexpr = True, KV_CVT: tl.constexpr = 0,
-    bt_vec=None, page0=0, BT_GATHER: tl.constexpr = False, stride_vd=1,
-    V_T: tl.constexpr = False, V_VEC: tl.constexpr = 16, ZERO_V: tl.constexpr = True,
-    V_PAGES: tl.constexpr = False,
+    acc, m_i, l_i, q, n0, hi, kv_lo_vis, num_sinks, kvh, seq, cache, bt_vec, page0, sm_scale2,
+    d, dmask, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr,
+    DOT_F32: tl.constexpr, V_T: tl.constexpr, V_VEC: tl.constexpr, V_PAGES: tl.constexpr,
+    CHECK_LO: tl.constexpr, MASKED: tl.constexpr, BT_GATHER: tl.constexpr, ZERO_V: tl.constexpr,
 ):
+    # cache: the kernel's block-table, K/V cache and scale pointers and strides in one tuple
+    (bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
+     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh) = cache
     # MASKED=False: a full tile of keys all < hi, and HEAD_DIM == BLOCK_D (no masks at all)
     offs, slot, page = tile_keys(n0, BLOCK_N, PAGE)  # (n0 is a multiple of BLOCK_N)
     nmask = offs < hi
@@ -120,12 +69,9 @@ def _decode_tile(
         blk = tl.load(bt_ptr + seq * stride_bt + page, mask=bmask, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_ptr + seq * stride_bt + page).to(tl.int64)
-    kp = k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
     lmask = nmask[:, None] & dmask[None, :]
-    if MASKED:
-        k = tl.load(kp + d[None, :], mask=lmask, other=0.0)
-    else:
-        k = tl.load(kp + d[None, :])
+    k = load_token_major(k_cache_ptr, blk, slot, kvh, d, lmask, stride_kb, stride_ks, stride_kh,
+                         MASKED)
     pblk = blk
     if V_T and V_PAGES:  # one block id per page of the tile (BLOCK_N % PAGE == 0)
         pg = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
@@ -135,39 +81,15 @@ def _decode_tile(
             pblk = tl.load(bt_ptr + seq * stride_bt + pg, mask=pg * PAGE < hi, other=0).to(tl.int64)
     v = load_v_tile(v_cache_ptr, blk, pblk, slot, kvh, d, lmask, stride_vb, stride_vs, stride_vh,
                     stride_vd, MASKED, V_T, V_PAGES, V_VEC, PAGE, BLOCK_N)
-    if KV_QUANT:
-        ksp = k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh
-        vsp = v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh
-        if MASKED:
-            ksc = tl.load(ksp, mask=nmask, other=0.0)
-            vsc = tl.load(vsp, mask=nmask, other=0.0)
-        else:
-            ksc = tl.load(ksp)
-            vsc = tl.load(vsp)
-        k = _kv_convert(k, q.dtype, KV_CVT)
-        v = _kv_convert(v, q.dtype, KV_CVT)
-    if V_T and ZERO_V:  # whole pages were loaded: zero the values of keys >= hi (stale, maybe
-        # NaN; only the tile holding hi has such keys)
-        v = tl.where(nmask[:, None], v, 0.0)
-    s = _mma(q, tl.trans(k), DOT_F32)
-    if KV_QUANT:
-        s = s * (ksc * sm_scale2)[None, :]
-    else:
-        s = s * sm_scale2
+    # V_T: whole pages were loaded, V of keys >= hi is zeroed (only the tile holding hi has any)
+    s, v, vsc = score_tile(q, k, v, cache, blk, slot, kvh, nmask, sm_scale2, KV_QUANT, MASKED,
+                           V_T and ZERO_V, DOT_F32)
     if MASKED:
         vis = nmask
         if CHECK_LO:  # window: keys below kv_lo_vis are invisible unless they are sinks
             vis = vis & ((offs >= kv_lo_vis) | (offs < num_sinks))
         s = tl.where(vis[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if KV_QUANT:
-        p = p * vsc[None, :]
-    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_F32)
-    return acc, m_new, l_i
+    return softmax_step(acc, m_i, l_i, s, v, vsc, KV_QUANT, True, DOT_F32)
 
 
 @triton.jit
@@ -184,15 +106,14 @@ def _decode_stage1_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, KV_QUANT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
-    EVEN: tl.constexpr = False, KV_CVT: tl.constexpr = 0,
+    EVEN: tl.constexpr = False,
     BT_GATHER: tl.constexpr = False, BT_PAGES: tl.constexpr = 1, V_T: tl.constexpr = False,
     V_VEC: tl.constexpr = 16, V_PAGES: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    t = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - t
+    t, q_len = query_rows(qsl_ptr, seq)
     if q_len == 0:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -229,45 +150,36 @@ def _decode_stage1_kernel(
     bt_vec = tl.load(bt_ptr + seq * stride_bt + pg,
                      mask=(pg < bt_cols) & (pg * PAGE < seq_len) & BT_GATHER, other=0)
 
+    cache = (bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
+             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh)
     if HAS_WINDOW:
         if split == 0:
             sink_hi = tl.minimum(num_sinks, lo)  # keys >= lo are walked below
             for n0 in range(0, sink_hi, BLOCK_N):
                 acc, m_i, l_i = _decode_tile(
-                    acc, m_i, l_i, q, n0, sink_hi, 0, kvh, seq,
-                    bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                    sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, False, num_sinks, DOT_F32,
-                    True, KV_CVT, bt_vec, page0, False, stride_vd, V_T, V_VEC, True, V_PAGES)
+                    acc, m_i, l_i, q, n0, sink_hi, 0, num_sinks, kvh, seq, cache, bt_vec, page0,
+                    sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
+                    False, True, False, True)
     if EVEN or V_T:  # full tiles (every key < end), then one tail tile. EVEN (no window,
         # HEAD_DIM == BLOCK_D): full tiles without masks. V_T: only the tail zeroes stale V.
         n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
         for n0 in range(start, n_full, BLOCK_N):
             acc, m_i, l_i = _decode_tile(
-                acc, m_i, l_i, q, n0, end, kv_lo_vis, kvh, seq,
-                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32,
-                not EVEN, KV_CVT, bt_vec, page0, BT_GATHER, stride_vd, V_T, V_VEC, False, V_PAGES)
+                acc, m_i, l_i, q, n0, end, kv_lo_vis, num_sinks, kvh, seq, cache, bt_vec, page0,
+                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
+                HAS_WINDOW, not EVEN, BT_GATHER, False)
         if n_full < end:
             acc, m_i, l_i = _decode_tile(
-                acc, m_i, l_i, q, n_full, end, kv_lo_vis, kvh, seq,
-                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32,
-                True, KV_CVT, bt_vec, page0, BT_GATHER, stride_vd, V_T, V_VEC, True, V_PAGES)
+                acc, m_i, l_i, q, n_full, end, kv_lo_vis, num_sinks, kvh, seq, cache, bt_vec,
+                page0, sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, DOT_F32, V_T, V_VEC,
+                V_PAGES, HAS_WINDOW, True, BT_GATHER, True)
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _decode_tile(
-                acc, m_i, l_i, q, n0, end, kv_lo_vis, kvh, seq,
-                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, HAS_WINDOW, num_sinks, DOT_F32,
-                True, KV_CVT, bt_vec, page0, BT_GATHER, stride_vd, V_T, V_VEC, True, V_PAGES)
+                acc, m_i, l_i, q, n0, end, kv_lo_vis, num_sinks, kvh, seq, cache, bt_vec, page0,
+                sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
+                HAS_WINDOW, True, BT_GATHER, True)
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -292,8 +204,7 @@ def _decode_reduce_kernel(
 ):
     seq = tl.program_id(0)
     h = tl.program_id(1)
-    t = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - t
+    t, q_len = query_rows(qsl_ptr, seq)
     if q_len == 0:
         return
     t64 = t.to(tl.int64)
@@ -315,68 +226,6 @@ def _decode_reduce_kernel(
         tl.store(lse_out_ptr + t64 * num_heads + h, m + tl.log2(w_sum))
 
 
-@triton.jit
-def _attention_mass_kernel(
-    q_ptr, k_cache_ptr, k_scale_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, lse_ptr, mass_ptr,
-    sm_scale2,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ksb, stride_kss, stride_ksh,
-    stride_bt, stride_mass, max_len, num_heads, num_kv_heads, window, num_sinks,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
-):
-    """mass[seq, p] = sum over query heads of softmax prob of key p (0 where p >= seq_len or
-    invisible). Recomputes the scores against the final log-sum-exp (one extra K pass)."""
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    t = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - t
-    if q_len == 0:
-        return
-    t64 = t.to(tl.int64)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs < seq_len
-    vis = nmask
-    if HAS_WINDOW:
-        vis = vis & ((offs > seq_len - 1 - window) | (offs < num_sinks))
-    blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-    slot = offs % PAGE
-    g = tl.arange(0, BLOCK_G)
-    gmask = g < GROUP
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
-    total = tl.zeros([BLOCK_N], tl.float32)
-    for kvh in range(0, num_kv_heads):
-        heads = kvh * GROUP + g
-        q = tl.load(q_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
-        if KV_QUANT:
-            q = q.to(COMPUTE)
-        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks
-                    + kvh * stride_kh + d[None, :], mask=vis[:, None] & dmask[None, :], other=0.0)
-        if KV_QUANT:
-            ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
-                          mask=vis, other=0.0)
-            k = _kv_cast(k, q.dtype)
-            s = _mma(q, tl.trans(k), DOT_F32) * (ksc * sm_scale2)[None, :]
-        else:
-            s = _mma(q, tl.trans(k), DOT_F32) * sm_scale2
-        lse = tl.load(lse_ptr + t64 * num_heads + heads, mask=gmask, other=0.0)
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(gmask[:, None] & vis[None, :], p, 0.0)
-        total += tl.sum(p, axis=0)
-    tl.store(mass_ptr + seq * stride_mass + offs, total, mask=offs < max_len)
-
-
-def _scale_strides(scale):
-    if scale is None:
-        return 0, 0, 0
-    if scale.dim() == 3:
-        return scale.stride(0), scale.stride(1), scale.stride(2)
-    return scale.stride(0), 0, scale.stride(1)
-
-
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_n: int,
                        num_sms: int = 132, target_waves: float = 4.0,
                        min_tiles_per_split: int = 4) -> int:
@@ -388,15 +237,12 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_
     return int(min(want, cap, 256))
 
 
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
 def default_decode_config(num_seqs: int, num_kv_heads: int, max_kv_len: int, quant: bool,
                           num_sms: int = 132):
     """(block_n, num_warps, num_stages, num_splits, gather_ids), from the H100 sweeps in
     bench/NOTES_kernels.md (runs 3, 6, 10-12 and 18-20):
     - many (seq, kv-head) pairs (>= 2 per SM): one split; bf16 64-token tiles, ids per tile
-      (2-6 pairs per SM: 32-token tiles 4 deep, ~1% faster at 64x1k); fp8/int8 128-token
+      (2-6 pairs per SM: 32-token tiles 4 deep, runs 18-20); fp8/int8 128-token
       tiles, ids gathered;
     - about one pair per SM (>= 0.8): one split, block ids gathered up front so that the K/V
       tiles pipeline num_stages - 1 deep (bf16 64-token tiles; fp8/int8 128-token; 4 stages);
@@ -432,16 +278,9 @@ MAX_SPLIT_PAGES = 1024
 
 
 def decode_attention_triton(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    sliding_window: int | None = None,
-    num_sink_tokens: int = 0,
-    *,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+    sliding_window: int | None = None, num_sink_tokens: int = 0, *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -453,7 +292,6 @@ def decode_attention_triton(
     max_seq_len: int | None = None,
     compute_dtype: torch.dtype | None = None,
     even: bool | None = None,
-    kv_cvt: str | None = None,
     gather_ids: bool | None = None,
     v_pages: bool | None = None,
 ):
@@ -479,22 +317,17 @@ def decode_attention_triton(
 
     block_g = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
-    # fp8/int8 K/V are cast to compute_dtype (exact) and q too.
-    # v4 (bench/NOTES_kernels.md, run 5): an fp8 e4m3 cache computes in fp16 (e4m3 -> fp16 is
-    # one cvt per pair on sm_90; q is cast to fp16, fine for |q| < 65504): 1.05-1.1x faster.
+    # fp8/int8 K/V are cast to compute_dtype (exact) and q too. An fp8 e4m3 cache computes in
+    # fp16 (e4m3 -> fp16 is one cvt per pair on sm_90; q is cast to fp16, fine for
+    # |q| < 65504): measured faster than bf16 (bench/NOTES_kernels.md, run 5).
     if compute_dtype is None:
         compute_dtype = torch.float16 if k_cache.dtype == torch.float8_e4m3fn else q.dtype
     has_window = sliding_window is not None and sliding_window > 0
-    if even is None:  # unmasked full tiles (EVEN): measured faster for fp8 computed in fp16
-        # (129 vs 136 us at 16x8k, token-major V, run 5), slower for bf16 (121 vs 98 us at 16x4k,
-        # run 2, triton 3.6); token-minor V (V_T) splits full and tail tiles in any case
+    if even is None:  # unmasked full tiles (EVEN) only for fp8 computed in fp16: measured
+        # faster there, slower for bf16 (bench/NOTES_kernels.md, runs 2 and 5); token-minor V
+        # (V_T) splits full and tail tiles in any case
         even = quant and compute_dtype == torch.float16
     even = bool(even) and not has_window and head_dim == triton.next_power_of_2(head_dim)
-    # fp8 -> fp16 through inline PTX (GPU only; the interpreter has no inline asm)
-    if kv_cvt is None:  # run 6: the compiler's cast beat the PTX cvt (119.0 vs 124.2 us)
-        kv_cvt = "cast"
-    use_asm = (kv_cvt == "asm" and k_cache.dtype == torch.float8_e4m3fn
-               and compute_dtype == torch.float16 and not _INTERPRET)
     max_kv = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
     kv_range0 = min(max_kv, sliding_window + 128) if has_window else max_kv
     bn0, nw0, ns0, splits0, gather0 = default_decode_config(num_seqs, num_kv_heads, kv_range0, quant,
@@ -532,7 +365,7 @@ def decode_attention_triton(
     else:
         part_o = out
         part_lse = None
-    ks, vs = _scale_strides(k_scale), _scale_strides(v_scale)
+    ks, vs = scale_strides(k_scale), scale_strides(v_scale)
     dummy = seq_lens
     sm_scale2 = float(scale) * LOG2E
     _decode_stage1_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -552,8 +385,8 @@ def decode_attention_triton(
         block_tables.shape[1],
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
-        DOT_F32=_dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=_TL[compute_dtype],
-        EVEN=even, KV_CVT=1 if use_asm else 0,
+        DOT_F32=dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=TL_DTYPE[compute_dtype],
+        EVEN=even,
         BT_GATHER=gather_ids, BT_PAGES=bt_pages, V_T=v_t, V_VEC=min(page, block_n),
         V_PAGES=v_pages,
         num_warps=num_warps, num_stages=num_stages,
@@ -571,64 +404,3 @@ def decode_attention_triton(
             WRITE_LSE=return_lse, num_warps=4 if head_dim >= 128 else 2,
         )
     return (out, lse_out) if return_lse else out
-
-
-def attention_mass_triton(
-    q, k_cache, block_tables, seq_lens, query_start_loc, scale, lse,
-    sliding_window=None, num_sink_tokens=0, *, k_scale=None, max_len=None, block_n=64,
-):
-    """Per-key attention probability summed over query heads, ``[num_seqs, max_len]`` float32
-    (``max_len`` defaults to the block-table width in tokens). Needs ``lse`` from
-    ``decode_attention_triton(..., return_lse=True)``."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_seqs = seq_lens.shape[0]
-    _, page, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    if max_len is None:
-        max_len = block_tables.shape[1] * page
-    mass = torch.zeros(num_seqs, max_len, dtype=torch.float32, device=q.device)
-    if num_seqs == 0 or max_len == 0:
-        return mass
-    quant = is_quantized(k_cache.dtype)
-    cd = q.dtype
-    ks = _scale_strides(k_scale)
-    has_window = sliding_window is not None and sliding_window > 0
-    _attention_mass_kernel[(num_seqs, triton.cdiv(max_len, block_n))](
-        q, k_cache, k_scale if k_scale is not None else seq_lens, block_tables, seq_lens,
-        query_start_loc, lse, mass, float(scale) * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        *ks, block_tables.stride(0), mass.stride(0), max_len, num_heads, num_kv_heads,
-        int(sliding_window) if has_window else 0, int(num_sink_tokens),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, PAGE=page,
-        KV_QUANT=quant, HAS_WINDOW=has_window, DOT_F32=_dot_f32(q.dtype if not quant else cd),
-        COMPUTE=_TL[cd], num_warps=4,
-    )
-    return mass
-
-
-def attention_mass_reference(
-    q, k_cache, block_tables, seq_lens, query_start_loc, scale,
-    sliding_window=None, num_sink_tokens=0, *, max_len=None, k_dequant=None,
-):
-    """Torch oracle for ``attention_mass_triton`` (decode rows only). ``k_dequant``: a float
-    cache to use instead of ``k_cache`` (for quantised caches)."""
-    kc = k_dequant if k_dequant is not None else k_cache
-    page, num_kv_heads = kc.shape[1], kc.shape[2]
-    num_heads = q.shape[1]
-    group = num_heads // num_kv_heads
-    if max_len is None:
-        max_len = block_tables.shape[1] * page
-    mass = torch.zeros(seq_lens.shape[0], max_len, dtype=torch.float32, device=q.device)
-    starts = query_start_loc.tolist()
-    for i, ctx in enumerate(seq_lens.tolist()):
-        if starts[i + 1] == starts[i]:
-            continue
-        t = starts[i + 1] - 1
-        k = gather_kv(kc, block_tables[i], ctx).float().repeat_interleave(group, dim=1)
-        qi = q[t].float()
-        s = torch.einsum("hd,khd->hk", qi, k) * scale
-        mask = visibility_mask(torch.tensor([ctx - 1], device=q.device), ctx, sliding_window, num_sink_tokens)[0]
-        s = s.masked_fill(~mask[None], float("-inf"))
-        mass[i, :ctx] = torch.softmax(s, dim=-1).sum(0)
-    return mass

@@ -20,58 +20,27 @@ Design (FlashAttention-2 style, one program per (query tile, sequence, KV head))
 
 from __future__ import annotations
 
-import os
 import torch
 import triton
 import triton.language as tl
 
-from tritonkv.ops.paged_attention import paged_attention_reference  # noqa: F401  (the oracle)
-from tritonkv.ops.quant import is_quantized
 from tritonkv.cache.layout import v_token_minor
-from tritonkv.kernels.paged_tiles import load_v_tile
-
-LOG2E = 1.4426950408889634
-
-
-# The Triton interpreter (CPU, TRITON_INTERPRET=1; seen with triton 3.9) gets tl.dot wrong on
-# bfloat16 operands, so under the interpreter bf16 dot operands are upcast to float32 (after
-# the same bf16 rounding the GPU path does). On the GPU DOT_F32 is False.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# the interpreter also mis-casts int8 -> bf16, so it dequantises through float32
-_CAST_VIA_F32 = tl.constexpr(_INTERPRET)
-
-
-@triton.jit
-def _kv_cast(x, dtype: tl.constexpr):
-    if _CAST_VIA_F32:
-        return x.to(tl.float32).to(dtype)
-    else:
-        return x.to(dtype)  # exact for fp8 e4m3 and int8 values into bf16/fp16
-
-
-def _dot_f32(dtype: torch.dtype) -> bool:
-    return _INTERPRET and dtype == torch.bfloat16
-
-
-@triton.jit
-def _mma(a, b, DOT_F32: tl.constexpr):
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        return tl.dot(a, b)
+from tritonkv.kernels.jit_helpers import LOG2E, dot_f32, query_rows, scale_strides
+from tritonkv.kernels.paged_tiles import load_token_major, load_v_tile, score_tile, softmax_step
+from tritonkv.kernels.quant_format import is_quantized
 
 
 @triton.jit
 def _extend_tile(
-    acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
-    bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-    sm_scale2, window, num_sinks, d,
+    acc, m_i, l_i, q, n0, qpos, seq_len, window, num_sinks, kvh, seq, cache, sm_scale2, d,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KV_QUANT: tl.constexpr,
-    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
-    stride_vd, V_T: tl.constexpr, V_VEC: tl.constexpr, V_PAGES: tl.constexpr,
+    DOT_F32: tl.constexpr, V_T: tl.constexpr, V_VEC: tl.constexpr, V_PAGES: tl.constexpr,
+    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
+    # cache: the kernel's block-table, K/V cache and scale pointers and strides in one tuple
+    (bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
+     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh) = cache
     offs = n0 + tl.arange(0, BLOCK_N)
     slot = offs % PAGE
     nmask = offs < seq_len  # (unused, and dropped, in unmasked tiles)
@@ -83,11 +52,8 @@ def _extend_tile(
         blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE, mask=bmask, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_ptr + seq * stride_bt + offs // PAGE).to(tl.int64)
-    kp = k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
-    if MASKED:
-        k = tl.load(kp + d[None, :], mask=nmask[:, None], other=0.0)
-    else:
-        k = tl.load(kp + d[None, :])
+    k = load_token_major(k_cache_ptr, blk, slot, kvh, d, nmask[:, None], stride_kb, stride_ks,
+                         stride_kh, MASKED)
     pblk = blk
     if V_T and V_PAGES:  # one block id per page of the tile (BLOCK_N % PAGE == 0)
         pg = n0 // PAGE + tl.arange(0, BLOCK_N // PAGE)
@@ -98,42 +64,17 @@ def _extend_tile(
         pblk = pblk.to(tl.int64)
     v = load_v_tile(v_cache_ptr, blk, pblk, slot, kvh, d, nmask[:, None], stride_vb, stride_vs,
                     stride_vh, stride_vd, MASKED, V_T, V_PAGES, V_VEC, PAGE, BLOCK_N)
-    if KV_QUANT:
-        ksp = k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh
-        vsp = v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh
-        if MASKED:  # a stale scale past seq_len may be NaN/inf, and p * NaN is NaN even for p = 0
-            ksc = tl.load(ksp, mask=nmask, other=0.0)
-            vsc = tl.load(vsp, mask=nmask, other=0.0)
-        else:
-            ksc = tl.load(ksp)
-            vsc = tl.load(vsp)
-        k = _kv_cast(k, q.dtype)
-        v = _kv_cast(v, q.dtype)
-    if V_T and MASKED:  # whole pages were loaded: zero keys >= seq_len (stale, maybe NaN)
-        v = tl.where(nmask[:, None], v, 0.0)
-    s = _mma(q, tl.trans(k), DOT_F32)
-    if KV_QUANT:
-        s = s * (ksc * sm_scale2)[None, :]
-    else:
-        s = s * sm_scale2
+    # V_T: whole pages were loaded, V of keys >= seq_len is zeroed in masked tiles
+    s, v, vsc = score_tile(q, k, v, cache, blk, slot, kvh, nmask, sm_scale2, KV_QUANT, MASKED,
+                           V_T and MASKED, DOT_F32)
     if MASKED:
         vis = offs[None, :] <= qpos[:, None]  # also excludes keys >= seq_len
         if HAS_WINDOW:
             vis = vis & ((offs[None, :] > qpos[:, None] - window)
                          | (offs[None, :] < num_sinks))
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = m_new
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if KV_QUANT:
-        p = p * vsc[None, :]
-    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_F32)
-    return acc, m_new, l_i
+    # unmasked tiles: every row sees every key, so the running max is finite
+    return softmax_step(acc, m_i, l_i, s, v, vsc, KV_QUANT, MASKED, DOT_F32)
 
 
 @triton.jit
@@ -154,8 +95,7 @@ def _extend_kernel(
     qb = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q_start, q_len = query_rows(qsl_ptr, seq)
     if qb * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -178,56 +118,38 @@ def _extend_kernel(
 
     first_pos = prefix + qb * BLOCK_Q
     hi = tl.minimum(first_pos + BLOCK_Q, seq_len)  # one past the tile's last query position
+    cache = (bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
+             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh)
     if HAS_WINDOW:
         lo = tl.maximum(first_pos - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
         sink_hi = tl.minimum(num_sinks, lo)
         for n0 in range(0, sink_hi, BLOCK_N):
             acc, m_i, l_i = _extend_tile(
-                acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
-                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, sink_hi, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True, DOT_F32,
-                stride_vd, V_T, V_VEC, V_PAGES)
+                acc, m_i, l_i, q, n0, qpos, seq_len, window, sink_hi, kvh, seq, cache, sm_scale2,
+                d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES, True, True)
         for n0 in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _extend_tile(
-                acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
-                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, True, DOT_F32,
-                stride_vd, V_T, V_VEC, V_PAGES)
+                acc, m_i, l_i, q, n0, qpos, seq_len, window, num_sinks, kvh, seq, cache,
+                sm_scale2, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
+                True, True)
     else:
         full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N  # keys < full_end: visible to all
         for n0 in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _extend_tile(
-                acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
-                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, False, False, DOT_F32,
-                stride_vd, V_T, V_VEC, V_PAGES)
+                acc, m_i, l_i, q, n0, qpos, seq_len, window, num_sinks, kvh, seq, cache,
+                sm_scale2, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
+                False, False)
         for n0 in range(full_end, hi, BLOCK_N):
             acc, m_i, l_i = _extend_tile(
-                acc, m_i, l_i, q, n0, qpos, seq_len, kvh, seq,
-                bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                sm_scale2, window, num_sinks, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, True, False, DOT_F32,
-                stride_vd, V_T, V_VEC, V_PAGES)
+                acc, m_i, l_i, q, n0, qpos, seq_len, window, num_sinks, kvh, seq, cache,
+                sm_scale2, d, PAGE, BLOCK_N, HEAD_DIM, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
+                True, False)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-
-
-def _scale_strides(scale):
-    if scale is None:
-        return 0, 0, 0
-    if scale.dim() == 3:
-        return scale.stride(0), scale.stride(1), scale.stride(2)
-    return scale.stride(0), 0, scale.stride(1)
 
 
 def default_extend_config(head_dim: int, group: int, quant: bool):
@@ -238,16 +160,9 @@ def default_extend_config(head_dim: int, group: int, quant: bool):
 
 
 def extend_attention_triton(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    sliding_window: int | None = None,
-    num_sink_tokens: int = 0,
-    *,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+    sliding_window: int | None = None, num_sink_tokens: int = 0, *,
     max_query_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
@@ -286,7 +201,7 @@ def extend_attention_triton(
     block_m = max(block_m, 16, g_pad)
     block_q = block_m // g_pad
     assert block_q >= 1
-    ks, vs = _scale_strides(k_scale), _scale_strides(v_scale)
+    ks, vs = scale_strides(k_scale), scale_strides(v_scale)
     dummy = seq_lens
     has_window = sliding_window is not None and sliding_window > 0
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
@@ -302,7 +217,7 @@ def extend_attention_triton(
         block_tables.stride(0), int(sliding_window) if has_window else 0, int(num_sink_tokens),
         GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=page, KV_QUANT=quant, HAS_WINDOW=has_window,
-        DOT_F32=_dot_f32(q.dtype), V_T=v_t, V_VEC=min(page, block_n),
+        DOT_F32=dot_f32(q.dtype), V_T=v_t, V_VEC=min(page, block_n),
         V_PAGES=v_t and block_n % page == 0 and (v_pages is None or bool(v_pages)),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonkv.ops.paged_attention import write_kv_reference  # noqa: F401  (the oracle)
-from tritonkv.ops.quant import TINY, is_quantized, qmax, write_kv_quant_reference  # noqa: F401
 from tritonkv.cache.layout import v_token_minor
+from tritonkv.kernels.jit_helpers import scale_strides
+from tritonkv.kernels.quant_format import TINY, is_quantized, qmax
 
 
 @triton.jit
@@ -71,18 +71,6 @@ def _write_kv_kernel(
         tl.store(vc, vq.to(vc.dtype.element_ty), mask=m)
 
 
-def _scale_strides(scale: torch.Tensor | None):
-    """(stride_block, stride_slot, stride_head) of a per-token-head (3-D) or per-block (2-D)
-    scale tensor; the slot stride of a per-block scale is 0."""
-    if scale is None:
-        return 0, 0, 0
-    if scale.dim() == 3:
-        return scale.stride(0), scale.stride(1), scale.stride(2)
-    if scale.dim() == 2:
-        return scale.stride(0), 0, scale.stride(1)
-    raise ValueError(f"bad scale shape {tuple(scale.shape)}")
-
-
 def write_kv_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -114,7 +102,7 @@ def write_kv_triton(
         quant = 1 if k_cache.dtype == torch.float8_e4m3fn else 2
         dyn = k_scale.dim() == 3
         q_max = qmax(k_cache.dtype)
-    ks, vs = _scale_strides(k_scale), _scale_strides(v_scale)
+    ks, vs = scale_strides(k_scale), scale_strides(v_scale)
     dummy = slot_mapping
     block_h = triton.next_power_of_2(num_kv_heads)
     block_d = triton.next_power_of_2(head_dim)

@@ -36,7 +36,7 @@ def _decode(q, k_cache, v_cache, block_tables, lens, starts, rows, scale, window
     group = num_heads // num_kv_heads
     ctx = [lens[i] for i in rows]
     num_blocks = -(-max(ctx) // block_size)
-    dev = q.device  # also serves CUDA tensors when a caller forces impl="torch"
+    dev = q.device  # also serves CUDA tensors when a caller forces impl="cpu"
     seqs = torch.tensor(rows, device=dev)
     tables = block_tables[seqs, :num_blocks].long()
     n = len(rows)

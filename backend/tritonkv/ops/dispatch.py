@@ -1,4 +1,11 @@
-"""One entry per cache op: Triton kernel on CUDA tensors, torch reference elsewhere.
+"""One entry per cache op: Triton kernel on CUDA tensors, torch elsewhere.
+
+``impl`` (tests and benchmarks force one; None = 'triton' on CUDA tensors, 'cpu' elsewhere):
+- 'triton': the kernels (kernels/);
+- 'cpu': the torch serving path (paged attention batched, ops/cpu_attention.py; the
+  references for everything else); runs on any device;
+- 'reference': the plain torch oracles (ops/paged_attention.py, ops/quant.py,
+  ops/attention_mass.py).
 
 The engine calls only these functions; kernels/ and the references share the layout rules
 stated in ops/paged_attention.py.
@@ -17,21 +24,24 @@ from __future__ import annotations
 
 import torch
 
+from tritonkv.kernels.quant_format import is_quantized
+from tritonkv.ops.attention_mass import attention_mass_reference
 from tritonkv.ops.cpu_attention import paged_attention_cpu
 from tritonkv.ops.paged_attention import paged_attention_reference, write_kv_reference
 from tritonkv.ops.quant import (
     dequantize_cache,
-    is_quantized,
     paged_attention_quant_reference,
     write_kv_quant_reference,
 )
+
+IMPLS = ("triton", "cpu", "reference")
 
 
 def _use_kernel(t: torch.Tensor, impl: str | None) -> bool:
     if impl is None:
         return t.is_cuda
-    if impl not in ("triton", "torch", "reference"):
-        raise ValueError(f"impl must be 'triton', 'torch', 'reference' or None, got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
     return impl == "triton"
 
 
@@ -48,8 +58,8 @@ def write_kv(
 ) -> None:
     """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into the cache slots
     ``slot_mapping`` (int, -1 = skip). ``k_scale``/``v_scale``: required for an fp8/int8 cache
-    (see the module docstring). ``impl``: None = kernel on CUDA, reference elsewhere;
-    'triton' / 'torch' force one (tests)."""
+    (see the module docstring). ``impl``: module docstring ('cpu' and 'reference' are the
+    same function here)."""
     if _use_kernel(k_cache, impl):
         from tritonkv.kernels.kv_write import write_kv_triton
 
@@ -98,8 +108,9 @@ def paged_attention(
       Returns ``(out, mass)`` then.
     - ``max_seq_len``: host int bound on ``seq_lens`` (sizes decode's split-KV); default the
       block table's width.
-    - ``out``: preallocated output; ``impl``: None (auto) / 'triton' / 'torch' (the batched
-      CPU path, ops/cpu_attention.py) / 'reference' (the plain oracle).
+    - ``out``: preallocated output; ``impl``: None (auto) / 'triton' / 'cpu' (the batched
+      CPU path, ops/cpu_attention.py) / 'reference' (the plain oracle); a quantised cache has
+      one torch path, the dequantising reference.
     """
     quant = is_quantized(k_cache.dtype)
     if quant and (k_scale is None or v_scale is None):
@@ -121,8 +132,6 @@ def paged_attention(
             out.copy_(res)
             res = out
         if return_attention_mass:
-            from tritonkv.kernels.decode_attention import attention_mass_reference
-
             _check_decode_only(query_start_loc, max_query_len)
             mass = attention_mass_reference(
                 q, k_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
@@ -134,10 +143,8 @@ def paged_attention(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item()) \
             if seq_lens.numel() else 0
     if max_query_len <= 1:
-        from tritonkv.kernels.decode_attention import (
-            attention_mass_triton,
-            decode_attention_triton,
-        )
+        from tritonkv.kernels.attention_mass import attention_mass_triton
+        from tritonkv.kernels.decode_attention import decode_attention_triton
 
         if not return_attention_mass:
             return decode_attention_triton(

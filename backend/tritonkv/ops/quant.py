@@ -13,30 +13,19 @@ tensor beside each of them. Dequantised value = stored value * scale. Two granul
   them (values beyond the range saturate); it never changes them.
 
 These functions are the oracle for kernels/kv_write.py and the dequantise-on-load paths of the
-attention kernels, and the CPU implementation used by ops/dispatch.py.
+attention kernels, and the CPU implementation used by ops/dispatch.py. The dtypes, QMAX and
+TINY are defined once in kernels/quant_format.py (torch only), which the kernels import.
 """
 
 from __future__ import annotations
 
 import torch
 
+from tritonkv.kernels.quant_format import TINY, qmax
+# cache/layout.py still imports is_quantized from here: drop this line once it imports it from
+# kernels/quant_format.py
+from tritonkv.kernels.quant_format import is_quantized  # noqa: F401
 from tritonkv.ops.paged_attention import paged_attention_reference
-
-FP8_DTYPE = torch.float8_e4m3fn
-QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
-TINY = 1e-8
-
-
-def qmax(dtype: torch.dtype) -> float:
-    if dtype == torch.float8_e4m3fn:
-        return 448.0
-    if dtype == torch.int8:
-        return 127.0
-    raise ValueError(f"not a quantised KV dtype: {dtype}")
-
-
-def is_quantized(dtype: torch.dtype) -> bool:
-    return dtype in QUANT_DTYPES
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

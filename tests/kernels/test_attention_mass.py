@@ -1,0 +1,31 @@
+"""H2O attention-mass kernel vs attention_mass_reference (from decode's log-sum-exp)."""
+
+import pytest
+import torch
+from kvcase import INTERPRET, make_case, rel_err
+
+from tritonkv.kernels.attention_mass import attention_mass_triton
+from tritonkv.kernels.decode_attention import decode_attention_triton
+from tritonkv.ops.attention_mass import attention_mass_reference
+from tritonkv.ops.quant import dequantize_cache
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (30, 2)])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_attention_mass(window, sinks, kv_dtype):
+    lens = [1, 50, 77] if INTERPRET else [1, 50, 777, 4096]
+    heads = (8, 2) if INTERPRET else (32, 8)
+    c = make_case(lens, [1] * len(lens), *heads, 64, kv_dtype=kv_dtype)
+    out, lse = decode_attention_triton(*c.args(), window, sinks, k_scale=c.k_scale,
+                                       v_scale=c.v_scale, return_lse=True)
+    mass = attention_mass_triton(c.q, c.k_cache, c.block_tables, c.seq_lens,
+                                 c.query_start_loc, c.scale, lse, window, sinks,
+                                 k_scale=c.k_scale)
+    kd = dequantize_cache(c.k_cache, c.k_scale) if kv_dtype is not None else None
+    ref = attention_mass_reference(c.q, c.k_cache, c.block_tables, c.seq_lens,
+                                   c.query_start_loc, c.scale, window, sinks, k_dequant=kd)
+    assert mass.shape == ref.shape
+    assert rel_err(mass, ref) < 2e-2
+    # each row sums to the number of query heads
+    torch.testing.assert_close(mass.sum(1).cpu(), torch.full((len(lens),), float(heads[0])),
+                               rtol=2e-2, atol=0)
