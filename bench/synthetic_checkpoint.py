@@ -28,6 +28,7 @@ def write_synthetic(shape: str, directory: str, seed: int = 0) -> str:
                bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16")
     done = os.path.join(directory, "config.json")
     if os.path.exists(done):
+        _write_index(directory)
         return directory
     from safetensors.torch import save_file
 
@@ -53,7 +54,24 @@ def write_synthetic(shape: str, directory: str, seed: int = 0) -> str:
                  p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
                  p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
         save_file(shard, os.path.join(directory, f"model-layer{i:03d}.safetensors"))
+    _write_index(directory)
     with open(done + ".tmp", "w") as f:
         json.dump(cfg, f, indent=1)
     os.replace(done + ".tmp", done)
     return directory
+
+
+def _write_index(directory: str) -> None:
+    """model.safetensors.index.json (HF's loader needs it for sharded weights)."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(path):
+        return
+    weight_map = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), "pt") as f:
+                weight_map.update(dict.fromkeys(f.keys(), name))
+    with open(path, "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
