@@ -115,7 +115,9 @@ def score_tile(q, k, v, cache, blk, slot, kvh, nmask, sm_scale2, KV_QUANT: tl.co
     (bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
      stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh) = cache
-    ksc, vsc = None, None
+    # a float cache has no V scales: vsc is a placeholder (Triton 3.6 cannot return None
+    # inside a tuple from a jit function)
+    ksc, vsc = None, sm_scale2
     if KV_QUANT:
         ksp = k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh
         vsp = v_scale_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh
