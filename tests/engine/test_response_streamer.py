@@ -28,7 +28,9 @@ def test_a_blocked_sender_coalesces_and_loses_nothing():
     emit = streamer.channel(send)
     for t in range(10):
         emit(TurnOutput(str(t), [t]))
+        streamer.flush()
     emit(TurnOutput("!", [10], True, "length"))
+    streamer.flush()
     gate.set()
     assert done.wait(5)
     streamer.close()
@@ -49,12 +51,26 @@ def test_stream_interval_sends_the_first_token_then_every_k():
     emit = streamer.channel(send)
     for t in range(10):
         emit(TurnOutput("", [t]))
-        while streamer.outputs_pushed and streamer._ready.qsize():  # let the sender drain each time
+        streamer.flush()
+        while streamer._ready or streamer._wake.is_set():  # let the sender take each flush
             pass
     emit(TurnOutput("", [10], True, "length"))
+    streamer.flush()
     assert done.wait(5)
     streamer.close()
     assert [t for ids in got for t in ids] == list(range(11))
     assert got[0] == [0]  # the first token is never held back
     assert all(len(ids) <= 4 for ids in got[1:-1])
     assert len(got) <= 1 + 10 // 4 + 1
+
+
+def test_nothing_is_sent_before_a_flush():
+    got = []
+    streamer = ResponseStreamer()
+    emit = streamer.channel(got.append)
+    emit(TurnOutput("a", [1]))
+    emit(TurnOutput("b", [2], True, "length"))
+    assert not streamer._wake.wait(0.05) and got == []
+    streamer.flush()
+    streamer.close()
+    assert [o.token_ids for o in got] == [[1, 2]] and got[0].finished

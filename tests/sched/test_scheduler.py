@@ -373,10 +373,8 @@ def test_no_kv_block_is_lost_over_many_steps_with_preemption():
     assert held(pool) == (0, 5, 1)
 
 
-# -- known scheduler faults (strict xfail: they pass, and must be un-marked, once fixed) -------
+# -- victim choice faults found by these tests (fixed) ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a younger sequence preempts an older running one that was "
-                   "skipped earlier in the same step (_pick_victim does not stop at the requester)")
 def test_a_younger_sequence_never_preempts_an_older_running_one():
     pool, kv, sched = make_scheduler(num_blocks=4, max_num_batched_tokens=11, max_num_seqs=2)
     a = running("a", prompt(100, 10), admitted_at=0)
@@ -392,8 +390,6 @@ def test_a_younger_sequence_never_preempts_an_older_running_one():
     assert shape(plan) == [("a", 10, 1, True)]
 
 
-@pytest.mark.xfail(strict=True, reason="a sequence open in the KV manager but holding no block is "
-                   "picked as a victim: counted in num_preemptions although no KV is dropped")
 def test_a_sequence_holding_no_blocks_is_not_counted_as_preempted():
     pool, kv, sched = make_scheduler(num_blocks=6, max_num_batched_tokens=15)
     a = running("a", prompt(100, 17), admitted_at=0)

@@ -71,6 +71,9 @@ class Engine:
                                   enable_cuda_graphs=config.enable_cuda_graphs)
         self.step_times = StepBreakdown()
         self._pending: PendingStep | None = None  # a launched step not yet read back
+        # called on the engine thread after each loop iteration's outputs were emitted (the
+        # server's response sender batches its wake-ups on it)
+        self.after_emit: Callable[[], None] | None = None
         eos = set(self.model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -147,6 +150,8 @@ class Engine:
                 log.exception("engine step failed")
                 self._pending = None
                 self._fail_running(f"internal error in engine step: {exc}")
+            if self.after_emit is not None:
+                self.after_emit()
 
     def _drain(self) -> None:
         while True:
@@ -315,6 +320,8 @@ class Engine:
                 self._append_token(seq, token)
         self.step_times.add(len(step.plan), sum(c.num_tokens for c in step.plan), step.schedule_s,
                             step.handle_times, t1 - t0, time.perf_counter() - t1)
+        if self.after_emit is not None:
+            self.after_emit()
 
     def _step_row(self, chunk: ScheduledChunk) -> StepRow:
         seq = chunk.seq

@@ -61,18 +61,26 @@ class Scheduler:
     def _grow(self, seq, num_tokens, planned, order, idle) -> bool:
         busy = {c.seq.seq_id for c in planned} | {seq.seq_id}
         while not self.kv.grow(seq.seq_id, num_tokens):
-            victim = self._pick_victim(busy, order, idle)
+            victim = self._pick_victim(seq, busy, order, idle)
             if victim is None:
                 return False
             self.preempt(victim)
         return True
 
-    def _pick_victim(self, busy, order, idle) -> Sequence | None:
-        holders = [s for s in idle if s.seq_id in self.kv]
+    def _holds_blocks(self, seq: Sequence) -> bool:
+        return seq.seq_id in self.kv and bool(self.kv.block_table(seq.seq_id))
+
+    def _pick_victim(self, requester, busy, order, idle) -> Sequence | None:
+        """Idle holders first (least recently active); then running sequences whose turn
+        started after the requester's, youngest first. Never an older turn, never a sequence
+        that holds no block (preempting it would free nothing)."""
+        holders = [s for s in idle if self._holds_blocks(s)]
         if holders:
             return min(holders, key=lambda s: s.last_active)
         for s in reversed(order):
-            if s.seq_id not in busy and s.seq_id in self.kv:
+            if s is requester:
+                return None
+            if s.seq_id not in busy and self._holds_blocks(s):
                 return s
         return None
 

@@ -3,6 +3,9 @@
 Rules:
 - The engine thread only queues a turn's outputs (``push``); the sender thread turns them
   into Triton responses.
+- Wake-ups are batched: ``emit`` only marks a stream ready; ``flush`` (the engine calls it
+  once per loop iteration, after a step's outputs) wakes the sender once for all of them, so
+  the two threads trade the GIL once per step, not once per token.
 - Coalescing: when the sender finds several outputs of one request waiting, it sends them as
   one response (text and ids concatenated, the last one's finish facts). A stream that keeps
   up gets one response per token; one that falls behind catches up in fewer, larger
@@ -63,14 +66,17 @@ class ResponseStreamer:
     def __init__(self, stream_interval: int = 1):
         self.stream_interval = stream_interval
         self._lock = threading.Lock()
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready: list[_Stream] = []  # marked by emit, taken by the sender after a flush
+        self._wake = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="tritonkv-responses", daemon=True)
         self.responses_sent = 0
         self.outputs_pushed = 0
         self._thread.start()
 
     def channel(self, send: Callable[[TurnOutput], None]) -> Callable[[TurnOutput], None]:
-        """An ``emit`` for one request: queues outputs for ``send`` on the sender thread."""
+        """An ``emit`` for one request: queues outputs for ``send`` on the sender thread (sent
+        after the next ``flush``)."""
         stream = _Stream(send)
 
         def emit(out: TurnOutput) -> None:
@@ -85,25 +91,37 @@ class ResponseStreamer:
                     return
                 stream.queued = stream.started = True
                 stream.waiting_tokens = 0
-            self._ready.put(stream)
+                self._ready.append(stream)
 
         return emit
 
+    def flush(self) -> None:
+        """Wake the sender if anything is ready (cheap when nothing is)."""
+        if self._ready:
+            self._wake.set()
+
     def close(self) -> None:
-        self._ready.put(None)
+        self._closed = True
+        self._wake.set()
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         while True:
-            stream = self._ready.get()
-            if stream is None:
-                return
+            self._wake.wait()
+            self._wake.clear()
             with self._lock:
-                outs, stream.pending = stream.pending, []
-                stream.queued = False
-            for out in merge_outputs(outs):
-                try:
-                    stream.send(out)
-                    self.responses_sent += 1
-                except Exception:  # a vanished client must not stop the sender
-                    log.exception("could not deliver a response")
+                ready, self._ready = self._ready, []
+                batches = []
+                for stream in ready:
+                    batches.append((stream, stream.pending))
+                    stream.pending = []
+                    stream.queued = False
+            for stream, outs in batches:
+                for out in merge_outputs(outs):
+                    try:
+                        stream.send(out)
+                        self.responses_sent += 1
+                    except Exception:  # a vanished client must not stop the sender
+                        log.exception("could not deliver a response")
+            if self._closed and not self._ready:
+                return

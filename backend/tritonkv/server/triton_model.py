@@ -48,6 +48,7 @@ class TritonPythonModel:
         self.engine = build_engine(config, gpu_instance=args.get("model_instance_kind") == "GPU",
                                    device_id=int(args.get("model_instance_device_id", 0)))
         self.streamer = ResponseStreamer(config.stream_interval)
+        self.engine.after_emit = self.streamer.flush
         self.engine.start_loop()
         self._next_stateless_id = 0
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
