@@ -25,7 +25,7 @@ from tritonkv.engine.requests import SamplingParams  # noqa: E402
 
 def family(name: str) -> str:
     n = name.lower()
-    for key, fam in (("gemm", "gemm"), ("gemv", "gemm"), ("cutlass", "gemm"), ("nvjet", "gemm"), ("sm90", "gemm"),
+    for key, fam in (("splitkreduce", "gemm"), ("gemm", "gemm"), ("gemv", "gemm"), ("cutlass", "gemm"), ("nvjet", "gemm"), ("sm90", "gemm"),
                      ("_decode", "attention"), ("_reduce", "attention"), ("kv_write", "kv_write"),
                      ("_write_kv", "kv_write"), ("rms_norm", "rms_norm"), ("silu", "silu_mul"),
                      ("rotary", "rotary"), ("argmax", "sample"), ("reduce_kernel", "sample"),
@@ -40,11 +40,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--ctx", type=int, default=200)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--blas", default="", help="torch.backends.cuda.preferred_blas_library (cublas / cublaslt)")
     args = ap.parse_args()
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     ckpt = write_synthetic("llama3-8b", "/tmp/tritonkv-synthetic/llama3-8b")
     engine = build_engine(EngineConfig(checkpoint=ckpt, dtype="bfloat16", device="cuda", kv_cache_memory_mb=20000,
-                                       max_num_seqs=max(args.batch), max_num_batched_tokens=8192,
-                                       enable_cuda_graphs=False))
+                                       max_num_seqs=max(args.batch), max_num_batched_tokens=8192))
+    graphs = engine.runner.graphs
     for b in args.batch:
         done = []
         params = SamplingParams(max_tokens=args.steps + 3, temperature=0.0, ignore_eos=True)
@@ -52,13 +55,27 @@ def main() -> None:
             engine.submit(("p", b, i), [(i * 7 + j) % 1000 + 5 for j in range(args.ctx)], params,
                           lambda out: done.append(out) if out.finished else None, start=True, end=True, stateless=True)
         engine._drain()
+        engine.runner.graphs = {}  # eager steps: the profiler names every kernel
         engine.step()  # prefill
         engine.step()  # first decode (warm)
+        if engine._pending is not None:
+            engine._finalize(engine._pending)
+            engine._pending = None
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 engine.step()
             torch.cuda.synchronize()
+        graph, _ = graphs[min(bs for bs in graphs if bs >= b)]
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+        replay_ms = start.elapsed_time(stop) / 20
+        engine.runner.graphs = graphs
         engine.run_until_idle()
         per_family = collections.Counter()
         count = collections.Counter()
@@ -69,9 +86,10 @@ def main() -> None:
                 per_family[f] += t / args.steps
                 count[f] += ev.count / args.steps
         total = sum(per_family.values())
-        print(f"\n## batch {b}, context ~{args.ctx}: GPU kernel time per decode step {total / 1000:.3f} ms")
+        print(f"\n## batch {b}, context ~{args.ctx}: GPU kernel time per eager decode step {total / 1000:.3f} ms; "
+              f"graph replay {replay_ms:.3f} ms (blas {args.blas or 'default'})")
         print("| family | us / step | kernels / step | share |\n|---|---:|---:|---:|")
-        for f, t in per_family.most_common(14):
+        for f, t in per_family.most_common(10):
             print(f"| {f} | {t:.0f} | {count[f]:.0f} | {t / total:.1%} |")
 
 
