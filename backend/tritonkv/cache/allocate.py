@@ -73,3 +73,33 @@ def allocate_kv_caches(model_config: ModelConfig, num_blocks: int, block_size: i
             v = token_minor_view(v.view(num_blocks, kv_heads, head_dim, block_size))
         caches.append((storage[i, 0], v))
     return caches
+
+
+def activation_reserve_bytes(model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> int:
+    """Device memory kept out of the KV budget for one step's activations (an eager prefill
+    of ``max_num_batched_tokens``: hidden, residual, qkv, attention out, gate/up, SiLU-mul),
+    the sampled rows' float32 logits, the decode graphs' pool, and 1 GiB of headroom
+    (allocator slack, cuBLAS workspaces)."""
+    c = model_config
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = (4 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                 + c.num_heads * c.head_dim + 3 * c.intermediate_size) * elem
+    logits = 2 * config.max_num_seqs * c.vocab_size * 4
+    graphs = config.max_num_seqs * per_token + logits if config.enable_cuda_graphs else 0
+    return config.max_num_batched_tokens * per_token + logits + graphs + 2**30
+
+
+def gpu_kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
+                        total_bytes: int, weight_bytes: int) -> int:
+    """KV bytes under ``gpu_memory_utilization`` (as vLLM's: the fraction of the device's total
+    memory this engine may use for weights, activations, graphs and KV together)."""
+    budget = (int(config.gpu_memory_utilization * total_bytes) - weight_bytes
+              - activation_reserve_bytes(model_config, config, dtype))
+    if budget <= 0:
+        raise ValueError(
+            f"parameter 'gpu_memory_utilization' = {config.gpu_memory_utilization}: "
+            f"{config.gpu_memory_utilization:.0%} of {total_bytes / 2**30:.1f} GiB leaves no room for KV after "
+            f"{weight_bytes / 2**30:.1f} GiB of weights and "
+            f"{activation_reserve_bytes(model_config, config, dtype) / 2**30:.1f} GiB of activations; raise it "
+            "or lower max_num_batched_tokens / max_num_seqs")
+    return budget

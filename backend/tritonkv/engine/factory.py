@@ -8,10 +8,12 @@ import torch
 
 from tritonkv.config import EngineConfig
 from tritonkv.engine.engine import Engine
-from tritonkv.cache.allocate import add_kv_scales, allocate_kv_caches, kv_storage_dtype, resolve_num_blocks
+from tritonkv.cache.allocate import (add_kv_scales, allocate_kv_caches, gpu_kv_budget_bytes, kv_storage_dtype,
+                                    resolve_num_blocks)
 from tritonkv.cache.block_pool import BlockPool
 from tritonkv.model.checkpoint import load_model, resolve_dtype
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+from tritonkv.model.llama import CausalLM
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.model.tokenizer import TextTokenizer
 
@@ -46,7 +48,16 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
         log.warning("%s has no tokenizer.json; only input_ids requests will be served", checkpoint)
         tokenizer = None
     kv_dtype = kv_storage_dtype(config, dtype)
-    num_blocks = resolve_num_blocks(config, model_config, kv_dtype)
+    budget = None
+    if device.type == "cuda" and config.gpu_memory_utilization > 0 and not config.num_blocks:
+        with torch.device("meta"):
+            weight_bytes = sum(p.numel() for p in CausalLM(model_config).parameters()) * dtype.itemsize
+        budget = gpu_kv_budget_bytes(config, model_config, dtype, torch.cuda.mem_get_info(device)[1],
+                                     weight_bytes)
+    num_blocks = resolve_num_blocks(config, model_config, kv_dtype, budget)
+    log.info("KV pool: %d blocks x %d tokens (%s)", num_blocks, config.block_size,
+             "num_blocks" if config.num_blocks else
+             f"gpu_memory_utilization {config.gpu_memory_utilization}" if budget else "kv_cache_memory_mb")
     if not config.pool_name:
         model = load_model(checkpoint, device, dtype)
         pool = BlockPool.in_process(num_blocks, config.block_size)
