@@ -66,7 +66,8 @@ def main() -> None:
             for _ in range(args.steps):
                 engine.step()
             torch.cuda.synchronize()
-        graph, _ = graphs[min(bs for bs in graphs if bs >= b)]
+        engine.runner.graphs = graphs
+        graph, _ = graphs[engine.runner._graph_key(b, args.ctx + 2)]
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
         start.record()

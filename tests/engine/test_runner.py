@@ -6,7 +6,7 @@ import torch
 
 from engine_helpers import TEST_DEVICE, Collector, greedy, make_engine
 from tiny_models import build_tiny_checkpoint
-from tritonkv.engine.runner import StepRow, graph_batch_sizes
+from tritonkv.engine.runner import StepRow, context_buckets, graph_batch_sizes
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,13 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     assert graph_batch_sizes(1) == [1]
     assert graph_batch_sizes(6) == [1, 2, 4, 6]
+
+
+def test_context_buckets():
+    assert context_buckets(8192) == [512, 2048, 8192]
+    assert context_buckets(1024) == [512, 1024]
+    assert context_buckets(512) == [512]
+    assert context_buckets(100) == [100]
 
 
 def test_fill_writes_exact_step_inputs(llama):
@@ -99,3 +106,14 @@ def test_overlapped_decode_with_uneven_lengths_and_a_second_turn_equals_eager(ll
     assert got == run(make_engine(llama, enable_cuda_graphs=False))
     assert [len(t) for t in got[0]] == [3, 7, 12, 1, 9, 9, 9, 9]
     assert graphs.pool.counts()["used"] == 0
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="CUDA graphs need TRITONKV_TEST_DEVICE=cuda")
+def test_decode_crossing_a_context_bucket_equals_eager(llama):
+    """Two sequences decode from 500 to 530 tokens: the graph of the 512-token bucket, then
+    the next one."""
+    prompts = [[1] + [(3 * i + j) % 90 + 3 for j in range(499)] for i in range(2)]
+    graphs = make_engine(llama, enable_cuda_graphs=True)
+    assert {bound for _, bound in graphs.runner.graphs} == {512, 1024}
+    got = _run_batch(graphs, prompts, 30)
+    assert got == _run_batch(make_engine(llama, enable_cuda_graphs=False), prompts, 30)

@@ -8,8 +8,11 @@ Rules:
 - Decode steps (every scheduled sequence computes exactly one token) replay a CUDA graph
   captured at load for the smallest captured batch size >= the step's; padded rows write no
   KV (slot -1) and attend to one token of block 0; their outputs are never read. Prefill and
-  mixed steps run eagerly. Graphs are captured with ``max_seq_len = max_model_len`` (the
-  decode kernel sizes its splits from it).
+  mixed steps run eagerly. The decode kernel sizes its split of the keys from a bound on the
+  context length (``max_seq_len``), frozen at capture: batches of up to
+  ``SPLIT_BUCKET_MAX_BATCH`` sequences (whose kernels split the keys) get one graph per
+  context bucket (``context_buckets``) and replay the smallest bucket that holds the step's
+  longest context; larger batches (one split per sequence) get one graph at ``max_model_len``.
 - A step's logits exist only for the rows that sample; sampling is batched
   (engine/sampler.py) and its ids come back in one asynchronous device-to-host copy:
   ``launch`` returns at once, ``collect`` waits. A row may take its input token from the
@@ -31,6 +34,18 @@ from tritonkv.engine.sampler import RowSettings, sample_ids
 from tritonkv.model.llama import AttentionBatch, CausalLM
 
 log = logging.getLogger("tritonkv.runner")
+
+
+SPLIT_BUCKET_MAX_BATCH = 8
+
+
+def context_buckets(max_model_len: int) -> list[int]:
+    """512, 2048, 8192, ... below ``max_model_len``, then ``max_model_len``."""
+    buckets, b = [], 512
+    while b < max_model_len:
+        buckets.append(b)
+        b *= 4
+    return buckets + [max_model_len]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -123,7 +138,8 @@ class ModelRunner:
             self._dev = self._host  # the CPU path reads the host buffers directly
         (self.ids, self.positions, self.slots, self.sample_rows, self.seq_lens, self.query_start_loc,
          self.block_tables, self.prev_src, self.prev_dst) = self._dev
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch size, context bound) -> (graph, its logits)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
         self.times = StepTimes()
         # pinned inputs are rewritten each step: wait until the last step's copies were done
@@ -208,7 +224,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         n = len(rows)
         decode = all(len(r.token_ids) == 1 for r in rows)
-        graph_bs = self._graph_size(n) if decode else None
+        key = self._graph_key(n, max(r.start + 1 for r in rows)) if decode and rows else None
+        graph_bs = key[0] if key else None
         tokens, max_q, max_len, sample_at, num_prev = self._fill(rows, graph_bs or n)
         self._upload(tokens, graph_bs or n, len(sample_at), num_prev)
         if num_prev:
@@ -219,8 +236,8 @@ class ModelRunner:
         if self._uploaded is not None:
             self._uploaded.record()  # every pinned input of this step is now queued for copy
         t1 = time.perf_counter()
-        if graph_bs is not None:
-            graph, logits = self.graphs[graph_bs]
+        if key is not None:
+            graph, logits = self.graphs[key]
             graph.replay()
             logits = logits[:n] if len(sample_at) == n else logits[self.sample_rows[:len(sample_at)]]
         else:
@@ -263,33 +280,38 @@ class ModelRunner:
         return RowSettings(dev[0][:n], dev[1][:n], dev[2][:n],
                            any(p.top_k > 0 or p.top_p < 1.0 for p in params))
 
-    def _graph_size(self, n: int) -> int | None:
-        for bs in sorted(self.graphs):
-            if bs >= n:
-                return bs
-        return None
+    def _graph_key(self, n: int, max_len: int) -> tuple[int, int] | None:
+        """The captured graph for ``n`` sequences whose longest context is ``max_len``."""
+        best = None
+        for bs, bound in self.graphs:
+            if bs >= n and bound >= max_len and (best is None or (bs, bound) < best):
+                best = (bs, bound)
+        return best
 
     # -- CUDA graphs -------------------------------------------------------------------------
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        """Capture one decode graph per batch size (largest first, one shared memory pool)."""
-        sizes = graph_batch_sizes(self.max_seqs)
+        """Capture the decode graphs (largest first, one shared memory pool)."""
+        keys = [(bs, bound) for bs in graph_batch_sizes(self.max_seqs)
+                for bound in (context_buckets(self.max_model_len) if bs <= SPLIT_BUCKET_MAX_BATCH
+                              else [self.max_model_len])]
         t0 = time.perf_counter()
         free0 = torch.cuda.mem_get_info(self.device)[0]
         self.graph_pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(sizes):
+        for bs, bound in sorted(keys, reverse=True):
             tokens, _, _, _, _ = self._fill([], bs)
             self._upload(tokens, bs, 0)
-            batch = self._batch(bs, bs, 1, self.max_model_len)
+            batch = self._batch(bs, bs, 1, bound)
             for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
                 self.model.logits(self.model(self.ids[:bs], batch, self.kv_caches))
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
                 logits = self.model.logits(self.model(self.ids[:bs], batch, self.kv_caches))
-            self.graphs[bs] = (graph, logits)
-            log.info("captured decode CUDA graph for batch %d", bs)
+            self.graphs[(bs, bound)] = (graph, logits)
+            log.debug("captured decode CUDA graph: batch %d, context <= %d", bs, bound)
         torch.cuda.synchronize(self.device)
         used = free0 - torch.cuda.mem_get_info(self.device)[0]
-        log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.0f MiB",
-                 len(sizes), sizes[0], sizes[-1], time.perf_counter() - t0, used / 2**20)
+        log.info("captured %d decode CUDA graphs (batch 1..%d, context buckets %s) in %.1f s, %.0f MiB",
+                 len(keys), self.max_seqs, context_buckets(self.max_model_len), time.perf_counter() - t0,
+                 used / 2**20)
