@@ -19,7 +19,10 @@ for part in ${PART:-tests}; do
       TRITONKV_TEST_DEVICE=cuda timeout 420 python3 -m pytest -q -p no:cacheprovider -x \
         tests/engine/test_runner.py tests/kernels/test_fused_ops.py tests/engine/test_sampler.py \
         tests/engine/test_oracle.py tests/engine/test_engine_behaviour.py tests/engine/test_quantized_kv.py \
+        tests/kernels \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    profile)
+      timeout 240 python3 bench/profile_step.py 2>&1 | grep -v -i warn | tail -32 | tee "$OUT/profile.md" ;;
     inproc)
       timeout 560 python3 bench/serving_benchmark.py --synthetic llama3-8b --systems inprocess inprocess-eager \
         --concurrency 1 64 --prompt-tokens 200 --max-tokens 180 --min-requests 8 --hf-batch \
