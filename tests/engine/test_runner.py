@@ -6,6 +6,7 @@ import torch
 
 from engine_helpers import TEST_DEVICE, Collector, greedy, make_engine
 from tiny_models import build_tiny_checkpoint
+from tritonkv.engine import runner as runner_module
 from tritonkv.engine.runner import StepRow, context_buckets, graph_batch_sizes
 
 
@@ -109,11 +110,12 @@ def test_overlapped_decode_with_uneven_lengths_and_a_second_turn_equals_eager(ll
 
 
 @pytest.mark.skipif(TEST_DEVICE != "cuda", reason="CUDA graphs need TRITONKV_TEST_DEVICE=cuda")
-def test_decode_crossing_a_context_bucket_equals_eager(llama):
-    """Two sequences decode from 500 to 530 tokens: the graph of the 512-token bucket, then
-    the next one."""
-    prompts = [[1] + [(3 * i + j) % 90 + 3 for j in range(499)] for i in range(2)]
+def test_decode_crossing_a_context_bucket_equals_eager(llama, monkeypatch):
+    """Two sequences decode from 120 to 150 tokens: the graphs of the 128-token bucket, then
+    of the next one (the tiny model's whole context is 512 tokens)."""
+    monkeypatch.setattr(runner_module, "FIRST_CONTEXT_BUCKET", 128)
+    prompts = [[1] + [(3 * i + j) % 90 + 3 for j in range(119)] for i in range(2)]
     graphs = make_engine(llama, enable_cuda_graphs=True)
-    assert {bound for _, bound in graphs.runner.graphs} == {512, 1024}
+    assert {bound for _, bound in graphs.runner.graphs} == {128, 512}
     got = _run_batch(graphs, prompts, 30)
     assert got == _run_batch(make_engine(llama, enable_cuda_graphs=False), prompts, 30)

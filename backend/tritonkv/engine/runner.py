@@ -37,11 +37,12 @@ log = logging.getLogger("tritonkv.runner")
 
 
 SPLIT_BUCKET_MAX_BATCH = 8
+FIRST_CONTEXT_BUCKET = 512
 
 
 def context_buckets(max_model_len: int) -> list[int]:
     """512, 2048, 8192, ... below ``max_model_len``, then ``max_model_len``."""
-    buckets, b = [], 512
+    buckets, b = [], FIRST_CONTEXT_BUCKET
     while b < max_model_len:
         buckets.append(b)
         b *= 4
