@@ -119,3 +119,58 @@ def test_decode_crossing_a_context_bucket_equals_eager(llama, monkeypatch):
     assert {bound for _, bound in graphs.runner.graphs} == {128, 512}
     got = _run_batch(graphs, prompts, 30)
     assert got == _run_batch(make_engine(llama, enable_cuda_graphs=False), prompts, 30)
+
+
+def test_overlap_logic_on_cpu_equals_plain_steps(llama, monkeypatch):
+    """The overlapped step loop (continuations launched from the previous step's ids on the
+    device, rows of ended turns dropped) runs on the CPU too when forced: same tokens as plain
+    steps, with uneven lengths, a second turn and a cancel."""
+    def run(engine, overlap):
+        if overlap:  # pretend decode graphs exist; steps still run eagerly on the CPU
+            engine.runner.graphs = {(1, 1): None}
+            monkeypatch.setattr(engine.runner, "_graph_key", lambda n, max_len: None)
+        first = []
+        for i, n in enumerate((3, 9, 14)):
+            c = Collector()
+            engine.submit(f"c{i}", [1] + [(5 * i + j) % 90 + 3 for j in range(5 + i)], greedy(n), c,
+                          start=True, end=False)
+            first.append(c)
+        engine.run_until_idle()
+        second = []
+        for i in range(3):
+            c = Collector()
+            engine.submit(f"c{i}", [4, 8 + i], greedy(6), c, start=False, end=True)
+            second.append(c)
+        engine.run_until_idle()
+        return [c.token_ids for c in first + second]
+
+    overlapped = make_engine(llama, device="cpu")
+    continued = []
+    real = overlapped._continue_pending
+    monkeypatch.setattr(overlapped, "_continue_pending", lambda: continued.append(real()) or continued[-1])
+    got = run(overlapped, True)
+    assert got == run(make_engine(llama, device="cpu"), False)
+    assert [len(t) for t in got] == [3, 9, 14, 6, 6, 6]
+    assert sum(continued) > 10  # most decode steps were launched before the last one was read
+    assert overlapped.pool.counts()["used"] == 0
+
+
+def test_overlap_on_cpu_cancel_mid_stream(llama, monkeypatch):
+    """A cancel seen while a step is in flight ends the turn at once; its row of the step in
+    flight is dropped, the others go on, and no block is lost."""
+    from tritonkv.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CANCEL_POLL_S", 0.0)
+    engine = make_engine(llama, device="cpu")
+    engine.runner.graphs = {(1, 1): None}
+    monkeypatch.setattr(engine.runner, "_graph_key", lambda n, max_len: None)
+    keep, cut = Collector(), Collector()
+    prompt = [1, 9, 8, 7, 6]
+    engine.submit("keep", prompt, greedy(20), keep, start=True, end=True)
+    engine.submit("cut", prompt, greedy(20), cut, start=True, end=True,
+                  is_cancelled=lambda: len(cut.token_ids) >= 5)
+    engine.run_until_idle()
+    assert keep.final.finish_reason == "length" and len(keep.token_ids) == 20
+    assert cut.final.finish_reason == "cancelled"
+    assert 5 <= len(cut.token_ids) <= 6 and cut.token_ids == keep.token_ids[:len(cut.token_ids)]
+    assert engine.pool.counts()["used"] == 0 and engine.stats()["live_sequences"] == 0

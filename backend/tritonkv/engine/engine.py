@@ -276,21 +276,23 @@ class Engine:
             self._finalize(step)
 
     def _continue_pending(self) -> bool:
-        """Launch the decode step that continues every sequence of the step in flight, then
-        finalize that step. False (nothing done) unless the step in flight is the whole work:
-        no other running sequence, every turn still its own, no sequence at its last token,
-        blocks for every next position without preemption, no cancel poll due."""
+        """Launch the decode step that continues the sequences of the step in flight, then
+        finalize that step. Rows whose turn ended meanwhile (a cancel poll runs here when due)
+        are left out. False (nothing launched) unless those sequences are all the running work,
+        none is at its last token, and each gets its next position's block without preemption."""
         t0 = time.perf_counter()
         pend = self._pending
+        self._poll_cancelled()
+        live = [(i, chunk, turn) for i, (chunk, turn) in enumerate(zip(pend.plan, pend.turns))
+                if chunk.seq.turn is turn and chunk.seq.status is SeqStatus.RUNNING]
         running = sum(s.status is SeqStatus.RUNNING for s in self._seqs.values())
-        if running != len(pend.plan) or time.monotonic() - self._last_cancel_poll >= CANCEL_POLL_S:
+        if not live or running != len(live):
             return False
         rows = []
-        for i, (chunk, turn) in enumerate(zip(pend.plan, pend.turns)):
+        for i, chunk, turn in live:
             seq = chunk.seq
             position = chunk.start + chunk.num_tokens  # where the token in flight goes
-            if (seq.turn is not turn or seq.status is not SeqStatus.RUNNING
-                    or len(turn.output_ids) + 1 >= turn.params.max_tokens or position + 1 >= self.max_model_len
+            if (len(turn.output_ids) + 1 >= turn.params.max_tokens or position + 1 >= self.max_model_len
                     or not self.kv.grow(seq.seq_id, position + 1)):
                 return False
             rows.append(StepRow([0], position, self.kv.block_table(seq.seq_id), True, turn.params, turn.generator,
@@ -298,9 +300,9 @@ class Engine:
         t1 = time.perf_counter()
         handle = self.runner.launch(rows, pend.handle)
         self._steps += 1
-        plan = [ScheduledChunk(c.seq, c.start + c.num_tokens, 1, True) for c in pend.plan]
+        plan = [ScheduledChunk(chunk.seq, chunk.start + chunk.num_tokens, 1, True) for _, chunk, _ in live]
         self._finalize(pend)
-        self._pending = PendingStep(plan, pend.turns, handle, t1 - t0)
+        self._pending = PendingStep(plan, [turn for _, _, turn in live], handle, t1 - t0)
         return True
 
     def _finalize(self, step: PendingStep) -> None:
