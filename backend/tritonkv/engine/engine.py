@@ -21,7 +21,8 @@ from tritonkv.config import EngineConfig
 from tritonkv.cache.block_pool import BlockPool
 from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
-from tritonkv.engine.requests import RequestError, SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
+                                      check_sampling)
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow, StepTimes
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
@@ -74,6 +75,7 @@ class Engine:
         # called on the engine thread after each loop iteration's outputs were emitted (the
         # server's response sender batches its wake-ups on it)
         self.after_emit: Callable[[], None] | None = None
+        self.failure: str | None = None  # set when the engine thread died: the instance is unhealthy
         eos = set(self.model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -103,6 +105,10 @@ class Engine:
         """Queue one turn. ``close_only``: no generation, just END. ``error``: the request was
         invalid; it is answered with that error in order (and END still closes)."""
         turn = Turn(list(prompt_ids), params, emit, is_cancelled, end_sequence=end or stateless)
+        if self.failure is not None:  # the engine thread is gone: answer now, never hang
+            self._reply(turn, TurnOutput("", [], True, "error", error=f"this instance failed and serves no "
+                                         f"more requests ({self.failure}); retry on another instance"))
+            return
         self._commands.put(Submission(corr_id, turn, start, stateless, tuple(extra_keys), close_only, error))
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -118,8 +124,7 @@ class Engine:
         if params.max_tokens > self.max_model_len:
             raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
                                f"{self.max_model_len} tokens (max_model_len)")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
-            raise RequestError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        check_sampling(params)
 
     # -- engine thread -----------------------------------------------------------------------
     def start_loop(self) -> None:
@@ -133,25 +138,65 @@ class Engine:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = any(s.status is SeqStatus.RUNNING for s in self._seqs.values())
-            try:
-                item = self._commands.get(block=not busy, timeout=None if busy else 1.0)
-                if item is None:
-                    continue
-                self._accept(item)
-            except queue.Empty:
-                pass
-            self._drain()
-            self._expire_idle()
-            try:
-                self.step()
-            except Exception as exc:  # a failing step must not take the server down
-                log.exception("engine step failed")
-                self._pending = None
-                self._fail_running(f"internal error in engine step: {exc}")
+        """Rules: a request's fault fails that request (``_accept``) or that row (``_finalize``);
+        a failing step fails the running turns; anything else that escapes marks the engine
+        failed (``failure``), answers every open turn with an error, and later submissions
+        are answered at once (the adapter reports the instance unhealthy)."""
+        try:
+            while not self._stop.is_set():
+                self._iterate()
+        except BaseException as exc:  # noqa: BLE001 - the thread must leave a trace and answer
+            log.exception("engine thread died")
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self._fail_everything(f"internal error, the engine stopped: {self.failure}")
             if self.after_emit is not None:
                 self.after_emit()
+
+    def _iterate(self) -> None:
+        busy = any(s.status is SeqStatus.RUNNING for s in self._seqs.values())
+        try:
+            item = self._commands.get(block=not busy, timeout=None if busy else 1.0)
+            if item is not None:
+                self._accept_one(item)
+        except queue.Empty:
+            pass
+        self._drain()
+        self._expire_idle()
+        try:
+            self.step()
+        except Exception as exc:  # a failing step must not take the server down
+            log.exception("engine step failed")
+            self._pending = None
+            self._fail_running(f"internal error in engine step: {exc}")
+        if self.after_emit is not None:
+            self.after_emit()
+
+    def _accept_one(self, sub: Submission) -> None:
+        """``_accept`` with the request's own faults kept to the request."""
+        try:
+            self._accept(sub)
+        except Exception as exc:
+            log.exception("request could not be admitted")
+            seq = self._live.get(sub.corr_id)
+            if seq is not None and seq.turn is sub.turn:
+                self._finish(seq, TurnOutput("", [], True, "error", error=f"request failed: {exc}"))
+            elif not sub.turn.output_ids:
+                self._reply_error(sub.turn, f"request failed: {exc}")
+
+    def _fail_everything(self, message: str) -> None:
+        for seq in list(self._seqs.values()):
+            if seq.turn is not None:
+                self._reply_error(seq.turn, message)
+                seq.turn = None
+            while seq.pending:
+                self._reply_error(seq.pending.popleft(), message)
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._reply_error(item.turn, message)
 
     def _drain(self) -> None:
         while True:
@@ -160,7 +205,7 @@ class Engine:
             except queue.Empty:
                 return
             if item is not None:
-                self._accept(item)
+                self._accept_one(item)
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Synchronous driving for tests and benchmarks (no thread)."""
@@ -237,7 +282,7 @@ class Engine:
             seq.last_active = time.monotonic()
             turn.text = TurnTextBuilder(self.tokenizer, turn.params.stop)
             turn.generator = None
-            if turn.params.seed is not None:
+            if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
             turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
             return
@@ -318,8 +363,14 @@ class Engine:
                 continue
             seq.num_computed += chunk.num_tokens
             self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
-            if token is not None:
+            if token is None:
+                continue
+            try:
                 self._append_token(seq, token)
+            except Exception as exc:  # this row's output failed (e.g. its text): end this turn only
+                log.exception("output of one sequence failed")
+                if seq.turn is turn:
+                    self._finish(seq, TurnOutput("", [], True, "error", error=f"output failed: {exc}"))
         self.step_times.add(len(step.plan), sum(c.num_tokens for c in step.plan), step.schedule_s,
                             step.handle_times, t1 - t0, time.perf_counter() - t1)
         if self.after_emit is not None:

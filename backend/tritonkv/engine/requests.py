@@ -36,6 +36,24 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
+MAX_SEED = 2**64 - 1
+
+
+def check_sampling(params: SamplingParams) -> None:
+    """Refuse sampling values the sampler cannot honour, naming the parameter."""
+    import math
+
+    t, p, k = params.temperature, params.top_p, params.top_k
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+        raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and 0 < p <= 1):
+        raise RequestError(f"top_p must be in (0, 1], got {p!r}")
+    if not (isinstance(k, int) and k >= 0):
+        raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+    if params.seed is not None and not (isinstance(params.seed, int) and 0 <= params.seed <= MAX_SEED):
+        raise RequestError(f"seed must be an integer in [0, 2**64 - 1], got {params.seed!r}")
+
+
 @dataclass
 class TurnOutput:
     """What the engine hands back for one turn, one or more times; the last has ``finished``."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tritonkv.engine.requests import SamplingParams
-from tritonkv.engine.sampler import RowSettings, sample_ids
+from tritonkv.engine.sampler import GREEDY_BELOW, RowSettings, sample_ids
 from tritonkv.model.llama import AttentionBatch, CausalLM
 
 log = logging.getLogger("tritonkv.runner")
@@ -268,7 +268,7 @@ class ModelRunner:
         return handle.host.tolist()
 
     def _row_settings(self, params: list[SamplingParams]) -> RowSettings | None:
-        if all(p.temperature == 0.0 for p in params):
+        if all(p.temperature < GREEDY_BELOW for p in params):
             return None
         n = len(params)
         temp, topk, topp = (t.numpy() for t in self._settings_host)

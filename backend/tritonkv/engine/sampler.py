@@ -7,6 +7,8 @@ Rules:
   (the exponential race, equal in law to drawing from ``probs``).
 - top-k keeps the k highest logits (ranks after a stable descending sort); top-p then keeps
   the smallest prefix of that order whose probability reaches ``top_p`` (always >= 1 token).
+- A temperature under ``GREEDY_BELOW`` (1e-5, as vLLM) is greedy: dividing by it would
+  overflow the logits.
 - A request's ``seed`` makes its draws reproducible: its rows take their noise from the turn's
   own generator (on the logits' device); other rows share the device's default generator.
 """
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from tritonkv.engine.requests import SamplingParams
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -44,18 +48,18 @@ def sample_ids(logits: torch.Tensor, params: list[SamplingParams], generators: l
     """``logits`` ``[n, vocab]`` float32 -> chosen ids ``[n]`` int64 on the same device.
     ``settings`` may be omitted when every row is greedy."""
     greedy_ids = logits.argmax(dim=-1)
-    if all(p.temperature == 0.0 for p in params):
+    if all(p.temperature < GREEDY_BELOW for p in params):
         return greedy_ids
     if settings is None:
         settings = row_settings(params, logits.device)
-    greedy = settings.temperature == 0
+    greedy = settings.temperature < GREEDY_BELOW
     x = logits / torch.where(greedy, 1.0, settings.temperature)[:, None]
     if settings.filtered:
         x = _top_k_top_p(x, settings)
     probs = torch.softmax(x, dim=-1)
     noise = torch.empty_like(probs).exponential_()
     for i, gen in enumerate(generators):
-        if gen is not None and params[i].temperature > 0:
+        if gen is not None and params[i].temperature >= GREEDY_BELOW:
             noise[i].exponential_(generator=gen)
     return torch.where(greedy, greedy_ids, (probs / noise).argmax(dim=-1))
 
