@@ -5,8 +5,8 @@ batch: the references that the served numbers are read against (bench/serving_be
 - ``copy_bandwidth``: device-to-device copy, bytes read + written per second (the ceiling).
 - ``decode_floor_ms``: one decode step must stream every weight except the embedding table
   (which is gathered, not streamed) plus each sequence's KV: bytes / ceiling.
-- ``run_engine``: ``c`` closed-loop clients submit to a started engine (its own thread, as in
-  the server) and time each token at ``emit``; the engine's per-step breakdown is returned.
+- ``engine_request``: one request to a started engine (its own thread, as in the server),
+  each token timed at ``emit``; bench/serving_benchmark.py runs ``c`` such clients.
 """
 
 from __future__ import annotations
@@ -50,53 +50,38 @@ def kv_bytes_per_token(model_config, elem_size: int) -> int:
     return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * elem_size
 
 
-def run_engine(engine, prompts, concurrency: int, max_tokens: int):
-    """Returns (samples as (tokens, ttft_s, tpot_s, e2e_s), wall_s)."""
+def engine_request(engine, prompt: list[int], max_tokens: int):
+    """One greedy request through a started engine, timed at ``emit`` as a client would see
+    it: returns (tokens, ttft_s, tpot_s, e2e_s)."""
     from tritonkv.engine.requests import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    samples = [None] * len(prompts)
-    it = iter(range(len(prompts)))
-    lock = threading.Lock()
-    corr = iter(range(1, 1 << 40))
+    done = threading.Event()
+    times, toks, errors = [], [], []
 
-    def one(i):
-        done = threading.Event()
-        times, toks = [], []
+    def emit(out):
+        now = time.perf_counter()
+        times.extend([now] * len(out.token_ids))
+        toks.extend(out.token_ids)
+        if out.finished:
+            if out.error:
+                errors.append(out.error)
+            done.set()
 
-        def emit(out):
-            now = time.perf_counter()
-            times.extend([now] * len(out.token_ids))
-            toks.extend(out.token_ids)
-            if out.finished:
-                if out.error:
-                    raise RuntimeError(out.error)
-                done.set()
+    with _LOCK:
+        cid = ("bench", next(_CORR_IDS))
+    sent = time.perf_counter()
+    engine.submit(cid, prompt, params, emit, start=True, end=True, stateless=True)
+    done.wait()
+    end = time.perf_counter()
+    if errors:
+        raise RuntimeError(errors[0])
+    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+    return toks, times[0] - sent, tpot, end - sent
 
-        with lock:
-            cid = ("bench", next(corr))
-        sent = time.perf_counter()
-        engine.submit(cid, prompts[i], params, emit, start=True, end=True, stateless=True)
-        done.wait()
-        end = time.perf_counter()
-        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
-        samples[i] = (toks, times[0] - sent, tpot, end - sent)
 
-    def client():
-        while True:
-            with lock:
-                i = next(it, None)
-            if i is None:
-                return
-            one(i)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return samples, time.perf_counter() - t0
+_LOCK = threading.Lock()
+_CORR_IDS = iter(range(1, 1 << 62))
 
 
 @torch.inference_mode()

@@ -172,11 +172,10 @@ def inprocess_engine(checkpoint: str, engine_params: dict, graphs: bool):
 
 
 def inprocess_requester(engine):
-    from inprocess import run_engine
+    from inprocess import engine_request
 
     def request(prompt, max_tokens) -> Sample:
-        (toks, ttft, tpot, e2e), = run_engine(engine, [prompt], 1, max_tokens)[0]
-        return Sample(toks, ttft, tpot, e2e)
+        return Sample(*engine_request(engine, prompt, max_tokens))
 
     return request
 

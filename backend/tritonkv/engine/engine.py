@@ -190,22 +190,22 @@ class Engine:
                 seq.turn = None
             while seq.pending:
                 self._reply_error(seq.pending.popleft(), message)
+        for item in self._queued():
+            self._reply_error(item.turn, message)
+
+    def _queued(self):
+        """Take the submissions queued so far, in order."""
         while True:
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
                 return
             if item is not None:
-                self._reply_error(item.turn, message)
+                yield item
 
     def _drain(self) -> None:
-        while True:
-            try:
-                item = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                self._accept_one(item)
+        for item in self._queued():
+            self._accept_one(item)
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Synchronous driving for tests and benchmarks (no thread)."""
