@@ -105,7 +105,7 @@ def load_v_tile(v_cache_ptr, blk, pblk, slot, kvh, d, lmask, stride_vb, stride_v
 def score_tile(q, k, v, cache, blk, slot, kvh, nmask, sm_scale2, KV_QUANT: tl.constexpr,
                MASKED: tl.constexpr, ZERO_V: tl.constexpr, DOT_F32: tl.constexpr):
     """Scores ``[M, BLOCK_N]`` of a loaded K/V tile in the exp2 domain (``sm_scale2`` = scale *
-    log2(e)), V ready for the P.V product and V's scales (None for a float cache).
+    log2(e)), V ready for the P.V product and V's scales (a placeholder for a float cache).
     KV_QUANT: 8-bit K/V are cast to q's dtype (exact) and their per-key scales (per token-head,
     or per block where the slot stride is 0) applied to the scores and, in softmax_step, to
     the probabilities; MASKED: scales of keys outside ``nmask`` read 0 (a stale scale may be
@@ -143,7 +143,8 @@ def score_tile(q, k, v, cache, blk, slot, kvh, nmask, sm_scale2, KV_QUANT: tl.co
 def softmax_step(acc, m_i, l_i, s, v, vsc, KV_QUANT: tl.constexpr, SAFE_MAX: tl.constexpr,
                  DOT_F32: tl.constexpr):
     """One tile of online softmax in the exp2 domain: scores ``s`` ``[M, BLOCK_N]`` (scaled,
-    -inf where invisible), V ``[BLOCK_N, D]``, ``vsc`` the V scales of an 8-bit cache.
+    -inf where invisible), V ``[BLOCK_N, D]``, ``vsc`` the V scales of an 8-bit cache (ignored
+    without KV_QUANT).
     SAFE_MAX: a row may have seen no visible key yet (running max -inf), so exp2 uses 0 then."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     if SAFE_MAX:
