@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from tritonkv.cache.layout import token_minor_view, use_token_minor_v
-from tritonkv.kernels.quant_format import qmax
+from tritonkv.cache.quant_format import qmax
 from tritonkv.ops.paged_attention import paged_attention_reference
 from tritonkv.ops.quant import dynamic_scale, paged_attention_quant_reference, quantize
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tritonkv.ops.quant import is_quantized
+from tritonkv.cache.quant_format import is_quantized
 
 
 def use_token_minor_v(kv_dtype: torch.dtype, head_dim: int) -> bool:

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from tritonkv.kernels.jit_helpers import (LOG2E, TL_DTYPE, dot_f32, kv_cast, mma, query_rows,
                                           scale_strides)
-from tritonkv.kernels.quant_format import is_quantized
+from tritonkv.cache.quant_format import is_quantized
 
 
 @triton.jit

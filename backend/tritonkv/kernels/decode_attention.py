@@ -38,7 +38,7 @@ from tritonkv.cache.layout import v_token_minor
 from tritonkv.kernels.jit_helpers import LOG2E, TL_DTYPE, dot_f32, query_rows, scale_strides
 from tritonkv.kernels.paged_tiles import (load_token_major, load_v_tile, score_tile,
                                          softmax_step, tile_keys)
-from tritonkv.kernels.quant_format import is_quantized
+from tritonkv.cache.quant_format import is_quantized
 
 
 @triton.jit

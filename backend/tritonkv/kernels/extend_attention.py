@@ -27,7 +27,7 @@ import triton.language as tl
 from tritonkv.cache.layout import v_token_minor
 from tritonkv.kernels.jit_helpers import LOG2E, dot_f32, query_rows, scale_strides
 from tritonkv.kernels.paged_tiles import load_token_major, load_v_tile, score_tile, softmax_step
-from tritonkv.kernels.quant_format import is_quantized
+from tritonkv.cache.quant_format import is_quantized
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from tritonkv.cache.layout import v_token_minor
 from tritonkv.kernels.jit_helpers import scale_strides
-from tritonkv.kernels.quant_format import TINY, is_quantized, qmax
+from tritonkv.cache.quant_format import TINY, is_quantized, qmax
 
 
 @triton.jit

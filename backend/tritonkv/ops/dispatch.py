@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from tritonkv.kernels.quant_format import is_quantized
+from tritonkv.cache.quant_format import is_quantized
 from tritonkv.ops.attention_mass import attention_mass_reference
 from tritonkv.ops.cpu_attention import paged_attention_cpu
 from tritonkv.ops.paged_attention import paged_attention_reference, write_kv_reference

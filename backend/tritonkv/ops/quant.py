@@ -14,17 +14,14 @@ tensor beside each of them. Dequantised value = stored value * scale. Two granul
 
 These functions are the oracle for kernels/kv_write.py and the dequantise-on-load paths of the
 attention kernels, and the CPU implementation used by ops/dispatch.py. The dtypes, QMAX and
-TINY are defined once in kernels/quant_format.py (torch only), which the kernels import.
+TINY are defined once in cache/quant_format.py (torch only), which the kernels import.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tritonkv.kernels.quant_format import TINY, qmax
-# cache/layout.py still imports is_quantized from here: drop this line once it imports it from
-# kernels/quant_format.py
-from tritonkv.kernels.quant_format import is_quantized  # noqa: F401
+from tritonkv.cache.quant_format import TINY, qmax
 from tritonkv.ops.paged_attention import paged_attention_reference
 
 
