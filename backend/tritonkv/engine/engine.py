@@ -1,4 +1,6 @@
-"""The step loop: schedule -> prepare tensors -> forward over the paged cache -> sample -> emit.
+"""The step loop: schedule -> launch (the runner's forward + sampling) -> finalize (apply the
+sampled tokens, emit). On CUDA, decode steps overlap: step n+1 is launched before step n is
+read back (``step``).
 
 The engine imports nothing from Triton. Callers (the Triton adapter, tests, benchmarks) hand
 it turns through ``submit``; all sequence state changes happen on the engine thread, in the
@@ -45,6 +47,7 @@ class PendingStep:
 
     def __post_init__(self):
         self.handle_times = self.handle.times
+
 
 CANCEL_POLL_S = 0.05
 
