@@ -98,3 +98,44 @@ def metric_values(metrics_url: str, name: str) -> list[float]:
     with urllib.request.urlopen(metrics_url, timeout=10) as r:
         text = r.read().decode()
     return [float(m) for m in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.M)]
+
+
+def http_post(http_url: str, model: str, data: bytes, stream: bool = False, timeout: float = 60):
+    """POST raw bytes to /generate (or /generate_stream); returns (status, error message or
+    None, decoded JSON events or body) without assuming the body is valid JSON."""
+    endpoint = "generate_stream" if stream else "generate"
+    req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/{endpoint}", data=data, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read().decode("utf-8", "replace")
+    events = re.findall(r"^data: (.*)$", raw, flags=re.M) if stream else [raw]
+    parsed = []
+    for event in events:
+        try:
+            parsed.append(json.loads(event))
+        except ValueError:
+            parsed.append({"error": event})
+    errors = [p["error"] for p in parsed if isinstance(p, dict) and "error" in p]
+    return status, (errors[0] if errors else None), parsed
+
+
+def wait_for_pool_baseline(metrics_url: str, timeout: float = 10.0, hold: float = 1.2) -> bool:
+    """Every instance reports no referenced KV block and no live sequence for ``hold`` seconds
+    (metrics are published every 0.5 s, so one reading may predate the last request)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    since = None
+    while time.monotonic() < deadline:
+        used = metric_values(metrics_url, "tritonkv_kv_blocks_used")
+        live = metric_values(metrics_url, "tritonkv_live_sequences")
+        if used and live and not any(used) and not any(live):
+            since = since or time.monotonic()
+            if time.monotonic() - since >= hold:
+                return True
+        else:
+            since = None
+        time.sleep(0.2)
+    return False

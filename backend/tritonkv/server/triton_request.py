@@ -7,23 +7,43 @@ imports on any machine. Rules:
 - per-response facts travel as output tensors (this Python backend cannot set response
   parameters): every response has ``text_output`` + ``output_ids``; the final one adds
   ``finish_reason``, ``cached_tokens`` and ``prompt_tokens``.
+
+Admission is total: everything taken from a request (tensors, request parameters, their types,
+shapes, encodings and sizes) is checked and converted here, in the request's own context, and
+any fault is a ``BadRequest`` naming the input or parameter. A setting (``max_tokens``,
+``temperature``, ...) comes from its input tensor or, as HTTP ``/generate`` sends fields that
+are not inputs and gRPC clients may do, from the request parameter of the same name (not
+both); any other parameter is refused with the list of known ones. Size limits are applied
+before any work: ``input_ids`` longer than ``max_model_len`` before converting them, and a
+``text_input`` longer than ``max_text_bytes`` (what ``max_model_len`` tokens can cover, see
+``TextTokenizer.max_text_bytes``) before decoding or tokenising it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from tritonkv.engine.requests import SamplingParams, TurnOutput
+from tritonkv.engine.requests import RequestError, SamplingParams, TurnOutput, check_sampling
 
 FLAG_SEQUENCE_START = 1  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
 FLAG_SEQUENCE_END = 2
 
+# settings that may come as an input tensor or as a request parameter: name -> kind
+SETTINGS = {"max_tokens": "int", "temperature": "float", "top_k": "int", "top_p": "float",
+            "seed": "int", "ignore_eos": "bool", "stream": "bool"}
+KNOWN_PARAMETERS = tuple(sorted((*SETTINGS, "stop", "cache_salt")))
+INPUT_ONLY = ("text_input", "input_ids", "START", "END", "CORRID")
+MAX_STOP_STRINGS = 64
+_INT_TEXT = re.compile(r"[+-]?\d{1,40}")
+
 
 class BadRequest(ValueError):
-    pass
+    """A client mistake found while reading the request; answered with INVALID_ARG (HTTP 400)."""
 
 
 @dataclass
@@ -39,102 +59,239 @@ class ParsedRequest:
 
     @property
     def close_only(self) -> bool:
-        return self.end and self.text is None and self.input_ids is None
+        """END alone closes an open conversation (a one-shot or START request needs a prompt)."""
+        return self.end and not self.start and self.text is None and self.input_ids is None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits applied before any work (None: no limit)."""
+
+    max_model_len: int | None = None
+    max_text_bytes: int | None = None
 
 
 def _input(pb_utils, request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _scalar(pb_utils, request, name, cast, default):
-    arr = _input(pb_utils, request, name)
-    if arr is None or arr.size == 0:
-        return default
-    if arr.size != 1:
-        raise BadRequest(f"input {name!r} must hold one value, got {arr.size}")
-    value = arr.reshape(-1)[0]
-    if isinstance(value, bytes):
-        value = value.decode()
     try:
-        return cast(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"input {name!r} = {value!r} is not a valid {cast.__name__}") from None
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+    except Exception as exc:  # noqa: BLE001 - whatever the stub raises is this input's fault
+        raise BadRequest(f"input {name!r} could not be read: {exc}") from None
 
 
 def _parameters(request) -> dict:
     try:
-        return json.loads(request.parameters() or "{}")
-    except (AttributeError, ValueError):
+        raw = request.parameters()
+    except Exception as exc:  # noqa: BLE001 - e.g. a parameter string that is not UTF-8
+        raise BadRequest(f"the request parameters could not be read ({type(exc).__name__}: {exc})") from None
+    if not raw:
         return {}
+    try:
+        params = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"the request parameters are not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise BadRequest(f"the request parameters must be a JSON object, got {type(params).__name__}")
+    return params
 
 
-def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int) -> ParsedRequest:
-    params = _parameters(request)
+def _check_parameter_names(params: dict) -> None:
+    for name in params:
+        if name in INPUT_ONLY:
+            raise BadRequest(f"{name!r} must be sent as an input tensor, not as a request parameter")
+    unknown = sorted(str(name) for name in params if name not in KNOWN_PARAMETERS)
+    if unknown:
+        raise BadRequest(f"unknown request parameter{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(repr(n) for n in unknown)}; known: {', '.join(KNOWN_PARAMETERS)}")
 
-    def setting(name, cast, default):
-        """Input tensor first, then the request parameter of the same name (HTTP generate)."""
-        value = _scalar(pb_utils, request, name, cast, None)
-        if value is None and name in params:
+
+def _decode(raw, what: str) -> str:
+    if isinstance(raw, (bytes, np.bytes_)):
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"{what} is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+    if isinstance(raw, str):
+        try:
+            raw.encode("utf-8")  # a lone surrogate cannot be sent on
+        except UnicodeEncodeError as exc:
+            raise BadRequest(f"{what} is not valid UTF-8 (character {exc.start}: {exc.reason})") from None
+        return str(raw)
+    raise BadRequest(f"{what} must be a string, got {type(raw).__name__}")
+
+
+def _convert(value, kind: str, what: str):
+    """One setting's value (a Python or numpy scalar, or a string) as ``kind``, strictly."""
+    if isinstance(value, (bytes, np.bytes_)):
+        value = _decode(value, what)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str):
+        text = value.strip()
+        if kind == "int":
+            if not _INT_TEXT.fullmatch(text):
+                raise BadRequest(f"{what} = {value[:60]!r} is not an integer")
+            return int(text)
+        if kind == "float":
             try:
-                value = cast(params[name])
-            except (TypeError, ValueError):
-                raise BadRequest(f"parameter {name!r} = {params[name]!r} is not a valid {cast.__name__}") from None
-        return default if value is None else value
+                value = float(text)
+            except ValueError:
+                raise BadRequest(f"{what} = {value[:60]!r} is not a number") from None
+        elif kind == "bool":
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise BadRequest(f"{what} = {value[:60]!r} is not a boolean (true / false)")
+    if kind == "bool":
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        raise BadRequest(f"{what} = {value!r} is not a boolean (true / false)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{what} = {value!r} is not a{'n integer' if kind == 'int' else ' number'}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"{what} = {value!r} is not a finite number")
+    if kind == "int":
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise BadRequest(f"{what} = {value!r} is not an integer")
+            value = int(value)
+        return value
+    try:
+        value = float(value)
+    except OverflowError:
+        raise BadRequest(f"{what} = {value!r} is out of range") from None
+    if not math.isfinite(value):
+        raise BadRequest(f"{what} = {value!r} is not a finite number")
+    return value
 
-    text_arr = _input(pb_utils, request, "text_input")
-    ids_arr = _input(pb_utils, request, "input_ids")
-    text = None
-    if text_arr is not None:
-        if text_arr.size != 1:
-            raise BadRequest(f"text_input must hold one string, got {text_arr.size}")
-        raw = text_arr.reshape(-1)[0]
-        text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-    input_ids = None if ids_arr is None else [int(t) for t in ids_arr.reshape(-1)]
-    if text is not None and input_ids is not None:
-        raise BadRequest("send either text_input or input_ids, not both")
 
-    stop_arr = _input(pb_utils, request, "stop")
-    stop = () if stop_arr is None else tuple(
-        s.decode() if isinstance(s, bytes) else str(s) for s in stop_arr.reshape(-1) if s)
-    if not stop and isinstance(params.get("stop"), (list, str)):
-        stop = (params["stop"],) if isinstance(params["stop"], str) else tuple(params["stop"])
+def _tensor_setting(arr: np.ndarray, name: str, kind: str):
+    what = f"input {name!r}"
+    if arr.size != 1:
+        raise BadRequest(f"{what} must hold one value, got {arr.size} (shape {list(arr.shape)})")
+    expected = {"int": "iu", "float": "fiu", "bool": "biu"}[kind]
+    if arr.dtype.kind not in expected + "OSU":
+        raise BadRequest(f"{what} has data type {arr.dtype}; expected {'a boolean' if kind == 'bool' else kind}")
+    return _convert(arr.reshape(-1)[0], kind, what)
 
-    seed = setting("seed", int, None)
+
+def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int,
+                  limits: Limits = Limits()) -> ParsedRequest:
+    params = _parameters(request)
+    _check_parameter_names(params)
+
+    def setting(name, default):
+        kind = SETTINGS[name]
+        arr = _input(pb_utils, request, name)
+        if arr is not None and name in params:
+            raise BadRequest(f"{name!r} was sent both as an input and as a request parameter; send it once")
+        if arr is not None:
+            return _tensor_setting(arr, name, kind)
+        if name in params:
+            return _convert(params[name], kind, f"parameter {name!r}")
+        return default
+
+    text, input_ids = _prompt(pb_utils, request, limits)
+    stop = _stop(pb_utils, request, params)
     sampling = SamplingParams(
-        max_tokens=setting("max_tokens", int, default_max_tokens),
-        temperature=setting("temperature", float, 1.0),
-        top_k=setting("top_k", int, 0),
-        top_p=setting("top_p", float, 1.0),
-        seed=seed,
+        max_tokens=setting("max_tokens", default_max_tokens),
+        temperature=setting("temperature", 1.0),
+        top_k=setting("top_k", 0),
+        top_p=setting("top_p", 1.0),
+        seed=setting("seed", None),
         stop=stop,
-        ignore_eos=setting("ignore_eos", _bool, False),
+        ignore_eos=setting("ignore_eos", False),
     )
+    try:
+        check_sampling(sampling)
+    except RequestError as exc:
+        raise BadRequest(str(exc)) from None
+    stream = setting("stream", not stateless)
+    salt = params.get("cache_salt")
+    if salt is not None:
+        if isinstance(salt, bool) or not isinstance(salt, (str, int)):
+            raise BadRequest(f"parameter 'cache_salt' must be a string, got {type(salt).__name__}")
+        salt = _decode(str(salt), "parameter 'cache_salt'")
     if stateless:
         start, end, corr_id = True, True, None
     else:
         flags = request.flags()
-        start = _scalar(pb_utils, request, "START", _bool, None)
-        end = _scalar(pb_utils, request, "END", _bool, None)
+        start = _control(pb_utils, request, "START")
+        end = _control(pb_utils, request, "END")
         start = bool(flags & FLAG_SEQUENCE_START) if start is None else start
         end = bool(flags & FLAG_SEQUENCE_END) if end is None else end
         corr_id = request.correlation_id()
         if corr_id in (0, ""):
             raise BadRequest("model 'llm' needs a sequence id (correlation id); use llm_stateless "
                              "for one-shot requests")
-    salt = params.get("cache_salt")
-    return ParsedRequest(corr_id, start, end, text, input_ids, sampling,
-                         setting("stream", _bool, not stateless), None if salt is None else str(salt))
+    return ParsedRequest(corr_id, start, end, text, input_ids, sampling, stream, salt)
 
 
-def _bool(value) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("true", "1", "yes"):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(value)
-    return bool(value)
+def _prompt(pb_utils, request, limits: Limits) -> tuple[str | None, list[int] | None]:
+    text_arr = _input(pb_utils, request, "text_input")
+    ids_arr = _input(pb_utils, request, "input_ids")
+    if text_arr is not None and ids_arr is not None:
+        raise BadRequest("send either text_input or input_ids, not both")
+    text = None
+    if text_arr is not None:
+        if text_arr.size != 1:
+            raise BadRequest(f"input 'text_input' must hold one string, got {text_arr.size} "
+                             f"(shape {list(text_arr.shape)})")
+        if text_arr.dtype.kind not in "OSU":
+            raise BadRequest(f"input 'text_input' has data type {text_arr.dtype}; expected a string (BYTES)")
+        raw = text_arr.reshape(-1)[0]
+        if isinstance(raw, (bytes, np.bytes_, str)):
+            size = len(raw) if not isinstance(raw, str) else len(raw.encode("utf-8", "surrogatepass"))
+            if limits.max_text_bytes is not None and size > limits.max_text_bytes:
+                raise BadRequest(f"input 'text_input' is {size} bytes: more than this model's "
+                                 f"{limits.max_model_len} tokens (max_model_len) can hold with this "
+                                 f"tokenizer (at most {limits.max_text_bytes} bytes)")
+        text = _decode(raw, "input 'text_input'")
+    input_ids = None
+    if ids_arr is not None:
+        if ids_arr.dtype.kind not in "iu":
+            raise BadRequest(f"input 'input_ids' has data type {ids_arr.dtype}; expected integers (INT32)")
+        if limits.max_model_len is not None and ids_arr.size > limits.max_model_len:
+            raise BadRequest(f"input 'input_ids' holds {ids_arr.size} tokens; this model serves at most "
+                             f"{limits.max_model_len} (max_model_len)")
+        input_ids = [int(t) for t in ids_arr.reshape(-1).tolist()]
+    return text, input_ids
+
+
+def _stop(pb_utils, request, params: dict) -> tuple[str, ...]:
+    stop_arr = _input(pb_utils, request, "stop")
+    if stop_arr is not None and "stop" in params:
+        raise BadRequest("'stop' was sent both as an input and as a request parameter; send it once")
+    if stop_arr is not None:
+        if stop_arr.dtype.kind not in "OSU":
+            raise BadRequest(f"input 'stop' has data type {stop_arr.dtype}; expected strings (BYTES)")
+        values = list(stop_arr.reshape(-1))
+        where = "input 'stop'"
+    elif "stop" in params:
+        values = params["stop"]
+        where = "parameter 'stop'"
+        if isinstance(values, str):
+            values = [values]
+        elif not isinstance(values, list):
+            raise BadRequest(f"parameter 'stop' must be a string or a list of strings, got {type(values).__name__}")
+    else:
+        return ()
+    if len(values) > MAX_STOP_STRINGS:
+        raise BadRequest(f"{where} holds {len(values)} strings; at most {MAX_STOP_STRINGS}")
+    stop = tuple(_decode(s, f"{where}[{i}]") for i, s in enumerate(values))
+    return tuple(s for s in stop if s)
+
+
+def _control(pb_utils, request, name):
+    """START / END from the sequence batcher's control tensors (absent: None)."""
+    arr = _input(pb_utils, request, name)
+    if arr is None or arr.size == 0:
+        return None
+    try:
+        return bool(arr.reshape(-1)[0])
+    except (TypeError, ValueError):
+        raise BadRequest(f"control input {name!r} is not a boolean") from None
 
 
 def make_response(pb_utils, out: TurnOutput):
@@ -153,6 +310,18 @@ def make_response(pb_utils, out: TurnOutput):
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
+def error_response(pb_utils, message: str, code: str = "INVALID_ARG"):
+    """An error response with a Triton error code (INVALID_ARG: HTTP 400; UNAVAILABLE: 503;
+    INTERNAL: 500), where this stub's ``TritonError`` takes one."""
+    error_cls = pb_utils.TritonError
+    code_value = getattr(error_cls, code, None)
+    try:
+        error = error_cls(message) if code_value is None else error_cls(message, code_value)
+    except TypeError:  # an older stub: message only
+        error = error_cls(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
 class ReplyChannel:
     """The engine's ``emit`` for one request: streams each delta, or (not streaming) merges
     them into the single final response that HTTP ``/generate`` requires."""
@@ -164,8 +333,13 @@ class ReplyChannel:
         self.text: list[str] = []
         self.ids: list[int] = []
 
-    def error(self, message: str) -> None:
-        self(TurnOutput("", [], True, "error", error=message))
+    def error(self, message: str, code: str | None = None) -> None:
+        """The request's final answer: an error (``code``: a Triton error code name)."""
+        if code is None:
+            self(TurnOutput("", [], True, "error", error=message))
+        else:
+            self.sender.send(error_response(self.pb_utils, message, code),
+                             flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def __call__(self, out: TurnOutput) -> None:
         final_flag = self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
