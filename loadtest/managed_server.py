@@ -4,9 +4,10 @@
 - its own KV pool name: pools are shared by name across processes on one device, and
   another server on the machine may hold the default pool with another geometry;
 - after stop, whatever is left of the server's process group is killed and the files of its
-  pool are removed. Seen with tritonserver 2.51 here: when shutdown waits out its 30 s for an
-  in-flight inference on ``llm``, the server exits but Python backend stubs stay behind,
-  orphaned, holding their shared-memory pool (and killed stubs cannot remove its files).
+  pool are removed. ``Server.stop`` already does both (tritonserver 2.51 waits for every open
+  conversation until its exit timeout and leaves its Python stubs behind, so the launcher kills
+  the group and removes the pool and the server's Python backend regions); this is a second
+  guard for a stop that raised half-way.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ def test_serve_prints_endpoints_and_stops_on_sigterm():
     http, grpc, metrics = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tritonkv.server.cli", "serve", "--http-port", str(http), "--grpc-port", str(grpc),
-         "--metrics-port", str(metrics)],
+         "--metrics-port", str(metrics), "--param", f"pool_name=clitest{os.getpid()}", "--param", "kv_cache_memory_mb=32"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "..", "backend")})
     try:
@@ -31,10 +31,13 @@ def test_serve_prints_endpoints_and_stops_on_sigterm():
         banner = "".join(lines)
         assert f"http://127.0.0.1:{http}" in banner and f"127.0.0.1:{grpc}" in banner
         assert f"http://127.0.0.1:{metrics}/metrics" in banner and "curl" in banner
+        assert "restricted (launcher only): shared-memory, model-repository, logging, trace" in banner
         code, body = http_generate(f"127.0.0.1:{http}", "llm_stateless", {"text_input": "Hi", "max_tokens": 3})
         assert code == 200 and body["finish_reason"] == "length"
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - t0 < 5
         # the server is gone: nothing listens on its port (SO_REUSEADDR skips TIME_WAIT only)
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,18 +47,73 @@ def test_serve_prints_endpoints_and_stops_on_sigterm():
             proc.kill()
 
 
-def test_stop_with_an_open_conversation_leaves_no_stub_and_no_pool_files():
+def test_stop_with_open_conversations_is_fast_and_a_crash_is_cleaned_by_the_next_launch():
+    """Item 7: a stop with conversations open takes < 3 s and leaves no stub, no pool files
+    and no Python backend regions; the regions a crashed server left are removed by the next
+    launch, and only those (another server's, or a name this launcher does not make, stay)."""
+    import fcntl
+    import uuid
+
     from triton_calls import StreamClient
     from tritonkv.cache.pool_file import shm_dir
-    from tritonkv.server.launcher import start_server
+    from tritonkv.server.launcher import REGION_DIR, REGION_TAG, launch, server_regions, start_server
 
     pool = f"stoptest{os.getpid()}"
-    with start_server(extra_params={"pool_name": pool, "kv_cache_memory_mb": "32"}, exit_timeout_s=3) as server:
-        client = StreamClient(server.grpc_url)
-        t = client.turn(seq_id=77, start=True, ids=[256, 65], max_tokens=2, temperature=0.0)
+    params = {"pool_name": pool, "kv_cache_memory_mb": "32"}
+    # names the next launch must leave alone: the default prefix (any tritonserver), and a
+    # region of a "live" server of this launcher (its lock held here)
+    foreign = os.path.join(REGION_DIR, f"triton_python_backend_shm_region_{uuid.uuid4()}")
+    live_token = "0123456789abcdef"
+    live_region = os.path.join(REGION_DIR, f"{REGION_TAG}{live_token}-{uuid.uuid4()}")
+    live_lock = os.path.join(REGION_DIR, f"{REGION_TAG}{live_token}.lock")
+    for path in (foreign, live_region, live_lock):
+        open(path, "w").close()
+    lock_fd = os.open(live_lock, os.O_RDWR)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    try:
+        crashed = launch(extra_params=params)
+        client = StreamClient(crashed.grpc_url)
+        assert client.turn(seq_id=11, start=True, ids=[256, 65], max_tokens=2).error is None
         client.close()
-        assert t.error is None and len(t.ids) == 2  # the conversation stays open (no END)
-        group = server.process.pid
-    assert live_group_members(group) == []  # the stubs of the model that did not unload are gone
-    assert not [f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{pool}-")]
+        left = server_regions(crashed.region_token)
+        assert len(left) >= 3, left  # a region per stub, and the lock
+        os.killpg(crashed.process.pid, signal.SIGKILL)  # a crash: nobody cleans up
+        crashed.process.wait()
+        deadline = time.monotonic() + 10
+        while live_group_members(crashed.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        crashed_lock = os.open(os.path.join(REGION_DIR, f"{REGION_TAG}{crashed.region_token}.lock"), os.O_RDWR)
+        while time.monotonic() < deadline:  # the killed stubs' last threads close their files
+            try:
+                fcntl.flock(crashed_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        os.close(crashed_lock)  # (releases it again)
+        assert server_regions(crashed.region_token) == left
 
+        with start_server(extra_params=params) as server:
+            assert server_regions(crashed.region_token) == []  # the crashed server's, removed
+            assert all(os.path.exists(p) for p in (foreign, live_region, live_lock))
+            mine = server_regions(server.region_token)
+            assert len(mine) >= 3, mine
+            clients = [StreamClient(server.grpc_url) for _ in range(3)]
+            for i, c in enumerate(clients):  # conversations left open (no END)
+                t = c.turn(seq_id=77 + i, start=True, ids=[256, 65], max_tokens=2, temperature=0.0)
+                assert t.error is None and len(t.ids) == 2
+            group = server.process.pid
+            t0 = time.monotonic()
+            server.stop()
+            took = time.monotonic() - t0
+            for c in clients:
+                c.close()
+        print(f"stop with 3 open conversations: {took:.2f}s")
+        assert took < 3.0, took
+        assert live_group_members(group) == []  # the stubs of the model that did not unload are gone
+        assert server_regions(server.region_token) == []
+        assert not [f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{pool}-")]
+    finally:
+        os.close(lock_fd)
+        for path in (foreign, live_region, live_lock):
+            if os.path.exists(path):
+                os.remove(path)

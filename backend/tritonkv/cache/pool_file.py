@@ -139,6 +139,7 @@ def create_pool_file(path: str, num_blocks: int, block_size: int, max_owners: in
     _, size = file_layout(num_blocks, block_size, max_owners)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # private to this user even when an older file of another mode is reused
         reserve(fd, size, path)
         pf = PoolFile(fd, size, num_blocks, block_size, max_owners)
     finally:

@@ -43,6 +43,7 @@ def shared_tensor(pool: SharedBlockPool, suffix: str, numel: int, dtype: torch.d
         if pool.created:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
+                os.fchmod(fd, 0o600)  # private even when an older file of another mode is reused
                 reserve(fd, nbytes, path)
             finally:
                 os.close(fd)
@@ -63,7 +64,8 @@ def _cuda_ipc_tensor(pool, suffix, numel, dtype, device) -> torch.Tensor:
         t = torch.zeros(numel, dtype=dtype, device=device)
         rebuild, args = reduce_tensor(t)
         tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # the handle maps this device memory: private to this user
             pickle.dump({"exporter_pid": os.getpid(), "rebuild": rebuild, "args": args}, f)
         os.replace(tmp, path)
         return t

@@ -18,8 +18,20 @@ def main(argv=None) -> int:
     serve.add_argument("--instances", type=int, default=1, help="instances per model (instance_group count)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--verbose", action="store_true", help="server log on the console")
+    serve.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="model parameter for both models, e.g. pool_name=mine or kv_cache_memory_mb=1024 "
+                            "(config.pbtxt parameters; repeatable)")
+    serve.add_argument("--restricted-api", default="shared-memory,model-repository,logging,trace",
+                       help="Triton APIs (HTTP and gRPC) only the launcher may call, comma-separated, "
+                            "or 'none' (default: %(default)s; see docs/security.md)")
+    serve.add_argument("--exit-timeout", type=float, default=1.5,
+                       help="seconds a stop lets in-flight requests finish before the server is ended "
+                            "(default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "serve":
+        bad = [p for p in args.param if "=" not in p]
+        if bad:
+            parser.error(f"--param takes KEY=VALUE, got {bad[0]!r}")
         from tritonkv.server.launcher import serve_forever
 
         return serve_forever(args)

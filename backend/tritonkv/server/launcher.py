@@ -8,14 +8,29 @@ Known traps this module handles (checked on tritonserver 2.51):
 - the stub links the first libpython3.X.so.1.0 the loader finds, so this interpreter's
   LIBDIR goes first on LD_LIBRARY_PATH.
 The launcher binds to loopback unless told otherwise, waits until the server is ready and
-stops it cleanly on Ctrl-C / SIGTERM.
+stops it on Ctrl-C / SIGTERM within a few seconds.
+
+Security defaults (docs/security.md):
+- Triton's shared-memory, model-repository, logging and trace APIs are restricted on HTTP
+  and gRPC (``--http-restricted-api`` / ``--grpc-restricted-protocol``) to callers that send
+  a random key made per start; the launcher keeps it (``Server.admin_key``, never printed)
+  so it, and a supervisor, can still use model control (explicit mode, all models loaded);
+- the server runs with umask 077, so what it and its stubs create is private to its user.
+
+Shared-memory hygiene: the Python backend names its regions ``<prefix><uuid>`` in /dev/shm;
+the launcher gives every server its own prefix ``triton_python_backend_shm_region_tritonkv-
+<token>-`` and a lock file that only that server's processes hold, removes the regions after
+a stop, and on each launch removes the regions of earlier servers of this launcher whose lock
+nobody holds any more (a crash, a SIGKILL). Other names in /dev/shm are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -25,10 +40,21 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_REPOSITORY = os.path.join(ROOT, "model_repository")
+
+# Triton APIs only the launcher (and its supervisor) may call: they can read or write server
+# memory (shared memory), load and unload models, and change logging / tracing.
+RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
+ADMIN_HEADER = "tritonkv-admin-key"  # HTTP header; gRPC metadata is "triton-grpc-protocol-" + this
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
+# Python backend shared-memory regions: "<prefix><uuid>"; tritonserver's default prefix is
+# "triton_python_backend_shm_region_", the launcher's servers use REGION_TAG + "<token>-"
+REGION_DIR = "/dev/shm"
+REGION_TAG = "triton_python_backend_shm_region_tritonkv-"
+REGION_NAME_RE = re.compile(re.escape(REGION_TAG) + r"([0-9a-f]{16})(?:-[0-9a-f-]+|\.lock)$")
 
 
 def pytriton_dir() -> str:
@@ -148,6 +174,83 @@ def repository_pool_names(repo: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def region_lock_path(token: str) -> str:
+    return os.path.join(REGION_DIR, f"{REGION_TAG}{token}.lock")
+
+
+def hold_region_lock(token: str) -> int:
+    """Create and flock the lock file of ``token``'s regions; the fd goes to tritonserver
+    (pass_fds): the lock is held while any process of that server keeps it open."""
+    fd = os.open(region_lock_path(token), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_regions(token: str, wait_s: float = 0) -> list[str]:
+    """Remove the Python backend regions of server ``token`` and its lock file, if nobody
+    holds the lock (a server alive keeps it) within ``wait_s``. Returns the names removed."""
+    lock = region_lock_path(token)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        fd = None  # its lock is gone (made before any region, removed last): nobody runs
+    except OSError:
+        return []
+    removed = []
+    try:
+        if fd is not None:
+            if os.fstat(fd).st_uid != os.geteuid():
+                return []
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        return []  # a process of that server is alive
+                    time.sleep(0.01)
+        prefix = f"{REGION_TAG}{token}-"
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(REGION_DIR)):
+                path = os.path.join(REGION_DIR, name)
+                if name.startswith(prefix) and REGION_NAME_RE.fullmatch(name):
+                    with contextlib.suppress(FileNotFoundError, PermissionError):
+                        if os.lstat(path).st_uid == os.geteuid():
+                            os.remove(path)
+                            removed.append(name)
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+                removed.append(os.path.basename(lock))
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return removed
+
+
+def remove_stale_regions() -> list[str]:
+    """Remove what crashed servers of this launcher left in /dev/shm: the regions of every
+    token whose lock no live process holds. Names of other servers are never touched."""
+    try:
+        names = os.listdir(REGION_DIR)
+    except OSError:
+        return []
+    tokens = sorted({m.group(1) for m in map(REGION_NAME_RE.fullmatch, names) if m})
+    removed = []
+    for token in tokens:
+        removed += remove_regions(token)
+    return removed
+
+
+def server_regions(token: str) -> list[str]:
+    """Names in /dev/shm made for server ``token`` (its regions and lock)."""
+    with contextlib.suppress(OSError):
+        return sorted(n for n in os.listdir(REGION_DIR)
+                      if n.startswith(f"{REGION_TAG}{token}") and REGION_NAME_RE.fullmatch(n))
+    return []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,6 +266,10 @@ class Server:
     metrics_port: int
     workdir: str
     pool_names: tuple[str, ...] = ()  # config.pbtxt pool_name values of the served models
+    # the key that opens the restricted APIs (None: nothing restricted); never print it
+    admin_key: str | None = field(default=None, repr=False)
+    region_token: str | None = None  # its Python backend regions: REGION_TAG + token + "-<uuid>"
+    exit_timeout_s: float = 1.5  # how long a stop lets in-flight requests finish
 
     @property
     def http_url(self) -> str:
@@ -176,6 +283,42 @@ class Server:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
+    @property
+    def admin_headers(self) -> dict:
+        """HTTP headers that open the restricted APIs."""
+        return {} if self.admin_key is None else {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict:
+        """gRPC metadata (tritonclient ``headers=``) that opens the restricted protocols."""
+        return {} if self.admin_key is None else {GRPC_ADMIN_HEADER: self.admin_key}
+
+    def admin_request(self, method: str, path: str, body: dict | None = None, timeout_s: float = 120) -> dict:
+        """An HTTP call to a restricted API with the key, e.g. ``("POST",
+        "/v2/repository/models/llm/load")``; returns the JSON body (raises on HTTP errors)."""
+        import json
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method=method,
+                                     headers={**self.admin_headers, "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            raw = r.read()
+        return json.loads(raw) if raw.strip() else {}
+
+    def reload_model(self, name: str, timeout_s: float = 300) -> None:
+        """Reload ``name`` through model control (restarts its instances)."""
+        self.admin_request("POST", f"/v2/repository/models/{name}/load", timeout_s=timeout_s)
+        self.protect_regions()
+
+    def protect_regions(self) -> None:
+        """Make this server's Python backend regions (request and response tensors) mode 0600:
+        the backend creates them 0644 whatever the umask. Call again after a model reload."""
+        if self.region_token is None:
+            return
+        for name in server_regions(self.region_token):
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(REGION_DIR, name), 0o600)
+
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
@@ -187,6 +330,7 @@ class Server:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; "
                                    f"see {self.workdir}/server.log")
             if self.is_ready():
@@ -195,24 +339,34 @@ class Server:
         self.stop()
         raise TimeoutError(f"tritonserver not ready after {timeout_s}s; see {self.workdir}/server.log")
 
-    def stop(self, timeout_s: float = 30) -> None:
-        """Graceful stop; then end whatever the server left behind. A model whose sequence
-        batcher still holds an open conversation does not unload before tritonserver's exit
-        timeout, and its Python stub outlives the server: the launcher started the server in
-        its own process group, so the group is killed, and pools nobody holds are removed."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop within about ``exit_timeout_s`` (or ``timeout_s``) + 0.3 s: SIGINT starts
+        tritonserver's graceful shutdown, which refuses new conversations, lets in-flight
+        requests finish, and exits at once when nothing is open; but it counts every open
+        conversation (a sequence-batcher slot) as in flight and would wait for it until its
+        exit timeout. So after ``exit_timeout_s`` the launcher kills the server's process group
+        (it started the server in a session of its own: exactly the server and its Python
+        stubs; clients still connected get a dropped connection, not silence) and removes what
+        they leave in /dev/shm: this server's Python backend regions and pools nobody holds."""
+        if timeout_s is None:
+            timeout_s = self.exit_timeout_s
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # tritonserver's graceful shutdown
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.wait()
         deadline = time.monotonic() + 10
         while live_group_members(self.process.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)  # SIGKILL lands asynchronously; a pool is stale only once they are gone
+            time.sleep(0.02)  # SIGKILL lands asynchronously; a pool is stale only once they are gone
         remove_stale_pools(self.pool_names)
+        if self.region_token is not None:
+            # a killed stub's other threads may still be closing its files: wait for the lock
+            remove_regions(self.region_token, wait_s=5)
 
     def log(self) -> str:
         with open(os.path.join(self.workdir, "server.log"), errors="replace") as f:
@@ -222,7 +376,12 @@ class Server:
 def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
            instances: int = 1, host: str = "127.0.0.1", repository: str = DEFAULT_REPOSITORY,
            extra_params: dict | None = None, instance_kind: str | None = None,
-           ready_timeout_s: float = 300, log_to_console: bool = False, exit_timeout_s: int = 10) -> Server:
+           ready_timeout_s: float = 300, log_to_console: bool = False, exit_timeout_s: float = 1.5,
+           restricted_apis: tuple[str, ...] | None = RESTRICTED_APIS) -> Server:
+    """Start tritonserver on a copy of ``repository`` and wait until it is ready.
+
+    ``restricted_apis``: Triton APIs (HTTP and gRPC) that need ``Server.admin_key``; None or
+    () restricts nothing. ``exit_timeout_s``: how long a stop waits for in-flight requests."""
     from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
     if checkpoint is None:
@@ -235,23 +394,48 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
 
             if torch.cuda.is_available():
                 instance_kind = "KIND_GPU"
+    remove_stale_regions()  # what crashed servers of this launcher left in /dev/shm
     workdir = tempfile.mkdtemp(prefix="tritonkv-server-")
     repo = write_repository(os.path.join(workdir, "model_repository"), repository, checkpoint,
                             instances, extra_params, instance_kind)
     backends = prepare_backend_dir(os.path.join(workdir, "backends"))
     ports = [p or free_port() for p in (http_port, grpc_port, metrics_port)]
+    token = secrets.token_hex(8)
     cmd = [tritonserver_binary(),
            f"--model-repository={repo}", f"--backend-directory={backends}",
            f"--http-address={host}", f"--http-port={ports[0]}",
            f"--grpc-address={host}", f"--grpc-port={ports[1]}",
            f"--metrics-address={host}", f"--metrics-port={ports[2]}",
            "--allow-metrics=true", "--log-info=true", "--exit-on-error=true",
-           f"--exit-timeout-secs={exit_timeout_s}"]
+           f"--exit-timeout-secs={int(exit_timeout_s) + 2}",  # the launcher ends it first
+           "--model-control-mode=explicit", "--load-model=*",
+           f"--backend-config=python,shm-region-prefix-name={REGION_TAG}{token}-"]
+    admin_key = None
+    if restricted_apis:
+        admin_key = secrets.token_hex(32)
+        apis = ",".join(restricted_apis)
+        cmd += [f"--http-restricted-api={apis}:{ADMIN_HEADER}={admin_key}",
+                f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}"]
     out = None if log_to_console else open(os.path.join(workdir, "server.log"), "w")
-    proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    server = Server(proc, host, *ports, workdir, repository_pool_names(repo))
+    lock_fd = hold_region_lock(token) if os.path.isdir(REGION_DIR) else None
+    try:
+        proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,),
+                                umask=0o077)
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+            remove_regions(token)
+        raise
+    finally:
+        if out is not None:
+            out.close()
+    if lock_fd is not None:
+        os.close(lock_fd)  # the server's copy keeps the lock held
+    server = Server(proc, host, *ports, workdir, repository_pool_names(repo), admin_key=admin_key,
+                    region_token=token, exit_timeout_s=exit_timeout_s)
     server.wait_ready(ready_timeout_s)
+    server.protect_regions()
     return server
 
 
@@ -266,9 +450,13 @@ def start_server(checkpoint: str | None = None, **kwargs):
 
 
 def serve_forever(args) -> int:
+    restricted = getattr(args, "restricted_api", ",".join(RESTRICTED_APIS))
+    restricted = tuple(a for a in restricted.split(",") if a and a != "none")
     server = launch(args.checkpoint, http_port=args.http_port, grpc_port=args.grpc_port,
                     metrics_port=args.metrics_port, instances=args.instances, host=args.host,
-                    log_to_console=args.verbose)
+                    log_to_console=args.verbose, restricted_apis=restricted,
+                    extra_params=dict(p.split("=", 1) for p in getattr(args, "param", [])) or None,
+                    exit_timeout_s=getattr(args, "exit_timeout", 1.5))
     stop = {"now": False}
 
     def on_signal(signum, _frame):
@@ -281,6 +469,8 @@ def serve_forever(args) -> int:
     print(f"  gRPC    {server.grpc_url}")
     print(f"  metrics {server.metrics_url}")
     print(f"  log     {server.workdir}/server.log")
+    if restricted:  # the key itself is never printed
+        print(f"  restricted (launcher only): {', '.join(restricted)}")
     print(f"  try:    curl -s http://{server.http_url}/v2/models/llm_stateless/generate "
           "-d '{\"text_input\": \"Hello\", \"max_tokens\": 16}'")
     print(f"  chat:   tritonkv-chat --url {server.grpc_url}")
