@@ -11,6 +11,7 @@ server's pool is back to baseline (no block used, no live sequence) and fails th
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import sys
@@ -52,6 +53,9 @@ def _(environment, **_kw):
 
 @events.quitting.add_listener
 def _(environment, **_kw):
+    # close the gRPC channels of dropped streams now, while gevent's hub runs: a channel
+    # closed from __del__ at interpreter exit can block forever under gevent
+    gc.collect()
     url = environment.parsed_options.metrics_url
     if not url:
         return
@@ -151,3 +155,55 @@ class HttpStreamUser(_TritonKVUser):
             if result is None:
                 return
             history += result.text
+
+
+class ChaosUser(_TritonKVUser):
+    """Abandons work mid-reply: a gRPC conversation turn cancelled after its first token (the
+    server must release its KV), an HTTP stream whose connection is dropped after its first
+    event. A turn counts as a success when the server behaved: the cancel was acknowledged or
+    the stream was open when dropped."""
+
+    protocol = "chaos"
+
+    def on_start(self):
+        super().on_start()
+        opts = self.environment.parsed_options
+        self.settings["max_tokens"] = max(opts.max_tokens, 16)
+        self.client = Client(opts.grpc_url, **self.settings)
+        self.http = HttpClient(opts.http_url, **self.settings)
+
+    def on_stop(self):
+        self.client.close()
+
+    def single(self, name):
+        def cancel_after_first_token():
+            with self.client.conversation() as conv:
+                turn = conv.send(workload.single_prompt(self.rng))
+                next(iter(turn))
+                turn.cancel()
+            return None
+
+        self._abandon(f"{name} cancel", cancel_after_first_token)
+
+    def shared_prefix(self, name):
+        def drop_connection():
+            stream = self.http.generate_stream(workload.shared_prefix_prompt(self.rng))
+            next(iter(stream))
+            stream._close()  # the client vanishes mid-reply
+            return None
+
+        self._abandon(f"{name} disconnect", drop_connection)
+
+    def multiturn(self, name):
+        self.single(name)
+
+    def _abandon(self, name, call):
+        started = time.perf_counter()
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001
+            workload.report_turn(self.environment.events.request, name, exception=e, started_at=started)
+            return
+        self.environment.events.request.fire(request_type="e2e", name=name,
+                                             response_time=(time.perf_counter() - started) * 1000,
+                                             response_length=0, exception=None, context={})

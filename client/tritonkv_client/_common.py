@@ -85,6 +85,11 @@ class ConversationState:
         self.turns: list[GenerationResult] = []
         self.started = False  # START was sent and accepted
         self.ended = False
+        # close() sends a bare END and ignores its answer: after a cancel (the turn may have
+        # finished on the server before the cancel arrived, leaving the conversation open) and
+        # after a failed opening turn (Triton's sequence batcher holds a slot for the sequence
+        # id until an END or its idle timeout, even when the model refused the START)
+        self.best_effort_end = False
         self._stream = None
         self._current = None
 
@@ -118,12 +123,14 @@ class ConversationState:
 
     def _closed(self) -> bool:
         """Over, and its stream given back: ``close()`` has nothing to do."""
-        return self.ended and self._stream is None
+        return self.ended and self._stream is None and not self.best_effort_end
 
     def _send_end(self):
         """The bare END of ``close()`` when the last turn did not carry it (None: nothing to send);
         its turn object, to be read to the end."""
-        if not self.started or self.ended:
+        if self.best_effort_end:
+            self.best_effort_end = False
+        elif not self.started or self.ended:
             return None
         self.ended = True
         stream = self._open_stream()
@@ -133,10 +140,13 @@ class ConversationState:
     def _turn_done(self, turn: TurnState) -> None:
         if turn._error is None:
             self.turns.append(turn._builder.result)
+            self.best_effort_end = False
         elif getattr(turn._error, "status", None) == "cancelled":
-            self.ended = True  # a cancelled turn ends the conversation on the server
+            self.ended = True  # a cancelled turn ends the conversation on the server ...
+            self.best_effort_end = self.started  # ... unless it had finished there first
         elif not self.turns:
-            self.started = False  # the opening turn failed: nothing is live on the server
+            self.started = False  # the opening turn failed: nothing is live on the server ...
+            self.best_effort_end = True  # ... but Triton may hold a sequence slot for it
         if self.ended:
             self._give_back()
 

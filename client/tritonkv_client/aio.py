@@ -106,11 +106,16 @@ class AsyncConversation(ConversationState, AsyncClosing):
     async def close(self) -> None:
         if self._closed():
             return
+        best_effort = self.best_effort_end
         try:
             await self._drain()
             closing = self._send_end()
             if closing is not None:
-                await closing.result()
+                try:
+                    await closing.result()
+                except ServerError:
+                    if not best_effort:  # after a cancel or a failed opening it may be gone already
+                        raise
         finally:
             self._give_back()
 

@@ -98,11 +98,16 @@ class Conversation(ConversationState, Closing):
         Idempotent; a conversation that never started sends nothing."""
         if self._closed():
             return
+        best_effort = self.best_effort_end
         try:
             self._drain()
             closing = self._send_end()
             if closing is not None:
-                closing.result()
+                try:
+                    closing.result()
+                except ServerError:
+                    if not best_effort:  # after a cancel or a failed opening it may be gone already
+                        raise
         finally:
             self._give_back()
 

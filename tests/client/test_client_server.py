@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from polling import wait_until
 from tiny_models import hf_greedy
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from managed_server import managed_server
@@ -53,13 +54,16 @@ def test_conversation_streams_each_turn_and_reuses_kv(server, client, hf_demo):
             result = turn.result()
             new = text_ids(text, bos=i == 0)
             expected, _ = hf_greedy(hf_demo, history + new, 6)
-            assert [d.token_ids for d in deltas] == [[t] for t in expected]  # one delta per token, as it arrives
+            # deltas as they arrive: one per token unless the server's sender fell behind and
+            # coalesced some (server/response_streamer.py); never empty, never reordered
+            assert [t for d in deltas for t in d.token_ids] == expected and all(d.token_ids for d in deltas)
             assert result.token_ids == expected and result.finish_reason == "length"
             assert result.prompt_tokens == len(new)
             assert result.cached_tokens == (0 if i == 0 else len(history) - 1)
             assert result.ttft_s > 0 and len(result.inter_token_s) == 5 and result.e2e_s >= result.ttft_s
             history += new + expected
-        assert pool_snapshot(server.metrics_url).total("tritonkv_live_sequences") >= 1
+        # the gauges are published every 0.5 s: wait for the open conversation to show
+        assert wait_until(lambda: pool_snapshot(server.metrics_url).total("tritonkv_live_sequences") >= 1, 5)
     assert conv.ended and len(conv.turns) == 3
     assert wait_for_baseline(server.metrics_url, 10).at_baseline  # the bare END released it
 
@@ -102,9 +106,10 @@ def test_asyncio_clients_match_sync(server, client):
 
     deltas, first, second, one_shot, http, items = asyncio.run(go())
     assert [first.token_ids, second.token_ids] == sync_turns
-    assert len(deltas) == 5 and second.cached_tokens == 4 + 5 - 1
+    # one delta per token unless the server's sender fell behind and coalesced some
+    assert 1 <= len(deltas) <= 5 and all(d.token_ids for d in deltas) and second.cached_tokens == 4 + 5 - 1
     assert one_shot.token_ids == http.token_ids == items[-1].token_ids == sync_turns[0]
-    assert len(items) == 6  # five token deltas, then the result
+    assert 2 <= len(items) <= 6  # up to five token deltas (fewer when coalesced), then the result
     assert wait_for_baseline(server.metrics_url, 10).at_baseline
 
 

@@ -278,8 +278,23 @@ def test_conversation_whose_opening_turn_failed_starts_again():
     assert conv.ended and client.released == [client.stream]
 
 
+def test_a_failed_opening_is_closed_with_a_bare_end():
+    # Triton holds a sequence slot for a refused START until END: close() sends one and
+    # ignores its "not live" answer
+    client = _ScriptedClient([[(None, _Error("token id 999 is outside the vocabulary"))],
+                              [(None, _Error("sequence 7 is not live"))]])
+    conv = Conversation(client, 7)
+    with pytest.raises(ServerError, match="vocabulary"):
+        conv.ask("hi")
+    conv.close()
+    assert [(start, end) for _, _, start, end, _, _ in client.stream.sent] == [(True, False), (False, True)]
+    assert conv.ended
+
+
 def test_cancelling_a_turn_ends_the_conversation():
-    client = _ScriptedClient([_reply(65, 66)])
+    # the bare END after a cancel is answered "not live" (the server saw the cancel): ignored
+    not_live = [(None, _Error("sequence 7 is not live"))]
+    client = _ScriptedClient([_reply(65, 66), not_live])
     conv = Conversation(client, 7)
     turn = conv.send("hi")
     assert next(turn).token_ids == [65]
@@ -289,6 +304,11 @@ def test_cancelling_a_turn_ends_the_conversation():
         turn.result()
     assert e.value.status == "cancelled"
     conv.close()
-    assert len(client.stream.sent) == 1
+    # the turn may have finished on the server before the cancel arrived: close() still sends a
+    # bare END so that the conversation is not left open there
+    assert [(start, end) for _m, _s, start, end, _i, _p in client.stream.sent] == [(True, False), (False, True)]
+    assert client.stream.sent[1][4] == []
+    conv.close()  # idempotent
+    assert len(client.stream.sent) == 2
     with pytest.raises(RuntimeError, match="is over"):
         conv.send("again")

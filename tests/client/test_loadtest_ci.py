@@ -32,3 +32,25 @@ def test_ci_load_run_has_no_failures_and_no_leaked_blocks(tmp_path):
     assert header.startswith("Type,Name,Request Count,Failure Count")
     assert (tmp_path / "locust.html").stat().st_size > 1000
     assert "| scenario | turns | failures |" in (tmp_path / "summary.md").read_text()
+
+
+def test_soak_with_cancels_and_disconnects_stays_bounded(tmp_path):
+    """``run.py --soak`` for 2 minutes (by hand: 30): chats, HTTP streams, cancels after the
+    first token and dropped connections; every 20 s the pool, live sequences, server RSS and
+    open files are sampled and must stay bounded, and the pool ends at baseline."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "backend"), os.path.join(ROOT, "client"),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "loadtest", "run.py"), "--soak", "-t", "2m",
+                           "--check-every", "20", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert report["soak_bounded"] is True and report["soak_problems"] == []
+    assert report["pool_at_baseline"] is True and report["failures"] == 0
+    samples = report["soak_samples"]
+    assert len(samples) >= 6 and samples[-1]["blocks_used"] == 0 and samples[-1]["live_sequences"] == 0
+    assert max(s["live_sequences"] for s in samples) <= 2 * 6
+    rows = {r["name"] for r in report["rows"]}
+    assert {"chaos single cancel", "chaos shared-prefix disconnect"} <= rows  # abandoned work happened
+    assert all(s["rss_bytes"] > 0 and s["open_files"] > 0 for s in samples)

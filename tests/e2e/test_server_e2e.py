@@ -60,7 +60,9 @@ def test_three_turn_conversation_reuses_kv_and_matches_full_recompute(stream, hf
         assert t.error is None
         expected, _ = hf_greedy(hf_demo, history + new, 8)
         assert t.ids == expected, f"turn {i + 1}"
-        assert t.num_responses == 8  # one streamed response per token
+        # streamed: one response per token, fewer when the server's sender fell behind and
+        # coalesced (server/response_streamer.py); the ids above are complete and in order
+        assert 1 <= t.num_responses <= 8
         assert t.finish_reason == "length"
         assert t.cached_tokens == (0 if i == 0 else len(history) - 1)
         history += new + t.ids
