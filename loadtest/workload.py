@@ -55,9 +55,10 @@ class KVReuseError(AssertionError):
 def expected_cached_tokens(previous_turns) -> int | None:
     """KV the server must reuse for the next turn of a conversation: every earlier prompt and
     output token except the last output token (whose KV is written when it is fed back).
-    None when an earlier turn stopped early on a stop string (the rule does not apply then)."""
+    None when there is no rule: the first turn (its prompt may hit another conversation's
+    cached prefix: any reuse is right), or an earlier turn stopped early on a stop string."""
     if not previous_turns:
-        return 0
+        return None
     if any(t.finish_reason not in ("length", "eos") for t in previous_turns):
         return None
     return sum(t.prompt_tokens + t.num_tokens for t in previous_turns) - 1
