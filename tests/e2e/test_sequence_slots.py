@@ -5,11 +5,12 @@ a correlation id holds a slot from its START until a request of it carrying END 
 dispatched, a queued request of it is cancelled, or it has been idle for
 max_sequence_idle_microseconds; an error answer frees nothing, and a START that finds no
 free slot waits in the backlog. So:
-- the shipped config has slots enough (65536 per instance) that thousands of refused
-  STARTs leave a new conversation served at once;
-- END is what frees a slot at once: sent after a refused START (what a client should do),
-  or to close a conversation; shown here on a server whose llm has 4 slots, where a new
-  conversation waits for a slot until one END arrives and is then served in well under 2 s.
+- the model itself sends END (BLS, server/slot_release.py) for a START it refused, before
+  the client sees the error, so refused STARTs hold no slot even from clients that never
+  send END; and the shipped config has slots enough (65536 per instance);
+- END is what frees a slot at once: shown here on a server whose llm has 4 slots, where 4
+  open conversations hold every slot, a new conversation waits until one END arrives and is
+  then served in well under 2 s.
 """
 
 import os
@@ -83,15 +84,15 @@ def test_refused_starts_do_not_block_a_new_conversation(server):
         errors = bad.collect(BAD_STARTS)
         sent_s = time.monotonic() - t0
         assert all(e and "outside the vocabulary" in e for e in errors), errors[:3]
-        # the refused STARTs hold their slots (no END sent); a good client is still served
+        # the client sent no END; the server released each slot itself; a good client is served
         took = good_conversation(server.grpc_url, 7, timeout=10)
         assert took is not None and took < 2.0, f"good conversation after {BAD_STARTS} bad STARTs: {took}"
         assert not any(metric_values(server.metrics_url, "tritonkv_live_sequences"))
-        # END after a refused START frees its slot (the answer is an error: nothing is live)
-        for i in range(BAD_STARTS):
+        # a late END from the client is harmless: the id holds no slot and nothing is live
+        for i in range(8):
             bad.send(10_000 + i, end=True)
-        ended = bad.collect(BAD_STARTS)
-        assert all(e and "is not live" in e for e in ended), ended[:3]
+        ended = bad.collect(8)
+        assert all(e and ("is not live" in e or "START flag" in e) for e in ended), ended[:3]
         print(f"{BAD_STARTS} refused STARTs sent and answered in {sent_s:.2f}s; good turn in {took:.2f}s")
     finally:
         bad.close()
@@ -116,11 +117,10 @@ def test_end_frees_slots_of_refused_and_closed_conversations(small_server):
     server, slots = small_server, 4
     stream = Stream(server.grpc_url)
     try:
-        # refused STARTs followed by END (what a client should send after a refused START)
+        # refused STARTs, no END from the client: the server frees their slots itself
         for i in range(3 * slots):
             stream.send(20_000 + i, start=True, ids=[10**9])
-            stream.send(20_000 + i, end=True)
-        assert all(stream.collect(6 * slots))
+        assert all(stream.collect(3 * slots))
         took = good_conversation(server.grpc_url, 8, timeout=5)
         assert took is not None and took < 2.0, took
         # closed conversations (START ... END)
@@ -129,10 +129,10 @@ def test_end_frees_slots_of_refused_and_closed_conversations(small_server):
         assert not any(stream.collect(3 * slots))
         took = good_conversation(server.grpc_url, 9, timeout=5)
         assert took is not None and took < 2.0, took
-        # refused STARTs without END hold every slot: a new conversation waits ...
+        # open conversations hold every slot: a new conversation waits ...
         for i in range(slots):
-            stream.send(40_000 + i, start=True, ids=[10**9])
-        assert all(stream.collect(slots))
+            stream.send(40_000 + i, start=True, ids=[256])
+        assert not any(stream.collect(slots))
         waiting = StreamClient(server.grpc_url)
         try:
             waiting.client.async_stream_infer("llm", inputs_for(ids=[256, 65], max_tokens=2, temperature=0.0),
@@ -153,6 +153,6 @@ def test_end_frees_slots_of_refused_and_closed_conversations(small_server):
             waiting.close()
         for i in range(1, slots):
             stream.send(40_000 + i, end=True)
-        stream.collect(slots)
+        stream.collect(slots)  # the four ENDs
     finally:
         stream.close()

@@ -18,6 +18,7 @@ import threading
 from tritonkv.config import EngineConfig
 from tritonkv.engine.requests import RequestError
 from tritonkv.server.response_streamer import ResponseStreamer
+from tritonkv.server.slot_release import SlotReleaser
 from tritonkv.server.triton_request import BadRequest, Limits, ReplyChannel, parse_request
 
 log = logging.getLogger("tritonkv")
@@ -50,6 +51,8 @@ def admission_limits(engine) -> Limits:
 
 
 class TritonPythonModel:
+    slots: SlotReleaser | None = None  # llm only: frees the sequence slots of refused STARTs
+
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
@@ -69,6 +72,7 @@ class TritonPythonModel:
         self.engine.after_emit = self.streamer.flush
         self.engine.start_loop()
         self.limits = admission_limits(self.engine)
+        self.slots = None if self.stateless else SlotReleaser(pb_utils, args["model_name"])
         self._next_stateless_id = 0
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self._families = []  # keep the families referenced, or their metrics fail
@@ -94,6 +98,8 @@ class TritonPythonModel:
             log.exception("request without a response sender; dropped")
             return
         try:
+            if self.slots is not None:
+                sender = self.slots.watch(request, sender, self.engine._live)
             self._admit(request, sender)
         except Exception as exc:
             log.exception("request could not be admitted")
