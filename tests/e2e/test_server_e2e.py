@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tiny_models import hf_greedy
-from triton_calls import StreamClient, http_generate, inputs_for, metric_values
+from triton_calls import StreamClient, http_generate, inputs_for, metric_values, wait_for_pool_baseline
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.server.launcher import start_server
 
@@ -35,21 +35,7 @@ def stream(server):
 
 
 def wait_for_baseline(server, timeout=10.0, hold=1.2):
-    """Every instance reports no referenced block and no live sequence, for ``hold`` seconds
-    (metrics are published every 0.5 s, so one reading may predate the last request)."""
-    deadline = time.monotonic() + timeout
-    since = None
-    while time.monotonic() < deadline:
-        used = metric_values(server.metrics_url, "tritonkv_kv_blocks_used")
-        live = metric_values(server.metrics_url, "tritonkv_live_sequences")
-        if used and live and not any(used) and not any(live):
-            since = since or time.monotonic()
-            if time.monotonic() - since >= hold:
-                return True
-        else:
-            since = None
-        time.sleep(0.2)
-    return False
+    return wait_for_pool_baseline(server.metrics_url, timeout, hold)
 
 
 def test_three_turn_conversation_reuses_kv_and_matches_full_recompute(stream, hf_demo):
