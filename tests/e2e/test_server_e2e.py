@@ -1,7 +1,6 @@
 """A real tritonserver started by the launcher, driven with tritonclient (gRPC stream + HTTP)."""
 
 import threading
-import time
 
 import pytest
 import torch
