@@ -25,7 +25,7 @@ from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
 from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_sampling)
-from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow, StepTimes
+from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
@@ -43,10 +43,6 @@ class PendingStep:
     turns: list[Turn]
     handle: StepHandle
     schedule_s: float
-    handle_times: StepTimes = None
-
-    def __post_init__(self):
-        self.handle_times = self.handle.times
 
 
 CANCEL_POLL_S = 0.05
@@ -375,9 +371,7 @@ class Engine:
                 if seq.turn is turn:
                     self._finish(seq, TurnOutput("", [], True, "error", error=f"output failed: {exc}"))
         self.step_times.add(len(step.plan), sum(c.num_tokens for c in step.plan), step.schedule_s,
-                            step.handle_times, t1 - t0, time.perf_counter() - t1)
-        if self.after_emit is not None:
-            self.after_emit()
+                            step.handle.times, t1 - t0, time.perf_counter() - t1)
 
     def _step_row(self, chunk: ScheduledChunk) -> StepRow:
         seq = chunk.seq

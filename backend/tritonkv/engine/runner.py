@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tritonkv.engine.requests import SamplingParams
-from tritonkv.engine.sampler import GREEDY_BELOW, RowSettings, sample_ids
+from tritonkv.engine.sampler import GREEDY_BELOW, RowSettings, sample_ids, uses_filter
 from tritonkv.model.llama import AttentionBatch, CausalLM
 
 log = logging.getLogger("tritonkv.runner")
@@ -142,7 +142,6 @@ class ModelRunner:
         # (batch size, context bound) -> (graph, its logits)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
-        self.times = StepTimes()
         # pinned inputs are rewritten each step: wait until the last step's copies were done
         self._uploaded = torch.cuda.Event() if cuda else None
         if cuda and enable_cuda_graphs:
@@ -205,7 +204,6 @@ class ModelRunner:
                  num_prev, num_prev]
         for d, h, n in zip(self._dev, self._host, sizes):
             d[:n].copy_(h[:n], non_blocking=True)
-        self._uploaded.record()
 
     def _batch(self, num_tokens: int, num_seqs: int, max_q: int, max_len: int) -> AttentionBatch:
         return AttentionBatch(
@@ -215,10 +213,6 @@ class ModelRunner:
             max_seq_len=max_len)
 
     # -- one step ----------------------------------------------------------------------------
-    def execute(self, rows: list[StepRow]) -> list[int]:
-        """Run one step; returns the sampled token of each row with ``sample`` set, in order."""
-        return self.collect(self.launch(rows))
-
     def launch(self, rows: list[StepRow], prev: StepHandle | None = None) -> StepHandle:
         """Queue one step on the device and return without waiting for it. Rows with
         ``from_prev`` read their input token from ``prev``'s sampled ids."""
@@ -256,7 +250,7 @@ class ModelRunner:
                 handle.done.record()
             else:
                 handle.host = handle.sampled
-        handle.times = self.times = StepTimes(t1 - t0, t2 - t1, time.perf_counter() - t2, graph_bs is not None)
+        handle.times = StepTimes(t1 - t0, t2 - t1, time.perf_counter() - t2, graph_bs is not None)
         return handle
 
     def collect(self, handle: StepHandle) -> list[int]:
@@ -278,8 +272,7 @@ class ModelRunner:
         if dev is not self._settings_host:
             for d, h in zip(dev, self._settings_host):
                 d[:n].copy_(h[:n], non_blocking=True)
-        return RowSettings(dev[0][:n], dev[1][:n], dev[2][:n],
-                           any(p.top_k > 0 or p.top_p < 1.0 for p in params))
+        return RowSettings(dev[0][:n], dev[1][:n], dev[2][:n], uses_filter(params))
 
     def _graph_key(self, n: int, max_len: int) -> tuple[int, int] | None:
         """The captured graph for ``n`` sequences whose longest context is ``max_len``."""

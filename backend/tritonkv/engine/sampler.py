@@ -35,12 +35,17 @@ class RowSettings:
     filtered: bool
 
 
+def uses_filter(params: list[SamplingParams]) -> bool:
+    """Some row restricts its choice (top-k or top-p): the sort must run."""
+    return any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+
+
 def row_settings(params: list[SamplingParams], device) -> RowSettings:
     return RowSettings(
         torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
         torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
         torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-        any(p.top_k > 0 or p.top_p < 1.0 for p in params))
+        uses_filter(params))
 
 
 def sample_ids(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

@@ -54,7 +54,7 @@ def _fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
 
 class Attention(nn.Module):
     """HF parameter names (q_proj / k_proj / v_proj) for loading; ``fuse`` concatenates them
-    into ``qkv_proj`` once the weights are in."""
+    into ``qkv_proj`` once the weights are in, and ``forward`` needs it (``load_model`` does)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -71,11 +71,6 @@ class Attention(nn.Module):
         self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def _qkv(self, x):
-        if self.qkv_proj is not None:
-            return self.qkv_proj(x)
-        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-
     def forward(self, x, cos_sin, batch: AttentionBatch, layer_cache):
         """``layer_cache``: ``(k_cache, v_cache)``, or ``(k_cache, v_cache, k_scale, v_scale)``
         for an fp8 / int8 cache (scales per token-head, see ops/dispatch.py)."""
@@ -83,7 +78,7 @@ class Attention(nn.Module):
         scales = dict(zip(("k_scale", "v_scale"), layer_cache[2:]))
         n = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self._qkv(x)
+        qkv = self.qkv_proj(x)
         fused_ops.rotary_qk_(qkv, batch.positions, cos_sin, h, kvh, d)
         q = qkv[:, : h * d].view(n, h, d)
         k = qkv[:, h * d: (h + kvh) * d].view(n, kvh, d)
@@ -98,6 +93,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """HF parameter names for loading; ``forward`` needs ``fuse`` (gate and up in one GEMM)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -110,9 +107,7 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
-        return self.down_proj(fused_ops.silu_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+        return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
