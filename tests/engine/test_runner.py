@@ -51,6 +51,31 @@ def test_fill_writes_exact_step_inputs(llama):
     assert runner.sample_rows[:1].tolist() == [5]
 
 
+def _two_turns(engine, lengths, prompt, second_prompt, second_len):
+    """Conversation ``c<i>``: a first turn of ``lengths[i]`` tokens on ``prompt(i)``, run to
+    idle, then a closing turn of ``second_len`` tokens on ``second_prompt(i)``. Returns the
+    two turns' collectors of every conversation."""
+    first = []
+    for i, n in enumerate(lengths):
+        c = Collector()
+        engine.submit(f"c{i}", prompt(i), greedy(n), c, start=True, end=False)
+        first.append(c)
+    engine.run_until_idle()
+    second = []
+    for i in range(len(lengths)):
+        c = Collector()
+        engine.submit(f"c{i}", second_prompt(i), greedy(second_len), c, start=False, end=True)
+        second.append(c)
+    engine.run_until_idle()
+    return first, second
+
+
+def _force_overlap(engine, monkeypatch):
+    """Pretend decode graphs exist, so the engine overlaps; steps still run eagerly on the CPU."""
+    engine.runner.graphs = {(1, 1): None}
+    monkeypatch.setattr(engine.runner, "_graph_key", lambda n, max_len: None)
+
+
 def _run_batch(engine, prompts, max_tokens):
     outs = [Collector() for _ in prompts]
     for i, (p, c) in enumerate(zip(prompts, outs)):
@@ -87,20 +112,10 @@ def test_overlapped_decode_with_uneven_lengths_and_a_second_turn_equals_eager(ll
     """Sequences that end at different steps (the step in flight past a finished turn is
     dropped) and a second turn on a conversation whose first turn ran overlapped."""
     def run(engine):
-        outs = []
-        for i, n in enumerate((3, 7, 12, 1)):
-            c = Collector()
-            engine.submit(f"c{i}", [1] + [(11 * i + j) % 90 + 3 for j in range(6 + i)], greedy(n), c,
-                          start=True, end=False)
-            outs.append(c)
-        engine.run_until_idle()
-        second = []
-        for i in range(4):
-            c = Collector()
-            engine.submit(f"c{i}", [5, 6, 7 + i], greedy(9), c, start=False, end=True)
-            second.append(c)
-        engine.run_until_idle()
-        return [c.token_ids for c in outs + second], [c.final.cached_tokens for c in second]
+        first, second = _two_turns(engine, (3, 7, 12, 1),
+                                   lambda i: [1] + [(11 * i + j) % 90 + 3 for j in range(6 + i)],
+                                   lambda i: [5, 6, 7 + i], 9)
+        return [c.token_ids for c in first + second], [c.final.cached_tokens for c in second]
 
     graphs = make_engine(llama, enable_cuda_graphs=True)
     got = run(graphs)
@@ -126,22 +141,11 @@ def test_overlap_logic_on_cpu_equals_plain_steps(llama, monkeypatch):
     device, rows of ended turns dropped) runs on the CPU too when forced: same tokens as plain
     steps, with uneven lengths, a second turn and a cancel."""
     def run(engine, overlap):
-        if overlap:  # pretend decode graphs exist; steps still run eagerly on the CPU
-            engine.runner.graphs = {(1, 1): None}
-            monkeypatch.setattr(engine.runner, "_graph_key", lambda n, max_len: None)
-        first = []
-        for i, n in enumerate((3, 9, 14)):
-            c = Collector()
-            engine.submit(f"c{i}", [1] + [(5 * i + j) % 90 + 3 for j in range(5 + i)], greedy(n), c,
-                          start=True, end=False)
-            first.append(c)
-        engine.run_until_idle()
-        second = []
-        for i in range(3):
-            c = Collector()
-            engine.submit(f"c{i}", [4, 8 + i], greedy(6), c, start=False, end=True)
-            second.append(c)
-        engine.run_until_idle()
+        if overlap:
+            _force_overlap(engine, monkeypatch)
+        first, second = _two_turns(engine, (3, 9, 14),
+                                   lambda i: [1] + [(5 * i + j) % 90 + 3 for j in range(5 + i)],
+                                   lambda i: [4, 8 + i], 6)
         return [c.token_ids for c in first + second]
 
     overlapped = make_engine(llama, device="cpu")
@@ -162,8 +166,7 @@ def test_overlap_on_cpu_cancel_mid_stream(llama, monkeypatch):
 
     monkeypatch.setattr(engine_module, "CANCEL_POLL_S", 0.0)
     engine = make_engine(llama, device="cpu")
-    engine.runner.graphs = {(1, 1): None}
-    monkeypatch.setattr(engine.runner, "_graph_key", lambda n, max_len: None)
+    _force_overlap(engine, monkeypatch)
     keep, cut = Collector(), Collector()
     prompt = [1, 9, 8, 7, 6]
     engine.submit("keep", prompt, greedy(20), keep, start=True, end=True)
