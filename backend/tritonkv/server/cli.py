@@ -1,4 +1,4 @@
-"""``tritonkv`` command line: ``tritonkv serve [CHECKPOINT_DIR] ...``."""
+"""``tritonkv`` command line: ``tritonkv serve [CHECKPOINT_DIR] ...``, ``tritonkv capacity ...``."""
 
 from __future__ import annotations
 
@@ -27,12 +27,29 @@ def main(argv=None) -> int:
     serve.add_argument("--exit-timeout", type=float, default=1.5,
                        help="seconds a stop lets in-flight requests finish before the server is ended "
                             "(default: %(default)s)")
+    capacity = sub.add_parser("capacity", help="KV bytes per token and how many sequences fit in a memory budget")
+    capacity.add_argument("checkpoint", nargs="?", default=None,
+                          help="HF-format checkpoint directory (default: the generated demo model)")
+    capacity.add_argument("--memory-gb", type=float, default=None,
+                          help="KV memory budget in GB (default: the engine's kv_cache_memory_mb)")
+    capacity.add_argument("--context", type=int, default=None,
+                          help="tokens per sequence (default: the model's max_position_embeddings)")
+    capacity.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                          help="engine parameter as in config.pbtxt, e.g. block_size=16 or kv_window=4096 "
+                               "(repeatable)")
     args = parser.parse_args(argv)
+    if args.command == "capacity":
+        bad = [p for p in args.param if "=" not in p]
+        if bad:
+            parser.error(f"--param takes KEY=VALUE, got {bad[0]!r}")
+        from tritonkv.cache.capacity_report import run
+
+        return run(args)
     if args.command == "serve":
         bad = [p for p in args.param if "=" not in p]
         if bad:
             parser.error(f"--param takes KEY=VALUE, got {bad[0]!r}")
-        from tritonkv.server.launcher import serve_forever
+        from tritonkv.server.serve import serve_forever
 
         return serve_forever(args)
     return 2
