@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from tritonkv.config import EngineConfig
 from tritonkv.engine.factory import build_engine
 from tritonkv.engine.requests import SamplingParams
 
 
-def engine_settings(checkpoint: str, pool_name: str) -> EngineConfig:
-    return EngineConfig(checkpoint=checkpoint, device="cpu", dtype="float32", block_size=4, num_blocks=128,
-                        pool_name=pool_name)
+def engine_settings(checkpoint: str, pool_name: str, **overrides) -> EngineConfig:
+    settings = dict(device="cpu", dtype="float32", block_size=4, num_blocks=128, pool_name=pool_name)
+    return EngineConfig(checkpoint=checkpoint, **{**settings, **overrides})
 
 
 def turn(engine, corr_id, ids, max_tokens, *, start=True, end=True, extra_keys=()):
@@ -22,16 +24,39 @@ def turn(engine, corr_id, ids, max_tokens, *, start=True, end=True, extra_keys=(
     return [t for o in outs for t in o.token_ids], outs[-1].cached_tokens
 
 
-def weights_mapped_from_pool_file(engine) -> bool:
-    """Every parameter lies inside a mapping of the pool's shared weights file."""
-    path = engine.pool.companion_path("weights")
+def mapped_from_pool_file(engine, suffix: str, tensors) -> bool:
+    """Every tensor lies inside a mapping of the pool's shared ``suffix`` file."""
+    path = engine.pool.companion_path(suffix)
     spans = []
     with open("/proc/self/maps") as f:
         for line in f:
             if line.rstrip().endswith(path):
                 lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
                 spans.append((lo, hi))
-    return bool(spans) and all(any(lo <= p.data_ptr() < hi for lo, hi in spans) for p in engine.model.parameters())
+    return bool(spans) and all(any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in tensors)
+
+
+def weights_mapped_from_pool_file(engine) -> bool:
+    return mapped_from_pool_file(engine, "weights", engine.model.parameters())
+
+
+def quantized_kv_mapped_from_pool_files(engine) -> bool:
+    """Codes in the pool's ``kv`` file, scales in its ``kv_scales`` file, every layer."""
+    return (mapped_from_pool_file(engine, "kv", [t for k, v, _, _ in engine.kv_caches for t in (k, v)])
+            and mapped_from_pool_file(engine, "kv_scales", [t for _, _, ks, vs in engine.kv_caches for t in (ks, vs)]))
+
+
+def block_table_of(engine, corr_id) -> list[int]:
+    """The KV blocks of the open conversation ``corr_id``."""
+    return list(engine.kv.block_table(engine._live[corr_id].seq_id))
+
+
+def block_contents(engine, blocks) -> list:
+    """Per layer: the raw bytes of K's and V's codes and the K and V scales of ``blocks``, as
+    numpy arrays (plain pickles between processes)."""
+    idx = torch.tensor(blocks)
+    return [(k[idx].contiguous().view(torch.uint8).numpy().copy(), v[idx].contiguous().view(torch.uint8).numpy().copy(),
+             ks[idx].numpy().copy(), vs[idx].numpy().copy()) for k, v, ks, vs in engine.kv_caches]
 
 
 def second_instance(checkpoint, pool_name, prompts, results, kill_me) -> None:
@@ -49,3 +74,20 @@ def second_instance(checkpoint, pool_name, prompts, results, kill_me) -> None:
         raise
     kill_me.wait(60)
     engine.close()
+
+
+def quantized_instance(checkpoint, pool_name, kv_cache_dtype, prompt, prefix_blocks, results) -> None:
+    """Attach to the parent's fp8 / int8 pool, run ``prompt`` holding its blocks, report what
+    this process's mapping of the first ``prefix_blocks`` blocks holds, then detach."""
+    engine = build_engine(engine_settings(checkpoint, pool_name, kv_cache_dtype=kv_cache_dtype))
+    try:
+        ids, cached = turn(engine, "q", prompt, 6, end=False)
+        table = block_table_of(engine, "q")
+        results.put({"created": engine.pool.created, "mapped": quantized_kv_mapped_from_pool_files(engine),
+                     "tokens": ids, "cached": cached, "table": list(table[:prefix_blocks]),
+                     "contents": block_contents(engine, table[:prefix_blocks])})
+    except BaseException as exc:
+        results.put({"error": repr(exc)})
+        raise
+    finally:
+        engine.close()

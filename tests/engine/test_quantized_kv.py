@@ -1,6 +1,8 @@
 """FP8 / INT8 KV cache in the engine: per token-head scales written for exactly the computed
 tokens, values within one storage step, tokens equal to a quantisation-aware HF oracle."""
 
+import os
+
 import pytest
 import torch
 
@@ -126,6 +128,18 @@ def test_quantized_cache_holds_more_blocks_in_the_same_memory(tiny):
     assert q8.pool.num_blocks == full.pool.num_blocks * 64 // 20
 
 
-def test_quantized_cache_with_a_shared_pool_is_refused_with_the_reason(tiny):
-    with pytest.raises(ValueError, match="'kv_cache_dtype' = 'fp8' needs a private pool"):
-        build_engine(EngineConfig(checkpoint=tiny[0], device="cpu", kv_cache_dtype="fp8", pool_name="qtest"))
+def test_quantized_cache_in_a_shared_pool_is_sized_as_a_private_one(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONKV_SHM_DIR", str(tmp_path))
+    private = build_engine(EngineConfig(checkpoint=tiny[0], device="cpu", kv_cache_memory_mb=4, kv_cache_dtype="fp8"))
+    shared = build_engine(EngineConfig(checkpoint=tiny[0], device="cpu", kv_cache_memory_mb=4, kv_cache_dtype="fp8",
+                                       pool_name="qtest"))
+    try:
+        assert shared.pool.num_blocks == private.pool.num_blocks
+        codes, scales = (os.path.getsize(shared.pool.companion_path(x)) for x in ("kv", "kv_scales"))
+        k, v, k_scale, v_scale = shared.kv_caches[0]
+        layers = len(shared.kv_caches)
+        assert codes == layers * 2 * k.numel() * 1 and scales == layers * 2 * k_scale.numel() * 4
+        assert codes + scales <= 4 * 2**20 < codes + scales + layers * 2 * k.shape[1] * (k.shape[2] * k.shape[3] + 4 * k.shape[2])
+    finally:
+        shared.close()
+    assert os.listdir(tmp_path) == []

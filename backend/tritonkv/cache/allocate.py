@@ -48,11 +48,22 @@ def resolve_num_blocks(config: EngineConfig, model_config: ModelConfig, dtype: t
     return max(1, budget_bytes // kv_block_bytes(model_config, config.block_size, dtype))
 
 
-def add_kv_scales(kv_caches, num_blocks: int, block_size: int, num_kv_heads: int, device):
-    """Per token-head float32 scales beside each layer's fp8 / int8 K and V (ops/quant.py)."""
-    shape = (num_blocks, block_size, num_kv_heads)
-    return [(k, v, torch.zeros(shape, dtype=torch.float32, device=device),
-             torch.zeros(shape, dtype=torch.float32, device=device)) for k, v in kv_caches]
+def kv_scales_shape(model_config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """``[layers, 2 (K, V), blocks, block_size, kv_heads]``: the float32 scales of an fp8 / int8
+    cache, one tensor for all layers (private, or the shared pool's ``kv_scales`` storage)."""
+    return (model_config.num_layers, 2, num_blocks, block_size, model_config.num_kv_heads)
+
+
+def add_kv_scales(kv_caches, model_config: ModelConfig, num_blocks: int, block_size: int, device,
+                  storage: torch.Tensor | None = None):
+    """Per layer ``(k, v, k_scale, v_scale)``: per token-head float32 scales beside each
+    layer's fp8 / int8 K and V (ops/quant.py), views into one ``kv_scales_shape`` tensor
+    (``storage`` when given, e.g. a shared-memory tensor)."""
+    shape = kv_scales_shape(model_config, num_blocks, block_size)
+    if storage is None:
+        storage = torch.zeros(shape, dtype=torch.float32, device=device)
+    storage = storage.view(shape)
+    return [(k, v, storage[i, 0], storage[i, 1]) for i, (k, v) in enumerate(kv_caches)]
 
 
 def allocate_kv_caches(model_config: ModelConfig, num_blocks: int, block_size: int, dtype, device,
@@ -103,3 +114,75 @@ def gpu_kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: 
             f"{activation_reserve_bytes(model_config, config, dtype) / 2**30:.1f} GiB of activations; raise it "
             "or lower max_num_batched_tokens / max_num_seqs")
     return budget
+
+
+# -- capacity: how many tokens and sequences a pool holds --------------------------------------
+# Rules:
+# - A sequence of ``context`` tokens holds ceil(context / block_size) blocks unless a bound
+#   frees the blocks no future query can see; a bound keeps runs of tokens, and a run of n
+#   tokens that starts anywhere in a block spans at most ceil(n / block_size) + 1 blocks.
+# - Model sliding window w: one run of w tokens. StreamingLLM: the sinks (from position 0, so
+#   ceil(sinks / block_size) blocks) + a run of kv_window. H2O: the sinks + heavy hitters
+#   evicted and kept per block (ceil(heavy_hitter_tokens / block_size) blocks) + a run of
+#   kv_window. Several bounds: the smallest applies.
+
+def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
+    """KV bytes one token takes across all layers, K and V, scales included."""
+    return kv_block_bytes(model_config, 1, dtype)
+
+
+def eviction_settings(config: EngineConfig) -> dict:
+    """The engine's eviction parameters (defaults when this EngineConfig has no such field)."""
+    return {"kv_eviction": getattr(config, "kv_eviction", "none"),
+            "attention_sinks": int(getattr(config, "attention_sinks", 4)),
+            "kv_window": int(getattr(config, "kv_window", 0)),
+            "heavy_hitter_tokens": int(getattr(config, "heavy_hitter_tokens", 0))}
+
+
+def sequence_block_bound(block_size: int, sliding_window: int | None = None, kv_eviction: str = "none",
+                         attention_sinks: int = 4, kv_window: int = 0, heavy_hitter_tokens: int = 0) -> int | None:
+    """Most blocks one sequence holds under its bounds, however long it runs; None: unbounded."""
+    def blocks(n):
+        return -(-n // block_size)
+
+    bounds = []
+    if sliding_window:
+        bounds.append(blocks(sliding_window) + 1)
+    if kv_eviction == "streaming":
+        bounds.append(blocks(attention_sinks) + blocks(kv_window) + 1)
+    elif kv_eviction == "h2o":
+        bounds.append(blocks(attention_sinks) + blocks(heavy_hitter_tokens) + blocks(kv_window) + 1)
+    return min(bounds) if bounds else None
+
+
+def sequence_blocks(context: int, block_size: int, bound: int | None = None) -> int:
+    """Blocks a sequence of ``context`` tokens holds at its longest (``bound``: its block bound)."""
+    full = -(-context // block_size)
+    return full if bound is None else min(full, bound)
+
+
+def capacity_figures(model_config: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype, num_blocks: int,
+                     context: int | None = None) -> dict:
+    """A pool of ``num_blocks`` holding ``kv_dtype``: bytes per token, capacity in tokens, and how
+    many sequences of ``context`` tokens (default: max_model_len, else the model's limit) fit,
+    without and with the window / eviction bounds."""
+    context = context or config.max_model_len or model_config.max_position_embeddings
+    bound = sequence_block_bound(config.block_size, model_config.sliding_window, **eviction_settings(config))
+    full = sequence_blocks(context, config.block_size)
+    bounded = sequence_blocks(context, config.block_size, bound)
+    return {"kv_dtype": str(kv_dtype).replace("torch.", ""),
+            "bytes_per_token": kv_bytes_per_token(model_config, kv_dtype),
+            "block_size": config.block_size, "num_blocks": num_blocks,
+            "capacity_tokens": num_blocks * config.block_size, "context": context,
+            "blocks_per_sequence": full, "sequences": num_blocks // full,
+            "bound_blocks": bound, "blocks_per_sequence_bounded": bounded, "sequences_bounded": num_blocks // bounded}
+
+
+def describe_capacity(f: dict) -> str:
+    """One log line of ``capacity_figures``."""
+    line = (f"{f['bytes_per_token']:,} B/token ({f['kv_dtype']}), {f['num_blocks']:,} blocks x {f['block_size']} = "
+            f"{f['capacity_tokens']:,} tokens; {f['sequences']:,} sequences of {f['context']:,} tokens fit")
+    if f["bound_blocks"] is not None:
+        line += (f", {f['sequences_bounded']:,} with the window / eviction bound "
+                 f"({f['blocks_per_sequence_bounded']} blocks per sequence)")
+    return line

@@ -1,9 +1,14 @@
-"""Device memory shared by every instance on a device: the KV cache tensor and model weights.
+"""Device memory shared by every instance on a device: the KV cache tensor (with the scales of
+an fp8 / int8 cache) and model weights.
 
 Both are companions of a ``SharedBlockPool`` (same name, same lifetime: made by the process
 that creates the pool, attached by the others, removed by the last one out). Call the
 functions here from the pool's ``on_open`` hook, i.e. under the pool lock, so an attacher
 never sees a half-made companion.
+
+Rule: an fp8 / int8 pool shares its per token-head scales (``kv_scales``, beside ``kv``) the
+same way as its codes, so every instance reads the same quantised blocks and a prefix hit
+from another instance dequantises to exactly the values its writer stored.
 
 - CPU: a file in the pool's shared-memory directory, mapped MAP_SHARED (``torch.from_file``);
   pages are committed up front (``posix_fallocate``) so a full /dev/shm fails at load, not
@@ -25,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonkv.cache.allocate import kv_storage_shape
+from tritonkv.cache.allocate import kv_scales_shape, kv_storage_shape
+from tritonkv.cache.quant_format import is_quantized
 from tritonkv.cache.pool_file import reserve
 from tritonkv.cache.shared_pool import SharedBlockPool
 from tritonkv.model.checkpoint import load_model
@@ -111,41 +117,52 @@ class SharedDeviceState:
     pool: SharedBlockPool
     kv_storage: torch.Tensor
     weights_shared: bool
+    kv_scales: torch.Tensor | None = None  # ``kv_scales_shape`` float32 of an fp8 / int8 pool
 
     def close(self) -> None:
         self.pool.close()
 
 
 def pool_description(checkpoint: str, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                     kv_shape: tuple) -> str:
+                     kv_shape: tuple, kv_dtype: torch.dtype | None = None) -> str:
     """What the blocks (and weights) hold; attachers must agree on every part of it."""
     files = sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
     stamp = ",".join(f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in files)
     return (f"checkpoint={os.path.abspath(checkpoint)} [{stamp}] layers={model_config.num_layers} "
             f"kv_heads={model_config.num_kv_heads} head_dim={model_config.head_dim} dtype={str(dtype).replace('torch.', '')} "
-            f"device={device} kv={list(kv_shape)}")
+            f"kv_dtype={str(kv_dtype or dtype).replace('torch.', '')} device={device} kv={list(kv_shape)}")
 
 
 def open_shared_device_state(name: str, checkpoint: str, model_config: ModelConfig, model: torch.nn.Module | None,
                              device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int,
-                             **pool_kwargs) -> SharedDeviceState:
-    """Create or attach the pool ``name``, its KV storage and (when ``model`` is given) the
-    model's shared weights. ``model`` may sit on the CPU; its parameters end up on ``device``."""
+                             kv_dtype: torch.dtype | None = None, **pool_kwargs) -> SharedDeviceState:
+    """Create or attach the pool ``name``, its KV storage (``kv_dtype``, default ``dtype``; the
+    scales too when it is fp8 / int8) and (when ``model`` is given) the model's shared weights.
+    ``model`` may sit on the CPU; its parameters end up on ``device``."""
+    kv_dtype = kv_dtype or dtype
     kv_shape = kv_storage_shape(model_config, num_blocks, block_size)
-    numel = 1
-    for d in kv_shape:
-        numel *= d
+    scales_shape = kv_scales_shape(model_config, num_blocks, block_size) if is_quantized(kv_dtype) else None
     made = {}
 
     def on_open(pool: SharedBlockPool) -> None:
-        made["kv"] = shared_tensor(pool, "kv", numel, dtype, device).view(kv_shape)
+        made["kv"] = shared_tensor(pool, "kv", _numel(kv_shape), kv_dtype, device).view(kv_shape)
+        if scales_shape is not None:
+            made["scales"] = shared_tensor(pool, "kv_scales", _numel(scales_shape), torch.float32,
+                                           device).view(scales_shape)
         made["weights"] = model is not None and share_weights(pool, model, device)
 
-    pool = SharedBlockPool.open(name, num_blocks, block_size,
-                                description=pool_description(checkpoint, model_config, dtype, device, kv_shape),
-                                on_open=on_open, **pool_kwargs)
+    description = pool_description(checkpoint, model_config, dtype, device, kv_shape, kv_dtype)
+    pool = SharedBlockPool.open(name, num_blocks, block_size, description=description, on_open=on_open,
+                                **pool_kwargs)
     atexit.register(pool.close)
-    return SharedDeviceState(pool, made["kv"], made["weights"])
+    return SharedDeviceState(pool, made["kv"], made["weights"], made.get("scales"))
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def load_shared_model(checkpoint: str, device: torch.device, dtype: torch.dtype):

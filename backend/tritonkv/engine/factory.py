@@ -8,8 +8,8 @@ import torch
 
 from tritonkv.config import EngineConfig
 from tritonkv.engine.engine import Engine
-from tritonkv.cache.allocate import (add_kv_scales, allocate_kv_caches, gpu_kv_budget_bytes, kv_storage_dtype,
-                                    resolve_num_blocks)
+from tritonkv.cache.allocate import (add_kv_scales, allocate_kv_caches, capacity_figures, describe_capacity,
+                                    gpu_kv_budget_bytes, kv_storage_dtype, resolve_num_blocks)
 from tritonkv.cache.block_pool import BlockPool
 from tritonkv.model.checkpoint import load_model, resolve_dtype
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
@@ -36,7 +36,7 @@ def shared_pool_name(pool_name: str, device: torch.device) -> str:
 
 def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int = 0) -> Engine:
     """``config.pool_name`` "" gives a private pool; otherwise the KV pool, its prefix index,
-    the KV storage and the weights are shared with every process on the device that uses the
+    the KV storage (with its scales when fp8 / int8) and the weights are shared with every process on the device that uses the
     same pool name (``engine.close()`` detaches; the last one out removes the shared files)."""
     checkpoint = config.checkpoint or ensure_demo_checkpoint()
     device = pick_device(config.device, gpu_instance, device_id)
@@ -62,26 +62,30 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
     log.info("KV pool: %d blocks x %d tokens (%s)", num_blocks, config.block_size,
              "num_blocks" if config.num_blocks else
              f"gpu_memory_utilization {config.gpu_memory_utilization}" if budget else "kv_cache_memory_mb")
+    log.info("KV capacity: %s", describe_capacity(capacity_figures(model_config, config, kv_dtype, num_blocks)))
+    quantized = kv_dtype != dtype
     if not config.pool_name:
         model = load_model(checkpoint, device, dtype)
         pool = BlockPool.in_process(num_blocks, config.block_size)
         kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device)
-        if kv_dtype != dtype:
-            kv_caches = add_kv_scales(kv_caches, num_blocks, config.block_size, model_config.num_kv_heads, device)
+        if quantized:
+            kv_caches = add_kv_scales(kv_caches, model_config, num_blocks, config.block_size, device)
         return Engine(config, model, tokenizer, pool, kv_caches)
-    if kv_dtype != dtype:
-        raise ValueError(f"parameter 'kv_cache_dtype' = {config.kv_cache_dtype!r} needs a private pool "
-                         "(pool_name \"\"): the shared pool does not share KV scales yet")
 
     from tritonkv.cache.shared_storage import load_shared_model, open_shared_device_state
 
     model = load_shared_model(checkpoint, device, dtype)
     shared = open_shared_device_state(shared_pool_name(config.pool_name, device), checkpoint, model_config, model,
-                                      device, dtype, num_blocks, config.block_size)
+                                      device, dtype, num_blocks, config.block_size, kv_dtype=kv_dtype)
     model = model.to(device)  # parameters already sit in the shared copy; this moves buffers
-    log.info("KV pool %r: %s (owner slot %d, %d blocks x %d tokens, weights %s)", shared.pool.name,
+    log.info("KV pool %r: %s (owner slot %d, %d blocks x %d tokens, KV %s, weights %s)", shared.pool.name,
              "created" if shared.pool.created else "attached", shared.pool.owner, num_blocks,
-             config.block_size, "shared" if shared.weights_shared else "private")
-    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device, storage=shared.kv_storage)
+             config.block_size, str(kv_dtype).replace("torch.", ""),
+             "shared" if shared.weights_shared else "private")
+    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device,
+                                   storage=shared.kv_storage)
+    if quantized:
+        kv_caches = add_kv_scales(kv_caches, model_config, num_blocks, config.block_size, device,
+                                  storage=shared.kv_scales)
     return Engine(config, model, tokenizer, shared.pool, kv_caches, owner=shared.pool.owner,
                   on_close=shared.close)
