@@ -1,8 +1,10 @@
 """The embedded demo model: a small Llama checkpoint generated from a fixed seed.
 
-No hub access: config.json, model.safetensors (seeded normal weights) and a byte-level
-tokenizer.json (256 byte tokens + <s>, </s>) are written by this module. The same version
-string always yields byte-identical weights.
+No hub access: config.json, model.safetensors (seeded normal weights), a byte-level
+tokenizer.json (256 byte tokens + <s>, </s>) and tokenizer_config.json with a simple chat
+template are written by this module. The same version string always yields byte-identical
+files. The weights are random: the model answers printable babble, never sense; it exists to
+exercise the serving path end to end.
 """
 
 from __future__ import annotations
@@ -16,8 +18,19 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-DEMO_VERSION = "demo-llama-v2"
+DEMO_VERSION = "demo-llama-v3"  # v3: v2 + the chat template
 BOS, EOS = "<s>", "</s>"
+# one line per message: "<|role|>\ncontent\n"; the generation prompt opens the assistant's
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 DEMO_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -108,7 +121,7 @@ def demo_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_checkpoint(path: str, cfg: dict, state: dict, tokenizer=None) -> None:
+def write_checkpoint(path: str, cfg: dict, state: dict, tokenizer=None, chat_template: str | None = None) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -116,7 +129,8 @@ def write_checkpoint(path: str, cfg: dict, state: dict, tokenizer=None) -> None:
     if tokenizer is not None:
         tokenizer.save(os.path.join(path, "tokenizer.json"))
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": BOS, "eos_token": EOS}, f)
+            special = {"bos_token": BOS, "eos_token": EOS}
+            json.dump(special if chat_template is None else {**special, "chat_template": chat_template}, f)
 
 
 def ensure_demo_checkpoint(path: str | None = None) -> str:
@@ -131,7 +145,8 @@ def ensure_demo_checkpoint(path: str | None = None) -> str:
         if os.path.isfile(os.path.join(path, "model.safetensors")):
             return path
         tmp = tempfile.mkdtemp(dir=parent)
-        write_checkpoint(tmp, DEMO_CONFIG, demo_state_dict(DEMO_CONFIG), byte_level_tokenizer())
+        write_checkpoint(tmp, DEMO_CONFIG, demo_state_dict(DEMO_CONFIG), byte_level_tokenizer(),
+                         DEMO_CHAT_TEMPLATE)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
     return path

@@ -17,6 +17,18 @@ Security defaults (docs/security.md):
   so it, and a supervisor, can still use model control (explicit mode, all models loaded);
 - the server runs with umask 077, so what it and its stubs create is private to its user.
 
+Private by default: the served models share a KV pool named ``server-<token>`` (one per
+server: two servers never collide; the same ``pool_name`` given to both shares on purpose).
+A stop removes the work folder (``tritonkv-server-*`` in the temp directory), this server's
+Python backend regions and pools nobody holds; a failed start raises ``ServerStartError``
+whose message is the reason in one line (e.g. a pool mismatch), read from the server log.
+
+OpenAI frontend (``openai_port`` not None): ``python -m tritonkv.openai_frontend`` runs as a
+child process of the launcher, in a session of its own, a plain gRPC client of this server.
+A separate process keeps its event loop and GIL off the launcher and off tritonserver, and a
+crash there never takes tritonserver down: a watchdog thread restarts it on the same port.
+It is stopped before tritonserver.
+
 Shared-memory hygiene: the Python backend names its regions ``<prefix><uuid>`` in /dev/shm;
 the launcher gives every server its own prefix ``triton_python_backend_shm_region_tritonkv-
 <token>-`` and a lock file that only that server's processes hold, removes the regions after
@@ -55,6 +67,14 @@ GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER
 REGION_DIR = "/dev/shm"
 REGION_TAG = "triton_python_backend_shm_region_tritonkv-"
 REGION_NAME_RE = re.compile(re.escape(REGION_TAG) + r"([0-9a-f]{16})(?:-[0-9a-f-]+|\.lock)$")
+# the KV pool of one server unless a pool_name is given: "server-<token>" (cache/pool_file.py names)
+PRIVATE_POOL_PREFIX = "server-"
+PRIVATE_POOL_RE = re.compile(re.escape(PRIVATE_POOL_PREFIX) + r"[0-9a-f]{16}")
+DEFAULT_OPENAI_PORT = 9000
+
+
+class ServerStartError(RuntimeError):
+    """tritonserver (or its OpenAI frontend) did not come up; the message is the reason."""
 
 
 def pytriton_dir() -> str:
@@ -163,6 +183,22 @@ def remove_stale_pools(pool_names) -> None:
                 remove_if_stale(name)
 
 
+def stale_private_pools() -> list[str]:
+    """Private pool names (``server-<token>``) of servers that are gone: nobody holds them."""
+    from tritonkv.cache.pool_file import FILE_PREFIX, shm_dir
+
+    try:
+        names = os.listdir(shm_dir())
+    except OSError:
+        return []
+    pools = set()
+    for name in names:
+        m = re.fullmatch(re.escape(FILE_PREFIX) + r"(" + PRIVATE_POOL_RE.pattern + r")-[a-z]+[0-9]+\.pool", name)
+        if m:
+            pools.add(m.group(1))
+    return sorted(pools)
+
+
 def repository_pool_names(repo: str) -> tuple[str, ...]:
     names = set()
     for model in os.listdir(repo):
@@ -251,6 +287,27 @@ def server_regions(token: str) -> list[str]:
     return []
 
 
+# Triton's log lines that say why a model did not load, most specific first
+_FAILURE_PATTERNS = (
+    re.compile(r"failed to load '([^']+)' version \d+: (.+)$"),
+    re.compile(r"(?:^|\] )(?:E\d{4} [^\]]*\] )?(.*(?:Error|Mismatch|Exception): .+)$"),
+)
+
+
+def failure_reason(log: str) -> str | None:
+    """The reason a start failed, in one line, from tritonserver's log (None if not found)."""
+    lines = log.splitlines()
+    for line in lines:
+        m = _FAILURE_PATTERNS[0].search(line)
+        if m:
+            return f"model {m.group(1)!r} failed to load: {m.group(2).strip()}"
+    for line in reversed(lines):
+        m = _FAILURE_PATTERNS[1].search(line)
+        if m:
+            return m.group(1).strip()
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -270,6 +327,13 @@ class Server:
     admin_key: str | None = field(default=None, repr=False)
     region_token: str | None = None  # its Python backend regions: REGION_TAG + token + "-<uuid>"
     exit_timeout_s: float = 1.5  # how long a stop lets in-flight requests finish
+    openai: object | None = None  # its OpenAI frontend (openai_frontend.process.FrontendProcess)
+    model_name: str | None = None  # the model name the OpenAI API reports
+
+    @property
+    def openai_url(self) -> str | None:
+        """Base URL of the OpenAI API (``http://host:port/v1``), None when it is off."""
+        return None if self.openai is None else self.openai.url
 
     @property
     def http_url(self) -> str:
@@ -330,14 +394,22 @@ class Server:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                reason = self._failure_reason()
                 self.stop()
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; "
-                                   f"see {self.workdir}/server.log")
+                raise ServerStartError(f"tritonserver exited with code {self.process.returncode}: {reason}")
             if self.is_ready():
                 return
             time.sleep(0.5)
+        reason = self._failure_reason()
         self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout_s}s; see {self.workdir}/server.log")
+        raise ServerStartError(f"tritonserver not ready after {timeout_s}s (last error: {reason})")
+
+    def _failure_reason(self) -> str:
+        try:
+            log = self.log()
+        except OSError:
+            return "see the server output above"
+        return failure_reason(log) or "no reason in the server log; run with --verbose to see it"
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop within about ``exit_timeout_s`` (or ``timeout_s``) + 0.3 s: SIGINT starts
@@ -350,6 +422,8 @@ class Server:
         they leave in /dev/shm: this server's Python backend regions and pools nobody holds."""
         if timeout_s is None:
             timeout_s = self.exit_timeout_s
+        if self.openai is not None:
+            self.openai.stop()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # tritonserver's graceful shutdown
             try:
@@ -367,6 +441,7 @@ class Server:
         if self.region_token is not None:
             # a killed stub's other threads may still be closing its files: wait for the lock
             remove_regions(self.region_token, wait_s=5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def log(self) -> str:
         with open(os.path.join(self.workdir, "server.log"), errors="replace") as f:
@@ -377,11 +452,16 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
            instances: int = 1, host: str = "127.0.0.1", repository: str = DEFAULT_REPOSITORY,
            extra_params: dict | None = None, instance_kind: str | None = None,
            ready_timeout_s: float = 300, log_to_console: bool = False, exit_timeout_s: float = 1.5,
-           restricted_apis: tuple[str, ...] | None = RESTRICTED_APIS) -> Server:
+           restricted_apis: tuple[str, ...] | None = RESTRICTED_APIS, openai_port: int | None = None,
+           model_name: str | None = None) -> Server:
     """Start tritonserver on a copy of ``repository`` and wait until it is ready.
 
     ``restricted_apis``: Triton APIs (HTTP and gRPC) that need ``Server.admin_key``; None or
-    () restricts nothing. ``exit_timeout_s``: how long a stop waits for in-flight requests."""
+    () restricts nothing. ``exit_timeout_s``: how long a stop waits for in-flight requests.
+    ``extra_params``: config.pbtxt parameters for every model; without ``pool_name`` the models
+    get a pool private to this server. ``openai_port``: None runs no OpenAI frontend, 0 picks
+    a free port; ``model_name``: the name it reports (default: the checkpoint directory's).
+    Raises ``ServerStartError`` (the reason in one line) when the server does not come up."""
     from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
     if checkpoint is None:
@@ -395,12 +475,15 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
             if torch.cuda.is_available():
                 instance_kind = "KIND_GPU"
     remove_stale_regions()  # what crashed servers of this launcher left in /dev/shm
+    remove_stale_pools(stale_private_pools())
+    token = secrets.token_hex(8)
+    params = dict(extra_params or {})
+    params.setdefault("pool_name", PRIVATE_POOL_PREFIX + token)
     workdir = tempfile.mkdtemp(prefix="tritonkv-server-")
     repo = write_repository(os.path.join(workdir, "model_repository"), repository, checkpoint,
-                            instances, extra_params, instance_kind)
+                            instances, params, instance_kind)
     backends = prepare_backend_dir(os.path.join(workdir, "backends"))
     ports = [p or free_port() for p in (http_port, grpc_port, metrics_port)]
-    token = secrets.token_hex(8)
     cmd = [tritonserver_binary(),
            f"--model-repository={repo}", f"--backend-directory={backends}",
            f"--http-address={host}", f"--http-port={ports[0]}",
@@ -433,10 +516,30 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
     if lock_fd is not None:
         os.close(lock_fd)  # the server's copy keeps the lock held
     server = Server(proc, host, *ports, workdir, repository_pool_names(repo), admin_key=admin_key,
-                    region_token=token, exit_timeout_s=exit_timeout_s)
+                    region_token=token, exit_timeout_s=exit_timeout_s, model_name=model_name)
     server.wait_ready(ready_timeout_s)
     server.protect_regions()
+    if openai_port is not None:
+        start_openai(server, checkpoint, openai_port, model_name, log_to_console)
     return server
+
+
+def start_openai(server: Server, checkpoint: str, port: int, model_name: str | None, log_to_console: bool) -> None:
+    """Start the OpenAI frontend of ``server`` (stopping the server if it cannot start)."""
+    from tritonkv.openai_frontend.process import FrontendProcess
+    from tritonkv.openai_frontend.served_model import default_model_name
+
+    server.model_name = model_name or default_model_name(checkpoint)
+    frontend = FrontendProcess(grpc_url=server.grpc_url, host=server.host, port=port or free_port(),
+                               checkpoint=checkpoint, model_name=server.model_name,
+                               log_path=None if log_to_console else os.path.join(server.workdir, "openai.log"))
+    try:
+        frontend.start()
+    except (RuntimeError, TimeoutError) as exc:
+        frontend.stop()
+        server.stop()
+        raise ServerStartError(str(exc)) from None
+    server.openai = frontend
 
 
 @contextlib.contextmanager

@@ -1,0 +1,130 @@
+"""Routes: /v1/models, /v1/completions, /v1/chat/completions, /health.
+
+Rules:
+- the model name in a request must be the served one (else 404);
+- a streamed answer starts (HTTP 200, SSE) only once the model accepted the request and sent
+  its first response, so a refused request gets its status code (400 / 503) with or
+  without ``stream``;
+- a client that disconnects cancels its Triton request: a streamed answer when the next
+  write fails, a whole answer as soon as the disconnect is seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from contextlib import asynccontextmanager
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tritonkv.openai_frontend import schema
+from tritonkv.openai_frontend.errors import OpenAIError, bad_request, internal
+from tritonkv.openai_frontend.responses import Answer, sse_events
+from tritonkv.openai_frontend.served_model import ServedModel
+from tritonkv.openai_frontend.triton_bridge import TritonBridge
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def create_app(model: ServedModel, bridge: TritonBridge) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await bridge.close()
+
+    app = FastAPI(title="tritonkv OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(OpenAIError)
+    async def on_openai_error(_request, exc: OpenAIError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(OpenAIError(exc.status_code, str(exc.detail), None, kind))
+
+    @app.get("/health")
+    async def health():
+        ready = await bridge.is_ready()
+        return Response(status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model.card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        model.check_name(name)
+        return model.card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = schema.parse_body(schema.CompletionBody, await _json(request))
+        model.check_name(body.model)
+        return await _answer(request, bridge, schema.completion_generation(body), chat=False, prompt_param="prompt")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = schema.parse_body(schema.ChatBody, await _json(request))
+        model.check_name(body.model)
+        messages = schema.chat_messages(body)
+        gen = schema.chat_generation(body, model.chat_prompt_ids(messages))
+        return await _answer(request, bridge, gen, chat=True, prompt_param="messages")
+
+    return app
+
+
+async def _json(request: Request):
+    raw = await request.body()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation, chat: bool, prompt_param: str):
+    answer = Answer(gen.model, chat)
+    deltas = bridge.generate(gen, prompt_param)
+    if gen.stream:
+        first = await _unless_disconnected(request, deltas.__anext__(), deltas)
+        return StreamingResponse(sse_events(answer, first, deltas, gen.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect():
+        async for delta in deltas:
+            answer.add(delta)
+
+    await _unless_disconnected(request, collect(), deltas)
+    return JSONResponse(answer.body())
+
+
+async def _unless_disconnected(request: Request, work, deltas):
+    """Await ``work``; if the client disconnects first, stop it and cancel the Triton request."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await deltas.aclose()
+        raise asyncio.CancelledError  # nobody is left to answer
+    try:
+        return task.result()
+    except StopAsyncIteration:
+        raise internal("the model ended the request without any response") from None
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

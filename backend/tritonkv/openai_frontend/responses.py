@@ -1,0 +1,122 @@
+"""Response bodies: the whole-answer JSON and the SSE chunks of a streamed answer.
+
+Rules (as OpenAI):
+- ``finish_reason`` is "length" (max_tokens or the context limit) or "stop" (EOS or a stop
+  string); the stop string itself is not in the text;
+- ``usage`` = prompt_tokens, completion_tokens, total_tokens and
+  ``prompt_tokens_details.cached_tokens`` (prompt tokens whose KV came from the prefix cache);
+- a stream is ``data: <chunk>`` events and a last ``data: [DONE]``; with
+  ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk with
+  no choices carries the usage; an error after the stream started is one ``data: {"error"}``
+  event, then ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator
+
+import orjson
+
+from tritonkv.openai_frontend.errors import OpenAIError, internal
+from tritonkv.openai_frontend.triton_bridge import Delta
+
+FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
+
+
+def finish_reason(engine_reason: str | None) -> str | None:
+    return None if engine_reason is None else FINISH_REASONS.get(engine_reason, engine_reason)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class Answer:
+    """One response's identity and running totals; ``chat`` picks the object kinds."""
+
+    def __init__(self, model: str, chat: bool):
+        self.model = model
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.text: list[str] = []
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.completion_tokens += delta.num_tokens
+        if delta.finish_reason is not None:
+            self.finish_reason = finish_reason(delta.finish_reason)
+            self.prompt_tokens = delta.prompt_tokens
+            self.cached_tokens = delta.cached_tokens
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+    def body(self) -> dict:
+        text = "".join(self.text)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": self.finish_reason}
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage()}
+
+    def chunk(self, text: str | None, reason: str | None, include_usage: bool, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": text or ""} if role else {"content": text or ""}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            kind = "text_completion"
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": [], "usage": self.usage()}
+
+
+def sse(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+async def sse_events(answer: Answer, first: Delta, rest: AsyncIterator[Delta], include_usage: bool):
+    """The SSE byte stream of an answer whose first delta is already in hand."""
+    try:
+        if answer.chat:
+            yield sse(answer.chunk("", None, include_usage, role=True))
+        delta = first
+        while True:
+            answer.add(delta)
+            if delta.text or delta.finish_reason is not None:
+                yield sse(answer.chunk(delta.text, finish_reason(delta.finish_reason), include_usage))
+            if delta.finish_reason is not None:
+                break
+            delta = await rest.__anext__()
+        if include_usage:
+            yield sse(answer.usage_chunk())
+    except OpenAIError as exc:
+        yield sse(exc.body())
+    except StopAsyncIteration:
+        yield sse(internal("the answer ended without a final response").body())
+    finally:
+        await rest.aclose()  # a client gone mid-stream: this cancels the Triton request
+    yield DONE

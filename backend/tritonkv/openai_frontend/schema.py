@@ -1,0 +1,205 @@
+"""Request bodies of /v1/completions and /v1/chat/completions, and their checks.
+
+Rules:
+- a field this server does not know is refused with its name (as OpenAI does);
+- a known OpenAI field this server does not implement is accepted only at its neutral value
+  (``n`` = 1, penalties 0, no logprobs, no tools, ...) and refused otherwise, naming it;
+- ranges are OpenAI's: temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, at most
+  ``MAX_STOP`` stop strings; ``top_k`` (>= 0) and ``ignore_eos`` are accepted as in vLLM;
+- every check raises ``OpenAIError`` 400 whose message and ``param`` name the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tritonkv.openai_frontend.errors import bad_request
+
+MAX_STOP = 64  # the model's limit on stop strings
+INT64 = 2**63
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: dict | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    logprobs: Any = None
+    user: str | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatBody(_Body):
+    messages: list[dict]
+    max_completion_tokens: int | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
+    store: bool | None = None
+    metadata: dict | None = None
+
+
+@dataclass
+class Generation:
+    """What one request asks the model for (after every check)."""
+
+    model: str
+    text: str | None  # prompt text (the model tokenises it, BOS included)
+    input_ids: list[int] | None  # or prompt ids (chat: rendered and tokenised here)
+    max_tokens: int | None  # None: the engine's default_max_tokens
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+
+
+def parse_body(cls: type[_Body], raw: Any) -> _Body:
+    if not isinstance(raw, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(raw).__name__}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        name = loc[0] if loc else None
+        where = ".".join(loc) or "body"
+        if err["type"] == "extra_forbidden":
+            raise bad_request(f"unrecognized request argument supplied: {where}", name) from None
+        if err["type"] == "missing":
+            raise bad_request(f"missing required parameter: {where}", name) from None
+        raise bad_request(f"invalid value for {where!r}: {err['msg']} (got {err.get('input')!r:.80})", name) from None
+
+
+def _neutral(body: _Body, name: str, allowed) -> None:
+    value = getattr(body, name, None)
+    if value is not None and value not in allowed:
+        raise bad_request(f"{name!r} = {value!r} is not supported by this server "
+                          f"(only {' / '.join(repr(a) for a in allowed)})", name)
+
+
+def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
+    """The sampling fields every endpoint shares, checked; ``max_tokens`` comes per endpoint."""
+    _neutral(body, "n", (1,))
+    _neutral(body, "presence_penalty", (0, 0.0))
+    _neutral(body, "frequency_penalty", (0, 0.0))
+    _neutral(body, "logprobs", (False, 0))
+    if body.logit_bias:
+        raise bad_request("'logit_bias' is not supported by this server", "logit_bias")
+    if max_tokens is not None and not 1 <= max_tokens < 2**31:
+        raise bad_request(f"{max_tokens_name!r} must be in [1, 2**31), got {max_tokens}", max_tokens_name)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", "temperature")
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if not 0.0 < top_p <= 1.0:
+        raise bad_request(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+    top_k = 0 if body.top_k is None else body.top_k
+    if top_k < 0:
+        raise bad_request(f"'top_k' must be >= 0 (0: off), got {top_k}", "top_k")
+    if body.seed is not None and not -INT64 <= body.seed < INT64:
+        raise bad_request(f"'seed' must fit in 64 bits, got {body.seed}", "seed")
+    stop = body.stop
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"'stop' holds {len(stop)} strings; at most {MAX_STOP}", "stop")
+    options = body.stream_options or {}
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:
+        raise bad_request(f"unrecognized stream_options: {', '.join(unknown)}", "stream_options")
+    if options and not body.stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options")
+    return dict(model=body.model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                seed=body.seed, stop=tuple(s for s in stop if s), ignore_eos=bool(body.ignore_eos),
+                stream=bool(body.stream), include_usage=include_usage)
+
+
+def completion_generation(body: CompletionBody) -> Generation:
+    _neutral(body, "echo", (False,))
+    _neutral(body, "best_of", (1,))
+    if body.suffix:
+        raise bad_request("'suffix' is not supported by this server", "suffix")
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request(f"'prompt' holds {len(prompt)} prompts; this server takes one per request", "prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise bad_request("'prompt' is empty", "prompt")
+    text = prompt if isinstance(prompt, str) else None
+    ids = None if isinstance(prompt, str) else list(prompt)
+    return Generation(text=text, input_ids=ids, **sampling(body, body.max_tokens, "max_tokens"))
+
+
+def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
+    """``prompt_ids``: the messages rendered by the chat template and tokenised."""
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise bad_request("send 'max_completion_tokens' or 'max_tokens', not both", "max_tokens")
+    name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    _neutral(body, "top_logprobs", (0,))
+    if body.tools:
+        raise bad_request("'tools' are not supported by this server", "tools")
+    _neutral(body, "tool_choice", ("none",))
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise bad_request("'response_format' other than {'type': 'text'} is not supported by this server",
+                          "response_format")
+    return Generation(text=None, input_ids=prompt_ids, **sampling(body, max_tokens, name))
+
+
+def chat_messages(body: ChatBody) -> list[dict]:
+    """Messages as the template sees them: ``role`` and ``content`` (a string; OpenAI's list of
+    text parts is joined), other keys kept, keys whose value is None dropped (as transformers)."""
+    if not body.messages:
+        raise bad_request("'messages' is empty", "messages")
+    out = []
+    for i, message in enumerate(body.messages):
+        where = f"messages[{i}]"
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"{where}.role is missing", "messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
+                                      "are supported", "messages")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif content is not None and not isinstance(content, str):
+            raise bad_request(f"{where}.content must be a string or a list of text parts", "messages")
+        if content is None and role != "assistant":
+            raise bad_request(f"{where}.content is missing", "messages")
+        out.append({k: v for k, v in {**message, "content": content}.items() if v is not None})
+    return out

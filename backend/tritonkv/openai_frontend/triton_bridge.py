@@ -1,0 +1,136 @@
+"""One OpenAI request = one gRPC stream into Triton's ``llm_stateless`` model.
+
+Rules:
+- the request's inputs are the model's own tensors (text_input or input_ids, max_tokens,
+  temperature, top_p, top_k, seed, stop, ignore_eos, stream);
+- the stream stays open until the final response (the one carrying ``finish_reason``) or an
+  error; the model's error text is mapped to an OpenAI error (errors.from_model_error);
+- leaving the ``generate`` iterator early (client gone, task cancelled) cancels the gRPC call,
+  which Triton passes on to the model as a cancelled request: the engine frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aio_client
+
+from tritonkv.openai_frontend.errors import OpenAIError, from_model_error, unavailable
+from tritonkv.openai_frontend.schema import Generation
+
+
+@dataclass
+class Delta:
+    """One streamed piece of output; the last one has ``finish_reason`` and the counts."""
+
+    text: str
+    num_tokens: int
+    token_ids: list[int]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def _tensor(name: str, arr: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    t = grpcclient.InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def model_inputs(gen: Generation) -> list[grpcclient.InferInput]:
+    tensors = []
+    if gen.text is not None:
+        tensors.append(_tensor("text_input", np.array([gen.text.encode("utf-8")], dtype=np.object_), "BYTES"))
+    else:
+        tensors.append(_tensor("input_ids", np.array(gen.input_ids, dtype=np.int32), "INT32"))
+    if gen.max_tokens is not None:
+        tensors.append(_tensor("max_tokens", np.array([gen.max_tokens], dtype=np.int32), "INT32"))
+    tensors.append(_tensor("temperature", np.array([gen.temperature], dtype=np.float32), "FP32"))
+    tensors.append(_tensor("top_p", np.array([gen.top_p], dtype=np.float32), "FP32"))
+    if gen.top_k:
+        tensors.append(_tensor("top_k", np.array([gen.top_k], dtype=np.int32), "INT32"))
+    if gen.seed is not None:
+        tensors.append(_tensor("seed", np.array([gen.seed], dtype=np.int64), "INT64"))
+    if gen.stop:
+        tensors.append(_tensor("stop", np.array([s.encode("utf-8") for s in gen.stop], dtype=np.object_), "BYTES"))
+    if gen.ignore_eos:
+        tensors.append(_tensor("ignore_eos", np.array([True]), "BOOL"))
+    tensors.append(_tensor("stream", np.array([gen.stream]), "BOOL"))
+    return tensors
+
+
+class TritonBridge:
+    def __init__(self, grpc_url: str, triton_model: str = "llm_stateless"):
+        self.grpc_url = grpc_url
+        self.triton_model = triton_model
+        self._client: aio_client.InferenceServerClient | None = None
+
+    def client(self) -> aio_client.InferenceServerClient:
+        if self._client is None:  # made inside the running loop (grpc.aio binds to it)
+            self._client = aio_client.InferenceServerClient(self.grpc_url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def is_ready(self) -> bool:
+        try:
+            return await self.client().is_model_ready(self.triton_model)
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+
+    async def generate(self, gen: Generation, prompt_param: str = "prompt") -> AsyncIterator[Delta]:
+        """Deltas until the final one; raises OpenAIError for a refused or failed request."""
+        done = asyncio.Event()
+
+        async def one_request():
+            yield {"model_name": self.triton_model, "inputs": model_inputs(gen)}
+            await done.wait()  # half-closing early would end the stream before the responses
+
+        try:
+            responses = self.client().stream_infer(one_request())
+        except Exception as exc:  # noqa: BLE001
+            raise unavailable(f"the Triton server at {self.grpc_url} cannot be reached: {exc}") from None
+        finished = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise from_model_error(error.message(), prompt_param)
+                delta = _delta(result)
+                if delta.finish_reason is not None:
+                    finished = True
+                yield delta
+                if finished:
+                    return
+            raise unavailable("the Triton stream ended before the final response")
+        except OpenAIError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a gRPC failure (server gone, stream reset)
+            raise unavailable(f"the Triton server at {self.grpc_url} failed the request: {exc}") from None
+        finally:
+            done.set()
+            if not finished:
+                responses.cancel()  # the model sees is_cancelled(): its KV blocks are freed
+
+
+def _delta(result) -> Delta:
+    ids = result.as_numpy("output_ids")
+    text = result.as_numpy("text_output")
+    reason = result.as_numpy("finish_reason")
+    token_ids = [] if ids is None else ids.tolist()
+    delta = Delta("" if text is None else text[0].decode("utf-8"), len(token_ids), token_ids)
+    if reason is not None:
+        delta.finish_reason = reason[0].decode("utf-8")
+        cached = result.as_numpy("cached_tokens")
+        prompt = result.as_numpy("prompt_tokens")
+        delta.cached_tokens = 0 if cached is None else int(cached[0])
+        delta.prompt_tokens = 0 if prompt is None else int(prompt[0])
+    return delta
