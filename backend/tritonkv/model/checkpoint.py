@@ -1,4 +1,6 @@
-"""Load an HF-format checkpoint directory (config.json + *.safetensors) into ``CausalLM``."""
+"""Load a checkpoint into ``CausalLM``: an HF directory (config.json + *.safetensors), or an
+ONNX export (a directory with config.json and an .onnx graph, or the .onnx file itself; see
+model/onnx_files.py for which graph is read)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.model_config import ModelConfig
+from tritonkv.model.onnx_files import checkpoint_directory, is_onnx_checkpoint, onnx_graph_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,22 +26,49 @@ def resolve_dtype(requested: str, cfg: ModelConfig, device: torch.device) -> tor
     return DTYPES.get(cfg.torch_dtype.replace("torch.", ""), torch.bfloat16)
 
 
-def load_model(checkpoint_dir: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    cfg = ModelConfig.from_checkpoint(checkpoint_dir)
+def safetensors_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"{checkpoint_dir!r} has no *.safetensors weight files")
-    with torch.device("meta"):
-        model = CausalLM(cfg)
+        raise FileNotFoundError(f"{checkpoint_dir!r} has no *.safetensors weight files (nor an .onnx graph)")
     state = {}
     for path in files:
         state.update(load_file(path))
+    return state
+
+
+def onnx_state(checkpoint: str, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The graph's weights under HF names, in ``dtype``; every weight's bytes are checked to
+    exist before any is read, so a broken export fails fast."""
+    from tritonkv.model.onnx_graph import graph_view, read_model
+    from tritonkv.model.onnx_weights import decoder_pieces, load_pieces
+
+    path = onnx_graph_path(checkpoint)
+    try:
+        view = graph_view(read_model(path), os.path.dirname(os.path.abspath(path)))
+        pieces = decoder_pieces(view, cfg)
+        for piece in pieces.values():
+            piece.weight.external()
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"ONNX checkpoint {path!r} is not a supported Llama-family decoder: {e}") from None
+    return load_pieces(pieces, dtype)
+
+
+def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    cfg = ModelConfig.from_checkpoint(checkpoint_directory(checkpoint))
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    state = onnx_state(checkpoint, cfg, dtype) if is_onnx_checkpoint(checkpoint) else safetensors_state(checkpoint)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    params = model.state_dict()
+    expected = {k for k in params if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - state.keys())
     if missing:
-        raise ValueError(f"checkpoint {checkpoint_dir!r} lacks weights: {missing[:5]}")
+        raise ValueError(f"checkpoint {checkpoint!r} lacks weights: {missing[:5]}")
+    wrong = [f"{k} {list(state[k].shape)} (config.json gives {list(params[k].shape)})"
+             for k in sorted(expected) if state[k].shape != params[k].shape]
+    if wrong:
+        raise ValueError(f"checkpoint {checkpoint!r} has weights of the wrong shape: {wrong[:5]}")
     state = {k: v.to(dtype) for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:

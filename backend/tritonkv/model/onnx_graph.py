@@ -1,0 +1,222 @@
+"""An ONNX graph as tritonkv reads it: its weights, read lazily one at a time, and its data flow.
+
+Memory rule: the graph is parsed without external data; each weight is read only when it is
+loaded, from a memory map of its own byte range in the external data file (unmapped once the
+weight is copied into its torch tensor), so loading holds the model's weights plus one weight.
+Weights stored inside the .onnx file (graphs under 2 GB) are part of the parsed graph.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
+               TensorProto.BFLOAT16: torch.bfloat16, TensorProto.DOUBLE: torch.float64}
+SHAPE_ONLY_OPS = ("Shape", "Size")
+
+
+def type_name(data_type: int) -> str:
+    return TensorProto.DataType.Name(data_type).lower()
+
+
+@dataclass
+class Weight:
+    """One initializer (or Constant node tensor); its bytes stay on disk until ``load``."""
+
+    name: str
+    tensor: TensorProto
+    base_dir: str
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(self.tensor.dims)
+
+    @property
+    def data_type(self) -> int:
+        return self.tensor.data_type
+
+    @property
+    def is_float(self) -> bool:
+        return self.data_type in FLOAT_TYPES
+
+    def describe(self) -> str:
+        return f"{self.name!r} {list(self.dims)} {type_name(self.data_type)}"
+
+    def nbytes(self) -> int:
+        return int(np.prod(self.dims, dtype=np.int64)) * FLOAT_TYPES[self.data_type].itemsize
+
+    def external(self) -> tuple[str, int, int] | None:
+        """(path, offset, length) of an externally stored weight, checked against the file."""
+        if self.tensor.data_location != TensorProto.EXTERNAL:
+            return None
+        info = {e.key: e.value for e in self.tensor.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or ".." in location.replace("\\", "/").split("/"):
+            raise ValueError(f"weight {self.describe()} names external data {location!r}; expected a file "
+                             f"name inside {self.base_dir!r}")
+        path = os.path.join(self.base_dir, location)
+        offset, length = int(info.get("offset", 0)), int(info.get("length", self.nbytes()))
+        if length != self.nbytes():
+            raise ValueError(f"weight {self.describe()} has {length} bytes of external data; its shape needs "
+                             f"{self.nbytes()}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weight {self.describe()} lives in {location!r}, which is missing "
+                                    f"beside the graph in {self.base_dir!r}")
+        size = os.path.getsize(path)
+        if offset + length > size:
+            raise ValueError(f"weight {self.describe()} needs bytes {offset}..{offset + length} of {location!r}, "
+                             f"but the file has {size} bytes (truncated?)")
+        return path, offset, length
+
+    def load(self, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+        """A new contiguous tensor in ``dtype`` (transposed for 2-D weights when asked)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only source buffers are only read
+            src = self._source()
+        if transpose:
+            src = src.t()
+        out = torch.empty(src.shape, dtype=dtype)
+        out.copy_(src)
+        return out
+
+    def _source(self) -> torch.Tensor:
+        if self.data_type not in FLOAT_TYPES:
+            raise ValueError(f"weight {self.describe()} is not a float tensor")
+        dtype, t = FLOAT_TYPES[self.data_type], self.tensor
+        ext = self.external()
+        if ext is not None:
+            path, offset, length = ext
+            raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(length,)) if length else np.zeros(0, np.uint8)
+            return torch.from_numpy(raw).view(dtype).reshape(self.dims)
+        if t.HasField("raw_data"):
+            raw = np.frombuffer(t.raw_data, dtype=np.uint8)
+            if raw.size != self.nbytes():
+                raise ValueError(f"weight {self.describe()} holds {raw.size} bytes; its shape needs {self.nbytes()} "
+                                 "(truncated?)")
+            return torch.from_numpy(raw).view(dtype).reshape(self.dims)
+        if self.data_type == TensorProto.FLOAT:
+            values = torch.tensor(np.asarray(t.float_data, dtype=np.float32))
+        elif self.data_type == TensorProto.DOUBLE:
+            values = torch.tensor(np.asarray(t.double_data, dtype=np.float64))
+        else:  # float16 / bfloat16 bit patterns, one per int32
+            values = torch.tensor(np.asarray(t.int32_data, dtype=np.int32).astype(np.uint16).view(np.int16)).view(dtype)
+        if values.numel() != int(np.prod(self.dims, dtype=np.int64)):
+            raise ValueError(f"weight {self.describe()} holds {values.numel()} values (truncated?)")
+        return values.reshape(self.dims)
+
+
+def read_model(path: str) -> onnx.ModelProto:
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ValueError(f"{path!r} is not a readable ONNX model ({type(e).__name__}: {e}); "
+                         "the file may be truncated or not an ONNX file") from None
+
+
+def external_data_files(graph_path: str) -> list[str]:
+    model = read_model(graph_path)
+    base = os.path.dirname(os.path.abspath(graph_path))
+    names = {e.value for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    return sorted(os.path.join(base, n) for n in names)
+
+
+class GraphView:
+    """Nodes in topological order; who produces and who consumes every value; the weights."""
+
+    def __init__(self, nodes, weights: dict[str, Weight], inputs: list[str], outputs: list[str]):
+        self.weights = weights
+        self.inputs, self.outputs = inputs, outputs
+        self.nodes = _topological(list(nodes), set(weights) | set(inputs))
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                self.producer[out] = i
+            for k, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((i, k))
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for node in self.nodes:
+            counts[node.op_type] += 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def successors(self, i: int) -> list[int]:
+        return sorted({j for out in self.nodes[i].output for j, _ in self.consumers.get(out, ())})
+
+    def predecessors(self, i: int) -> list[int]:
+        return sorted({self.producer[x] for x in self.nodes[i].input if x in self.producer})
+
+    def reach(self, starts: list[int], forward: bool, limit: int, stop=None) -> dict[int, int]:
+        """Nodes within ``limit`` steps of ``starts`` (node -> distance); ``stop(i)`` nodes are
+        reached but not expanded. Shape / Size carry no values, only shapes: data flow stops there."""
+        dist = {s: 0 for s in starts}
+        queue = deque(starts)
+        while queue:
+            i = queue.popleft()
+            if dist[i] >= limit or (stop is not None and stop(i) and dist[i] > 0):
+                continue
+            for j in (self.successors(i) if forward else self.predecessors(i)):
+                if j not in dist and self.nodes[j].op_type not in SHAPE_ONLY_OPS:
+                    dist[j] = dist[i] + 1
+                    queue.append(j)
+        return dist
+
+
+def _topological(nodes: list, available: set[str]) -> list:
+    """Kahn's order, stable with respect to the file's order (which ONNX requires to be one)."""
+    known = set(available) | {o for n in nodes for o in n.output}
+    pending = [sum(1 for x in set(n.input) if x and x in known and x not in available) for n in nodes]
+    waiting: dict[str, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        for x in set(n.input):
+            if x and x in known and x not in available:
+                waiting[x].append(i)
+    ready = deque(i for i, c in enumerate(pending) if c == 0)
+    order = []
+    while ready:
+        i = ready.popleft()
+        order.append(nodes[i])
+        for out in nodes[i].output:
+            for j in waiting.pop(out, ()):
+                pending[j] -= 1
+                if pending[j] == 0:
+                    ready.append(j)
+    if len(order) != len(nodes):
+        raise ValueError("the ONNX graph has a cycle or nodes whose inputs are never produced")
+    return order
+
+
+def graph_view(model: onnx.ModelProto, base_dir: str) -> GraphView:
+    """The decoder's graph: the top graph, or for optimum's merged decoder (one ``If`` choosing
+    the with-past / without-past branch, weights shared in the top graph) its larger branch."""
+    graph = model.graph
+    weights = {t.name: Weight(t.name, t, base_dir) for t in graph.initializer}
+    nodes = list(graph.node)
+    branch = _decoder_branch(nodes)
+    if branch is not None:
+        weights.update({t.name: Weight(t.name, t, base_dir) for t in branch.initializer})
+        nodes = list(branch.node)
+    for node in nodes:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            weights[node.output[0]] = Weight(node.output[0], node.attribute[0].t, base_dir)
+    nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] in weights)]
+    inputs = [i.name for i in graph.input if i.name not in weights]
+    return GraphView(nodes, weights, inputs, [o.name for o in graph.output])
+
+
+def _decoder_branch(nodes: list):
+    if any(n.op_type in ("MatMul", "Gemm") for n in nodes):
+        return None
+    branches = [a.g for n in nodes if n.op_type == "If" for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return max(branches, key=lambda g: len(g.node), default=None)
