@@ -162,12 +162,14 @@ def sequence_blocks(context: int, block_size: int, bound: int | None = None) -> 
 
 
 def capacity_figures(model_config: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype, num_blocks: int,
-                     context: int | None = None) -> dict:
+                     context: int | None = None, eviction: dict | None = None) -> dict:
     """A pool of ``num_blocks`` holding ``kv_dtype``: bytes per token, capacity in tokens, and how
     many sequences of ``context`` tokens (default: max_model_len, else the model's limit) fit,
-    without and with the window / eviction bounds."""
+    without and with the window / eviction bounds (``eviction``: ``eviction_settings``, default
+    the config's)."""
     context = context or config.max_model_len or model_config.max_position_embeddings
-    bound = sequence_block_bound(config.block_size, model_config.sliding_window, **eviction_settings(config))
+    bound = sequence_block_bound(config.block_size, model_config.sliding_window,
+                                 **(eviction or eviction_settings(config)))
     full = sequence_blocks(context, config.block_size)
     bounded = sequence_blocks(context, config.block_size, bound)
     return {"kv_dtype": str(kv_dtype).replace("torch.", ""),
