@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from onnx import numpy_helper
 
 from tritonkv.model.onnx_graph import GraphView, Weight
-from tritonkv.model.onnx_linears import ALIAS_OPS, Linear, weight_of
+from tritonkv.model.onnx_linears import ALIAS_OPS, REVIEW_OPS, Linear, weight_of
 
 ATTENTION_OPS = ("Attention", "GroupQueryAttention", "MultiHeadAttention")
 NORM_OPS = {"SimplifiedLayerNormalization": 1, "RMSNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
@@ -135,7 +135,7 @@ def mlp_roles(view: GraphView, parts: list[Part], linears: dict[int, Linear]) ->
     behind = view.reach([meet], False, SEARCH_DEPTH)
     roles, activation = {}, None
     for p, reach in zip(parts, reaches):
-        between = sorted({view.nodes[i].op_type for i in reach if i in behind and i != meet} - set(ALIAS_OPS))
+        between = sorted({view.nodes[i].op_type for i in reach if i in behind and i != meet} - set(REVIEW_OPS))
         if between:
             roles["gate"], activation = p, between
         else:

@@ -15,6 +15,7 @@ import onnx
 from tritonkv.model.onnx_graph import GraphView, Weight, type_name
 
 ALIAS_OPS = ("Identity", "Cast")  # ops that leave a value's meaning alone
+REVIEW_OPS = ALIAS_OPS + ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ... or only re-view its shape
 QUANTISED_OPS = ("MatMulNBits", "MatMulInteger", "QLinearMatMul", "DequantizeLinear", "QuantizeLinear",
                  "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention",
                  "GatherBlockQuantized", "MatMulBnb4", "MatMulFpQ4", "QOrderedMatMul")
@@ -43,10 +44,11 @@ class Linear:
 
 
 def source(view: GraphView, value: str) -> str:
-    """The value behind ``value`` once Identity / Cast are looked through."""
+    """The value behind ``value`` once casts and re-shapes (a Gemm's 2-D view of [batch, seq,
+    hidden]) are looked through: projections reading one ``source`` read the same data."""
     while value in view.producer:
         node = view.nodes[view.producer[value]]
-        if node.op_type not in ALIAS_OPS:
+        if node.op_type not in REVIEW_OPS:
             break
         value = node.input[0]
     return value
