@@ -75,10 +75,11 @@ def _first_int(view: GraphView, value: str) -> int | None:
 
 
 def _is_junction(view: GraphView, i: int) -> bool:
+    """Where attention's operands meet: an attention op, or a MatMul of two computed values."""
     node = view.nodes[i]
     if node.op_type in ATTENTION_OPS:
         return True
-    return node.op_type == "MatMul" and all(weight_of(view, x) is None for x in node.input)
+    return node.op_type == "MatMul" and all(x in view.producer and weight_of(view, x) is None for x in node.input)
 
 
 def _starts(view: GraphView, value: str) -> list[int]:
@@ -86,8 +87,11 @@ def _starts(view: GraphView, value: str) -> list[int]:
 
 
 def _reach_from_value(view: GraphView, value: str, linear_nodes: set[int], stop) -> dict[int, int]:
-    return view.reach(_starts(view, value), True, SEARCH_DEPTH,
-                      stop=lambda i: i in linear_nodes or stop(i)) if _starts(view, value) else {}
+    """Searches stop at projections, with or without their weight (a broken graph's MatMul on a
+    missing initializer is no junction, and nothing behind it belongs to this block)."""
+    def boundary(i):
+        return i in linear_nodes or stop(i) or (view.nodes[i].op_type in ("MatMul", "Gemm") and not _is_junction(view, i))
+    return view.reach(_starts(view, value), True, SEARCH_DEPTH, stop=boundary) if _starts(view, value) else {}
 
 
 def _arriving_input(view: GraphView, node: int, value: str, reached: dict[int, int]) -> int:
@@ -106,7 +110,7 @@ def _leads_to_softmax(view: GraphView, node: int) -> bool:
 def attention_role(view: GraphView, part: Part, linear_nodes: set[int]) -> tuple[str, int] | None:
     """('q' | 'k' | 'v', junction node) when the part's result meets attention, else None."""
     reached = _reach_from_value(view, part.value, linear_nodes, lambda i: _is_junction(view, i))
-    junctions = sorted((d, i) for i, d in reached.items() if _is_junction(view, i) and i not in linear_nodes)
+    junctions = sorted((d, i) for i, d in reached.items() if _is_junction(view, i))
     if not junctions:
         return None
     node = junctions[0][1]

@@ -77,7 +77,7 @@ def _blocks(view: GraphView, cfg: ModelConfig, linears: list[Linear]) -> tuple[l
         parts = [Part(lin, lin.output) for lin in members] if len(members) > 1 else split_parts(view, members[0])
         roles = [attention_role(view, part, set(by_node)) for part in parts]
         first = min(lin.node for lin in members)
-        if any(r is not None for r in roles):
+        if any(r is not None and r[0] is not None for r in roles):
             block = Block("attention", reads, first_node=first)
             for part, found in zip(parts, roles):
                 if found is None or found[0] is None:
