@@ -113,7 +113,7 @@ def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
     if body.logit_bias:
         raise bad_request("'logit_bias' is not supported by this server", "logit_bias")
     if max_tokens is not None and not 1 <= max_tokens < 2**31:
-        raise bad_request(f"{max_tokens_name!r} must be in [1, 2**31), got {max_tokens}", max_tokens_name)
+        raise bad_request(f"{max_tokens_name!r} must be >= 1 and < 2**31, got {max_tokens}", max_tokens_name)
     temperature = 1.0 if body.temperature is None else body.temperature
     if not 0.0 <= temperature <= 2.0:
         raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", "temperature")

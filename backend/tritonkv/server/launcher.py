@@ -296,7 +296,8 @@ _FAILURE_PATTERNS = (
 
 def failure_reason(log: str) -> str | None:
     """The reason a start failed, in one line, from tritonserver's log (None if not found)."""
-    lines = log.splitlines()
+    # Triton writes a Python traceback as literal "\n" sequences: the reason is the first line
+    lines = [line.split("\\n", 1)[0] for line in log.splitlines()]
     for line in lines:
         m = _FAILURE_PATTERNS[0].search(line)
         if m:

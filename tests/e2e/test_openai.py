@@ -1,0 +1,223 @@
+"""The OpenAI-compatible endpoints against a real server, driven by the ``openai`` SDK (sync and
+async, streamed and not). Oracle: the same request on the gRPC path (``llm_stateless``)."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from triton_calls import StreamClient, wait_for_pool_baseline
+from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+from tritonkv.model.tokenizer import TextTokenizer
+from tritonkv.openai_frontend.chat_template import ChatTemplate
+from tritonkv.server.launcher import start_server
+
+MAX_MODEL_LEN = 4096  # the demo model's own limit
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def server():
+    params = {"max_model_len": str(MAX_MODEL_LEN), "kv_cache_memory_mb": "32"}
+    with start_server(extra_params=params, openai_port=0) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    c = StreamClient(server.grpc_url, "llm_stateless")
+    yield c
+    c.close()
+
+
+def chat_ids(messages):
+    """The demo template rendered and tokenised here, independently of the frontend."""
+    ckpt = ensure_demo_checkpoint()
+    text = ChatTemplate.from_checkpoint(ckpt).render(messages, add_generation_prompt=True)
+    return TextTokenizer(ckpt).encode(text, add_special_tokens=False)
+
+
+def test_models_lists_the_served_name(server, client):
+    assert [m.id for m in client.models.list().data] == ["tritonkv-demo"] == [server.model_name]
+    assert client.models.retrieve("tritonkv-demo").owned_by == "tritonkv"
+
+
+def test_completion_matches_the_grpc_greedy_tokens_streamed_or_not(client, grpc):
+    prompt = "The shared pool keeps"
+    ref = grpc.turn(text=prompt, max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert ref.error is None and len(ref.ids) == 24
+    whole = client.completions.create(model="tritonkv-demo", prompt=prompt, max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert whole.choices[0].text == ref.text and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 24
+    assert whole.usage.prompt_tokens == 1 + len(prompt.encode())  # BOS + one token per byte
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 24
+    chunks = list(client.completions.create(model="tritonkv-demo", prompt=prompt, max_tokens=24, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    assert len(chunks) >= 12  # streamed as it was made, not in one piece
+    assert [c.choices[0].finish_reason for c in chunks[-1:]] == ["length"]
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_chat_uses_the_template_and_matches_the_grpc_tokens(client, grpc):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    ids = chat_ids(messages)
+    assert ids[0] == 256 and bytes(ids[1:]).decode() == "<|system|>\nBe brief.\n<|user|>\nName a colour.\n<|assistant|>\n"
+    ref = grpc.turn(ids=ids, max_tokens=16, temperature=0.0, ignore_eos=True)
+    r = client.chat.completions.create(model="tritonkv-demo", messages=messages, max_completion_tokens=16,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == ref.text
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 16)
+
+
+def test_async_streamed_chat_with_usage(server, grpc):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    ids = chat_ids([{"role": "user", "content": "Hello there"}])
+    ref = grpc.turn(ids=ids, max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.openai_url, api_key="unused", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="tritonkv-demo", messages=messages, max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = [c async for c in stream]
+        await client.close()
+        return chunks
+
+    chunks = asyncio.run(run())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == len(ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_async_completion_and_seeded_sampling_repeats(server):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.openai_url, api_key="unused", max_retries=0)
+        args = dict(model="tritonkv-demo", prompt="Roll the dice:", max_tokens=16, temperature=1.0, top_p=0.9,
+                    seed=1234, extra_body={"ignore_eos": True})
+        a, b = await asyncio.gather(client.completions.create(**args), client.completions.create(**args))
+        c = await client.completions.create(**{**args, "seed": 99})
+        await client.close()
+        return a, b, c
+
+    a, b, c = asyncio.run(run())
+    assert a.choices[0].text == b.choices[0].text  # same seed, same tokens
+    assert a.choices[0].text != c.choices[0].text
+
+
+def test_stop_string_ends_the_text_before_it(client, grpc):
+    prompt = "Stop here:"
+    full = grpc.turn(text=prompt, max_tokens=24, temperature=0.0, ignore_eos=True).text
+    stop = full[5:7]
+    r = client.completions.create(model="tritonkv-demo", prompt=prompt, max_tokens=24, temperature=0,
+                                  stop=[stop, "never-made"])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[:full.index(stop)]
+    chunks = list(client.chat.completions.create(model="tritonkv-demo", max_tokens=24, temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": prompt}], stop=stop))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert stop not in "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_a_resent_chat_reuses_the_history_from_the_prefix_cache(client):
+    history = [{"role": "system", "content": "You are a terse assistant for the tritonkv project."},
+               {"role": "user", "content": "What does the prefix cache keep between requests?"}]
+    first = client.chat.completions.create(model="tritonkv-demo", messages=history, max_tokens=20, temperature=0)
+    first_prompt = first.usage.prompt_tokens
+    assert first_prompt == len(chat_ids(history))
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And for how long?"}]
+    second = client.chat.completions.create(model="tritonkv-demo", messages=history, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens == len(chat_ids(history))
+    # every full block of the first prompt (a prefix of the second one) is a hit
+    assert cached % BLOCK == 0 and first_prompt // BLOCK * BLOCK <= cached < second.usage.prompt_tokens
+    assert cached >= 64
+
+
+@pytest.mark.parametrize("args, status, param, words", [
+    (dict(model="nope"), 404, "model", "does not exist"),
+    (dict(temperature=2.5), 400, "temperature", "[0, 2]"),
+    (dict(top_p=0.0), 400, "top_p", "(0, 1]"),
+    (dict(max_tokens=0), 400, "max_tokens", ">= 1"),
+    (dict(n=2), 400, "n", "only 1"),
+    (dict(seed=2**70), 400, "seed", "'seed'"),
+    (dict(seed=2**63), 400, "seed", "64 bits"),
+    (dict(extra_body={"best_of_n": 3}), 400, "best_of_n", "unrecognized request argument"),
+    (dict(prompt="x" * (MAX_MODEL_LEN + 4)), 400, "prompt", "max_model_len"),
+    (dict(max_tokens=MAX_MODEL_LEN + 1), 400, None, "max_model_len"),
+    (dict(stream=True, prompt="x" * (MAX_MODEL_LEN + 4)), 400, "prompt", "max_model_len"),
+    (dict(stream=True, model="nope"), 404, "model", "does not exist"),
+])
+def test_bad_completion_requests_get_openai_errors(client, args, status, param, words):
+    kw = dict(model="tritonkv-demo", prompt="Hello", max_tokens=4)
+    kw.update(args)
+    with pytest.raises(openai.APIStatusError) as info:
+        out = client.completions.create(**kw)
+        list(out) if kw.get("stream") else out
+    err = info.value
+    assert err.status_code == status, err.body
+    assert words in err.body["message"] and (param is None or err.body["param"] == param), err.body
+
+
+def test_bad_chat_requests_name_what_was_wrong(client):
+    cases = [
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "unknown role robot"),
+        (dict(messages=[]), "'messages' is empty"),
+        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+         "only text parts"),
+        (dict(messages=[{"role": "user", "content": "hi"}], max_tokens=3, max_completion_tokens=4), "not both"),
+        (dict(messages=[{"role": "user", "content": "hi"}], stream_options={"include_usage": True}),
+         "only allowed when 'stream' is true"),
+    ]
+    for args, words in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tritonkv-demo", **args)
+        assert words in info.value.body["message"], (args, info.value.body)
+
+
+def test_malformed_json_and_unknown_routes(server):
+    r = httpx.post(f"{server.openai_url}/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.openai_url}/embeddings", json={"model": "tritonkv-demo", "input": "x"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_a_client_gone_mid_stream_cancels_the_request(server, client):
+    """The client reads a few chunks of a long answer and disconnects: the server cancels the
+    request (its KV blocks return to the pool) long before the answer would have ended."""
+    assert wait_for_pool_baseline(server.metrics_url, timeout=30)
+    t0 = time.monotonic()
+    client.completions.create(model="tritonkv-demo", prompt="Warm up:", max_tokens=256, temperature=0,
+                              extra_body={"ignore_eos": True})
+    per_token_s = (time.monotonic() - t0) / 256
+    body = {"model": "tritonkv-demo", "prompt": "Tell a long story:", "max_tokens": MAX_MODEL_LEN - 32,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    start = time.monotonic()
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{server.openai_url}/completions", json=body) as r:
+            assert r.status_code == 200
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                if len(events) == 20:
+                    break
+    hold = 1.2  # the baseline must hold this long before it counts
+    assert wait_for_pool_baseline(server.metrics_url, timeout=60, hold=hold)
+    lifetime = time.monotonic() - start - hold
+    whole_answer_s = per_token_s * body["max_tokens"]
+    print(f"request freed {lifetime:.1f}s after it started; the whole answer would take ~{whole_answer_s:.1f}s")
+    assert lifetime < whole_answer_s / 4
