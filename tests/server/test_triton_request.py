@@ -1,6 +1,7 @@
 """Parsing rules of ``parse_request`` (issue 13 items 1, 6, 7): every fault is a BadRequest
 naming the input or parameter, and size limits apply before any conversion."""
 
+import json
 import math
 
 import numpy as np
@@ -8,7 +9,9 @@ import pytest
 
 import fake_pb_utils as pb
 from fake_pb_utils import Request
-from tritonkv.server.triton_request import KNOWN_PARAMETERS, BadRequest, Limits, parse_request
+from tritonkv.engine.requests import TurnOutput
+from tritonkv.server.triton_request import (KNOWN_PARAMETERS, BadRequest, Limits, ReplyChannel, ReplyForm,
+                                           parse_request)
 
 LIMITS = Limits(max_model_len=512, max_text_bytes=2048)
 
@@ -39,13 +42,13 @@ def test_settings_from_tensors_and_from_parameters():
     assert p.text == "Hi" and p.input_ids is None
     s = p.params
     assert (s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed, s.ignore_eos) == (5, 0.5, 3, 0.25, 7, True)
-    assert s.stop == ("x", "yz") and p.stream is False  # one-shot default: one reply
+    assert s.stop == ("x", "yz") and p.stream == ReplyForm(False)  # one-shot default: one reply
     # HTTP generate / gRPC parameters: same settings, strings accepted where they parse exactly
     q = parse({"input_ids": i32(1, 2)}, {"max_tokens": "5", "temperature": 0.5, "top_k": 3, "top_p": "0.25",
                                          "seed": "18446744073709551615", "ignore_eos": "true", "stop": "x",
                                          "stream": True, "cache_salt": "tenant-a"})
     assert q.input_ids == [1, 2] and q.params.seed == 2**64 - 1 and q.params.stop == ("x",)
-    assert (q.params.max_tokens, q.params.temperature, q.params.top_p, q.stream) == (5, 0.5, 0.25, True)
+    assert (q.params.max_tokens, q.params.temperature, q.params.top_p, q.stream) == (5, 0.5, 0.25, ReplyForm(True))
     assert q.cache_salt == "tenant-a"
     assert parse({"text_input": "a"}, {"stop": ["a", "b"]}).params.stop == ("a", "b")
     assert parse({"text_input": "a"}, {"max_tokens": 3.0}).params.max_tokens == 3  # integral double
@@ -169,9 +172,122 @@ def test_oversized_input_ids_are_refused_before_conversion():
 
 def test_sequence_controls_and_close_only():
     p = parse({"input_ids": i32(1)}, stateless=False, flags=1, corr_id=9)
-    assert (p.start, p.end, p.corr_id, p.stream) == (True, False, 9, True)
+    assert (p.start, p.end, p.corr_id, p.stream) == (True, False, 9, ReplyForm(True))
     p = parse({"START": f32(0), "END": f32(1)}, stateless=False, flags=0, corr_id="conv")
     assert p.end and not p.start and p.close_only
-    assert not parse({"START": f32(1), "END": f32(1)}, stateless=False, corr_id=3).close_only  # needs a prompt
-    assert not parse({}).close_only  # one-shot without a prompt: refused later, never "closed"
+    assert refused({}) == "no prompt: send text_input or input_ids"  # one-shot: never "closed"
+    assert "no prompt" in refused({"START": f32(1), "END": f32(1)}, stateless=False, corr_id=3)
     assert "correlation id" in refused({"input_ids": i32(1)}, stateless=False, corr_id=0)
+
+
+# -- the input contract of Triton's vLLM backend (issue 15 item 7) ---------------------------
+def b(*v):
+    return np.array(v, dtype=bool)
+
+
+def vllm_inputs(sampling: dict, **flags):
+    return {"text_input": "Hello", "sampling_parameters": json.dumps(sampling),
+            **{k: b(v) for k, v in flags.items()}}
+
+
+def test_vllm_form_sets_sampling_and_reply_form():
+    p = parse(vllm_inputs({"max_tokens": "7", "temperature": "0", "top_p": "0.95", "top_k": -1, "seed": 3,
+                           "stop": "!", "ignore_eos": True},
+                          stream=True, exclude_input_in_output=True, return_finish_reason=True,
+                          return_num_input_tokens=True, return_num_output_tokens=True))
+    s = p.params
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop, s.ignore_eos) == (
+        7, 0.0, 0.95, 0, 3, ("!",), True)  # top_k -1: vLLM's "off"
+    assert p.stream == ReplyForm(True, "", True, True, True)
+    # vLLM's samples/client.py sends the same keys as request parameters as well (strings)
+    q = parse(vllm_inputs({"temperature": 0.1, "max_tokens": "100"}, exclude_input_in_output=False),
+              {"temperature": "0.1", "max_tokens": "100"})
+    assert (q.params.temperature, q.params.max_tokens) == (0.1, 100)
+    assert q.stream == ReplyForm(False, echo="Hello")  # one reply that repeats the prompt
+    assert parse(vllm_inputs({})).stream == ReplyForm(False)  # left out: nothing echoed
+
+
+def test_vllm_form_refusals_name_the_key():
+    assert refused(vllm_inputs({"temperature": 0.1}), {"temperature": 0.2}) == (
+        "'temperature' is 0.1 in sampling_parameters but 0.2 in the request parameters; send it once")
+    assert "sent both" in refused({**vllm_inputs({"max_tokens": 3}), "max_tokens": i32(3)})
+    message = refused(vllm_inputs({"lora_name": "x", "max_tokens": 3}))
+    assert message.startswith("unknown sampling_parameters key 'lora_name'; known: ")
+    assert "'stream'" in refused(vllm_inputs({"stream": True}))
+    assert "not valid JSON" in refused({"text_input": "a", "sampling_parameters": "{max_tokens: 3}"})
+    assert "must be a JSON object, got list" in refused({"text_input": "a", "sampling_parameters": "[3]"})
+    assert "one JSON string" in refused({"text_input": "a", "sampling_parameters": ["{}", "{}"]})
+    assert "'temperature' = 'hot' is not a number" in refused(vllm_inputs({"temperature": "hot"}))
+    assert "top_k must be an integer >= 0" in refused(vllm_inputs({"top_k": -2}))
+    assert "top_k must be an integer >= 0" in refused({"text_input": "a", "top_k": i32(-1)})  # our input: >= 0
+    for name in ("sampling_parameters", "exclude_input_in_output", "return_finish_reason"):
+        assert f"{name!r} must be sent as an input tensor" in refused({"text_input": "a"}, {name: "1"})
+
+
+def test_exclude_input_in_output_false_needs_one_reply_and_text():
+    message = refused(vllm_inputs({}, stream=True, exclude_input_in_output=False))
+    assert "exclude_input_in_output = false is not allowed with stream = true" in message
+    message = refused({"input_ids": i32(1, 2), "exclude_input_in_output": b(False)})
+    assert "needs the prompt as text_input" in message
+    assert "return_logprobs" in refused(vllm_inputs({}, return_logprobs=True))
+    assert "return_cumulative_logprob" in refused(vllm_inputs({}, return_cumulative_logprob=True))
+    assert parse(vllm_inputs({}, return_logprobs=False)).stream == ReplyForm(False)
+
+
+def test_vllm_keys_without_a_sampler_are_accepted_only_when_neutral():
+    neutral = {"n": 1, "best_of": None, "presence_penalty": "0", "frequency_penalty": 0.0,
+               "repetition_penalty": 1, "min_p": 0, "logprobs": None, "prompt_logprobs": None,
+               "stop_token_ids": [], "include_stop_str_in_output": False, "min_tokens": 0}
+    p = parse(vllm_inputs({**neutral, "max_tokens": 4, "stop": ["x"]}))
+    assert (p.params.max_tokens, p.params.stop, p.params.ignore_eos) == (4, ("x",), False)
+    assert "'presence_penalty' = 0.5 is not supported" in refused(vllm_inputs({"presence_penalty": 0.5}))
+    assert "send 1 or leave it out" in refused(vllm_inputs({"n": 2}))
+    assert "'stop_token_ids' = [2]" in refused({"text_input": "a"}, {"stop_token_ids": [2]})
+    assert "'include_stop_str_in_output' = True" in refused(vllm_inputs({"include_stop_str_in_output": True}))
+    # genai-perf's deterministic output length: min_tokens = max_tokens runs every turn to the end
+    p = parse(vllm_inputs({"max_tokens": "5", "min_tokens": "5", "stop": ["x"]}))
+    assert (p.params.max_tokens, p.params.ignore_eos, p.params.stop) == (5, True, ())
+    assert "min_tokens = 2 is not supported below max_tokens = 5" in refused(
+        vllm_inputs({"max_tokens": 5, "min_tokens": 2}))
+
+
+def reply_tensors(response) -> dict:
+    return {t.name: t.as_numpy().tolist() for t in response.output_tensors}
+
+
+def test_reply_channel_vllm_outputs_one_reply():
+    form = parse(vllm_inputs({}, exclude_input_in_output=False, return_finish_reason=True,
+                             return_num_input_tokens=True, return_num_output_tokens=True)).stream
+    sender = pb.Sender()
+    channel = ReplyChannel(pb, sender, form)
+    channel(TurnOutput(" wor", [1, 2]))
+    channel(TurnOutput("ld", [3], True, "eos", cached_tokens=0, prompt_tokens=6))
+    (response, flags), = sender.sent
+    assert flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert reply_tensors(response) == {
+        "text_output": [b"Hello world"], "output_ids": [1, 2, 3], "finish_reason": [b"stop"],
+        "cached_tokens": [0], "prompt_tokens": [6], "num_input_tokens": [6], "num_output_tokens": [3]}
+    assert response.output_tensors[-1].as_numpy().dtype == np.uint32
+
+
+def test_reply_channel_vllm_outputs_streamed():
+    form = parse(vllm_inputs({}, stream=True, return_finish_reason=True, return_num_output_tokens=True)).stream
+    sender = pb.Sender()
+    channel = ReplyChannel(pb, sender, form)
+    channel(TurnOutput("a", [1]))
+    channel(TurnOutput("bc", [2, 3]))
+    channel(TurnOutput("d", [4], True, "length", prompt_tokens=2))
+    sent = [reply_tensors(r) for r, _ in sender.sent]
+    assert [s["finish_reason"] for s in sent] == [[b"None"], [b"None"], [b"length"]]
+    assert [s["num_output_tokens"] for s in sent] == [[1], [2], [1]]
+    assert [s["text_output"] for s in sent] == [[b"a"], [b"bc"], [b"d"]]
+    assert "num_input_tokens" not in sent[0]  # not asked for
+    assert [f for _, f in sender.sent] == [0, 0, pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL]
+    # our own form: finish_reason (our words) and counts on the last response only
+    sender = pb.Sender()
+    channel = ReplyChannel(pb, sender, True)
+    channel(TurnOutput("a", [1]))
+    channel(TurnOutput("d", [4], True, "eos", prompt_tokens=2))
+    first, last = [reply_tensors(r) for r, _ in sender.sent]
+    assert set(first) == {"text_output", "output_ids"}
+    assert last["finish_reason"] == [b"eos"] and last["prompt_tokens"] == [2]

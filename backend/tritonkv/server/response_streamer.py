@@ -19,7 +19,6 @@ Rules:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable
 

@@ -2,18 +2,23 @@
 
 Only ``pb_utils``-shaped objects are touched here (passed in, never imported), so this module
 imports on any machine. Rules:
-- exactly one of ``text_input`` / ``input_ids``; a turn with END and neither just closes;
+- exactly one of ``text_input`` / ``input_ids``; a turn with END and neither just closes, any
+  other request without a prompt is refused;
 - START/END come from the control inputs when the model declares them, else request flags;
 - per-response facts travel as output tensors (this Python backend cannot set response
   parameters): every response has ``text_output`` + ``output_ids``; the final one adds
-  ``finish_reason``, ``cached_tokens`` and ``prompt_tokens``.
+  ``finish_reason``, ``cached_tokens`` and ``prompt_tokens``;
+- the input contract of Triton's vLLM backend is accepted too (``sampling_parameters``,
+  ``exclude_input_in_output``, ``return_*`` flags; see ``vllm_contract``): what a request asks
+  of its replies is its ``ReplyForm``.
 
 Admission is total: everything taken from a request (tensors, request parameters, their types,
 shapes, encodings and sizes) is checked and converted here, in the request's own context, and
 any fault is a ``BadRequest`` naming the input or parameter. A setting (``max_tokens``,
 ``temperature``, ...) comes from its input tensor or, as HTTP ``/generate`` sends fields that
 are not inputs and gRPC clients may do, from the request parameter of the same name (not
-both); any other parameter is refused with the list of known ones. Size limits are applied
+both); any other parameter is refused with the list of known ones. The keys of a
+``sampling_parameters`` JSON object are request parameters too. Size limits are applied
 before any work: ``input_ids`` longer than ``max_model_len`` before converting them, and a
 ``text_input`` longer than ``max_text_bytes`` (what ``max_model_len`` tokens can cover, see
 ``TextTokenizer.max_text_bytes``) before decoding or tokenising it.
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tritonkv.engine.requests import RequestError, SamplingParams, TurnOutput, check_sampling
+from tritonkv.server import vllm_contract as vllm
 
 FLAG_SEQUENCE_START = 1  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
 FLAG_SEQUENCE_END = 2
@@ -36,14 +42,29 @@ FLAG_SEQUENCE_END = 2
 # settings that may come as an input tensor or as a request parameter: name -> kind
 SETTINGS = {"max_tokens": "int", "temperature": "float", "top_k": "int", "top_p": "float",
             "seed": "int", "ignore_eos": "bool", "stream": "bool"}
-KNOWN_PARAMETERS = tuple(sorted((*SETTINGS, "stop", "cache_salt")))
-INPUT_ONLY = ("text_input", "input_ids", "START", "END", "CORRID")
+KNOWN_PARAMETERS = tuple(sorted((*SETTINGS, "stop", "cache_salt", *vllm.VLLM_KEYS)))
+INPUT_ONLY = ("text_input", "input_ids", "START", "END", "CORRID", *vllm.INPUT_ONLY)
 MAX_STOP_STRINGS = 64
 _INT_TEXT = re.compile(r"[+-]?\d{1,40}")
 
 
 class BadRequest(ValueError):
     """A client mistake found while reading the request; answered with INVALID_ARG (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class ReplyForm:
+    """What a request asks of its replies. Truthy when streamed (one response per delta); else
+    one response holds the whole turn."""
+
+    stream: bool
+    echo: str = ""  # prepended to the text of the whole-turn reply (exclude_input_in_output false)
+    vllm_finish_reason: bool = False  # finish_reason on every response, in vLLM's words
+    num_input_tokens: bool = False
+    num_output_tokens: bool = False
+
+    def __bool__(self) -> bool:
+        return self.stream
 
 
 @dataclass
@@ -54,7 +75,7 @@ class ParsedRequest:
     text: str | None
     input_ids: list[int] | None
     params: SamplingParams
-    stream: bool
+    stream: ReplyForm  # read as a bool where only streaming matters
     cache_salt: str | None
 
     @property
@@ -95,14 +116,35 @@ def _parameters(request) -> dict:
     return params
 
 
-def _check_parameter_names(params: dict) -> None:
+def _check_parameter_names(params: dict, where: str = "request parameter", known=KNOWN_PARAMETERS) -> None:
     for name in params:
         if name in INPUT_ONLY:
-            raise BadRequest(f"{name!r} must be sent as an input tensor, not as a request parameter")
-    unknown = sorted(str(name) for name in params if name not in KNOWN_PARAMETERS)
+            raise BadRequest(f"{name!r} must be sent as an input tensor, not as a {where}")
+    unknown = sorted(str(name) for name in params if name not in known)
     if unknown:
-        raise BadRequest(f"unknown request parameter{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(repr(n) for n in unknown)}; known: {', '.join(KNOWN_PARAMETERS)}")
+        raise BadRequest(f"unknown {where}{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(repr(n) for n in unknown)}; known: {', '.join(known)}")
+
+
+def _sampling_parameters(pb_utils, request) -> dict:
+    """The JSON object of vLLM's ``sampling_parameters`` input ({} when absent)."""
+    arr = _input(pb_utils, request, "sampling_parameters")
+    if arr is None:
+        return {}
+    if arr.size != 1 or arr.dtype.kind not in "OSU":
+        raise BadRequest(f"input 'sampling_parameters' must hold one JSON string, got {arr.size} values "
+                         f"of data type {arr.dtype}")
+    params = vllm.sampling_parameters_object(_decode(arr.reshape(-1)[0], "input 'sampling_parameters'"),
+                                             BadRequest)
+    _check_parameter_names(params, "sampling_parameters key",
+                           tuple(k for k in KNOWN_PARAMETERS if k not in vllm.NOT_SAMPLING))
+    return params
+
+
+def _same_value(a, b) -> bool:
+    """One setting sent both as a request parameter and in sampling_parameters (e.g. 0.1 and
+    "0.1") says the same thing."""
+    return a == b or (not isinstance(a, (dict, list)) and str(a).strip().lower() == str(b).strip().lower())
 
 
 def _decode(raw, what: str) -> str:
@@ -180,6 +222,7 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
                   limits: Limits = Limits()) -> ParsedRequest:
     params = _parameters(request)
     _check_parameter_names(params)
+    params = vllm.merge_parameters(params, _sampling_parameters(pb_utils, request), _same_value, BadRequest)
 
     def setting(name, default):
         kind = SETTINGS[name]
@@ -189,25 +232,35 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
         if arr is not None:
             return _tensor_setting(arr, name, kind)
         if name in params:
-            return _convert(params[name], kind, f"parameter {name!r}")
+            value = _convert(params[name], kind, f"parameter {name!r}")
+            return 0 if name == "top_k" and value == -1 else value  # vLLM's "off"
         return default
 
     text, input_ids = _prompt(pb_utils, request, limits)
     stop = _stop(pb_utils, request, params)
+    max_tokens = setting("max_tokens", default_max_tokens)
+    ignore_eos = setting("ignore_eos", False)
+    for name in vllm.NEUTRAL_VALUES:
+        if name in params:
+            vllm.check_neutral(name, params[name], BadRequest)
+    if "min_tokens" in params:
+        min_tokens = _convert(params["min_tokens"], "int", "parameter 'min_tokens'")
+        if vllm.min_tokens_rule(min_tokens, max_tokens, BadRequest):
+            ignore_eos, stop = True, ()
     sampling = SamplingParams(
-        max_tokens=setting("max_tokens", default_max_tokens),
+        max_tokens=max_tokens,
         temperature=setting("temperature", 1.0),
         top_k=setting("top_k", 0),
         top_p=setting("top_p", 1.0),
         seed=setting("seed", None),
         stop=stop,
-        ignore_eos=setting("ignore_eos", False),
+        ignore_eos=ignore_eos,
     )
     try:
         check_sampling(sampling)
     except RequestError as exc:
         raise BadRequest(str(exc)) from None
-    stream = setting("stream", not stateless)
+    reply = _reply_form(pb_utils, request, setting("stream", not stateless), text, input_ids)
     salt = params.get("cache_salt")
     if salt is not None:
         if isinstance(salt, bool) or not isinstance(salt, (str, int)):
@@ -225,7 +278,34 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
         if corr_id in (0, ""):
             raise BadRequest("model 'llm' needs a sequence id (correlation id); use llm_stateless "
                              "for one-shot requests")
-    return ParsedRequest(corr_id, start, end, text, input_ids, sampling, stream, salt)
+    parsed = ParsedRequest(corr_id, start, end, text, input_ids, sampling, reply, salt)
+    if text is None and input_ids is None and not parsed.close_only:
+        raise BadRequest("no prompt: send text_input or input_ids" + ("" if stateless else " (or END alone to close)"))
+    return parsed
+
+
+def _flag(pb_utils, request, name: str) -> bool | None:
+    arr = _input(pb_utils, request, name)
+    return None if arr is None else _tensor_setting(arr, name, "bool")
+
+
+def _reply_form(pb_utils, request, stream: bool, text: str | None, input_ids) -> ReplyForm:
+    """The vLLM backend's output flags (see ``vllm_contract``)."""
+    for name, what in vllm.UNSUPPORTED_FLAGS.items():
+        if _flag(pb_utils, request, name):
+            raise BadRequest(f"input {name!r} = true is not supported: tritonkv does not compute {what}")
+    echo = ""
+    if _flag(pb_utils, request, "exclude_input_in_output") is False:
+        if stream:
+            raise BadRequest("exclude_input_in_output = false is not allowed with stream = true (as in "
+                             "Triton's vLLM backend): streamed responses never repeat the prompt")
+        if text is None:
+            raise BadRequest("exclude_input_in_output = false needs the prompt as text_input (it is echoed "
+                             "as text); input_ids cannot be echoed")
+        echo = text
+    return ReplyForm(stream, echo, bool(_flag(pb_utils, request, "return_finish_reason")),
+                     bool(_flag(pb_utils, request, "return_num_input_tokens")),
+                     bool(_flag(pb_utils, request, "return_num_output_tokens")))
 
 
 def _prompt(pb_utils, request, limits: Limits) -> tuple[str | None, list[int] | None]:
@@ -294,19 +374,33 @@ def _control(pb_utils, request, name):
         raise BadRequest(f"control input {name!r} is not a boolean") from None
 
 
-def make_response(pb_utils, out: TurnOutput):
+PLAIN = ReplyForm(stream=True)  # no output asked beyond our own
+
+
+def make_response(pb_utils, out: TurnOutput, form: ReplyForm = PLAIN, echo: str = ""):
+    """One response; ``echo`` is prepended to its text. The vLLM outputs are added where
+    ``form`` asks for them; ``num_input_tokens`` where the engine reported the prompt's size."""
     if out.error is not None:
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(out.error))
-    tensors = [
-        pb_utils.Tensor("text_output", np.array([out.text.encode("utf-8")], dtype=np.object_)),
-        pb_utils.Tensor("output_ids", np.array(out.token_ids, dtype=np.int32)),
-    ]
+
+    def strings(name, text):
+        return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+
+    tensors = [strings("text_output", echo + out.text),
+               pb_utils.Tensor("output_ids", np.array(out.token_ids, dtype=np.int32))]
+    if form.vllm_finish_reason:
+        tensors.append(strings("finish_reason", vllm.vllm_finish_reason(out.finish_reason if out.finished else None)))
+    elif out.finished:
+        tensors.append(strings("finish_reason", out.finish_reason or ""))
     if out.finished:
         tensors += [
-            pb_utils.Tensor("finish_reason", np.array([(out.finish_reason or "").encode()], dtype=np.object_)),
             pb_utils.Tensor("cached_tokens", np.array([out.cached_tokens], dtype=np.int32)),
             pb_utils.Tensor("prompt_tokens", np.array([out.prompt_tokens], dtype=np.int32)),
         ]
+    if form.num_input_tokens and out.prompt_tokens:
+        tensors.append(pb_utils.Tensor("num_input_tokens", np.array([out.prompt_tokens], dtype=np.uint32)))
+    if form.num_output_tokens:
+        tensors.append(pb_utils.Tensor("num_output_tokens", np.array([len(out.token_ids)], dtype=np.uint32)))
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
@@ -324,12 +418,14 @@ def error_response(pb_utils, message: str, code: str = "INVALID_ARG"):
 
 class ReplyChannel:
     """The engine's ``emit`` for one request: streams each delta, or (not streaming) merges
-    them into the single final response that HTTP ``/generate`` requires."""
+    them into the single final response that HTTP ``/generate`` requires. ``form``: a
+    ``ReplyForm``, or a bool (stream or not, nothing else asked)."""
 
-    def __init__(self, pb_utils, sender, stream: bool):
+    def __init__(self, pb_utils, sender, form: ReplyForm | bool):
         self.pb_utils = pb_utils
         self.sender = sender
-        self.stream = stream
+        self.form = form if isinstance(form, ReplyForm) else ReplyForm(bool(form))
+        self.stream = self.form.stream
         self.text: list[str] = []
         self.ids: list[int] = []
 
@@ -350,4 +446,5 @@ class ReplyChannel:
                 return
             out = TurnOutput("".join(self.text), self.ids, True, out.finish_reason,
                              out.cached_tokens, out.prompt_tokens)
-        self.sender.send(make_response(self.pb_utils, out), flags=final_flag if out.finished else 0)
+        echo = "" if self.stream else self.form.echo
+        self.sender.send(make_response(self.pb_utils, out, self.form, echo), flags=final_flag if out.finished else 0)

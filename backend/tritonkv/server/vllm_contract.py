@@ -1,0 +1,113 @@
+"""The request contract of Triton's vLLM backend (triton-inference-server/vllm_backend,
+src/utils/request.py), as ``llm_stateless`` accepts it beside its own.
+
+Inputs (all optional, declared in model_repository/llm_stateless/config.pbtxt):
+- ``sampling_parameters``: one BYTES element, a JSON object of vLLM ``SamplingParams`` keys,
+  values as numbers, booleans or numeric strings. Its keys are request parameter names:
+  the same keys may come as request parameters, and a key sent both ways must hold the same
+  value (vLLM's sample client sends both).
+- ``exclude_input_in_output`` (BOOL): false echoes the prompt text before the generated text
+  of a one-reply request; false with ``stream`` true is refused, as vLLM does. Left out,
+  nothing is echoed (vLLM echoes when it is left out and the request does not stream).
+- ``return_finish_reason`` / ``return_num_input_tokens`` / ``return_num_output_tokens``:
+  outputs ``finish_reason`` (on every response, vLLM's words: "None" until the last, then
+  "stop" / "length" / "abort"), ``num_input_tokens`` (UINT32, the prompt's token count) and
+  ``num_output_tokens`` (UINT32, the tokens in this response).
+- ``return_logprobs`` / ``return_cumulative_logprob``: false only (no log-probabilities here).
+
+vLLM keys tritonkv has no sampler for are accepted at the value that changes nothing and
+refused, by name, at any other; ``top_k`` -1 means off (vLLM's spelling of 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+# vLLM SamplingParams keys accepted only at the value that leaves sampling unchanged
+NEUTRAL_VALUES = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                  "repetition_penalty": 1.0, "min_p": 0.0, "logprobs": None, "prompt_logprobs": None,
+                  "stop_token_ids": [], "include_stop_str_in_output": False}
+# min_tokens is honoured where it means "always run to max_tokens"; see min_tokens_rule
+VLLM_KEYS = (*NEUTRAL_VALUES, "min_tokens")
+# keys of our own that vLLM's SamplingParams does not have
+NOT_SAMPLING = ("stream", "cache_salt")
+FLAG_INPUTS = ("exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
+               "return_num_output_tokens", "return_logprobs", "return_cumulative_logprob")
+UNSUPPORTED_FLAGS = {"return_logprobs": "log-probabilities", "return_cumulative_logprob": "log-probabilities"}
+INPUT_ONLY = ("sampling_parameters", *FLAG_INPUTS)
+# finish reasons in vLLM's words (RequestOutput.finish_reason)
+VLLM_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}
+NOT_FINISHED = "None"  # vLLM's str(None) on every response before the last
+
+
+def vllm_finish_reason(reason: str | None) -> str:
+    return NOT_FINISHED if reason is None else VLLM_FINISH_REASONS.get(reason, reason)
+
+
+def sampling_parameters_object(text: str, error) -> dict:
+    """The JSON object held by a ``sampling_parameters`` tensor (``error``: the exception
+    class raised for a client mistake)."""
+    try:
+        params = json.loads(text)
+    except ValueError as exc:
+        raise error(f"input 'sampling_parameters' is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise error(f"input 'sampling_parameters' must be a JSON object, got {type(params).__name__}")
+    for name in params:
+        if name in NOT_SAMPLING:
+            raise error(f"input 'sampling_parameters' holds {name!r}, which is not a vLLM sampling "
+                        f"parameter: send it as an input or a request parameter")
+    return params
+
+
+def merge_parameters(params: dict, sampling: dict, same, error) -> dict:
+    """Request parameters and ``sampling_parameters`` as one table; a key in both must hold
+    the same value (``same(a, b)`` compares two raw values)."""
+    merged = dict(params)
+    for name, value in sampling.items():
+        if name in merged and not same(merged[name], value):
+            raise error(f"{name!r} is {value!r} in sampling_parameters but {merged[name]!r} in the "
+                        "request parameters; send it once")
+        merged[name] = value
+    return merged
+
+
+def check_neutral(name: str, value, error) -> None:
+    """A vLLM key tritonkv has no sampler for: only its neutral value is accepted."""
+    neutral = NEUTRAL_VALUES[name]
+    if _equal(value, neutral) or (name == "best_of" and value is None) or (
+            name == "stop_token_ids" and value is None):
+        return
+    raise error(f"parameter {name!r} = {value!r} is not supported: tritonkv samples with temperature, "
+                f"top_k, top_p and seed only; send {json.dumps(neutral)} or leave it out")
+
+
+def min_tokens_rule(min_tokens: int, max_tokens: int, error) -> bool:
+    """True when ``min_tokens`` makes every turn run to ``max_tokens`` (EOS and stop strings
+    ignored, as vLLM does before min_tokens); 0 changes nothing; values in between are refused."""
+    if min_tokens < 0:
+        raise error(f"min_tokens must be an integer >= 0, got {min_tokens}")
+    if min_tokens == 0:
+        return False
+    if min_tokens >= max_tokens:
+        return True
+    raise error(f"min_tokens = {min_tokens} is not supported below max_tokens = {max_tokens}: send 0, "
+                "or a value >= max_tokens to always generate max_tokens tokens")
+
+
+def _equal(value, neutral) -> bool:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if isinstance(neutral, bool):
+            return text == str(neutral).lower()
+        if isinstance(neutral, (int, float)):
+            try:
+                value = float(text)
+            except ValueError:
+                return False
+    if isinstance(neutral, bool) or neutral is None or isinstance(neutral, list):
+        return value == neutral and type(value) is type(neutral)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and value == neutral
