@@ -40,6 +40,7 @@ for path in (os.path.join(ROOT, "client"), os.path.join(ROOT, "backend"), os.pat
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SYSTEMS = ("tritonkv", "no-kv-cache", "hf-generate", "inprocess", "inprocess-eager")
@@ -54,12 +55,8 @@ class Sample:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """The q-th percentile (linear interpolation between ranks); None for no values."""
+    return float(np.percentile(values, q)) if values else None
 
 
 def make_prompts(n: int, prompt_tokens: int, vocab: int, seed: int) -> list[list[int]]:

@@ -19,7 +19,7 @@ __all__ = ["Client", "Conversation", "TurnStream", "HttpClient", "HttpStream", "
            "AsyncClient", "AsyncConversation", "AsyncHttpClient"]
 
 
-def __getattr__(name):  # the asyncio clients import grpc.aio / aiohttp only when asked for
+def __getattr__(name):  # the asyncio clients import grpc.aio only when asked for
     if name in ("AsyncClient", "AsyncConversation", "AsyncHttpClient", "AsyncTurnStream"):
         from tritonkv_client import aio
 

@@ -1,10 +1,13 @@
 """Reading the responses of the llm / llm_stateless models: gRPC results, HTTP generate JSON
-and its server-sent events, error bodies (shared by the sync and asyncio clients)."""
+and the data of its server-sent events (read by httpx-sse), error bodies (shared by the sync
+and asyncio clients)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+from httpx_sse import EventSource
 
 from tritonkv_client.errors import ServerError
 from tritonkv_client.result import GenerationResult, ResultBuilder
@@ -86,33 +89,23 @@ def reply_result(raw, model: str, status, sent_at: float, at: float) -> Generati
     return builder.finish(at, parsed.finish_reason, parsed.cached_tokens, parsed.prompt_tokens)
 
 
-def iter_sse_data(lines):
-    """The ``data:`` payloads of a server-sent event stream given as an iterable of text lines;
-    multi-line data fields are joined with newlines, as the SSE spec says."""
-    data: list[str] = []
-    for raw in lines:
-        line = raw.rstrip("\r\n")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
-    if data:
-        yield "\n".join(data)
-
-
-def error_from_body(raw: str, model: str, status) -> ServerError:
-    """The ``ServerError`` for a non-200 reply: a JSON ``{"error"}`` body, or the same inside an
-    SSE ``data:`` line (generate_stream answers errors that way)."""
-    for candidate in [raw, *iter_sse_data(raw.splitlines())]:
+def error_from_response(response, model: str) -> ServerError:
+    """The ``ServerError`` for a non-200 reply (an ``httpx.Response`` whose body was read): a
+    JSON ``{"error"}`` body, or the same inside a server-sent event (generate_stream answers
+    errors that way)."""
+    status = response.status_code
+    if "text/event-stream" in response.headers.get("content-type", ""):
+        candidates = [event.data for event in EventSource(response).iter_sse()]
+    else:
+        candidates = [response.text]
+    for candidate in candidates:
         try:
             err = error_of(json.loads(candidate), model, status)
         except ValueError:
             continue
         if err is not None:
             return err
-    return ServerError(f"HTTP {status} from model {model!r}: {raw[:500]}", model=model, status=status)
+    return ServerError(f"HTTP {status} from model {model!r}: {response.text[:500]}", model=model, status=status)
 
 
 def error_of(body, model: str, status) -> ServerError | None:

@@ -1,5 +1,5 @@
 """asyncio client: the same conversations and one-shot streams as ``grpc_client``, on
-``tritonclient.grpc.aio``; plus HTTP ``generate`` / ``generate_stream`` on aiohttp.
+``tritonclient.grpc.aio``; plus HTTP ``generate`` / ``generate_stream`` on httpx (events read by httpx-sse).
 
 Each conversation and each one-shot request runs its own gRPC stream (a call on one shared
 channel), so an error always belongs to the request that is in flight on it. The aio stream
@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import tritonclient.grpc.aio as grpcaio
+from httpx_sse import aconnect_sse
 
 from tritonkv_client._common import AsyncClosing, ClientSettings, ConversationState, TurnState
-from tritonkv_client._responses import error_from_body, iter_sse_data, parse_json_event, reply_result
+from tritonkv_client._responses import error_from_response, parse_json_event, reply_result
 from tritonkv_client.errors import ProtocolError, ServerError
+from tritonkv_client.http_client import base_url
 from tritonkv_client.params import DEFAULT_TIMEOUT_S, GenerationParams, request_body
 from tritonkv_client.result import GenerationResult, ResultBuilder, TokenDelta
 
@@ -160,30 +163,27 @@ class AsyncClient(ClientSettings, AsyncClosing):
 
 
 class AsyncHttpClient(AsyncClosing):
-    """HTTP ``generate`` / ``generate_stream`` on ``llm_stateless`` over aiohttp."""
+    """HTTP ``generate`` / ``generate_stream`` on ``llm_stateless`` over httpx."""
 
     def __init__(self, url: str, *, model: str = "llm_stateless", timeout_s: float = DEFAULT_TIMEOUT_S, **settings):
-        import aiohttp
-
-        self.base = (url if "://" in url else f"http://{url}").rstrip("/")
+        self.base = base_url(url)
         self.model = model
         self.params = GenerationParams().merged(**settings)
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        self._http = httpx.AsyncClient(timeout=timeout_s)
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._http.aclose()
 
     async def generate(self, prompt: str | None = None, *, input_ids=None, model: str | None = None,
                        **settings) -> GenerationResult:
         model = model or self.model
         body = request_body(prompt, input_ids, self.params.merged(**settings), stream=False)
         sent_at = time.perf_counter()
-        async with self._session.post(f"{self.base}/v2/models/{model}/generate", json=body) as r:
-            raw = await r.text()
+        r = await self._http.post(f"{self.base}/v2/models/{model}/generate", json=body)
         at = time.perf_counter()
-        if r.status != 200:
-            raise error_from_body(raw, model, r.status)
-        return reply_result(raw, model, r.status, sent_at, at)
+        if r.status_code != 200:
+            raise error_from_response(r, model)
+        return reply_result(r.content, model, r.status_code, sent_at, at)
 
     async def generate_stream(self, prompt: str | None = None, *, input_ids=None, model: str | None = None,
                               **settings):
@@ -192,22 +192,17 @@ class AsyncHttpClient(AsyncClosing):
         body = request_body(prompt, input_ids, self.params.merged(**settings), stream=True)
         sent_at = time.perf_counter()
         builder = ResultBuilder(sent_at)
-        async with self._session.post(f"{self.base}/v2/models/{model}/generate_stream", json=body) as r:
-            if r.status != 200:
-                raise error_from_body(await r.text(), model, r.status)
-            lines = []
-            async for raw_line in r.content:
-                lines.append(raw_line.decode("utf-8", errors="replace"))
-                if raw_line.strip():
-                    continue
-                for data in iter_sse_data(lines):
-                    at = time.perf_counter()
-                    parsed = parse_json_event(data, model)
-                    delta = builder.add_response(parsed, at)
-                    if not delta.empty:
-                        yield delta
-                    if parsed.final:
-                        yield builder.result
-                        return
-                lines = []
+        url = f"{self.base}/v2/models/{model}/generate_stream"
+        async with aconnect_sse(self._http, "POST", url, json=body) as events:
+            if events.response.status_code != 200:
+                await events.response.aread()
+                raise error_from_response(events.response, model)
+            async for event in events.aiter_sse():
+                parsed = parse_json_event(event.data, model)
+                delta = builder.add_response(parsed, time.perf_counter())
+                if not delta.empty:
+                    yield delta
+                if parsed.final:
+                    yield builder.result
+                    return
         raise ProtocolError(f"{model}: event stream ended without a final event")

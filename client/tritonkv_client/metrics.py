@@ -7,30 +7,23 @@ they are the prefix cache, not a leak.
 
 from __future__ import annotations
 
-import re
 import time
 import urllib.request
 from dataclasses import dataclass
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+)?$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+from prometheus_client.parser import text_string_to_metric_families
 
 POOL_GAUGES = ("tritonkv_kv_blocks_total", "tritonkv_kv_blocks_used", "tritonkv_kv_blocks_cached",
                "tritonkv_kv_blocks_free", "tritonkv_live_sequences")
 
 
 def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """metric name -> [(labels, value)] for every sample line of a Prometheus text exposition."""
+    """sample name -> [(labels, value)] for every sample of a Prometheus text exposition (read
+    by prometheus_client's parser; a counter's samples keep their ``_total`` name)."""
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m is None:
-            continue
-        name, labels, value = m.groups()
-        samples.setdefault(name, []).append((dict(_LABEL.findall(labels or "")), float(value)))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
     return samples
 
 

@@ -4,15 +4,16 @@ import io
 import queue
 import types
 
+import httpx
 import numpy as np
 import pytest
 
 import summary
 import workload
-from tritonkv_client._responses import (error_from_body, iter_sse_data, parse_json_event, parse_json_response,
-                                        reply_result)
+from tritonkv_client._responses import error_from_response, parse_json_event, parse_json_response, reply_result
 from tritonkv_client.chat import stats_line
-from tritonkv_client.errors import ServerError
+from tritonkv_client.errors import ProtocolError, ServerError
+from tritonkv_client.http_client import HttpStream
 from tritonkv_client.grpc_client import Conversation
 from tritonkv_client.metrics import PoolSnapshot, parse_prometheus
 from tritonkv_client.params import GenerationParams, grpc_inputs, request_arrays, request_body
@@ -39,14 +40,36 @@ def test_grpc_inputs_carry_prompt_and_settings():
         grpc_inputs("a", [1], GenerationParams(), stream=None)
 
 
-def test_http_body_and_sse_parsing():
+def _response(status, content_type, body: bytes):
+    return httpx.Response(status, headers={"content-type": content_type}, content=body)
+
+
+def test_http_body_and_error_replies():
     assert request_body("hi", None, GenerationParams(max_tokens=4), stream=True) == {
         "text_input": "hi", "max_tokens": 4, "stream": True}
-    raw = ['data: {"a": 1}\n', "\n", "data: {\"b\":\n", "data: 2}\n", "\n", ": comment\n", "data: {}"]
-    assert list(iter_sse_data(raw)) == ['{"a": 1}', '{"b":\n2}', "{}"]
-    err = error_from_body('data: {"error":"token id 999 is outside the vocabulary"}\n\n', "llm_stateless", 400)
+    # generate_stream answers a refused request with one event; generate with a JSON body
+    err = error_from_response(_response(400, "text/event-stream; charset=utf-8",
+                                        b'data: {"error":"token id 999 is outside the vocabulary"}\n\n'),
+                              "llm_stateless")
     assert str(err) == "token id 999 is outside the vocabulary" and err.status == 400
-    assert "HTTP 502" in str(error_from_body("<html>bad gateway</html>", "m", 502))
+    err = error_from_response(_response(400, "application/json", b'{"error":"no prompt"}'), "llm_stateless")
+    assert (str(err), err.status, err.model) == ("no prompt", 400, "llm_stateless")
+    assert "HTTP 502" in str(error_from_response(_response(502, "text/html", b"<html>bad gateway</html>"), "m"))
+
+
+def test_http_stream_reads_events_to_the_final_one():
+    events = (b'data: {"text_output":"H","output_ids":72}\n\n: comment\n\n'
+              b'data: {"text_output":"i!","output_ids":[105,33],\ndata: "finish_reason":"length",'
+              b'"cached_tokens":0,"prompt_tokens":3}\n\n')
+    stream = HttpStream(_response(200, "text/event-stream", events), "llm_stateless", sent_at=0.0)
+    deltas = list(stream)
+    assert [(d.token_ids, d.text) for d in deltas] == [([72], "H"), ([105, 33], "i!")]
+    r = stream.result()
+    assert (r.token_ids, r.text, r.finish_reason, r.prompt_tokens) == ([72, 105, 33], "Hi!", "length", 3)
+    cut = HttpStream(_response(200, "text/event-stream", b'data: {"text_output":"H","output_ids":72}\n\n'),
+                     "m", sent_at=0.0)
+    with pytest.raises(ProtocolError, match="ended without a final event"):
+        cut.result()
 
 
 def test_json_response_with_bare_number_ids():
@@ -81,11 +104,17 @@ tritonkv_kv_blocks_cached{instance="llm_0_0",model="llm"} 4
 tritonkv_kv_blocks_total{instance="llm_0_0",model="llm"} 2730
 nv_cpu_utilization 0.25
 """
+COUNTER = """# TYPE nv_inference_request_success counter
+nv_inference_request_success_total{model="llm",version="1"} 12 1700000000000
+nv_inference_queue_duration_us{model="llm",version="1",le="a\\"b"} 3.5
+"""
 
 
 def test_prometheus_and_baseline():
-    samples = parse_prometheus(METRICS)
+    samples = parse_prometheus(METRICS + COUNTER)
     assert samples["nv_cpu_utilization"] == [({}, 0.25)]
+    assert samples["nv_inference_request_success_total"] == [({"model": "llm", "version": "1"}, 12.0)]
+    assert samples["nv_inference_queue_duration_us"] == [({"model": "llm", "version": "1", "le": "a\"b"}, 3.5)]
     assert samples["tritonkv_kv_blocks_used"][1] == ({"instance": "llm_stateless_0_0", "model": "llm_stateless"}, 2.0)
     snap = PoolSnapshot.from_text(METRICS)
     assert not snap.at_baseline and snap.total("tritonkv_kv_blocks_used") == 2
