@@ -97,7 +97,7 @@ def format_report(name: str, model_config: ModelConfig, config: EngineConfig, bu
     if config.num_blocks:
         budget = f"{config.num_blocks:,} blocks (num_blocks)"
     elif budget_bytes is not None:
-        budget = f"{budget_bytes / GIB:.2f} GiB (--memory-gb)"
+        budget = f"{human_bytes(budget_bytes)} (--memory-gb)"
     else:
         budget = f"{config.kv_cache_memory_mb} MiB (kv_cache_memory_mb)"
     lines = [f"{name} ({c.architecture}): {c.num_layers} layers x {c.num_kv_heads} KV heads x {c.head_dim} dims, "

@@ -34,10 +34,22 @@ def shared_pool_name(pool_name: str, device: torch.device) -> str:
     return f"{pool_name}-{device.type}{device.index or 0}"
 
 
+def kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
+                    device: torch.device) -> int | None:
+    """KV bytes under ``gpu_memory_utilization`` on a CUDA device (weights counted from the
+    model's shape); None where the pool is sized by num_blocks / kv_cache_memory_mb."""
+    if device.type != "cuda" or config.gpu_memory_utilization <= 0 or config.num_blocks:
+        return None
+    with torch.device("meta"):
+        weight_bytes = sum(p.numel() for p in CausalLM(model_config).parameters()) * dtype.itemsize
+    return gpu_kv_budget_bytes(config, model_config, dtype, torch.cuda.mem_get_info(device)[1], weight_bytes)
+
+
 def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int = 0) -> Engine:
     """``config.pool_name`` "" gives a private pool; otherwise the KV pool, its prefix index,
-    the KV storage (with its scales when fp8 / int8) and the weights are shared with every process on the device that uses the
-    same pool name (``engine.close()`` detaches; the last one out removes the shared files)."""
+    the KV storage (with its scales when fp8 / int8) and the weights are shared with every
+    process on the device that uses the same pool name (``engine.close()`` detaches; the last
+    one out removes the shared files)."""
     checkpoint = config.checkpoint or ensure_demo_checkpoint()
     device = pick_device(config.device, gpu_instance, device_id)
     if device.type == "cuda":
@@ -52,12 +64,7 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
         log.warning("%s has no tokenizer.json; only input_ids requests will be served", checkpoint)
         tokenizer = None
     kv_dtype = kv_storage_dtype(config, dtype)
-    budget = None
-    if device.type == "cuda" and config.gpu_memory_utilization > 0 and not config.num_blocks:
-        with torch.device("meta"):
-            weight_bytes = sum(p.numel() for p in CausalLM(model_config).parameters()) * dtype.itemsize
-        budget = gpu_kv_budget_bytes(config, model_config, dtype, torch.cuda.mem_get_info(device)[1],
-                                     weight_bytes)
+    budget = kv_budget_bytes(config, model_config, dtype, device)
     num_blocks = resolve_num_blocks(config, model_config, kv_dtype, budget)
     log.info("KV pool: %d blocks x %d tokens (%s)", num_blocks, config.block_size,
              "num_blocks" if config.num_blocks else
