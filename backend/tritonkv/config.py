@@ -12,6 +12,7 @@ from dataclasses import dataclass
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+KV_EVICTIONS = ("none", "streaming", "h2o")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,13 @@ class EngineConfig:
     # CUDA: > 0 sizes the KV pool so that weights + activations + graphs + KV use this fraction
     # of the device's total memory (as vLLM's); 0 keeps kv_cache_memory_mb
     gpu_memory_utilization: float = 0.0
+    # bounded KV per sequence (cache/eviction.py): none | streaming (StreamingLLM: attention
+    # sinks + recent window) | h2o (sinks + heavy hitters by attention mass + recent window);
+    # a conversation may then run past the pool's capacity and past max_model_len
+    kv_eviction: str = "none"
+    attention_sinks: int = 4  # tokens kept from the start (rounded up to whole blocks)
+    kv_window: int = 0  # recent tokens kept (streaming / h2o; rounded up to whole blocks)
+    heavy_hitter_tokens: int = 0  # h2o: tokens kept for their accumulated attention mass
 
     def __post_init__(self):
         def bad(name, why):
@@ -66,6 +74,29 @@ class EngineConfig:
             bad("stream_interval", "must be >= 1 (tokens per streamed response)")
         if self.default_max_tokens <= 0:
             bad("default_max_tokens", "must be > 0")
+        self._check_eviction(bad)
+
+    def _check_eviction(self, bad):
+        if self.kv_eviction not in KV_EVICTIONS:
+            bad("kv_eviction", f"must be one of {KV_EVICTIONS}")
+        if self.attention_sinks < 0:
+            bad("attention_sinks", "must be >= 0 (tokens kept from the start)")
+        if self.kv_window < 0:
+            bad("kv_window", "must be >= 0 tokens")
+        if self.heavy_hitter_tokens < 0:
+            bad("heavy_hitter_tokens", "must be >= 0 tokens")
+        if self.kv_eviction == "none":
+            return
+        if self.kv_window <= 0:
+            bad("kv_window", f"must be > 0 tokens with kv_eviction={self.kv_eviction!r} (the recent window kept)")
+        if self.attention_sinks > self.kv_window:
+            bad("attention_sinks", f"must not exceed kv_window ({self.kv_window}): the sinks are a few "
+                                   "tokens kept beside the recent window")
+        if self.kv_eviction == "h2o" and self.heavy_hitter_tokens <= 0:
+            bad("heavy_hitter_tokens", "must be > 0 with kv_eviction='h2o' (tokens kept for their attention mass)")
+        if self.kv_cache_dtype != "auto":
+            bad("kv_cache_dtype", f"fp8 / int8 KV is not supported with kv_eviction={self.kv_eviction!r} "
+                                  "(evicting re-rotates cached keys); use kv_cache_dtype auto")
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], **overrides) -> "EngineConfig":

@@ -100,7 +100,7 @@ def test_shared_prefix_is_a_cache_hit_and_gives_same_tokens(family):
 
 
 def test_preemption_under_a_small_pool_gives_same_tokens(family):
-    _, path, hf = family
+    name, path, hf = family
     # 4 sequences x (20 prompt + 16 out) tokens need 36 blocks; the pool has 24
     engine = make_engine(path, num_blocks=24, max_num_batched_tokens=32)
     prompts = [prompt(20, 30 + i) for i in range(4)]
@@ -110,7 +110,10 @@ def test_preemption_under_a_small_pool_gives_same_tokens(family):
         engine.submit(i, p, greedy(16), c, start=True, end=True)
         cs.append(c)
     engine.run_until_idle()
-    assert engine.scheduler.num_preemptions > 0
+    if name == "mistral_window":  # its window (8) returns blocks instead: nothing to preempt
+        assert engine.scheduler.num_preemptions == 0 and engine.stats()["evicted_blocks_window"] > 0
+    else:
+        assert engine.scheduler.num_preemptions > 0
     for p, c in zip(prompts, cs):
         assert c.token_ids == hf_greedy(hf, p, 16)[0]
     assert engine.pool.counts()["used"] == 0

@@ -1,11 +1,29 @@
 """Per-instance view of the pool: each sequence's block table and its prefix-cache chain.
 
 Rules:
-- Block tables are append-only while a sequence lives; ``release`` drops them whole.
+- A block table lists the sequence's *kept* blocks in order; ``origins`` holds each one's
+  original block number (token ``p`` of the text lives in original block ``p // block_size``).
+  Without eviction the two are the same and tables are append-only. With an eviction policy
+  (cache/eviction.py) ``evict`` returns blocks no future query keeps; their tokens are
+  ``evicted_tokens``, so a new token at text position ``p`` lands at *cache index*
+  ``p - evicted_tokens`` and the kernels see a dense cache.
+- Keys are stored rotated (RoPE) at ``cache index + angle_shift``; a query is rotated the same
+  way. Window models keep the text positions (``angle_shift`` = ``evicted_tokens``, holes only
+  at the front). Streaming / h2o use positions inside the cache: when blocks in the middle go,
+  the kept blocks before the hole are re-rotated forward by the evicted token count
+  (``take_kv_ops``: the engine applies them on the device before the next launch), so every
+  distance a query sees is its distance inside the cache; ``angle_shift`` is brought back to 0
+  (all kept keys rotated back) before angles would leave the rotary table.
+- A rotated block is private: the first eviction of a streaming / h2o sequence replaces its
+  blocks that sit in the prefix index by private copies (the index keeps the originals), and
+  such a sequence registers no block past ``EvictionPolicy.cacheable_blocks``.
 - Only full blocks whose KV has been written are registered in the prefix index
   (``commit``), so a shared block is never written again.
 - A prefix hit never covers a prompt's last token: at least one token is computed, because
   its logits are needed.
+- h2o: ``add_mass`` accumulates each kept block's attention mass; the decisions taken and the
+  mass survive preemption (``preempt``), so a recompute evicts the same blocks at the same
+  positions.
 """
 
 from __future__ import annotations
@@ -13,24 +31,62 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tritonkv.cache.block_hash import NO_HASH, hash_full_blocks
 from tritonkv.cache.block_pool import BlockPool, PoolExhausted
+from tritonkv.cache.eviction import EvictionPolicy
 
 
 @dataclass
 class SequenceBlocks:
     extra_keys: tuple
     blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)  # hashes of blocks[:len(hashes)], registered
+    origins: list[int] = field(default_factory=list)  # original block number of each kept block
+    hashes: list[int] = field(default_factory=list)  # hashes of original blocks [0, len), registered
+    evicted_tokens: int = 0
+    angle_shift: int = 0
+    private: bool = False  # blocks from the prefix index were replaced by private copies
+    mass: np.ndarray = field(default_factory=lambda: np.zeros(0))  # h2o: per kept block
+
+
+@dataclass
+class EvictionHistory:
+    """What a preempted h2o sequence needs to evict the same blocks when it is recomputed."""
+
+    evicted_at: dict[int, int] = field(default_factory=dict)  # original block -> query position
+    mass: dict[int, float] = field(default_factory=dict)  # original block -> mass
+
+
+@dataclass
+class KVOp:
+    """A device-side change of cached KV the engine applies before the next launch:
+    ``copy`` blocks ``src[i]`` -> ``dst[i]`` (every layer, K and V), or ``rotate`` the keys in
+    ``slots`` by ``delta`` positions (every layer)."""
+
+    kind: str
+    src: list[int] = field(default_factory=list)
+    dst: list[int] = field(default_factory=list)
+    slots: np.ndarray | None = None
+    delta: int = 0
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, owner: int, enable_prefix_caching: bool = True):
+    def __init__(self, pool: BlockPool, owner: int, enable_prefix_caching: bool = True,
+                 policy: EvictionPolicy | None = None, angle_limit: int = 1 << 62,
+                 max_chunk_tokens: int = 1 << 30):
+        """``angle_limit``: rotary angles (positions) must stay below it (the rotary table)."""
         self.pool = pool
         self.owner = owner
         self.block_size = pool.block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.policy = policy or EvictionPolicy("none", pool.block_size)
+        self.angle_limit = angle_limit
+        self._cache_bound = self.policy.blocks_per_sequence(max_chunk_tokens) * self.block_size
         self._seqs: dict[Hashable, SequenceBlocks] = {}
+        self._history: dict[Hashable, EvictionHistory] = {}
+        self._ops: list[KVOp] = []
+        self.evicted_blocks = {"window": 0, "streaming": 0, "h2o": 0}
 
     def __contains__(self, seq_id) -> bool:
         return seq_id in self._seqs
@@ -38,8 +94,21 @@ class KVCacheManager:
     def block_table(self, seq_id) -> list[int]:
         return self._seqs[seq_id].blocks
 
+    def origins(self, seq_id) -> list[int]:
+        return self._seqs[seq_id].origins
+
+    def cache_index(self, seq_id, position: int) -> int:
+        """Where the token at text ``position`` (not yet evicted) sits in the cache."""
+        return position - self._seqs[seq_id].evicted_tokens
+
+    def angle_shift(self, seq_id) -> int:
+        return self._seqs[seq_id].angle_shift
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def max_chunk(self, position: int) -> int:
+        return self.policy.max_chunk(position)
 
     def start(self, seq_id, token_ids: Sequence[int], extra_keys: tuple = ()) -> int:
         """Open ``seq_id`` and attach the longest cached prefix of ``token_ids``.
@@ -51,22 +120,34 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return 0
         cacheable = token_ids[: max(len(token_ids) - 1, 0)]
-        hashes = hash_full_blocks(cacheable, self.block_size, seq.extra_keys)
-        seq.blocks = self.pool.acquire_cached_prefix(hashes, cacheable, self.owner)
-        seq.hashes = hashes[: len(seq.blocks)]
-        return len(seq.blocks) * self.block_size
+        hashes = hash_full_blocks(cacheable, self.block_size, seq.extra_keys)[: self.policy.cacheable_blocks()]
+        blocks = self.pool.acquire_cached_prefix(hashes, cacheable, self.owner)
+        self._append(seq_id, seq, blocks)
+        seq.hashes = hashes[: len(blocks)]
+        return len(blocks) * self.block_size
+
+    def _append(self, seq_id, seq: SequenceBlocks, blocks: list[int]) -> None:
+        first = seq.origins[-1] + 1 if seq.origins else seq.evicted_tokens // self.block_size
+        origins = list(range(first, first + len(blocks)))
+        seq.blocks.extend(blocks)
+        seq.origins.extend(origins)
+        if self.policy.mode == "h2o":
+            past = self._history.get(seq_id)
+            init = [past.mass.get(o, 0.0) for o in origins] if past else [0.0] * len(origins)
+            seq.mass = np.concatenate([seq.mass, np.asarray(init, dtype=np.float64)])
 
     def grow(self, seq_id, num_tokens: int) -> bool:
-        """Make the table cover ``num_tokens`` tokens. False (nothing changed) if the pool
-        cannot supply the blocks."""
+        """Make the table cover the text's first ``num_tokens`` tokens (evicted ones
+        excepted). False (nothing changed) if the pool cannot supply the blocks."""
         seq = self._seqs[seq_id]
-        missing = self.blocks_needed(num_tokens) - len(seq.blocks)
+        missing = self.blocks_needed(num_tokens - seq.evicted_tokens) - len(seq.blocks)
         if missing <= 0:
             return True
         try:
-            seq.blocks.extend(self.pool.allocate(missing, self.owner))
+            blocks = self.pool.allocate(missing, self.owner)
         except PoolExhausted:
             return False
+        self._append(seq_id, seq, blocks)
         return True
 
     def commit(self, seq_id, token_ids: Sequence[int]) -> None:
@@ -74,16 +155,142 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         seq = self._seqs[seq_id]
+        if self.policy.relative and seq.evicted_tokens:
+            return  # KV past the first eviction depends on the policy, and sinks get rotated
         start = len(seq.hashes)
         parent = seq.hashes[-1] if seq.hashes else NO_HASH
-        new = hash_full_blocks(token_ids, self.block_size, seq.extra_keys, start, parent)
+        limit = min(len(token_ids) // self.block_size, self.policy.cacheable_blocks())
+        if start >= limit:
+            return
+        new = hash_full_blocks(token_ids[: limit * self.block_size], self.block_size, seq.extra_keys, start, parent)
+        first = seq.origins[0] if seq.origins else 0
         for i, h in enumerate(new, start):
-            self.pool.register(seq.blocks[i], h, parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
+            if first <= i < first + len(seq.blocks):  # (a window model may have returned it)
+                self.pool.register(seq.blocks[i - first], h, parent,
+                                   token_ids[i * self.block_size:(i + 1) * self.block_size])
             parent = h
         seq.hashes.extend(new)
 
+    # -- eviction ----------------------------------------------------------------------------
+    def needs_decision(self, seq_id, position: int) -> bool:
+        """h2o: the query at ``position`` would evict by mass (the engine must have read back
+        the mass of every earlier query first)."""
+        if self.policy.mode != "h2o":
+            return False
+        seq = self._seqs[seq_id]
+        return bool(self.policy.victims(seq.origins, position, seq.mass))
+
+    def would_evict(self, seq_id, position: int) -> bool:
+        return self.policy.active and bool(self._victims(seq_id, self._seqs[seq_id], position))
+
+    def evict(self, seq_id, position: int) -> int:
+        """Return the blocks that the query at text ``position`` and every later one no longer
+        keep; returns how many. Queues the key rotations this needs (``take_kv_ops``)."""
+        if not self.policy.active:
+            return 0
+        seq = self._seqs[seq_id]
+        victims = self._victims(seq_id, seq, position)
+        if victims:
+            self._drop(seq_id, seq, victims, position)
+        if self.policy.relative and seq.angle_shift and \
+                seq.angle_shift + self._cache_bound >= self.angle_limit:
+            self._rotate(seq, range(len(seq.blocks)), -seq.angle_shift)
+            seq.angle_shift = 0
+        return len(victims)
+
+    def _victims(self, seq_id, seq: SequenceBlocks, position: int) -> list[int]:
+        past = self._history.get(seq_id)
+        if past and past.evicted_at and position <= max(past.evicted_at.values()):
+            # a recompute after preemption: the decisions taken then, at the same positions
+            return [i for i, o in enumerate(seq.origins) if past.evicted_at.get(o, 1 << 62) <= position]
+        return self.policy.victims(seq.origins, position, seq.mass)
+
+    def _drop(self, seq_id, seq: SequenceBlocks, victims: list[int], position: int) -> None:
+        bs = self.block_size
+        gone = set(victims)
+        if self.policy.mode == "h2o":
+            past = self._history.setdefault(seq_id, EvictionHistory())
+            for i in victims:
+                past.evicted_at.setdefault(seq.origins[i], position)
+        released = [seq.blocks[i] for i in victims]
+        keep = [i for i in range(len(seq.blocks)) if i not in gone]
+        # a kept key moves down by the evicted tokens before it; to keep its angle relative to
+        # everything after the hole, it turns forward by the evicted tokens after it
+        after = np.cumsum([i in gone for i in range(len(seq.blocks))][::-1])[::-1]
+        seq.blocks = [seq.blocks[i] for i in keep]
+        seq.origins = [seq.origins[i] for i in keep]
+        if len(seq.mass):
+            seq.mass = seq.mass[keep]
+        self.pool.release(released, self.owner)
+        self.evicted_blocks[self.policy.mode] += len(victims)
+        seq.evicted_tokens += len(victims) * bs
+        seq.angle_shift += len(victims) * bs
+        if not self.policy.relative:
+            return
+        turns = {}
+        for new_i, old_i in enumerate(keep):
+            if after[old_i]:
+                turns.setdefault(int(after[old_i]) * bs, []).append(new_i)
+        if turns:
+            self._make_private(seq)
+        for delta, idx in turns.items():
+            self._rotate(seq, idx, delta)
+
+    def _make_private(self, seq: SequenceBlocks) -> None:
+        """Replace the kept blocks that sit in the prefix index by private copies."""
+        if seq.private:
+            return
+        seq.private = True
+        shared = [i for i, o in enumerate(seq.origins) if o < len(seq.hashes)]
+        if not shared:
+            return
+        fresh = self.pool.allocate(len(shared), self.owner)
+        old = [seq.blocks[i] for i in shared]
+        self._ops.append(KVOp("copy", src=old, dst=fresh))
+        for i, b in zip(shared, fresh):
+            seq.blocks[i] = b
+        self.pool.release(old, self.owner)
+
+    def _rotate(self, seq: SequenceBlocks, indices, delta: int) -> None:
+        blocks = np.asarray([seq.blocks[i] for i in indices], dtype=np.int64)
+        if len(blocks) and delta:
+            slots = (blocks[:, None] * self.block_size + np.arange(self.block_size)[None, :]).reshape(-1)
+            self._ops.append(KVOp("rotate", slots=slots, delta=delta))
+
+    def take_kv_ops(self) -> list[KVOp]:
+        ops, self._ops = self._ops, []
+        return ops
+
+    def add_mass(self, seq_id, origins: Sequence[int], mass: np.ndarray) -> None:
+        """h2o: add one query's attention mass; ``mass[i]`` belongs to original block
+        ``origins[i]`` (the table at that query's launch)."""
+        seq = self._seqs.get(seq_id)
+        if seq is None or not len(seq.mass):
+            return
+        n = min(len(origins), len(seq.origins))
+        if seq.origins[:n] == list(origins[:n]):
+            seq.mass[:n] += mass[:n]
+            return
+        where = {o: i for i, o in enumerate(seq.origins)}
+        for o, m in zip(origins, mass):
+            if o in where:
+                seq.mass[where[o]] += m
+
+    # -- release -----------------------------------------------------------------------------
+    def preempt(self, seq_id) -> None:
+        """Drop the sequence's blocks but keep what a recompute needs to evict the same way."""
+        seq = self._seqs.get(seq_id)
+        if seq is not None and self.policy.mode == "h2o":
+            past = self._history.setdefault(seq_id, EvictionHistory())
+            past.mass.update(zip(seq.origins, seq.mass.tolist()))
+        self._drop_all(seq_id)
+
     def release(self, seq_id) -> None:
         """Drop the sequence; its registered blocks stay in the prefix index until evicted."""
+        self._history.pop(seq_id, None)
+        self._drop_all(seq_id)
+
+    def _drop_all(self, seq_id) -> None:
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
             self.pool.release(seq.blocks, self.owner)

@@ -21,6 +21,7 @@ import torch
 
 from tritonkv.config import EngineConfig
 from tritonkv.cache.block_pool import BlockPool
+from tritonkv.cache.eviction import EvictionPolicy, policy_for
 from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
 from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
@@ -29,6 +30,7 @@ from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
+from tritonkv.ops.kv_relocate import copy_blocks, rotate_keys
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -43,6 +45,7 @@ class PendingStep:
     turns: list[Turn]
     handle: StepHandle
     schedule_s: float
+    origins: list | None = None  # h2o: each row's table at launch (original block numbers)
 
 
 CANCEL_POLL_S = 0.05
@@ -60,15 +63,26 @@ class Engine:
         self.device = next(model.parameters()).device
         self.pool = pool
         self.kv_caches = kv_caches
-        self.kv = KVCacheManager(pool, owner, config.enable_prefix_caching)
+        self.policy = eviction_policy(config, self.model_config, pool)
+        max_pos = self.model_config.max_position_embeddings
+        self.kv = KVCacheManager(pool, owner, config.enable_prefix_caching, self.policy, angle_limit=max_pos,
+                                 max_chunk_tokens=config.max_num_batched_tokens)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         capacity = pool.num_blocks * pool.block_size
-        limit = config.max_model_len or self.model_config.max_position_embeddings
-        self.max_model_len = min(limit, capacity)
+        limit = min(config.max_model_len or max_pos, max_pos)
+        # a window model holds O(window) per sequence: the pool does not bound its context
+        self.max_model_len = limit if self.policy.mode == "window" else min(limit, capacity)
+        kept = self.policy.blocks_per_sequence(config.max_num_batched_tokens) * pool.block_size
+        if self.policy.relative and kept > self.max_model_len:
+            raise ValueError(f"parameter 'max_model_len' = {config.max_model_len}: kv_eviction="
+                             f"{config.kv_eviction!r} keeps up to {kept} tokens per sequence; raise it or lower kv_window")
+        # the longest conversation (None: unbounded, positions inside the cache)
+        self.context_limit = None if self.policy.relative else self.max_model_len
         self.runner = ModelRunner(model, kv_caches, block_size=pool.block_size, max_model_len=self.max_model_len,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens, device=self.device,
-                                  enable_cuda_graphs=config.enable_cuda_graphs)
+                                  enable_cuda_graphs=config.enable_cuda_graphs,
+                                  collect_mass=self.policy.mode == "h2o")
         self.step_times = StepBreakdown()
         self._pending: PendingStep | None = None  # a launched step not yet read back
         # called on the engine thread after each loop iteration's outputs were emitted (the
@@ -120,7 +134,7 @@ class Engine:
                                f"{len(bad)} ids are out of range")
         if params.max_tokens <= 0:
             raise RequestError(f"max_tokens must be > 0, got {params.max_tokens}")
-        if params.max_tokens > self.max_model_len:
+        if self.context_limit is not None and params.max_tokens > self.max_model_len:
             raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
                                f"{self.max_model_len} tokens (max_model_len)")
         check_sampling(params)
@@ -266,7 +280,7 @@ class Engine:
                     return
                 continue
             context = len(seq.token_ids) + len(turn.prompt_ids)
-            if context >= self.max_model_len:
+            if self.context_limit is not None and context >= self.context_limit:
                 self._reply_error(turn, f"conversation would hold {context} tokens; this model serves "
                                         f"at most {self.max_model_len} (max_model_len) — shorten the prompt "
                                         "or start a new conversation")
@@ -312,8 +326,10 @@ class Engine:
             self._fail_unschedulable(running)
             return
         t1 = time.perf_counter()
-        step = PendingStep(plan, [c.seq.turn for c in plan], self.runner.launch([self._step_row(c) for c in plan]),
-                           t1 - t0)
+        rows = [self._step_row(c) for c in plan]
+        self._apply_kv_ops()
+        step = PendingStep(plan, [c.seq.turn for c in plan], self.runner.launch(rows), t1 - t0,
+                           self._launch_origins(plan))
         if self.runner.graphs and all(c.sample for c in plan):
             self._pending = step  # read back after the next launch
         else:
@@ -336,18 +352,48 @@ class Engine:
         for i, chunk, turn in live:
             seq = chunk.seq
             position = chunk.start + chunk.num_tokens  # where the token in flight goes
-            if (len(turn.output_ids) + 1 >= turn.params.max_tokens or position + 1 >= self.max_model_len
-                    or not self.kv.grow(seq.seq_id, position + 1)):
+            if (len(turn.output_ids) + 1 >= turn.params.max_tokens
+                    or (self.context_limit is not None and position + 1 >= self.context_limit)
+                    or not self._may_evict_in_flight(seq, position)):
                 return False
-            rows.append(StepRow([0], position, self.kv.block_table(seq.seq_id), True, turn.params, turn.generator,
-                                from_prev=i))
+            self.kv.evict(seq.seq_id, position)
+            if not self.kv.grow(seq.seq_id, position + 1):
+                return False
+            rows.append(StepRow([0], self.kv.cache_index(seq.seq_id, position), self.kv.block_table(seq.seq_id),
+                                True, turn.params, turn.generator, from_prev=i,
+                                angle_shift=self.kv.angle_shift(seq.seq_id)))
         t1 = time.perf_counter()
+        plan = [ScheduledChunk(chunk.seq, chunk.start + chunk.num_tokens, 1, True) for _, chunk, _ in live]
+        self._apply_kv_ops()
         handle = self.runner.launch(rows, pend.handle)
         self._steps += 1
-        plan = [ScheduledChunk(chunk.seq, chunk.start + chunk.num_tokens, 1, True) for _, chunk, _ in live]
         self._finalize(pend)
-        self._pending = PendingStep(plan, [turn for _, _, turn in live], handle, t1 - t0)
+        self._pending = PendingStep(plan, [turn for _, _, turn in live], handle, t1 - t0, self._launch_origins(plan))
         return True
+
+    def _may_evict_in_flight(self, seq: Sequence, position: int) -> bool:
+        """Whether the step for ``position`` may be launched before the step in flight is read
+        back. Not when h2o must choose by mass (the query in flight adds to it), nor when a
+        block the step in flight still reads would go back to a pool other processes use."""
+        if self.kv.needs_decision(seq.seq_id, position):
+            return False
+        return type(self.pool) is BlockPool or not self.kv.would_evict(seq.seq_id, position)
+
+    def _apply_kv_ops(self) -> None:
+        """Key rotations and block copies that eviction queued, before the next launch."""
+        ops = self.kv.take_kv_ops()
+        if not ops:
+            return
+        for op in ops:
+            if op.kind == "copy":
+                copy_blocks(self.kv_caches, op.src, op.dst)
+            else:
+                rotate_keys(self.kv_caches, op.slots, op.delta, self.model.rotary_table(self.device))
+
+    def _launch_origins(self, plan: list[ScheduledChunk]) -> list | None:
+        if self.policy.mode != "h2o":
+            return None
+        return [list(self.kv.origins(c.seq.seq_id)) for c in plan]
 
     def _finalize(self, step: PendingStep) -> None:
         """Read a launched step's tokens back and apply them; rows whose turn ended meanwhile
@@ -355,13 +401,16 @@ class Engine:
         t0 = time.perf_counter()
         sampled = iter(self.runner.collect(step.handle))
         t1 = time.perf_counter()
-        for chunk, turn in zip(step.plan, step.turns):
+        mass = step.handle.mass.numpy() if step.handle.mass is not None else None
+        for i, (chunk, turn) in enumerate(zip(step.plan, step.turns)):
             seq = chunk.seq
             token = next(sampled) if chunk.sample else None
             if seq.turn is not turn or seq.status is not SeqStatus.RUNNING or seq.num_computed != chunk.start:
                 continue
             seq.num_computed += chunk.num_tokens
             self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
+            if mass is not None and chunk.sample:  # h2o: the mass of the sampling query
+                self.kv.add_mass(seq.seq_id, step.origins[i], mass[i])
             if token is None:
                 continue
             try:
@@ -376,8 +425,9 @@ class Engine:
     def _step_row(self, chunk: ScheduledChunk) -> StepRow:
         seq = chunk.seq
         turn = seq.turn
-        return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens], chunk.start,
-                       self.kv.block_table(seq.seq_id), chunk.sample, turn.params, turn.generator)
+        return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
+                       self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
+                       turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id))
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         turn = seq.turn
@@ -392,7 +442,8 @@ class Engine:
             reason = "eos"
         elif stopped:
             reason = "stop"
-        elif len(turn.output_ids) >= turn.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif len(turn.output_ids) >= turn.params.max_tokens or (
+                self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
         if reason is None:
             self._reply(turn, TurnOutput(text, [token]))
@@ -476,5 +527,32 @@ class Engine:
         counts = self.pool.counts()
         counts["live_sequences"] = len(self._seqs)
         counts["preemptions"] = self.scheduler.num_preemptions
+        for mode, n in self.kv.evicted_blocks.items():  # blocks returned by each eviction policy
+            counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens
         return counts
+
+
+def eviction_policy(config: EngineConfig, model_config, pool: BlockPool) -> EvictionPolicy:
+    """The engine's eviction policy, checked against the model and the pool (errors name the
+    parameter to change)."""
+    if model_config.sliding_window and config.kv_eviction != "none":
+        raise ValueError(f"parameter 'kv_eviction' = {config.kv_eviction!r}: this model attends a sliding "
+                         f"window of {model_config.sliding_window} tokens, which already bounds its KV "
+                         "(blocks outside the window are returned); use kv_eviction none")
+    policy = policy_for(config.kv_eviction, pool.block_size, model_window=model_config.sliding_window,
+                        kv_window=config.kv_window, attention_sinks=config.attention_sinks,
+                        heavy_hitter_tokens=config.heavy_hitter_tokens)
+    if not policy.active:
+        return policy
+    need = policy.blocks_per_sequence(config.max_num_batched_tokens)
+    name = {"window": "num_blocks", "streaming": "kv_window", "h2o": "heavy_hitter_tokens"}[policy.mode]
+    if need > pool.num_blocks:
+        raise ValueError(f"parameter {name!r}: one sequence keeps up to {need} KV blocks of {pool.block_size} "
+                         f"tokens (attention sinks, heavy hitters, recent window, one chunk) but the pool has "
+                         f"{pool.num_blocks}; lower it or raise num_blocks / kv_cache_memory_mb")
+    max_pos = model_config.max_position_embeddings
+    if policy.relative and 2 * need * pool.block_size > max_pos:
+        raise ValueError(f"parameter {name!r}: the kept cache ({need} blocks x {pool.block_size} tokens) must "
+                         f"be at most half the model's {max_pos} positions (positions are inside the cache)")
+    return policy

@@ -18,6 +18,11 @@ Rules:
   ``launch`` returns at once, ``collect`` waits. A row may take its input token from the
   previous launch's sampled ids on the device (``from_prev``), so a decode step can be
   launched before the host has seen the tokens it continues (engine overlap).
+- A row's ``start`` is a cache index (where its first token lands in its block table); its
+  tokens are rotated at ``cache index + angle_shift`` (cache/kv_cache_manager.py: evicted
+  blocks leave the table dense, the angles keep the distances the policy defines).
+- ``collect_mass`` (h2o): each step also sums, per row and table block, the attention mass
+  the row's last query gives (every layer and head), and brings it back with the ids.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ class StepRow:
     generator: torch.Generator | None = None
     from_prev: int = -1  # >= 0: the one input token is sample number ``from_prev`` of the
     # previous launch (still on the device); ``token_ids`` then holds a placeholder
+    angle_shift: int = 0  # rotary position = cache index + angle_shift
 
 
 @dataclass
@@ -90,12 +96,13 @@ class StepHandle:
     done: torch.cuda.Event | None
     num_samples: int
     times: StepTimes | None = None
+    mass: torch.Tensor | None = None  # [rows, table blocks] float32 (collect_mass), host
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, *, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, device: torch.device,
-                 enable_cuda_graphs: bool = True):
+                 enable_cuda_graphs: bool = True, collect_mass: bool = False):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -132,6 +139,10 @@ class ModelRunner:
         # read while the next step's copy is in flight)
         self._h_out = [host(self.max_seqs, torch.int64) for _ in range(2)]
         self._out_turn = 0
+        self.block_mass = torch.zeros((self.max_seqs, self.max_blocks), dtype=torch.float32, device=device) \
+            if collect_mass else None
+        self._h_mass = [host((self.max_seqs, self.max_blocks), torch.float32) for _ in range(2)] \
+            if collect_mass and cuda else None
         self._np = [t.numpy() for t in self._host]
         if cuda:
             self._dev = [torch.zeros_like(t, device=device) for t in self._host]
@@ -171,12 +182,12 @@ class ModelRunner:
                 num_prev += 1
             if n == 1:
                 ids[t] = row.token_ids[0]
-                pos[t] = row.start
+                pos[t] = row.start + row.angle_shift
                 slots[t] = table[row.start // bs] * bs + row.start % bs
             else:
                 p = np.arange(row.start, end)
                 ids[t:t + n] = row.token_ids
-                pos[t:t + n] = p
+                pos[t:t + n] = p + row.angle_shift
                 slots[t:t + n] = np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs
             tables[i, :len(table)] = table
             lens[i] = end
@@ -210,7 +221,7 @@ class ModelRunner:
             positions=self.positions[:num_tokens], slot_mapping=self.slots[:num_tokens],
             block_tables=self.block_tables[:num_seqs], seq_lens=self.seq_lens[:num_seqs],
             query_start_loc=self.query_start_loc[:num_seqs + 1], max_query_len=max_q,
-            max_seq_len=max_len)
+            max_seq_len=max_len, block_mass=None if self.block_mass is None else self.block_mass[:num_seqs])
 
     # -- one step ----------------------------------------------------------------------------
     def launch(self, rows: list[StepRow], prev: StepHandle | None = None) -> StepHandle:
@@ -231,6 +242,8 @@ class ModelRunner:
         if self._uploaded is not None:
             self._uploaded.record()  # every pinned input of this step is now queued for copy
         t1 = time.perf_counter()
+        if self.block_mass is not None:
+            self.block_mass.zero_()
         if key is not None:
             graph, logits = self.graphs[key]
             graph.replay()
@@ -240,6 +253,12 @@ class ModelRunner:
             logits = self.model.logits(hidden[self.sample_rows[:len(sample_at)]]) if sample_at else None
         t2 = time.perf_counter()
         handle = StepHandle(None, None, None, len(sample_at))
+        if self.block_mass is not None:
+            if self._h_mass is not None:
+                handle.mass = self._h_mass[self._out_turn][:n]
+                handle.mass.copy_(self.block_mass[:n], non_blocking=True)
+            else:
+                handle.mass = self.block_mass[:n].clone()
         if sample_at:
             handle.sampled = sample_ids(logits, params, [r.generator for r in samplers], settings)
             if self.device.type == "cuda":
@@ -250,15 +269,19 @@ class ModelRunner:
                 handle.done.record()
             else:
                 handle.host = handle.sampled
+        elif handle.mass is not None and self.device.type == "cuda":
+            handle.done = torch.cuda.Event()
+            handle.done.record()
         handle.times = StepTimes(t1 - t0, t2 - t1, time.perf_counter() - t2, graph_bs is not None)
         return handle
 
     def collect(self, handle: StepHandle) -> list[int]:
-        """Wait for a launched step; its sampled ids in row order."""
-        if handle.num_samples == 0:
-            return []
+        """Wait for a launched step; its sampled ids in row order (``handle.mass`` is then
+        readable too)."""
         if handle.done is not None:
             handle.done.synchronize()
+        if handle.num_samples == 0:
+            return []
         return handle.host.tolist()
 
     def _row_settings(self, params: list[SamplingParams]) -> RowSettings | None:

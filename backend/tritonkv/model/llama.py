@@ -28,6 +28,9 @@ class AttentionBatch:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int
     max_seq_len: int | None = None  # host bound on seq_lens (sizes decode splits); None: table width
+    # h2o: [num_seqs, table blocks] float32; every layer adds the attention mass each sequence's
+    # last query gives to each table block (summed over query heads)
+    block_mass: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -84,12 +87,23 @@ class Attention(nn.Module):
         k = qkv[:, h * d: (h + kvh) * d].view(n, kvh, d)
         v = qkv[:, (h + kvh) * d:].view(n, kvh, d)
         dispatch.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, **scales)
+        kernel_mass = batch.block_mass is not None and q.is_cuda and batch.max_query_len <= 1
         out = dispatch.paged_attention(
             q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
             self.scale, sliding_window=self.sliding_window, max_query_len=batch.max_query_len,
-            max_seq_len=batch.max_seq_len, **scales,
+            max_seq_len=batch.max_seq_len, return_attention_mass=kernel_mass, **scales,
         )
+        if kernel_mass:
+            out, mass = out
+            self._add_block_mass(batch, mass, k_cache.shape[1])
+        elif batch.block_mass is not None:
+            self._add_block_mass(batch, dispatch.last_query_mass(q, k_cache, batch, self.scale), k_cache.shape[1])
         return self.o_proj(out.reshape(n, h * d))
+
+    @staticmethod
+    def _add_block_mass(batch: AttentionBatch, mass: torch.Tensor, block_size: int) -> None:
+        per_block = mass.view(mass.shape[0], -1, block_size).sum(-1)
+        batch.block_mass[:, :per_block.shape[1]] += per_block
 
 
 class MLP(nn.Module):

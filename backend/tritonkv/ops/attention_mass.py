@@ -38,3 +38,21 @@ def attention_mass_reference(
         s = s.masked_fill(~mask[None], float("-inf"))
         mass[i, :ctx] = torch.softmax(s, dim=-1).sum(0)
     return mass
+
+
+def last_query_mass(q, k_cache, block_tables, seq_lens, query_start_loc, scale, num_blocks: int):
+    """Batched torch (any device, no host sync): the mass of each sequence's *last* query row
+    over its first ``num_blocks`` table blocks, ``[num_seqs, num_blocks * block_size]`` float32;
+    every cached key below ``seq_lens`` is visible (no window). Equals
+    ``attention_mass_reference`` for those rows."""
+    num_seqs = seq_lens.shape[0]
+    page, num_kv_heads, head_dim = k_cache.shape[1:]
+    group = q.shape[1] // num_kv_heads
+    tables = block_tables[:, :num_blocks].long()
+    k = k_cache[tables].reshape(num_seqs, num_blocks * page, num_kv_heads, head_dim).float()
+    last = query_start_loc[1:].long() - 1
+    qd = q[last].float().view(num_seqs, num_kv_heads, group, head_dim)
+    s = torch.einsum("sngd,sknd->sngk", qd, k) * scale
+    visible = torch.arange(num_blocks * page, device=q.device)[None, :] < seq_lens[:, None]
+    s.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    return torch.softmax(s, dim=-1).sum(dim=(1, 2))

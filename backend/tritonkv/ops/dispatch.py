@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from tritonkv.cache.quant_format import is_quantized
-from tritonkv.ops.attention_mass import attention_mass_reference
+from tritonkv.ops.attention_mass import attention_mass_reference, last_query_mass as _last_query_mass
 from tritonkv.ops.cpu_attention import paged_attention_cpu
 from tritonkv.ops.paged_attention import paged_attention_reference, write_kv_reference
 from tritonkv.ops.quant import (
@@ -175,3 +175,13 @@ def _check_decode_only(query_start_loc, max_query_len):
             if query_start_loc.numel() > 1 else 0
     if max_query_len > 1:
         raise NotImplementedError("return_attention_mass is for decode batches only")
+
+
+def last_query_mass(q, k_cache, batch, scale) -> torch.Tensor:
+    """Attention mass of each sequence's last query row (any batch, any device; torch):
+    ``[num_seqs, n * block_size]`` over the first ``n`` table blocks that hold
+    ``batch.max_seq_len`` tokens (the whole table when unknown). No window: for h2o."""
+    block_size = k_cache.shape[1]
+    width = batch.block_tables.shape[1]
+    n = width if batch.max_seq_len is None else min(width, -(-batch.max_seq_len // block_size))
+    return _last_query_mass(q, k_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale, n)

@@ -10,6 +10,9 @@ Rules:
   (least recently active), then the running sequence whose turn started last. Preemption
   drops the KV (full blocks stay in the prefix cache) and the sequence recomputes later.
 - The scheduler never touches the free list: it asks the KV manager to ``grow``.
+- With an eviction policy (cache/eviction.py) a sequence first returns the blocks its next
+  chunk no longer sees (``evict``), and a chunk never crosses a position where the kept set
+  changes (``max_chunk``). A preempted sequence keeps its eviction history (``preempt``).
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ class Scheduler:
                 seq.num_computed = cached
                 if seq.turn is not None and seq.turn.cached_tokens < 0:
                     seq.turn.cached_tokens = cached
-            n = min(seq.num_uncomputed, budget)
+            n = min(seq.num_uncomputed, budget, self.kv.max_chunk(seq.num_computed))
             if n <= 0:
                 continue
+            self.kv.evict(seq.seq_id, seq.num_computed)
             if not self._grow(seq, seq.num_computed + n, planned, order, idle):
                 continue
             planned.append(ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
@@ -85,6 +89,6 @@ class Scheduler:
         return None
 
     def preempt(self, seq: Sequence) -> None:
-        self.kv.release(seq.seq_id)
+        self.kv.preempt(seq.seq_id)
         seq.num_computed = 0
         self.num_preemptions += 1
