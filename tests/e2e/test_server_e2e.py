@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tiny_models import hf_greedy
-from triton_calls import StreamClient, http_generate, inputs_for, metric_values, wait_for_pool_baseline
+from triton_calls import StreamClient, http_generate, http_post, inputs_for, metric_values, wait_for_pool_baseline
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.server.launcher import start_server
 
@@ -79,6 +79,31 @@ def test_http_generate_stream_sends_one_event_per_token(server):
     assert len(ids) == 5 and 1 <= len(events) <= 5
     assert all(isinstance(e["output_ids"], int) for e in events if len(events) == 5)
     assert events[-1]["finish_reason"] == "length"
+
+
+def test_refused_http_requests_are_400_naming_what_is_wrong(server):
+    cases = {
+        b'{"max_tokens": 2}': "no prompt: send text_input or input_ids",
+        b'{"text_input": "Hi", "temperature": -0.5}': "temperature must be a finite number >= 0 (0 = greedy), got -0.5",
+        b'{"text_input": "Hi", "top_p": 1.5}': "top_p must be in (0, 1], got 1.5",
+        b'{"text_input": "Hi", "top_k": -1}': "top_k must be an integer >= 0 (0 = off), got -1",
+    }
+    for body, expected in cases.items():
+        for endpoint_streams in (False, True):
+            code, message, _ = http_post(server.http_url, "llm_stateless", body, stream=endpoint_streams)
+            assert (code, message) == (400, expected), body
+
+
+def test_stream_true_on_generate_is_triton_s_200_error(server):
+    # Triton 2.51's /generate starts its reply (status included) at the model's first
+    # response and counts responses only at the end: a streamed request there answers HTTP 200
+    # with this error body. The model cannot tell /generate from /generate_stream (the same
+    # request reaches it), so it cannot refuse earlier; docs/client.md says so.
+    code, message, _ = http_post(server.http_url, "llm_stateless",
+                                 b'{"text_input": "Hi", "max_tokens": 3, "stream": true}')
+    assert (code, message) == (200, "generate expects model to produce exactly 1 response, use generate stream "
+                                     "for model that generates various number of responses")
+    assert wait_for_baseline(server)
 
 
 def test_stop_string_and_seeded_sampling(server):

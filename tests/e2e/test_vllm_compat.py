@@ -1,0 +1,185 @@
+"""Clients of Triton's vLLM backend, unchanged, against ``llm_stateless`` (issue 15 item 7).
+
+Requests are built the way triton-inference-server/vllm_backend's samples/client.py,
+its docs (additional outputs) and genai-perf's ``--backend vllm`` payloads build them:
+``text_input`` + ``stream`` + a ``sampling_parameters`` JSON string (string values) +
+``exclude_input_in_output`` + the ``return_*`` flags. Greedy tokens must equal those of our own
+form and HF's; the extra outputs must hold the right values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from tiny_models import hf_greedy
+from triton_calls import StreamClient, http_generate, http_post, wait_for_pool_baseline
+from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "loadtest"))
+from managed_server import managed_server  # noqa: E402
+
+PROMPT = "Hello"
+PROMPT_IDS = [256] + list(b"Hello")  # the demo tokenizer: BOS + one token per byte
+N = 8
+GREEDY_JSON = {"max_tokens": str(N), "temperature": "0", "ignore_eos": True}
+ALL_FLAGS = dict(return_finish_reason=True, return_num_input_tokens=True, return_num_output_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with managed_server(pool_name=f"vllmcompat{os.getpid()}",
+                        extra_params={"max_model_len": "256", "kv_cache_memory_mb": "32"}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def expected():
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()
+    return hf_greedy(hf, PROMPT_IDS, N)[0]
+
+
+@pytest.fixture(scope="module")
+def ours(server, expected):
+    """Our own form, streamed over gRPC: the tokens and text to compare with."""
+    client = StreamClient(server.grpc_url, "llm_stateless")
+    try:
+        t = client.turn(text=PROMPT, max_tokens=N, temperature=0.0, ignore_eos=True, stream=True)
+    finally:
+        client.close()
+    assert t.error is None and t.ids == expected
+    return t
+
+
+def vllm_inputs(sampling: dict, stream: bool, exclude_input_in_output: bool | None = None, **flags):
+    """The tensors of vLLM's samples/client.py ``create_request`` (plus the return_* flags)."""
+    tensors = []
+
+    def add(name, arr, dtype):
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+
+    add("text_input", np.array([PROMPT.encode("utf-8")], dtype=np.object_), "BYTES")
+    add("stream", np.array([stream], dtype=bool), "BOOL")
+    add("sampling_parameters", np.array([json.dumps(sampling).encode("utf-8")], dtype=np.object_), "BYTES")
+    if exclude_input_in_output is not None:
+        add("exclude_input_in_output", np.array([exclude_input_in_output], dtype=bool), "BOOL")
+    for name, value in flags.items():
+        add(name, np.array([value], dtype=bool), "BOOL")
+    return tensors
+
+
+def grpc_responses(url: str, inputs, parameters=None, outputs=None) -> list[dict]:
+    """Every response of one request on a gRPC stream, as {output name: numpy array}; the
+    stream's final flag (not an output) ends it."""
+    client = grpcclient.InferenceServerClient(url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model_name="llm_stateless", inputs=inputs, parameters=parameters,
+                                  outputs=outputs, enable_empty_final_response=True, request_id="7")
+        responses = []
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, str(error)
+            response = result.get_response()
+            named = {o.name: result.as_numpy(o.name) for o in response.outputs}
+            if named:
+                assert response.id == "7"
+                responses.append(named)
+            if response.parameters["triton_final_response"].bool_param:
+                return responses
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def text(arr) -> str:
+    return arr.reshape(-1)[0].decode("utf-8")
+
+
+def test_grpc_streaming_vllm_form_matches_our_form(server, ours, expected):
+    responses = grpc_responses(server.grpc_url, vllm_inputs(GREEDY_JSON, True, True, **ALL_FLAGS))
+    ids = [i for r in responses for i in r["output_ids"].tolist()]
+    assert ids == expected and "".join(text(r["text_output"]) for r in responses) == ours.text
+    # vLLM's additional outputs, on every response: finish reason in vLLM's words ("None"
+    # until the last), the tokens of this response; the prompt's size where known (the last)
+    assert [text(r["finish_reason"]) for r in responses] == ["None"] * (len(responses) - 1) + ["length"]
+    assert [r["num_output_tokens"].tolist() for r in responses] == [[len(r["output_ids"])] for r in responses]
+    assert all(r["num_output_tokens"].dtype == np.uint32 for r in responses)
+    assert responses[-1]["num_input_tokens"].tolist() == [len(PROMPT_IDS)]
+    assert all(r["num_input_tokens"].tolist() == [len(PROMPT_IDS)] for r in responses if "num_input_tokens" in r)
+
+
+def test_vllm_sample_client_request_one_reply_echoes_the_prompt(server, ours, expected):
+    # samples/client.py, not streaming: parameters both as the tensor and as request
+    # parameters (string values), exclude_input_in_output false, only text_output requested
+    sampling = {"temperature": "0", "top_p": "0.95", "max_tokens": str(N), "ignore_eos": "true"}
+    responses = grpc_responses(server.grpc_url, vllm_inputs(sampling, False, False), parameters=sampling,
+                               outputs=[grpcclient.InferRequestedOutput("text_output")])
+    assert len(responses) == 1
+    assert set(responses[0]) == {"text_output"}
+    assert text(responses[0]["text_output"]) == PROMPT + ours.text
+
+
+def test_genai_perf_vllm_payload_runs_to_max_tokens(server, expected):
+    # genai-perf --backend vllm with a deterministic output length: exclude_input_in_output
+    # true, max_tokens = min_tokens (no ignore_eos): every turn runs to max_tokens
+    sampling = {"max_tokens": str(N), "min_tokens": str(N), "temperature": "0"}
+    responses = grpc_responses(server.grpc_url, vllm_inputs(sampling, True, True, return_num_output_tokens=True))
+    assert [i for r in responses for i in r["output_ids"].tolist()] == expected
+    assert sum(int(r["num_output_tokens"][0]) for r in responses) == N
+
+
+def test_http_generate_vllm_form(server, ours, expected):
+    body = {"text_input": PROMPT, "sampling_parameters": json.dumps(GREEDY_JSON), "exclude_input_in_output": False,
+            **ALL_FLAGS}
+    code, reply = http_generate(server.http_url, "llm_stateless", body)
+    assert code == 200, reply
+    assert reply["output_ids"] == expected and reply["text_output"] == PROMPT + ours.text
+    assert (reply["finish_reason"], reply["num_input_tokens"], reply["num_output_tokens"]) == (
+        "length", len(PROMPT_IDS), N)
+    # the vLLM backend README's curl: settings as nested parameters (Triton makes them inputs)
+    code, reply = http_generate(server.http_url, "llm_stateless",
+                                {"text_input": PROMPT, "parameters": {"stream": False, "temperature": 0,
+                                                                      "max_tokens": N, "ignore_eos": True}})
+    assert code == 200 and reply["output_ids"] == expected and reply["text_output"] == ours.text
+    # streamed events: the same tokens, one event per response
+    body.update(stream=True, exclude_input_in_output=True)
+    code, events = http_generate(server.http_url, "llm_stateless", body, stream=True)
+    assert code == 200
+    ids = [i for e in events for i in (e["output_ids"] if isinstance(e["output_ids"], list) else [e["output_ids"]])]
+    assert ids == expected and "".join(e["text_output"] for e in events) == ours.text
+    assert [e["finish_reason"] for e in events] == ["None"] * (len(events) - 1) + ["length"]
+    assert sum(e["num_output_tokens"] for e in events) == N
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"sampling_parameters": json.dumps({"lora_name": "x"})}, "unknown sampling_parameters key 'lora_name'"),
+    ({"sampling_parameters": json.dumps({"presence_penalty": "0.5"})}, "'presence_penalty' = '0.5' is not supported"),
+    ({"sampling_parameters": json.dumps({"max_tokens": "4", "min_tokens": "2"})},
+     "min_tokens = 2 is not supported below max_tokens = 4"),
+    ({"sampling_parameters": "{not json"}, "input 'sampling_parameters' is not valid JSON"),
+    ({"exclude_input_in_output": False, "stream": True},
+     "exclude_input_in_output = false is not allowed with stream = true"),
+    ({"return_logprobs": True}, "'return_logprobs' = true is not supported"),
+])
+def test_vllm_form_refusals_are_400_naming_the_key(server, body, message):
+    code, error, _ = http_post(server.http_url, "llm_stateless", json.dumps({"text_input": PROMPT, **body}).encode(),
+                               stream=body.get("stream", False))
+    assert code == 400 and message in error
+
+
+def test_pool_back_to_baseline(server):
+    assert wait_for_pool_baseline(server.metrics_url, timeout=15)
