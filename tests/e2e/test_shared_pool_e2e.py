@@ -1,5 +1,5 @@
 """A real tritonserver with instance_group count 2 for llm and llm_stateless: all four stub
-processes share one KV pool. A system prompt computed by one instance is a cache hit on
+processes share one int8 KV pool (codes and scales in shared memory). A system prompt computed by one instance is a cache hit on
 another (cached_tokens, lower TTFT); a SIGKILLed stub leaves the server answering and the
 pool leak-free; stopping the server removes the pool's shared-memory files."""
 
@@ -28,7 +28,7 @@ POOL_FILE_NAME = f"{POOL}-cpu0"
 
 @pytest.fixture(scope="module")
 def server():
-    params = {"pool_name": POOL, "kv_cache_memory_mb": "64", "max_model_len": "2048"}
+    params = {"pool_name": POOL, "kv_cache_memory_mb": "64", "max_model_len": "2048", "kv_cache_dtype": "int8"}
     s = launch(instances=2, extra_params=params, instance_kind="KIND_CPU")
     try:
         yield s
@@ -65,7 +65,18 @@ def llm_turn(server, seq_id, ids, **kw):
 def test_all_instances_attach_one_pool(server):
     snap = pool_snapshot(POOL_FILE_NAME)
     assert snap is not None and len(snap["live_owner_pids"]) == 4  # llm x2 + llm_stateless x2
-    assert len(per_instance(server, "tritonkv_kv_blocks_total")) == 4
+    assert os.path.exists(pool_path(POOL_FILE_NAME, "kv_scales"))
+    # demo model, int8: 2 (K, V) x 6 layers x 2 KV heads x (64 codes + a 4-byte scale)
+    blocks = 64 * 2**20 // (16 * 1632)
+    assert wait_until(lambda: per_instance(server, "tritonkv_kv_bytes_per_token") == dict.fromkeys(
+        per_instance(server, "tritonkv_kv_blocks_total"), 1632.0), 5)
+    assert set(per_instance(server, "tritonkv_kv_blocks_total").values()) == {float(blocks)}
+    assert set(per_instance(server, "tritonkv_kv_capacity_tokens").values()) == {16.0 * blocks}
+    assert len(per_instance(server, "tritonkv_kv_bytes_per_token")) == 4
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        evicted = re.findall(r'^tritonkv_kv_evicted_blocks_total{[^}]*instance="([^"]+)"[^}]*reason="prefix_lru"',
+                             r.read().decode(), flags=re.M)
+    assert sorted(evicted) == sorted(per_instance(server, "tritonkv_kv_blocks_total"))
 
 
 def test_system_prompt_from_one_instance_is_a_hit_on_the_others(server):
