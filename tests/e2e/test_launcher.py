@@ -1,50 +1,112 @@
 """`tritonkv serve`: prints its endpoints, serves, and stops cleanly on SIGTERM."""
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 from triton_calls import http_generate
 from tritonkv.server.launcher import free_port, live_group_members
 
 
-def test_serve_prints_endpoints_and_stops_on_sigterm():
-    http, grpc, metrics = free_port(), free_port(), free_port()
+BACKEND = os.path.join(os.path.dirname(__file__), "..", "..", "backend")
+
+
+def start_serve(*args):
+    """``tritonkv serve`` on free ports; returns the process, its banner and its ports."""
+    ports = {name: free_port() for name in ("http", "grpc", "metrics", "openai", "health")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tritonkv.server.cli", "serve", "--http-port", str(http), "--grpc-port", str(grpc),
-         "--metrics-port", str(metrics), "--param", f"pool_name=clitest{os.getpid()}", "--param", "kv_cache_memory_mb=32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "..", "backend")})
+        [sys.executable, "-m", "tritonkv.server.cli", "serve", "--http-port", str(ports["http"]),
+         "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]),
+         "--openai-port", str(ports["openai"]), "--health-port", str(ports["health"]), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": BACKEND})
+    lines = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.strip().startswith("chat:"):
+            break
+    return proc, "".join(lines), ports
+
+
+def stop_serve(proc, port):
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert time.monotonic() - t0 < 5
+    # the server is gone: nothing listens on its port (SO_REUSEADDR skips TIME_WAIT only)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def pool_files(pool):
+    from tritonkv.cache.pool_file import shm_dir
+
+    return sorted(f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{pool}-"))
+
+
+def test_two_serves_at_once_both_answer_and_a_load_failure_says_why():
+    """Two ``tritonkv serve`` side by side (a private pool each unless one is named); engine
+    settings as flags; a third that names the first one's pool with another geometry fails
+    with the reason in one line; a stop removes the work folder and the pool files."""
+    import openai
+
+    shared = f"clishared{os.getpid()}"
+    servers = []
     try:
-        lines = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.strip().startswith("chat:"):
-                break
-        banner = "".join(lines)
-        assert f"http://127.0.0.1:{http}" in banner and f"127.0.0.1:{grpc}" in banner
-        assert f"http://127.0.0.1:{metrics}/metrics" in banner and "curl" in banner
-        assert "restricted (launcher only): shared-memory, model-repository, logging, trace" in banner
-        code, body = http_generate(f"127.0.0.1:{http}", "llm_stateless", {"text_input": "Hi", "max_tokens": 3})
-        assert code == 200 and body["finish_reason"] == "length"
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        assert time.monotonic() - t0 < 5
-        # the server is gone: nothing listens on its port (SO_REUSEADDR skips TIME_WAIT only)
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", http))
+        servers.append(start_serve("--pool-name", shared, "--kv-cache-memory-mb", "32", "--model-name", "first"))
+        servers.append(start_serve("--kv-cache-memory-mb", "48", "--max-num-seqs", "8",
+                                   "--no-enable-prefix-caching"))
+        texts = []
+        for (proc, banner, ports), name in zip(servers, ("first", "tritonkv-demo")):
+            assert f"http://127.0.0.1:{ports['http']}" in banner and f"127.0.0.1:{ports['grpc']}" in banner
+            assert f"http://127.0.0.1:{ports['metrics']}/metrics" in banner and "curl" in banner
+            assert f"OpenAI  http://127.0.0.1:{ports['openai']}/v1  (model {name})" in banner
+            assert "restricted (launcher only): shared-memory, model-repository, logging, trace" in banner
+            code, body = http_generate(f"127.0.0.1:{ports['http']}", "llm_stateless",
+                                       {"text_input": "Hi", "max_tokens": 3, "temperature": 0})
+            assert code == 200 and body["finish_reason"] == "length"
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['openai']}/v1", api_key="-", max_retries=0)
+            r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4, temperature=0)
+            texts.append(r.choices[0].message.content)
+            assert r.usage.completion_tokens == 4
+        assert texts[0] == texts[1]  # one model, greedy: the same answer from both servers
+        # the flags reached the engine settings of both models
+        for model in ("llm", "llm_stateless"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{servers[1][2]['http']}/v2/models/{model}/config") as r:
+                params = {k: v["string_value"] for k, v in json.load(r)["parameters"].items()}
+            assert params["kv_cache_memory_mb"] == "48" and params["max_num_seqs"] == "8"
+            assert params["enable_prefix_caching"] == "false" and re.fullmatch(r"server-[0-9a-f]{16}", params["pool_name"])
+            private = params["pool_name"]
+        assert pool_files(shared) and pool_files(private)
+        workdirs = [re.search(r"log\s+(\S+)/server.log", banner).group(1) for _, banner, _ in servers]
+        assert all(os.path.isdir(w) for w in workdirs)
+
+        failed, banner, _ = start_serve("--pool-name", shared, "--kv-cache-memory-mb", "64")
+        assert failed.wait(timeout=120) == 1
+        err = failed.stderr.read().strip().splitlines()
+        print(err[-1])
+        assert len(err) == 1 and err[0].startswith("tritonkv serve: tritonserver exited with code 1: model "), err
+        assert "pool" in err[0].lower() and "Traceback" not in err[0]
+
+        for proc, _, ports in servers:
+            stop_serve(proc, ports["openai"])
+        assert not any(os.path.exists(w) for w in workdirs)
+        assert pool_files(shared) == [] and pool_files(private) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for proc, _, _ in servers:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_stop_with_open_conversations_is_fast_and_a_crash_is_cleaned_by_the_next_launch():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -131,6 +132,13 @@ def main(argv=None) -> int:
     serve.add_argument("--exit-timeout", type=float, default=1.5,
                        help="seconds a stop lets in-flight requests finish before the server is ended "
                             "(default: %(default)s)")
+    serve.add_argument("--health-port", type=int, default=8003,
+                       help="port of the supervisor's /health/live and /health/ready (default: %(default)s)")
+    serve.add_argument("--no-supervisor", action="store_true",
+                       help="run tritonserver without the supervisor (serve then exits when it does)")
+    serve.add_argument("--stuck-after", type=float, default=60.0,
+                       help="seconds an engine may go without a step while it has work before the supervisor "
+                            "restarts the server (0: never; default: %(default)s)")
     engine_names = add_engine_flags(serve)
     capacity = sub.add_parser("capacity", help="KV bytes per token and how many sequences fit in a memory budget")
     capacity.add_argument("checkpoint", nargs="?", default=None,
@@ -160,6 +168,10 @@ def main(argv=None) -> int:
         from tritonkv.server.launcher import ServerStartError
 
         serve_module.launch = _launch_with_openai(args)
+        with contextlib.suppress(ImportError):  # a supervisor's restarts get the frontend too
+            from tritonkv.server import supervisor
+
+            supervisor.launch = serve_module.launch
         try:
             return serve_module.serve_forever(args)
         except ServerStartError as exc:
