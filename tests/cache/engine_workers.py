@@ -91,3 +91,22 @@ def quantized_instance(checkpoint, pool_name, kv_cache_dtype, prompt, prefix_blo
         raise
     finally:
         engine.close()
+
+
+def hold_every_block(checkpoint, pool_name, results, release) -> None:
+    """Open a conversation that holds every block of the pool; end it when ``release`` is set."""
+    engine = build_engine(engine_settings(checkpoint, pool_name))
+    try:
+        capacity = engine.pool.num_blocks * engine.pool.block_size
+        turn(engine, "hog", [256] + [i % 250 for i in range(capacity - 2)], 1, end=False)
+        results.put({"used": engine.pool.counts()["used"]})
+        release.wait(60)
+        engine.submit("hog", [], SamplingParams(max_tokens=1), lambda out: None, start=False, end=True,
+                      close_only=True)
+        engine.run_until_idle()
+        results.put({"used": engine.pool.counts()["used"]})
+    except BaseException as exc:
+        results.put({"error": repr(exc)})
+        raise
+    finally:
+        engine.close()
