@@ -1,4 +1,10 @@
-"""``tritonkv serve``: launch the server, print where it listens, run until a signal."""
+"""``tritonkv serve``: launch the server, print where it listens, supervise it until a signal.
+
+The supervisor (``server/supervisor.py``) restarts tritonserver or reloads a model when an
+instance dies, fails or stops stepping, and serves ``/health/live`` and ``/health/ready`` on
+``--health-port`` for Kubernetes probes (docs/operations.md). ``--no-supervisor`` runs the
+server alone (it then exits when tritonserver does).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,33 @@ import time
 
 from tritonkv.server.launcher import RESTRICTED_APIS, launch
 
+DEFAULT_HEALTH_PORT = 8003
+DEFAULT_STUCK_AFTER_S = 60.0
+
 
 def serve_forever(args) -> int:
     restricted = getattr(args, "restricted_api", ",".join(RESTRICTED_APIS))
     restricted = tuple(a for a in restricted.split(",") if a and a != "none")
-    server = launch(args.checkpoint, http_port=args.http_port, grpc_port=args.grpc_port,
-                    metrics_port=args.metrics_port, instances=args.instances, host=args.host,
-                    log_to_console=args.verbose, restricted_apis=restricted,
+    settings = dict(instances=args.instances, host=args.host, log_to_console=args.verbose,
+                    restricted_apis=restricted,
                     extra_params=dict(p.split("=", 1) for p in getattr(args, "param", [])) or None,
                     exit_timeout_s=getattr(args, "exit_timeout", 1.5))
+    server = launch(args.checkpoint, http_port=args.http_port, grpc_port=args.grpc_port,
+                    metrics_port=args.metrics_port, **settings)
+    supervisor = health = None
+    if not getattr(args, "no_supervisor", False):
+        from tritonkv.server.health_endpoint import HealthEndpoint
+        from tritonkv.server.supervisor import Supervisor, relauncher
+
+        supervisor = Supervisor(server, relauncher(args.checkpoint, **settings),
+                                stuck_after_s=getattr(args, "stuck_after", DEFAULT_STUCK_AFTER_S),
+                                log=lambda message: print(message, flush=True))
+        try:
+            health = HealthEndpoint(supervisor, args.host, getattr(args, "health_port", DEFAULT_HEALTH_PORT))
+        except OSError:
+            server.stop()
+            raise
+        supervisor.start()
     stop = {"now": False}
 
     def on_signal(signum, _frame):
@@ -28,6 +52,8 @@ def serve_forever(args) -> int:
     print(f"  HTTP    http://{server.http_url}")
     print(f"  gRPC    {server.grpc_url}")
     print(f"  metrics {server.metrics_url}")
+    if health is not None:
+        print(f"  health  http://{args.host}:{health.port}/health/live, /health/ready (supervised)")
     print(f"  log     {server.workdir}/server.log")
     if restricted:  # the key itself is never printed
         print(f"  restricted (launcher only): {', '.join(restricted)}")
@@ -35,7 +61,17 @@ def serve_forever(args) -> int:
           "-d '{\"text_input\": \"Hello\", \"max_tokens\": 16}'")
     print(f"  chat:   tritonkv-chat --url {server.grpc_url}")
     sys.stdout.flush()
-    while not stop["now"] and server.process.poll() is None:
+    while not stop["now"]:
+        if supervisor is None and server.process.poll() is not None:
+            break
+        if supervisor is not None and supervisor.gave_up:
+            break
         time.sleep(0.5)
+    if supervisor is not None:
+        supervisor.stop()  # waits for a restart in progress
+        server = supervisor.server
+        health.close()
     server.stop()
-    return 0 if stop["now"] else (server.process.returncode or 1)
+    if stop["now"]:
+        return 0
+    return 1 if supervisor is not None else (server.process.returncode or 1)

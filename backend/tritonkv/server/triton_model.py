@@ -7,6 +7,10 @@ Admission never raises out of ``execute``: a client mistake is answered with its
 (INVALID_ARG, HTTP 400), any other fault while admitting one request with an internal error
 for that request alone, and once the engine thread has died (``Engine.failure``) every request
 is answered at once (UNAVAILABLE) instead of hanging.
+
+Heartbeat (``server/heartbeat.py``): the engine loop counts its iterations and the metrics
+thread publishes the count and whether the engine failed, so the supervisor can tell a
+stuck or dead engine from a busy one.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import threading
 
 from tritonkv.config import EngineConfig
 from tritonkv.engine.requests import RequestError
+from tritonkv.server.fault_injection import fault_hook
 from tritonkv.server.gauges import Gauges
+from tritonkv.server.heartbeat import Heartbeat
 from tritonkv.server.response_streamer import ResponseStreamer
 from tritonkv.server.slot_release import SlotReleaser
 from tritonkv.server.triton_request import BadRequest, Limits, ReplyChannel, parse_request
@@ -57,16 +63,27 @@ class TritonPythonModel:
         self.engine = build_engine(config, gpu_instance=args.get("model_instance_kind") == "GPU",
                                    device_id=int(args.get("model_instance_device_id", 0)))
         self.streamer = ResponseStreamer(config.stream_interval)
-        self.engine.after_emit = self.streamer.flush
+        self.loops = 0  # engine loop iterations (the heartbeat)
+        self._fault = fault_hook()  # None unless a test asks for faults
+        self.engine.after_emit = self._after_iteration
         self.engine.start_loop()
         self.limits = admission_limits(self.engine)
         self.slots = None if self.stateless else SlotReleaser(pb_utils, args["model_name"])
         self._next_stateless_id = 0
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.gauges = Gauges(pb_utils, labels)
+        self.heartbeat = Heartbeat(pb_utils, labels)
         self._stop = threading.Event()
         self._metrics_thread = threading.Thread(target=self._publish_metrics, daemon=True)
         self._metrics_thread.start()
+
+    def _after_iteration(self) -> None:
+        """Runs on the engine thread after every loop iteration: count it, send what the
+        iteration produced."""
+        self.loops += 1
+        if self._fault is not None:
+            self._fault()
+        self.streamer.flush()
 
     def execute(self, requests):
         for request in requests:
@@ -134,6 +151,7 @@ class TritonPythonModel:
     def _publish_metrics(self) -> None:
         while not self._stop.wait(METRICS_PERIOD_S):
             try:
+                self.heartbeat.publish(self.loops, self.engine.failure is not None)
                 self.gauges.publish(self.engine)
             except Exception:
                 logging.getLogger("tritonkv").exception("metrics update failed")

@@ -1,0 +1,221 @@
+"""The supervisor's rules (server/supervisor.py) on a fake server: which failure leads to a
+restart, which to a reload, what readiness and the health endpoint say meanwhile. The real
+thing, with tritonserver and killed / hung / failed stubs: tests/e2e/test_fault.py."""
+
+import json
+import urllib.request
+
+import pytest
+
+from polling import wait_until
+
+from tritonkv.server import supervisor as sup
+from tritonkv.server.health_endpoint import HealthEndpoint
+from tritonkv.server.heartbeat import FAILED, LOOPS
+from tritonkv.server.supervisor import Stub, Supervisor, parse_heartbeats
+
+
+class FakeProcess:
+    def __init__(self):
+        self.returncode = None
+
+    def poll(self):
+        return self.returncode
+
+
+class FakeServer:
+    def __init__(self, stubs):
+        self.process = FakeProcess()
+        self.stubs = {s.pid: s for s in stubs}
+        self.beats = {s.pid: {LOOPS: 1.0, FAILED: 0.0} for s in stubs}
+        self.ready = True
+        self.reloads = []
+        self.stopped = False
+        self.metrics_url = self  # read_heartbeats is patched to read .beats
+
+    def is_ready(self):
+        return self.ready
+
+    def reload_model(self, name):
+        self.reloads.append(name)
+        if name == "broken":
+            raise OSError("tritonserver went away")
+        for pid in [p for p, s in self.stubs.items() if s.model == name]:  # new processes
+            new = Stub(pid + 100, name, self.stubs[pid].instance)
+            del self.stubs[pid]
+            self.stubs[new.pid] = new
+            self.beats[new.pid] = {LOOPS: 1.0, FAILED: 0.0}
+
+    def stop(self):
+        self.stopped = True
+
+
+STUBS = [Stub(11, "llm", "llm_0_0"), Stub(12, "llm", "llm_0_1"),
+         Stub(21, "llm_stateless", "llm_stateless_0_0"), Stub(22, "llm_stateless", "llm_stateless_0_1")]
+
+
+@pytest.fixture
+def world(monkeypatch):
+    """A supervisor over a fake server; relaunches make new fake servers (or fail)."""
+    state = {"launches": [], "fail_launches": 0, "now": 1000.0}
+    monkeypatch.setattr(sup, "find_stubs", lambda server: dict(server.stubs))
+    monkeypatch.setattr(sup, "read_heartbeats", lambda server: {p: dict(b) for p, b in server.beats.items()})
+    clock = type("Clock", (), {"monotonic": staticmethod(lambda: state["now"]),
+                               "sleep": staticmethod(lambda s: None)})
+    monkeypatch.setattr(sup, "time", clock)  # the supervisor's clock only
+
+    def relaunch(old):
+        if state["fail_launches"]:
+            state["fail_launches"] -= 1
+            raise RuntimeError("tritonserver exited with code 1")
+        server = FakeServer([Stub(s.pid + 1000, s.model, s.instance) for s in STUBS])
+        state["launches"].append(server)
+        return server
+
+    first = FakeServer(STUBS)
+    s = Supervisor(first, relaunch, stuck_after_s=5.0, log=lambda m: None)
+    s.check()
+    assert s.ready and s.reason == ""
+    state["supervisor"], state["first"] = s, first
+    return state
+
+
+def messages(s):
+    return [m for _, m in s.events]
+
+
+def test_heartbeats_are_read_by_pid():
+    text = "\n".join([
+        "# HELP tritonkv_engine_loops engine loop iterations",
+        f'{LOOPS}{{instance="llm_0_0",model="llm",pid="4242"}} 17',
+        f'{FAILED}{{model="llm",pid="4242",instance="llm_0_0"}} 0',
+        f'{FAILED}{{instance="llm_0_1",model="llm",pid="4243"}} 1',
+        'tritonkv_kv_blocks_used{instance="llm_0_0",model="llm"} 3',
+        f'{LOOPS}{{instance="x",model="llm"}} 5',  # no pid: not a heartbeat of ours
+    ])
+    assert parse_heartbeats(text) == {4242: {LOOPS: 17.0, FAILED: 0.0}, 4243: {FAILED: 1.0}}
+
+
+def test_a_dead_stub_restarts_the_server(world):
+    s, first = world["supervisor"], world["first"]
+    del first.stubs[22]  # killed (a zombie is not listed either)
+    s.check()
+    assert first.stopped and s.server is world["launches"][0]
+    assert messages(s)[-4:] == ["not ready: stub of llm_stateless_0_1 (pid 22) died",
+                                "stub of llm_stateless_0_1 (pid 22) died: restarting tritonserver",
+                                "tritonserver stopped", "tritonserver restarted"]
+    assert not s.ready
+    s.check()  # the new server's stubs are watched from now on; ready again
+    assert s.ready and not s.server.stopped
+    del s.server.stubs[1011]
+    s.check()
+    assert len(world["launches"]) == 2
+
+
+def test_tritonserver_exiting_restarts_it(world):
+    s, first = world["supervisor"], world["first"]
+    first.process.returncode = -11
+    s.check()
+    assert "tritonserver exited with code -11: restarting tritonserver" in messages(s)
+    assert s.server is world["launches"][0]
+
+
+def test_a_failed_engine_reloads_its_model_only(world):
+    s, first = world["supervisor"], world["first"]
+    first.beats[21][FAILED] = 1.0
+    s.check()
+    assert first.reloads == ["llm_stateless"] and not first.stopped and s.server is first
+    assert "engine of llm_stateless_0_0 (pid 21) failed: reloading llm_stateless" in messages(s)
+    assert not s.ready
+    # the old stubs are retired: their exit (or their frozen failed=1) is no failure
+    first.stubs[21] = Stub(21, "llm_stateless", "llm_stateless_0_0")
+    s.check()
+    del first.stubs[21]
+    s.check()
+    assert s.ready and first.reloads == ["llm_stateless"] and not world["launches"]
+
+
+def test_a_failed_reload_restarts(world):
+    s, first = world["supervisor"], world["first"]
+    first.stubs[31] = Stub(31, "broken", "broken_0_0")
+    first.beats[31] = {LOOPS: 1.0, FAILED: 0.0}
+    s.check()
+    first.beats[31][FAILED] = 1.0
+    s.check()
+    assert first.stopped and s.server is world["launches"][0]
+    assert any(m.startswith("reload of broken failed (OSError: tritonserver went away)") for m in messages(s))
+
+
+def test_an_engine_that_stops_stepping_restarts_after_stuck_after_s(world):
+    s, first = world["supervisor"], world["first"]
+    for t in range(4):  # loops move on every stub but 12
+        world["now"] += 1.0
+        for pid in first.beats:
+            first.beats[pid][LOOPS] += 0 if pid == 12 else 1
+        s.check()
+        assert s.ready and not first.stopped
+    world["now"] += 1.0
+    s.check()
+    assert first.stopped
+    assert "engine of llm_0_1 (pid 12) has not stepped for 5 s: restarting tritonserver" in messages(s)
+
+
+def test_a_stub_without_any_heartbeat_counts_as_stuck(world):
+    s, first = world["supervisor"], world["first"]
+    for pid in first.beats:
+        first.beats[pid][LOOPS] += 1
+    first.beats.pop(11)  # never publishes (e.g. its whole process is frozen)
+    world["now"] += 5.0
+    s.check()
+    assert "engine of llm_0_0 (pid 11) has not stepped for 5 s: restarting tritonserver" in messages(s)
+
+
+def test_triton_not_ready_too_long_restarts(world):
+    s, first = world["supervisor"], world["first"]
+    first.ready = False
+    for _ in range(5):
+        for pid in first.beats:
+            first.beats[pid][LOOPS] += 1
+        s.check()
+        assert not s.ready and s.reason == "tritonserver is not ready" and not first.stopped
+        world["now"] += 1.0
+    s.check()
+    assert first.stopped and "tritonserver not ready for 5 s: restarting tritonserver" in messages(s)
+
+
+def test_three_failed_launches_give_up(world):
+    s, first = world["supervisor"], world["first"]
+    world["fail_launches"] = 3
+    first.process.returncode = 1
+    s.check()
+    assert s.gave_up and not s.ready and s.reason == "tritonserver could not be restarted"
+    assert [m for m in messages(s) if m.startswith("launch ")] == [
+        f"launch {i} of 3 failed: tritonserver exited with code 1" for i in (1, 2, 3)]
+
+
+def test_health_endpoint_answers_for_the_supervisor(world):
+    s = world["supervisor"]
+    health = HealthEndpoint(s, "127.0.0.1", 0)
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health.port}{path}", timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        assert get("/health/live") == (503, {"live": False})  # not started: not watching
+        assert get("/health/ready") == (503, {"ready": False, "reason": "supervisor stopped"})
+        s.start()
+        assert get("/health/live") == (200, {"live": True})
+        assert get("/health/ready") == (200, {"ready": True, "reason": ""})
+        world["first"].ready = False
+        assert wait_until(lambda: get("/health/ready")[0] == 503, 10)
+        assert get("/health/ready") == (503, {"ready": False, "reason": "tritonserver is not ready"})
+        assert get("/health/live") == (200, {"live": True})
+        status, body = get("/v2/health/ready")
+        assert status == 404 and "use /health/live or /health/ready" in body["error"]
+    finally:
+        s.stop()
+        health.close()
