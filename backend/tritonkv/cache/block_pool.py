@@ -146,6 +146,25 @@ class BlockPool:
             self.arrays.owner_refs[owner] = 0
             return int(refs.sum())
 
+    def take_private(self, blocks: list[int], owner: int) -> list[bool]:
+        """For each block: True if ``owner`` holds its only reference; it then leaves the
+        prefix index (its KV is about to change). False: others share it (copy it instead)."""
+        with self.lock:
+            idx = np.asarray(blocks, dtype=np.int64)
+            sole = (self.arrays.refcount[idx] == 1) & (self.arrays.owner_refs[owner][idx] == 1)
+            self.arrays.block_hash[idx[sole]] = NO_HASH
+            self.arrays.parent_hash[idx[sole]] = NO_HASH
+            return sole.tolist()
+
+    def num_available(self) -> int:
+        """Blocks ``allocate`` can hand out now (free + cached)."""
+        with self.lock:
+            return int((self.arrays.refcount == 0).sum())
+
+    def refcounts(self, blocks: list[int]) -> list[int]:
+        with self.lock:
+            return self.arrays.refcount[np.asarray(blocks, dtype=np.int64)].tolist()
+
     # -- prefix index ----------------------------------------------------------------------
     def register(self, block: int, block_hash: int, parent_hash: int, tokens) -> None:
         """Enter a full, written block into the prefix index."""

@@ -14,9 +14,11 @@ Rules:
   (``take_kv_ops``: the engine applies them on the device before the next launch), so every
   distance a query sees is its distance inside the cache; ``angle_shift`` is brought back to 0
   (all kept keys rotated back) before angles would leave the rotary table.
-- A rotated block is private: the first eviction of a streaming / h2o sequence replaces its
-  blocks that sit in the prefix index by private copies (the index keeps the originals), and
-  such a sequence registers no block past ``EvictionPolicy.cacheable_blocks``.
+- A rotated block is private: at the first eviction of a streaming / h2o sequence, its blocks
+  that sit in the prefix index are replaced by private copies (the index keeps the
+  originals); when the pool has no room for the copies, those only this sequence holds
+  leave the index instead. Such a
+  sequence registers no block past ``EvictionPolicy.cacheable_blocks``.
 - Only full blocks whose KV has been written are registered in the prefix index
   (``commit``), so a shared block is never written again.
 - A prefix hit never covers a prompt's last token: at least one token is computed, because
@@ -183,20 +185,36 @@ class KVCacheManager:
     def would_evict(self, seq_id, position: int) -> bool:
         return self.policy.active and bool(self._victims(seq_id, self._seqs[seq_id], position))
 
-    def evict(self, seq_id, position: int) -> int:
+    def evict(self, seq_id, position: int) -> bool:
         """Return the blocks that the query at text ``position`` and every later one no longer
-        keep; returns how many. Queues the key rotations this needs (``take_kv_ops``)."""
+        keep, and queue the key rotations this needs (``take_kv_ops``). False (nothing
+        changed) if blocks shared with other sequences must be copied first and the pool
+        cannot supply the copies (the caller preempts or waits)."""
         if not self.policy.active:
-            return 0
+            return True
         seq = self._seqs[seq_id]
         victims = self._victims(seq_id, seq, position)
         if victims:
+            if self.policy.relative and not seq.private and not self._can_make_private(seq, victims):
+                return False
             self._drop(seq_id, seq, victims, position)
         if self.policy.relative and seq.angle_shift and \
                 seq.angle_shift + self._cache_bound >= self.angle_limit:
             self._rotate(seq, range(len(seq.blocks)), -seq.angle_shift)
             seq.angle_shift = 0
-        return len(victims)
+        return True
+
+    def _shared(self, seq: SequenceBlocks) -> list[int]:
+        """Kept blocks that may sit in the prefix index (indices into the table)."""
+        return [i for i, o in enumerate(seq.origins) if o < len(seq.hashes)]
+
+    def _can_make_private(self, seq: SequenceBlocks, victims: list[int]) -> bool:
+        shared = [seq.blocks[i] for i in self._shared(seq) if i not in set(victims)]
+        copies = sum(r > 1 for r in self.pool.refcounts(shared)) if shared else 0
+        if not copies:
+            return True
+        freed = sum(r == 1 for r in self.pool.refcounts([seq.blocks[i] for i in victims]))
+        return self.pool.num_available() + freed >= copies
 
     def _victims(self, seq_id, seq: SequenceBlocks, position: int) -> list[int]:
         past = self._history.get(seq_id)
@@ -241,9 +259,14 @@ class KVCacheManager:
         if seq.private:
             return
         seq.private = True
-        shared = [i for i, o in enumerate(seq.origins) if o < len(seq.hashes)]
+        shared = self._shared(seq)
         if not shared:
             return
+        if self.pool.num_available() < len(shared):  # tight: keep the index only where others share
+            sole = self.pool.take_private([seq.blocks[i] for i in shared], self.owner)
+            shared = [i for i, s in zip(shared, sole) if not s]
+            if not shared:
+                return
         fresh = self.pool.allocate(len(shared), self.owner)
         old = [seq.blocks[i] for i in shared]
         self._ops.append(KVOp("copy", src=old, dst=fresh))

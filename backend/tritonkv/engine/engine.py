@@ -356,8 +356,7 @@ class Engine:
                     or (self.context_limit is not None and position + 1 >= self.context_limit)
                     or not self._may_evict_in_flight(seq, position)):
                 return False
-            self.kv.evict(seq.seq_id, position)
-            if not self.kv.grow(seq.seq_id, position + 1):
+            if not self.kv.evict(seq.seq_id, position) or not self.kv.grow(seq.seq_id, position + 1):
                 return False
             rows.append(StepRow([0], self.kv.cache_index(seq.seq_id, position), self.kv.block_table(seq.seq_id),
                                 True, turn.params, turn.generator, from_prev=i,

@@ -55,16 +55,18 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget, self.kv.max_chunk(seq.num_computed))
             if n <= 0:
                 continue
-            self.kv.evict(seq.seq_id, seq.num_computed)
-            if not self._grow(seq, seq.num_computed + n, planned, order, idle):
+            if not self._make_room(seq, lambda: self.kv.evict(seq.seq_id, seq.num_computed), planned, order, idle):
+                continue
+            if not self._make_room(seq, lambda: self.kv.grow(seq.seq_id, seq.num_computed + n), planned, order, idle):
                 continue
             planned.append(ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
             budget -= n
         return planned
 
-    def _grow(self, seq, num_tokens, planned, order, idle) -> bool:
+    def _make_room(self, seq, attempt, planned, order, idle) -> bool:
+        """Retry ``attempt`` (a KV manager call that needs blocks) after each preemption."""
         busy = {c.seq.seq_id for c in planned} | {seq.seq_id}
-        while not self.kv.grow(seq.seq_id, num_tokens):
+        while not attempt():
             victim = self._pick_victim(seq, busy, order, idle)
             if victim is None:
                 return False

@@ -1,0 +1,98 @@
+"""StreamingLLM and H2O: the paged engine equals a dense reference of the same policy
+(tests/engine/dense_policy_reference.py: plain torch, no pool) token for token in fp32,
+across evictions, key re-rotations (positions inside the cache), rebasing of angles,
+multi-turn continuation, chunked prefill, preemption and prefix-cache hits; conversations
+run past max_model_len and past the pool's capacity with bounded blocks."""
+
+import pytest
+import torch
+
+from bounded_models import build_checkpoint, one_thread, prompt, run_tracking_blocks
+from dense_policy_reference import DensePolicyReference, reference_turn
+from engine_helpers import Collector, greedy, make_engine, run_turn
+
+BS = 4
+MAX_POS = 128  # small: angles are rebased every ~100 evicted tokens
+POLICIES = {
+    "streaming": dict(kv_eviction="streaming", attention_sinks=4, kv_window=16),
+    "h2o": dict(kv_eviction="h2o", attention_sinks=2, kv_window=12, heavy_hitter_tokens=8),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = one_thread()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama_p128"))
+    return path, build_checkpoint(path, seed=5, max_position_embeddings=MAX_POS)
+
+
+def reference(hf, mode):
+    p = POLICIES[mode]
+    return DensePolicyReference(hf, mode, BS, p["kv_window"], p["attention_sinks"], p.get("heavy_hitter_tokens", 0))
+
+
+@pytest.mark.parametrize("mode", sorted(POLICIES))
+def test_long_stream_equals_dense_reference_with_bounded_blocks(llama, mode):
+    path, hf = llama
+    engine = make_engine(path, block_size=BS, num_blocks=24, **POLICIES[mode])  # 96 tokens of KV
+    ids = prompt(9, 1)
+    c, most = run_tracking_blocks(engine, "s", ids, 300, end=False)
+    ref = reference(hf, mode)
+    expected = reference_turn(ref, ids, 300, [])
+    assert c.token_ids == expected
+    assert c.final.finish_reason == "length"  # 309 tokens: past max_model_len (96) and MAX_POS
+    assert most == ref.most_kept_blocks == engine.policy.blocks_per_sequence(1024)
+    # the same blocks are kept (h2o: the same heavy hitters chosen by mass)
+    assert engine.kv.origins(engine._live["s"].seq_id) == ref.kept
+    run_turn(engine, "s", [], 1, start=False, end=True, close_only=True)
+    stats = engine.stats()
+    assert stats[f"evicted_blocks_{mode}"] == -(-309 // BS) - most + (309 % BS == 0)
+    assert stats["used"] == 0 and stats["preemptions"] == 0
+
+
+@pytest.mark.parametrize("mode", sorted(POLICIES))
+def test_multi_turn_and_chunked_prefill_equal_dense_reference(llama, mode):
+    path, hf = llama
+    engine = make_engine(path, block_size=BS, num_blocks=24, max_num_batched_tokens=16, **POLICIES[mode])
+    ref, pending = reference(hf, mode), []
+    turns = [prompt(30, 2), prompt(50, 3)[1:], prompt(6, 4)[1:]]  # turn 2: a prefill past the window
+    for i, new in enumerate(turns):
+        c = run_turn(engine, "m", new, 40, start=i == 0, end=i == 2)
+        assert c.token_ids == reference_turn(ref, new, 40, pending), f"turn {i + 1}"
+    assert engine.pool.counts()["used"] == 0
+
+
+@pytest.mark.parametrize("mode", sorted(POLICIES))
+def test_preemption_recomputes_the_same_evictions(llama, mode):
+    path, hf = llama
+    per_seq = make_engine(path, block_size=BS, num_blocks=24, **POLICIES[mode]).policy.blocks_per_sequence(32)
+    engine = make_engine(path, block_size=BS, num_blocks=per_seq + 4, max_num_batched_tokens=32, **POLICIES[mode])
+    prompts = [prompt(12, 20 + i) for i in range(3)]
+    cs = []
+    for i, p in enumerate(prompts):
+        cs.append(Collector())
+        engine.submit(i, p, greedy(90), cs[-1], start=True, end=True)
+    engine.run_until_idle()
+    assert engine.scheduler.num_preemptions > 0
+    for p, c in zip(prompts, cs):
+        assert c.token_ids == reference_turn(reference(hf, mode), p, 90, [])
+    assert engine.pool.counts()["used"] == 0
+
+
+def test_prefix_hits_stop_where_eviction_starts(llama):
+    path, hf = llama
+    engine = make_engine(path, block_size=BS, num_blocks=64, **POLICIES["streaming"])
+    first = prompt(60, 7)
+    a = run_turn(engine, "a", first, 20, start=True, end=True)
+    b = run_turn(engine, "b", first, 20, start=True, end=True)
+    # blocks wholly before the first position that evicts hold plain KV: only those are shared
+    assert b.final.cached_tokens == engine.policy.cacheable_blocks() * BS == 20
+    expected = reference_turn(reference(hf, "streaming"), first, 20, [])
+    assert a.token_ids == b.token_ids == expected
+    assert engine.pool.counts()["used"] == 0
