@@ -41,7 +41,10 @@ def weights_mapped_from_pool_file(engine) -> bool:
 
 
 def quantized_kv_mapped_from_pool_files(engine) -> bool:
-    """Codes in the pool's ``kv`` file, scales in its ``kv_scales`` file, every layer."""
+    """Codes in the pool's ``kv`` file, scales in its ``kv_scales`` file, every layer (on
+    CUDA: both exported by CUDA IPC handles in the pool's directory)."""
+    if engine.device.type == "cuda":
+        return all(os.path.exists(engine.pool.companion_path(f"{x}_cudaipc")) for x in ("kv", "kv_scales"))
     return (mapped_from_pool_file(engine, "kv", [t for k, v, _, _ in engine.kv_caches for t in (k, v)])
             and mapped_from_pool_file(engine, "kv_scales", [t for _, _, ks, vs in engine.kv_caches for t in (ks, vs)]))
 
@@ -52,11 +55,11 @@ def block_table_of(engine, corr_id) -> list[int]:
 
 
 def block_contents(engine, blocks) -> list:
-    """Per layer: the raw bytes of K's and V's codes and the K and V scales of ``blocks``, as
-    numpy arrays (plain pickles between processes)."""
-    idx = torch.tensor(blocks)
-    return [(k[idx].contiguous().view(torch.uint8).numpy().copy(), v[idx].contiguous().view(torch.uint8).numpy().copy(),
-             ks[idx].numpy().copy(), vs[idx].numpy().copy()) for k, v, ks, vs in engine.kv_caches]
+    """Per layer: the raw bytes of ``blocks`` in K's and V's codes and in the K and V scales, as
+    uint8 numpy arrays (plain pickles between processes)."""
+    idx = torch.tensor(blocks, device=engine.device)
+    return [tuple(t[idx].contiguous().view(torch.uint8).cpu().numpy() for t in (k, v, ks, vs))
+            for k, v, ks, vs in engine.kv_caches]
 
 
 def second_instance(checkpoint, pool_name, prompts, results, kill_me) -> None:
@@ -76,10 +79,10 @@ def second_instance(checkpoint, pool_name, prompts, results, kill_me) -> None:
     engine.close()
 
 
-def quantized_instance(checkpoint, pool_name, kv_cache_dtype, prompt, prefix_blocks, results) -> None:
+def quantized_instance(checkpoint, pool_name, kv_cache_dtype, device, prompt, prefix_blocks, results) -> None:
     """Attach to the parent's fp8 / int8 pool, run ``prompt`` holding its blocks, report what
     this process's mapping of the first ``prefix_blocks`` blocks holds, then detach."""
-    engine = build_engine(engine_settings(checkpoint, pool_name, kv_cache_dtype=kv_cache_dtype))
+    engine = build_engine(engine_settings(checkpoint, pool_name, kv_cache_dtype=kv_cache_dtype, device=device))
     try:
         ids, cached = turn(engine, "q", prompt, 6, end=False)
         table = block_table_of(engine, "q")

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from engine_helpers import TEST_DEVICE
 from engine_workers import (block_contents, block_table_of, engine_settings, quantized_instance,
                             quantized_kv_mapped_from_pool_files, turn)
 from tritonkv.cache.pool_file import pool_path
@@ -25,6 +26,11 @@ def checkpoint():
     return ensure_demo_checkpoint()
 
 
+def settings(checkpoint, pool_name, kv_dtype):
+    """On CUDA too (TRITONKV_TEST_DEVICE=cuda): then codes and scales are CUDA IPC exports."""
+    return engine_settings(checkpoint, pool_name, kv_cache_dtype=kv_dtype, device=TEST_DEVICE)
+
+
 def assert_same_contents(a, b):
     assert len(a) == len(b)
     for layer_a, layer_b in zip(a, b):
@@ -34,7 +40,7 @@ def assert_same_contents(a, b):
 
 @pytest.mark.parametrize("kv_dtype,codes", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])
 def test_two_processes_read_the_same_quantized_prefix_blocks(checkpoint, pool_name, kv_dtype, codes):
-    a = build_engine(engine_settings(checkpoint, pool_name, kv_cache_dtype=kv_dtype))
+    a = build_engine(settings(checkpoint, pool_name, kv_dtype))
     try:
         k, _, k_scale, _ = a.kv_caches[0]
         assert a.pool.created and k.dtype == codes and k_scale.dtype == torch.float32
@@ -44,7 +50,7 @@ def test_two_processes_read_the_same_quantized_prefix_blocks(checkpoint, pool_na
         prefix = block_table_of(a, "sys")[:PREFIX_BLOCKS]
         results = CTX.Queue()
         b = CTX.Process(target=quantized_instance,
-                        args=(checkpoint, pool_name, kv_dtype, SYSTEM + [70, 71], PREFIX_BLOCKS, results), daemon=True)
+                        args=(checkpoint, pool_name, kv_dtype, TEST_DEVICE, SYSTEM + [70, 71], PREFIX_BLOCKS, results), daemon=True)
         b.start()
         try:
             out = results.get(timeout=120)
@@ -56,26 +62,26 @@ def test_two_processes_read_the_same_quantized_prefix_blocks(checkpoint, pool_na
         # byte for byte the codes and scales A wrote
         assert out["cached"] == 4 * PREFIX_BLOCKS and out["table"] == prefix
         mine = block_contents(a, prefix)
-        assert all((ks > 0).all() and (vs > 0).all() for _, _, ks, vs in mine)  # every prefix slot written
+        assert all((ks.view("float32") > 0).all() and (vs.view("float32") > 0).all() for _, _, ks, vs in mine)  # every prefix slot written
         assert_same_contents(out["contents"], mine)
 
         # a private quantised engine computing everything itself: the same tokens, and the same
         # quantised values in its own prefix blocks
-        private = build_engine(engine_settings(checkpoint, "", kv_cache_dtype=kv_dtype))
+        private = build_engine(settings(checkpoint, "", kv_dtype))
         assert turn(private, "a", SYSTEM + [65, 66, 67], 6)[0] == tokens_a
         ids, cached = turn(private, "b", SYSTEM + [70, 71], 6, end=False)
         assert ids == out["tokens"] and cached == 4 * PREFIX_BLOCKS  # its own prefix, from turn "a"
         assert_same_contents(block_contents(private, block_table_of(private, "b")[:PREFIX_BLOCKS]), mine)
     finally:
         a.close()
-    assert not os.path.exists(pool_path(f"{pool_name}-cpu0", "kv_scales"))
+    assert not os.path.exists(pool_path(f"{pool_name}-{a.device.type}0", "pool"))
 
 
 def test_attaching_with_another_kv_dtype_is_refused_naming_both(checkpoint, pool_name):
-    a = build_engine(engine_settings(checkpoint, pool_name, kv_cache_dtype="int8"))
+    a = build_engine(settings(checkpoint, pool_name, "int8"))
     try:
         with pytest.raises(PoolMismatch, match=r"kv_dtype=int8.*this instance wants.*kv_dtype=float8_e4m3fn"):
-            build_engine(engine_settings(checkpoint, pool_name, kv_cache_dtype="fp8"))
+            build_engine(settings(checkpoint, pool_name, "fp8"))
         assert a.pool.counts()["owners"] == 1
     finally:
         a.close()
