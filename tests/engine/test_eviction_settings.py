@@ -1,0 +1,58 @@
+"""Bad eviction settings fail at load (EngineConfig) or engine construction, naming the
+parameter to change."""
+
+import re
+
+import pytest
+
+from bounded_models import build_checkpoint
+from engine_helpers import make_engine
+from tritonkv.config import EngineConfig
+
+
+@pytest.mark.parametrize("settings, parameter, words", [
+    (dict(kv_eviction="lru"), "kv_eviction", "must be one of"),
+    (dict(kv_eviction="streaming", kv_window=0), "kv_window", "must be > 0 tokens"),
+    (dict(kv_eviction="h2o", kv_window=-4, heavy_hitter_tokens=8), "kv_window", "must be >= 0"),
+    (dict(kv_eviction="streaming", kv_window=16, attention_sinks=32), "attention_sinks", "must not exceed kv_window (16)"),
+    (dict(kv_eviction="streaming", kv_window=16, attention_sinks=-1), "attention_sinks", "must be >= 0"),
+    (dict(kv_eviction="h2o", kv_window=16), "heavy_hitter_tokens", "must be > 0 with kv_eviction='h2o'"),
+    (dict(kv_eviction="streaming", kv_window=16, kv_cache_dtype="fp8"), "kv_cache_dtype", "not supported"),
+])
+def test_bad_settings_fail_at_load_naming_the_parameter(settings, parameter, words):
+    with pytest.raises(ValueError, match=rf"parameter '{parameter}'.*{re.escape(words)}"):
+        EngineConfig(**settings)
+    # the same through config.pbtxt's string parameters
+    with pytest.raises(ValueError, match=rf"parameter '{parameter}'"):
+        EngineConfig.from_parameters({k: str(v) for k, v in settings.items()})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    llama = str(tmp_path_factory.mktemp("llama"))
+    mistral = str(tmp_path_factory.mktemp("mistral"))
+    build_checkpoint(llama, max_position_embeddings=128)
+    build_checkpoint(mistral, "MistralForCausalLM", sliding_window=8)
+    return llama, mistral
+
+
+def test_h2o_on_a_pool_too_small_for_its_budget_fails_construction(checkpoints):
+    llama, _ = checkpoints
+    # 1 sink block + 8 heavy + 5 window blocks = 14 > 12 blocks in the pool
+    with pytest.raises(ValueError, match=r"parameter 'heavy_hitter_tokens'.*up to 14 KV blocks.*the pool has 12"):
+        make_engine(llama, block_size=4, num_blocks=12, kv_eviction="h2o", kv_window=16, heavy_hitter_tokens=32)
+    engine = make_engine(llama, block_size=4, num_blocks=14, kv_eviction="h2o", kv_window=16, heavy_hitter_tokens=32)
+    assert engine.policy.blocks_per_sequence(1024) == 14
+
+
+def test_kept_cache_must_fit_half_the_rotary_positions(checkpoints):
+    llama, _ = checkpoints
+    with pytest.raises(ValueError, match=r"parameter 'kv_window'.*at most half the model's 128 positions"):
+        make_engine(llama, block_size=4, num_blocks=64, kv_eviction="streaming", kv_window=64)
+
+
+def test_eviction_on_a_sliding_window_model_is_refused(checkpoints):
+    _, mistral = checkpoints
+    with pytest.raises(ValueError, match=r"parameter 'kv_eviction' = 'streaming'.*sliding window of 8 tokens"):
+        make_engine(mistral, kv_eviction="streaming", kv_window=16)
+    assert make_engine(mistral).policy.mode == "window"
