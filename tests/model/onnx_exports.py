@@ -13,6 +13,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from tiny_models import build_tiny_checkpoint
+from tritonkv.model.onnx_export import export_model
 
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -37,35 +38,14 @@ def copy_config(src_dir: str, onnx_dir: str) -> str:
     return onnx_dir
 
 
-class _Logits(torch.nn.Module):
-    """input_ids (+ attention_mask) -> logits: what a plain decoder export computes."""
-
-    def __init__(self, model, with_mask: bool):
-        super().__init__()
-        self.model, self.with_mask = model, with_mask
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
 def export_torchscript(model, hf_dir: str, onnx_dir: str) -> str:
-    """torch.onnx.export(dynamo=False); the graph holds its weights."""
-    copy_config(hf_dir, onnx_dir)
-    ids = torch.tensor([[1, 5, 7, 9]])
-    torch.onnx.export(_Logits(model, True).eval(), (ids, torch.ones_like(ids)), os.path.join(onnx_dir, "model.onnx"),
-                      dynamo=False, input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
-    return onnx_dir
+    """The shipped exporter (torch.onnx, TorchScript path); the graph holds its weights."""
+    return export_model(model, hf_dir, onnx_dir, dynamo=False)
 
 
 def export_dynamo(model, hf_dir: str, onnx_dir: str) -> str:
-    """torch.onnx.export(dynamo=True); weights in an external data file beside the graph."""
-    copy_config(hf_dir, onnx_dir)
-    ids = torch.tensor([[1, 5, 7, 9]])
-    torch.onnx.export(_Logits(model, False).eval(), (ids,), os.path.join(onnx_dir, "model.onnx"), dynamo=True,
-                      input_names=["input_ids"], output_names=["logits"], external_data=True,
-                      dynamic_shapes=({1: torch.export.Dim("seq", max=512)},), verbose=False)
-    return onnx_dir
+    """The shipped exporter's torch.export path; weights in an external data file."""
+    return export_model(model, hf_dir, onnx_dir, dynamo=True)
 
 
 def rewrite(src_dir: str, dst_dir: str, edit) -> str:

@@ -12,6 +12,8 @@ ONNX Runtime runs the graph, so it is an oracle of its own for the weights it ho
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import torch
@@ -19,16 +21,34 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 class _Builder:
-    def __init__(self):
-        self.nodes, self.inits, self.count = [], [], 0
+    """Nodes and initializers; with ``data_file`` the weights go to it as external data, one at
+    a time in their own dtype (float32 / float16 / bfloat16), as big exports are written."""
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    def __init__(self, data_file=None, location: str = ""):
+        self.nodes, self.inits, self.count = [], [], 0
+        self.data_file, self.location, self.offset = data_file, location, 0
+
+    def weight(self, name: str, tensor: torch.Tensor) -> str:
+        tensor = tensor.contiguous()
+        if self.data_file is None:
+            self.inits.append(numpy_helper.from_array(tensor.float().numpy(), name))
+            return name
+        raw = (tensor.view(torch.int16) if tensor.dtype in (torch.float16, torch.bfloat16) else tensor).numpy().tobytes()
+        t = TensorProto(name=name, data_type=DATA_TYPES[tensor.dtype], dims=list(tensor.shape))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(len(raw)))):
+            t.external_data.add(key=key, value=value)
+        self.data_file.write(raw)
+        self.offset += len(raw)
+        pad = -self.offset % 4096  # page-aligned weights, as onnx's own writer does
+        self.data_file.write(b"\0" * pad)
+        self.offset += pad
+        self.inits.append(t)
         return name
 
-    def matmul_weight(self, array: np.ndarray) -> str:
+    def matmul_weight(self, tensor: torch.Tensor) -> str:
         self.count += 1
-        return self.weight(f"onnx::MatMul_{1000 + self.count}", array)
+        return self.weight(f"onnx::MatMul_{1000 + self.count}", tensor)
 
     def const(self, array, dtype=np.int64) -> str:
         self.count += 1
@@ -42,14 +62,24 @@ class _Builder:
         return out
 
 
+DATA_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
+
+
 def build_optimum_graph(hf_model, path: str, with_past: bool, variant: str = "matmul") -> None:
     """Writes ``path`` (.onnx, weights inside) from an fp32 HF Llama / Mistral / Qwen2 model."""
-    cfg = hf_model.config
-    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    state = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
+    write_decoder_graph(hf_model.config, state, hf_model.model.rotary_emb.inv_freq.float(), path, with_past, variant)
+
+
+def write_decoder_graph(cfg, sd, inv_freq: torch.Tensor, path: str, with_past: bool, variant: str = "matmul",
+                        external_data: str | None = None) -> None:
+    """``sd[hf_name]`` -> torch tensor (a mapping that may read lazily); ``external_data``: a file
+    name beside ``path`` receiving the weights (the graph then holds none)."""
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    hidden, eps = cfg.hidden_size, cfg.rms_norm_eps
-    b = _Builder()
+    eps = cfg.rms_norm_eps
+    data_file = open(os.path.join(os.path.dirname(path), external_data), "wb") if external_data else None
+    b = _Builder(data_file, external_data or "")
 
     def norm(x, weight_name, scope):
         sq = b.op("Pow", [x, b.const(2.0, np.float32)], f"{scope}/Pow")
@@ -60,21 +90,21 @@ def build_optimum_graph(hf_model, path: str, with_past: bool, variant: str = "ma
                     f"{scope}/Mul_1")
 
     def linear(x, hf_names: list[str], scope):
-        w = np.concatenate([sd[n + ".weight"] for n in hf_names])
+        w = torch.cat([sd[n + ".weight"] for n in hf_names])
         bias = [n + ".bias" for n in hf_names if n + ".bias" in sd]
+        name = scope.strip("/").replace("/", ".")  # model.layers.0.self_attn.q_proj, lm_head
         if variant == "gemm":
             flat = b.op("Reshape", [x, b.const([-1, w.shape[1]])], f"{scope}/Reshape")
-            inputs = [flat, b.weight(hf_names[0] + ".weight" if len(hf_names) == 1 else scope + ".weight", w)]
+            inputs = [flat, b.weight(name + ".weight", w)]
             if bias:
-                inputs.append(b.weight(scope + ".bias", np.concatenate([sd[n] for n in bias])))
+                inputs.append(b.weight(name + ".bias", torch.cat([sd[n] for n in bias])))
             y = b.op("Gemm", inputs, f"{scope}/Gemm", transB=1)
             lead = b.op("Slice", [b.op("Shape", [x], f"{scope}/Shape"), b.const([0]), b.const([2])], f"{scope}/Slice")
             shape = b.op("Concat", [lead, b.const([w.shape[0]])], f"{scope}/Concat", axis=0)
             return b.op("Reshape", [y, shape], f"{scope}/Reshape_1")
-        y = b.op("MatMul", [x, b.matmul_weight(w.T)], f"{scope}/MatMul")
+        y = b.op("MatMul", [x, b.matmul_weight(w.t())], f"{scope}/MatMul")
         if bias:
-            y = b.op("Add", [b.weight(bias[0] if len(bias) == 1 else scope + ".bias",
-                                      np.concatenate([sd[n] for n in bias])), y], f"{scope}/Add")
+            y = b.op("Add", [b.weight(name + ".bias", torch.cat([sd[n] for n in bias])), y], f"{scope}/Add")
         return y
 
     def heads(x, n, scope):  # [B, S, n*d] -> [B, n, S, d]
@@ -95,7 +125,7 @@ def build_optimum_graph(hf_model, path: str, with_past: bool, variant: str = "ma
     x = b.op("Gather", [b.weight("model.embed_tokens.weight", sd["model.embed_tokens.weight"]), "input_ids"],
              "/model/embed_tokens/Gather")
     # rotary tables from position_ids (computed, not weights)
-    inv_freq = hf_model.model.rotary_emb.inv_freq.float().numpy()
+    inv_freq = inv_freq.float().numpy()
     pos = b.op("Unsqueeze", [b.op("Cast", ["position_ids"], "/model/rotary_emb/Cast", to=TensorProto.FLOAT),
                              b.const([-1])], "/model/rotary_emb/Unsqueeze")
     freqs = b.op("Mul", [pos, b.const(inv_freq, np.float32)], "/model/rotary_emb/Mul")
@@ -164,10 +194,12 @@ def build_optimum_graph(hf_model, path: str, with_past: bool, variant: str = "ma
         down = linear(b.op("Mul", [act, up], f"{s}/mlp/Mul"), [p + "mlp.down_proj"], f"{s}/mlp/down_proj")
         x = b.op("Add", [x, down], f"{s}/Add_1")
     x = norm(x, "model.norm.weight", "/model/norm")
-    head = "lm_head" if "lm_head.weight" in sd and not cfg.tie_word_embeddings else "model.embed_tokens"
-    sd["lm_head.weight"] = sd[head + ".weight"]
-    logits = linear(x, ["lm_head"], "/lm_head")
+    # a tied head is exported as its own (transposed) copy of the embedding, as TorchScript does
+    head = "lm_head" if not cfg.tie_word_embeddings else "model.embed_tokens"
+    logits = linear(x, [head], "/lm_head")
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    if data_file is not None:
+        data_file.close()
     graph = helper.make_graph(b.nodes, "main_graph", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch")
     onnx.save(model, path)
@@ -184,7 +216,3 @@ def optimum_feeds(cfg, ids: list[int], with_past: bool) -> dict:
             for kind in ("key", "value"):
                 feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_key_value_heads, 0, d), np.float32)
     return feeds
-
-
-def hf_state(hf_model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float() for k, v in hf_model.state_dict().items()}

@@ -78,7 +78,8 @@ def test_dynamo_export_with_external_data_matches_hf_and_onnxruntime(models, fam
     assert os.path.isfile(os.path.join(onnx_dir, "model.onnx.data"))
     engine = assert_two_turns_match_hf(onnx_dir, hf)
     ids = prompt(9, 4)
-    ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), {"input_ids": torch.tensor([ids]).numpy()})
+    ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), {"input_ids": torch.tensor([ids]).numpy(),
+                                                             "attention_mask": torch.ones(1, len(ids), dtype=torch.int64).numpy()})
     torch.testing.assert_close(engine_prefill_logits(engine, ids), torch.from_numpy(ort[0]), **TOL)
 
 

@@ -71,6 +71,7 @@ def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype) -> Cau
         raise ValueError(f"checkpoint {checkpoint!r} has weights of the wrong shape: {wrong[:5]}")
     state = {k: v.to(dtype) for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)
+    del state  # fusing below frees each unfused weight as it goes only if nothing else holds it
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = type(model.model.rotary_emb)(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
