@@ -2,18 +2,15 @@
 and a text request give HF transformers' greedy tokens on the original weights."""
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "model"))
-
-from onnx_exports import export_torchscript  # noqa: E402
-from tiny_models import hf_greedy  # noqa: E402
-from triton_calls import StreamClient, http_generate  # noqa: E402
-from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint  # noqa: E402
-from tritonkv.server.launcher import start_server  # noqa: E402
+from tiny_models import hf_greedy
+from triton_calls import StreamClient, http_generate
+from tritonkv.model import onnx_export
+from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+from tritonkv.server.launcher import start_server
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -26,9 +23,10 @@ def hf_demo():
 
 
 @pytest.fixture(scope="module")
-def server(hf_demo, tmp_path_factory):
-    onnx_dir = export_torchscript(hf_demo, ensure_demo_checkpoint(), str(tmp_path_factory.mktemp("demo_onnx")))
-    assert not any(name.endswith(".safetensors") for name in os.listdir(onnx_dir))
+def server(tmp_path_factory):
+    onnx_dir = str(tmp_path_factory.mktemp("demo_onnx"))
+    assert onnx_export.main([ensure_demo_checkpoint(), onnx_dir]) == 0  # the documented export command
+    assert sorted(os.listdir(onnx_dir)) == ["config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
     with start_server(onnx_dir, extra_params={"max_model_len": "512", "kv_cache_memory_mb": "64"}) as s:
         yield s
 
