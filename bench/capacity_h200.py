@@ -20,7 +20,9 @@ Per KV dtype, in its own process (a clean device):
   all submitted at once: the most rows one engine step ran, and whether any was preempted.
 
 Prints a table and writes it to --out (default bench/results/capacity_h200.md on CUDA,
-bench/results/capacity_cpu.md on CPU).
+bench/results/capacity_cpu.md on CPU) and the rows to ``<out>.json``; a later run with the same
+settings keeps the rows of the KV dtypes it does not measure (``--kv-dtypes bf16`` then
+``--kv-dtypes fp8,int8`` builds the same table as one run).
 """
 
 from __future__ import annotations
@@ -118,12 +120,25 @@ def measure(args, kv: str) -> dict:
             "preempted_together": engine.scheduler.num_preemptions - preempted_before, "fill_s": round(fill_s, 1)}
 
 
+def command_line() -> str:
+    """This run's command without --kv-dtypes / --out (the table may merge several runs)."""
+    words, skip = ["python", "bench/capacity_h200.py"], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a in ("--kv-dtypes", "--out"):
+            skip = True
+        elif not a.startswith(("--kv-dtypes=", "--out=")):
+            words.append(a)
+    return " ".join(words)
+
+
 def report(args, results: list[dict], device_name: str) -> str:
     from tritonkv.cache.capacity_report import human_bytes
 
     gib = 2**30
     lines = [f"# KV capacity: concurrent {args.context:,}-token sequences, predicted and admitted", "",
-             f"`{' '.join(['python', 'bench/capacity_h200.py'] + sys.argv[1:])}` on {device_name}; checkpoint "
+             f"`{command_line()}` on {device_name}; checkpoint "
              f"{args.checkpoint} ({args.shape}); block_size {args.block_size}, "
              + (f"kv_cache_memory_mb {args.kv_cache_memory_mb}" if args.tiny else
                 f"gpu_memory_utilization {args.gpu_memory_utilization}")
@@ -176,7 +191,15 @@ def main() -> int:
     if args.one:
         print("RESULT " + json.dumps(measure(args, args.one)), flush=True)
         return 0
-    results = []
+    out = args.out or os.path.join(ROOT, "bench", "results", "capacity_cpu.md" if args.tiny else "capacity_h200.md")
+    # rows measured by earlier runs with the same settings (e.g. one KV dtype per run) are kept
+    settings = {k: v for k, v in vars(args).items() if k not in ("kv_dtypes", "out", "one")}
+    saved = {}
+    if os.path.exists(out + ".json"):
+        with open(out + ".json") as f:
+            previous = json.load(f)
+        if previous.get("settings") == settings:
+            saved = previous["results"]
     for kv in args.kv_dtypes.split(","):
         if kv not in KV_DTYPES:
             p.error(f"--kv-dtypes: {kv!r} is not one of {KV_DTYPES}")
@@ -187,8 +210,11 @@ def main() -> int:
             sys.stderr.write(child.stdout[-3000:] + child.stderr[-3000:])
             print(f"{kv}: the measuring process failed (exit {child.returncode})", file=sys.stderr)
             return 1
-        results.append(json.loads(found[-1][len("RESULT "):]))
-        print(json.dumps(results[-1]), flush=True)
+        saved[kv] = json.loads(found[-1][len("RESULT "):])
+        print(json.dumps(saved[kv]), flush=True)
+        with open(out + ".json", "w") as f:
+            json.dump({"settings": settings, "results": saved}, f, indent=1)
+    results = [saved[kv] for kv in KV_DTYPES if kv in saved]
     if args.tiny:
         device_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     else:
@@ -197,7 +223,6 @@ def main() -> int:
         device_name = torch.cuda.get_device_name(0)
     text = report(args, results, device_name)
     print(text)
-    out = args.out or os.path.join(ROOT, "bench", "results", "capacity_cpu.md" if args.tiny else "capacity_h200.md")
     with open(out, "w") as f:
         f.write(text)
     print(f"wrote {out}")
