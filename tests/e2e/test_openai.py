@@ -191,6 +191,8 @@ def test_bad_chat_requests_name_what_was_wrong(client):
 def test_malformed_json_and_unknown_routes(server):
     r = httpx.post(f"{server.openai_url}/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.openai_url}/completions", content=b" " * (17 << 20), timeout=60)
+    assert r.status_code == 413 and "larger than 16 MiB" in r.json()["error"]["message"]
     r = httpx.post(f"{server.openai_url}/embeddings", json={"model": "tritonkv-demo", "input": "x"}, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 

@@ -1,7 +1,7 @@
 """Routes: /v1/models, /v1/completions, /v1/chat/completions, /health.
 
 Rules:
-- the model name in a request must be the served one (else 404);
+- the model name in a request must be the served one (else 404); a body over 16 MiB is 413;
 - a streamed answer starts (HTTP 200, SSE) only once the model accepted the request and sent
   its first response, so a refused request gets its status code (400 / 503) with or
   without ``stream``;
@@ -79,8 +79,17 @@ def create_app(model: ServedModel, bridge: TritonBridge) -> FastAPI:
     return app
 
 
+MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) before parsing
+
+
 async def _json(request: Request):
-    raw = await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise OpenAIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
