@@ -8,7 +8,7 @@ import torch
 
 from tritonkv.cache.allocate import (capacity_figures, kv_bytes_per_token, resolve_num_blocks,
                                      sequence_block_bound, sequence_blocks)
-from tritonkv.cache.capacity_report import capacity_rows, parse_parameters
+from tritonkv.cache.capacity_report import capacity_rows, parse_parameters, unsupported_reason
 from tritonkv.config import EngineConfig
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.server.cli import main as cli
@@ -108,7 +108,15 @@ def test_cli_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "KV budget 256 MiB (kv_cache_memory_mb); context 8,192 tokens per sequence"
     assert out[2] == "bound: streaming: 4 sinks + kv_window 2048 -> at most 130 blocks per sequence"
-    assert out[-3] == "| bf16 | 131,072 | 0 | 128 | 2,048 | 1.00 GiB | 0 | 260.00 MiB | 0 |"
+    rows = {line.split(" | ")[0]: line for line in out if line.startswith("| ")}
+    assert rows["| bf16"] == "| bf16 | 131,072 | 0 | 128 | 2,048 | 1.00 GiB | 0 | 260.00 MiB | 0 |"
+    # a KV dtype the engine refuses with this policy has no bounded figures, and the reason is given
+    config, _ = parse_parameters(["kv_eviction=streaming", "kv_window=2048"])
+    reason = unsupported_reason(config, "int8")
+    assert rows["| int8"].endswith("| refused (1) | - |" if reason else "| 134.06 MiB | 1 |")
+    assert (f"(1) the engine refuses this KV dtype with these parameters: {unsupported_reason(config, 'fp8')}"
+            in out) == bool(reason)
+    assert unsupported_reason(EngineConfig(), "int8") is None
 
 
 def test_cli_names_what_is_wrong(tmp_path, capsys):

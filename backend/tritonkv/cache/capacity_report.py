@@ -56,16 +56,27 @@ def parse_parameters(pairs: list[str]) -> tuple[EngineConfig, dict]:
     return config, eviction
 
 
+def unsupported_reason(config: EngineConfig, label: str) -> str | None:
+    """Why the engine refuses this config with ``kv_cache_dtype`` = ``label`` (None: it accepts it)."""
+    try:
+        dataclasses.replace(config, kv_cache_dtype="auto" if label == "bf16" else label)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def capacity_rows(model_config: ModelConfig, config: EngineConfig, budget_bytes: int | None, context: int,
                   eviction: dict) -> list[dict]:
-    """``capacity_figures`` for each of REPORT_DTYPES in the same budget, with ``label`` and
-    ``scale_bytes`` (per token) added."""
+    """``capacity_figures`` for each of REPORT_DTYPES in the same budget, with ``label``,
+    ``scale_bytes`` (per token) and ``bound_refused`` (why the engine refuses the bound with this
+    KV dtype, or None) added."""
     rows = []
     for label, dtype in REPORT_DTYPES:
         blocks = resolve_num_blocks(config, model_config, dtype, budget_bytes)
         f = capacity_figures(model_config, config, dtype, blocks, context, eviction)
         scale_bytes = 2 * model_config.num_layers * model_config.num_kv_heads * 4 if dtype.itemsize == 1 else 0
-        rows.append({**f, "label": label, "scale_bytes": scale_bytes})
+        rows.append({**f, "label": label, "scale_bytes": scale_bytes,
+                     "bound_refused": unsupported_reason(config, label)})
     return rows
 
 
@@ -107,12 +118,17 @@ def format_report(name: str, model_config: ModelConfig, config: EngineConfig, bu
              "| KV dtype | bytes/token | of which scales | blocks | tokens | KV per sequence | sequences "
              "| bounded KV per sequence | bounded sequences |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    refused = []
     for r in rows:
         block_bytes = r["bytes_per_token"] * r["block_size"]
+        bounded = (f"{human_bytes(r['blocks_per_sequence_bounded'] * block_bytes)} | {r['sequences_bounded']:,}"
+                   if r["bound_refused"] is None else "refused (1) | -")
+        refused += [r["bound_refused"]] if r["bound_refused"] else []
         lines.append(f"| {r['label']} | {r['bytes_per_token']:,} | {r['scale_bytes']:,} | {r['num_blocks']:,} "
                      f"| {r['capacity_tokens']:,} | {human_bytes(r['blocks_per_sequence'] * block_bytes)} "
-                     f"| {r['sequences']:,} | {human_bytes(r['blocks_per_sequence_bounded'] * block_bytes)} "
-                     f"| {r['sequences_bounded']:,} |")
+                     f"| {r['sequences']:,} | {bounded} |")
+    if refused:
+        lines += ["", f"(1) the engine refuses this KV dtype with these parameters: {refused[0]}"]
     return "\n".join(lines)
 
 
