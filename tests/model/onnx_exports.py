@@ -102,3 +102,35 @@ def ort_logits(onnx_path: str, feeds: dict) -> np.ndarray:
     sess = onnxruntime.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     return sess.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def as_merged_decoder(path: str) -> None:
+    """Rewrite ``path`` as optimum's merged decoder: weights stay in the top graph, the
+    computation moves into the branches of an ``If`` on a ``use_cache_branch`` input (the
+    no-past branch here is the same computation under renamed values)."""
+    model = onnx.load(path)
+    g = model.graph
+    outer = {t.name for t in g.initializer} | {i.name for i in g.input}
+
+    def branch(suffix: str):
+        nodes = []
+        for node in g.node:
+            n = onnx.NodeProto()
+            n.CopyFrom(node)
+            n.name = node.name + suffix
+            n.input[:] = [x if (x in outer or not x) else x + suffix for x in node.input]
+            n.output[:] = [x + suffix for x in node.output]
+            nodes.append(n)
+        for out in g.output:
+            nodes.append(onnx.helper.make_node("Identity", [out.name + suffix], [out.name + suffix + "_out"]))
+        outs = [onnx.helper.make_tensor_value_info(o.name + suffix + "_out", o.type.tensor_type.elem_type, None)
+                for o in g.output]
+        return onnx.helper.make_graph(nodes, "branch" + suffix, [], outs)
+
+    cond = onnx.helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    node = onnx.helper.make_node("If", ["use_cache_branch"], [o.name for o in g.output], name="optimum::if",
+                                 then_branch=branch("_with_past"), else_branch=branch("_no_past"))
+    del g.node[:]
+    g.node.append(node)
+    g.input.append(cond)
+    onnx.save(model, path)

@@ -5,8 +5,9 @@ Names and structure as optimum writes them (TorchScript underneath): inputs ``in
 outputs ``logits`` and ``present.{i}.key / .value``; norm weights under HF names, projection
 weights as ``onnx::MatMul_<n>`` initializers holding W^T, nodes named
 ``/model/layers.{i}/self_attn/q_proj/MatMul``. Variants exercise other structures the loader
-must read: ``gemm`` (Gemm, transB = 1, W as stored by HF, bias as C) and ``fused`` (one QKV and
-one gate-up projection, each Split into its parts as Phi-3 exports do).
+must read: ``gemm`` (Gemm, transB = 1, W as stored by HF, bias as C), ``fused`` (one QKV and
+one gate-up projection, each Split into its parts as Phi-3 exports do) and ``simplified_norm``
+(ONNX Runtime's SimplifiedLayerNormalization op in place of the RMSNorm pattern).
 ONNX Runtime runs the graph, so it is an oracle of its own for the weights it holds.
 """
 
@@ -82,6 +83,9 @@ def write_decoder_graph(cfg, sd, inv_freq: torch.Tensor, path: str, with_past: b
     b = _Builder(data_file, external_data or "")
 
     def norm(x, weight_name, scope):
+        if variant == "simplified_norm":  # ONNX Runtime's fused RMSNorm op, as its optimizer writes
+            return b.op("SimplifiedLayerNormalization", [x, b.weight(weight_name, sd[weight_name])],
+                        f"{scope}/SimplifiedLayerNormalization", axis=-1, epsilon=eps)
         sq = b.op("Pow", [x, b.const(2.0, np.float32)], f"{scope}/Pow")
         mean = b.op("ReduceMean", [sq], f"{scope}/ReduceMean", axes=[-1], keepdims=1)
         std = b.op("Sqrt", [b.op("Add", [mean, b.const(eps, np.float32)], f"{scope}/Add")], f"{scope}/Sqrt")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine_helpers import TEST_DEVICE, make_engine, run_turn
-from onnx_exports import (export_dynamo, export_torchscript, ort_logits, recast_initializers, rewrite, rounded_hf,
-                          tiny_hf_model)
+from onnx_exports import (as_merged_decoder, copy_config, export_dynamo, export_torchscript, ort_logits,
+                          recast_initializers, rewrite, rounded_hf, tiny_hf_model)
 from optimum_graph import build_optimum_graph, optimum_feeds
 from tiny_models import hf_greedy
 from tritonkv.model.checkpoint import load_model
@@ -85,10 +85,8 @@ def test_dynamo_export_with_external_data_matches_hf_and_onnxruntime(models, fam
 
 @pytest.mark.parametrize("family,with_past,variant", [
     ("llama_gqa", False, "matmul"), ("llama_gqa", True, "matmul"), ("qwen2_bias", True, "gemm"),
-    ("llama", True, "fused"), ("qwen2_bias", False, "fused")])
+    ("llama", True, "fused"), ("qwen2_bias", False, "fused"), ("llama_gqa", True, "simplified_norm")])
 def test_optimum_style_graph_matches_hf_and_onnxruntime(models, family, with_past, variant, tmp_path):
-    from onnx_exports import copy_config
-
     hf_dir, hf = models[family]
     onnx_dir = copy_config(hf_dir, str(tmp_path / "onnx"))
     build_optimum_graph(hf, os.path.join(onnx_dir, "model.onnx"), with_past, variant)
@@ -96,6 +94,15 @@ def test_optimum_style_graph_matches_hf_and_onnxruntime(models, family, with_pas
     ids = prompt(10, 5)
     ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), optimum_feeds(hf.config, ids, with_past))
     torch.testing.assert_close(engine_prefill_logits(engine, ids), torch.from_numpy(ort[0]), **TOL)
+
+
+def test_optimum_merged_decoder_reads_the_if_branch(models, tmp_path):
+    hf_dir, hf = models["llama_gqa"]
+    onnx_dir = copy_config(hf_dir, str(tmp_path / "merged"))
+    path = os.path.join(onnx_dir, "decoder_model_merged.onnx")
+    build_optimum_graph(hf, path, with_past=True)
+    as_merged_decoder(path)
+    assert_two_turns_match_hf(onnx_dir, hf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
