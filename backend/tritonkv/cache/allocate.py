@@ -118,13 +118,12 @@ def gpu_kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: 
 
 # -- capacity: how many tokens and sequences a pool holds --------------------------------------
 # Rules:
-# - A sequence of ``context`` tokens holds ceil(context / block_size) blocks unless a bound
-#   frees the blocks no future query can see; a bound keeps runs of tokens, and a run of n
-#   tokens that starts anywhere in a block spans at most ceil(n / block_size) + 1 blocks.
-# - Model sliding window w: one run of w tokens. StreamingLLM: the sinks (from position 0, so
-#   ceil(sinks / block_size) blocks) + a run of kv_window. H2O: the sinks + heavy hitters
-#   evicted and kept per block (ceil(heavy_hitter_tokens / block_size) blocks) + a run of
-#   kv_window. Several bounds: the smallest applies.
+# - A sequence of ``context`` tokens holds ceil(context / block_size) blocks, unless an
+#   eviction policy (cache/eviction.py: a model sliding window, or kv_eviction streaming / h2o)
+#   returns the blocks no future query sees; then it holds at most the policy's
+#   ``blocks_per_sequence`` while decoding (chunks of 1 token; a prefill chunk of a window
+#   model holds up to one chunk more, transiently). The bound is the engine's own rule, read
+#   from the policy, never restated here.
 
 def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
     """KV bytes one token takes across all layers, K and V, scales included."""
@@ -140,19 +139,15 @@ def eviction_settings(config: EngineConfig) -> dict:
 
 
 def sequence_block_bound(block_size: int, sliding_window: int | None = None, kv_eviction: str = "none",
-                         attention_sinks: int = 4, kv_window: int = 0, heavy_hitter_tokens: int = 0) -> int | None:
-    """Most blocks one sequence holds under its bounds, however long it runs; None: unbounded."""
-    def blocks(n):
-        return -(-n // block_size)
+                         attention_sinks: int = 4, kv_window: int = 0, heavy_hitter_tokens: int = 0,
+                         chunk_tokens: int = 1) -> int | None:
+    """Most blocks one sequence holds under the engine's eviction policy, however long it
+    runs, computing ``chunk_tokens`` per step; None: unbounded."""
+    from tritonkv.cache.eviction import policy_for
 
-    bounds = []
-    if sliding_window:
-        bounds.append(blocks(sliding_window) + 1)
-    if kv_eviction == "streaming":
-        bounds.append(blocks(attention_sinks) + blocks(kv_window) + 1)
-    elif kv_eviction == "h2o":
-        bounds.append(blocks(attention_sinks) + blocks(heavy_hitter_tokens) + blocks(kv_window) + 1)
-    return min(bounds) if bounds else None
+    policy = policy_for(kv_eviction, block_size, model_window=sliding_window, kv_window=kv_window,
+                        attention_sinks=attention_sinks, heavy_hitter_tokens=heavy_hitter_tokens)
+    return policy.blocks_per_sequence(chunk_tokens) if policy.active else None
 
 
 def sequence_blocks(context: int, block_size: int, bound: int | None = None) -> int:
