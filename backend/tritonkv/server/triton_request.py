@@ -240,13 +240,8 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
     stop = _stop(pb_utils, request, params)
     max_tokens = setting("max_tokens", default_max_tokens)
     ignore_eos = setting("ignore_eos", False)
-    for name in vllm.NEUTRAL_VALUES:
-        if name in params:
-            vllm.check_neutral(name, params[name], BadRequest)
-    if "min_tokens" in params:
-        min_tokens = _convert(params["min_tokens"], "int", "parameter 'min_tokens'")
-        if vllm.min_tokens_rule(min_tokens, max_tokens, BadRequest):
-            ignore_eos, stop = True, ()
+    if _runs_to_max_tokens(params, max_tokens):
+        ignore_eos, stop = True, ()
     sampling = SamplingParams(
         max_tokens=max_tokens,
         temperature=setting("temperature", 1.0),
@@ -282,6 +277,18 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
     if text is None and input_ids is None and not parsed.close_only:
         raise BadRequest("no prompt: send text_input or input_ids" + ("" if stateless else " (or END alone to close)"))
     return parsed
+
+
+def _runs_to_max_tokens(params: dict, max_tokens: int) -> bool:
+    """Checks the vLLM keys without a sampler of their own; True when ``min_tokens`` asks for
+    every reply to run to ``max_tokens``."""
+    for name in vllm.NEUTRAL_VALUES:
+        if name in params:
+            vllm.check_neutral(name, params[name], BadRequest)
+    if "min_tokens" not in params:
+        return False
+    min_tokens = _convert(params["min_tokens"], "int", "parameter 'min_tokens'")
+    return vllm.min_tokens_rule(min_tokens, max_tokens, BadRequest)
 
 
 def _flag(pb_utils, request, name: str) -> bool | None:
