@@ -129,3 +129,25 @@ def test_the_onnx_file_itself_names_the_checkpoint(models, tmp_path):
             assert torch.equal(dict(model.named_parameters())[name], p), name
     q, k, v = (getattr(hf.model.layers[1].self_attn, f"{r}_proj").weight for r in "qkv")
     assert torch.equal(model.model.layers[1].self_attn.qkv_proj.weight, torch.cat([q, k, v]))
+
+
+def test_weights_inside_the_graph_stay_in_the_file_until_loaded(models, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from tritonkv.model.onnx_wire import load_without_weights
+
+    hf_dir, hf = models["llama"]
+    path = os.path.join(export_torchscript(hf, hf_dir, str(tmp_path / "onnx")), "model.onnx")
+    parsed, ranges = load_without_weights(path)
+    full = onnx.load(path)
+    assert [t.name for t in parsed.graph.initializer] == [t.name for t in full.graph.initializer]
+    assert not any(t.HasField("raw_data") for t in parsed.graph.initializer)
+    assert parsed.ByteSize() < os.path.getsize(path) / 4  # the graph without its weights
+    with open(path, "rb") as f:
+        data = f.read()
+    for t in full.graph.initializer:
+        offset, length = ranges[t.name]
+        assert data[offset:offset + length] == t.raw_data
+    first = full.graph.initializer[0]
+    assert parsed.graph.initializer[0].dims == first.dims and numpy_helper.to_array(first).size > 1000

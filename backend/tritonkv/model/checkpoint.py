@@ -39,15 +39,15 @@ def safetensors_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
 def onnx_state(checkpoint: str, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The graph's weights under HF names, in ``dtype``; every weight's bytes are checked to
     exist before any is read, so a broken export fails fast."""
-    from tritonkv.model.onnx_graph import graph_view, read_model
+    from tritonkv.model.onnx_graph import load_graph
     from tritonkv.model.onnx_weights import decoder_pieces, load_pieces
 
     path = onnx_graph_path(checkpoint)
     try:
-        view = graph_view(read_model(path), os.path.dirname(os.path.abspath(path)))
+        view = load_graph(path)
         pieces = decoder_pieces(view, cfg)
         for piece in pieces.values():
-            piece.weight.external()
+            piece.weight.byte_range()
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"ONNX checkpoint {path!r} is not a supported Llama-family decoder: {e}") from None
     return load_pieces(pieces, dtype)

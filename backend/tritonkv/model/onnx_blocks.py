@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onnx import numpy_helper
-
 from tritonkv.model.onnx_graph import GraphView, Weight
 from tritonkv.model.onnx_linears import ALIAS_OPS, REVIEW_OPS, Linear, weight_of
 
@@ -71,7 +69,7 @@ def _first_int(view: GraphView, value: str) -> int | None:
     found = weight_of(view, value)
     if found is None:
         return None
-    return int(numpy_helper.to_array(found[0].tensor).reshape(-1)[0])
+    return int(found[0].values().reshape(-1)[0])
 
 
 def _is_junction(view: GraphView, i: int) -> bool:

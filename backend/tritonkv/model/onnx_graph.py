@@ -1,9 +1,9 @@
 """An ONNX graph as tritonkv reads it: its weights, read lazily one at a time, and its data flow.
 
-Memory rule: the graph is parsed without external data; each weight is read only when it is
-loaded, from a memory map of its own byte range in the external data file (unmapped once the
-weight is copied into its torch tensor), so loading holds the model's weights plus one weight.
-Weights stored inside the .onnx file (graphs under 2 GB) are part of the parsed graph.
+Memory rule: the graph is parsed without its weights (onnx_wire.py leaves the top graph's
+``raw_data`` in the file; external data stays in its files); each weight is read only when it is
+loaded, from a memory map of its own byte range (unmapped once the weight is copied into its
+torch tensor), so loading holds the model's weights plus one weight.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
+
+from tritonkv.model.onnx_wire import load_without_weights
 
 FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
                TensorProto.BFLOAT16: torch.bfloat16, TensorProto.DOUBLE: torch.float64}
@@ -34,6 +36,7 @@ class Weight:
     name: str
     tensor: TensorProto
     base_dir: str
+    in_file: tuple[str, int, int] | None = None  # (graph file, offset, length) of raw_data left there
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -51,7 +54,18 @@ class Weight:
         return f"{self.name!r} {list(self.dims)} {type_name(self.data_type)}"
 
     def nbytes(self) -> int:
-        return int(np.prod(self.dims, dtype=np.int64)) * FLOAT_TYPES[self.data_type].itemsize
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(self.data_type).itemsize
+        return int(np.prod(self.dims, dtype=np.int64)) * itemsize
+
+    def byte_range(self) -> tuple[str, int, int] | None:
+        """(file, offset, length) of the weight's bytes, checked against its shape and the file;
+        None when the parsed graph holds the values (typed fields)."""
+        if self.in_file is not None:
+            if self.in_file[2] != self.nbytes():
+                raise ValueError(f"weight {self.describe()} holds {self.in_file[2]} bytes; its shape needs "
+                                 f"{self.nbytes()}")
+            return self.in_file
+        return self.external()
 
     def external(self) -> tuple[str, int, int] | None:
         """(path, offset, length) of an externally stored weight, checked against the file."""
@@ -76,6 +90,17 @@ class Weight:
                              f"but the file has {size} bytes (truncated?)")
         return path, offset, length
 
+    def values(self) -> np.ndarray:
+        """A small tensor's values as numpy (shape constants such as a Slice's starts)."""
+        where = self.byte_range()
+        if where is None:
+            return numpy_helper.to_array(self.tensor)
+        path, offset, length = where
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        return np.frombuffer(data, dtype=onnx.helper.tensor_dtype_to_np_dtype(self.data_type)).reshape(self.dims)
+
     def load(self, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
         """A new contiguous tensor in ``dtype`` (transposed for 2-D weights when asked)."""
         with warnings.catch_warnings():
@@ -91,12 +116,12 @@ class Weight:
         if self.data_type not in FLOAT_TYPES:
             raise ValueError(f"weight {self.describe()} is not a float tensor")
         dtype, t = FLOAT_TYPES[self.data_type], self.tensor
-        ext = self.external()
-        if ext is not None:
-            path, offset, length = ext
+        where = self.byte_range()
+        if where is not None:
+            path, offset, length = where
             raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(length,)) if length else np.zeros(0, np.uint8)
             return torch.from_numpy(raw).view(dtype).reshape(self.dims)
-        if t.HasField("raw_data"):
+        if t.HasField("raw_data"):  # a Constant node's or a subgraph's tensor
             raw = np.frombuffer(t.raw_data, dtype=np.uint8)
             if raw.size != self.nbytes():
                 raise ValueError(f"weight {self.describe()} holds {raw.size} bytes; its shape needs {self.nbytes()} "
@@ -113,16 +138,17 @@ class Weight:
         return values.reshape(self.dims)
 
 
-def read_model(path: str) -> onnx.ModelProto:
+def read_model(path: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
+    """The model without its in-file weights, and where in the file each one's bytes are."""
     try:
-        return onnx.load(path, load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
+        return load_without_weights(path)
+    except Exception as e:  # a cut field, protobuf's DecodeError and friends
         raise ValueError(f"{path!r} is not a readable ONNX model ({type(e).__name__}: {e}); "
                          "the file may be truncated or not an ONNX file") from None
 
 
 def external_data_files(graph_path: str) -> list[str]:
-    model = read_model(graph_path)
+    model, _ = read_model(graph_path)
     base = os.path.dirname(os.path.abspath(graph_path))
     names = {e.value for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
              for e in t.external_data if e.key == "location"}
@@ -197,11 +223,18 @@ def _topological(nodes: list, available: set[str]) -> list:
     return order
 
 
-def graph_view(model: onnx.ModelProto, base_dir: str) -> GraphView:
+def load_graph(path: str) -> GraphView:
+    model, ranges = read_model(path)
+    path = os.path.abspath(path)
+    return graph_view(model, os.path.dirname(path), {n: (path, *r) for n, r in ranges.items()})
+
+
+def graph_view(model: onnx.ModelProto, base_dir: str, in_file: dict | None = None) -> GraphView:
     """The decoder's graph: the top graph, or for optimum's merged decoder (one ``If`` choosing
     the with-past / without-past branch, weights shared in the top graph) its larger branch."""
     graph = model.graph
-    weights = {t.name: Weight(t.name, t, base_dir) for t in graph.initializer}
+    in_file = in_file or {}
+    weights = {t.name: Weight(t.name, t, base_dir, in_file.get(t.name)) for t in graph.initializer}
     nodes = list(graph.node)
     branch = _decoder_branch(nodes)
     if branch is not None:
