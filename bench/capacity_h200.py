@@ -188,6 +188,10 @@ def main() -> int:
 
         args.shape = args.shape or "llama3-8b"
         args.checkpoint = write_synthetic(args.shape, os.path.join(args.synthetic_dir, args.shape))
+        import torch
+
+        if torch.cuda.is_initialized():  # writing the weights used the device: leave it to the children
+            torch.cuda.empty_cache()
     if args.one:
         print("RESULT " + json.dumps(measure(args, args.one)), flush=True)
         return 0

@@ -4,7 +4,6 @@ the admin tools that read or remove a pool without attaching."""
 import multiprocessing as mp
 import os
 import signal
-import time
 
 import pytest
 

@@ -50,7 +50,8 @@ def test_two_processes_read_the_same_quantized_prefix_blocks(checkpoint, pool_na
         prefix = block_table_of(a, "sys")[:PREFIX_BLOCKS]
         results = CTX.Queue()
         b = CTX.Process(target=quantized_instance,
-                        args=(checkpoint, pool_name, kv_dtype, TEST_DEVICE, SYSTEM + [70, 71], PREFIX_BLOCKS, results), daemon=True)
+                        args=(checkpoint, pool_name, kv_dtype, TEST_DEVICE, SYSTEM + [70, 71], PREFIX_BLOCKS,
+                              results), daemon=True)
         b.start()
         try:
             out = results.get(timeout=120)
@@ -62,7 +63,8 @@ def test_two_processes_read_the_same_quantized_prefix_blocks(checkpoint, pool_na
         # byte for byte the codes and scales A wrote
         assert out["cached"] == 4 * PREFIX_BLOCKS and out["table"] == prefix
         mine = block_contents(a, prefix)
-        assert all((ks.view("float32") > 0).all() and (vs.view("float32") > 0).all() for _, _, ks, vs in mine)  # every prefix slot written
+        # every slot of the prefix blocks was written (a scale is never 0 once written)
+        assert all((ks.view("float32") > 0).all() and (vs.view("float32") > 0).all() for _, _, ks, vs in mine)
         assert_same_contents(out["contents"], mine)
 
         # a private quantised engine computing everything itself: the same tokens, and the same

@@ -1,7 +1,8 @@
 """A real tritonserver with instance_group count 2 for llm and llm_stateless: all four stub
-processes share one int8 KV pool (codes and scales in shared memory). A system prompt computed by one instance is a cache hit on
-another (cached_tokens, lower TTFT); a SIGKILLed stub leaves the server answering and the
-pool leak-free; stopping the server removes the pool's shared-memory files."""
+processes share one int8 KV pool (codes and scales in shared memory). A system prompt computed
+by one instance is a cache hit on another (cached_tokens, lower TTFT); a SIGKILLed stub leaves
+the server answering and the pool leak-free; stopping the server removes the pool's
+shared-memory files."""
 
 import contextlib
 import os

@@ -28,7 +28,8 @@ GAUGES = {
 
 # fixed for the engine's lifetime: capacity_figures keys
 CAPACITY_GAUGES = {
-    "tritonkv_kv_bytes_per_token": ("bytes_per_token", "KV bytes one token takes, all layers, K and V, scales included"),
+    "tritonkv_kv_bytes_per_token": ("bytes_per_token",
+                                    "KV bytes one token takes, all layers, K and V, scales included"),
     "tritonkv_kv_capacity_tokens": ("capacity_tokens", "tokens the KV pool holds (blocks x block_size)"),
     "tritonkv_kv_max_len_sequences": ("sequences_bounded", "sequences of max_model_len tokens the pool holds at "
                                                            "once (window / eviction bounds applied)"),
