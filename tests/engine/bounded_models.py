@@ -48,19 +48,21 @@ def assert_hf_greedy(model, context: list[int], generated: list[int]) -> None:
 
 
 def run_tracking_blocks(engine, corr_id, prompt_ids, max_tokens, *, start=True, end=True):
-    """Run one turn step by step; returns (collector, most blocks the sequence held)."""
+    """Run one turn step by step; returns (collector, most pool blocks the sequence held,
+    most blocks in its table)."""
     c = Collector()
     engine.submit(corr_id, prompt_ids, greedy(max_tokens), c, start=start, end=end)
-    most = 0
+    most = table = 0
     for _ in range(1_000_000):
         engine._drain()
         if not engine._seqs or all(s.status.value != "running" for s in engine._seqs.values()):
             break
         engine.step()
         for seq_id in engine.kv.live_sequences():
-            most = max(most, len(engine.kv.block_table(seq_id)))
+            most = max(most, engine.kv.held_blocks(seq_id))
+            table = max(table, len(engine.kv.block_table(seq_id)))
     engine.run_until_idle()
-    return c, most
+    return c, most, table
 
 
 def one_thread():

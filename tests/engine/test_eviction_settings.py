@@ -38,11 +38,11 @@ def checkpoints(tmp_path_factory):
 
 def test_h2o_on_a_pool_too_small_for_its_budget_fails_construction(checkpoints):
     llama, _ = checkpoints
-    # 1 sink block + 8 heavy + 5 window blocks = 14 > 12 blocks in the pool
-    with pytest.raises(ValueError, match=r"parameter 'heavy_hitter_tokens'.*up to 14 KV blocks.*the pool has 12"):
-        make_engine(llama, block_size=4, num_blocks=12, kv_eviction="h2o", kv_window=16, heavy_hitter_tokens=32)
-    engine = make_engine(llama, block_size=4, num_blocks=14, kv_eviction="h2o", kv_window=16, heavy_hitter_tokens=32)
-    assert engine.policy.blocks_per_sequence(1024) == 14
+    # 1 sink block + 8 heavy (each with its written original) + 5 window blocks = 23 > 20
+    with pytest.raises(ValueError, match=r"parameter 'heavy_hitter_tokens'.*up to 23 KV blocks.*the pool has 20"):
+        make_engine(llama, block_size=4, num_blocks=20, kv_eviction="h2o", kv_window=16, heavy_hitter_tokens=32)
+    engine = make_engine(llama, block_size=4, num_blocks=23, kv_eviction="h2o", kv_window=16, heavy_hitter_tokens=32)
+    assert engine.policy.blocks_per_sequence(1024) == 23 and engine.policy.kept_blocks() == 14
 
 
 def test_kept_cache_must_fit_half_the_rotary_positions(checkpoints):

@@ -9,7 +9,7 @@ from tritonkv.model.model_config import ModelConfig
 from tritonkv.model.rope import inverse_frequencies
 from tritonkv.ops.attention_mass import attention_mass_reference, last_query_mass
 from tritonkv.ops.fused_ops import rotary_cos_sin, rotary_qk_reference
-from tritonkv.ops.kv_relocate import all_layers, copy_blocks, rotate_keys
+from tritonkv.ops.kv_relocate import all_layers, rotate_keys, turn_blocks
 
 CFG = ModelConfig("LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
@@ -50,16 +50,40 @@ def test_rotating_by_delta_equals_rotating_at_the_sum():
     assert torch.equal(torch.stack([k[4] for k, _ in caches]), before4)
 
 
-def test_copy_blocks_copies_every_layer_k_and_v():
+def test_turn_blocks_turns_keys_and_copies_values_of_every_layer():
     torch.manual_seed(1)
     caches = allocate_kv_caches(CFG, 6, 4, torch.float32, "cpu")
+    cs = table()
     for k, v in caches:
         k.copy_(torch.randn_like(k))
         v.copy_(torch.randn_like(v))
     before = [(k.clone(), v.clone()) for k, v in caches]
-    copy_blocks(caches, [1, 3], [5, 0])
+    turn_blocks(caches, [1, 3], [5, 0], 9, cs)
     for (k, v), (k0, v0) in zip(caches, before):
-        assert torch.equal(k[5], k0[1]) and torch.equal(v[0], v0[3]) and torch.equal(k[2], k0[2])
+        for src, dst in ((1, 5), (3, 0)):
+            assert torch.equal(v[dst], v0[src])
+            # a key rotated at a turned by 9 = the key rotated at a + 9 (here: a = 0, unrotated)
+            torch.testing.assert_close(k[dst], rotated_at(k0[src], 9, cs), atol=2e-5, rtol=1e-5)
+        assert torch.equal(k[1], k0[1]) and torch.equal(k[2], k0[2])  # sources unchanged
+
+
+def test_turning_in_bfloat16_rounds_once_per_turn_from_the_source():
+    """A copy recomputed from its source with the total angle stays one rounding from the
+    exact key; turning the same bf16 key in place 200 times drifts."""
+    torch.manual_seed(3)
+    cs = table()
+    caches = allocate_kv_caches(CFG, 4, 4, torch.bfloat16, "cpu")
+    raw = torch.randn(4, 2, 16)
+    for k, _ in caches:
+        k[0] = raw.to(torch.bfloat16)
+        k[2] = raw.to(torch.bfloat16)
+    for n in range(1, 201):
+        turn_blocks(caches, [0], [1], n, cs)  # from the source, total n
+        rotate_keys(caches, [8, 9, 10, 11], 1, cs)  # in place, 1 at a time
+    exact = rotated_at(caches[0][0][0].float(), 200, cs)
+    from_source = (caches[0][0][1].float() - exact).abs().max()
+    in_place = (caches[0][0][2].float() - exact).abs().max()
+    assert from_source <= 0.02 and in_place > 3 * from_source
 
 
 def test_last_query_mass_equals_the_reference():

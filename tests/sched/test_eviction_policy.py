@@ -46,32 +46,40 @@ def test_streaming_eviction_returns_blocks_and_turns_the_sinks():
     kv.start("s", [])
     assert kv.grow("s", 20) and kv.block_table("s") == [0, 1, 2, 3, 4]
     assert kv.evict("s", 20)  # window from block (20 - 8 + 1) // 4 = 3: blocks 1, 2 go
-    assert kv.block_table("s") == [0, 3, 4] and kv.origins("s") == [0, 3, 4]
+    # the sink block (0) stays as written; the table reads a copy turned by the 8 evicted tokens
+    (op,) = kv.take_kv_ops()
+    assert (op.kind, op.src, op.dst, op.delta) == ("turn", [0], [1], 8)
+    assert kv.block_table("s") == [1, 3, 4] and kv.origins("s") == [0, 3, 4]
     assert kv.cache_index("s", 20) == 12 and kv.angle_shift("s") == 8
-    (op,) = kv.take_kv_ops()  # the sink block turns forward by the 8 evicted tokens
-    assert op.kind == "rotate" and op.delta == 8 and op.slots.tolist() == [0, 1, 2, 3]
-    assert pool.counts()["used"] == 3 and kv.evicted_blocks["streaming"] == 2
-    assert kv.grow("s", 21) and kv.block_table("s") == [0, 3, 4, 1]  # the freed block is reused
+    assert kv.held_blocks("s") == pool.counts()["used"] == 4 and kv.evicted_blocks["streaming"] == 2
+    assert kv.grow("s", 21) and kv.block_table("s") == [1, 3, 4, 2]  # a freed block is reused
     assert kv.evict("s", 21) and kv.take_kv_ops() == []  # nothing more leaves yet
+    assert kv.evict("s", 24)  # block 3 goes: the copy is recomputed from the original, 12 turned
+    (op,) = kv.take_kv_ops()
+    assert (op.kind, op.src, op.dst, op.delta) == ("turn", [0], [1], 12)
+    kv.release("s")
+    assert pool.counts()["used"] == 0
 
 
 def test_angles_rebase_before_leaving_the_rotary_table():
     policy = EvictionPolicy("streaming", BS, window=4, sink_blocks=1)
-    pool, kv = manager(policy, prefix=False)  # angle_limit 64; a sequence keeps <= 3 blocks (12 tokens)
+    pool, kv = manager(policy, prefix=False)  # angle_limit 64; a table holds <= 3 blocks (12 tokens)
     kv.start("s", [])
     ops = {}
     for p in range(60):
         assert kv.evict("s", p) and kv.grow("s", p + 1)
-        ops[p] = [(o.delta, o.slots.tolist()) for o in kv.take_kv_ops()]
-    # from position 11 on, every 4th query returns one block; the sink block turns by 4 each time
+        ops[p] = [(o.kind, o.delta, o.src, o.slots.tolist() if o.slots is not None else None)
+                  for o in kv.take_kv_ops()]
+    # from position 11 on, every 4th query returns one block; the sink's copy turns 4 further each time
     assert [p for p in ops if ops[p]] == list(range(11, 60, 4))
-    assert ops[55] == [(4, [0, 1, 2, 3])] and kv.angle_shift("s") == 0
-    # at 59 the shift would reach 52 (52 + 12 >= 64): every kept key turns back by 52
-    assert ops[59] == [(4, [0, 1, 2, 3]), (-52, [0, 1, 2, 3, 8, 9, 10, 11])]
-    assert kv.block_table("s") == [0, 2] and kv.cache_index("s", 59) == 7
+    assert ops[55] == [("turn", 48, [0], None)]
+    # at 59 the shift would reach 52 (52 + 12 >= 64): every kept key turns back by 52 (the
+    # recent block in place, the sink's copy from its original: 52 - 52 = 0)
+    assert ops[59] == [("rotate", -52, [], [8, 9, 10, 11]), ("turn", 0, [0], None)]
+    assert kv.angle_shift("s") == 0 and kv.block_table("s") == [1, 2] and kv.cache_index("s", 59) == 7
 
 
-def test_first_eviction_copies_prefix_indexed_blocks():
+def test_turned_prefix_indexed_blocks_stay_valid_for_others():
     policy = EvictionPolicy("streaming", BS, window=8, sink_blocks=1)
     pool, kv = manager(policy)
     tokens = list(range(100, 124))
@@ -79,16 +87,15 @@ def test_first_eviction_copies_prefix_indexed_blocks():
     assert kv.grow("a", 24)
     # registers the blocks wholly before the first evicting position, 15: blocks 0..2
     kv.commit("a", tokens)
-    assert policy.first_eviction() == 15 and pool.counts()["cached"] == 0
-    assert kv.evict("a", 24)  # blocks 1..3 go; the sink block 0 is in the index: a copy turns
-    copy, rotate = kv.take_kv_ops()
-    assert copy.kind == "copy" and copy.src == [0] and copy.dst == [3]  # (3: the lowest free)
-    assert rotate.slots.tolist() == [12, 13, 14, 15] and rotate.delta == 12
+    assert policy.first_eviction() == 15
+    assert kv.evict("a", 24)  # blocks 1..3 go; the sink block 0 turns as a copy in block 3
+    (op,) = kv.take_kv_ops()
+    assert (op.kind, op.src, op.dst, op.delta) == ("turn", [0], [3], 12)
     assert kv.block_table("a") == [3, 4, 5]
     c = pool.counts()
-    assert c["used"] == 3 and c["cached"] == 3  # the originals stay cached for prefix hits
+    assert c["used"] == 4 and c["cached"] == 2  # block 0 is held as the original, 1 and 2 cached
     kv.start("b", tokens)
-    assert kv.block_table("b") == [0, 1, 2]  # a new sequence reads the unrotated blocks
+    assert kv.block_table("b") == [0, 1, 2]  # a new sequence reads the unturned blocks
 
 
 def test_h2o_decisions_replay_after_preemption():

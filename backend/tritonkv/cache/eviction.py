@@ -72,17 +72,23 @@ class EvictionPolicy:
             return 1 << 62
         return (self.sink_blocks + self.heavy_blocks + 1) * self.block_size + self.window - 1
 
+    def kept_blocks(self) -> int:
+        """Most blocks in one sequence's table (what its queries attend), streaming / h2o."""
+        return self.sink_blocks + self.heavy_blocks + -(-self.window // self.block_size) + 1
+
     def cacheable_blocks(self) -> int:
         return self.first_eviction() // self.block_size
 
     def blocks_per_sequence(self, chunk_tokens: int) -> int:
-        """Most blocks one sequence holds at once (recent window + one chunk + sinks + heavy)."""
+        """Most pool blocks one sequence holds at once (window: window + one chunk; streaming /
+        h2o: recent window + sinks + heavy hitters, the last two with their originals)."""
         bs = self.block_size
         if self.mode == "window":
             chunk = min(chunk_tokens, self.max_chunk(0))
             return -(-(self.window + chunk) // bs) + 2
         recent = -(-self.window // bs) + 1
-        return self.sink_blocks + self.heavy_blocks + recent
+        # sinks and heavy hitters before a hole are turned copies of their written originals
+        return 2 * (self.sink_blocks + self.heavy_blocks) + recent
 
     def victims(self, origins: list[int], position: int, mass: np.ndarray | None = None) -> list[int]:
         """Indices into ``origins`` (the kept blocks' original block numbers, ascending) that

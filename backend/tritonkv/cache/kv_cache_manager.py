@@ -14,11 +14,13 @@ Rules:
   (``take_kv_ops``: the engine applies them on the device before the next launch), so every
   distance a query sees is its distance inside the cache; ``angle_shift`` is brought back to 0
   (all kept keys rotated back) before angles would leave the rotary table.
-- A rotated block is private: at the first eviction of a streaming / h2o sequence, its blocks
-  that sit in the prefix index are replaced by private copies (the index keeps the
-  originals); when the pool has no room for the copies, those only this sequence holds
-  leave the index instead. Such a
-  sequence registers no block past ``EvictionPolicy.cacheable_blocks``.
+- A written block is never changed in place by eviction: the first time a block must turn,
+  the sequence keeps it as the *source* and turns a copy; every later turn recomputes the
+  copy from the source with the total angle, so a sink turned a thousand times has one
+  rounding (bf16 would drift otherwise), and a source that sits in the prefix index stays
+  valid for other sequences. Only the rebase turns blocks in place, and only private ones
+  never turned before (recent-window blocks: each is rebased at most a couple of times in its
+  life). A streaming / h2o sequence registers no block past ``EvictionPolicy.cacheable_blocks``.
 - Only full blocks whose KV has been written are registered in the prefix index
   (``commit``), so a shared block is never written again.
 - A prefix hit never covers a prompt's last token: at least one token is computed, because
@@ -48,7 +50,8 @@ class SequenceBlocks:
     hashes: list[int] = field(default_factory=list)  # hashes of original blocks [0, len), registered
     evicted_tokens: int = 0
     angle_shift: int = 0
-    private: bool = False  # blocks from the prefix index were replaced by private copies
+    sources: list[int] = field(default_factory=list)  # per kept block: its written original (-1: none)
+    turned: list[int] = field(default_factory=list)  # per kept block: positions turned from the original
     mass: np.ndarray = field(default_factory=lambda: np.zeros(0))  # h2o: per kept block
 
 
@@ -62,9 +65,9 @@ class EvictionHistory:
 
 @dataclass
 class KVOp:
-    """A device-side change of cached KV the engine applies before the next launch:
-    ``copy`` blocks ``src[i]`` -> ``dst[i]`` (every layer, K and V), or ``rotate`` the keys in
-    ``slots`` by ``delta`` positions (every layer)."""
+    """A device-side change of cached KV the engine applies before the next launch (every
+    layer): ``turn``: block ``dst[i]`` = block ``src[i]`` with its keys turned by ``delta``
+    positions (values copied); ``rotate``: the keys in ``slots`` turn by ``delta`` in place."""
 
     kind: str
     src: list[int] = field(default_factory=list)
@@ -84,7 +87,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.policy = policy or EvictionPolicy("none", pool.block_size)
         self.angle_limit = angle_limit
-        self._cache_bound = self.policy.blocks_per_sequence(max_chunk_tokens) * self.block_size
+        # the most tokens a table holds (cache indices, so angles, stay below it + angle_shift)
+        self._cache_bound = (self.policy.kept_blocks() if self.policy.relative else
+                             self.policy.blocks_per_sequence(max_chunk_tokens)) * self.block_size
         self._seqs: dict[Hashable, SequenceBlocks] = {}
         self._history: dict[Hashable, EvictionHistory] = {}
         self._ops: list[KVOp] = []
@@ -133,6 +138,8 @@ class KVCacheManager:
         origins = list(range(first, first + len(blocks)))
         seq.blocks.extend(blocks)
         seq.origins.extend(origins)
+        seq.sources.extend([-1] * len(blocks))
+        seq.turned.extend([0] * len(blocks))
         if self.policy.mode == "h2o":
             past = self._history.get(seq_id)
             init = [past.mass.get(o, 0.0) for o in origins] if past else [0.0] * len(origins)
@@ -185,36 +192,56 @@ class KVCacheManager:
     def would_evict(self, seq_id, position: int) -> bool:
         return self.policy.active and bool(self._victims(seq_id, self._seqs[seq_id], position))
 
+    def held_blocks(self, seq_id) -> int:
+        """Pool blocks the sequence holds: its table plus the originals of turned blocks."""
+        seq = self._seqs[seq_id]
+        return len(seq.blocks) + sum(s >= 0 for s in seq.sources)
+
     def evict(self, seq_id, position: int) -> bool:
         """Return the blocks that the query at text ``position`` and every later one no longer
         keep, and queue the key rotations this needs (``take_kv_ops``). False (nothing
-        changed) if blocks shared with other sequences must be copied first and the pool
-        cannot supply the copies (the caller preempts or waits)."""
+        changed) if the pool cannot supply the turned copies (the caller preempts or waits)."""
         if not self.policy.active:
             return True
         seq = self._seqs[seq_id]
         victims = self._victims(seq_id, seq, position)
+        gone = set(victims)
+        bs = self.block_size
+        turns: dict[int, int] = {}  # table index (before dropping) -> positions to turn by
+        if self.policy.relative and victims:
+            after = 0
+            for i in range(len(seq.blocks) - 1, -1, -1):
+                if i in gone:
+                    after += bs
+                elif after:
+                    turns[i] = after
+        shift = seq.angle_shift + len(victims) * bs
+        rebase = bool(self.policy.relative and shift and shift + self._cache_bound >= self.angle_limit)
+        in_place = set()
+        if rebase:
+            for i in range(len(seq.blocks)):
+                if i in gone:
+                    continue
+                if i not in turns and seq.sources[i] < 0 and not self._indexed(seq, i):
+                    in_place.add(i)
+                turns[i] = turns.get(i, 0) - shift
+        copies = sum(1 for i, d in turns.items() if d and seq.sources[i] < 0 and i not in in_place)
+        if copies and self.pool.num_available() + self._freed(seq, victims) < copies:
+            return False
+        remap = {old: new for new, old in enumerate(i for i in range(len(seq.blocks)) if i not in gone)}
         if victims:
-            if self.policy.relative and not seq.private and not self._can_make_private(seq, victims):
-                return False
             self._drop(seq_id, seq, victims, position)
-        if self.policy.relative and seq.angle_shift and \
-                seq.angle_shift + self._cache_bound >= self.angle_limit:
-            self._rotate(seq, range(len(seq.blocks)), -seq.angle_shift)
-            seq.angle_shift = 0
+        seq.angle_shift = 0 if rebase else shift
+        self._turn(seq, {remap[i]: d for i, d in turns.items()}, {remap[i] for i in in_place})
         return True
 
-    def _shared(self, seq: SequenceBlocks) -> list[int]:
-        """Kept blocks that may sit in the prefix index (indices into the table)."""
-        return [i for i, o in enumerate(seq.origins) if o < len(seq.hashes)]
+    def _indexed(self, seq: SequenceBlocks, i: int) -> bool:
+        """The block at table index ``i`` may sit in the prefix index (others may read it)."""
+        return seq.origins[i] < len(seq.hashes)
 
-    def _can_make_private(self, seq: SequenceBlocks, victims: list[int]) -> bool:
-        shared = [seq.blocks[i] for i in self._shared(seq) if i not in set(victims)]
-        copies = sum(r > 1 for r in self.pool.refcounts(shared)) if shared else 0
-        if not copies:
-            return True
-        freed = sum(r == 1 for r in self.pool.refcounts([seq.blocks[i] for i in victims]))
-        return self.pool.num_available() + freed >= copies
+    def _freed(self, seq: SequenceBlocks, victims: list[int]) -> int:
+        held = [seq.blocks[i] for i in victims] + [seq.sources[i] for i in victims if seq.sources[i] >= 0]
+        return sum(r == 1 for r in self.pool.refcounts(held)) if held else 0
 
     def _victims(self, seq_id, seq: SequenceBlocks, position: int) -> list[int]:
         past = self._history.get(seq_id)
@@ -224,55 +251,45 @@ class KVCacheManager:
         return self.policy.victims(seq.origins, position, seq.mass)
 
     def _drop(self, seq_id, seq: SequenceBlocks, victims: list[int], position: int) -> None:
-        bs = self.block_size
         gone = set(victims)
         if self.policy.mode == "h2o":
             past = self._history.setdefault(seq_id, EvictionHistory())
             for i in victims:
                 past.evicted_at.setdefault(seq.origins[i], position)
-        released = [seq.blocks[i] for i in victims]
+        released = [seq.blocks[i] for i in victims] + [seq.sources[i] for i in victims if seq.sources[i] >= 0]
         keep = [i for i in range(len(seq.blocks)) if i not in gone]
-        # a kept key moves down by the evicted tokens before it; to keep its angle relative to
-        # everything after the hole, it turns forward by the evicted tokens after it
-        after = np.cumsum([i in gone for i in range(len(seq.blocks))][::-1])[::-1]
         seq.blocks = [seq.blocks[i] for i in keep]
         seq.origins = [seq.origins[i] for i in keep]
+        seq.sources = [seq.sources[i] for i in keep]
+        seq.turned = [seq.turned[i] for i in keep]
         if len(seq.mass):
             seq.mass = seq.mass[keep]
         self.pool.release(released, self.owner)
         self.evicted_blocks[self.policy.mode] += len(victims)
-        seq.evicted_tokens += len(victims) * bs
-        seq.angle_shift += len(victims) * bs
-        if not self.policy.relative:
-            return
-        turns = {}
-        for new_i, old_i in enumerate(keep):
-            if after[old_i]:
-                turns.setdefault(int(after[old_i]) * bs, []).append(new_i)
-        if turns:
-            self._make_private(seq)
-        for delta, idx in turns.items():
-            self._rotate(seq, idx, delta)
+        seq.evicted_tokens += len(victims) * self.block_size
 
-    def _make_private(self, seq: SequenceBlocks) -> None:
-        """Replace the kept blocks that sit in the prefix index by private copies."""
-        if seq.private:
-            return
-        seq.private = True
-        shared = self._shared(seq)
-        if not shared:
-            return
-        if self.pool.num_available() < len(shared):  # tight: keep the index only where others share
-            sole = self.pool.take_private([seq.blocks[i] for i in shared], self.owner)
-            shared = [i for i, s in zip(shared, sole) if not s]
-            if not shared:
-                return
-        fresh = self.pool.allocate(len(shared), self.owner)
-        old = [seq.blocks[i] for i in shared]
-        self._ops.append(KVOp("copy", src=old, dst=fresh))
-        for i, b in zip(shared, fresh):
-            seq.blocks[i] = b
-        self.pool.release(old, self.owner)
+    def _turn(self, seq: SequenceBlocks, turns: dict[int, int], in_place: set[int]) -> None:
+        """Turn the keys of table blocks ``i`` by ``turns[i]`` positions. A block turned for the
+        first time keeps its written original (a source, never changed: it may be shared) and
+        gets a copy; later turns recompute the copy from the original with the total angle, so
+        rounding never compounds. ``in_place`` blocks (private, rebased only) turn in place."""
+        fresh = [i for i in turns if seq.sources[i] < 0 and i not in in_place and turns[i]]
+        if fresh:
+            copies = self.pool.allocate(len(fresh), self.owner)
+            for i, b in zip(fresh, copies):
+                seq.sources[i], seq.blocks[i] = seq.blocks[i], b
+        by_delta: dict[int, list[int]] = {}
+        for i, delta in turns.items():
+            if not delta:
+                continue
+            if i in in_place:
+                self._rotate(seq, [i], delta)
+                continue
+            seq.turned[i] += delta
+            by_delta.setdefault(seq.turned[i], []).append(i)
+        for total, idx in by_delta.items():
+            self._ops.append(KVOp("turn", src=[seq.sources[i] for i in idx], dst=[seq.blocks[i] for i in idx],
+                                  delta=total))
 
     def _rotate(self, seq: SequenceBlocks, indices, delta: int) -> None:
         blocks = np.asarray([seq.blocks[i] for i in indices], dtype=np.int64)
@@ -316,7 +333,7 @@ class KVCacheManager:
     def _drop_all(self, seq_id) -> None:
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
-            self.pool.release(seq.blocks, self.owner)
+            self.pool.release(seq.blocks + [b for b in seq.sources if b >= 0], self.owner)
 
     def live_sequences(self) -> list:
         return list(self._seqs)

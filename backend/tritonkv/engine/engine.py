@@ -30,7 +30,7 @@ from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
-from tritonkv.ops.kv_relocate import copy_blocks, rotate_keys
+from tritonkv.ops.kv_relocate import rotate_keys, turn_blocks
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -72,8 +72,8 @@ class Engine:
         limit = min(config.max_model_len or max_pos, max_pos)
         # a window model holds O(window) per sequence: the pool does not bound its context
         self.max_model_len = limit if self.policy.mode == "window" else min(limit, capacity)
-        kept = self.policy.blocks_per_sequence(config.max_num_batched_tokens) * pool.block_size
-        if self.policy.relative and kept > self.max_model_len:
+        kept = self.policy.kept_blocks() * pool.block_size if self.policy.relative else 0
+        if kept > self.max_model_len:
             raise ValueError(f"parameter 'max_model_len' = {config.max_model_len}: kv_eviction="
                              f"{config.kv_eviction!r} keeps up to {kept} tokens per sequence; raise it or lower kv_window")
         # the longest conversation (None: unbounded, positions inside the cache)
@@ -383,11 +383,12 @@ class Engine:
         ops = self.kv.take_kv_ops()
         if not ops:
             return
+        cos_sin = self.model.rotary_table(self.device)
         for op in ops:
-            if op.kind == "copy":
-                copy_blocks(self.kv_caches, op.src, op.dst)
+            if op.kind == "turn":
+                turn_blocks(self.kv_caches, op.src, op.dst, op.delta, cos_sin)
             else:
-                rotate_keys(self.kv_caches, op.slots, op.delta, self.model.rotary_table(self.device))
+                rotate_keys(self.kv_caches, op.slots, op.delta, cos_sin)
 
     def _launch_origins(self, plan: list[ScheduledChunk]) -> list | None:
         if self.policy.mode != "h2o":
@@ -548,10 +549,11 @@ def eviction_policy(config: EngineConfig, model_config, pool: BlockPool) -> Evic
     name = {"window": "num_blocks", "streaming": "kv_window", "h2o": "heavy_hitter_tokens"}[policy.mode]
     if need > pool.num_blocks:
         raise ValueError(f"parameter {name!r}: one sequence keeps up to {need} KV blocks of {pool.block_size} "
-                         f"tokens (attention sinks, heavy hitters, recent window, one chunk) but the pool has "
+                         f"tokens (attention sinks and heavy hitters with their originals, recent window; "
+                         f"a window model: window and one chunk) but the pool has "
                          f"{pool.num_blocks}; lower it or raise num_blocks / kv_cache_memory_mb")
     max_pos = model_config.max_position_embeddings
-    if policy.relative and 2 * need * pool.block_size > max_pos:
-        raise ValueError(f"parameter {name!r}: the kept cache ({need} blocks x {pool.block_size} tokens) must "
+    if policy.relative and 2 * policy.kept_blocks() * pool.block_size > max_pos:
+        raise ValueError(f"parameter {name!r}: the kept cache ({policy.kept_blocks()} blocks x {pool.block_size} tokens) must "
                          f"be at most half the model's {max_pos} positions (positions are inside the cache)")
     return policy

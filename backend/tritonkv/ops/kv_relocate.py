@@ -1,9 +1,10 @@
 """Changes to cached KV that eviction needs (cache/kv_cache_manager.py ``KVOp``), every layer
-at once: copy whole blocks, and turn cached keys by a number of rotary positions.
+at once: a block's turned copy, and keys turned in place, by a number of rotary positions.
 
-A rotation by ``delta`` applies RoPE at position ``|delta|`` (sine negated for a negative
-delta) to keys already rotated at their own position: rotations compose, so a key rotated at
-``a`` and then by ``delta`` equals (up to float rounding) the key rotated at ``a + delta``.
+A turn by ``delta`` applies RoPE at position ``|delta|`` (sine negated for a negative delta)
+to keys already rotated at their own position: rotations compose, so a key rotated at ``a``
+and then by ``delta`` equals (up to one rounding: float32 math) the key rotated at
+``a + delta``.
 Plain torch ops on whatever device the cache is on (a handful of launches per op, only on
 steps that evict); 8-bit caches are not supported (their scales would need requantising).
 """
@@ -32,29 +33,35 @@ def _index(values, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def copy_blocks(kv_caches, src: list[int], dst: list[int]) -> None:
-    s, d = _index(src, kv_caches[0][0].device), _index(dst, kv_caches[0][0].device)
-    for part in (0, 1):
-        view = all_layers([c[part] for c in kv_caches])
-        view[:, d] = view[:, s]
+def _turned(x: torch.Tensor, delta: int, cos_sin: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., head_dim] keys turned by ``delta`` positions (float32 math, one rounding)."""
+    half = x.shape[-1] // 2
+    out = x.float()
+    remaining = abs(delta)
+    while remaining:
+        step = min(remaining, cos_sin.shape[0] - 1)
+        remaining -= step
+        cs = cos_sin[step].float()
+        cos = torch.cat((cs[:half], cs[:half]))
+        sin = torch.cat((cs[half:], cs[half:])) * (1 if delta > 0 else -1)
+        out = out * cos + torch.cat((-out[..., half:], out[..., :half]), dim=-1) * sin
+    return out.to(x.dtype)
+
+
+def turn_blocks(kv_caches, src: list[int], dst: list[int], delta: int, cos_sin: torch.Tensor) -> None:
+    """Blocks ``dst[i]`` = blocks ``src[i]`` with their keys turned by ``delta`` positions
+    (values copied as they are)."""
+    dev = kv_caches[0][0].device
+    s, d = _index(src, dev), _index(dst, dev)
+    k = all_layers([c[0] for c in kv_caches])
+    v = all_layers([c[1] for c in kv_caches])
+    k[:, d] = _turned(k[:, s], delta, cos_sin)
+    v[:, d] = v[:, s]
 
 
 def rotate_keys(kv_caches, slots, delta: int, cos_sin: torch.Tensor) -> None:
-    """Turn the keys at ``slots`` (block * block_size + offset) by ``delta`` positions."""
+    """Turn the keys at ``slots`` (block * block_size + offset) by ``delta`` positions, in place."""
     k = all_layers([c[0] for c in kv_caches])
-    dev = k.device
-    block_size, head_dim = k.shape[2], k.shape[-1]
-    half = head_dim // 2
-    idx = _index(slots, dev)
-    blk, off = idx // block_size, idx % block_size
-    remaining = abs(delta)
-    step_max = cos_sin.shape[0] - 1
-    while remaining:
-        step = min(remaining, step_max)
-        remaining -= step
-        cs = cos_sin[step]
-        cos = torch.cat((cs[:half], cs[:half])).to(k.dtype)
-        sin = torch.cat((cs[half:], cs[half:])).to(k.dtype) * (1 if delta > 0 else -1)
-        x = k[:, blk, off]  # [layers, n, kv_heads, head_dim]
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        k[:, blk, off] = x * cos + rot * sin
+    idx = _index(slots, k.device)
+    blk, off = idx // k.shape[2], idx % k.shape[2]
+    k[:, blk, off] = _turned(k[:, blk, off], delta, cos_sin)
