@@ -48,7 +48,10 @@ def engine_config(args, kv: str):
 
     common = dict(checkpoint=args.checkpoint, kv_cache_dtype="auto" if kv == "bf16" else kv, dtype="bfloat16",
                   block_size=args.block_size, max_model_len=args.context, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, enable_cuda_graphs=False)
+                  max_num_batched_tokens=args.max_num_batched_tokens, enable_cuda_graphs=False,
+                  **({} if args.kv_eviction == "none" else
+                     dict(kv_eviction=args.kv_eviction, kv_window=args.kv_window, attention_sinks=args.attention_sinks,
+                          heavy_hitter_tokens=args.heavy_hitter_tokens)))
     if args.tiny:
         return EngineConfig(device="cpu", kv_cache_memory_mb=args.kv_cache_memory_mb, **common)
     return EngineConfig(device="cuda", gpu_memory_utilization=args.gpu_memory_utilization, **common)
@@ -63,7 +66,10 @@ def measure(args, kv: str) -> dict:
     from tritonkv.engine.requests import SamplingParams
     from tritonkv.model.model_config import ModelConfig
 
-    config = engine_config(args, kv)
+    try:
+        config = engine_config(args, kv)
+    except ValueError as exc:  # e.g. an 8-bit cache with an eviction policy
+        return {"kv": kv, "refused": str(exc)}
     device = pick_device(config.device)
     model_config = ModelConfig.from_checkpoint(args.checkpoint)
     kv_dtype = kv_storage_dtype(config, torch.bfloat16)
@@ -92,7 +98,7 @@ def measure(args, kv: str) -> dict:
         engine.submit(corr_id, ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                       lambda out: out.finished and out.error and errors.append(out.error), start=start, end=False)
 
-    admitted, limit = 0, predicted["sequences"] + 3
+    admitted, limit = 0, predicted["sequences_bounded"] + 3
     while admitted < limit:
         turn(admitted, [rng.randrange(vocab) for _ in range(args.context - 3)], start=True)
         engine.run_until_idle()
@@ -113,8 +119,8 @@ def measure(args, kv: str) -> dict:
     if errors:
         raise RuntimeError(errors[0])
     return {"kv": kv, "bytes_per_token": predicted["bytes_per_token"], "budget_bytes": budget,
-            "num_blocks": predicted["num_blocks"], "blocks_per_sequence": predicted["blocks_per_sequence"],
-            "predicted": predicted["sequences"], "admitted": admitted,
+            "num_blocks": predicted["num_blocks"], "blocks_per_sequence": predicted["blocks_per_sequence_bounded"],
+            "predicted": predicted["sequences_bounded"], "admitted": admitted,
             "preempted_at": admitted + 1 if engine.scheduler.num_preemptions else None,
             "blocks_held": held, "together": len(live), "most_rows_in_a_step": max(rows_per_step, default=0),
             "preempted_together": engine.scheduler.num_preemptions - preempted_before, "fill_s": round(fill_s, 1)}
@@ -133,6 +139,13 @@ def command_line() -> str:
     return " ".join(words)
 
 
+EVICTION_ARGS = ("kv_eviction", "kv_window", "attention_sinks", "heavy_hitter_tokens")
+
+
+def eviction_text(args) -> str:
+    return ", ".join(f"{k} {getattr(args, k)}" for k in EVICTION_ARGS)
+
+
 def report(args, results: list[dict], device_name: str) -> str:
     from tritonkv.cache.capacity_report import human_bytes
 
@@ -143,19 +156,23 @@ def report(args, results: list[dict], device_name: str) -> str:
              + (f"kv_cache_memory_mb {args.kv_cache_memory_mb}" if args.tiny else
                 f"gpu_memory_utilization {args.gpu_memory_utilization}")
              + f", max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}, "
-             "CUDA graphs off.", "",
+             "CUDA graphs off" + (f"; {eviction_text(args)}" if args.kv_eviction != "none" else "") + ".", "",
              "| KV dtype | bytes/token | KV budget | blocks | blocks/sequence | predicted | admitted | blocks held "
              "| preemption at sequence | together: sequences / most rows in a step / preempted |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
+        if "refused" in r:
+            lines.append(f"| {r['kv']} | refused: {r['refused']} |||||||||")
+            continue
         lines.append(f"| {r['kv']} | {r['bytes_per_token']:,} | {human_bytes(r['budget_bytes'])} | {r['num_blocks']:,} "
                      f"| {r['blocks_per_sequence']} | {r['predicted']} | {r['admitted']} | {r['blocks_held']:,} "
                      f"| {r['preempted_at'] or '-'} | {r['together']} / {r['most_rows_in_a_step']} / "
                      f"{r['preempted_together']} |")
     lines += ["", "The same prediction from the command line (the KV budget above, in GiB):", ""]
-    for budget in sorted({r["budget_bytes"] for r in results}):
+    bound = "".join(f" --param {k}={getattr(args, k)}" for k in EVICTION_ARGS) if args.kv_eviction != "none" else ""
+    for budget in sorted({r["budget_bytes"] for r in results if "budget_bytes" in r}):
         lines.append(f"    tritonkv capacity {args.checkpoint} --memory-gb {budget / gib:.9f} "
-                     f"--context {args.context} --param block_size={args.block_size}")
+                     f"--context {args.context} --param block_size={args.block_size}{bound}")
     lines += ["", "Admitted: distinct random prompts of context - 3 tokens, 1 generated token, left open, "
               "added one at a time until the next one forced a preemption. Together: every held sequence "
               "then took one more 1-token turn, all submitted at once."]
@@ -174,6 +191,11 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the context (one prefill step)")
     p.add_argument("--kv-dtypes", default=",".join(KV_DTYPES))
+    p.add_argument("--kv-eviction", default="none", choices=("none", "streaming", "h2o"),
+                   help="the engine's eviction policy: predicted and admitted under its per-sequence bound")
+    p.add_argument("--kv-window", type=int, default=2048)
+    p.add_argument("--attention-sinks", type=int, default=4)
+    p.add_argument("--heavy-hitter-tokens", type=int, default=256)
     p.add_argument("--out", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: measure this dtype, print JSON
     args = p.parse_args()
@@ -195,7 +217,8 @@ def main() -> int:
     if args.one:
         print("RESULT " + json.dumps(measure(args, args.one)), flush=True)
         return 0
-    out = args.out or os.path.join(ROOT, "bench", "results", "capacity_cpu.md" if args.tiny else "capacity_h200.md")
+    name = ("capacity_cpu" if args.tiny else "capacity_h200") + ("" if args.kv_eviction == "none" else f"_{args.kv_eviction}")
+    out = args.out or os.path.join(ROOT, "bench", "results", name + ".md")
     # rows measured by earlier runs with the same settings (e.g. one KV dtype per run) are kept
     settings = {k: v for k, v in vars(args).items() if k not in ("kv_dtypes", "out", "one")}
     saved = {}
