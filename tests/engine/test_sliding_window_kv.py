@@ -31,7 +31,7 @@ def test_2000_tokens_equal_hf_and_hold_window_blocks(mistral):
     path, hf = mistral
     engine = make_engine(path, block_size=BS, num_blocks=16)  # the pool holds 64 tokens
     ids = prompt(10, 0)
-    c, most = run_tracking_blocks(engine, "s", ids, 2000)
+    c, most, _ = run_tracking_blocks(engine, "s", ids, 2000)
     assert len(c.token_ids) == 2000 and c.final.finish_reason == "length"
     assert_hf_greedy(hf, ids, c.token_ids)
     assert most <= -(-WINDOW // BS) + 2
@@ -46,7 +46,7 @@ def test_long_chunked_prefill_holds_o_window(mistral):
     path, hf = mistral
     engine = make_engine(path, block_size=BS, num_blocks=32, max_num_batched_tokens=64)
     ids = prompt(300, 1)
-    c, most = run_tracking_blocks(engine, "p", ids, 30)
+    c, most, _ = run_tracking_blocks(engine, "p", ids, 30)
     assert_hf_greedy(hf, ids, c.token_ids)
     # a chunk holds at most max(window, block) tokens beside the window
     assert most <= engine.policy.blocks_per_sequence(64) == (WINDOW + WINDOW) // BS + 2

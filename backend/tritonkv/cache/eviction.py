@@ -26,6 +26,7 @@ the tokens were chunked: a chunk never crosses a position where ``window_start``
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,13 +96,14 @@ class EvictionPolicy:
         the query at ``position`` no longer keeps."""
         if not self.active:
             return []
-        start = self.window_start(position)
-        between = [i for i, b in enumerate(origins) if self.sink_blocks <= b < start]
-        if self.mode != "h2o":
-            return between
-        excess = len(between) - self.heavy_blocks
+        lo = bisect.bisect_left(origins, self.sink_blocks)
+        hi = bisect.bisect_left(origins, self.window_start(position), lo)
+        excess = hi - lo - self.heavy_blocks  # (heavy_blocks is 0 but for h2o)
         if excess <= 0:
             return []
+        between = list(range(lo, hi))
+        if self.mode != "h2o":
+            return between
         # least mass first; ties: the older block (lexsort's last key is the primary one)
         order = np.lexsort((np.asarray(between), mass[between]))
         return sorted(between[i] for i in order[:excess])

@@ -217,6 +217,8 @@ class KVCacheManager:
                     turns[i] = after
         shift = seq.angle_shift + len(victims) * bs
         rebase = bool(self.policy.relative and shift and shift + self._cache_bound >= self.angle_limit)
+        if not victims and not rebase:
+            return True
         in_place = set()
         if rebase:
             for i in range(len(seq.blocks)):
