@@ -146,16 +146,6 @@ class BlockPool:
             self.arrays.owner_refs[owner] = 0
             return int(refs.sum())
 
-    def take_private(self, blocks: list[int], owner: int) -> list[bool]:
-        """For each block: True if ``owner`` holds its only reference; it then leaves the
-        prefix index (its KV is about to change). False: others share it (copy it instead)."""
-        with self.lock:
-            idx = np.asarray(blocks, dtype=np.int64)
-            sole = (self.arrays.refcount[idx] == 1) & (self.arrays.owner_refs[owner][idx] == 1)
-            self.arrays.block_hash[idx[sole]] = NO_HASH
-            self.arrays.parent_hash[idx[sole]] = NO_HASH
-            return sole.tolist()
-
     def num_available(self) -> int:
         """Blocks ``allocate`` can hand out now (free + cached)."""
         with self.lock:
