@@ -56,3 +56,16 @@ def test_eviction_on_a_sliding_window_model_is_refused(checkpoints):
     with pytest.raises(ValueError, match=r"parameter 'kv_eviction' = 'streaming'.*sliding window of 8 tokens"):
         make_engine(mistral, kv_eviction="streaming", kv_window=16)
     assert make_engine(mistral).policy.mode == "window"
+
+
+def test_qwen2_window_follows_max_window_layers_as_hf():
+    from tritonkv.model.model_config import ModelConfig
+
+    base = dict(architectures=["Qwen2ForCausalLM"], vocab_size=8, hidden_size=8, intermediate_size=8,
+                num_hidden_layers=4, num_attention_heads=2, sliding_window=16, use_sliding_window=True)
+    assert ModelConfig.from_dict({**base, "max_window_layers": 0}).sliding_window == 16
+    # HF slides only layers >= max_window_layers: none here (the Qwen2 default is 28)
+    assert ModelConfig.from_dict(base).sliding_window is None
+    assert ModelConfig.from_dict({**base, "use_sliding_window": False, "max_window_layers": 0}).sliding_window is None
+    with pytest.raises(ValueError, match="slides a window on 2 of its 4 layers"):
+        ModelConfig.from_dict({**base, "max_window_layers": 2})

@@ -5,7 +5,9 @@ Rules:
 - Qwen2 always has q/k/v biases; Llama has them when ``attention_bias`` is true.
 - Rope settings come from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` +
   ``rope_scaling`` (older configs).
-- Mistral's ``sliding_window`` is honoured; Qwen2's only when ``use_sliding_window`` is true.
+- Mistral's ``sliding_window`` is honoured; Qwen2's only when ``use_sliding_window`` is true,
+  and then (as HF) only on layers ``>= max_window_layers`` (or those ``layer_types`` names
+  ``sliding_attention``): every layer or none is served; a mix is refused.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class ModelConfig:
         rope["rope_type"] = rope_type
         if arch == "Qwen2ForCausalLM":
             qkv_bias = True
-            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+            window = _qwen2_window(cfg)
         else:
             qkv_bias = bool(cfg.get("attention_bias", False))
             window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
@@ -99,3 +101,18 @@ class ModelConfig:
             if gen.get("eos_token_id") is not None:
                 cfg = {**cfg, "eos_token_id": gen["eos_token_id"]}
         return cls.from_dict(cfg)
+
+
+def _qwen2_window(cfg: dict) -> int | None:
+    if not cfg.get("use_sliding_window") or not cfg.get("sliding_window"):
+        return None
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or ["sliding_attention" if i >= cfg.get("max_window_layers", 28)
+                                       else "full_attention" for i in range(layers)]
+    sliding = sum(t == "sliding_attention" for t in types)
+    if sliding == 0:
+        return None
+    if sliding < layers:
+        raise ValueError(f"this Qwen2 checkpoint slides a window on {sliding} of its {layers} layers "
+                         "(max_window_layers / layer_types); tritonkv serves a window on every layer or none")
+    return cfg["sliding_window"]

@@ -1,0 +1,279 @@
+"""Bounded KV memory (issue 14): blocks held vs tokens generated, and decode speed, for each
+eviction policy: none / window (a sliding-window model) / streaming / h2o.
+
+Part 1, one long greedy stream per policy: the blocks the sequence holds after every step
+(plot + table). Part 2, decode tok/s at concurrency c (default 16): each policy streams with
+its kept cache at about ``K`` tokens (the prompt is longer than the window, so eviction runs
+through the whole decode); ``none`` is measured at the same mean context (prompt ``K - N/2``,
+``N`` new tokens), so the difference is what the policy's machinery costs (re-rotating keys,
+returning blocks, h2o's attention mass), not a shorter context. Decode tok/s: tokens per
+second over the steps after every sequence has its first token (prefill left out).
+
+CPU (a small random Llama / Mistral written here; results in bench/results/bounded_kv.md):
+    OMP_NUM_THREADS=1 python bench/bounded_kv.py
+GPU (Llama-3-8B shape, random bf16 weights; the window model is the same weights as Mistral):
+    python bench/bounded_kv.py --device cuda --shape llama3-8b --out bench/results/bounded_kv_h200.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
+
+from tritonkv.config import EngineConfig  # noqa: E402
+from tritonkv.engine.factory import build_engine  # noqa: E402
+from tritonkv.engine.requests import SamplingParams  # noqa: E402
+
+SMALL = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=32, max_position_embeddings=16384, rms_norm_eps=1e-5,
+             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.05)
+POLICIES = ("none", "window", "streaming", "h2o")
+
+
+def small_checkpoints(directory: str, window: int) -> dict[str, str]:
+    """A random Llama and the same weights as a Mistral with ``sliding_window``."""
+    import transformers
+
+    paths = {"llama": os.path.join(directory, "llama"), "mistral": os.path.join(directory, "mistral")}
+    if not os.path.exists(os.path.join(paths["llama"], "config.json")):
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)).save_pretrained(paths["llama"])
+    _window_twin(paths["llama"], paths["mistral"], window)
+    return paths
+
+
+def _window_twin(llama: str, mistral: str, window: int) -> None:
+    """``mistral``: config.json of ``llama`` as a MistralForCausalLM with ``sliding_window``;
+    the weight files are links (Llama and Mistral share parameter names)."""
+    os.makedirs(mistral, exist_ok=True)
+    with open(os.path.join(llama, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=window)
+    with open(os.path.join(mistral, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    for name in os.listdir(llama):
+        if name.endswith((".safetensors", ".json")) and name != "config.json":
+            dst = os.path.join(mistral, name)
+            if not os.path.exists(dst):
+                os.symlink(os.path.join(os.path.abspath(llama), name), dst)
+
+
+def engine_for(policy: str, paths: dict, args, **overrides):
+    settings = dict(checkpoint=paths["mistral" if policy == "window" else "llama"], device=args.device,
+                    dtype=args.dtype, block_size=args.block_size, max_num_seqs=max(args.concurrency, 1),
+                    max_num_batched_tokens=args.batch_tokens)
+    if policy in ("streaming", "h2o"):
+        settings.update(kv_eviction=policy, kv_window=args.window, attention_sinks=args.sinks)
+    if policy == "h2o":
+        settings.update(heavy_hitter_tokens=args.heavy)
+    settings.update(overrides)
+    return build_engine(EngineConfig(**settings))
+
+
+def prompt(n: int, seed: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist()
+
+
+def blocks_held_curve(engine, args, vocab: int) -> list[int]:
+    """Pool blocks the one sequence holds after each generated token (streaming / h2o: the
+    table plus the written originals of turned blocks)."""
+    out = []
+    engine.submit("s", prompt(args.prompt, 0, vocab), SamplingParams(max_tokens=args.stream, temperature=0.0,
+                                                                     ignore_eos=True), out.append,
+                  start=True, end=True)
+    held = []
+    while True:
+        engine._drain()
+        seqs = list(engine._seqs.values())
+        if not seqs:
+            break
+        engine.step()
+        generated = sum(len(o.token_ids) for o in out)
+        if generated > len(held):  # (after the last token the sequence is released: as before)
+            now = engine.kv.held_blocks(seqs[0].seq_id) if seqs[0].seq_id in engine.kv else held[-1]
+            held += [now] * (generated - len(held))
+    engine.run_until_idle()
+    return held
+
+
+def timed_decode(engine, prompts: list[list[int]], max_tokens: int) -> float:
+    """Decode tok/s of one batch: the steps after every sequence has its first token (the
+    prefill, and steps mixing it with decode, are left out)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    outs = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        engine.submit(("b", i, id(outs)), p, params, outs[i].append, start=True, end=True)
+    engine._drain()
+    while not all(outs):
+        engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    before = sum(len(o.token_ids) for out in outs for o in out)
+    t0, c0 = time.perf_counter(), time.process_time()
+    engine.run_until_idle()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tokens = sum(len(o.token_ids) for out in outs for o in out) - before
+    # CPU: tokens per second of this process's CPU time (one intra-op thread), which other
+    # processes on a shared machine do not inflate; CUDA: wall time (the GPU is the bound)
+    return tokens / (wall if engine.device.type == "cuda" else cpu)
+
+
+def decode_speed(engine, args, vocab: int, prompt_tokens: int) -> float:
+    """Decode tok/s of ``concurrency`` sequences with ``prompt_tokens``-token prompts (median)."""
+    prompts = [prompt(prompt_tokens, 100 + i, vocab) for i in range(args.concurrency)]
+    timed_decode(engine, prompts[:2], 4)  # warm-up (kernels, allocator)
+    return statistics.median(timed_decode(engine, prompts, args.decode_tokens) for _ in range(args.repeats))
+
+
+def kept_context(policy: str, args) -> int:
+    """Tokens a full kept cache holds (about): window (+ sinks block, + heavy hitters)."""
+    kept = args.window + (args.block_size if policy != "window" else 0)
+    return kept + (args.heavy if policy == "h2o" else 0)
+
+
+def run_policy(policy: str, paths: dict, args, vocab: int, none_at: list[int]) -> dict:
+    """One engine: the long stream, then decode speed (``none``: at each context of
+    ``none_at``, the mean context of a policy's run)."""
+    engine = engine_for(policy, paths, args, kv_cache_memory_mb=args.kv_mb)
+    result = {"policy": policy, "held": blocks_held_curve(engine, args, vocab)}
+    n = args.decode_tokens
+    if policy == "none":
+        result["speed"] = {k: decode_speed(engine, args, vocab, max(k - n // 2, 8)) for k in none_at}
+    else:
+        # a prompt past the window: blocks are returned all through the decode
+        result["prompt"] = 2 * kept_context(policy, args) + args.block_size
+        result["speed"] = decode_speed(engine, args, vocab, result["prompt"])
+    stats = engine.stats()
+    result["evicted"] = sum(stats[f"evicted_blocks_{m}"] for m in ("window", "streaming", "h2o"))
+    engine.close()
+    del engine
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the next policy's engine loads its own weights and pool
+    return result
+
+
+def plot(curves: dict, path: str, block_size: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for policy, held in curves.items():
+        ax.plot(range(1, len(held) + 1), held, label=policy)
+    ax.set_xlabel("tokens generated")
+    ax.set_ylabel(f"KV blocks held ({block_size} tokens each)")
+    ax.set_title("One stream: KV blocks held per eviction policy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--shape", default="small", help="small (written here) or a bench/synthetic_checkpoint.py shape")
+    ap.add_argument("--dir", default=os.path.join(ROOT, "tmp", "bounded_kv"), help="checkpoints go here")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--window", type=int, default=None, help="kv_window and the window model's window")
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--heavy", type=int, default=None, help="h2o heavy_hitter_tokens")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt of the long stream")
+    ap.add_argument("--stream", type=int, default=None, help="tokens of the long stream")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--decode-tokens", type=int, default=None)
+    ap.add_argument("--batch-tokens", type=int, default=2048, help="max_num_batched_tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kv-mb", type=int, default=None, help="KV pool (MB)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bounded_kv.md"))
+    args = ap.parse_args()
+    gpu = args.device == "cuda"
+    args.dtype = "bfloat16" if gpu else "float32"
+    args.window = args.window or (2048 if gpu else 256)
+    args.heavy = args.heavy or args.window // 4
+    args.stream = args.stream or (4096 if gpu else 2048)
+    args.decode_tokens = args.decode_tokens or (256 if gpu else 64)
+    args.kv_mb = args.kv_mb or (40_000 if gpu else 512)
+    if args.shape == "small":
+        paths = small_checkpoints(os.path.join(args.dir, "small"), args.window)
+        vocab = SMALL["vocab_size"]
+    else:
+        from synthetic_checkpoint import SHAPES, write_synthetic
+
+        llama = write_synthetic(args.shape, os.path.join(args.dir, args.shape))
+        paths = {"llama": llama, "mistral": llama + "-window"}
+        _window_twin(llama, paths["mistral"], args.window)
+        vocab = SHAPES[args.shape]["vocab_size"]
+
+    none_at = sorted({kept_context(p, args) for p in POLICIES[1:]})
+    results = {p: run_policy(p, paths, args, vocab, none_at) for p in POLICIES}
+    curves = {p: r["held"] for p, r in results.items()}
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(curves, png, args.block_size)
+
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores, shared)"
+    marks = [1, 256, 512, 1024, 2048, 4096, 8192, 16384]
+    marks = [m for m in marks if m <= args.stream] + ([args.stream] if args.stream not in marks else [])
+    lines = [
+        f"# Bounded KV: blocks held and decode speed per eviction policy ({args.shape}, {device})",
+        "",
+        f"`{'' if gpu else 'OMP_NUM_THREADS=1 '}python bench/bounded_kv.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        f"Window {args.window} tokens (the window model's `sliding_window` and `kv_window`), "
+        f"{args.sinks} attention sinks, h2o heavy hitters {args.heavy} tokens, block {args.block_size} tokens.",
+        "",
+        f"## Blocks held by one stream ({args.prompt}-token prompt, greedy), plot: "
+        f"[{os.path.basename(png)}]({os.path.basename(png)})",
+        "",
+        "| tokens generated | " + " | ".join(POLICIES) + " |",
+        "|---|" + "---|" * len(POLICIES),
+    ]
+    for m in marks:
+        lines.append(f"| {m} | " + " | ".join(str(curves[p][m - 1]) for p in POLICIES) + " |")
+    lines += [
+        "",
+        f"## Decode speed, {args.concurrency} concurrent sequences, {args.decode_tokens} new tokens each "
+        f"(median of {args.repeats})",
+        "",
+        "Eviction policies run with their kept cache full (prompt past the window: blocks are returned "
+        "throughout); `none` runs at the same mean context, so the last column is what the policy's "
+        "machinery costs. " + ("Wall time." if gpu else "CPU: tokens per second of the process's CPU "
+                               "time with one intra-op thread (OMP_NUM_THREADS=1), robust on a shared machine."),
+        "",
+        "| policy | prompt tokens | kept context | decode tok/s | `none` at that mean context | cost |",
+        "|---|---|---|---|---|---|",
+    ]
+    n = args.decode_tokens
+    for k in none_at:
+        lines.append(f"| none | {max(k - n // 2, 8)} | {max(k - n // 2, 8)}..{k + n // 2} | "
+                     f"{results['none']['speed'][k]:,.0f} | | |")
+    for p in POLICIES[1:]:
+        r, k = results[p], kept_context(p, args)
+        base = results["none"]["speed"][k]
+        lines.append(f"| {p} | {r['prompt']} | ~{k} | {r['speed']:,.0f} | {base:,.0f} | "
+                     f"{(1 - r['speed'] / base) * 100:+.1f}% |")
+    lines += ["", "Blocks returned to the pool over the whole run (stream + speed runs): " +
+              ", ".join(f"{p} {results[p]['evicted']:,}" for p in POLICIES) + "."]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
