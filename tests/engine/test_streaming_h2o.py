@@ -9,7 +9,7 @@ import torch
 
 from bounded_models import build_checkpoint, one_thread, prompt, run_tracking_blocks
 from dense_policy_reference import DensePolicyReference, reference_turn
-from engine_helpers import Collector, greedy, make_engine, run_turn
+from engine_helpers import TEST_DEVICE, Collector, greedy, make_engine, run_turn
 
 BS = 4
 MAX_POS = 128  # small: angles are rebased every ~100 evicted tokens
@@ -100,3 +100,50 @@ def test_prefix_hits_stop_where_eviction_starts(llama):
     expected = reference_turn(reference(hf, "streaming"), first, 20, [])
     assert a.token_ids == b.token_ids == expected
     assert engine.pool.counts()["used"] == 0
+
+
+def _overlap_on_cpu(engine, monkeypatch) -> list:
+    """Pretend decode graphs exist, so the engine launches step n+1 before reading step n back
+    (steps still run eagerly); returns the list of each continuation attempt's outcome."""
+    engine.runner.graphs = {(1, 1): None}
+    monkeypatch.setattr(engine.runner, "_graph_key", lambda n, max_len: None)
+    continued, real = [], engine._continue_pending
+    monkeypatch.setattr(engine, "_continue_pending", lambda: continued.append(real()) or continued[-1])
+    return continued
+
+
+def _batch(engine, prompts, max_tokens):
+    cs = []
+    for i, p in enumerate(prompts):
+        cs.append(Collector())
+        engine.submit(i, p, greedy(max_tokens + 7 * i), cs[-1], start=True, end=True)
+    engine.run_until_idle()
+    return [c.token_ids for c in cs]
+
+
+@pytest.mark.parametrize("mode", sorted(POLICIES))
+def test_overlapped_steps_evict_as_plain_steps(llama, mode, monkeypatch):
+    """Evicting while a step is in flight (the engine's CUDA overlap, forced on the CPU) gives
+    the reference's tokens; h2o does not overlap a step that must choose by mass."""
+    path, hf = llama
+    engine = make_engine(path, block_size=BS, num_blocks=40, **POLICIES[mode])
+    continued = _overlap_on_cpu(engine, monkeypatch)
+    prompts = [prompt(10 + 3 * i, 40 + i) for i in range(3)]
+    got = _batch(engine, prompts, 80)
+    for i, (p, tokens) in enumerate(zip(prompts, got)):
+        assert tokens == reference_turn(reference(hf, mode), p, 80 + 7 * i, [])
+    # (h2o: a block_size-th of each sequence's steps must read the mass back first)
+    assert sum(continued) > (80 if mode == "streaming" else 20) and not all(continued)
+    assert engine.stats()[f"evicted_blocks_{mode}"] > 0 and engine.pool.counts()["used"] == 0
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="CUDA graphs need TRITONKV_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("mode", sorted(POLICIES))
+def test_graphs_and_overlap_evict_as_eager_steps(llama, mode):
+    path, _ = llama
+    prompts = [prompt(10 + 3 * i, 50 + i) for i in range(5)]
+    graphs = make_engine(path, block_size=BS, num_blocks=64, enable_cuda_graphs=True, **POLICIES[mode])
+    got = _batch(graphs, prompts, 120)
+    assert graphs.step_times.kinds["decode_graph"].steps > 0
+    assert got == _batch(make_engine(path, block_size=BS, num_blocks=64, enable_cuda_graphs=False,
+                                     **POLICIES[mode]), prompts, 120)
