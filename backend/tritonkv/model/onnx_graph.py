@@ -8,6 +8,7 @@ torch tensor), so loading holds the model's weights plus one weight.
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 from collections import defaultdict, deque
@@ -118,9 +119,7 @@ class Weight:
         dtype, t = FLOAT_TYPES[self.data_type], self.tensor
         where = self.byte_range()
         if where is not None:
-            path, offset, length = where
-            raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(length,)) if length else np.zeros(0, np.uint8)
-            return torch.from_numpy(raw).view(dtype).reshape(self.dims)
+            return _map_bytes(*where).view(dtype).reshape(self.dims)
         if t.HasField("raw_data"):  # a Constant node's or a subgraph's tensor
             raw = np.frombuffer(t.raw_data, dtype=np.uint8)
             if raw.size != self.nbytes():
@@ -136,6 +135,18 @@ class Weight:
         if values.numel() != int(np.prod(self.dims, dtype=np.int64)):
             raise ValueError(f"weight {self.describe()} holds {values.numel()} values (truncated?)")
         return values.reshape(self.dims)
+
+
+def _map_bytes(path: str, offset: int, length: int) -> torch.Tensor:
+    """A read-only uint8 view of a file's byte range; the mapping lives as long as the tensor
+    (pages faulted in up front where the OS allows: one call instead of one fault per page)."""
+    if length == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), offset + length - start, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ, offset=start)
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=offset - start)
 
 
 def read_model(path: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
