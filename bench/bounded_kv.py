@@ -131,39 +131,59 @@ def timed_decode(engine, prompts: list[list[int]], max_tokens: int) -> float:
     return tokens / (wall if engine.device.type == "cuda" else cpu)
 
 
-def decode_speed(engine, args, vocab: int, prompt_tokens: int) -> float:
-    """Decode tok/s of ``concurrency`` sequences with ``prompt_tokens``-token prompts (median)."""
-    prompts = [prompt(prompt_tokens, 100 + i, vocab) for i in range(args.concurrency)]
-    timed_decode(engine, prompts[:2], 4)  # warm-up (kernels, allocator)
-    return statistics.median(timed_decode(engine, prompts, args.decode_tokens) for _ in range(args.repeats))
-
-
 def kept_context(policy: str, args) -> int:
     """Tokens a full kept cache holds (about): window (+ sinks block, + heavy hitters)."""
     kept = args.window + (args.block_size if policy != "window" else 0)
     return kept + (args.heavy if policy == "h2o" else 0)
 
 
-def run_policy(policy: str, paths: dict, args, vocab: int, none_at: list[int]) -> dict:
-    """One engine: the long stream, then decode speed (``none``: at each context of
-    ``none_at``, the mean context of a policy's run)."""
-    engine = engine_for(policy, paths, args, kv_cache_memory_mb=args.kv_mb)
-    result = {"policy": policy, "held": blocks_held_curve(engine, args, vocab)}
+def speed_plan(args) -> list[tuple[str, int, object]]:
+    """(policy, prompt tokens, result key) of every decode-speed run. A policy's prompt is past
+    its window (blocks are returned all through the decode); ``none`` runs at each policy's mean
+    context (``kept - n / 2`` .. ``kept + n / 2``)."""
     n = args.decode_tokens
-    if policy == "none":
-        result["speed"] = {k: decode_speed(engine, args, vocab, max(k - n // 2, 8)) for k in none_at}
-    else:
-        # a prompt past the window: blocks are returned all through the decode
-        result["prompt"] = 2 * kept_context(policy, args) + args.block_size
-        result["speed"] = decode_speed(engine, args, vocab, result["prompt"])
+    none_at = sorted({kept_context(p, args) for p in POLICIES[1:]})
+    plan = [("none", max(k - n // 2, 8), ("none", k)) for k in none_at]
+    return plan + [(p, 2 * kept_context(p, args) + args.block_size, p) for p in POLICIES[1:]]
+
+
+def measure(engines: dict, plan, args, vocab: int) -> dict:
+    """Median decode tok/s per plan entry; repeats go round-robin over the entries, so that a
+    slow spell of a shared machine hits every entry alike."""
+    samples = {key: [] for _, _, key in plan}
+    prompts = {key: [prompt(length, 100 + i, vocab) for i in range(args.concurrency)] for _, length, key in plan}
+    for p, _, key in plan:
+        timed_decode(engines[p], prompts[key][:2], 4)  # warm-up (kernels, allocator)
+    for _ in range(args.repeats):
+        for p, _, key in plan:
+            samples[key].append(timed_decode(engines[p], prompts[key], args.decode_tokens))
+    return {key: statistics.median(v) for key, v in samples.items()}
+
+
+def evicted(engine) -> int:
     stats = engine.stats()
-    result["evicted"] = sum(stats[f"evicted_blocks_{m}"] for m in ("window", "streaming", "h2o"))
-    engine.close()
-    del engine
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()  # the next policy's engine loads its own weights and pool
-    return result
+    return sum(stats[f"evicted_blocks_{m}"] for m in ("window", "streaming", "h2o"))
+
+
+def run_all(paths: dict, args, vocab: int) -> tuple[dict, dict, dict]:
+    """Blocks-held curves, decode speeds and blocks returned, per policy. CPU: every engine
+    at once (measurements interleaved); CUDA: one engine (weights + pool) at a time."""
+    plan = speed_plan(args)
+    curves, speeds, returned = {}, {}, {}
+    groups = [POLICIES] if args.device == "cpu" else [(p,) for p in POLICIES]
+    for group in groups:
+        engines = {p: engine_for(p, paths, args, kv_cache_memory_mb=args.kv_mb) for p in group}
+        for p, engine in engines.items():
+            curves[p] = blocks_held_curve(engine, args, vocab)
+        speeds.update(measure(engines, [e for e in plan if e[0] in group], args, vocab))
+        for p, engine in engines.items():
+            returned[p] = evicted(engine)
+            engine.close()
+        del engines, engine
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the next policy's engine loads its own weights and pool
+    return curves, speeds, returned
 
 
 def plot(curves: dict, path: str, block_size: int) -> None:
@@ -220,9 +240,7 @@ def main() -> None:
         _window_twin(llama, paths["mistral"], args.window)
         vocab = SHAPES[args.shape]["vocab_size"]
 
-    none_at = sorted({kept_context(p, args) for p in POLICIES[1:]})
-    results = {p: run_policy(p, paths, args, vocab, none_at) for p in POLICIES}
-    curves = {p: r["held"] for p, r in results.items()}
+    curves, speeds, returned = run_all(paths, args, vocab)
     png = os.path.splitext(args.out)[0] + ".png"
     plot(curves, png, args.block_size)
 
@@ -258,17 +276,17 @@ def main() -> None:
         "| policy | prompt tokens | kept context | decode tok/s | `none` at that mean context | cost |",
         "|---|---|---|---|---|---|",
     ]
-    n = args.decode_tokens
-    for k in none_at:
-        lines.append(f"| none | {max(k - n // 2, 8)} | {max(k - n // 2, 8)}..{k + n // 2} | "
-                     f"{results['none']['speed'][k]:,.0f} | | |")
-    for p in POLICIES[1:]:
-        r, k = results[p], kept_context(p, args)
-        base = results["none"]["speed"][k]
-        lines.append(f"| {p} | {r['prompt']} | ~{k} | {r['speed']:,.0f} | {base:,.0f} | "
-                     f"{(1 - r['speed'] / base) * 100:+.1f}% |")
+    for p, length, key in speed_plan(args):
+        if p == "none":
+            k = key[1]
+            lines.append(f"| none | {length} | {length}..{length + args.decode_tokens} | {speeds[key]:,.0f} | | |")
+            continue
+        k = kept_context(p, args)
+        base = speeds[("none", k)]
+        lines.append(f"| {p} | {length} | ~{k} | {speeds[p]:,.0f} | {base:,.0f} | "
+                     f"{(1 - speeds[p] / base) * 100:+.1f}% |")
     lines += ["", "Blocks returned to the pool over the whole run (stream + speed runs): " +
-              ", ".join(f"{p} {results[p]['evicted']:,}" for p in POLICIES) + "."]
+              ", ".join(f"{p} {returned[p]:,}" for p in POLICIES) + "."]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
