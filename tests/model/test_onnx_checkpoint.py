@@ -14,6 +14,7 @@ from optimum_graph import build_optimum_graph, optimum_feeds
 from tiny_models import hf_greedy
 from tritonkv.model.checkpoint import load_model
 from tritonkv.model.llama import AttentionBatch
+from tritonkv.model.onnx_files import weight_files
 
 TOL = dict(atol=2e-4, rtol=1e-4) if TEST_DEVICE == "cpu" else dict(atol=2e-2, rtol=2e-2)
 
@@ -21,6 +22,11 @@ TOL = dict(atol=2e-4, rtol=1e-4) if TEST_DEVICE == "cpu" else dict(atol=2e-2, rt
 def prompt(n, seed):
     rng = random.Random(seed)
     return [1] + [rng.randrange(3, 96) for _ in range(n - 1)]
+
+
+def plain_feeds(ids):
+    """ONNX Runtime inputs of a logits-only export (onnx_export.py): ids and an all-ones mask."""
+    return {"input_ids": torch.tensor([ids]).numpy(), "attention_mask": torch.ones(1, len(ids), dtype=torch.int64).numpy()}
 
 
 def engine_prefill_logits(engine, ids):
@@ -65,8 +71,7 @@ def test_torchscript_export_matches_hf_and_onnxruntime(models, family, tmp_path)
     onnx_dir = export_torchscript(hf, hf_dir, str(tmp_path / "onnx"))
     engine = assert_two_turns_match_hf(onnx_dir, hf)
     ids = prompt(11, 3)
-    ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), {"input_ids": torch.tensor([ids]).numpy(),
-                                                             "attention_mask": torch.ones(1, len(ids), dtype=torch.int64).numpy()})
+    ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), plain_feeds(ids))
     torch.testing.assert_close(engine_prefill_logits(engine, ids), torch.from_numpy(ort[0]), **TOL)
 
 
@@ -75,11 +80,10 @@ def test_dynamo_export_with_external_data_matches_hf_and_onnxruntime(models, fam
     pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
     hf_dir, hf = models[family]
     onnx_dir = export_dynamo(hf, hf_dir, str(tmp_path / "onnx"))
-    assert os.path.isfile(os.path.join(onnx_dir, "model.onnx.data"))
+    assert weight_files(onnx_dir) == [os.path.join(onnx_dir, "model.onnx"), os.path.join(onnx_dir, "model.onnx.data")]
     engine = assert_two_turns_match_hf(onnx_dir, hf)
     ids = prompt(9, 4)
-    ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), {"input_ids": torch.tensor([ids]).numpy(),
-                                                             "attention_mask": torch.ones(1, len(ids), dtype=torch.int64).numpy()})
+    ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), plain_feeds(ids))
     torch.testing.assert_close(engine_prefill_logits(engine, ids), torch.from_numpy(ort[0]), **TOL)
 
 

@@ -40,7 +40,8 @@ class Linear:
 
     def describe(self, view: GraphView) -> str:
         node = view.nodes[self.node]
-        return f"{node.op_type} {node.name or node.output[0]!r} on {self.weight.name!r} [{self.in_features}->{self.out_features}]"
+        name = node.name or node.output[0]
+        return f"{node.op_type} {name!r} on {self.weight.name!r} [{self.in_features}->{self.out_features}]"
 
 
 def source(view: GraphView, value: str) -> str:
