@@ -6,9 +6,11 @@ Workload per concurrency level c and path: ``max(c, --min-requests)`` requests f
 closed-loop async clients in this process; every request has its own random prompt of
 ``--prompt-tokens`` ids (sent as ids on both paths, so the model sees the same tokens; no
 prefix is shared between requests or paths) and generates exactly ``--max-tokens`` tokens
-(greedy, ignore_eos). Throughput = output tokens / wall time of the level (tokens counted
+(greedy, ignore_eos). The frontend's own CPU time per 1000 output tokens (from /proc) is the
+load-independent part of its cost. Throughput = output tokens / wall time of the level (tokens counted
 from the server's answers: output_ids on gRPC, ``usage.completion_tokens`` on OpenAI).
-The paths alternate, ``--rounds`` times each, so a drift of the machine hits both.
+The paths alternate, ``--rounds`` times each, so a drift of the machine hits both; the table
+shows the median run of each path.
 
     python bench/openai_overhead.py                        # CPU, demo model -> bench/results/openai_overhead_cpu.md
     python bench/openai_overhead.py --checkpoint /models/Llama-3.1-8B-Instruct --prompt-tokens 512 \\
@@ -28,6 +30,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "backend"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-requests", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2, help="runs of each path per level (alternating)")
+    p.add_argument("--rounds", type=int, default=4, help="runs of each path per level (alternating; median)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--out", default=None, help="markdown file (default: bench/results/openai_overhead_<cpu|cuda>.md)")
@@ -151,6 +160,7 @@ def main(argv=None) -> int:
     params = {"kv_cache_memory_mb": str(args.kv_cache_memory_mb), "max_num_seqs": str(args.max_num_seqs)}
     vocab = 256  # byte ids: valid for every vocabulary of interest
     rows = []
+    load_before = os.getloadavg()[0]
     with start_server(args.checkpoint, extra_params=params, openai_port=0) as server:
         seed = 0
         # warm-up: both paths, a few requests (model load paths, graphs, connection set-up)
@@ -165,29 +175,36 @@ def main(argv=None) -> int:
                 for path in (("grpc", "openai") if r % 2 == 0 else ("openai", "grpc")):
                     seed += 1
                     prompts = make_prompts(n, args.prompt_tokens, seed, vocab)
+                    cpu0 = cpu_seconds(server.openai.process.pid)
                     result = asyncio.run(level(path, server, server.model_name, prompts, args.max_tokens, c))
+                    result["frontend_cpu_ms_per_ktok"] = (1e6 * (cpu_seconds(server.openai.process.pid) - cpu0)
+                                                          / (n * args.max_tokens))
                     runs[path].append(result)
                     print(f"c={c} {path:6s} round {r}: {result['tok_s']:.1f} tok/s, TTFT p50 "
-                          f"{result['ttft_p50_ms']:.0f} ms ({result['wall_s']:.1f} s)", flush=True)
-            grpc_tok = statistics.mean(x["tok_s"] for x in runs["grpc"])
-            openai_tok = statistics.mean(x["tok_s"] for x in runs["openai"])
+                          f"{result['ttft_p50_ms']:.0f} ms ({result['wall_s']:.1f} s), frontend CPU "
+                          f"{result['frontend_cpu_ms_per_ktok']:.0f} ms per 1000 tokens", flush=True)
+            grpc_tok = statistics.median(x["tok_s"] for x in runs["grpc"])
+            openai_tok = statistics.median(x["tok_s"] for x in runs["openai"])
             rows.append((c, n, grpc_tok, openai_tok, openai_tok / grpc_tok,
-                         statistics.mean(x["ttft_p50_ms"] for x in runs["grpc"]),
-                         statistics.mean(x["ttft_p50_ms"] for x in runs["openai"])))
-    lines = ["| concurrency | requests | gRPC tok/s | OpenAI tok/s | OpenAI / gRPC | TTFT p50 gRPC ms | TTFT p50 OpenAI ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {c} | {n} | {g:.1f} | {o:.1f} | {ratio:.1%} | {tg:.0f} | {to:.0f} |"
-              for c, n, g, o, ratio, tg, to in rows]
+                         statistics.median(x["ttft_p50_ms"] for x in runs["grpc"]),
+                         statistics.median(x["ttft_p50_ms"] for x in runs["openai"]),
+                         statistics.median(x["frontend_cpu_ms_per_ktok"] for x in runs["openai"])))
+    lines = ["| concurrency | requests | gRPC tok/s | OpenAI tok/s | OpenAI / gRPC | TTFT p50 gRPC ms "
+             "| TTFT p50 OpenAI ms | frontend CPU ms / 1k tokens |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c} | {n} | {g:.1f} | {o:.1f} | {ratio:.1%} | {tg:.0f} | {to:.0f} | {cpu:.0f} |"
+              for c, n, g, o, ratio, tg, to, cpu in rows]
     table = "\n".join(lines)
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     print(table)
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else f"{platform.machine()}, {os.cpu_count()} CPUs"
     cmd = "python bench/openai_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with open(out, "w") as f:
         f.write(f"# OpenAI frontend overhead ({device})\n\nStreamed output tokens/s through /v1/completions "
                 f"(SSE) vs the gRPC stream into llm_stateless, one server, {args.prompt_tokens}-token random "
-                f"prompts, {args.max_tokens} output tokens (greedy, ignore_eos), mean of {args.rounds} "
+                f"prompts, {args.max_tokens} output tokens (greedy, ignore_eos), median of {args.rounds} "
                 f"alternating runs per path; clients in one asyncio process on the same machine. "
-                f"Checkpoint: {args.checkpoint or 'demo model'}; {gpu}. Target: OpenAI >= 90% of gRPC.\n\n"
+                f"Checkpoint: {args.checkpoint or 'demo model'}; {gpu}; {load}. Target: OpenAI >= 90% of gRPC.\n\n"
                 f"Command: `{cmd.strip()}`\n\n{table}\n")
     print(f"wrote {out}")
     return 0 if all(row[4] >= 0.9 for row in rows) else 1

@@ -174,8 +174,54 @@ def test_stop_with_open_conversations_is_fast_and_a_crash_is_cleaned_by_the_next
         assert live_group_members(group) == []  # the stubs of the model that did not unload are gone
         assert server_regions(server.region_token) == []
         assert not [f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{pool}-")]
+        assert not os.path.exists(server.workdir) and not os.path.exists(crashed.workdir)
     finally:
         os.close(lock_fd)
         for path in (foreign, live_region, live_lock):
             if os.path.exists(path):
                 os.remove(path)
+
+
+def test_serve_has_a_flag_for_every_engine_setting_with_its_comment_as_help(capsys):
+    """The flags are generated from EngineConfig: every field but the positional checkpoint,
+    its comment as help (end of line, or the lines above), values as config.pbtxt strings."""
+    import dataclasses
+
+    import pytest
+
+    from tritonkv.config import EngineConfig
+    from tritonkv.server import cli
+
+    comments = cli.field_comments(EngineConfig)
+    assert comments["block_size"] == "tokens per KV block"
+    assert comments["gpu_memory_utilization"].startswith("CUDA: > 0 sizes the KV pool")  # the lines above it
+    parser = cli.argparse.ArgumentParser()
+    names = cli.add_engine_flags(parser)
+    assert names == [f.name for f in dataclasses.fields(EngineConfig) if f.name != "checkpoint"]
+    args = parser.parse_args(["--kv-cache-memory-mb", "64", "--no-enable-prefix-caching", "--pool-name", "p1",
+                              "--gpu-memory-utilization", "0.5"])
+    args.param = ["stream_interval=2"]
+    assert cli.engine_params(args, names, parser) == {
+        "stream_interval": "2", "kv_cache_memory_mb": "64", "enable_prefix_caching": "false", "pool_name": "p1",
+        "gpu_memory_utilization": "0.5"}
+    help_text = parser.format_help()
+    assert "--block-size INT" in help_text and "tokens per KV block" in help_text
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--block-size", "16", "--param", "block_size=8"])
+    assert "block_size given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--max-num-seqs", "many"])
+    assert "--max-num-seqs: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_failure_reason_is_the_first_line_of_tritons_message():
+    from tritonkv.server.launcher import failure_reason
+
+    log = ("I1201 10:00:00.0 1 server.cc:1] started\n"
+           "E1201 10:00:01.0 1 model_lifecycle.cc:654] \"failed to load 'llm' version 1: Internal: "
+           "PoolMismatch: KV pool 'p-cpu0' is in use with 341 blocks; this instance wants 682\\n\\nAt:\\n  "
+           "/x/engine.py(28): <module>\\n\"\n"
+           "E1201 10:00:02.0 1 server.cc:2] exiting\n")
+    assert failure_reason(log) == ("model 'llm' failed to load: Internal: PoolMismatch: KV pool 'p-cpu0' is in "
+                                   "use with 341 blocks; this instance wants 682")
+    assert failure_reason("I1201 all fine\n") is None

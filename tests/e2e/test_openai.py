@@ -223,3 +223,21 @@ def test_a_client_gone_mid_stream_cancels_the_request(server, client):
     whole_answer_s = per_token_s * body["max_tokens"]
     print(f"request freed {lifetime:.1f}s after it started; the whole answer would take ~{whole_answer_s:.1f}s")
     assert lifetime < whole_answer_s / 4
+
+
+def test_a_crashed_frontend_is_restarted_and_tritonserver_keeps_serving(server, grpc):
+    import os
+    import signal
+
+    old = server.openai.process
+    os.killpg(old.pid, signal.SIGKILL)
+    old.wait()
+    # tritonserver does not notice: the gRPC path answers meanwhile
+    assert grpc.turn(text="still here", max_tokens=3, temperature=0.0).error is None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (server.openai.process is not old and server.openai.is_ready()):
+        time.sleep(0.2)
+    assert server.openai.process is not old and server.openai.restarts == 1
+    client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0)
+    r = client.completions.create(model="tritonkv-demo", prompt="Back", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3

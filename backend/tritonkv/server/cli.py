@@ -18,6 +18,7 @@ import inspect
 import sys
 
 from tritonkv.config import EngineConfig
+from tritonkv.server.launcher import DEFAULT_OPENAI_PORT
 
 POSITIONAL_FIELDS = ("checkpoint",)  # given as serve's positional argument
 SERVE_DEFAULT_NOTES = {
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--openai-port", type=int, default=9000,
+    serve.add_argument("--openai-port", type=int, default=DEFAULT_OPENAI_PORT,
                        help="port of the OpenAI-compatible API (/v1/...; 0: a free port; default: %(default)s)")
     serve.add_argument("--no-openai", action="store_true", help="do not start the OpenAI-compatible API")
     serve.add_argument("--model-name", default=None,

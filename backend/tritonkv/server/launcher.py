@@ -19,8 +19,9 @@ Security defaults (docs/security.md):
 
 Private by default: the served models share a KV pool named ``server-<token>`` (one per
 server: two servers never collide; the same ``pool_name`` given to both shares on purpose).
-A stop removes the work folder (``tritonkv-server-*`` in the temp directory), this server's
-Python backend regions and pools nobody holds; a failed start raises ``ServerStartError``
+A stop removes the work folder (``tritonkv-server-<token>-*`` in the temp directory), this
+server's Python backend regions and pools nobody holds (the next launch removes what a crashed
+server of this launcher left: regions, private pools, work folders); a failed start raises ``ServerStartError``
 whose message is the reason in one line (e.g. a pool mismatch), read from the server log.
 
 OpenAI frontend (``openai_port`` not None): ``python -m tritonkv.openai_frontend`` runs as a
@@ -71,6 +72,9 @@ REGION_NAME_RE = re.compile(re.escape(REGION_TAG) + r"([0-9a-f]{16})(?:-[0-9a-f-
 PRIVATE_POOL_PREFIX = "server-"
 PRIVATE_POOL_RE = re.compile(re.escape(PRIVATE_POOL_PREFIX) + r"[0-9a-f]{16}")
 DEFAULT_OPENAI_PORT = 9000
+# a server's work folder in the temp directory: "tritonkv-server-<token>-<random>"
+WORKDIR_PREFIX = "tritonkv-server-"
+WORKDIR_RE = re.compile(re.escape(WORKDIR_PREFIX) + r"([0-9a-f]{16})-[A-Za-z0-9_]+")
 
 
 class ServerStartError(RuntimeError):
@@ -279,6 +283,43 @@ def remove_stale_regions() -> list[str]:
     return removed
 
 
+def remove_stale_workdirs() -> list[str]:
+    """Remove the work folders (``tritonkv-server-<token>-*`` in the temp directory, this
+    user's) of servers of this launcher that are gone: their region lock is held by nobody or
+    was removed. Folders of live servers and other names are never touched."""
+    if not os.path.isdir(REGION_DIR):
+        return []  # no locks to tell live from dead
+    tmp = tempfile.gettempdir()
+    removed = []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(tmp)):
+            m = WORKDIR_RE.fullmatch(name)
+            path = os.path.join(tmp, name)
+            if m is None or os.lstat(path).st_uid != os.geteuid() or not os.path.isdir(path):
+                continue
+            if not region_lock_held(m.group(1)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
+def region_lock_held(token: str) -> bool:
+    """Whether a live process of server ``token`` holds its region lock."""
+    try:
+        fd = os.open(region_lock_path(token), os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: treat as alive
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def server_regions(token: str) -> list[str]:
     """Names in /dev/shm made for server ``token`` (its regions and lock)."""
     with contextlib.suppress(OSError):
@@ -477,13 +518,23 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
                 instance_kind = "KIND_GPU"
     remove_stale_regions()  # what crashed servers of this launcher left in /dev/shm
     remove_stale_pools(stale_private_pools())
+    remove_stale_workdirs()
     token = secrets.token_hex(8)
     params = dict(extra_params or {})
     params.setdefault("pool_name", PRIVATE_POOL_PREFIX + token)
-    workdir = tempfile.mkdtemp(prefix="tritonkv-server-")
-    repo = write_repository(os.path.join(workdir, "model_repository"), repository, checkpoint,
-                            instances, params, instance_kind)
-    backends = prepare_backend_dir(os.path.join(workdir, "backends"))
+    # the lock before the work folder: a folder whose lock nobody holds belongs to nobody
+    lock_fd = hold_region_lock(token) if os.path.isdir(REGION_DIR) else None
+    workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{token}-")
+    try:
+        repo = write_repository(os.path.join(workdir, "model_repository"), repository, checkpoint,
+                                instances, params, instance_kind)
+        backends = prepare_backend_dir(os.path.join(workdir, "backends"))
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+            remove_regions(token)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     ports = [p or free_port() for p in (http_port, grpc_port, metrics_port)]
     cmd = [tritonserver_binary(),
            f"--model-repository={repo}", f"--backend-directory={backends}",
@@ -501,7 +552,6 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
         cmd += [f"--http-restricted-api={apis}:{ADMIN_HEADER}={admin_key}",
                 f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}"]
     out = None if log_to_console else open(os.path.join(workdir, "server.log"), "w")
-    lock_fd = hold_region_lock(token) if os.path.isdir(REGION_DIR) else None
     try:
         proc = subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,),
@@ -510,6 +560,7 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
         if lock_fd is not None:
             os.close(lock_fd)
             remove_regions(token)
+        shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:
         if out is not None:
