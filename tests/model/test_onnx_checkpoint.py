@@ -10,6 +10,7 @@ import torch
 from engine_helpers import TEST_DEVICE, make_engine, run_turn
 from onnx_exports import (as_merged_decoder, copy_config, export_dynamo, export_torchscript, ort_logits,
                           recast_initializers, rewrite, rounded_hf, tiny_hf_model)
+from genai_graph import build_genai_graph, genai_feeds
 from optimum_graph import build_optimum_graph, optimum_feeds
 from tiny_models import hf_greedy
 from tritonkv.model.checkpoint import load_model
@@ -97,6 +98,19 @@ def test_optimum_style_graph_matches_hf_and_onnxruntime(models, family, with_pas
     engine = assert_two_turns_match_hf(onnx_dir, hf)
     ids = prompt(10, 5)
     ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), optimum_feeds(hf.config, ids, with_past))
+    torch.testing.assert_close(engine_prefill_logits(engine, ids), torch.from_numpy(ort[0]), **TOL)
+
+
+@pytest.mark.parametrize("family,packed_qkv", [("llama_gqa", False), ("qwen2_bias", True)])
+def test_onnxruntime_fused_ops_graph_matches_hf_and_onnxruntime(models, family, packed_qkv, tmp_path):
+    """SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization and GroupQueryAttention
+    (rotary inside, cos / sin caches as initializers), separate or packed QKV."""
+    hf_dir, hf = models[family]
+    onnx_dir = copy_config(hf_dir, str(tmp_path / "onnx"))
+    build_genai_graph(hf, os.path.join(onnx_dir, "model.onnx"), packed_qkv)
+    engine = assert_two_turns_match_hf(onnx_dir, hf)
+    ids = prompt(12, 6)
+    ort = ort_logits(os.path.join(onnx_dir, "model.onnx"), genai_feeds(hf.config, ids))
     torch.testing.assert_close(engine_prefill_logits(engine, ids), torch.from_numpy(ort[0]), **TOL)
 
 

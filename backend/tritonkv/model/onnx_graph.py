@@ -177,7 +177,8 @@ class GraphView:
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for i, node in enumerate(self.nodes):
             for out in node.output:
-                self.producer[out] = i
+                if out:  # "" marks an optional output left out
+                    self.producer[out] = i
             for k, name in enumerate(node.input):
                 if name:
                     self.consumers[name].append((i, k))
