@@ -92,11 +92,14 @@ def engine_params(args, names: list[str], parser: argparse.ArgumentParser) -> di
 
 
 def _launch_with_openai(args):
-    """``launch`` with serve's OpenAI settings (the ones its caller does not pass itself)."""
+    """``launch`` with serve's OpenAI settings, for a caller (serve.py, the supervisor's
+    relaunch) that does not pass them itself; one that passes ``openai_port`` is left alone."""
     from tritonkv.server import launcher
 
     def launch(*a, **kw):
-        kw.setdefault("openai_port", args.openai_port)
+        if "openai_port" in kw:
+            return launcher.launch(*a, **kw)
+        kw["openai_port"] = args.openai_port
         kw.setdefault("model_name", args.model_name)
         server = launcher.launch(*a, **kw)
         if server.openai_url:
