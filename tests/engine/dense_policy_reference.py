@@ -4,7 +4,8 @@ model's weights), written from the policy's definition, not from the engine's co
 Definition (cache/eviction.py states the same): tokens are grouped in blocks of
 ``block_size``; sink blocks = the first ``ceil(attention_sinks / block_size)``; before the
 query at text position ``p`` is computed, the recent window starts at block
-``max(sinks, floor((p - kv_window + 1) / block_size))``. Streaming keeps sinks + window.
+``max(sinks, floor(floor((p - kv_window + 1) / block_size) / G) * G)``, where the stride
+``G = max(1, ceil(kv_window / block_size) // 8)`` blocks. Streaming keeps sinks + window.
 h2o also keeps up to ``ceil(heavy_hitter_tokens / block_size)`` blocks between them: when
 there are more, the ones with the least accumulated attention mass go (ties: the older).
 The query attends to every kept token and itself; positions are ranks inside the kept
@@ -29,6 +30,7 @@ class DensePolicyReference:
         self.mode, self.bs, self.window = mode, block_size, kv_window
         self.sink_blocks = -(-attention_sinks // block_size)
         self.heavy_blocks = -(-heavy_hitter_tokens // block_size) if mode == "h2o" else 0
+        self.stride = max(1, -(-kv_window // block_size) // 8)
         layers = len(hf_model.model.layers)
         self.keys = [{} for _ in range(layers)]  # text position -> [kv_heads, head_dim], before rotary
         self.values = [{} for _ in range(layers)]
@@ -38,7 +40,7 @@ class DensePolicyReference:
         self.most_kept_blocks = 0
 
     def _evict_before(self, p: int) -> None:
-        start = max(self.sink_blocks, (p - self.window + 1) // self.bs)
+        start = max(self.sink_blocks, (p - self.window + 1) // self.bs // self.stride * self.stride)
         between = [b for b in self.kept if self.sink_blocks <= b < start]
         if self.mode == "streaming":
             gone = set(between)

@@ -22,6 +22,17 @@ def test_window_start_and_chunk_limits():
     assert window.max_chunk(100) == 10 and window.blocks_per_sequence(64) == 7
 
 
+def test_a_stride_moves_the_window_start_by_whole_strides():
+    policy = EvictionPolicy("streaming", BS, window=10, sink_blocks=1, stride_blocks=2)
+    # block floor((p - 9) / 4), rounded down to even, never below 1
+    assert [policy.window_start(p) for p in (16, 17, 24, 25, 33)] == [1, 2, 2, 4, 6]
+    # the start moves at 25 (block 4) and 33 (block 6): chunks stop there
+    assert policy.max_chunk(21) == 4 and policy.max_chunk(25) == 8 and policy.max_chunk(26) == 7
+    assert policy.first_eviction() == 17 and policy.kept_blocks() == 1 + 3 + 2
+    h2o = EvictionPolicy("h2o", BS, window=10, sink_blocks=1, heavy_blocks=2, stride_blocks=2)
+    assert h2o.first_eviction() == 4 * BS + 9  # the start must reach block 4 (1 + 2 + 1, even)
+
+
 def test_victims_streaming_and_h2o():
     streaming = EvictionPolicy("streaming", BS, window=8, sink_blocks=1)
     assert streaming.window_start(24) == 4

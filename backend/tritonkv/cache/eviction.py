@@ -14,11 +14,13 @@ Policies (``EvictionPolicy.mode``):
 
 The unit is the block, because a block is the unit of memory: for streaming / h2o a query
 attends every token of every kept block (the recent window is ``kv_window`` to
-``kv_window + block_size - 1`` tokens), and its positions are positions *inside the cache*
+``kv_window + G * block_size - 1`` tokens, below), and its positions are positions *inside the cache*
 (the StreamingLLM rule): the i-th kept token has position i.
 
 Rule for query ``p`` (every policy): the recent window starts at block
-``window_start(p) = max(sink_blocks, floor((p - window + 1) / block_size))``; the kept set of
+``window_start(p) = max(sink_blocks, floor(floor((p - window + 1) / block_size) / G) * G)``
+(``G = stride_blocks``: 1 for window models, an eighth of the window's blocks for streaming /
+h2o, so the window is ``kv_window`` to ``kv_window + G * block_size - 1`` tokens); the kept set of
 query ``p`` depends only on ``p`` (and, for h2o, on the mass of earlier queries), never on how
 the tokens were chunked: a chunk never crosses a position where ``window_start`` moves
 (``max_chunk``), so every query of a chunk sees the same kept set it would see alone.
@@ -41,6 +43,7 @@ class EvictionPolicy:
     window: int = 0  # tokens (the model's sliding window, or kv_window)
     sink_blocks: int = 0
     heavy_blocks: int = 0
+    stride_blocks: int = 1  # streaming / h2o: the window start moves this many blocks at a time
 
     @property
     def active(self) -> bool:
@@ -52,8 +55,11 @@ class EvictionPolicy:
         return self.mode in ("streaming", "h2o")
 
     def window_start(self, position: int) -> int:
-        """First block of the recent window of the query at ``position``."""
-        return max(self.sink_blocks, (position - self.window + 1) // self.block_size)
+        """First block of the recent window of the query at ``position``: the block holding
+        text position ``position - window + 1``, rounded down to a multiple of
+        ``stride_blocks``, never below the sinks."""
+        g = self.stride_blocks
+        return max(self.sink_blocks, (position - self.window + 1) // self.block_size // g * g)
 
     def max_chunk(self, position: int) -> int:
         """Most tokens one chunk starting at ``position`` may compute. Streaming / h2o: up to
@@ -63,7 +69,8 @@ class EvictionPolicy:
             return max(self.window, self.block_size)
         if not self.relative:
             return 1 << 62
-        nxt = (self.window_start(position) + 1) * self.block_size + self.window - 1
+        g = self.stride_blocks
+        nxt = (self.window_start(position) // g + 1) * g * self.block_size + self.window - 1
         return max(1, nxt - position)
 
     def first_eviction(self) -> int:
@@ -71,11 +78,13 @@ class EvictionPolicy:
         blocks wholly below it hold the same KV as without eviction (prefix-cacheable)."""
         if not self.relative:
             return 1 << 62
-        return (self.sink_blocks + self.heavy_blocks + 1) * self.block_size + self.window - 1
+        g = self.stride_blocks
+        first_start = -(-(self.sink_blocks + self.heavy_blocks + 1) // g) * g
+        return first_start * self.block_size + self.window - 1
 
     def kept_blocks(self) -> int:
         """Most blocks in one sequence's table (what its queries attend), streaming / h2o."""
-        return self.sink_blocks + self.heavy_blocks + -(-self.window // self.block_size) + 1
+        return self.sink_blocks + self.heavy_blocks + -(-self.window // self.block_size) + self.stride_blocks
 
     def cacheable_blocks(self) -> int:
         return self.first_eviction() // self.block_size
@@ -87,7 +96,7 @@ class EvictionPolicy:
         if self.mode == "window":
             chunk = min(chunk_tokens, self.max_chunk(0))
             return -(-(self.window + chunk) // bs) + 2
-        recent = -(-self.window // bs) + 1
+        recent = -(-self.window // bs) + self.stride_blocks
         # sinks and heavy hitters before a hole are turned copies of their written originals
         return 2 * (self.sink_blocks + self.heavy_blocks) + recent
 
@@ -119,4 +128,11 @@ def policy_for(mode: str, block_size: int, *, model_window: int | None, kv_windo
         return EvictionPolicy("none", block_size)
     sinks = -(-attention_sinks // block_size)
     heavy = -(-heavy_hitter_tokens // block_size) if mode == "h2o" else 0
-    return EvictionPolicy(mode, block_size, kv_window, sinks, heavy)
+    return EvictionPolicy(mode, block_size, kv_window, sinks, heavy, stride_blocks(kv_window, block_size))
+
+
+def stride_blocks(kv_window: int, block_size: int) -> int:
+    """The window start moves by an eighth of the window at a time (at least one block): a
+    chunk of a long prefill (or of a recompute after preemption) may then hold up to that many
+    tokens instead of one block's, for at most an eighth more memory."""
+    return max(1, -(-kv_window // block_size) // 8)
