@@ -197,14 +197,19 @@ def test_malformed_json_and_unknown_routes(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
-def test_a_client_gone_mid_stream_cancels_the_request(server, client):
-    """The client reads a few chunks of a long answer and disconnects: the server cancels the
-    request (its KV blocks return to the pool) long before the answer would have ended."""
-    assert wait_for_pool_baseline(server.metrics_url, timeout=30)
+@pytest.fixture(scope="module")
+def per_token_s(client):
+    """Seconds per output token of one sequence alone on this machine, now."""
     t0 = time.monotonic()
     client.completions.create(model="tritonkv-demo", prompt="Warm up:", max_tokens=256, temperature=0,
                               extra_body={"ignore_eos": True})
-    per_token_s = (time.monotonic() - t0) / 256
+    return (time.monotonic() - t0) / 256
+
+
+def test_a_client_gone_mid_stream_cancels_the_request(server, per_token_s):
+    """The client reads a few chunks of a long answer and disconnects: the server cancels the
+    request (its KV blocks return to the pool) long before the answer would have ended."""
+    assert wait_for_pool_baseline(server.metrics_url, timeout=30)
     body = {"model": "tritonkv-demo", "prompt": "Tell a long story:", "max_tokens": MAX_MODEL_LEN - 32,
             "temperature": 0, "stream": True, "ignore_eos": True}
     start = time.monotonic()
@@ -241,3 +246,20 @@ def test_a_crashed_frontend_is_restarted_and_tritonserver_keeps_serving(server, 
     client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0)
     r = client.completions.create(model="tritonkv-demo", prompt="Back", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
+
+
+def test_a_client_gone_before_a_whole_answer_cancels_the_request(server, per_token_s):
+    """Not streamed: the client gives up (timeout) and closes the connection; the server sees
+    the disconnect and cancels the request before the answer is done."""
+    assert wait_for_pool_baseline(server.metrics_url, timeout=30)
+    body = {"model": "tritonkv-demo", "prompt": "Tell a long story:", "max_tokens": MAX_MODEL_LEN - 32,
+            "temperature": 0, "ignore_eos": True}
+    start = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.openai_url}/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    hold = 1.2
+    assert wait_for_pool_baseline(server.metrics_url, timeout=60, hold=hold)
+    lifetime = time.monotonic() - start - hold
+    whole_answer_s = per_token_s * body["max_tokens"]
+    print(f"request freed {lifetime:.1f}s after it started; the whole answer would take ~{whole_answer_s:.1f}s")
+    assert lifetime < whole_answer_s / 4

@@ -27,6 +27,22 @@ from tritonkv.openai_frontend.served_model import ServedModel
 from tritonkv.openai_frontend.triton_bridge import TritonBridge
 
 
+class EventStreamResponse(StreamingResponse):
+    """SSE whose event generator is always closed when the response ends, however it ends
+    (Starlette leaves it to the garbage collector when the client is gone): closing it
+    cancels the Triton request."""
+
+    def __init__(self, events):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def error_response(exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
@@ -101,8 +117,7 @@ async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation
     deltas = bridge.generate(gen, prompt_param)
     if gen.stream:
         first = await _unless_disconnected(request, deltas.__anext__(), deltas)
-        return StreamingResponse(sse_events(answer, first, deltas, gen.include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(sse_events(answer, first, deltas, gen.include_usage))
 
     async def collect():
         async for delta in deltas:
