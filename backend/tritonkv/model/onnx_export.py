@@ -58,9 +58,11 @@ def main(argv=None) -> int:
     parser.add_argument("hf_dir", help="HF checkpoint directory (config.json + *.safetensors)")
     parser.add_argument("out_dir", help="directory to write (model.onnx, config.json, tokenizer files)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="dtype of the exported weights (default: %(default)s)")
+                        help="dtype of the exported weights (default: %(default)s; bfloat16 needs --dynamo)")
     parser.add_argument("--dynamo", action="store_true", help="torch.export path (needs onnxscript)")
     args = parser.parse_args(argv)
+    if args.dtype == "bfloat16" and not args.dynamo:
+        parser.error("--dtype bfloat16 needs --dynamo (the TorchScript exporter has no bfloat16)")
     try:
         import transformers
     except ImportError:
