@@ -24,3 +24,22 @@ def test_mixed_decode_and_extend_batch_matches_reference(group, window, sinks):
     ref = paged_attention_reference(*args)
     ours = paged_attention_cpu(*args)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_mass_from_the_same_probabilities_matches_reference():
+    from tritonkv.ops.attention_mass import attention_mass_reference
+    from tritonkv.ops.dispatch import paged_attention
+
+    g = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(32, 4, 2, 16, generator=g)
+    v_cache = torch.randn(32, 4, 2, 16, generator=g)
+    tables = torch.randperm(32, generator=g)[:15].view(3, 5).int()
+    seq_lens = torch.tensor([13, 20, 2], dtype=torch.int32)
+    starts = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    q = torch.randn(3, 4, 16, generator=g)
+    out, mass = paged_attention(q, k_cache, v_cache, tables, seq_lens, starts, 0.25, max_query_len=1,
+                                return_attention_mass=True, impl="cpu")
+    ref = attention_mass_reference(q, k_cache, tables, seq_lens, starts, 0.25)
+    assert mass.shape == (3, 20)  # the table's width in tokens
+    torch.testing.assert_close(mass, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, tables, seq_lens, starts, 0.25))

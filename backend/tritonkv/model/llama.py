@@ -87,7 +87,7 @@ class Attention(nn.Module):
         k = qkv[:, h * d: (h + kvh) * d].view(n, kvh, d)
         v = qkv[:, (h + kvh) * d:].view(n, kvh, d)
         dispatch.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, **scales)
-        kernel_mass = batch.block_mass is not None and q.is_cuda and batch.max_query_len <= 1
+        kernel_mass = batch.block_mass is not None and batch.max_query_len <= 1  # decode: a side output
         out = dispatch.paged_attention(
             q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
             self.scale, sliding_window=self.sliding_window, max_query_len=batch.max_query_len,

@@ -14,19 +14,28 @@ from tritonkv.ops.paged_attention import gather_kv, visibility_mask
 
 
 def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        sliding_window=None, num_sink_tokens=0) -> torch.Tensor:
+                        sliding_window=None, num_sink_tokens=0, return_attention_mass=False):
+    """``return_attention_mass``: also the decode rows' attention mass (ops/attention_mass.py)
+    from the same probabilities, ``[num_seqs, table width * block_size]`` (0 for extend rows);
+    returns ``(out, mass)`` then."""
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     out = torch.empty_like(q)
     decode = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    mass = torch.zeros(len(lens), block_tables.shape[1] * k_cache.shape[1], dtype=torch.float32,
+                       device=q.device) if return_attention_mass else None
     if decode:
-        _decode(q, k_cache, v_cache, block_tables, lens, starts, decode, scale, sliding_window,
-                num_sink_tokens, out)
+        probs = _decode(q, k_cache, v_cache, block_tables, lens, starts, decode, scale, sliding_window,
+                        num_sink_tokens, out)
+        if return_attention_mass:
+            mass[torch.tensor(decode, device=q.device), :probs.shape[-1]] = probs.sum(dim=(1, 2))
     for i in range(len(lens)):
         q_len = starts[i + 1] - starts[i]
         if q_len > 1:
             _extend_one(q, k_cache, v_cache, block_tables[i], lens[i], starts[i], q_len, scale,
                         sliding_window, num_sink_tokens, out)
+    if return_attention_mass:
+        return out, mass
     return out
 
 
@@ -54,6 +63,7 @@ def _decode(q, k_cache, v_cache, block_tables, lens, starts, rows, scale, window
     probs = torch.softmax(scores, dim=-1)
     o = torch.einsum("sngk,sknd->sngd", probs, v)
     out[q_rows] = o.reshape(n, num_heads, head_dim).to(q.dtype)
+    return probs
 
 
 def _extend_one(q, k_cache, v_cache, table, ctx_len, start, q_len, scale, window, sinks, out):

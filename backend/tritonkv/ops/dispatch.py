@@ -105,7 +105,8 @@ def paged_attention(
     - ``return_attention_mass``: decode only; also return ``mass`` float32
       ``[num_seqs, max_blocks * block_size]``, each key's softmax probability summed over all
       query heads (0 past ``seq_lens``/outside the window), for H2O heavy-hitter eviction.
-      Returns ``(out, mass)`` then.
+      Returns ``(out, mass)`` then. The 'cpu' path takes it from the attention's own
+      probabilities.
     - ``max_seq_len``: host int bound on ``seq_lens`` (sizes decode's split-KV); default the
       block table's width.
     - ``out``: preallocated output; ``impl``: None (auto) / 'triton' / 'cpu' (the batched
@@ -124,6 +125,15 @@ def paged_attention(
             res = paged_attention_reference(
                 q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                 sliding_window, num_sink_tokens)
+        elif return_attention_mass:  # the mass from the attention's own probabilities
+            _check_decode_only(query_start_loc, max_query_len)
+            res, mass = paged_attention_cpu(
+                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                sliding_window, num_sink_tokens, return_attention_mass=True)
+            if out is not None:
+                out.copy_(res)
+                res = out
+            return res, mass
         else:
             res = paged_attention_cpu(
                 q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
