@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import platform
 import random
@@ -33,10 +34,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "backend"))
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of process ``pid`` and its children (the frontend's
+    workers), from Linux /proc."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def make_prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
@@ -102,13 +113,16 @@ async def openai_request(http, url, model, prompt, max_tokens, ttfts) -> int:
     return usage["completion_tokens"]
 
 
-async def level(path: str, server, model: str, prompts, max_tokens: int, concurrency: int) -> dict:
+async def client_share(path: str, urls: tuple[str, str, str], prompts, max_tokens: int, concurrency: int,
+                       start_at: float) -> tuple[int, float, float, list[float]]:
+    """One client process's share of a level: (output tokens, start, end, TTFTs)."""
     import httpx
     import tritonclient.grpc.aio as aio
 
+    grpc_url, openai_url, model = urls
     queue = list(prompts)
     ttfts: list[float] = []
-    grpc = aio.InferenceServerClient(server.grpc_url) if path == "grpc" else None
+    grpc = aio.InferenceServerClient(grpc_url) if path == "grpc" else None
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     http = httpx.AsyncClient(timeout=600, limits=limits) if path == "openai" else None
 
@@ -119,10 +133,11 @@ async def level(path: str, server, model: str, prompts, max_tokens: int, concurr
             if grpc is not None:
                 total += await grpc_request(grpc, prompt, max_tokens, ttfts)
             else:
-                total += await openai_request(http, server.openai_url, model, prompt, max_tokens, ttfts)
+                total += await openai_request(http, openai_url, model, prompt, max_tokens, ttfts)
         return total
 
-    t0 = time.perf_counter()
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    t0 = time.time()
     try:
         totals = await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
@@ -130,8 +145,23 @@ async def level(path: str, server, model: str, prompts, max_tokens: int, concurr
             await grpc.close()
         if http is not None:
             await http.aclose()
-    wall = time.perf_counter() - t0
-    tokens = sum(totals)
+    return sum(totals), t0, time.time(), ttfts
+
+
+def run_share(path, urls, prompts, max_tokens, concurrency, start_at):
+    return asyncio.run(client_share(path, urls, prompts, max_tokens, concurrency, start_at))
+
+
+def level(pool, path: str, urls, prompts, max_tokens: int, concurrency: int) -> dict:
+    """``concurrency`` closed-loop clients over ``pool``'s processes; all start together."""
+    procs = pool._processes if pool is not None else 1
+    start_at = time.time() + 0.5
+    shares = [(path, urls, prompts[i::procs], max_tokens, len(range(i, concurrency, procs)), start_at)
+              for i in range(procs) if i < concurrency]
+    results = pool.starmap(run_share, shares) if pool is not None else [run_share(*shares[0])]
+    tokens = sum(r[0] for r in results)
+    wall = max(r[2] for r in results) - min(r[1] for r in results)
+    ttfts = [t for r in results for t in r[3]]
     expected = len(prompts) * max_tokens
     if tokens != expected:
         raise RuntimeError(f"{path}: {tokens} output tokens, expected {expected}")
@@ -148,6 +178,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="runs of each path per level (alternating; median)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--client-procs", type=int, default=0,
+                   help="client processes sharing the concurrency (0: 1 on CPU, 4 on CUDA, where one Python "
+                        "client cannot receive every token)")
+    p.add_argument("--openai-workers", type=int, default=0, help="frontend processes (0: the launcher's choice)")
     p.add_argument("--out", default=None, help="markdown file (default: bench/results/openai_overhead_<cpu|cuda>.md)")
     args = p.parse_args(argv)
 
@@ -161,13 +195,17 @@ def main(argv=None) -> int:
     vocab = 256  # byte ids: valid for every vocabulary of interest
     rows = []
     load_before = os.getloadavg()[0]
-    with start_server(args.checkpoint, extra_params=params, openai_port=0) as server:
+    procs = args.client_procs or (4 if device == "cuda" else 1)
+    pool = multiprocessing.get_context("spawn").Pool(procs) if procs > 1 else None
+    with start_server(args.checkpoint, extra_params=params, openai_port=0,
+                      openai_workers=args.openai_workers) as server:
+        urls = (server.grpc_url, server.openai_url, server.model_name)
+        workers = server.openai.workers
         seed = 0
         # warm-up: both paths, a few requests (model load paths, graphs, connection set-up)
         for path in ("grpc", "openai"):
             seed += 1
-            asyncio.run(level(path, server, server.model_name, make_prompts(8, args.prompt_tokens, seed, vocab),
-                              8, 8))
+            level(pool, path, urls, make_prompts(8, args.prompt_tokens, seed, vocab), 8, 8)
         for c in (int(x) for x in args.concurrency.split(",")):
             n = max(c, args.min_requests)
             runs = {"grpc": [], "openai": []}
@@ -176,7 +214,7 @@ def main(argv=None) -> int:
                     seed += 1
                     prompts = make_prompts(n, args.prompt_tokens, seed, vocab)
                     cpu0 = cpu_seconds(server.openai.process.pid)
-                    result = asyncio.run(level(path, server, server.model_name, prompts, args.max_tokens, c))
+                    result = level(pool, path, urls, prompts, args.max_tokens, c)
                     result["frontend_cpu_ms_per_ktok"] = (1e6 * (cpu_seconds(server.openai.process.pid) - cpu0)
                                                           / (n * args.max_tokens))
                     runs[path].append(result)
@@ -195,6 +233,8 @@ def main(argv=None) -> int:
     lines += [f"| {c} | {n} | {g:.1f} | {o:.1f} | {ratio:.1%} | {tg:.0f} | {to:.0f} | {cpu:.0f} |"
               for c, n, g, o, ratio, tg, to, cpu in rows]
     table = "\n".join(lines)
+    if pool is not None:
+        pool.close()
     load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     print(table)
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else f"{platform.machine()}, {os.cpu_count()} CPUs"
@@ -203,7 +243,8 @@ def main(argv=None) -> int:
         f.write(f"# OpenAI frontend overhead ({device})\n\nStreamed output tokens/s through /v1/completions "
                 f"(SSE) vs the gRPC stream into llm_stateless, one server, {args.prompt_tokens}-token random "
                 f"prompts, {args.max_tokens} output tokens (greedy, ignore_eos), median of {args.rounds} "
-                f"alternating runs per path; clients in one asyncio process on the same machine. "
+                f"alternating runs per path; clients in {procs} asyncio process(es) on the same machine; "
+                f"the frontend in {workers} process(es) (its own CPU time per 1000 tokens in the last column). "
                 f"Checkpoint: {args.checkpoint or 'demo model'}; {gpu}; {load}. Target: OpenAI >= 90% of gRPC.\n\n"
                 f"Command: `{cmd.strip()}`\n\n{table}\n")
     print(f"wrote {out}")

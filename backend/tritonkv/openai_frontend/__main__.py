@@ -1,16 +1,24 @@
 """``python -m tritonkv.openai_frontend --grpc-url HOST:PORT --port N --checkpoint DIR``: serve
 the OpenAI API for one Triton server (the launcher starts this process and stops it).
 
-With ``--parent-pid`` the process exits when that process is gone (a launcher killed hard
+``--workers N`` runs N processes on the port (uvicorn's workers): each is a gRPC client of
+its own, so the frontend's per-token cost (about 0.1 ms of CPU, most of it receiving the gRPC
+response) spreads over N cores when the server streams more tokens than one core handles.
+With ``--parent-pid`` the frontend exits when that process is gone (a launcher killed hard
 leaves no orphan frontend behind).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
+import signal
 import sys
+import threading
+import time
+
+CONFIG_ENV = "TRITONKV_OPENAI_CONFIG"  # the settings every worker's app is built from (JSON)
 
 
 def parse_args(argv=None):
@@ -23,49 +31,48 @@ def parse_args(argv=None):
     p.add_argument("--model-name", default=None, help="the model name the API reports (default: the "
                                                        "checkpoint directory's name, tritonkv-demo for the demo)")
     p.add_argument("--triton-model", default="llm_stateless", help="the Triton model requests go to")
+    p.add_argument("--workers", type=int, default=1, help="processes serving the port (default: 1)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     return p.parse_args(argv)
 
 
-async def _watch_parent(pid: int, server) -> None:
-    while True:
-        await asyncio.sleep(1.0)
-        if os.getppid() != pid:
-            server.should_exit = True
-            return
+def app_from_env():
+    """The app of one worker (uvicorn factory), from the settings in $TRITONKV_OPENAI_CONFIG."""
+    from tritonkv.openai_frontend.app import create_app
+    from tritonkv.openai_frontend.served_model import ServedModel
+    from tritonkv.openai_frontend.triton_bridge import TritonBridge
+
+    cfg = json.loads(os.environ[CONFIG_ENV])
+    model = ServedModel.load(cfg["checkpoint"], cfg["model_name"])
+    return create_app(model, TritonBridge(cfg["grpc_url"], cfg["triton_model"]))
+
+
+def _watch_parent(pid: int) -> None:
+    """SIGTERM this process (uvicorn stops gracefully) once ``pid`` is no longer its parent."""
+    while os.getppid() == pid:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv=None) -> int:
     import uvicorn
 
-    from tritonkv.openai_frontend.app import create_app
     from tritonkv.openai_frontend.served_model import ServedModel
-    from tritonkv.openai_frontend.triton_bridge import TritonBridge
 
     args = parse_args(argv)
-    model = ServedModel.load(args.checkpoint, args.model_name)
-    app = create_app(model, TritonBridge(args.grpc_url, args.triton_model))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=2, loop="auto", http="auto")
-    server = uvicorn.Server(config)
-
-    async def run():
-        watcher = asyncio.ensure_future(_watch_parent(args.parent_pid, server)) if args.parent_pid else None
-        try:
-            await server.serve()
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-
+    if args.workers < 1:
+        raise SystemExit("--workers must be >= 1")
+    model = ServedModel.load(args.checkpoint, args.model_name)  # fails here, once, on a bad checkpoint
+    os.environ[CONFIG_ENV] = json.dumps({"checkpoint": args.checkpoint, "model_name": model.name,
+                                         "grpc_url": args.grpc_url, "triton_model": args.triton_model})
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
     print(f"tritonkv OpenAI frontend: model {model.name!r} on http://{args.host}:{args.port}/v1 "
-          f"-> Triton {args.grpc_url} ({args.triton_model})"
+          f"-> Triton {args.grpc_url} ({args.triton_model}), {args.workers} worker(s)"
           + ("" if model.template else "; no chat template: /v1/chat/completions is refused"), flush=True)
-    try:
-        import uvloop
-
-        uvloop.run(run())
-    except ImportError:
-        asyncio.run(run())
+    uvicorn.run("tritonkv.openai_frontend.__main__:app_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                loop="auto", http="auto")
     return 0
 
 

@@ -20,12 +20,14 @@ import urllib.request
 
 class FrontendProcess:
     def __init__(self, *, grpc_url: str, host: str, port: int, checkpoint: str, model_name: str | None,
-                 log_path: str | None, env: dict | None = None):
+                 log_path: str | None, workers: int = 1, env: dict | None = None):
         self.host = host
         self.port = port
+        self.workers = workers
         self.log_path = log_path  # None: its output goes to the console
         self.cmd = [sys.executable, "-m", "tritonkv.openai_frontend", "--grpc-url", grpc_url, "--host", host,
-                    "--port", str(port), "--checkpoint", checkpoint, "--parent-pid", str(os.getpid())]
+                    "--port", str(port), "--checkpoint", checkpoint, "--parent-pid", str(os.getpid()),
+                    "--workers", str(workers)]
         if model_name:
             self.cmd += ["--model-name", model_name]
         backend = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -100,6 +100,7 @@ def _launch_with_openai(args):
         if "openai_port" in kw:
             return launcher.launch(*a, **kw)
         kw["openai_port"] = args.openai_port
+        kw.setdefault("openai_workers", args.openai_workers)
         kw.setdefault("model_name", args.model_name)
         server = launcher.launch(*a, **kw)
         if server.openai_url:
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
     serve.add_argument("--openai-port", type=int, default=DEFAULT_OPENAI_PORT,
                        help="port of the OpenAI-compatible API (/v1/...; 0: a free port; default: %(default)s)")
     serve.add_argument("--no-openai", action="store_true", help="do not start the OpenAI-compatible API")
+    serve.add_argument("--openai-workers", type=int, default=0,
+                       help="processes of the OpenAI API (0: 1 on CPU, up to 4 on a GPU server; default: %(default)s)")
     serve.add_argument("--model-name", default=None,
                        help="the model name the OpenAI API reports (default: the checkpoint directory's name, "
                             "tritonkv-demo for the demo model)")

@@ -495,14 +495,16 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
            extra_params: dict | None = None, instance_kind: str | None = None,
            ready_timeout_s: float = 300, log_to_console: bool = False, exit_timeout_s: float = 1.5,
            restricted_apis: tuple[str, ...] | None = RESTRICTED_APIS, openai_port: int | None = None,
-           model_name: str | None = None) -> Server:
+           model_name: str | None = None, openai_workers: int = 0) -> Server:
     """Start tritonserver on a copy of ``repository`` and wait until it is ready.
 
     ``restricted_apis``: Triton APIs (HTTP and gRPC) that need ``Server.admin_key``; None or
     () restricts nothing. ``exit_timeout_s``: how long a stop waits for in-flight requests.
     ``extra_params``: config.pbtxt parameters for every model; without ``pool_name`` the models
     get a pool private to this server. ``openai_port``: None runs no OpenAI frontend, 0 picks
-    a free port; ``model_name``: the name it reports (default: the checkpoint directory's).
+    a free port; ``model_name``: the name it reports (default: the checkpoint directory's);
+    ``openai_workers``: its processes (0: one on a CPU server, up to 4 on a GPU server, which
+    streams more tokens than one frontend process can relay).
     Raises ``ServerStartError`` (the reason in one line) when the server does not come up."""
     from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
@@ -572,18 +574,21 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
     server.wait_ready(ready_timeout_s)
     server.protect_regions()
     if openai_port is not None:
-        start_openai(server, checkpoint, openai_port, model_name, log_to_console)
+        if openai_workers <= 0:
+            openai_workers = 1 if instance_kind == "KIND_CPU" else max(1, min(4, (os.cpu_count() or 1) // 4))
+        start_openai(server, checkpoint, openai_port, model_name, log_to_console, openai_workers)
     return server
 
 
-def start_openai(server: Server, checkpoint: str, port: int, model_name: str | None, log_to_console: bool) -> None:
+def start_openai(server: Server, checkpoint: str, port: int, model_name: str | None, log_to_console: bool,
+                 workers: int = 1) -> None:
     """Start the OpenAI frontend of ``server`` (stopping the server if it cannot start)."""
     from tritonkv.openai_frontend.process import FrontendProcess
     from tritonkv.openai_frontend.served_model import default_model_name
 
     server.model_name = model_name or default_model_name(checkpoint)
     frontend = FrontendProcess(grpc_url=server.grpc_url, host=server.host, port=port or free_port(),
-                               checkpoint=checkpoint, model_name=server.model_name,
+                               checkpoint=checkpoint, model_name=server.model_name, workers=workers,
                                log_path=None if log_to_console else os.path.join(server.workdir, "openai.log"))
     try:
         frontend.start()
