@@ -13,14 +13,16 @@ The paths alternate, ``--rounds`` times each, so a drift of the machine hits bot
 shows the median run of each path.
 
     python bench/openai_overhead.py                        # CPU, demo model -> bench/results/openai_overhead_cpu.md
-    python bench/openai_overhead.py --checkpoint /models/Llama-3.1-8B-Instruct --prompt-tokens 512 \\
-        --max-tokens 256 --min-requests 256 --kv-cache-memory-mb 40000 --out bench/results/openai_overhead_h200.md
+    python bench/openai_overhead.py --synthetic llama3-8b --prompt-tokens 200 --max-tokens 180 \\
+        --min-requests 128 --kv-cache-memory-mb 40000 --max-num-seqs 128 --engine-param dtype=bfloat16 \\
+        --engine-param max_num_batched_tokens=8192 --out bench/results/openai_overhead_h200.md
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import platform
@@ -31,6 +33,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "backend"))
+sys.path.insert(0, HERE)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -48,6 +51,27 @@ def cpu_seconds(pid: int) -> float:
         if int(entry) == pid or int(fields[1]) == pid:
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def synthetic_with_tokenizer(shape: str, root: str) -> str:
+    """A synthetic checkpoint (bench/synthetic_checkpoint.py) beside a tokenizer that gives
+    every id its own non-empty text ("<id>"), so both paths stream one event per token as a
+    real model's would; the weights are linked, not copied."""
+    from synthetic_checkpoint import write_synthetic
+    from tokenizers import Tokenizer, models
+
+    weights = write_synthetic(shape, os.path.join(root, shape))
+    path = os.path.join(root, f"{shape}-with-tokenizer")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(weights):
+        if not os.path.exists(os.path.join(path, name)):
+            os.symlink(os.path.join(weights, name), os.path.join(path, name))
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        with open(os.path.join(weights, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab)}, unk_token="<0>")).save(
+            os.path.join(path, "tokenizer.json"))
+    return path
 
 
 def make_prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
@@ -171,6 +195,11 @@ def level(pool, path: str, urls, prompts, max_tokens: int, concurrency: int) -> 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="HF checkpoint directory (default: the demo model)")
+    p.add_argument("--synthetic", choices=("llama3-8b", "llama-1b"), default=None,
+                   help="random bf16 weights of this shape with an id-per-token tokenizer (GPU)")
+    p.add_argument("--synthetic-dir", default="/tmp/tritonkv-synthetic")
+    p.add_argument("--engine-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="more engine parameters, e.g. dtype=bfloat16 or max_num_batched_tokens=8192")
     p.add_argument("--concurrency", default="16,64")
     p.add_argument("--min-requests", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -191,7 +220,10 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = args.out or os.path.join(HERE, "results", f"openai_overhead_{device}.md")
-    params = {"kv_cache_memory_mb": str(args.kv_cache_memory_mb), "max_num_seqs": str(args.max_num_seqs)}
+    params = {"kv_cache_memory_mb": str(args.kv_cache_memory_mb), "max_num_seqs": str(args.max_num_seqs),
+              **dict(p.split("=", 1) for p in args.engine_param)}
+    if args.synthetic:
+        args.checkpoint = synthetic_with_tokenizer(args.synthetic, args.synthetic_dir)
     vocab = 256  # byte ids: valid for every vocabulary of interest
     rows = []
     load_before = os.getloadavg()[0]
