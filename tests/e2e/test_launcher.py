@@ -61,7 +61,7 @@ def test_two_serves_at_once_both_answer_and_a_load_failure_says_why():
     import openai
 
     shared = f"clishared{os.getpid()}"
-    servers = []
+    servers, others = [], []
     try:
         servers.append(start_serve("--pool-name", shared, "--kv-cache-memory-mb", "32", "--model-name", "first"))
         servers.append(start_serve("--kv-cache-memory-mb", "48", "--max-num-seqs", "8",
@@ -93,6 +93,7 @@ def test_two_serves_at_once_both_answer_and_a_load_failure_says_why():
         assert all(os.path.isdir(w) for w in workdirs)
 
         failed, banner, _ = start_serve("--pool-name", shared, "--kv-cache-memory-mb", "64")
+        others.append(failed)
         assert failed.wait(timeout=120) == 1
         err = failed.stderr.read().strip().splitlines()
         print(err[-1])
@@ -104,9 +105,13 @@ def test_two_serves_at_once_both_answer_and_a_load_failure_says_why():
         assert not any(os.path.exists(w) for w in workdirs)
         assert pool_files(shared) == [] and pool_files(private) == []
     finally:
-        for proc, _, _ in servers:
+        for proc in [p for p, _, _ in servers] + others:  # SIGTERM: serve stops its tritonserver (SIGKILL orphans it)
             if proc.poll() is None:
-                proc.kill()
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 def test_stop_with_open_conversations_is_fast_and_a_crash_is_cleaned_by_the_next_launch():
