@@ -1,5 +1,5 @@
-"""The supervisor's rules (server/supervisor.py) on a fake server: which failure leads to a
-restart, which to a reload, what readiness and the health endpoint say meanwhile. The real
+"""The supervisor's rules (server/supervisor.py) on a fake server: which failures lead to a
+restart and when, what readiness and the health endpoint say meanwhile. The real
 thing, with tritonserver and killed / hung / failed stubs: tests/e2e/test_fault.py."""
 
 import json
@@ -29,22 +29,11 @@ class FakeServer:
         self.stubs = {s.pid: s for s in stubs}
         self.beats = {s.pid: {LOOPS: 1.0, FAILED: 0.0} for s in stubs}
         self.ready = True
-        self.reloads = []
         self.stopped = False
         self.metrics_url = self  # read_heartbeats is patched to read .beats
 
     def is_ready(self):
         return self.ready
-
-    def reload_model(self, name):
-        self.reloads.append(name)
-        if name == "broken":
-            raise OSError("tritonserver went away")
-        for pid in [p for p, s in self.stubs.items() if s.model == name]:  # new processes
-            new = Stub(pid + 100, name, self.stubs[pid].instance)
-            del self.stubs[pid]
-            self.stubs[new.pid] = new
-            self.beats[new.pid] = {LOOPS: 1.0, FAILED: 0.0}
 
     def stop(self):
         self.stopped = True
@@ -120,30 +109,16 @@ def test_tritonserver_exiting_restarts_it(world):
     assert s.server is world["launches"][0]
 
 
-def test_a_failed_engine_reloads_its_model_only(world):
+def test_a_failed_engine_restarts_the_server(world):
     s, first = world["supervisor"], world["first"]
     first.beats[21][FAILED] = 1.0
     s.check()
-    assert first.reloads == ["llm_stateless"] and not first.stopped and s.server is first
-    assert "engine of llm_stateless_0_0 (pid 21) failed: reloading llm_stateless" in messages(s)
-    assert not s.ready
-    # the old stubs are retired: their exit (or their frozen failed=1) is no failure
-    first.stubs[21] = Stub(21, "llm_stateless", "llm_stateless_0_0")
-    s.check()
-    del first.stubs[21]
-    s.check()
-    assert s.ready and first.reloads == ["llm_stateless"] and not world["launches"]
-
-
-def test_a_failed_reload_restarts(world):
-    s, first = world["supervisor"], world["first"]
-    first.stubs[31] = Stub(31, "broken", "broken_0_0")
-    first.beats[31] = {LOOPS: 1.0, FAILED: 0.0}
-    s.check()
-    first.beats[31][FAILED] = 1.0
-    s.check()
     assert first.stopped and s.server is world["launches"][0]
-    assert any(m.startswith("reload of broken failed (OSError: tritonserver went away)") for m in messages(s))
+    assert messages(s)[-4:] == ["not ready: engine of llm_stateless_0_0 (pid 21) failed",
+                                "engine of llm_stateless_0_0 (pid 21) failed: restarting tritonserver",
+                                "tritonserver stopped", "tritonserver restarted"]
+    s.check()
+    assert s.ready
 
 
 def test_an_engine_that_stops_stepping_restarts_after_stuck_after_s(world):

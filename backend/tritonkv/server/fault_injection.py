@@ -1,13 +1,12 @@
 """TEST-ONLY fault injection, off unless ``$TRITONKV_TEST_FAULT_DIR`` is set in the server's
-environment (never set it in a deployment). Used by tests/e2e/test_fault.py to make an
-engine stop stepping or die on demand, deterministically.
+environment (never set it in a deployment). Used by tests/e2e/test_fault.py to keep streams
+in flight and to make an engine stop stepping, deterministically.
 
 When the variable names a directory, the engine thread of the stub with process id PID, at
 the end of a loop iteration (so within about a second, idle or busy):
 - sleeps 0.05 s while the file ``<dir>/slow-PID`` exists (streams that stay in flight);
-- blocks for good once the file ``<dir>/hang-PID`` exists (an engine that stops stepping);
-- raises once when the file ``<dir>/fail-PID`` exists (the engine thread dies).
-Files name a process, not an instance, so a restarted or reloaded instance runs clean.
+- blocks for good once the file ``<dir>/hang-PID`` exists (an engine that stops stepping).
+Files name a process, not an instance, so a restarted instance runs clean.
 """
 
 from __future__ import annotations
@@ -28,16 +27,11 @@ def fault_hook() -> Callable[[], None] | None:
         return None
     slow = os.path.join(directory, f"slow-{os.getpid()}")
     hang = os.path.join(directory, f"hang-{os.getpid()}")
-    fail = os.path.join(directory, f"fail-{os.getpid()}")
-    fired = []
 
     def hook() -> None:
         if os.path.exists(slow):
             time.sleep(0.05)
         if os.path.exists(hang):
             threading.Event().wait()  # never returns: the engine thread is stuck
-        if not fired and os.path.exists(fail):
-            fired.append(True)
-            raise RuntimeError(f"test fault injected ({fail})")
 
     return hook

@@ -5,11 +5,10 @@
   1 s for work), so a value that stops moving for longer than any step takes means the
   engine thread is stuck (or the whole stub is);
 - ``tritonkv_engine_failed``: 1 once the engine thread has died; the instance then answers
-  every request at once with UNAVAILABLE (``Engine.failure``) and needs a reload.
+  every request at once with UNAVAILABLE (``Engine.failure``) and must be replaced.
 
-Both carry a ``pid`` label (the stub's process id) besides model and instance: a reloaded
-instance keeps its name, and the supervisor must not read an old process's values as the
-new one's.
+Both carry a ``pid`` label (the stub's process id) besides model and instance: the
+supervisor watches processes, and an instance name outlives its process.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ class Heartbeat:
             pb_utils.MetricFamily(name=LOOPS, description="engine loop iterations (one per step, at "
                                   "least one a second while idle)", kind=kind),
             pb_utils.MetricFamily(name=FAILED, description="1 once the engine thread died (the instance "
-                                  "refuses every request and needs a reload)", kind=kind),
+                                  "refuses every request)", kind=kind),
         ]
         self._loops, self._failed = (f.Metric(labels=labels) for f in self._families)
 

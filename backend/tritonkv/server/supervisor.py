@@ -8,25 +8,26 @@ answering get no response at all, not even after the model is reloaded, and the 
 factories they leave in tritonserver keep the whole old model (every instance's stub)
 loaded for good. Only closing their connections ends them, i.e. ending tritonserver.
 
-Rules, checked every ``poll_s``:
-1. tritonserver exited -> restart it.
-2. a stub of the server died -> restart the server. Its in-flight requests end with an
-   error (their connections drop) instead of hanging, and nothing of the old model stays
-   pinned. The other instances' in-flight requests get the launcher's exit timeout to finish.
-3. an instance reports that its engine thread died (``tritonkv_engine_failed`` 1; the stub
-   is alive and has answered all its requests with errors) -> reload that model through
-   model control (the other models keep serving); if the reload fails, restart.
+Why every recovery is a restart, never a model reload: a reload unloads the old instances
+while their streams run (the backend releases decoupled requests at once), and once the
+parent has stopped its response threads a stub that sends blocks for good
+(``ResponseSender::Send`` waits for the parent): the streams end without an error and the
+old model, with its KV blocks, can stay loaded (seen in tests/e2e/test_fault.py).
+
+Rules, checked every ``poll_s``; each action is a restart on the same ports:
+1. tritonserver exited.
+2. a stub of the server died. Its in-flight requests end with an error (their connections
+   drop) instead of hanging; the other instances' requests get the launcher's exit timeout.
+3. an instance reports that its engine thread died (``tritonkv_engine_failed`` 1; it has
+   answered its requests with errors and answers new ones UNAVAILABLE at once).
 4. an instance whose engine loop counter (``tritonkv_engine_loops``) has not moved for
-   ``stuck_after_s`` (0: never) -> restart the server: a stuck engine cannot answer its
-   requests, and a reload would wait for it.
-5. Ready is false from the moment a rule fires until the recovery is done and Triton's own
+   ``stuck_after_s`` (0: never): a stuck engine cannot answer its requests.
+5. Ready is false from the moment a rule fires until the new server is up and Triton's own
    /v2/health/ready is 200, and whenever that is not 200; if it stays not 200 (or does not
-   answer) for ``stuck_after_s``, restart (a hung tritonserver, a model left unloaded).
-6. A restart relaunches on the same ports; after ``max_failed_launches`` failed launches in
-   a row the supervisor gives up (``gave_up``; ``tritonkv serve`` then exits with code 1, so
-   that the container is restarted).
-Stubs are watched by process id (a reloaded instance keeps its name): a reload retires the
-model's old stubs, which then exit when their last requests are done, unwatched.
+   answer) for ``stuck_after_s``: restart (a hung tritonserver, a model left unloaded).
+6. After ``max_failed_launches`` failed launches in a row the supervisor gives up
+   (``gave_up``; ``tritonkv serve`` then exits with code 1, so that the container restarts).
+Stubs are watched by process id, from the first pass after each launch.
 """
 
 from __future__ import annotations
@@ -114,7 +115,6 @@ class Supervisor:
         self.gave_up = False
         self.events: list[tuple[float, str]] = []
         self._watched: dict[int, Stub] = {}
-        self._retired: set[int] = set()
         self._beats: dict[int, tuple[float | None, float]] = {}  # pid -> (loops, since when)
         self._unready_since: float | None = None  # Triton's readiness not 200 since then
         self._stop = threading.Event()
@@ -155,7 +155,7 @@ class Supervisor:
         if dead:  # rule 2
             return self._restart(f"stub of {dead[0].instance} (pid {dead[0].pid}) died")
         for pid, stub in stubs.items():
-            if pid not in self._retired and pid not in self._watched:
+            if pid not in self._watched:
                 self._watched[pid] = stub
                 self._beats[pid] = (None, time.monotonic())
         try:
@@ -166,7 +166,7 @@ class Supervisor:
             failed = [self._watched[pid] for pid, b in beats.items()
                       if pid in self._watched and b.get(FAILED)]
             if failed:  # rule 3
-                return self._reload(failed[0].model, f"engine of {failed[0].instance} (pid {failed[0].pid}) failed")
+                return self._restart(f"engine of {failed[0].instance} (pid {failed[0].pid}) failed")
             stuck = self._stuck(beats)
             if stuck is not None:  # rule 4
                 return self._restart(f"engine of {stuck.instance} (pid {stuck.pid}) has not stepped for "
@@ -190,28 +190,13 @@ class Supervisor:
         return None
 
     # -- recovery ----------------------------------------------------------------------------
-    def _reload(self, model: str, reason: str) -> None:
-        self._set_ready(False, reason)
-        self._note(f"{reason}: reloading {model}")
-        old = {pid for pid, stub in self._watched.items() if stub.model == model}
-        try:
-            self.server.reload_model(model)
-        except Exception as exc:  # noqa: BLE001 - e.g. tritonserver died during the reload
-            return self._restart(f"reload of {model} failed ({type(exc).__name__}: {exc})")
-        self._retired |= old
-        self._unready_since = None
-        for pid in old:
-            self._watched.pop(pid, None)
-            self._beats.pop(pid, None)
-        self._note(f"reloaded {model}")
-
     def _restart(self, reason: str) -> None:
         self._set_ready(False, reason)
         self._note(f"{reason}: restarting tritonserver")
         old = self.server
         old.stop()
         self._note("tritonserver stopped")
-        self._watched, self._retired, self._beats, self._unready_since = {}, set(), {}, None
+        self._watched, self._beats, self._unready_since = {}, {}, None
         for attempt in range(1, self.max_failed_launches + 1):
             if self._stop.is_set():
                 return
