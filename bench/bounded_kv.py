@@ -73,7 +73,8 @@ def engine_for(policy: str, paths: dict, args, **overrides):
                     dtype=args.dtype, block_size=args.block_size, max_num_seqs=max(args.concurrency, 1),
                     max_num_batched_tokens=args.batch_tokens)
     if policy in ("streaming", "h2o"):
-        settings.update(kv_eviction=policy, kv_window=args.window, attention_sinks=args.sinks)
+        settings.update(kv_eviction=policy, kv_window=args.window, attention_sinks=args.sinks,
+                        kv_window_stride=args.stride)
     if policy == "h2o":
         settings.update(heavy_hitter_tokens=args.heavy)
     settings.update(overrides)
@@ -213,6 +214,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="kv_window and the window model's window")
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--heavy", type=int, default=None, help="h2o heavy_hitter_tokens")
+    ap.add_argument("--stride", type=int, default=None, help="kv_window_stride (default: window / 8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt of the long stream")
     ap.add_argument("--stream", type=int, default=None, help="tokens of the long stream")
     ap.add_argument("--concurrency", type=int, default=16)
@@ -226,6 +228,7 @@ def main() -> None:
     args.dtype = "bfloat16" if gpu else "float32"
     args.window = args.window or (2048 if gpu else 256)
     args.heavy = args.heavy or args.window // 4
+    args.stride = args.window // 8 if args.stride is None else args.stride
     args.stream = args.stream or (4096 if gpu else 2048)
     args.decode_tokens = args.decode_tokens or (256 if gpu else 64)
     args.kv_mb = args.kv_mb or (40_000 if gpu else 512)
@@ -253,7 +256,8 @@ def main() -> None:
         f"`{'' if gpu else 'OMP_NUM_THREADS=1 '}python bench/bounded_kv.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
         f"Window {args.window} tokens (the window model's `sliding_window` and `kv_window`), "
-        f"{args.sinks} attention sinks, h2o heavy hitters {args.heavy} tokens, block {args.block_size} tokens.",
+        f"{args.sinks} attention sinks, h2o heavy hitters {args.heavy} tokens, `kv_window_stride` "
+        f"{args.stride}, block {args.block_size} tokens.",
         "",
         f"## Blocks held by one stream ({args.prompt}-token prompt, greedy), plot: "
         f"[{os.path.basename(png)}]({os.path.basename(png)})",

@@ -43,6 +43,10 @@ class EngineConfig:
     attention_sinks: int = 4  # tokens kept from the start (rounded up to whole blocks)
     kv_window: int = 0  # recent tokens kept (streaming / h2o; rounded up to whole blocks)
     heavy_hitter_tokens: int = 0  # h2o: tokens kept for their accumulated attention mass
+    # streaming / h2o: tokens the window start moves at a time (rounded up to blocks; 0: one
+    # block). A prefill past the window runs in chunks of this size (one block otherwise), for
+    # up to this many more tokens kept per sequence; e.g. kv_window / 8
+    kv_window_stride: int = 0
 
     def __post_init__(self):
         def bad(name, why):
@@ -85,6 +89,8 @@ class EngineConfig:
             bad("kv_window", "must be >= 0 tokens")
         if self.heavy_hitter_tokens < 0:
             bad("heavy_hitter_tokens", "must be >= 0 tokens")
+        if self.kv_window_stride < 0:
+            bad("kv_window_stride", "must be >= 0 tokens (0: one block)")
         if self.kv_eviction == "none":
             return
         if self.kv_window <= 0:

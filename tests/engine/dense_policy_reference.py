@@ -5,7 +5,7 @@ Definition (cache/eviction.py states the same): tokens are grouped in blocks of
 ``block_size``; sink blocks = the first ``ceil(attention_sinks / block_size)``; before the
 query at text position ``p`` is computed, the recent window starts at block
 ``max(sinks, floor(floor((p - kv_window + 1) / block_size) / G) * G)``, where the stride
-``G = max(1, ceil(kv_window / block_size) // 8)`` blocks. Streaming keeps sinks + window.
+``G = max(1, ceil(kv_window_stride / block_size))`` blocks. Streaming keeps sinks + window.
 h2o also keeps up to ``ceil(heavy_hitter_tokens / block_size)`` blocks between them: when
 there are more, the ones with the least accumulated attention mass go (ties: the older).
 The query attends to every kept token and itself; positions are ranks inside the kept
@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 class DensePolicyReference:
     def __init__(self, hf_model, mode: str, block_size: int, kv_window: int, attention_sinks: int,
-                 heavy_hitter_tokens: int = 0):
+                 heavy_hitter_tokens: int = 0, kv_window_stride: int = 0):
         self.hf = hf_model
         cfg = hf_model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -30,7 +30,7 @@ class DensePolicyReference:
         self.mode, self.bs, self.window = mode, block_size, kv_window
         self.sink_blocks = -(-attention_sinks // block_size)
         self.heavy_blocks = -(-heavy_hitter_tokens // block_size) if mode == "h2o" else 0
-        self.stride = max(1, -(-kv_window // block_size) // 8)
+        self.stride = max(1, -(-kv_window_stride // block_size))
         layers = len(hf_model.model.layers)
         self.keys = [{} for _ in range(layers)]  # text position -> [kv_heads, head_dim], before rotary
         self.values = [{} for _ in range(layers)]

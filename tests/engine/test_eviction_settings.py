@@ -18,6 +18,7 @@ from tritonkv.config import EngineConfig
     (dict(kv_eviction="streaming", kv_window=16, attention_sinks=-1), "attention_sinks", "must be >= 0"),
     (dict(kv_eviction="h2o", kv_window=16), "heavy_hitter_tokens", "must be > 0 with kv_eviction='h2o'"),
     (dict(kv_eviction="streaming", kv_window=16, kv_cache_dtype="fp8"), "kv_cache_dtype", "not supported"),
+    (dict(kv_eviction="streaming", kv_window=16, kv_window_stride=-8), "kv_window_stride", "must be >= 0"),
 ])
 def test_bad_settings_fail_at_load_naming_the_parameter(settings, parameter, words):
     with pytest.raises(ValueError, match=rf"parameter '{parameter}'.*{re.escape(words)}"):

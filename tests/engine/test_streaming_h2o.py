@@ -151,11 +151,11 @@ def test_graphs_and_overlap_evict_as_eager_steps(llama, mode):
 
 @pytest.mark.parametrize("mode", sorted(POLICIES))
 def test_a_wider_window_moves_in_strides_and_prefills_in_longer_chunks(tmp_path_factory, mode):
-    """kv_window 64 (16 blocks): the window start moves 2 blocks at a time, so a prefill past
-    the window runs in chunks of up to 8 tokens (not 4); still the reference's tokens."""
+    """kv_window_stride 8: the window start moves 2 blocks at a time, so a prefill past the
+    window runs in chunks of up to 8 tokens (not 4); still the reference's tokens."""
     path = str(tmp_path_factory.mktemp("llama_p256"))
     hf = build_checkpoint(path, seed=6, max_position_embeddings=256)
-    policy = {**POLICIES[mode], "kv_window": 64}
+    policy = {**POLICIES[mode], "kv_window": 64, "kv_window_stride": 8}
     engine = make_engine(path, block_size=BS, num_blocks=48, max_num_batched_tokens=64, **policy)
     assert engine.policy.stride_blocks == 2
     chunks = []
@@ -163,7 +163,8 @@ def test_a_wider_window_moves_in_strides_and_prefills_in_longer_chunks(tmp_path_
     engine.runner.launch = lambda rows, prev=None: chunks.append(len(rows[0].token_ids)) or real(rows, prev)
     ids = prompt(150, 8)
     c = run_turn(engine, "w", ids, 120, start=True, end=True)
-    ref = DensePolicyReference(hf, mode, BS, 64, policy["attention_sinks"], policy.get("heavy_hitter_tokens", 0))
+    ref = DensePolicyReference(hf, mode, BS, 64, policy["attention_sinks"], policy.get("heavy_hitter_tokens", 0),
+                               kv_window_stride=8)
     assert c.token_ids == reference_turn(ref, ids, 120, [])
     assert 8 in chunks and max(chunks[1:chunks.index(1)]) == 8  # after the first chunk, strides of 8
     assert engine.stats()[f"evicted_blocks_{mode}"] > 0 and engine.pool.counts()["used"] == 0

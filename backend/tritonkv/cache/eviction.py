@@ -19,8 +19,8 @@ attends every token of every kept block (the recent window is ``kv_window`` to
 
 Rule for query ``p`` (every policy): the recent window starts at block
 ``window_start(p) = max(sink_blocks, floor(floor((p - window + 1) / block_size) / G) * G)``
-(``G = stride_blocks``: 1 for window models, an eighth of the window's blocks for streaming /
-h2o, so the window is ``kv_window`` to ``kv_window + G * block_size - 1`` tokens); the kept set of
+(``G = stride_blocks``: ``kv_window_stride`` in blocks, default 1; always 1 for window models;
+the window is ``kv_window`` to ``kv_window + G * block_size - 1`` tokens); the kept set of
 query ``p`` depends only on ``p`` (and, for h2o, on the mass of earlier queries), never on how
 the tokens were chunked: a chunk never crosses a position where ``window_start`` moves
 (``max_chunk``), so every query of a chunk sees the same kept set it would see alone.
@@ -119,20 +119,15 @@ class EvictionPolicy:
 
 
 def policy_for(mode: str, block_size: int, *, model_window: int | None, kv_window: int,
-               attention_sinks: int, heavy_hitter_tokens: int) -> EvictionPolicy:
+               attention_sinks: int, heavy_hitter_tokens: int, kv_window_stride: int = 0) -> EvictionPolicy:
     """The engine's policy: ``mode`` from ``kv_eviction``; none on a sliding-window model
-    becomes ``window``."""
+    becomes ``window``. ``kv_window_stride``: tokens the window start moves at a time (0: one
+    block)."""
     if mode == "none":
         if model_window:
             return EvictionPolicy("window", block_size, model_window)
         return EvictionPolicy("none", block_size)
     sinks = -(-attention_sinks // block_size)
     heavy = -(-heavy_hitter_tokens // block_size) if mode == "h2o" else 0
-    return EvictionPolicy(mode, block_size, kv_window, sinks, heavy, stride_blocks(kv_window, block_size))
-
-
-def stride_blocks(kv_window: int, block_size: int) -> int:
-    """The window start moves by an eighth of the window at a time (at least one block): a
-    chunk of a long prefill (or of a recompute after preemption) may then hold up to that many
-    tokens instead of one block's, for at most an eighth more memory."""
-    return max(1, -(-kv_window // block_size) // 8)
+    stride = max(1, -(-kv_window_stride // block_size))
+    return EvictionPolicy(mode, block_size, kv_window, sinks, heavy, stride)

@@ -542,7 +542,7 @@ def eviction_policy(config: EngineConfig, model_config, pool: BlockPool) -> Evic
                          "(blocks outside the window are returned); use kv_eviction none")
     policy = policy_for(config.kv_eviction, pool.block_size, model_window=model_config.sliding_window,
                         kv_window=config.kv_window, attention_sinks=config.attention_sinks,
-                        heavy_hitter_tokens=config.heavy_hitter_tokens)
+                        heavy_hitter_tokens=config.heavy_hitter_tokens, kv_window_stride=config.kv_window_stride)
     if not policy.active:
         return policy
     need = policy.blocks_per_sequence(config.max_num_batched_tokens)
