@@ -56,7 +56,7 @@ def pool_files(pool):
 
 def test_two_serves_at_once_both_answer_and_a_load_failure_says_why():
     """Two ``tritonkv serve`` side by side (a private pool each unless one is named); engine
-    settings as flags; a third that names the first one's pool with another geometry fails
+    settings as flags and as --param; a third that names the first one's pool with another geometry fails
     with the reason in one line; a stop removes the work folder and the pool files."""
     import openai
 
@@ -64,7 +64,7 @@ def test_two_serves_at_once_both_answer_and_a_load_failure_says_why():
     servers, others = [], []
     try:
         servers.append(start_serve("--pool-name", shared, "--kv-cache-memory-mb", "32", "--model-name", "first"))
-        servers.append(start_serve("--kv-cache-memory-mb", "48", "--max-num-seqs", "8",
+        servers.append(start_serve("--kv-cache-memory-mb", "48", "--param", "max_num_seqs=8",
                                    "--no-enable-prefix-caching"))
         texts = []
         for (proc, banner, ports), name in zip(servers, ("first", "tritonkv-demo")):
