@@ -29,3 +29,15 @@ def test_attention_mass(window, sinks, kv_dtype):
     # each row sums to the number of query heads
     torch.testing.assert_close(mass.sum(1).cpu(), torch.full((len(lens),), float(heads[0])),
                                rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_lse_with_one_split_or_several_gives_the_same_mass(num_splits):
+    """One split writes the log-sum-exp itself; several merge it in the reduce kernel."""
+    lens = [5, 70, 33] if INTERPRET else [5, 700, 3300]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64)
+    out, lse = decode_attention_triton(*c.args(), return_lse=True, num_splits=num_splits)
+    mass = attention_mass_triton(c.q, c.k_cache, c.block_tables, c.seq_lens, c.query_start_loc, c.scale, lse)
+    ref = attention_mass_reference(c.q, c.k_cache, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
+    assert rel_err(mass, ref) < 2e-2
+    assert rel_err(out, decode_attention_triton(*c.args(), num_splits=2)) < 2e-2

@@ -10,7 +10,8 @@ Design
   ``[BLOCK_G, D]`` tile (BLOCK_G >= 16 rows so that ``tl.dot`` can be used; padding rows are
   zero) and walks its share of the sequence's visible keys in tiles of BLOCK_N tokens,
   gathering rows through the block table (online softmax, exp2 domain).
-- With one split it writes the output directly; with several it writes a normalised partial
+- With one split it writes the output directly (and, when asked, the log-sum-exp that the H2O
+  mass needs: no split is forced for it); with several it writes a normalised partial
   output and its log-sum-exp per (token, head, split) and a second kernel merges them.
 - Quantised caches: fp8/int8 values are cast to the query dtype (exact) and the per-token
   (or per-block) scale is applied to the scores (K) and the probabilities (V), so no
@@ -108,7 +109,7 @@ def _decode_stage1_kernel(
     HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
     EVEN: tl.constexpr = False,
     BT_GATHER: tl.constexpr = False, BT_PAGES: tl.constexpr = 1, V_T: tl.constexpr = False,
-    V_VEC: tl.constexpr = 16, V_PAGES: tl.constexpr = False,
+    V_VEC: tl.constexpr = 16, V_PAGES: tl.constexpr = False, WRITE_LSE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -193,6 +194,8 @@ def _decode_stage1_kernel(
         o = acc / l_i[:, None]
         tl.store(out_ptr + t64 * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=omask)
+        if WRITE_LSE:  # one split: the final log-sum-exp (H2O's attention mass needs it)
+            tl.store(part_lse_ptr + t64 * stride_plt + heads * stride_plh, m_i + tl.log2(l_i), mask=gmask)
 
 
 @triton.jit
@@ -343,8 +346,6 @@ def decode_attention_triton(
     if num_splits is None:
         num_splits = splits0 if block_n == bn0 else default_num_splits(
             num_seqs, num_kv_heads, kv_range, block_n, _num_sms(q.device))
-    if return_lse:
-        num_splits = max(num_splits, 2)  # lse comes from the reduce kernel
     gather_ids = gather0 if gather_ids is None else bool(gather_ids)
     # kv_range bounds the walked range: seq_len without a window; with one, the window plus
     # less than a tile (its start is aligned down to a tile).
@@ -364,7 +365,8 @@ def decode_attention_triton(
                                device=dev)
     else:
         part_o = out
-        part_lse = None
+        # one split writes the final lse itself
+        part_lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=dev) if return_lse else None
     ks, vs = scale_strides(k_scale), scale_strides(v_scale)
     dummy = seq_lens
     sm_scale2 = float(scale) * LOG2E
@@ -380,7 +382,7 @@ def decode_attention_triton(
         *ks, *vs,
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if use_split else 0,
-        part_lse.stride(0) if use_split else 0, part_lse.stride(1) if use_split else 0,
+        part_lse.stride(0) if part_lse is not None else 0, part_lse.stride(1) if part_lse is not None else 0,
         int(sliding_window) if has_window else 0, int(num_sink_tokens), split_size,
         block_tables.shape[1],
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
@@ -388,10 +390,10 @@ def decode_attention_triton(
         DOT_F32=dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=TL_DTYPE[compute_dtype],
         EVEN=even,
         BT_GATHER=gather_ids, BT_PAGES=bt_pages, V_T=v_t, V_VEC=min(page, block_n),
-        V_PAGES=v_pages,
+        V_PAGES=v_pages, WRITE_LSE=return_lse and not use_split,
         num_warps=num_warps, num_stages=num_stages,
     )
-    lse_out = None
+    lse_out = part_lse if not use_split else None
     if use_split:
         if return_lse:
             lse_out = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=dev)
