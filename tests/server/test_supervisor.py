@@ -194,3 +194,17 @@ def test_health_endpoint_answers_for_the_supervisor(world):
     finally:
         s.stop()
         health.close()
+
+
+def test_a_relaunch_waits_for_the_old_ports():
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        assert sup.wait_ports_free("127.0.0.1", [port], timeout_s=0.3) is False
+    finally:
+        listener.close()
+    assert sup.wait_ports_free("127.0.0.1", [port], timeout_s=5) is True

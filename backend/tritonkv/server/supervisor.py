@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 import time
 import urllib.request
@@ -92,9 +93,30 @@ def relauncher(checkpoint: str | None, **launch_kwargs) -> Callable[[Server], Se
     """A function that starts a server like ``launch(checkpoint, **launch_kwargs)`` on the
     ports of the one it replaces (so clients and probes find it where it was)."""
     def relaunch(old: Server) -> Server:
-        return launch(checkpoint, **{**launch_kwargs, "http_port": old.http_port,
-                                     "grpc_port": old.grpc_port, "metrics_port": old.metrics_port})
+        ports = (old.http_port, old.grpc_port, old.metrics_port)
+        wait_ports_free(old.host, ports)
+        return launch(checkpoint, **{**launch_kwargs, "http_port": ports[0], "grpc_port": ports[1],
+                                     "metrics_port": ports[2]})
     return relaunch
+
+
+def wait_ports_free(host: str, ports, timeout_s: float = 10.0) -> bool:
+    """Wait until every port can be bound again. tritonserver binds its ports only after
+    loading the models, so a port still held (seen once right after a stop) would cost a
+    whole model load before the launch fails."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = []
+        for port in ports:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener, not TIME_WAIT
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    busy.append(port)
+        if not busy or time.monotonic() >= deadline:
+            return not busy
+        time.sleep(0.1)
 
 
 class Supervisor:
