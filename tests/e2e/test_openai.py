@@ -263,3 +263,13 @@ def test_a_client_gone_before_a_whole_answer_cancels_the_request(server, per_tok
     whole_answer_s = per_token_s * body["max_tokens"]
     print(f"request freed {lifetime:.1f}s after it started; the whole answer would take ~{whole_answer_s:.1f}s")
     assert lifetime < whole_answer_s / 4
+
+
+def test_the_frontend_logged_no_error(server):
+    """Every refusal and disconnect above was answered, none became an unhandled exception."""
+    import os
+
+    with open(os.path.join(server.workdir, "openai.log")) as f:
+        log = f.read()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert log.count("tritonkv OpenAI frontend: model 'tritonkv-demo'") == 2  # the start and the restart

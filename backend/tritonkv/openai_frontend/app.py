@@ -112,35 +112,50 @@ async def _json(request: Request):
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
+CLIENT_CLOSED = 499  # the status of an answer nobody is left to read (as nginx logs it)
+
+
+class _ClientGone(Exception):
+    pass
+
+
 async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation, chat: bool, prompt_param: str):
     answer = Answer(gen.model, chat)
     deltas = bridge.generate(gen, prompt_param)
-    if gen.stream:
-        first = await _unless_disconnected(request, deltas.__anext__(), deltas)
-        return EventStreamResponse(sse_events(answer, first, deltas, gen.include_usage))
+    try:
+        if gen.stream:
+            first = await _unless_disconnected(request, deltas.__anext__(), deltas)
+            return EventStreamResponse(sse_events(answer, first, deltas, gen.include_usage))
 
-    async def collect():
-        async for delta in deltas:
-            answer.add(delta)
+        async def collect():
+            async for delta in deltas:
+                answer.add(delta)
 
-    await _unless_disconnected(request, collect(), deltas)
-    return JSONResponse(answer.body())
+        await _unless_disconnected(request, collect(), deltas)
+        return JSONResponse(answer.body())
+    except _ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
 
 
 async def _unless_disconnected(request: Request, work, deltas):
-    """Await ``work``; if the client disconnects first, stop it and cancel the Triton request."""
+    """Await ``work``; if the client disconnects first (or this handler is cancelled), stop it
+    and close ``deltas``, which cancels the Triton request."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await deltas.aclose()
-        raise asyncio.CancelledError  # nobody is left to answer
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await deltas.aclose()
+            gone = True
+        else:
+            gone = False
+    if gone:
+        raise _ClientGone
     try:
         return task.result()
     except StopAsyncIteration:
