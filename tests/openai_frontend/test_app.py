@@ -91,3 +91,18 @@ def test_a_request_becomes_the_models_input_tensors(tmp_path):
     assert value("temperature", np.float32) == [0.5] and value("top_p", np.float32) == [0.25]
     assert value("top_k", np.int32) == [7] and value("seed", np.int64) == [2**40]
     assert value("ignore_eos", np.bool_) == [True] and value("stream", np.bool_) == [True]
+
+
+def test_an_unreachable_triton_is_a_503_naming_it(tmp_path):
+    import socket
+
+    from tritonkv.openai_frontend.triton_bridge import TritonBridge
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(ServedModel.load(checkpoint_without_template(tmp_path), "plain"), TritonBridge(f"127.0.0.1:{port}"))
+    r = post(app, "/v1/completions", {"model": "plain", "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["type"] == "service_unavailable" and f"127.0.0.1:{port}" in err["message"]
