@@ -41,3 +41,21 @@ def test_lse_with_one_split_or_several_gives_the_same_mass(num_splits):
     ref = attention_mass_reference(c.q, c.k_cache, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
     assert rel_err(mass, ref) < 2e-2
     assert rel_err(out, decode_attention_triton(*c.args(), num_splits=2)) < 2e-2
+
+
+@pytest.mark.parametrize("window,sinks,num_splits", [(None, 0, 1), (None, 0, 3), (30, 2, 1), (30, 2, 2)])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_mass_from_the_decode_kernels_stored_scores(window, sinks, num_splits, kv_dtype):
+    """The decode kernel stores its scores; the mass read from them equals the one that
+    recomputes them from K, and the decode output is unchanged."""
+    lens = [1, 50, 77] if INTERPRET else [1, 50, 777, 4096]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64, kv_dtype=kv_dtype)
+    kw = dict(k_scale=c.k_scale, v_scale=c.v_scale, return_lse=True, num_splits=num_splits)
+    logits = torch.empty(len(lens), 8, c.block_tables.shape[1] * c.k_cache.shape[1], device=c.q.device)
+    out, lse = decode_attention_triton(*c.args(), window, sinks, logits=logits, **kw)
+    plain_out, plain_lse = decode_attention_triton(*c.args(), window, sinks, **kw)
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    args = (c.q, c.k_cache, c.block_tables, c.seq_lens, c.query_start_loc, c.scale, lse, window, sinks)
+    from_scores = attention_mass_triton(*args, k_scale=c.k_scale, logits=logits)
+    from_k = attention_mass_triton(*args, k_scale=c.k_scale)
+    torch.testing.assert_close(from_scores, from_k, atol=1e-5, rtol=1e-4)

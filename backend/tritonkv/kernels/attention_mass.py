@@ -5,7 +5,8 @@ Reference: ``tritonkv.ops.attention_mass.attention_mass_reference``.
 
 One program per (sequence, tile of BLOCK_N keys) recomputes the scores of its keys for every
 query head (one extra K pass) and normalises them with the final log-sum-exp that
-``decode_attention_triton(..., return_lse=True)`` returns.
+``decode_attention_triton(..., return_lse=True)`` returns; or, when the decode kernel stored
+its scores (``logits=``), reads those (4 bytes per key and query head instead of K).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def _attention_mass_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
+    logits_ptr, stride_lt, stride_lh, FROM_LOGITS: tl.constexpr,
 ):
     """mass[seq, p] = sum over query heads of softmax prob of key p (0 where p >= seq_len or
-    invisible). Recomputes the scores against the final log-sum-exp (one extra K pass)."""
+    invisible). Recomputes the scores against the final log-sum-exp (one extra K pass), or
+    (FROM_LOGITS) reads the scores the decode kernel stored."""
     seq, tile = tl.program_id(0), tl.program_id(1)  # tile: BLOCK_N keys from tile * BLOCK_N
     t, q_len = query_rows(qsl_ptr, seq)
     if q_len == 0:
@@ -51,19 +54,23 @@ def _attention_mass_kernel(
     total = tl.zeros([BLOCK_N], tl.float32)
     for kvh in range(0, num_kv_heads):
         heads = kvh * GROUP + g
-        q = tl.load(q_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
-        if KV_QUANT:
-            q = q.to(COMPUTE)
-        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks
-                    + kvh * stride_kh + d[None, :], mask=vis[:, None] & dmask[None, :], other=0.0)
-        if KV_QUANT:
-            ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
-                          mask=vis, other=0.0)
-            k = kv_cast(k, q.dtype)
-            s = mma(q, tl.trans(k), DOT_F32) * (ksc * sm_scale2)[None, :]
+        if FROM_LOGITS:
+            s = tl.load(logits_ptr + t64 * stride_lt + heads[:, None] * stride_lh + offs[None, :],
+                        mask=gmask[:, None] & vis[None, :], other=float("-inf"))
         else:
-            s = mma(q, tl.trans(k), DOT_F32) * sm_scale2
+            q = tl.load(q_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                        mask=gmask[:, None] & dmask[None, :], other=0.0)
+            if KV_QUANT:
+                q = q.to(COMPUTE)
+            k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks
+                        + kvh * stride_kh + d[None, :], mask=vis[:, None] & dmask[None, :], other=0.0)
+            if KV_QUANT:
+                ksc = tl.load(k_scale_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
+                              mask=vis, other=0.0)
+                k = kv_cast(k, q.dtype)
+                s = mma(q, tl.trans(k), DOT_F32) * (ksc * sm_scale2)[None, :]
+            else:
+                s = mma(q, tl.trans(k), DOT_F32) * sm_scale2
         lse = tl.load(lse_ptr + t64 * num_heads + heads, mask=gmask, other=0.0)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(gmask[:, None] & vis[None, :], p, 0.0)
@@ -74,10 +81,12 @@ def _attention_mass_kernel(
 def attention_mass_triton(
     q, k_cache, block_tables, seq_lens, query_start_loc, scale, lse,
     sliding_window=None, num_sink_tokens=0, *, k_scale=None, max_len=None, block_n=64,
+    logits=None,
 ):
     """Per-key attention probability summed over query heads, ``[num_seqs, max_len]`` float32
     (``max_len`` defaults to the block-table width in tokens). Needs ``lse`` from
-    ``decode_attention_triton(..., return_lse=True)``."""
+    ``decode_attention_triton(..., return_lse=True)``; with ``logits`` (the scores that call
+    stored, ``decode_attention_triton(..., logits=)``) K is not read again."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     _, page, num_kv_heads, _ = k_cache.shape
@@ -100,6 +109,10 @@ def attention_mass_triton(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=block_n, PAGE=page,
         KV_QUANT=quant, HAS_WINDOW=has_window, DOT_F32=dot_f32(q.dtype if not quant else cd),
-        COMPUTE=TL_DTYPE[cd], num_warps=4,
+        COMPUTE=TL_DTYPE[cd],
+        logits_ptr=logits if logits is not None else lse,
+        stride_lt=logits.stride(0) if logits is not None else 0,
+        stride_lh=logits.stride(1) if logits is not None else 0, FROM_LOGITS=logits is not None,
+        num_warps=4,
     )
     return mass

@@ -48,8 +48,10 @@ def _decode_tile(
     d, dmask, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr,
     DOT_F32: tl.constexpr, V_T: tl.constexpr, V_VEC: tl.constexpr, V_PAGES: tl.constexpr,
     CHECK_LO: tl.constexpr, MASKED: tl.constexpr, BT_GATHER: tl.constexpr, ZERO_V: tl.constexpr,
+    lg, STORE_S: tl.constexpr,
 ):
     # cache: the kernel's block-table, K/V cache and scale pointers and strides in one tuple
+    # lg (STORE_S): (logits pointer, its token and head strides, token, heads, head mask)
     (bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
      stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh) = cache
@@ -90,6 +92,10 @@ def _decode_tile(
         if CHECK_LO:  # window: keys below kv_lo_vis are invisible unless they are sinks
             vis = vis & ((offs >= kv_lo_vis) | (offs < num_sinks))
         s = tl.where(vis[None, :], s, float("-inf"))
+    if STORE_S:  # the scaled scores, for H2O's attention mass (kernels/attention_mass.py)
+        (lg_ptr, stride_lt, stride_lh, t64, heads, gmask) = lg
+        tl.store(lg_ptr + t64 * stride_lt + heads[:, None] * stride_lh + offs[None, :], s,
+                 mask=gmask[:, None] & nmask[None, :])
     return softmax_step(acc, m_i, l_i, s, v, vsc, KV_QUANT, True, DOT_F32)
 
 
@@ -110,6 +116,7 @@ def _decode_stage1_kernel(
     EVEN: tl.constexpr = False,
     BT_GATHER: tl.constexpr = False, BT_PAGES: tl.constexpr = 1, V_T: tl.constexpr = False,
     V_VEC: tl.constexpr = 16, V_PAGES: tl.constexpr = False, WRITE_LSE: tl.constexpr = False,
+    logits_ptr=None, stride_lt=0, stride_lh=0, STORE_S: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -154,6 +161,7 @@ def _decode_stage1_kernel(
     cache = (bt_ptr, stride_bt, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
              stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh)
+    lg = (logits_ptr, stride_lt, stride_lh, t64, heads, gmask)
     if HAS_WINDOW:
         if split == 0:
             sink_hi = tl.minimum(num_sinks, lo)  # keys >= lo are walked below
@@ -161,7 +169,7 @@ def _decode_stage1_kernel(
                 acc, m_i, l_i = _decode_tile(
                     acc, m_i, l_i, q, n0, sink_hi, 0, num_sinks, kvh, seq, cache, bt_vec, page0,
                     sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
-                    False, True, False, True)
+                    False, True, False, True, lg, STORE_S)
     if EVEN or V_T:  # full tiles (every key < end), then one tail tile. EVEN (no window,
         # HEAD_DIM == BLOCK_D): full tiles without masks. V_T: only the tail zeroes stale V.
         n_full = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
@@ -169,18 +177,18 @@ def _decode_stage1_kernel(
             acc, m_i, l_i = _decode_tile(
                 acc, m_i, l_i, q, n0, end, kv_lo_vis, num_sinks, kvh, seq, cache, bt_vec, page0,
                 sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
-                HAS_WINDOW, not EVEN, BT_GATHER, False)
+                HAS_WINDOW, not EVEN, BT_GATHER, False, lg, STORE_S)
         if n_full < end:
             acc, m_i, l_i = _decode_tile(
                 acc, m_i, l_i, q, n_full, end, kv_lo_vis, num_sinks, kvh, seq, cache, bt_vec,
                 page0, sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, DOT_F32, V_T, V_VEC,
-                V_PAGES, HAS_WINDOW, True, BT_GATHER, True)
+                V_PAGES, HAS_WINDOW, True, BT_GATHER, True, lg, STORE_S)
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _decode_tile(
                 acc, m_i, l_i, q, n0, end, kv_lo_vis, num_sinks, kvh, seq, cache, bt_vec, page0,
                 sm_scale2, d, dmask, PAGE, BLOCK_N, KV_QUANT, DOT_F32, V_T, V_VEC, V_PAGES,
-                HAS_WINDOW, True, BT_GATHER, True)
+                HAS_WINDOW, True, BT_GATHER, True, lg, STORE_S)
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -297,13 +305,16 @@ def decode_attention_triton(
     even: bool | None = None,
     gather_ids: bool | None = None,
     v_pages: bool | None = None,
+    logits: torch.Tensor | None = None,
 ):
     """Decode attention: every sequence has exactly one (or zero) query rows.
 
     Returns ``out`` ``[num_tokens, num_heads, head_dim]`` (q's dtype), or ``(out, lse)`` with
     ``lse`` float32 ``[num_tokens, num_heads]`` in log2 units of the scaled scores when
     ``return_lse``. ``max_seq_len`` (optional, host int) bounds the split size; without it the
-    block table width is used (no device sync)."""
+    block table width is used (no device sync). ``logits`` (optional, float32 ``[num_tokens,
+    num_heads, >= max_seq_len]``): receives every visited key's scaled score (log2 units, the
+    ones ``lse`` normalises), for ``attention_mass_triton(..., logits=)``."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     _, page, num_kv_heads, _ = k_cache.shape
@@ -391,6 +402,9 @@ def decode_attention_triton(
         EVEN=even,
         BT_GATHER=gather_ids, BT_PAGES=bt_pages, V_T=v_t, V_VEC=min(page, block_n),
         V_PAGES=v_pages, WRITE_LSE=return_lse and not use_split,
+        logits_ptr=logits if logits is not None else dummy,
+        stride_lt=logits.stride(0) if logits is not None else 0,
+        stride_lh=logits.stride(1) if logits is not None else 0, STORE_S=logits is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     lse_out = part_lse if not use_split else None

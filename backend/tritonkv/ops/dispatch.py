@@ -161,13 +161,16 @@ def paged_attention(
                 q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                 sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale, out=out,
                 max_seq_len=max_seq_len)
+        # the decode kernel keeps its scores, so the mass does not read K again
+        logits = torch.empty(q.shape[0], q.shape[1], block_tables.shape[1] * k_cache.shape[1],
+                             dtype=torch.float32, device=q.device)
         res, lse = decode_attention_triton(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
             sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale, out=out,
-            max_seq_len=max_seq_len, return_lse=True)
+            max_seq_len=max_seq_len, return_lse=True, logits=logits)
         mass = attention_mass_triton(
             q, k_cache, block_tables, seq_lens, query_start_loc, scale, lse, sliding_window,
-            num_sink_tokens, k_scale=k_scale)
+            num_sink_tokens, k_scale=k_scale, logits=logits)
         return res, mass
 
     if return_attention_mass:
