@@ -73,7 +73,7 @@ def find_stubs(server: Server) -> dict[int, Stub]:
     return stubs
 
 
-def read_heartbeats(metrics_url: str, timeout_s: float = 2.0) -> dict[int, dict[str, float]]:
+def read_heartbeats(metrics_url: str, timeout_s: float = 1.0) -> dict[int, dict[str, float]]:
     """stub pid -> {"tritonkv_engine_loops": n, "tritonkv_engine_failed": 0 or 1}."""
     with urllib.request.urlopen(metrics_url, timeout=timeout_s) as r:
         return parse_heartbeats(r.read().decode())
