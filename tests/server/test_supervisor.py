@@ -208,3 +208,22 @@ def test_a_relaunch_waits_for_the_old_ports():
     finally:
         listener.close()
     assert sup.wait_ports_free("127.0.0.1", [port], timeout_s=5) is True
+
+
+def test_serve_refuses_a_busy_health_port_before_launching(monkeypatch):
+    import argparse
+    import socket
+
+    from tritonkv.server import serve
+    from tritonkv.server.launcher import ServerStartError
+
+    monkeypatch.setattr(serve, "launch", lambda *a, **k: pytest.fail("launched despite the busy port"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = argparse.Namespace(checkpoint=None, http_port=0, grpc_port=0, metrics_port=0, instances=1,
+                                  host="127.0.0.1", verbose=False, param=[], health_port=port)
+        with pytest.raises(ServerStartError, match=f"health endpoint cannot listen on 127.0.0.1:{port}: "
+                                                   r"the port is in use \(--health-port\)"):
+            serve.serve_forever(args)

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from tritonkv.server.launcher import RESTRICTED_APIS, launch
+from tritonkv.server.launcher import RESTRICTED_APIS, ServerStartError, launch
 
 DEFAULT_HEALTH_PORT = 8003
 DEFAULT_STUCK_AFTER_S = 60.0
@@ -25,21 +25,27 @@ def serve_forever(args) -> int:
                     restricted_apis=restricted,
                     extra_params=dict(p.split("=", 1) for p in getattr(args, "param", [])) or None,
                     exit_timeout_s=getattr(args, "exit_timeout", 1.5))
+    supervised = not getattr(args, "no_supervisor", False)
+    health_port = getattr(args, "health_port", DEFAULT_HEALTH_PORT)
+    if supervised:
+        from tritonkv.server.health_endpoint import HealthEndpoint
+        from tritonkv.server.supervisor import Supervisor, relauncher, wait_ports_free
+
+        if health_port and not wait_ports_free(args.host, [health_port], timeout_s=0):
+            raise ServerStartError(f"the health endpoint cannot listen on {args.host}:{health_port}: "
+                                   "the port is in use (--health-port)")
     server = launch(args.checkpoint, http_port=args.http_port, grpc_port=args.grpc_port,
                     metrics_port=args.metrics_port, **settings)
     supervisor = health = None
-    if not getattr(args, "no_supervisor", False):
-        from tritonkv.server.health_endpoint import HealthEndpoint
-        from tritonkv.server.supervisor import Supervisor, relauncher
-
+    if supervised:
         supervisor = Supervisor(server, relauncher(args.checkpoint, **settings),
                                 stuck_after_s=getattr(args, "stuck_after", DEFAULT_STUCK_AFTER_S),
                                 log=lambda message: print(message, flush=True))
         try:
-            health = HealthEndpoint(supervisor, args.host, getattr(args, "health_port", DEFAULT_HEALTH_PORT))
-        except OSError:
+            health = HealthEndpoint(supervisor, args.host, health_port)
+        except OSError as exc:
             server.stop()
-            raise
+            raise ServerStartError(f"the health endpoint cannot listen on {args.host}:{health_port}: {exc}") from None
         supervisor.start()
     stop = {"now": False}
 
