@@ -23,7 +23,6 @@ from another instance dequantises to exactly the values its writer stored.
 from __future__ import annotations
 
 import atexit
-import glob
 import os
 import pickle
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tritonkv.cache.pool_file import reserve
 from tritonkv.cache.shared_pool import SharedBlockPool
 from tritonkv.model.checkpoint import load_model
 from tritonkv.model.model_config import ModelConfig
+from tritonkv.model.onnx_files import weight_files
 
 WEIGHT_ALIGN_BYTES = 64
 
@@ -126,7 +126,7 @@ class SharedDeviceState:
 def pool_description(checkpoint: str, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
                      kv_shape: tuple, kv_dtype: torch.dtype | None = None) -> str:
     """What the blocks (and weights) hold; attachers must agree on every part of it."""
-    files = sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
+    files = weight_files(checkpoint)  # safetensors, or an ONNX graph and its external data
     stamp = ",".join(f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in files)
     return (f"checkpoint={os.path.abspath(checkpoint)} [{stamp}] layers={model_config.num_layers} "
             f"kv_heads={model_config.num_kv_heads} head_dim={model_config.head_dim} dtype={str(dtype).replace('torch.', '')} "

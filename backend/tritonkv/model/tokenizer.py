@@ -18,9 +18,12 @@ import os
 
 from tokenizers import Tokenizer
 
+from tritonkv.model.onnx_files import checkpoint_directory
+
 
 class TextTokenizer:
     def __init__(self, checkpoint_dir: str):
+        checkpoint_dir = checkpoint_directory(checkpoint_dir)  # an .onnx file: the files beside it
         path = os.path.join(checkpoint_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(

@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from tritonkv.model.onnx_files import checkpoint_directory
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.openai_frontend.chat_template import ChatTemplate, ChatTemplateError
 from tritonkv.openai_frontend.errors import bad_request, model_not_found
@@ -33,10 +34,11 @@ class ServedModel:
 
     @classmethod
     def load(cls, checkpoint: str, name: str | None = None) -> "ServedModel":
+        files = checkpoint_directory(checkpoint)  # an .onnx file's tokenizer lies beside it
         tokenizer = None
-        if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
-            tokenizer = TextTokenizer(checkpoint)
-        return cls(name or default_model_name(checkpoint), checkpoint, tokenizer, ChatTemplate.from_checkpoint(checkpoint))
+        if os.path.isfile(os.path.join(files, "tokenizer.json")):
+            tokenizer = TextTokenizer(files)
+        return cls(name or default_model_name(checkpoint), checkpoint, tokenizer, ChatTemplate.from_checkpoint(files))
 
     def check_name(self, requested: str) -> None:
         if requested != self.name:
