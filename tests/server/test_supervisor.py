@@ -49,8 +49,7 @@ def world(monkeypatch):
     state = {"launches": [], "fail_launches": 0, "now": 1000.0}
     monkeypatch.setattr(sup, "find_stubs", lambda server: dict(server.stubs))
     monkeypatch.setattr(sup, "read_heartbeats", lambda server: {p: dict(b) for p, b in server.beats.items()})
-    clock = type("Clock", (), {"monotonic": staticmethod(lambda: state["now"]),
-                               "sleep": staticmethod(lambda s: None)})
+    clock = type("Clock", (), {"monotonic": staticmethod(lambda: state["now"])})
     monkeypatch.setattr(sup, "time", clock)  # the supervisor's clock only
 
     def relaunch(old):
@@ -62,7 +61,7 @@ def world(monkeypatch):
         return server
 
     first = FakeServer(STUBS)
-    s = Supervisor(first, relaunch, stuck_after_s=5.0, log=lambda m: None)
+    s = Supervisor(first, relaunch, stuck_after_s=5.0, launch_backoff_s=0.0, log=lambda m: None)
     s.check()
     assert s.ready and s.reason == ""
     state["supervisor"], state["first"] = s, first

@@ -12,7 +12,7 @@ Why every recovery is a restart, never a model reload: a reload unloads the old 
 while their streams run (the backend releases decoupled requests at once), and once the
 parent has stopped its response threads a stub that sends blocks for good
 (``ResponseSender::Send`` waits for the parent): the streams end without an error and the
-old model, with its KV blocks, can stay loaded (seen in tests/e2e/test_fault.py).
+old model, with its KV blocks, can stay loaded (measured: docs/operations.md).
 
 Rules, checked every ``poll_s``; each action is a restart on the same ports:
 1. tritonserver exited.
@@ -25,8 +25,9 @@ Rules, checked every ``poll_s``; each action is a restart on the same ports:
 5. Ready is false from the moment a rule fires until the new server is up and Triton's own
    /v2/health/ready is 200, and whenever that is not 200; if it stays not 200 (or does not
    answer) for ``stuck_after_s``: restart (a hung tritonserver, a model left unloaded).
-6. After ``max_failed_launches`` failed launches in a row the supervisor gives up
-   (``gave_up``; ``tritonkv serve`` then exits with code 1, so that the container restarts).
+6. A failed launch is retried after ``launch_backoff_s`` (doubling, at most 10 s); after
+   ``max_failed_launches`` failed launches in a row the supervisor gives up (``gave_up``;
+   ``tritonkv serve`` then exits with code 1, so that the container restarts).
 Stubs are watched by process id, from the first pass after each launch.
 """
 
@@ -125,12 +126,14 @@ class Supervisor:
     ``(time.monotonic(), message)`` pairs, also passed to ``log``."""
 
     def __init__(self, server: Server, relaunch: Callable[[Server], Server], *, stuck_after_s: float = 60.0,
-                 poll_s: float = 0.25, max_failed_launches: int = 3, log: Callable[[str], None] = print):
+                 poll_s: float = 0.25, max_failed_launches: int = 3, launch_backoff_s: float = 2.0,
+                 log: Callable[[str], None] = print):
         self.server = server
         self.relaunch = relaunch
         self.stuck_after_s = stuck_after_s
         self.poll_s = poll_s
         self.max_failed_launches = max_failed_launches
+        self.launch_backoff_s = launch_backoff_s
         self.log = log
         self.ready = False
         self.reason = "starting"  # why not ready
@@ -226,7 +229,7 @@ class Supervisor:
                 self.server = self.relaunch(old)
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - launch says why in its message
                 self._note(f"launch {attempt} of {self.max_failed_launches} failed: {exc}")
-                time.sleep(min(2.0 ** attempt, 10.0))
+                self._stop.wait(min(self.launch_backoff_s * 2 ** (attempt - 1), 10.0))
                 continue
             self._note("tritonserver restarted")  # ready once Triton says so (next pass)
             return
