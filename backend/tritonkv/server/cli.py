@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import dataclasses
 import inspect
 import sys
@@ -91,31 +90,13 @@ def engine_params(args, names: list[str], parser: argparse.ArgumentParser) -> di
     return params
 
 
-def _launch_with_openai(args):
-    """``launch`` with serve's OpenAI settings, for a caller (serve.py, the supervisor's
-    relaunch) that does not pass them itself; one that passes ``openai_port`` is left alone."""
-    from tritonkv.server import launcher
-
-    def launch(*a, **kw):
-        if "openai_port" in kw:
-            return launcher.launch(*a, **kw)
-        kw["openai_port"] = args.openai_port
-        kw.setdefault("openai_workers", args.openai_workers)
-        kw.setdefault("model_name", args.model_name)
-        server = launcher.launch(*a, **kw)
-        if server.openai_url:
-            print(f"  OpenAI  {server.openai_url}  (model {server.model_name})", flush=True)
-        return server
-
-    return launch
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tritonkv", description="paged-KV LLM serving on Triton")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start tritonserver with the llm / llm_stateless models")
     serve.add_argument("checkpoint", nargs="?", default=None,
-                       help="HF-format checkpoint directory (default: the generated demo model)")
+                       help="HF checkpoint directory, or an ONNX export (directory or .onnx file, docs/onnx.md); "
+                            "default: the generated demo model")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
@@ -144,8 +125,9 @@ def main(argv=None) -> int:
     serve.add_argument("--no-supervisor", action="store_true",
                        help="run tritonserver without the supervisor (serve then exits when it does)")
     serve.add_argument("--stuck-after", type=float, default=60.0,
-                       help="seconds an engine may go without a step while it has work before the supervisor "
-                            "restarts the server (0: never; default: %(default)s)")
+                       help="seconds an engine may go without a loop iteration (an idle engine still loops once a "
+                            "second), or Triton may stay not ready, before the supervisor restarts the server "
+                            "(0: never; default: %(default)s)")
     engine_names = add_engine_flags(serve)
     capacity = sub.add_parser("capacity", help="KV bytes per token and how many sequences fit in a memory budget")
     capacity.add_argument("checkpoint", nargs="?", default=None,
@@ -171,16 +153,11 @@ def main(argv=None) -> int:
         args.param = [f"{k}={v}" for k, v in params.items()]
         if args.no_openai:
             args.openai_port = None
-        from tritonkv.server import serve as serve_module
         from tritonkv.server.launcher import ServerStartError
+        from tritonkv.server.serve import serve_forever
 
-        serve_module.launch = _launch_with_openai(args)
-        with contextlib.suppress(ImportError):  # a supervisor's restarts get the frontend too
-            from tritonkv.server import supervisor
-
-            supervisor.launch = serve_module.launch
         try:
-            return serve_module.serve_forever(args)
+            return serve_forever(args)
         except ServerStartError as exc:
             print(f"tritonkv serve: {exc}", file=sys.stderr, flush=True)
             return 1

@@ -24,7 +24,8 @@ def serve_forever(args) -> int:
     settings = dict(instances=args.instances, host=args.host, log_to_console=args.verbose,
                     restricted_apis=restricted,
                     extra_params=dict(p.split("=", 1) for p in getattr(args, "param", [])) or None,
-                    exit_timeout_s=getattr(args, "exit_timeout", 1.5))
+                    exit_timeout_s=getattr(args, "exit_timeout", 1.5),
+                    model_name=getattr(args, "model_name", None), openai_workers=getattr(args, "openai_workers", 0))
     supervised = not getattr(args, "no_supervisor", False)
     health_port = getattr(args, "health_port", DEFAULT_HEALTH_PORT)
     if supervised:
@@ -35,7 +36,7 @@ def serve_forever(args) -> int:
             raise ServerStartError(f"the health endpoint cannot listen on {args.host}:{health_port}: "
                                    "the port is in use (--health-port)")
     server = launch(args.checkpoint, http_port=args.http_port, grpc_port=args.grpc_port,
-                    metrics_port=args.metrics_port, **settings)
+                    metrics_port=args.metrics_port, openai_port=getattr(args, "openai_port", None), **settings)
     supervisor = health = None
     if supervised:
         supervisor = Supervisor(server, relauncher(args.checkpoint, **settings),
@@ -58,6 +59,8 @@ def serve_forever(args) -> int:
     print(f"  HTTP    http://{server.http_url}")
     print(f"  gRPC    {server.grpc_url}")
     print(f"  metrics {server.metrics_url}")
+    if server.openai_url:
+        print(f"  OpenAI  {server.openai_url}  (model {server.model_name})")
     if health is not None:
         print(f"  health  http://{args.host}:{health.port}/health/live, /health/ready (supervised)")
     print(f"  log     {server.workdir}/server.log")

@@ -95,9 +95,10 @@ def relauncher(checkpoint: str | None, **launch_kwargs) -> Callable[[Server], Se
     ports of the one it replaces (so clients and probes find it where it was)."""
     def relaunch(old: Server) -> Server:
         ports = (old.http_port, old.grpc_port, old.metrics_port)
-        wait_ports_free(old.host, ports)
+        openai_port = None if old.openai is None else old.openai.port
+        wait_ports_free(old.host, ports + (() if openai_port is None else (openai_port,)))
         return launch(checkpoint, **{**launch_kwargs, "http_port": ports[0], "grpc_port": ports[1],
-                                     "metrics_port": ports[2]})
+                                     "metrics_port": ports[2], "openai_port": openai_port})
     return relaunch
 
 
