@@ -19,6 +19,12 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from engine_helpers import TEST_DEVICE
+
+
+# logits closer than this are a tie under tf32 dots (CUDA); CPU runs are exact
+NEAR_TIE = 2e-2
+
 
 class DensePolicyReference:
     def __init__(self, hf_model, mode: str, block_size: int, kv_window: int, attention_sinks: int,
@@ -99,16 +105,28 @@ class DensePolicyReference:
 
 
 def reference_turn(ref: DensePolicyReference, new_tokens: list[int], max_tokens: int,
-                   pending: list[int]) -> list[int]:
+                   pending: list[int], follow: list[int] | None = None) -> list[int]:
     """One greedy turn. ``pending``: the previous turn's last token, sampled but not yet
-    computed (the engine computes it with the next turn's tokens); updated in place."""
+    computed (the engine computes it with the next turn's tokens); updated in place.
+
+    ``follow`` (the engine's tokens) matters on CUDA only, where the kernels' fp32 dots run as
+    tf32: the reference then feeds the engine's tokens and accepts each one whose logit is
+    within NEAR_TIE of its own best (a near-tie, not a policy difference); the first token
+    that is not is replaced by the reference's choice, so an equality assert shows where."""
     feed = pending + new_tokens
     for t in feed[:-1]:
         ref.feed(t, False)
     logits = ref.feed(feed[-1], True)
     out = []
     for i in range(max_tokens):
-        out.append(int(logits.argmax()))
+        best = int(logits.argmax())
+        token = best
+        if follow is not None and TEST_DEVICE != "cpu" and i < len(follow):
+            if logits[follow[i]] >= logits[best] - NEAR_TIE:
+                token = follow[i]
+        out.append(token)
+        if token != best and follow is not None and token != follow[i]:
+            break
         if i < max_tokens - 1:
             logits = ref.feed(out[-1], True)
     pending[:] = out[-1:]

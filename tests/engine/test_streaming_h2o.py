@@ -44,7 +44,7 @@ def test_long_stream_equals_dense_reference_with_bounded_blocks(llama, mode):
     ids = prompt(9, 1)
     c, most, table = run_tracking_blocks(engine, "s", ids, 300, end=False)
     ref = reference(hf, mode)
-    expected = reference_turn(ref, ids, 300, [])
+    expected = reference_turn(ref, ids, 300, [], follow=c.token_ids)
     assert c.token_ids == expected
     assert c.final.finish_reason == "length"  # 309 tokens: past max_model_len (96) and MAX_POS
     assert table == ref.most_kept_blocks == engine.policy.kept_blocks()
@@ -68,7 +68,7 @@ def test_multi_turn_and_chunked_prefill_equal_dense_reference(llama, mode):
     turns = [prompt(30, 2), prompt(50, 3)[1:], prompt(6, 4)[1:]]  # turn 2: a prefill past the window
     for i, new in enumerate(turns):
         c = run_turn(engine, "m", new, 40, start=i == 0, end=i == 2)
-        assert c.token_ids == reference_turn(ref, new, 40, pending), f"turn {i + 1}"
+        assert c.token_ids == reference_turn(ref, new, 40, pending, follow=c.token_ids), f"turn {i + 1}"
     assert engine.pool.counts()["used"] == 0
 
 
@@ -85,7 +85,7 @@ def test_preemption_recomputes_the_same_evictions(llama, mode):
     engine.run_until_idle()
     assert engine.scheduler.num_preemptions > 0
     for p, c in zip(prompts, cs):
-        assert c.token_ids == reference_turn(reference(hf, mode), p, 90, [])
+        assert c.token_ids == reference_turn(reference(hf, mode), p, 90, [], follow=c.token_ids)
     assert engine.pool.counts()["used"] == 0
 
 
@@ -131,7 +131,7 @@ def test_overlapped_steps_evict_as_plain_steps(llama, mode, monkeypatch):
     prompts = [prompt(10 + 3 * i, 40 + i) for i in range(3)]
     got = _batch(engine, prompts, 80)
     for i, (p, tokens) in enumerate(zip(prompts, got)):
-        assert tokens == reference_turn(reference(hf, mode), p, 80 + 7 * i, [])
+        assert tokens == reference_turn(reference(hf, mode), p, 80 + 7 * i, [], follow=tokens)
     # (h2o: a block_size-th of each sequence's steps must read the mass back first)
     assert sum(continued) > (80 if mode == "streaming" else 20) and not all(continued)
     assert engine.stats()[f"evicted_blocks_{mode}"] > 0 and engine.pool.counts()["used"] == 0
@@ -165,6 +165,6 @@ def test_a_wider_window_moves_in_strides_and_prefills_in_longer_chunks(tmp_path_
     c = run_turn(engine, "w", ids, 120, start=True, end=True)
     ref = DensePolicyReference(hf, mode, BS, 64, policy["attention_sinks"], policy.get("heavy_hitter_tokens", 0),
                                kv_window_stride=8)
-    assert c.token_ids == reference_turn(ref, ids, 120, [])
+    assert c.token_ids == reference_turn(ref, ids, 120, [], follow=c.token_ids)
     assert 8 in chunks and max(chunks[1:chunks.index(1)]) == 8  # after the first chunk, strides of 8
     assert engine.stats()[f"evicted_blocks_{mode}"] > 0 and engine.pool.counts()["used"] == 0

@@ -147,6 +147,10 @@ def test_the_onnx_file_itself_names_the_checkpoint(models, tmp_path):
             assert torch.equal(dict(model.named_parameters())[name], p), name
     q, k, v = (getattr(hf.model.layers[1].self_attn, f"{r}_proj").weight for r in "qkv")
     assert torch.equal(model.model.layers[1].self_attn.qkv_proj.weight, torch.cat([q, k, v]))
+    # the engine too: config.json (and a tokenizer, if any) are read beside the file
+    ids = prompt(7, 3)
+    engine = make_engine(os.path.join(onnx_dir, "model.onnx"))
+    assert run_turn(engine, "file", ids, 6, start=True, end=True).token_ids == hf_greedy(hf, ids, 6)[0]
 
 
 def test_weights_inside_the_graph_stay_in_the_file_until_loaded(models, tmp_path):

@@ -16,6 +16,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from tritonkv.model.onnx_files import checkpoint_directory
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -86,6 +88,7 @@ class ModelConfig:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str) -> "ModelConfig":
+        checkpoint_dir = checkpoint_directory(checkpoint_dir)  # an .onnx file: config.json beside it
         path = os.path.join(checkpoint_dir, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(
