@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
 import torch
 
 from dense_policy_reference import NEAR_TIE
@@ -73,3 +74,11 @@ def one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     return before
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Module fixture (import it into a test module): one torch thread while it runs."""
+    before = one_thread()
+    yield
+    torch.set_num_threads(before)

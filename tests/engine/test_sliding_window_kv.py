@@ -4,20 +4,13 @@ keys in ``(p - w, p]``), across chunked prefill, multi-turn continuation, preemp
 prefix-cache hits."""
 
 import pytest
-import torch
 
-from bounded_models import assert_hf_greedy, build_checkpoint, one_thread, prompt, run_tracking_blocks
+from bounded_models import (assert_hf_greedy, build_checkpoint, prompt, run_tracking_blocks,  # noqa: F401
+                            single_thread)
 from engine_helpers import Collector, greedy, make_engine, run_turn
 
 WINDOW = 24
 BS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

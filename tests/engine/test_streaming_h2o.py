@@ -5,9 +5,8 @@ multi-turn continuation, chunked prefill, preemption and prefix-cache hits; conv
 run past max_model_len and past the pool's capacity with bounded blocks."""
 
 import pytest
-import torch
 
-from bounded_models import build_checkpoint, one_thread, prompt, run_tracking_blocks
+from bounded_models import build_checkpoint, prompt, run_tracking_blocks, single_thread  # noqa: F401
 from dense_policy_reference import DensePolicyReference, reference_turn
 from engine_helpers import TEST_DEVICE, Collector, greedy, make_engine, run_turn
 
@@ -17,13 +16,6 @@ POLICIES = {
     "streaming": dict(kv_eviction="streaming", attention_sinks=4, kv_window=16),
     "h2o": dict(kv_eviction="h2o", attention_sinks=2, kv_window=12, heavy_hitter_tokens=8),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = one_thread()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -527,15 +527,19 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
     # the lock before the work folder: a folder whose lock nobody holds belongs to nobody
     lock_fd = hold_region_lock(token) if os.path.isdir(REGION_DIR) else None
     workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{token}-")
+
+    def abandon():  # a launch that fails before the server runs leaves nothing behind
+        if lock_fd is not None:
+            os.close(lock_fd)
+            remove_regions(token)
+        shutil.rmtree(workdir, ignore_errors=True)
+
     try:
         repo = write_repository(os.path.join(workdir, "model_repository"), repository, checkpoint,
                                 instances, params, instance_kind)
         backends = prepare_backend_dir(os.path.join(workdir, "backends"))
     except BaseException:
-        if lock_fd is not None:
-            os.close(lock_fd)
-            remove_regions(token)
-        shutil.rmtree(workdir, ignore_errors=True)
+        abandon()
         raise
     ports = [p or free_port() for p in (http_port, grpc_port, metrics_port)]
     cmd = [tritonserver_binary(),
@@ -559,10 +563,7 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
                                 start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,),
                                 umask=0o077)
     except BaseException:
-        if lock_fd is not None:
-            os.close(lock_fd)
-            remove_regions(token)
-        shutil.rmtree(workdir, ignore_errors=True)
+        abandon()
         raise
     finally:
         if out is not None:
