@@ -65,6 +65,12 @@ def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype) -> Cau
     missing = sorted(expected - state.keys())
     if missing:
         raise ValueError(f"checkpoint {checkpoint!r} lacks weights: {missing[:5]}")
+    # a weight the model has no place for changes what the checkpoint computes: never drop it
+    unused = sorted(k for k in state.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ValueError(f"checkpoint {checkpoint!r} has weights this model does not use: {unused[:5]} "
+                         "(an o_proj bias or MLP biases, as HF Llama's attention_bias / mlp_bias add, "
+                         "are not supported)")
     wrong = [f"{k} {list(state[k].shape)} (config.json gives {list(params[k].shape)})"
              for k in sorted(expected) if state[k].shape != params[k].shape]
     if wrong:
