@@ -146,3 +146,18 @@ def test_config_errors_name_the_parameter():
     with pytest.raises(ValueError, match="'max_num_seqs' = 'many': expected int"):
         EngineConfig.from_parameters({"max_num_seqs": "many"})
     assert EngineConfig.from_parameters({"enable_prefix_caching": "false"}).enable_prefix_caching is False
+
+
+def test_stats_count_the_blocks_preemption_released(tiny):
+    """A pool of 4 blocks of 4 tokens, no prefix cache, two 7-token prompts that each grow to
+    16 tokens (4 blocks): once both prompts hold their 2 blocks, the one whose turn started
+    last is preempted once, holding 2 blocks, and recomputed after the other ends."""
+    path, hf = tiny
+    engine = make_engine(path, num_blocks=4, enable_prefix_caching=False)
+    cs = [Collector(), Collector()]
+    for i in range(2):
+        engine.submit(i, [1] + [10 + 7 * i + j for j in range(6)], greedy(9), cs[i], start=True, end=True)
+    engine.run_until_idle()
+    stats = engine.stats()
+    assert (stats["preemptions"], stats["preempted_blocks"]) == (1, 2)
+    assert [len(c.token_ids) for c in cs] == [9, 9] and stats["used"] == 0

@@ -59,3 +59,27 @@ def test_mass_from_the_decode_kernels_stored_scores(window, sinks, num_splits, k
     from_scores = attention_mass_triton(*args, k_scale=c.k_scale, logits=logits)
     from_k = attention_mass_triton(*args, k_scale=c.k_scale)
     torch.testing.assert_close(from_scores, from_k, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("page", [16, 4])
+@pytest.mark.parametrize("from_scores", [True, False])
+def test_mass_added_per_block_into_the_engines_buffer(page, from_scores):
+    """``block_mass=``: the kernel adds each table block's mass (the reference summed over the
+    block's keys) into the caller's buffer, whatever it held; blocks past a sequence keep
+    their value (tiles past seq_len exit at once)."""
+    lens = [1, 50, 77] if INTERPRET else [1, 50, 777, 4096]
+    c = make_case(lens, [1] * len(lens), 8, 2, 64, page=page)
+    width = c.block_tables.shape[1]
+    logits = torch.empty(len(lens), 8, width * page, device=c.q.device) if from_scores else None
+    out, lse = decode_attention_triton(*c.args(), return_lse=True, logits=logits)
+    before = torch.rand(len(lens), width + 2, device=c.q.device)  # wider than the table, as the engine's
+    buf = before.clone()
+    got = attention_mass_triton(c.q, c.k_cache, c.block_tables, c.seq_lens, c.query_start_loc, c.scale, lse,
+                                logits=logits, block_mass=buf)
+    assert got is buf
+    ref = attention_mass_reference(c.q, c.k_cache, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
+    want = before.clone()
+    want[:, :width] += ref.view(len(lens), width, page).sum(-1)
+    torch.testing.assert_close(buf, want, atol=2e-3, rtol=2e-2)
+    for i, n in enumerate(lens):  # untouched past each sequence's last block
+        assert torch.equal(buf[i, -(-n // page):], before[i, -(-n // page):])

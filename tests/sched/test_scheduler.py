@@ -253,6 +253,7 @@ def test_idle_conversations_are_preempted_first_least_recently_active():
     r = running("r", prompt(500, 20), admitted_at=4)
     assert step(sched, [d, r], [i1, i2, i3]) == [("d", 0, 3, True), ("r", 0, 20, True)]
     assert sched.num_preemptions == 1
+    assert kv.preempted_blocks == 2  # i2's two blocks (Engine.stats()["preempted_blocks"])
     assert "i2" not in kv and "i1" in kv
     assert (i1.num_computed, i2.num_computed) == (8, 0)
     # i2's tokens stay; only its KV went (its full blocks were cached, then reused)

@@ -60,6 +60,7 @@ class EvictionHistory:
     """What a preempted h2o sequence needs to evict the same blocks when it is recomputed."""
 
     evicted_at: dict[int, int] = field(default_factory=dict)  # original block -> query position
+    last: int = -1  # the latest position in evicted_at (kept here: every decode step asks)
     mass: dict[int, float] = field(default_factory=dict)  # original block -> mass
 
 
@@ -94,6 +95,7 @@ class KVCacheManager:
         self._history: dict[Hashable, EvictionHistory] = {}
         self._ops: list[KVOp] = []
         self.evicted_blocks = {"window": 0, "streaming": 0, "h2o": 0}
+        self.preempted_blocks = 0  # pool blocks held by sequences when they were preempted
 
     def __contains__(self, seq_id) -> bool:
         return seq_id in self._seqs
@@ -247,7 +249,7 @@ class KVCacheManager:
 
     def _victims(self, seq_id, seq: SequenceBlocks, position: int) -> list[int]:
         past = self._history.get(seq_id)
-        if past and past.evicted_at and position <= max(past.evicted_at.values()):
+        if past and position <= past.last:
             # a recompute after preemption: the decisions taken then, at the same positions
             return [i for i, o in enumerate(seq.origins) if past.evicted_at.get(o, 1 << 62) <= position]
         return self.policy.victims(seq.origins, position, seq.mass)
@@ -258,6 +260,7 @@ class KVCacheManager:
             past = self._history.setdefault(seq_id, EvictionHistory())
             for i in victims:
                 past.evicted_at.setdefault(seq.origins[i], position)
+            past.last = max(past.last, position)
         released = [seq.blocks[i] for i in victims] + [seq.sources[i] for i in victims if seq.sources[i] >= 0]
         keep = [i for i in range(len(seq.blocks)) if i not in gone]
         seq.blocks = [seq.blocks[i] for i in keep]
@@ -325,6 +328,8 @@ class KVCacheManager:
         if seq is not None and self.policy.mode == "h2o":
             past = self._history.setdefault(seq_id, EvictionHistory())
             past.mass.update(zip(seq.origins, seq.mass.tolist()))
+        if seq is not None:  # released, not necessarily freed (shared prefix blocks stay cached)
+            self.preempted_blocks += self.held_blocks(seq_id)
         self._drop_all(seq_id)
 
     def release(self, seq_id) -> None:

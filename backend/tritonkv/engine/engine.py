@@ -527,6 +527,7 @@ class Engine:
         counts = self.pool.counts()
         counts["live_sequences"] = len(self._seqs)
         counts["preemptions"] = self.scheduler.num_preemptions
+        counts["preempted_blocks"] = self.kv.preempted_blocks  # KV blocks preemption released
         for mode, n in self.kv.evicted_blocks.items():  # blocks returned by each eviction policy
             counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens

@@ -7,6 +7,16 @@ One program per (sequence, tile of BLOCK_N keys) recomputes the scores of its ke
 query head (one extra K pass) and normalises them with the final log-sum-exp that
 ``decode_attention_triton(..., return_lse=True)`` returns; or, when the decode kernel stored
 its scores (``logits=``), reads those (4 bytes per key and query head instead of K).
+
+Rules:
+- a tile wholly at or past its sequence's length exits at once (the output was zeroed, or
+  holds the caller's sums): the grid spans the block table's width (frozen in a CUDA graph),
+  the work only the keys a sequence has;
+- ``block_mass=`` (the engine's H2O path): the per-key mass is not materialised; each tile sums
+  its keys per cache block (BLOCK_N is a multiple of the page) and adds them into
+  ``block_mass[seq, table block]`` (read-modify-write: each (seq, block) belongs to one
+  program, and launches on one stream are ordered, so layers add up without atomics and
+  deterministically). One launch per layer instead of four (zero, mass, sum per block, add).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ def _attention_mass_kernel(
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
     logits_ptr, stride_lt, stride_lh, FROM_LOGITS: tl.constexpr,
+    ADD_BLOCKS: tl.constexpr = False,
 ):
     """mass[seq, p] = sum over query heads of softmax prob of key p (0 where p >= seq_len or
     invisible). Recomputes the scores against the final log-sum-exp (one extra K pass), or
@@ -40,6 +51,8 @@ def _attention_mass_kernel(
         return
     t64 = t.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
+    if tile * BLOCK_N >= seq_len:  # no key here: nothing to add (rule in the module docstring)
+        return
     offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs < seq_len
     vis = nmask
@@ -75,25 +88,42 @@ def _attention_mass_kernel(
         p = tl.exp2(s - lse[:, None])
         p = tl.where(gmask[:, None] & vis[None, :], p, 0.0)
         total += tl.sum(p, axis=0)
-    tl.store(mass_ptr + seq * stride_mass + offs, total, mask=offs < max_len)
+    if ADD_BLOCKS:  # mass_ptr: block_mass [seqs, table blocks]; += this tile's blocks
+        per_block = tl.sum(tl.reshape(total, [BLOCK_N // PAGE, PAGE]), axis=1)
+        bidx = tile * (BLOCK_N // PAGE) + tl.arange(0, BLOCK_N // PAGE)
+        bmask = bidx * PAGE < seq_len
+        ptrs = mass_ptr + seq * stride_mass + bidx
+        tl.store(ptrs, tl.load(ptrs, mask=bmask, other=0.0) + per_block, mask=bmask)
+    else:
+        tl.store(mass_ptr + seq * stride_mass + offs, total, mask=offs < max_len)
 
 
 def attention_mass_triton(
     q, k_cache, block_tables, seq_lens, query_start_loc, scale, lse,
     sliding_window=None, num_sink_tokens=0, *, k_scale=None, max_len=None, block_n=64,
-    logits=None,
+    logits=None, block_mass=None,
 ):
     """Per-key attention probability summed over query heads, ``[num_seqs, max_len]`` float32
     (``max_len`` defaults to the block-table width in tokens). Needs ``lse`` from
     ``decode_attention_triton(..., return_lse=True)``; with ``logits`` (the scores that call
-    stored, ``decode_attention_triton(..., logits=)``) K is not read again."""
+    stored, ``decode_attention_triton(..., logits=)``) K is not read again.
+
+    ``block_mass`` (float32 ``[num_seqs, >= table blocks]``, last dim contiguous): add each
+    table block's mass into it instead (``block_mass[s, b] += mass[s, b*page:(b+1)*page].sum()``)
+    and return it; needs a power-of-two page."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     if max_len is None:
         max_len = block_tables.shape[1] * page
-    mass = torch.zeros(num_seqs, max_len, dtype=torch.float32, device=q.device)
+    if block_mass is not None:
+        if page & (page - 1) or block_mass.stride(1) != 1:
+            raise ValueError("block_mass needs a power-of-two page and a contiguous last dimension")
+        block_n = max(block_n, page)  # whole pages per tile
+        mass = block_mass
+    else:
+        mass = torch.zeros(num_seqs, max_len, dtype=torch.float32, device=q.device)
     if num_seqs == 0 or max_len == 0:
         return mass
     quant = is_quantized(k_cache.dtype)
@@ -113,6 +143,6 @@ def attention_mass_triton(
         logits_ptr=logits if logits is not None else lse,
         stride_lt=logits.stride(0) if logits is not None else 0,
         stride_lh=logits.stride(1) if logits is not None else 0, FROM_LOGITS=logits is not None,
-        num_warps=4,
+        ADD_BLOCKS=block_mass is not None, num_warps=4,
     )
     return mass

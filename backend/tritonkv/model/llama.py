@@ -87,16 +87,14 @@ class Attention(nn.Module):
         k = qkv[:, h * d: (h + kvh) * d].view(n, kvh, d)
         v = qkv[:, (h + kvh) * d:].view(n, kvh, d)
         dispatch.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, **scales)
-        kernel_mass = batch.block_mass is not None and batch.max_query_len <= 1  # decode: a side output
+        decode_mass = batch.block_mass is not None and batch.max_query_len <= 1
+        # h2o decode: the attention adds each row's per-block mass into block_mass itself
         out = dispatch.paged_attention(
             q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
             self.scale, sliding_window=self.sliding_window, max_query_len=batch.max_query_len,
-            max_seq_len=batch.max_seq_len, return_attention_mass=kernel_mass, **scales,
+            max_seq_len=batch.max_seq_len, block_mass=batch.block_mass if decode_mass else None, **scales,
         )
-        if kernel_mass:
-            out, mass = out
-            self._add_block_mass(batch, mass, k_cache.shape[1])
-        elif batch.block_mass is not None:
+        if batch.block_mass is not None and not decode_mass:
             self._add_block_mass(batch, dispatch.last_query_mass(q, k_cache, batch, self.scale), k_cache.shape[1])
         return self.o_proj(out.reshape(n, h * d))
 

@@ -87,6 +87,7 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     return_attention_mass: bool = False,
+    block_mass: torch.Tensor | None = None,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     impl: str | None = None,
@@ -107,6 +108,10 @@ def paged_attention(
       query heads (0 past ``seq_lens``/outside the window), for H2O heavy-hitter eviction.
       Returns ``(out, mass)`` then. The 'cpu' path takes it from the attention's own
       probabilities.
+    - ``block_mass``: decode only (the engine's H2O path); float32 ``[num_seqs, >= table
+      blocks]``: each sequence's mass summed per table block is *added* into it, and only
+      ``out`` is returned. On CUDA (power-of-two page) the mass kernel adds it directly: no
+      per-key mass tensor, one launch per layer (kernels/attention_mass.py).
     - ``max_seq_len``: host int bound on ``seq_lens`` (sizes decode's split-KV); default the
       block table's width.
     - ``out``: preallocated output; ``impl``: None (auto) / 'triton' / 'cpu' (the batched
@@ -116,6 +121,15 @@ def paged_attention(
     quant = is_quantized(k_cache.dtype)
     if quant and (k_scale is None or v_scale is None):
         raise ValueError("a quantised KV cache needs k_scale and v_scale")
+    page = k_cache.shape[1]
+    if block_mass is not None and (not _use_kernel(q, impl) or page & (page - 1)):
+        res, mass = paged_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+            num_sink_tokens, max_query_len, k_scale=k_scale, v_scale=v_scale, return_attention_mass=True,
+            max_seq_len=max_seq_len, out=out, impl=impl)
+        per_block = mass.view(mass.shape[0], -1, page).sum(-1)
+        block_mass[:, :per_block.shape[1]] += per_block
+        return res
     if not _use_kernel(q, impl):
         if quant:
             res = paged_attention_quant_reference(
@@ -156,7 +170,7 @@ def paged_attention(
         from tritonkv.kernels.attention_mass import attention_mass_triton
         from tritonkv.kernels.decode_attention import decode_attention_triton
 
-        if not return_attention_mass:
+        if not return_attention_mass and block_mass is None:
             return decode_attention_triton(
                 q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                 sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale, out=out,
@@ -170,10 +184,10 @@ def paged_attention(
             max_seq_len=max_seq_len, return_lse=True, logits=logits)
         mass = attention_mass_triton(
             q, k_cache, block_tables, seq_lens, query_start_loc, scale, lse, sliding_window,
-            num_sink_tokens, k_scale=k_scale, logits=logits)
-        return res, mass
+            num_sink_tokens, k_scale=k_scale, logits=logits, block_mass=block_mass)
+        return res if block_mass is not None else (res, mass)
 
-    if return_attention_mass:
+    if return_attention_mass or block_mass is not None:
         raise NotImplementedError("return_attention_mass is for decode batches only")
     from tritonkv.kernels.extend_attention import extend_attention_triton
 
