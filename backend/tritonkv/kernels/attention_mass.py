@@ -6,7 +6,8 @@ Reference: ``tritonkv.ops.attention_mass.attention_mass_reference``.
 One program per (sequence, tile of BLOCK_N keys) recomputes the scores of its keys for every
 query head (one extra K pass) and normalises them with the final log-sum-exp that
 ``decode_attention_triton(..., return_lse=True)`` returns; or, when the decode kernel stored
-its scores (``logits=``), reads those (4 bytes per key and query head instead of K).
+its scores (``logits=``), reads those (4 bytes per key and query head instead of K), every
+query head in one load (the program is latency-bound: one round trip, not one per KV head).
 
 Rules:
 - a tile wholly at or past its sequence's length exits at once (the output was zeroed, or
@@ -40,7 +41,7 @@ def _attention_mass_kernel(
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr, COMPUTE: tl.constexpr,
     logits_ptr, stride_lt, stride_lh, FROM_LOGITS: tl.constexpr,
-    ADD_BLOCKS: tl.constexpr = False,
+    ADD_BLOCKS: tl.constexpr = False, BLOCK_H: tl.constexpr = 16,
 ):
     """mass[seq, p] = sum over query heads of softmax prob of key p (0 where p >= seq_len or
     invisible). Recomputes the scores against the final log-sum-exp (one extra K pass), or
@@ -64,13 +65,19 @@ def _attention_mass_kernel(
     gmask = g < GROUP
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    total = tl.zeros([BLOCK_N], tl.float32)
-    for kvh in range(0, num_kv_heads):
-        heads = kvh * GROUP + g
-        if FROM_LOGITS:
-            s = tl.load(logits_ptr + t64 * stride_lt + heads[:, None] * stride_lh + offs[None, :],
-                        mask=gmask[:, None] & vis[None, :], other=float("-inf"))
-        else:
+    if FROM_LOGITS:  # every query head in one [BLOCK_H, BLOCK_N] load: no loop of dependent
+        # latencies (the program is latency-bound: a few KB of scores)
+        hh = tl.arange(0, BLOCK_H)
+        hmask = hh < num_heads
+        s = tl.load(logits_ptr + t64 * stride_lt + hh[:, None] * stride_lh + offs[None, :],
+                    mask=hmask[:, None] & vis[None, :], other=float("-inf"))
+        lse = tl.load(lse_ptr + t64 * num_heads + hh, mask=hmask, other=0.0)
+        p = tl.where(hmask[:, None] & vis[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        total = tl.sum(p, axis=0)
+    else:
+        total = tl.zeros([BLOCK_N], tl.float32)
+        for kvh in range(0, num_kv_heads):
+            heads = kvh * GROUP + g
             q = tl.load(q_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
                         mask=gmask[:, None] & dmask[None, :], other=0.0)
             if KV_QUANT:
@@ -84,10 +91,10 @@ def _attention_mass_kernel(
                 s = mma(q, tl.trans(k), DOT_F32) * (ksc * sm_scale2)[None, :]
             else:
                 s = mma(q, tl.trans(k), DOT_F32) * sm_scale2
-        lse = tl.load(lse_ptr + t64 * num_heads + heads, mask=gmask, other=0.0)
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(gmask[:, None] & vis[None, :], p, 0.0)
-        total += tl.sum(p, axis=0)
+            lse = tl.load(lse_ptr + t64 * num_heads + heads, mask=gmask, other=0.0)
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(gmask[:, None] & vis[None, :], p, 0.0)
+            total += tl.sum(p, axis=0)
     if ADD_BLOCKS:  # mass_ptr: block_mass [seqs, table blocks]; += this tile's blocks
         per_block = tl.sum(tl.reshape(total, [BLOCK_N // PAGE, PAGE]), axis=1)
         bidx = tile * (BLOCK_N // PAGE) + tl.arange(0, BLOCK_N // PAGE)
@@ -143,6 +150,6 @@ def attention_mass_triton(
         logits_ptr=logits if logits is not None else lse,
         stride_lt=logits.stride(0) if logits is not None else 0,
         stride_lh=logits.stride(1) if logits is not None else 0, FROM_LOGITS=logits is not None,
-        ADD_BLOCKS=block_mass is not None, num_warps=4,
+        ADD_BLOCKS=block_mass is not None, BLOCK_H=max(16, triton.next_power_of_2(num_heads)), num_warps=4,
     )
     return mass
