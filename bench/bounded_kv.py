@@ -13,6 +13,14 @@ CPU (a small random Llama / Mistral written here; results in bench/results/bound
     OMP_NUM_THREADS=1 python bench/bounded_kv.py
 GPU (Llama-3-8B shape, random bf16 weights; the window model is the same weights as Mistral):
     python bench/bounded_kv.py --device cuda --shape llama3-8b --out bench/results/bounded_kv_h200.md
+Only some policies, no blocks-held stream (the quick check of one policy's decode cost):
+    python bench/bounded_kv.py --device cuda --shape llama3-8b --policies none,h2o --stream 0 --repeats 1
+
+Rules: ``none`` is measured at each policy's *mean* kept context over the timed decode (sinks
++ heavy hitters + the recent window, which grows by up to ``kv_window_stride`` tokens between
+evictions), computed from the policy itself (``mean_context``). The decode steps' host/GPU
+split (engine/step_times.py, last repeat) is printed per entry: with overlap, ``wait`` is
+the host blocked on the GPU (GPU-bound while > 0), the host phases run under the GPU's step.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 
+from tritonkv.cache.eviction import policy_for  # noqa: E402
 from tritonkv.config import EngineConfig  # noqa: E402
 from tritonkv.engine.factory import build_engine  # noqa: E402
 from tritonkv.engine.requests import SamplingParams  # noqa: E402
@@ -110,7 +119,8 @@ def blocks_held_curve(engine, args, vocab: int) -> list[int]:
 
 def timed_decode(engine, prompts: list[list[int]], max_tokens: int) -> float:
     """Decode tok/s of one batch: the steps after every sequence has its first token (the
-    prefill, and steps mixing it with decode, are left out)."""
+    prefill, and steps mixing it with decode, are left out). ``engine.step_times`` then holds
+    those steps only."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     outs = [[] for _ in prompts]
     for i, p in enumerate(prompts):
@@ -121,6 +131,7 @@ def timed_decode(engine, prompts: list[list[int]], max_tokens: int) -> float:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     before = sum(len(o.token_ids) for out in outs for o in out)
+    engine.step_times.reset()
     t0, c0 = time.perf_counter(), time.process_time()
     engine.run_until_idle()
     if engine.device.type == "cuda":
@@ -133,32 +144,53 @@ def timed_decode(engine, prompts: list[list[int]], max_tokens: int) -> float:
 
 
 def kept_context(policy: str, args) -> int:
-    """Tokens a full kept cache holds (about): window (+ sinks block, + heavy hitters)."""
+    """Tokens a full kept cache holds at least: window (+ sinks block, + heavy hitters)."""
     kept = args.window + (args.block_size if policy != "window" else 0)
     return kept + (args.heavy if policy == "h2o" else 0)
 
 
+def policy_prompt(policy: str, args) -> int:
+    """A prompt past the policy's window: blocks are returned all through the decode."""
+    return 2 * kept_context(policy, args) + args.block_size
+
+
+def mean_context(policy: str, args) -> int:
+    """Mean keys a decode query of ``policy`` attends over the timed decode: the window model
+    its window; streaming / h2o the kept cache (sinks, heavy hitters, and the recent window
+    from ``window_start``, which moves ``kv_window_stride`` tokens at a time)."""
+    if policy == "window":
+        return args.window
+    pol = policy_for(policy, args.block_size, model_window=None, kv_window=args.window,
+                     attention_sinks=args.sinks, heavy_hitter_tokens=args.heavy, kv_window_stride=args.stride)
+    fixed = (pol.sink_blocks + pol.heavy_blocks) * args.block_size
+    start = policy_prompt(policy, args)
+    lens = [fixed + p + 1 - pol.window_start(p) * args.block_size
+            for p in range(start, start + args.decode_tokens)]
+    return round(sum(lens) / len(lens))
+
+
 def speed_plan(args) -> list[tuple[str, int, object]]:
     """(policy, prompt tokens, result key) of every decode-speed run. A policy's prompt is past
-    its window (blocks are returned all through the decode); ``none`` runs at each policy's mean
-    context (``kept - n / 2`` .. ``kept + n / 2``)."""
+    its window; ``none`` runs at each policy's mean context (``mean - n / 2`` .. ``mean + n / 2``)."""
     n = args.decode_tokens
-    none_at = sorted({kept_context(p, args) for p in POLICIES[1:]})
+    none_at = sorted({mean_context(p, args) for p in args.policies if p != "none"})
     plan = [("none", max(k - n // 2, 8), ("none", k)) for k in none_at]
-    return plan + [(p, 2 * kept_context(p, args) + args.block_size, p) for p in POLICIES[1:]]
+    return plan + [(p, policy_prompt(p, args), p) for p in args.policies if p != "none"]
 
 
 def measure(engines: dict, plan, args, vocab: int) -> dict:
     """Median decode tok/s per plan entry; repeats go round-robin over the entries, so that a
     slow spell of a shared machine hits every entry alike."""
     samples = {key: [] for _, _, key in plan}
+    breakdown = {}
     prompts = {key: [prompt(length, 100 + i, vocab) for i in range(args.concurrency)] for _, length, key in plan}
     for p, _, key in plan:
         timed_decode(engines[p], prompts[key][:2], 4)  # warm-up (kernels, allocator)
     for _ in range(args.repeats):
         for p, _, key in plan:
             samples[key].append(timed_decode(engines[p], prompts[key], args.decode_tokens))
-    return {key: statistics.median(v) for key, v in samples.items()}
+            breakdown[key] = engines[p].step_times.summary()
+    return {key: statistics.median(v) for key, v in samples.items()}, breakdown
 
 
 def evicted(engine) -> int:
@@ -170,13 +202,15 @@ def run_all(paths: dict, args, vocab: int) -> tuple[dict, dict, dict]:
     """Blocks-held curves, decode speeds and blocks returned, per policy. CPU: every engine
     at once (measurements interleaved); CUDA: one engine (weights + pool) at a time."""
     plan = speed_plan(args)
-    curves, speeds, returned = {}, {}, {}
-    groups = [POLICIES] if args.device == "cpu" else [(p,) for p in POLICIES]
+    curves, speeds, returned, breakdown = {}, {}, {}, {}
+    groups = [tuple(args.policies)] if args.device == "cpu" else [(p,) for p in args.policies]
     for group in groups:
         engines = {p: engine_for(p, paths, args, kv_cache_memory_mb=args.kv_mb) for p in group}
         for p, engine in engines.items():
-            curves[p] = blocks_held_curve(engine, args, vocab)
-        speeds.update(measure(engines, [e for e in plan if e[0] in group], args, vocab))
+            curves[p] = blocks_held_curve(engine, args, vocab) if args.stream else []
+        got, steps = measure(engines, [e for e in plan if e[0] in group], args, vocab)
+        speeds.update(got)
+        breakdown.update(steps)
         for p, engine in engines.items():
             returned[p] = evicted(engine)
             engine.close()
@@ -184,7 +218,7 @@ def run_all(paths: dict, args, vocab: int) -> tuple[dict, dict, dict]:
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()  # the next policy's engine loads its own weights and pool
-    return curves, speeds, returned
+    return curves, speeds, returned, breakdown
 
 
 def plot(curves: dict, path: str, block_size: int) -> None:
@@ -216,7 +250,9 @@ def main() -> None:
     ap.add_argument("--heavy", type=int, default=None, help="h2o heavy_hitter_tokens")
     ap.add_argument("--stride", type=int, default=None, help="kv_window_stride (default: window / 8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt of the long stream")
-    ap.add_argument("--stream", type=int, default=None, help="tokens of the long stream")
+    ap.add_argument("--stream", type=int, default=None, help="tokens of the long stream (0: no stream, no plot)")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="comma-separated subset of none,window,streaming,h2o (none is always run: the baseline)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--decode-tokens", type=int, default=None)
     ap.add_argument("--batch-tokens", type=int, default=2048, help="max_num_batched_tokens")
@@ -229,7 +265,11 @@ def main() -> None:
     args.window = args.window or (2048 if gpu else 256)
     args.heavy = args.heavy or args.window // 4
     args.stride = args.window // 8 if args.stride is None else args.stride
-    args.stream = args.stream or (4096 if gpu else 2048)
+    args.stream = (4096 if gpu else 2048) if args.stream is None else args.stream
+    chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if any(p not in POLICIES for p in chosen):
+        ap.error(f"--policies: choose from {', '.join(POLICIES)}")
+    args.policies = [p for p in POLICIES if p in chosen or p == "none"]
     args.decode_tokens = args.decode_tokens or (256 if gpu else 64)
     args.kv_mb = args.kv_mb or (40_000 if gpu else 512)
     if args.shape == "small":
@@ -243,9 +283,10 @@ def main() -> None:
         _window_twin(llama, paths["mistral"], args.window)
         vocab = SHAPES[args.shape]["vocab_size"]
 
-    curves, speeds, returned = run_all(paths, args, vocab)
+    curves, speeds, returned, breakdown = run_all(paths, args, vocab)
     png = os.path.splitext(args.out)[0] + ".png"
-    plot(curves, png, args.block_size)
+    if args.stream:
+        plot(curves, png, args.block_size)
 
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores, shared)"
     marks = [1, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -258,15 +299,18 @@ def main() -> None:
         f"Window {args.window} tokens (the window model's `sliding_window` and `kv_window`), "
         f"{args.sinks} attention sinks, h2o heavy hitters {args.heavy} tokens, `kv_window_stride` "
         f"{args.stride}, block {args.block_size} tokens.",
-        "",
-        f"## Blocks held by one stream ({args.prompt}-token prompt, greedy), plot: "
-        f"[{os.path.basename(png)}]({os.path.basename(png)})",
-        "",
-        "| tokens generated | " + " | ".join(POLICIES) + " |",
-        "|---|" + "---|" * len(POLICIES),
     ]
-    for m in marks:
-        lines.append(f"| {m} | " + " | ".join(str(curves[p][m - 1]) for p in POLICIES) + " |")
+    if args.stream:
+        lines += [
+            "",
+            f"## Blocks held by one stream ({args.prompt}-token prompt, greedy), plot: "
+            f"[{os.path.basename(png)}]({os.path.basename(png)})",
+            "",
+            "| tokens generated | " + " | ".join(args.policies) + " |",
+            "|---|" + "---|" * len(args.policies),
+        ]
+        for m in marks:
+            lines.append(f"| {m} | " + " | ".join(str(curves[p][m - 1]) for p in args.policies) + " |")
     lines += [
         "",
         f"## Decode speed, {args.concurrency} concurrent sequences, {args.decode_tokens} new tokens each "
@@ -285,12 +329,21 @@ def main() -> None:
             k = key[1]
             lines.append(f"| none | {length} | {length}..{length + args.decode_tokens} | {speeds[key]:,.0f} | | |")
             continue
-        k = kept_context(p, args)
+        k = mean_context(p, args)
         base = speeds[("none", k)]
-        lines.append(f"| {p} | {length} | ~{k} | {speeds[p]:,.0f} | {base:,.0f} | "
+        lines.append(f"| {p} | {length} | ~{k} (mean) | {speeds[p]:,.0f} | {base:,.0f} | "
                      f"{(1 - speeds[p] / base) * 100:+.1f}% |")
     lines += ["", "Blocks returned to the pool over the whole run (stream + speed runs): " +
-              ", ".join(f"{p} {returned[p]:,}" for p in POLICIES) + "."]
+              ", ".join(f"{p} {returned[p]:,}" for p in args.policies) + "."]
+    lines += ["", "Decode steps of the last repeat (engine/step_times.py), ms per step: host phases "
+              "(schedule, prepare, forward launch, sample launch, emit) and wait (host blocked on "
+              "the GPU; > 0: GPU-bound). Kinds: decode_graph (replayed), decode_eager, prefill_or_mixed.",
+              "", "| entry | kind | steps | host ms | wait ms | total ms |", "|---|---|---|---|---|---|"]
+    for p, length, key in speed_plan(args):
+        name = f"none @ {key[1]}" if p == "none" else p
+        for kind, v in sorted(breakdown.get(key, {}).items()):
+            host = v["total_ms"] - v["wait_ms"]
+            lines.append(f"| {name} | {kind} | {v['steps']} | {host:.2f} | {v['wait_ms']:.2f} | {v['total_ms']:.2f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
