@@ -2,6 +2,7 @@
 them at the summed position; block copies cover every layer, K and V; the batched
 last-query attention mass equals the reference oracle."""
 
+import pytest
 import torch
 
 from tritonkv.cache.allocate import allocate_kv_caches
@@ -9,7 +10,7 @@ from tritonkv.model.model_config import ModelConfig
 from tritonkv.model.rope import inverse_frequencies
 from tritonkv.ops.attention_mass import attention_mass_reference, last_query_mass
 from tritonkv.ops.fused_ops import rotary_cos_sin, rotary_qk_reference
-from tritonkv.ops.kv_relocate import all_layers, rotate_keys, turn_blocks
+from tritonkv.ops.kv_relocate import all_layers, rotate_keys, turn_blocks, turn_blocks_batched
 
 CFG = ModelConfig("LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
@@ -65,6 +66,29 @@ def test_turn_blocks_turns_keys_and_copies_values_of_every_layer():
             # a key rotated at a turned by 9 = the key rotated at a + 9 (here: a = 0, unrotated)
             torch.testing.assert_close(k[dst], rotated_at(k0[src], 9, cs), atol=2e-5, rtol=1e-5)
         assert torch.equal(k[1], k0[1]) and torch.equal(k[2], k0[2])  # sources unchanged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_turns_equal_one_call_per_delta_bit_for_bit(dtype):
+    """One call for blocks with their own deltas (positive, negative, zero, the table's
+    last) gives the same bits as one ``turn_blocks`` call per delta; other blocks untouched."""
+    torch.manual_seed(3)
+    cs = table()
+    ops = [([1, 2], [7, 8], 9), ([3], [9], -40), ([4], [10], 0), ([5], [11], cs.shape[0] - 1)]
+    one, many = (allocate_kv_caches(CFG, 12, 4, dtype, "cpu") for _ in range(2))
+    for (k, v), (k2, v2) in zip(one, many):
+        k.copy_(torch.randn_like(k))
+        v.copy_(torch.randn_like(v))
+        k2.copy_(k)
+        v2.copy_(v)
+    for src, dst, delta in ops:
+        turn_blocks(one, src, dst, delta, cs)
+    turn_blocks_batched(many, [b for o in ops for b in o[0]], [b for o in ops for b in o[1]],
+                        [o[2] for o in ops for _ in o[0]], cs)
+    for (k, v), (k2, v2) in zip(one, many):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    with pytest.raises(ValueError, match="rotary table"):
+        turn_blocks_batched(many, [1], [7], [cs.shape[0]], cs)
 
 
 def test_turning_in_bfloat16_rounds_once_per_turn_from_the_source():

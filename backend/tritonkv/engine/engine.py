@@ -30,7 +30,7 @@ from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
-from tritonkv.ops.kv_relocate import rotate_keys, turn_blocks
+from tritonkv.ops.kv_relocate import rotate_keys, turn_blocks, turn_blocks_batched
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -384,6 +384,16 @@ class Engine:
         if not ops:
             return
         cos_sin = self.model.rotary_table(self.device)
+        # every turned copy of the step in one call (ops/kv_relocate.py), when that cannot
+        # reorder anything: each copy written once and read by nothing else (copies are fresh
+        # blocks, sources are never written; an in-place rotate is a rebase of blocks that
+        # are no one's source or copy), every turn within the rotary table
+        turns = [op for op in ops if op.kind == "turn"]
+        dst = [b for op in turns for b in op.dst]
+        if len(turns) > 1 and len(set(dst)) == len(dst) and all(abs(op.delta) < cos_sin.shape[0] for op in turns):
+            turn_blocks_batched(self.kv_caches, [b for op in turns for b in op.src], dst,
+                                [op.delta for op in turns for _ in op.src], cos_sin)
+            ops = [op for op in ops if op.kind != "turn"]
         for op in ops:
             if op.kind == "turn":
                 turn_blocks(self.kv_caches, op.src, op.dst, op.delta, cos_sin)

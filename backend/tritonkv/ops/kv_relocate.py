@@ -5,8 +5,12 @@ A turn by ``delta`` applies RoPE at position ``|delta|`` (sine negated for a neg
 to keys already rotated at their own position: rotations compose, so a key rotated at ``a``
 and then by ``delta`` equals (up to one rounding: float32 math) the key rotated at
 ``a + delta``.
-Plain torch ops on whatever device the cache is on (a handful of launches per op, only on
+Plain torch ops on whatever device the cache is on (a handful of launches per call, only on
 steps that evict); 8-bit caches are not supported (their scales would need requantising).
+``turn_blocks_batched``: every turned copy of a step in one call, each block with its own
+delta (an h2o eviction turns ~25 groups of heavy hitters per sequence, each with its own
+total: one call per group was ~18 launches each, ~400 calls on a step where 16 sequences
+evict together); the same float32 math per element, so the same bits as ``turn_blocks``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,31 @@ def turn_blocks(kv_caches, src: list[int], dst: list[int], delta: int, cos_sin: 
     k = all_layers([c[0] for c in kv_caches])
     v = all_layers([c[1] for c in kv_caches])
     k[:, d] = _turned(k[:, s], delta, cos_sin)
+    v[:, d] = v[:, s]
+
+
+def turn_blocks_batched(kv_caches, src: list[int], dst: list[int], deltas: list[int],
+                        cos_sin: torch.Tensor) -> None:
+    """Blocks ``dst[i]`` = blocks ``src[i]`` with their keys turned by ``deltas[i]`` positions
+    (values copied), every block at once; each ``|deltas[i]|`` below the rotary table's length
+    (``turn_blocks`` takes the others)."""
+    dev = kv_caches[0][0].device
+    if any(abs(t) >= cos_sin.shape[0] for t in deltas):
+        raise ValueError("a turn past the rotary table: use turn_blocks")
+    s, d, dl = _index(src, dev), _index(dst, dev), _index(deltas, dev)
+    k = all_layers([c[0] for c in kv_caches])
+    v = all_layers([c[1] for c in kv_caches])
+    x = k[:, s]  # [layers, n, block_size, kv_heads, head_dim]
+    half = x.shape[-1] // 2
+    cs = cos_sin[dl.abs()].float()  # [n, head_dim]: cos | sin of each block's |delta|
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1)
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1) * torch.where(dl > 0, 1.0, -1.0)[:, None]
+    cos, sin = cos[None, :, None, None, :], sin[None, :, None, None, :]
+    out = x.float()
+    out = out * cos + torch.cat((-out[..., half:], out[..., :half]), dim=-1) * sin
+    if 0 in deltas:  # a zero turn is a plain copy (as in turn_blocks)
+        out = torch.where((dl == 0)[None, :, None, None, None], x.float(), out)
+    k[:, d] = out.to(x.dtype)
     v[:, d] = v[:, s]
 
 
