@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from tritonkv.config import EngineConfig
 from tritonkv.engine.factory import build_engine
 from tritonkv.engine.requests import SamplingParams
+from tritonkv.model.llama import AttentionBatch
 
 
 # The same tests run on a GPU (kernels instead of torch references) with TRITONKV_TEST_DEVICE=cuda.
@@ -52,3 +55,21 @@ def run_turn(engine, corr_id, prompt_ids, max_tokens, *, start, end, **kw) -> Co
     engine.submit(corr_id, prompt_ids, greedy(max_tokens), c, start=start, end=end, **kw)
     engine.run_until_idle()
     return c
+
+
+def engine_prefill_logits(engine, ids):
+    """The engine's first step over a whole prompt, run through the model directly: logits of
+    every prompt token (the sequence's blocks are released after)."""
+    engine.kv.start("probe", ids)
+    assert engine.kv.grow("probe", len(ids))
+    table, bs, dev = engine.kv.block_table("probe"), engine.pool.block_size, engine.device
+    batch = AttentionBatch(
+        positions=torch.arange(len(ids), device=dev),
+        slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(len(ids))], device=dev),
+        block_tables=torch.tensor([table], dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([len(ids)], dtype=torch.int32, device=dev),
+        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32, device=dev),
+        max_query_len=len(ids))
+    logits = engine.model.logits(engine.model(torch.tensor(ids, device=dev), batch, engine.kv_caches)).cpu()
+    engine.kv.release("probe")
+    return logits

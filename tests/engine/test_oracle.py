@@ -5,9 +5,8 @@ import random
 import pytest
 import torch
 
-from engine_helpers import TEST_DEVICE, Collector, greedy, make_engine, run_turn
+from engine_helpers import TEST_DEVICE, Collector, engine_prefill_logits, greedy, make_engine, run_turn
 from tiny_models import FAMILIES, build_tiny_checkpoint, hf_greedy
-from tritonkv.model.llama import AttentionBatch
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -25,20 +24,7 @@ def test_prefill_logits_match_hf(family):
     _, path, hf = family
     engine = make_engine(path)
     ids = prompt(23, 0)
-    engine.kv.start("x", ids)
-    assert engine.kv.grow("x", len(ids))
-    table = engine.kv.block_table("x")
-    bs = engine.pool.block_size
-    dev = engine.device
-    batch = AttentionBatch(
-        positions=torch.arange(len(ids), device=dev),
-        slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(len(ids))], device=dev),
-        block_tables=torch.tensor([table], dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor([len(ids)], dtype=torch.int32, device=dev),
-        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32, device=dev),
-        max_query_len=len(ids),
-    )
-    ours = engine.model.logits(engine.model(torch.tensor(ids, device=dev), batch, engine.kv_caches)).cpu()
+    ours = engine_prefill_logits(engine, ids)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     # fp32 everywhere on CPU; on CUDA the kernels' fp32 dots run as tf32 (~3e-4 relative)

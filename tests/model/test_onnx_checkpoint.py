@@ -7,14 +7,13 @@ import random
 import pytest
 import torch
 
-from engine_helpers import TEST_DEVICE, make_engine, run_turn
+from engine_helpers import TEST_DEVICE, engine_prefill_logits, make_engine, run_turn
 from onnx_exports import (as_merged_decoder, copy_config, export_dynamo, export_torchscript, ort_logits,
                           recast_initializers, rewrite, rounded_hf, tiny_hf_model)
 from genai_graph import build_genai_graph, genai_feeds
 from optimum_graph import build_optimum_graph, optimum_feeds
 from tiny_models import hf_greedy
 from tritonkv.model.checkpoint import load_model
-from tritonkv.model.llama import AttentionBatch
 from tritonkv.model.onnx_files import weight_files
 
 TOL = dict(atol=2e-4, rtol=1e-4) if TEST_DEVICE == "cpu" else dict(atol=2e-2, rtol=2e-2)
@@ -28,23 +27,6 @@ def prompt(n, seed):
 def plain_feeds(ids):
     """ONNX Runtime inputs of a logits-only export (onnx_export.py): ids and an all-ones mask."""
     return {"input_ids": torch.tensor([ids]).numpy(), "attention_mask": torch.ones(1, len(ids), dtype=torch.int64).numpy()}
-
-
-def engine_prefill_logits(engine, ids):
-    """The engine's first step over a whole prompt: logits of every prompt token."""
-    engine.kv.start("probe", ids)
-    assert engine.kv.grow("probe", len(ids))
-    table, bs, dev = engine.kv.block_table("probe"), engine.pool.block_size, engine.device
-    batch = AttentionBatch(
-        positions=torch.arange(len(ids), device=dev),
-        slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(len(ids))], device=dev),
-        block_tables=torch.tensor([table], dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor([len(ids)], dtype=torch.int32, device=dev),
-        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32, device=dev),
-        max_query_len=len(ids))
-    logits = engine.model.logits(engine.model(torch.tensor(ids, device=dev), batch, engine.kv_caches)).cpu()
-    engine.kv.release("probe")
-    return logits
 
 
 def assert_two_turns_match_hf(onnx_dir, hf):
