@@ -57,6 +57,17 @@ def run_turn(engine, corr_id, prompt_ids, max_tokens, *, start, end, **kw) -> Co
     return c
 
 
+def run_conversations(engine, prompts, max_tokens) -> list[Collector]:
+    """One single-turn conversation per prompt (ids 0, 1, ...), all submitted before the
+    engine runs, so they share steps; ``max_tokens``: one value, or one per prompt."""
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    collectors = [Collector() for _ in prompts]
+    for i, (p, n, c) in enumerate(zip(prompts, counts, collectors)):
+        engine.submit(i, p, greedy(n), c, start=True, end=True)
+    engine.run_until_idle()
+    return collectors
+
+
 def engine_prefill_logits(engine, ids):
     """The engine's first step over a whole prompt, run through the model directly: logits of
     every prompt token (the sequence's blocks are released after)."""

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from engine_helpers import TEST_DEVICE, Collector, engine_prefill_logits, greedy, make_engine, run_turn
+from engine_helpers import TEST_DEVICE, engine_prefill_logits, make_engine, run_conversations, run_turn
 from tiny_models import FAMILIES, build_tiny_checkpoint, hf_greedy
 
 
@@ -63,13 +63,7 @@ def test_concurrent_batch_of_different_lengths(family):
     _, path, hf = family
     engine = make_engine(path, max_num_batched_tokens=16)
     prompts = [prompt(n, 10 + n) for n in (3, 17, 6, 29, 12)]
-    collectors = []
-    for i, p in enumerate(prompts):
-        c = Collector()
-        engine.submit(i, p, greedy(12), c, start=True, end=True)
-        collectors.append(c)
-    engine.run_until_idle()
-    for p, c in zip(prompts, collectors):
+    for p, c in zip(prompts, run_conversations(engine, prompts, 12)):
         assert c.token_ids == hf_greedy(hf, p, 12)[0]
 
 
@@ -90,12 +84,7 @@ def test_preemption_under_a_small_pool_gives_same_tokens(family):
     # 4 sequences x (20 prompt + 16 out) tokens need 36 blocks; the pool has 24
     engine = make_engine(path, num_blocks=24, max_num_batched_tokens=32)
     prompts = [prompt(20, 30 + i) for i in range(4)]
-    cs = []
-    for i, p in enumerate(prompts):
-        c = Collector()
-        engine.submit(i, p, greedy(16), c, start=True, end=True)
-        cs.append(c)
-    engine.run_until_idle()
+    cs = run_conversations(engine, prompts, 16)
     if name == "mistral_window":  # its window (8) returns blocks instead: nothing to preempt
         assert engine.scheduler.num_preemptions == 0 and engine.stats()["evicted_blocks_window"] > 0
     else:

@@ -7,7 +7,7 @@ import pytest
 
 from bounded_models import (assert_hf_greedy, build_checkpoint, prompt, run_tracking_blocks,  # noqa: F401
                             single_thread)
-from engine_helpers import Collector, greedy, make_engine, run_turn
+from engine_helpers import make_engine, run_conversations, run_turn
 
 WINDOW = 24
 BS = 4
@@ -66,11 +66,7 @@ def test_multi_turn_prefix_hit_and_preemption_equal_full_recompute(mistral):
     # 4 conversations, a pool for about 2 windows each: preempted ones recompute the same tokens
     small = make_engine(path, block_size=BS, num_blocks=20, max_num_batched_tokens=32)
     prompts = [prompt(30, 10 + i) for i in range(4)]
-    cs = []
-    for i, p in enumerate(prompts):
-        cs.append(Collector())
-        small.submit(i, p, greedy(60), cs[-1], start=True, end=True)
-    small.run_until_idle()
+    cs = run_conversations(small, prompts, 60)
     assert small.scheduler.num_preemptions > 0
     for p, c in zip(prompts, cs):
         assert_hf_greedy(hf, p, c.token_ids)

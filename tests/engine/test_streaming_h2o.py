@@ -8,7 +8,7 @@ import pytest
 
 from bounded_models import build_checkpoint, prompt, run_tracking_blocks, single_thread  # noqa: F401
 from dense_policy_reference import DensePolicyReference, reference_turn
-from engine_helpers import TEST_DEVICE, Collector, greedy, make_engine, run_turn
+from engine_helpers import TEST_DEVICE, make_engine, run_conversations, run_turn
 
 BS = 4
 MAX_POS = 128  # small: angles are rebased every ~100 evicted tokens
@@ -70,11 +70,7 @@ def test_preemption_recomputes_the_same_evictions(llama, mode):
     per_seq = make_engine(path, block_size=BS, num_blocks=24, **POLICIES[mode]).policy.blocks_per_sequence(32)
     engine = make_engine(path, block_size=BS, num_blocks=per_seq + 4, max_num_batched_tokens=32, **POLICIES[mode])
     prompts = [prompt(12, 20 + i) for i in range(3)]
-    cs = []
-    for i, p in enumerate(prompts):
-        cs.append(Collector())
-        engine.submit(i, p, greedy(90), cs[-1], start=True, end=True)
-    engine.run_until_idle()
+    cs = run_conversations(engine, prompts, 90)
     assert engine.scheduler.num_preemptions > 0
     for p, c in zip(prompts, cs):
         assert c.token_ids == reference_turn(reference(hf, mode), p, 90, [], follow=c.token_ids)
@@ -105,12 +101,7 @@ def _overlap_on_cpu(engine, monkeypatch) -> list:
 
 
 def _batch(engine, prompts, max_tokens):
-    cs = []
-    for i, p in enumerate(prompts):
-        cs.append(Collector())
-        engine.submit(i, p, greedy(max_tokens + 7 * i), cs[-1], start=True, end=True)
-    engine.run_until_idle()
-    return [c.token_ids for c in cs]
+    return [c.token_ids for c in run_conversations(engine, prompts, [max_tokens + 7 * i for i in range(len(prompts))])]
 
 
 @pytest.mark.parametrize("mode", sorted(POLICIES))
