@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
+
+from tritonkv.server.launcher import http_ok
 
 
 class FrontendProcess:
@@ -58,11 +59,7 @@ class FrontendProcess:
         self._watchdog.start()
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"http://{self.host}:{self.port}/health")
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

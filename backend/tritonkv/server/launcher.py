@@ -350,6 +350,15 @@ def failure_reason(log: str) -> str | None:
     return None
 
 
+def http_ok(url: str, timeout_s: float = 2) -> bool:
+    """Whether ``url`` answers 200 (a readiness probe: no answer is not ready)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -426,11 +435,7 @@ class Server:
                 os.chmod(os.path.join(REGION_DIR, name), 0o600)
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"http://{self.http_url}/v2/health/ready")
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
