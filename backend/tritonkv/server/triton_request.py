@@ -26,7 +26,6 @@ before any work: ``input_ids`` longer than ``max_model_len`` before converting t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -107,13 +106,7 @@ def _parameters(request) -> dict:
         raise BadRequest(f"the request parameters could not be read ({type(exc).__name__}: {exc})") from None
     if not raw:
         return {}
-    try:
-        params = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"the request parameters are not valid JSON: {exc}") from None
-    if not isinstance(params, dict):
-        raise BadRequest(f"the request parameters must be a JSON object, got {type(params).__name__}")
-    return params
+    return vllm.json_object(raw, "the request parameters", BadRequest)
 
 
 def _check_parameter_names(params: dict, where: str = "request parameter", known=KNOWN_PARAMETERS) -> None:

@@ -45,15 +45,22 @@ def vllm_finish_reason(reason: str | None) -> str:
     return NOT_FINISHED if reason is None else VLLM_FINISH_REASONS.get(reason, reason)
 
 
+def json_object(text: str, what: str, error) -> dict:
+    """``text`` as a JSON object; anything else raises ``error`` (the exception class for a
+    client mistake) naming ``what`` was sent."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise error(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise error(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def sampling_parameters_object(text: str, error) -> dict:
     """The JSON object held by a ``sampling_parameters`` tensor (``error``: the exception
     class raised for a client mistake)."""
-    try:
-        params = json.loads(text)
-    except ValueError as exc:
-        raise error(f"input 'sampling_parameters' is not valid JSON: {exc}") from None
-    if not isinstance(params, dict):
-        raise error(f"input 'sampling_parameters' must be a JSON object, got {type(params).__name__}")
+    params = json_object(text, "input 'sampling_parameters'", error)
     for name in params:
         if name in NOT_SAMPLING:
             raise error(f"input 'sampling_parameters' holds {name!r}, which is not a vLLM sampling "
