@@ -23,9 +23,9 @@ from tritonkv.config import EngineConfig
 from tritonkv.cache.block_pool import BlockPool
 from tritonkv.cache.eviction import EvictionPolicy, policy_for
 from tritonkv.cache.kv_cache_manager import KVCacheManager
-from tritonkv.engine.output import TurnTextBuilder
-from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
-                                      check_sampling)
+from tritonkv.engine.output import TextStream
+from tritonkv.engine.requests import (PromptLimits, RequestError, SamplingParams, Submission, Turn, TurnOutput,
+                                      check_prompt)
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
@@ -46,6 +46,17 @@ class PendingStep:
     handle: StepHandle
     schedule_s: float
     origins: list | None = None  # h2o: each row's table at launch (original block numbers)
+
+
+@dataclass
+class Abort:
+    request_id: Hashable
+    kept_tokens: int | None  # None: cancel
+
+
+@dataclass
+class DropOwner:
+    owner: Hashable
 
 
 CANCEL_POLL_S = 0.05
@@ -78,6 +89,7 @@ class Engine:
                              f"{config.kv_eviction!r} keeps up to {kept} tokens per sequence; raise it or lower kv_window")
         # the longest conversation (None: unbounded, positions inside the cache)
         self.context_limit = None if self.policy.relative else self.max_model_len
+        self.limits = PromptLimits(self.model_config.vocab_size, self.max_model_len, self.context_limit)
         self.runner = ModelRunner(model, kv_caches, block_size=pool.block_size, max_model_len=self.max_model_len,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens, device=self.device,
@@ -96,6 +108,7 @@ class Engine:
         self._live: dict[Hashable, Sequence] = {}  # correlation id -> open conversation
         self._seqs: dict[int, Sequence] = {}  # engine key -> every sequence holding state
         self._keys = itertools.count(1)
+        self._request_ids = itertools.count(1)
         self._commands: queue.Queue = queue.Queue()
         self._steps = 0
         self._last_cancel_poll = 0.0
@@ -112,32 +125,43 @@ class Engine:
         return self.tokenizer.encode(text, add_special_tokens=first_turn)
 
     def submit(self, corr_id: Hashable, prompt_ids: list[int], params: SamplingParams,
-               emit: Callable[[TurnOutput], None], *, start: bool, end: bool,
-               is_cancelled: Callable[[], bool] = lambda: False, stateless: bool = False,
-               extra_keys: tuple = (), close_only: bool = False, error: str | None = None) -> None:
-        """Queue one turn. ``close_only``: no generation, just END. ``error``: the request was
-        invalid; it is answered with that error in order (and END still closes)."""
-        turn = Turn(list(prompt_ids), params, emit, is_cancelled, end_sequence=end or stateless)
+               emit: Callable[[TurnOutput], None], **kw) -> None:
+        """The in-process API (tests, benchmarks): ``submit_turn`` with the frontend's output
+        processing (text deltas, stop strings: ``TextStream``) around ``emit``."""
+        rid = kw.pop("request_id", None) or ("local", next(self._request_ids))
+        stream = TextStream(self.tokenizer, params.stop, emit, lambda kept: self.abort(rid, kept))
+        self.submit_turn(corr_id, prompt_ids, params, stream, request_id=rid, **kw)
+
+    def submit_turn(self, corr_id: Hashable, prompt_ids: list[int], params: SamplingParams,
+                    emit: Callable[[TurnOutput], None], *, start: bool, end: bool,
+                    is_cancelled: Callable[[], bool] = lambda: False, stateless: bool = False,
+                    extra_keys: tuple = (), close_only: bool = False, error: str | None = None,
+                    request_id: Hashable = None, owner: Hashable = None) -> None:
+        """Queue one turn; ``emit`` gets token ids only. ``close_only``: no generation, just
+        END. ``error``: the request was invalid; it is answered with that error in order (and
+        END still closes). ``owner``: the frontend it came from (``drop_owner``)."""
+        turn = Turn(list(prompt_ids), params, emit, is_cancelled, end_sequence=end or stateless,
+                    request_id=request_id, opens_slot=start and not end and not stateless)
         if self.failure is not None:  # the engine thread is gone: answer now, never hang
             self._reply(turn, TurnOutput("", [], True, "error", error=f"this instance failed and serves no "
                                          f"more requests ({self.failure}); retry on another instance"))
             return
-        self._commands.put(Submission(corr_id, turn, start, stateless, tuple(extra_keys), close_only, error))
+        self._commands.put(Submission(corr_id, turn, start, stateless, tuple(extra_keys), close_only, error,
+                                      owner))
+
+    def abort(self, request_id: Hashable, kept_tokens: int | None = None) -> None:
+        """End a turn from any thread, in order with submissions: ``kept_tokens`` None cancels
+        it (its conversation is released); a count ends it as ``stop`` keeping that many output
+        tokens in the conversation (a stop string the caller found; tokens sampled after it
+        are taken back)."""
+        self._commands.put(Abort(request_id, kept_tokens))
+
+    def drop_owner(self, owner: Hashable) -> None:
+        """A frontend is gone: its turns end unanswered and its conversations are released."""
+        self._commands.put(DropOwner(owner))
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model_config.vocab_size
-        if not prompt_ids:
-            raise RequestError("empty prompt: send a non-empty text_input or input_ids")
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}); "
-                               f"{len(bad)} ids are out of range")
-        if params.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be > 0, got {params.max_tokens}")
-        if self.context_limit is not None and params.max_tokens > self.max_model_len:
-            raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
-                               f"{self.max_model_len} tokens (max_model_len)")
-        check_sampling(params)
+        check_prompt(prompt_ids, params, self.limits)
 
     # -- engine thread -----------------------------------------------------------------------
     def start_loop(self) -> None:
@@ -184,8 +208,12 @@ class Engine:
         if self.after_emit is not None:
             self.after_emit()
 
-    def _accept_one(self, sub: Submission) -> None:
+    def _accept_one(self, sub) -> None:
         """``_accept`` with the request's own faults kept to the request."""
+        if isinstance(sub, Abort):
+            return self._abort(sub)
+        if isinstance(sub, DropOwner):
+            return self._drop_owner(sub.owner)
         try:
             self._accept(sub)
         except Exception as exc:
@@ -213,8 +241,10 @@ class Engine:
                 item = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
+            if isinstance(item, Submission):
                 yield item
+            elif item is not None:
+                self._accept_one(item)
 
     def _drain(self) -> None:
         for item in self._queued():
@@ -245,6 +275,7 @@ class Engine:
             self._finish(seq, TurnOutput("", [], True, "cancelled"))
             seq = self._live.get(corr_id)
         if start and seq is not None and not stateless:
+            turn.opens_slot = False  # the id's slot belongs to the live conversation
             self._reply_error(turn, error or f"sequence {corr_id!r} is already live: START was sent "
                                     "for an open conversation; send END first or use a new correlation id")
             return
@@ -256,7 +287,7 @@ class Engine:
             self._reply_error(turn, error)
             return
         if start:
-            seq = Sequence(seq_id=next(self._keys), extra_keys=sub.extra_keys, stateless=stateless)
+            seq = Sequence(seq_id=next(self._keys), extra_keys=sub.extra_keys, stateless=stateless, owner=sub.owner)
             self._seqs[seq.seq_id] = seq
             if not stateless:
                 self._live[corr_id] = seq
@@ -293,7 +324,6 @@ class Engine:
             seq.status = SeqStatus.RUNNING
             seq.admitted_at = self._steps
             seq.last_active = time.monotonic()
-            turn.text = TurnTextBuilder(self.tokenizer, turn.params.stop)
             turn.generator = None
             if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
@@ -445,26 +475,19 @@ class Engine:
         turn.output_ids.append(token)
         seq.last_active = time.monotonic()
         self.num_generated_tokens += 1
-        is_eos = token in self.eos_token_ids and not turn.params.ignore_eos
-        text, stopped = ("", False) if is_eos else turn.text.push(token)
         reason = None
-        if is_eos:
+        if token in self.eos_token_ids and not turn.params.ignore_eos:
             reason = "eos"
-        elif stopped:
-            reason = "stop"
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
         if reason is None:
-            self._reply(turn, TurnOutput(text, [token]))
+            self._reply(turn, TurnOutput("", [token]))
             return
-        text += turn.text.finish(stopped)
-        self._finish(seq, TurnOutput(text, [token], True, reason))
+        self._finish(seq, TurnOutput("", [token], True, reason))
 
     def _finish(self, seq: Sequence, out: TurnOutput) -> None:
         turn = seq.turn
-        out.cached_tokens = max(turn.cached_tokens, 0)
-        out.prompt_tokens = len(turn.prompt_ids)
         self._reply(turn, out)
         seq.turn = None
         seq.status = SeqStatus.IDLE
@@ -487,6 +510,10 @@ class Engine:
                                     "before this request ran")
 
     def _reply(self, turn: Turn, out: TurnOutput) -> None:
+        out.cached_tokens = max(turn.cached_tokens, 0)
+        out.prompt_tokens = len(turn.prompt_ids)
+        out.release_slot = turn.opens_slot and not turn.replied and out.error is not None
+        turn.replied = True
         try:
             turn.emit(out)
         except Exception:  # a vanished client must not stop the engine
@@ -494,6 +521,45 @@ class Engine:
 
     def _reply_error(self, turn: Turn, message: str) -> None:
         self._reply(turn, TurnOutput("", [], True, "error", error=message))
+
+    def _abort(self, cmd: Abort) -> None:
+        for seq in list(self._seqs.values()):
+            queued = [t for t in seq.pending if t.request_id == cmd.request_id]
+            for turn in queued:  # not started yet: it ends before it runs
+                seq.pending.remove(turn)
+                self._reply(turn, TurnOutput("", [], True, "cancelled"))
+            turn = seq.turn
+            if turn is None or turn.request_id != cmd.request_id:
+                continue
+            if cmd.kept_tokens is None:
+                self._finish(seq, TurnOutput("", [], True, "cancelled"))
+                return
+            self._take_back(seq, len(turn.output_ids) - cmd.kept_tokens)
+            self._finish(seq, TurnOutput("", [], True, "stop"))
+            return
+
+    def _take_back(self, seq: Sequence, count: int) -> None:
+        """Remove the last ``count`` sampled tokens of the running turn. KV of the kept tokens
+        stays valid; if KV was written past them, the sequence's KV is dropped (its full
+        blocks stay in the prefix cache, so the next turn recomputes only the tail)."""
+        if count <= 0:
+            return
+        del seq.turn.output_ids[-count:]
+        del seq.token_ids[-count:]
+        if seq.num_computed > len(seq.token_ids) and seq.seq_id in self.kv:
+            self.kv.preempt(seq.seq_id)
+            seq.num_computed = 0
+
+    def _drop_owner(self, owner: Hashable) -> None:
+        for seq in list(self._seqs.values()):
+            if seq.owner != owner:
+                continue
+            if seq.turn is not None:
+                seq.turn.emit = _unanswered
+            for turn in seq.pending:
+                turn.emit = _unanswered
+            seq.turn = None
+            self._release(seq)
 
     def _poll_cancelled(self) -> None:
         now = time.monotonic()
@@ -542,6 +608,10 @@ class Engine:
             counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens
         return counts
+
+
+def _unanswered(out: TurnOutput) -> None:
+    """The emit of a turn whose frontend is gone."""
 
 
 def eviction_policy(config: EngineConfig, model_config, pool: BlockPool) -> EvictionPolicy:

@@ -7,6 +7,8 @@ never sent. Token-id deltas are sent as sampled (the ids of a stop string includ
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tritonkv.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -42,3 +44,52 @@ class TurnTextBuilder:
         delta = self.text[self.sent:upto]
         self.sent = upto
         return delta
+
+
+class TextStream:
+    """One turn's output processing, between the engine's token outputs and the caller: text
+    deltas (incremental detokenising) and stop strings. The frontend runs one per request;
+    the in-process ``Engine.submit`` runs the same.
+
+    Rules:
+    - A final ``eos`` output's last token is the EOS token: it adds no text.
+    - A stop string ends the turn here: the output up to and including the token that
+      completed it is sent as final (``stop``), ``on_stop(kept_tokens)`` tells the engine to
+      end the turn keeping that many output tokens (it may have sampled more meanwhile), and
+      every later output of the turn is dropped.
+    - Any other field of an output (``cached_tokens``, fields added to ``TurnOutput`` later)
+      passes through unchanged.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer | None, stop: tuple[str, ...], emit, on_stop=None):
+        self.text = TurnTextBuilder(tokenizer, stop)
+        self.emit = emit
+        self.on_stop = on_stop
+        self.done = False
+        self.num_tokens = 0
+
+    def __call__(self, out) -> None:
+        if self.done:
+            return
+        self.done = out.finished
+        if out.error is not None or not out.token_ids:
+            self.emit(out)
+            return
+        tokens = out.token_ids
+        spoken = tokens[:-1] if out.finished and out.finish_reason == "eos" else tokens
+        delta = []
+        for i, token in enumerate(spoken):
+            piece, stopped = self.text.push(token)
+            delta.append(piece)
+            if stopped:
+                self.num_tokens += i + 1
+                self.done = True
+                self.emit(replace(out, text="".join(delta), token_ids=tokens[:i + 1], finished=True,
+                                  finish_reason="stop"))
+                if self.on_stop is not None:
+                    self.on_stop(self.num_tokens)
+                return
+        self.num_tokens += len(tokens)
+        if out.finished and out.finish_reason in ("eos", "length"):
+            delta.append(self.text.finish(False))
+        self.emit(replace(out, text="".join(delta)))

@@ -36,6 +36,7 @@ class Sequence:
     last_active: float = field(default_factory=time.monotonic)
     admitted_at: int = 0  # engine step counter when the current turn started (preemption order)
     stateless: bool = False  # one-turn sequence from llm_stateless: ends with its turn
+    owner: object = None  # the frontend whose conversation this is (core/)
 
     @property
     def num_uncomputed(self) -> int:
