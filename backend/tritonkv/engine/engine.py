@@ -64,10 +64,9 @@ CANCEL_POLL_S = 0.05
 
 class Engine:
     def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: TextTokenizer | None,
-                 pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], owner: int = 0,
-                 on_close: Callable[[], None] | None = None):
+                 pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.config = config
-        self._on_close = on_close
+        self.checkpoint = ""  # where the model came from (factory.py sets it)
         self.model = model
         self.model_config = model.config
         self.tokenizer = tokenizer
@@ -76,7 +75,7 @@ class Engine:
         self.kv_caches = kv_caches
         self.policy = eviction_policy(config, self.model_config, pool)
         max_pos = self.model_config.max_position_embeddings
-        self.kv = KVCacheManager(pool, owner, config.enable_prefix_caching, self.policy, angle_limit=max_pos,
+        self.kv = KVCacheManager(pool, 0, config.enable_prefix_caching, self.policy, angle_limit=max_pos,
                                  max_chunk_tokens=config.max_num_batched_tokens)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         capacity = pool.num_blocks * pool.block_size
@@ -349,10 +348,6 @@ class Engine:
         plan = self.scheduler.schedule(running, idle)
         self._steps += 1
         if not plan:
-            held_here = sum(len(self.kv.block_table(s.seq_id)) for s in self._seqs.values() if s.seq_id in self.kv)
-            if self.pool.counts()["used"] > held_here:
-                time.sleep(0.005)  # other instances of a shared pool hold blocks: wait for them
-                return
             self._fail_unschedulable(running)
             return
         t1 = time.perf_counter()
@@ -402,11 +397,8 @@ class Engine:
 
     def _may_evict_in_flight(self, seq: Sequence, position: int) -> bool:
         """Whether the step for ``position`` may be launched before the step in flight is read
-        back. Not when h2o must choose by mass (the query in flight adds to it), nor when a
-        block the step in flight still reads would go back to a pool other processes use."""
-        if self.kv.needs_decision(seq.seq_id, position):
-            return False
-        return type(self.pool) is BlockPool or not self.kv.would_evict(seq.seq_id, position)
+        back. Not when h2o must choose by mass (the query in flight adds to it)."""
+        return not self.kv.needs_decision(seq.seq_id, position)
 
     def _apply_kv_ops(self) -> None:
         """Key rotations and block copies that eviction queued, before the next launch."""
@@ -594,9 +586,9 @@ class Engine:
             self._release(oldest)
 
     def close(self) -> None:
-        """Detach from shared state (a shared pool's last user removes its files)."""
-        if self._on_close is not None:
-            self._on_close()
+        """Stop the loop thread, if one runs."""
+        if self._thread is not None:
+            self.stop_loop()
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
