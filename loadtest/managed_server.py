@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import signal
 
@@ -30,7 +29,6 @@ def managed_server(checkpoint: str | None = None, *, pool_name: str, extra_param
     finally:
         if server is not None:
             kill_leftovers(server.process.pid)
-        remove_pool_files(pool_name)  # the name is this server's alone
 
 
 def kill_leftovers(pgid: int) -> None:
@@ -38,12 +36,3 @@ def kill_leftovers(pgid: int) -> None:
     in a session of its own, so the group is exactly the server and its stubs)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def remove_pool_files(pool_name: str) -> None:
-    """Delete the shared-memory files of a pool this server alone used (``tritonkv-<name>-<device>.*``)."""
-    from tritonkv.cache.pool_file import shm_dir
-
-    for path in glob.glob(os.path.join(shm_dir(), f"tritonkv-{glob.escape(pool_name)}-*")):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)

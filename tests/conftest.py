@@ -13,3 +13,13 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Engine cores started by this test run (tests/core, every e2e server) put their sockets in a
+# runtime directory of this run alone, so concurrent runs of one user never share a core.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "TRITONKV_RUNTIME_DIR" not in os.environ:
+    os.environ["TRITONKV_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="tkv-")
+    atexit.register(shutil.rmtree, os.environ["TRITONKV_RUNTIME_DIR"], True)

@@ -129,6 +129,8 @@ class CoreClient:
                     return reply, sock
                 if isinstance(reply, m.Refused):
                     sock.close()
+                    if reply.retry and self._wait_gone(deadline):
+                        return self._attach(deadline - time.monotonic())
                     raise CoreUnavailable(reply.reason)
                 continue  # (a Stats or Outputs of an earlier attachment cannot come here)
             if (self._child is not None and self._child.poll() is not None) or not core_running(self.name):
@@ -138,6 +140,15 @@ class CoreClient:
         sock.close()
         raise CoreUnavailable(f"the engine core for pool {self.name!r} did not answer within {timeout_s:.0f} s "
                               f"(raise ${START_TIMEOUT_ENV} if loading takes longer)")
+
+    def _wait_gone(self, deadline: float) -> bool:
+        """Wait for a core on its way out to be gone."""
+        while time.monotonic() < deadline:
+            self._reap()
+            if not core_running(self.name):
+                return True
+            time.sleep(0.05)
+        return False
 
     def _reap(self) -> None:
         if self._child is not None and self._child.poll() is not None:

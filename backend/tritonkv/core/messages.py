@@ -40,6 +40,7 @@ class Welcome(msgspec.Struct, tag=True):
 
 class Refused(msgspec.Struct, tag=True):
     reason: str
+    retry: bool = False  # the core is on its way out: start or attach again once it is gone
 
 
 class Submit(msgspec.Struct, tag=True):

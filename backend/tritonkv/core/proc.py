@@ -16,7 +16,8 @@ Rules:
   conversations release their blocks.
 - A frontend that attaches with other engine settings is refused, naming both sides.
 - The core exits ``grace_s`` after its last frontend left (or after loading, if none came),
-  on SIGTERM / SIGINT / SIGHUP, and when the engine failed; on the way out it removes its
+  on SIGTERM / SIGINT / SIGHUP, when the engine failed, and when its loop is stuck
+  (``STUCK_S``) with no frontend left (new frontends are refused meanwhile, to retry); on the way out it removes its
   socket and lock file while it still holds the lock. It ignores its terminal (own session).
 """
 
@@ -46,6 +47,9 @@ log = logging.getLogger("tritonkv.core")
 STATS_PERIOD_S = 0.5
 WATCH_PERIOD_S = 0.2
 GRACE_ENV = "TRITONKV_CORE_GRACE_S"
+# an engine loop that has not come round for this long is stuck (an idle one comes round
+# every second): a stuck core takes no new frontend and exits once it has none
+STUCK_S = 5.0
 # per-frontend settings: they may differ between the frontends of one core
 FRONTEND_FIELDS = ("default_max_tokens", "stream_interval")
 
@@ -97,7 +101,7 @@ class EngineCore:
         self.config = config
         self.gpu_instance, self.device_id = gpu_instance, device_id
         self.lock_fd = lock_fd
-        self.grace_s = float(os.environ.get(GRACE_ENV, "5"))
+        self.grace_s = float(os.environ.get(GRACE_ENV, "2"))
         self.engine = None
         self.welcome: m.Welcome | None = None
         self.load_error: str | None = None
@@ -109,8 +113,9 @@ class EngineCore:
         self._wake = Wakeup()
         self._outbox: dict[str, list] = {}  # frontend id -> (request id, output); engine thread only
         self._loops = 0
+        self._last_loop = time.monotonic()
         self._next_stats = 0.0
-        self._empty_since: float | None = time.monotonic()
+        self._empty_since: float | None = None  # no frontend attached since (grace), once loaded
         from tritonkv.server.fault_injection import fault_hook
         self._fault = fault_hook()
 
@@ -128,6 +133,9 @@ class EngineCore:
         except BaseException as exc:  # noqa: BLE001 - the reason goes to every waiting frontend
             log.exception("engine core %s failed to load", self.name)
             self.load_error = f"the engine core for pool {self.name!r} failed to load: {type(exc).__name__}: {exc}"
+        self._last_loop = time.monotonic()  # the loop starts now (_stuck)
+        if not self.frontends:
+            self._empty_since = time.monotonic()
         self.loaded.set()
         self._wake.set()
         if self.load_error is not None:
@@ -161,6 +169,7 @@ class EngineCore:
 
     def _after_iteration(self) -> None:
         self._loops += 1
+        self._last_loop = time.monotonic()
         if self._fault is not None:
             self._fault()
         sent = False
@@ -255,8 +264,9 @@ class EngineCore:
         elif (why := mismatch(self.config, hello.config)) is not None:
             reply = m.Refused(f"pool {hello.config.pool_name!r} is served by an engine core with other settings: "
                               f"{why}; use the same settings or another pool_name")
-        elif self.engine.failure is not None:
-            reply = m.Refused(f"the engine core failed ({self.engine.failure}) and is exiting; retry")
+        elif self.engine.failure is not None or self._stuck():
+            reply = m.Refused(f"the engine core {self.name!r} (pid {os.getpid()}) is failed or stuck and exits",
+                              retry=True)
         else:
             self.frontends[hello.frontend_id] = Frontend(identity, hello.pid, hello.started)
             self._empty_since = None
@@ -273,12 +283,15 @@ class EngineCore:
         if not self.frontends:
             self._empty_since = time.monotonic()
 
+    def _stuck(self) -> bool:
+        return self.engine is not None and time.monotonic() - self._last_loop > STUCK_S
+
     def _watch(self, now: float) -> None:
         for fid, fe in list(self.frontends.items()):
             if not liveness.alive(fe.pid, fe.started):
                 log.warning("frontend %s (pid %d) is gone: its requests are cancelled", fid, fe.pid)
                 self._drop(fid)
-        if self.loaded.is_set() and self.engine is not None and self.engine.failure is not None:
+        if self.engine is not None and (self.engine.failure is not None or (self._stuck() and not self.frontends)):
             self.stop.set()
         if self.loaded.is_set() and self._empty_since is not None and now - self._empty_since >= self.grace_s:
             log.info("engine core %s: no frontend for %.1f s, exiting", self.name, self.grace_s)

@@ -178,29 +178,12 @@ def live_group_members(pgid: int) -> list[int]:
 
 
 def remove_stale_pools(pool_names) -> None:
-    """Remove the /dev/shm files of these pools (on every device) that no live process holds."""
-    from tritonkv.cache.pool_admin import device_pools, remove_if_stale
-
-    for pool_name in pool_names:
-        for name in device_pools(pool_name):
-            with contextlib.suppress(OSError):
-                remove_if_stale(name)
+    """Nothing to do: KV pools live in engine cores (core/), which remove their own files."""
 
 
 def stale_private_pools() -> list[str]:
-    """Private pool names (``server-<token>``) of servers that are gone: nobody holds them."""
-    from tritonkv.cache.pool_file import FILE_PREFIX, shm_dir
-
-    try:
-        names = os.listdir(shm_dir())
-    except OSError:
-        return []
-    pools = set()
-    for name in names:
-        m = re.fullmatch(re.escape(FILE_PREFIX) + r"(" + PRIVATE_POOL_RE.pattern + r")-[a-z]+[0-9]+\.pool", name)
-        if m:
-            pools.add(m.group(1))
-    return sorted(pools)
+    """None: KV pools live in engine cores (core/), which remove their own files."""
+    return []
 
 
 def repository_pool_names(repo: str) -> tuple[str, ...]:
