@@ -66,6 +66,7 @@ class CoreClient:
         self.down: str | None = "not connected"  # why no core serves this client now
         self.stats: dict[str, int] = {}
         self.loops = 0
+        self.generated_tokens = 0  # tokens this frontend received (its own, of the core's)
         self.core_failure: str | None = None
         self._child = None  # the core, when this process started it (reaped here)
         self._requests: dict[int, _Request] = {}
@@ -234,6 +235,7 @@ class CoreClient:
     def _receive(self, msg) -> None:
         if isinstance(msg, m.Outputs):
             for rid, out in msg.items:
+                self.generated_tokens += len(out.token_ids)
                 req = self._requests.get(rid)
                 if req is None:
                     continue

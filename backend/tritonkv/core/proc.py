@@ -325,6 +325,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     fcntl.flock(args.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: the spawner took it for us
+    os.ftruncate(args.lock_fd, 0)
+    os.pwrite(args.lock_fd, f"{os.getpid()}\n".encode(), 0)  # who the core is, for operators and tests
     config = msgspec.json.decode(args.config.encode(), type=EngineConfig)
     core = EngineCore(args.name, config, bool(args.gpu_instance), args.device_id, args.lock_fd)
 

@@ -6,7 +6,8 @@ Rules:
   is a directory (not a link) owned by this user with no group / other permissions, so no
   other local user can pre-create it, link it elsewhere, or reach a socket inside it.
 - A core named N has the socket ``N.sock`` and the lock ``N.lock``: whoever holds an flock on
-  the lock file is the core of N (or the frontend that is starting it). The core removes both
+  the lock file is the core of N (or the frontend that is starting it); the core writes its
+  pid into it (``core_pid``). The core removes both
   when it exits, while it still holds the lock; a lock file found without a holder is stale.
 - Names come from the pool name and the device; a name that is long or not plain is replaced
   by its hash (UNIX socket paths are limited to 107 bytes).
@@ -75,3 +76,13 @@ class CorePaths:
 def core_paths(name: str) -> CorePaths:
     base = os.path.join(runtime_dir(), name)
     return CorePaths(base + ".sock", base + ".lock")
+
+
+def core_pid(name: str) -> int | None:
+    """The pid a core of ``name`` wrote into its lock file (None: no file, or not written yet)."""
+    try:
+        with open(core_paths(name).lock) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

@@ -207,4 +207,5 @@ class CoreStats:
         self.kv_caches = [[SimpleNamespace(dtype=getattr(torch, w.kv_dtype))]]
 
     def stats(self) -> dict[str, int]:
-        return self._core.stats
+        """The core's (pool-wide) stats; generated tokens are this instance's."""
+        return {**self._core.stats, "generated_tokens": self._core.generated_tokens}
