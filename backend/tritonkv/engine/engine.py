@@ -21,9 +21,10 @@ import torch
 
 from tritonkv.config import EngineConfig
 from tritonkv.cache.block_pool import BlockPool
-from tritonkv.cache.eviction import EvictionPolicy, policy_for
 from tritonkv.cache.kv_cache_manager import KVCacheManager
+from tritonkv.engine.conversations import Abort, Conversations, DropOwner
 from tritonkv.engine.output import TextStream
+from tritonkv.engine.policy_check import eviction_policy
 from tritonkv.engine.requests import (PromptLimits, RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_prompt)
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
@@ -48,21 +49,7 @@ class PendingStep:
     origins: list | None = None  # h2o: each row's table at launch (original block numbers)
 
 
-@dataclass
-class Abort:
-    request_id: Hashable
-    kept_tokens: int | None  # None: cancel
-
-
-@dataclass
-class DropOwner:
-    owner: Hashable
-
-
-CANCEL_POLL_S = 0.05
-
-
-class Engine:
+class Engine(Conversations):
     def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: TextTokenizer | None,
                  pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.config = config
@@ -207,32 +194,6 @@ class Engine:
         if self.after_emit is not None:
             self.after_emit()
 
-    def _accept_one(self, sub) -> None:
-        """``_accept`` with the request's own faults kept to the request."""
-        if isinstance(sub, Abort):
-            return self._abort(sub)
-        if isinstance(sub, DropOwner):
-            return self._drop_owner(sub.owner)
-        try:
-            self._accept(sub)
-        except Exception as exc:
-            log.exception("request could not be admitted")
-            seq = self._live.get(sub.corr_id)
-            if seq is not None and seq.turn is sub.turn:
-                self._finish(seq, TurnOutput("", [], True, "error", error=f"request failed: {exc}"))
-            elif not sub.turn.output_ids:
-                self._reply_error(sub.turn, f"request failed: {exc}")
-
-    def _fail_everything(self, message: str) -> None:
-        for seq in list(self._seqs.values()):
-            if seq.turn is not None:
-                self._reply_error(seq.turn, message)
-                seq.turn = None
-            while seq.pending:
-                self._reply_error(seq.pending.popleft(), message)
-        for item in self._queued():
-            self._reply_error(item.turn, message)
-
     def _queued(self):
         """Take the submissions queued so far, in order."""
         while True:
@@ -262,74 +223,6 @@ class Engine:
             self.step()
         raise RuntimeError("engine did not go idle")
 
-    def _accept(self, sub: Submission) -> None:
-        """Apply one submitted turn to the conversation table, in submission order.
-
-        A rejected request (``error``) changes nothing, except that its END still closes the
-        conversation once the turns queued before it are done."""
-        corr_id, turn, start, stateless, error = sub.corr_id, sub.turn, sub.start, sub.stateless, sub.error
-        seq = self._live.get(corr_id)
-        if start and seq is not None and seq.turn is not None and seq.turn.is_cancelled():
-            # a client that cancelled and at once reuses the id must not race the cancel poll
-            self._finish(seq, TurnOutput("", [], True, "cancelled"))
-            seq = self._live.get(corr_id)
-        if start and seq is not None and not stateless:
-            turn.opens_slot = False  # the id's slot belongs to the live conversation
-            self._reply_error(turn, error or f"sequence {corr_id!r} is already live: START was sent "
-                                    "for an open conversation; send END first or use a new correlation id")
-            return
-        if not start and seq is None:
-            self._reply_error(turn, error or f"sequence {corr_id!r} is not live: its first request must "
-                                    "carry START (it may have ended, been cancelled or timed out)")
-            return
-        if error is not None and (start or not turn.end_sequence):
-            self._reply_error(turn, error)
-            return
-        if start:
-            seq = Sequence(seq_id=next(self._keys), extra_keys=sub.extra_keys, stateless=stateless, owner=sub.owner)
-            self._seqs[seq.seq_id] = seq
-            if not stateless:
-                self._live[corr_id] = seq
-        if turn.end_sequence and self._live.get(corr_id) is seq:
-            del self._live[corr_id]
-        if error is not None or sub.close_only:
-            turn.prompt_ids = []  # a close marker: answered when reached, in order
-            turn.error = error
-        seq.pending.append(turn)
-        if seq.status is SeqStatus.IDLE:
-            self._begin_next_turn(seq)
-
-    def _begin_next_turn(self, seq: Sequence) -> None:
-        while seq.pending:
-            turn = seq.pending.popleft()
-            if not turn.prompt_ids:  # close marker or rejected request
-                reason = "error" if turn.error else "closed"
-                self._reply(turn, TurnOutput("", [], True, reason, error=turn.error))
-                if turn.end_sequence:
-                    self._release(seq)
-                    return
-                continue
-            context = len(seq.token_ids) + len(turn.prompt_ids)
-            if self.context_limit is not None and context >= self.context_limit:
-                self._reply_error(turn, f"conversation would hold {context} tokens; this model serves "
-                                        f"at most {self.max_model_len} (max_model_len) — shorten the prompt "
-                                        "or start a new conversation")
-                if turn.end_sequence:
-                    self._release(seq)
-                    return
-                continue
-            seq.token_ids.extend(turn.prompt_ids)
-            seq.turn = turn
-            seq.status = SeqStatus.RUNNING
-            seq.admitted_at = self._steps
-            seq.last_active = time.monotonic()
-            turn.generator = None
-            if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
-                turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
-            turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
-            return
-        seq.status = SeqStatus.IDLE
-
     def step(self) -> None:
         """One engine step. On CUDA with decode graphs, a pure decode continuation of the
         step in flight is launched before that step's tokens are read back (overlap): the
@@ -351,7 +244,9 @@ class Engine:
             self._fail_unschedulable(running)
             return
         t1 = time.perf_counter()
-        rows = [self._step_row(c) for c in plan]
+        rows, plan = self._step_rows(plan)
+        if not plan:
+            return
         self._apply_kv_ops()
         step = PendingStep(plan, [c.seq.turn for c in plan], self.runner.launch(rows), t1 - t0,
                            self._launch_origins(plan))
@@ -363,8 +258,8 @@ class Engine:
     def _continue_pending(self) -> bool:
         """Launch the decode step that continues the sequences of the step in flight, then
         finalize that step. Rows whose turn ended meanwhile (a cancel poll runs here when due)
-        are left out. False (nothing launched) unless those sequences are all the running work,
-        none is at its last token, and each gets its next position's block without preemption."""
+        are left out. False (nothing launched) unless those sequences are all the running work
+        and the scheduler plans their continuation (``Scheduler.plan_continuation``)."""
         t0 = time.perf_counter()
         pend = self._pending
         self._poll_cancelled()
@@ -373,32 +268,19 @@ class Engine:
         running = sum(s.status is SeqStatus.RUNNING for s in self._seqs.values())
         if not live or running != len(live):
             return False
-        rows = []
-        for i, chunk, turn in live:
-            seq = chunk.seq
-            position = chunk.start + chunk.num_tokens  # where the token in flight goes
-            if (len(turn.output_ids) + 1 >= turn.params.max_tokens
-                    or (self.context_limit is not None and position + 1 >= self.context_limit)
-                    or not self._may_evict_in_flight(seq, position)):
-                return False
-            if not self.kv.evict(seq.seq_id, position) or not self.kv.grow(seq.seq_id, position + 1):
-                return False
-            rows.append(StepRow([0], self.kv.cache_index(seq.seq_id, position), self.kv.block_table(seq.seq_id),
-                                True, turn.params, turn.generator, from_prev=i,
-                                angle_shift=self.kv.angle_shift(seq.seq_id)))
+        plan = self.scheduler.plan_continuation([chunk for _, chunk, _ in live], self.context_limit)
+        if plan is None:
+            return False
         t1 = time.perf_counter()
-        plan = [ScheduledChunk(chunk.seq, chunk.start + chunk.num_tokens, 1, True) for _, chunk, _ in live]
+        rows = [StepRow([0], self.kv.cache_index(c.seq.seq_id, c.start), self.kv.block_table(c.seq.seq_id), True,
+                        turn.params, turn.generator, from_prev=i, angle_shift=self.kv.angle_shift(c.seq.seq_id))
+                for (i, _, turn), c in zip(live, plan)]
         self._apply_kv_ops()
         handle = self.runner.launch(rows, pend.handle)
         self._steps += 1
         self._finalize(pend)
         self._pending = PendingStep(plan, [turn for _, _, turn in live], handle, t1 - t0, self._launch_origins(plan))
         return True
-
-    def _may_evict_in_flight(self, seq: Sequence, position: int) -> bool:
-        """Whether the step for ``position`` may be launched before the step in flight is read
-        back. Not when h2o must choose by mass (the query in flight adds to it)."""
-        return not self.kv.needs_decision(seq.seq_id, position)
 
     def _apply_kv_ops(self) -> None:
         """Key rotations and block copies that eviction queued, before the next launch."""
@@ -454,6 +336,19 @@ class Engine:
         self.step_times.add(len(step.plan), sum(c.num_tokens for c in step.plan), step.schedule_s,
                             step.handle.times, t1 - t0, time.perf_counter() - t1)
 
+    def _step_rows(self, plan: list[ScheduledChunk]) -> tuple[list[StepRow], list[ScheduledChunk]]:
+        """The runner's rows of ``plan``; a row that cannot be built fails its own turn alone
+        (the conversation is released), the others run."""
+        rows, kept = [], []
+        for chunk in plan:
+            try:
+                rows.append(self._step_row(chunk))
+                kept.append(chunk)
+            except Exception as exc:
+                log.exception("the step row of one sequence could not be built")
+                self._fail_sequence(chunk.seq, f"internal error while preparing this request's step: {exc}")
+        return rows, kept
+
     def _step_row(self, chunk: ScheduledChunk) -> StepRow:
         seq = chunk.seq
         turn = seq.turn
@@ -478,113 +373,6 @@ class Engine:
             return
         self._finish(seq, TurnOutput("", [token], True, reason))
 
-    def _finish(self, seq: Sequence, out: TurnOutput) -> None:
-        turn = seq.turn
-        self._reply(turn, out)
-        seq.turn = None
-        seq.status = SeqStatus.IDLE
-        if turn.end_sequence or out.finish_reason == "cancelled":
-            self._release(seq)
-            return
-        self._begin_next_turn(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        """Free the conversation's KV; queued turns behind it are answered with an error."""
-        self.kv.release(seq.seq_id)
-        seq.status = SeqStatus.ENDED
-        self._seqs.pop(seq.seq_id, None)
-        for corr_id, live in list(self._live.items()):
-            if live is seq:
-                del self._live[corr_id]
-        while seq.pending:
-            turn = seq.pending.popleft()
-            self._reply_error(turn, "the conversation was released (cancelled, ended or timed out) "
-                                    "before this request ran")
-
-    def _reply(self, turn: Turn, out: TurnOutput) -> None:
-        out.cached_tokens = max(turn.cached_tokens, 0)
-        out.prompt_tokens = len(turn.prompt_ids)
-        out.release_slot = turn.opens_slot and not turn.replied and out.error is not None
-        turn.replied = True
-        try:
-            turn.emit(out)
-        except Exception:  # a vanished client must not stop the engine
-            log.exception("could not deliver a response")
-
-    def _reply_error(self, turn: Turn, message: str) -> None:
-        self._reply(turn, TurnOutput("", [], True, "error", error=message))
-
-    def _abort(self, cmd: Abort) -> None:
-        for seq in list(self._seqs.values()):
-            queued = [t for t in seq.pending if t.request_id == cmd.request_id]
-            for turn in queued:  # not started yet: it ends before it runs
-                seq.pending.remove(turn)
-                self._reply(turn, TurnOutput("", [], True, "cancelled"))
-            turn = seq.turn
-            if turn is None or turn.request_id != cmd.request_id:
-                continue
-            if cmd.kept_tokens is None:
-                self._finish(seq, TurnOutput("", [], True, "cancelled"))
-                return
-            self._take_back(seq, len(turn.output_ids) - cmd.kept_tokens)
-            self._finish(seq, TurnOutput("", [], True, "stop"))
-            return
-
-    def _take_back(self, seq: Sequence, count: int) -> None:
-        """Remove the last ``count`` sampled tokens of the running turn. KV of the kept tokens
-        stays valid; if KV was written past them, the sequence's KV is dropped (its full
-        blocks stay in the prefix cache, so the next turn recomputes only the tail)."""
-        if count <= 0:
-            return
-        del seq.turn.output_ids[-count:]
-        del seq.token_ids[-count:]
-        if seq.num_computed > len(seq.token_ids) and seq.seq_id in self.kv:
-            self.kv.preempt(seq.seq_id)
-            seq.num_computed = 0
-
-    def _drop_owner(self, owner: Hashable) -> None:
-        for seq in list(self._seqs.values()):
-            if seq.owner != owner:
-                continue
-            if seq.turn is not None:
-                seq.turn.emit = _unanswered
-            for turn in seq.pending:
-                turn.emit = _unanswered
-            seq.turn = None
-            self._release(seq)
-
-    def _poll_cancelled(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cancel_poll < CANCEL_POLL_S:
-            return
-        self._last_cancel_poll = now
-        for seq in list(self._seqs.values()):
-            if seq.status is SeqStatus.RUNNING and seq.turn.is_cancelled():
-                self._finish(seq, TurnOutput("", [], True, "cancelled"))
-
-    def _expire_idle(self) -> None:
-        deadline = time.monotonic() - self.config.sequence_idle_timeout_s
-        for seq in list(self._seqs.values()):
-            if seq.status is SeqStatus.IDLE and not seq.pending and seq.last_active < deadline:
-                log.info("releasing conversation idle for over %ss", self.config.sequence_idle_timeout_s)
-                self._release(seq)
-
-    def _fail_running(self, message: str) -> None:
-        for seq in list(self._seqs.values()):
-            if seq.status is SeqStatus.RUNNING:
-                self._finish(seq, TurnOutput("", [], True, "error", error=message))
-                if seq.seq_id in self._seqs:
-                    self._release(seq)
-
-    def _fail_unschedulable(self, running: list[Sequence]) -> None:
-        """No block can be had for anyone even after preemption: the oldest turn cannot fit."""
-        oldest = min(running, key=lambda s: s.admitted_at)
-        self._finish(oldest, TurnOutput("", [], True, "error", error=(
-            f"the KV cache cannot hold this conversation ({len(oldest.token_ids)} tokens, "
-            f"pool of {self.pool.num_blocks} blocks x {self.pool.block_size}); raise num_blocks")))
-        if oldest.seq_id in self._seqs:
-            self._release(oldest)
-
     def close(self) -> None:
         """Stop the loop thread, if one runs."""
         if self._thread is not None:
@@ -602,31 +390,3 @@ class Engine:
         return counts
 
 
-def _unanswered(out: TurnOutput) -> None:
-    """The emit of a turn whose frontend is gone."""
-
-
-def eviction_policy(config: EngineConfig, model_config, pool: BlockPool) -> EvictionPolicy:
-    """The engine's eviction policy, checked against the model and the pool (errors name the
-    parameter to change)."""
-    if model_config.sliding_window and config.kv_eviction != "none":
-        raise ValueError(f"parameter 'kv_eviction' = {config.kv_eviction!r}: this model attends a sliding "
-                         f"window of {model_config.sliding_window} tokens, which already bounds its KV "
-                         "(blocks outside the window are returned); use kv_eviction none")
-    policy = policy_for(config.kv_eviction, pool.block_size, model_window=model_config.sliding_window,
-                        kv_window=config.kv_window, attention_sinks=config.attention_sinks,
-                        heavy_hitter_tokens=config.heavy_hitter_tokens, kv_window_stride=config.kv_window_stride)
-    if not policy.active:
-        return policy
-    need = policy.blocks_per_sequence(config.max_num_batched_tokens)
-    name = {"window": "num_blocks", "streaming": "kv_window", "h2o": "heavy_hitter_tokens"}[policy.mode]
-    if need > pool.num_blocks:
-        raise ValueError(f"parameter {name!r}: one sequence keeps up to {need} KV blocks of {pool.block_size} "
-                         f"tokens (attention sinks and heavy hitters with their originals, recent window; "
-                         f"a window model: window and one chunk) but the pool has "
-                         f"{pool.num_blocks}; lower it or raise num_blocks / kv_cache_memory_mb")
-    max_pos = model_config.max_position_embeddings
-    if policy.relative and 2 * policy.kept_blocks() * pool.block_size > max_pos:
-        raise ValueError(f"parameter {name!r}: the kept cache ({policy.kept_blocks()} blocks x {pool.block_size} tokens) must "
-                         f"be at most half the model's {max_pos} positions (positions are inside the cache)")
-    return policy

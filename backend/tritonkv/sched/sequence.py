@@ -14,8 +14,10 @@ import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from tritonkv.engine.requests import Turn
+if TYPE_CHECKING:  # (a type only: sched/ imports nothing from the engine)
+    from tritonkv.engine.requests import Turn
 
 
 class SeqStatus(enum.Enum):
