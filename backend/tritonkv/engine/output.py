@@ -59,6 +59,8 @@ class TextStream:
       every later output of the turn is dropped.
     - Any other field of an output (``cached_tokens``, fields added to ``TurnOutput`` later)
       passes through unchanged.
+    - A fault in this turn's text (e.g. a tokenizer error) ends this turn alone: an error
+      output, and ``on_stop(None)`` cancels it in the engine.
     """
 
     def __init__(self, tokenizer: TextTokenizer | None, stop: tuple[str, ...], emit, on_stop=None):
@@ -71,6 +73,18 @@ class TextStream:
     def __call__(self, out) -> None:
         if self.done:
             return
+        try:
+            self._process(out)
+        except Exception as exc:
+            if self.done:
+                raise  # the turn had ended (its final output or a stop): only the caller's emit failed
+            self.done = True
+            if self.on_stop is not None:
+                self.on_stop(None)
+            self.emit(replace(out, text="", token_ids=[], finished=True, finish_reason="error",
+                              error=f"output failed: {type(exc).__name__}: {exc}"))
+
+    def _process(self, out) -> None:
         self.done = out.finished
         if out.error is not None or not out.token_ids:
             self.emit(out)
@@ -84,10 +98,10 @@ class TextStream:
             if stopped:
                 self.num_tokens += i + 1
                 self.done = True
-                self.emit(replace(out, text="".join(delta), token_ids=tokens[:i + 1], finished=True,
-                                  finish_reason="stop"))
                 if self.on_stop is not None:
                     self.on_stop(self.num_tokens)
+                self.emit(replace(out, text="".join(delta), token_ids=tokens[:i + 1], finished=True,
+                                  finish_reason="stop"))
                 return
         self.num_tokens += len(tokens)
         if out.finished and out.finish_reason in ("eos", "length"):
