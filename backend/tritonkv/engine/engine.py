@@ -26,6 +26,7 @@ from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
 from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_sampling)
+from tritonkv.sampling.params import check_token_ids
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
@@ -138,6 +139,7 @@ class Engine:
             raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
                                f"{self.max_model_len} tokens (max_model_len)")
         check_sampling(params)
+        check_token_ids(params, vocab)
 
     # -- engine thread -----------------------------------------------------------------------
     def start_loop(self) -> None:
@@ -298,6 +300,9 @@ class Engine:
             if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
             turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
+            # per-row penalty state (sampling/penalty_state.py): from the whole context
+            turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids) \
+                if turn.params.uses_penalties else None
             return
         seq.status = SeqStatus.IDLE
 
@@ -360,7 +365,7 @@ class Engine:
                 return False
             rows.append(StepRow([0], self.kv.cache_index(seq.seq_id, position), self.kv.block_table(seq.seq_id),
                                 True, turn.params, turn.generator, from_prev=i,
-                                angle_shift=self.kv.angle_shift(seq.seq_id)))
+                                angle_shift=self.kv.angle_shift(seq.seq_id), penalty=turn.penalty))
         t1 = time.perf_counter()
         plan = [ScheduledChunk(chunk.seq, chunk.start + chunk.num_tokens, 1, True) for _, chunk, _ in live]
         self._apply_kv_ops()
@@ -437,7 +442,8 @@ class Engine:
         turn = seq.turn
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
-                       turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id))
+                       turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),
+                       penalty=turn.penalty)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         turn = seq.turn
@@ -446,11 +452,12 @@ class Engine:
         seq.last_active = time.monotonic()
         self.num_generated_tokens += 1
         is_eos = token in self.eos_token_ids and not turn.params.ignore_eos
-        text, stopped = ("", False) if is_eos else turn.text.push(token)
+        stop_token = token in turn.params.stop_token_ids  # ends the turn like EOS, reason "stop"
+        text, stopped = ("", False) if is_eos or stop_token else turn.text.push(token)
         reason = None
         if is_eos:
             reason = "eos"
-        elif stopped:
+        elif stopped or stop_token:
             reason = "stop"
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
@@ -463,6 +470,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, out: TurnOutput) -> None:
         turn = seq.turn
+        if turn.penalty is not None:
+            turn.penalty.close()
         out.cached_tokens = max(turn.cached_tokens, 0)
         out.prompt_tokens = len(turn.prompt_ids)
         self._reply(turn, out)
