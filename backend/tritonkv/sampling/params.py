@@ -89,7 +89,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("stop", "strings", (), f"generation stops before any of these strings (at most {MAX_STOP})",
               triton_dtype="BYTES"),
     Parameter("stop_token_ids", "token_ids", (), "generation stops after any of these tokens "
-              "(finish_reason stop)"),
+              "(finish_reason stop; the token's text is not added)", triton_dtype="INT32"),
     Parameter("logit_bias", "token_bias", (), f"token id -> value in [-{LOGIT_BIAS_LIMIT:g}, "
               f"{LOGIT_BIAS_LIMIT:g}] added to its logit before anything else"),
     Parameter("ignore_eos", "bool", False, "keep generating after EOS", triton_dtype="BOOL"),
@@ -205,6 +205,8 @@ def check_sampling(params: SamplingParams) -> None:
         if p.kind == "token_bias":
             value = list(value)
         check_value(p.name, value)
+    if params.min_tokens > params.max_tokens:
+        raise ParameterError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
