@@ -84,9 +84,9 @@ def test_http_generate_stream_sends_one_event_per_token(server):
 def test_refused_http_requests_are_400_naming_what_is_wrong(server):
     cases = {
         b'{"max_tokens": 2}': "no prompt: send text_input or input_ids",
-        b'{"text_input": "Hi", "temperature": -0.5}': "temperature must be a finite number >= 0 (0 = greedy), got -0.5",
-        b'{"text_input": "Hi", "top_p": 1.5}': "top_p must be in (0, 1], got 1.5",
-        b'{"text_input": "Hi", "top_k": -1}': "top_k must be an integer >= 0 (0 = off), got -1",
+        b'{"text_input": "Hi", "temperature": -0.5}': "input 'temperature' must be in [0, 3.4e38], got -0.5",
+        b'{"text_input": "Hi", "top_p": 1.5}': "input 'top_p' must be in (0, 1], got 1.5",
+        b'{"text_input": "Hi", "top_k": -1}': "input 'top_k' must be in [0, 2**31 - 1], got -1",
     }
     for body, expected in cases.items():
         for endpoint_streams in (False, True):

@@ -167,9 +167,14 @@ def test_http_generate_vllm_form(server, ours, expected):
 
 @pytest.mark.parametrize("body, message", [
     ({"sampling_parameters": json.dumps({"lora_name": "x"})}, "unknown sampling_parameters key 'lora_name'"),
-    ({"sampling_parameters": json.dumps({"presence_penalty": "0.5"})}, "'presence_penalty' = '0.5' is not supported"),
-    ({"sampling_parameters": json.dumps({"max_tokens": "4", "min_tokens": "2"})},
-     "min_tokens = 2 is not supported below max_tokens = 4"),
+    ({"sampling_parameters": json.dumps({"n": "2"})}, "'n' = '2' is not supported"),
+    ({"sampling_parameters": json.dumps({"presence_penalty": "2.5"})},
+     "parameter 'presence_penalty' must be in [-2, 2], got 2.5"),
+    ({"sampling_parameters": json.dumps({"top_k": 1e20})}, "parameter 'top_k' must be in [0, 2**31 - 1]"),
+    ({"sampling_parameters": json.dumps({"max_tokens": "4", "min_tokens": "5"})},
+     "min_tokens (5) must be <= max_tokens (4)"),
+    ({"sampling_parameters": '{"stop": ' + "[" * 100_000 + "]" * 100_000 + "}"},
+     "input 'sampling_parameters' is nested deeper than 16 levels"),
     ({"sampling_parameters": "{not json"}, "input 'sampling_parameters' is not valid JSON"),
     ({"exclude_input_in_output": False, "stream": True},
      "exclude_input_in_output = false is not allowed with stream = true"),
