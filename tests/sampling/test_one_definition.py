@@ -37,3 +37,21 @@ def test_model_configs_declare_each_tensor_parameter_with_its_datatype(model):
         if p.triton_dtype:
             want = "STRING" if p.triton_dtype == "BYTES" else p.triton_dtype
             assert declared.get(p.name) == want, p.name
+
+
+def test_client_generation_params_are_the_server_parameters():
+    from tritonkv_client import params as client_params
+
+    names = {f.name for f in dataclasses.fields(client_params.GenerationParams)}
+    assert names == set(BY_NAME)
+    for name, (_, dtype) in client_params._SCALARS.items():
+        assert BY_NAME[name].triton_dtype == dtype, name
+    tensor_scalars = {p.name for p in PARAMETERS if p.triton_dtype and p.kind in ("int", "float", "bool")}
+    assert set(client_params._SCALARS) == tensor_scalars
+
+
+def test_openai_bodies_take_every_openai_parameter():
+    from tritonkv.openai_frontend.schema import ChatBody, CompletionBody
+
+    for body in (ChatBody, CompletionBody):
+        assert {p.name for p in PARAMETERS if p.openai} <= set(body.model_fields)
