@@ -55,3 +55,12 @@ def test_openai_bodies_take_every_openai_parameter():
 
     for body in (ChatBody, CompletionBody):
         assert {p.name for p in PARAMETERS if p.openai} <= set(body.model_fields)
+
+
+def test_docs_list_every_parameter():
+    client_doc = (ROOT / "docs" / "client.md").read_text()
+    openai_doc = (ROOT / "docs" / "openai.md").read_text()
+    for p in PARAMETERS:
+        assert f"| `{p.name}` (" in client_doc, p.name
+        if p.openai:
+            assert f"| `{p.name}`" in openai_doc, p.name
