@@ -124,7 +124,7 @@ def test_bad_input_gets_clear_errors_and_loses_no_block(server, stream):
     errors = {
         "empty prompt": stream.turn(seq_id=7001, start=True, end=True, text=""),
         "outside the vocabulary": stream.turn(seq_id=7002, start=True, end=True, ids=[256, 999]),
-        "max_tokens must be > 0": stream.turn(seq_id=7003, start=True, end=True, ids=[65], max_tokens=0),
+        "'max_tokens' must be in [1, 2**31 - 1], got 0": stream.turn(seq_id=7003, start=True, end=True, ids=[65], max_tokens=0),
         "exceeds the context limit": stream.turn(seq_id=7004, start=True, end=True, ids=[65], max_tokens=10**6),
         "at most 512": stream.turn(seq_id=7005, start=True, end=True, ids=[65] * 600),
         "START": stream.turn(seq_id=7006, ids=[65], max_tokens=2),  # said by the sequence batcher

@@ -26,6 +26,7 @@ from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
 from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_sampling)
+from tritonkv.sampling.logprobs import token_logprob
 from tritonkv.sampling.params import check_token_ids
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
@@ -415,11 +416,13 @@ class Engine:
         (finished, cancelled, released) are dropped."""
         t0 = time.perf_counter()
         sampled = iter(self.runner.collect(step.handle))
+        logprob_rows = iter(self.runner.collect_logprobs(step.handle))  # None where not asked
         t1 = time.perf_counter()
         mass = step.handle.mass.numpy() if step.handle.mass is not None else None
         for i, (chunk, turn) in enumerate(zip(step.plan, step.turns)):
             seq = chunk.seq
             token = next(sampled) if chunk.sample else None
+            raw_logprob = next(logprob_rows) if chunk.sample else None
             if seq.turn is not turn or seq.status is not SeqStatus.RUNNING or seq.num_computed != chunk.start:
                 continue
             seq.num_computed += chunk.num_tokens
@@ -429,7 +432,7 @@ class Engine:
             if token is None:
                 continue
             try:
-                self._append_token(seq, token)
+                self._append_token(seq, token, raw_logprob)
             except Exception as exc:  # this row's output failed (e.g. its text): end this turn only
                 log.exception("output of one sequence failed")
                 if seq.turn is turn:
@@ -445,8 +448,10 @@ class Engine:
                        turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),
                        penalty=turn.penalty)
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
+    def _append_token(self, seq: Sequence, token: int, raw_logprob: tuple | None = None) -> None:
         turn = seq.turn
+        logprobs = None if raw_logprob is None else [token_logprob(
+            token, raw_logprob, turn.params.logprobs, self.tokenizer and (lambda t: self.tokenizer.decode([t])))]
         seq.token_ids.append(token)
         turn.output_ids.append(token)
         seq.last_active = time.monotonic()
@@ -463,10 +468,10 @@ class Engine:
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
         if reason is None:
-            self._reply(turn, TurnOutput(text, [token]))
+            self._reply(turn, TurnOutput(text, [token], logprobs=logprobs))
             return
         text += turn.text.finish(stopped)
-        self._finish(seq, TurnOutput(text, [token], True, reason))
+        self._finish(seq, TurnOutput(text, [token], True, reason, logprobs=logprobs))
 
     def _finish(self, seq: Sequence, out: TurnOutput) -> None:
         turn = seq.turn

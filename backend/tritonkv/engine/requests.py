@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from tritonkv.engine.output import TurnTextBuilder
+    from tritonkv.sampling.logprobs import TokenLogprob
     from tritonkv.sampling.penalty_state import PenaltyState
 
 
@@ -36,6 +37,7 @@ class TurnOutput:
     cached_tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch
 
 from tritonkv.engine.requests import SamplingParams
 from tritonkv.engine.sampler import GREEDY_BELOW, PenaltyRows, RowSettings, sample_ids, uses_filter, uses_min_p
+from tritonkv.sampling import logprobs as lp
 from tritonkv.sampling.penalty_state import PenaltyState, PenaltyTable
 from tritonkv.model.llama import AttentionBatch, CausalLM
 
@@ -99,6 +100,7 @@ class StepHandle:
     num_samples: int
     times: StepTimes | None = None
     mass: torch.Tensor | None = None  # [rows, table blocks] float32 (collect_mass), host
+    logprobs: lp.LogprobBatch | None = None  # host, for the sampled rows that asked
 
 
 class ModelRunner:
@@ -273,6 +275,10 @@ class ModelRunner:
                 handle.mass = self.block_mass[:n].clone()
         if sample_at:
             handle.sampled = sample_ids(logits, params, [r.generator for r in samplers], settings)
+            asked = [j for j, p in enumerate(params) if p.logprobs is not None]
+            if asked:  # of the raw logits (sampling/logprobs.py)
+                batch = lp.compute(logits, handle.sampled, asked, max(params[j].logprobs for j in asked))
+                handle.logprobs = batch.to_host(pinned=self.device.type == "cuda")
             if self.device.type == "cuda":
                 handle.host = self._h_out[self._out_turn][:len(sample_at)]
                 self._out_turn ^= 1
@@ -295,6 +301,12 @@ class ModelRunner:
         if handle.num_samples == 0:
             return []
         return handle.host.tolist()
+
+    @staticmethod
+    def collect_logprobs(handle: StepHandle) -> list[tuple | None]:
+        """After ``collect``: per sampled row, (chosen logprob, rank, top ids, top logprobs) or
+        None where the row did not ask."""
+        return lp.per_row(handle.logprobs, handle.num_samples)
 
     def _row_settings(self, params: list[SamplingParams], states: list[PenaltyState | None]) -> RowSettings | None:
         penalised = [i for i, s in enumerate(states) if s is not None]

@@ -27,6 +27,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 MAX_STOP = 64  # stop strings per request
 MAX_TOKEN_LIST = 1024  # entries of stop_token_ids / logit_bias per request
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
+MAX_LOGPROBS = 20  # most likely tokens returned per generated token
 
 
 class RequestError(ValueError):
@@ -93,11 +94,13 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("logit_bias", "token_bias", (), f"token id -> value in [-{LOGIT_BIAS_LIMIT:g}, "
               f"{LOGIT_BIAS_LIMIT:g}] added to its logit before anything else"),
     Parameter("ignore_eos", "bool", False, "keep generating after EOS", triton_dtype="BOOL"),
+    Parameter("logprobs", "int", None, "return each generated token's log-probability (of the model's "
+              f"distribution, before any setting above) and this many of the most likely tokens' "
+              f"(None: none; at most {MAX_LOGPROBS})", 0, MAX_LOGPROBS, openai=False),
 )
 BY_NAME = {p.name: p for p in PARAMETERS}
 # vLLM SamplingParams keys accepted only at the value that changes nothing
-NEUTRAL_VALUES = {"n": 1, "best_of": 1, "logprobs": None, "prompt_logprobs": None,
-                  "include_stop_str_in_output": False}
+NEUTRAL_VALUES = {"n": 1, "best_of": 1, "prompt_logprobs": None, "include_stop_str_in_output": False}
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, bias), ids unique
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
 
     @property
     def uses_penalties(self) -> bool:
