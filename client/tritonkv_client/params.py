@@ -7,7 +7,8 @@ Rules:
 - the settings are the server's sampling parameters (tritonkv.sampling.params, where each
   one's range and meaning are defined; a test keeps the names and datatypes equal): scalars
   and ``stop`` / ``stop_token_ids`` travel as input tensors, ``logit_bias`` (no tensor) as
-  JSON text in a request parameter (gRPC) or body field (HTTP generate).
+  JSON text and ``logprobs`` as an integer in a request parameter (gRPC) or body field (HTTP
+  generate).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class GenerationParams:
     min_tokens: int | None = None
     stop_token_ids: tuple[int, ...] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    logprobs: int | None = None  # each token's logprob and this many top ones (``logprobs`` output)
 
     def merged(self, **overrides) -> "GenerationParams":
         """These settings with the non-None ``overrides`` applied (unknown names are a TypeError)."""
@@ -146,4 +148,6 @@ def salt_parameters(cache_salt: str | None, params: GenerationParams | None = No
     out = {} if cache_salt is None else {"cache_salt": cache_salt}
     if params is not None and params.logit_bias:
         out["logit_bias"] = logit_bias_text(params.logit_bias)
+    if params is not None and params.logprobs is not None:
+        out["logprobs"] = params.logprobs
     return out or None

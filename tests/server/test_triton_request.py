@@ -16,9 +16,9 @@ from tritonkv.server.triton_request import (KNOWN_PARAMETERS, BadRequest, Limits
 LIMITS = Limits(max_model_len=512, max_text_bytes=2048)
 
 
-def parse(inputs=None, parameters=None, *, stateless=True, limits=LIMITS, **kw):
-    return parse_request(pb, Request(inputs, parameters, **kw), stateless=stateless, default_max_tokens=16,
-                         limits=limits)
+def parse(inputs=None, parameters=None, *, stateless=True, limits=LIMITS, default_max=16, **kw):
+    return parse_request(pb, Request(inputs, parameters, **kw), stateless=stateless,
+                         default_max_tokens=default_max, limits=limits)
 
 
 def refused(*args, **kw) -> str:
@@ -204,7 +204,13 @@ def test_vllm_form_sets_sampling_and_reply_form():
               {"temperature": "0.1", "max_tokens": "100"})
     assert (q.params.temperature, q.params.max_tokens) == (0.1, 100)
     assert q.stream == ReplyForm(False, echo="Hello")  # one reply that repeats the prompt
-    assert parse(vllm_inputs({})).stream == ReplyForm(False)  # left out: nothing echoed
+    # left out (issue 22): vLLM's defaults for this form, the prompt echoed and 16 tokens
+    v = parse(vllm_inputs({}))
+    assert v.stream == ReplyForm(False, echo="Hello") and v.params.max_tokens == 16
+    assert parse(vllm_inputs({}, exclude_input_in_output=True)).stream == ReplyForm(False)
+    assert parse(vllm_inputs({}, stream=True)).stream == ReplyForm(True)  # streamed: never echoed
+    ours = parse({"text_input": "Hello"}, default_max=99)
+    assert ours.stream == ReplyForm(False) and ours.params.max_tokens == 99  # our form: our defaults
 
 
 def test_vllm_form_refusals_name_the_key():
@@ -229,9 +235,16 @@ def test_exclude_input_in_output_false_needs_one_reply_and_text():
     assert "exclude_input_in_output = false is not allowed with stream = true" in message
     message = refused({"input_ids": i32(1, 2), "exclude_input_in_output": b(False)})
     assert "needs the prompt as text_input" in message
-    assert "return_logprobs" in refused(vllm_inputs({}, return_logprobs=True))
-    assert "return_cumulative_logprob" in refused(vllm_inputs({}, return_cumulative_logprob=True))
-    assert parse(vllm_inputs({}, return_logprobs=False)).stream == ReplyForm(False)
+    assert parse(vllm_inputs({}, return_logprobs=False)).params.logprobs is None
+
+
+def test_return_logprobs_asks_the_engine_for_logprobs():
+    p = parse(vllm_inputs({"logprobs": 3}, exclude_input_in_output=True, return_logprobs=True))
+    assert p.params.logprobs == 3 and p.stream.logprobs
+    q = parse(vllm_inputs({"logprobs": None}, exclude_input_in_output=True, return_cumulative_logprob=True))
+    assert q.params.logprobs == 0 and q.stream.cumulative_logprob  # the chosen tokens' only
+    assert parse({"text_input": "a"}, {"logprobs": 5}).params.logprobs == 5
+    assert "parameter 'logprobs' must be in [0, 20], got 21" in refused({"text_input": "a"}, {"logprobs": 21})
 
 
 def test_vllm_keys_without_a_sampler_are_accepted_only_when_neutral():
@@ -337,3 +350,23 @@ def test_reply_channel_vllm_outputs_streamed():
     first, last = [reply_tensors(r) for r, _ in sender.sent]
     assert set(first) == {"text_output", "output_ids"}
     assert last["finish_reason"] == [b"eos"] and last["prompt_tokens"] == [2]
+
+
+def test_reply_channel_logprobs_outputs_in_vllms_format():
+    from tritonkv.sampling.logprobs import TokenLogprob
+
+    form = parse(vllm_inputs({"logprobs": 1}, exclude_input_in_output=True, return_logprobs=True,
+                             return_cumulative_logprob=True)).stream
+    sender = pb.Sender()
+    channel = ReplyChannel(pb, sender, form)
+    first = TokenLogprob(5, -0.5, 1, [(5, -0.5)], {5: "a"})
+    second = TokenLogprob(7, -2.0, 2, [(9, -0.25)], {7: "b", 9: "c"})
+    channel(TurnOutput("a", [5], logprobs=[first]))
+    channel(TurnOutput("b", [7], True, "length", logprobs=[second]))
+    (response, _), = sender.sent
+    out = reply_tensors(response)
+    assert json.loads(out["logprobs"][0]) == [
+        {"5": {"logprob": -0.5, "rank": 1, "decoded_token": "a"}},
+        {"7": {"logprob": -2.0, "rank": 2, "decoded_token": "b"}, "9": {"logprob": -0.25, "rank": 1,
+                                                                       "decoded_token": "c"}}]
+    assert out["cumulative_logprob"] == [-2.5]

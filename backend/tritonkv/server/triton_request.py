@@ -134,6 +134,8 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
             return checked(name, tensor_setting(arr, name, SETTINGS[name]), f"input {name!r}")
         if name in params:
             value = params[name]
+            if value is None:  # JSON null (vLLM's None): the default
+                return default
             if name == "top_k" and convert(value, "int", "parameter 'top_k'") == -1:
                 return 0  # vLLM's "off"
             return checked(name, value, f"parameter {name!r}")
@@ -145,14 +147,17 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
             vllm.check_neutral(name, params[name], BadRequest)
     values = {p.name: setting(p.name, p.default) for p in PARAMETERS if p.name != "stop"}
     values["stop"] = _stop(pb_utils, request, params)
+    vllm_form = _is_vllm_form(pb_utils, request)
     if values["max_tokens"] is None:
-        values["max_tokens"] = default_max_tokens
+        values["max_tokens"] = vllm.DEFAULT_MAX_TOKENS if vllm_form else default_max_tokens
+    reply = _reply_form(pb_utils, request, setting("stream", not stateless), text, input_ids, vllm_form)
+    if (reply.logprobs or reply.cumulative_logprob) and values["logprobs"] is None:
+        values["logprobs"] = 0  # the chosen tokens' logprobs are needed
     sampling = SamplingParams(**values)
     try:
         check_sampling(sampling)
     except RequestError as exc:
         raise BadRequest(str(exc)) from None
-    reply = _reply_form(pb_utils, request, setting("stream", not stateless), text, input_ids)
     salt = params.get("cache_salt")
     if salt is not None:
         if isinstance(salt, bool) or not isinstance(salt, (str, int)):
@@ -181,23 +186,29 @@ def _flag(pb_utils, request, name: str) -> bool | None:
     return None if arr is None else tensor_setting(arr, name, "bool")
 
 
-def _reply_form(pb_utils, request, stream: bool, text: str | None, input_ids) -> ReplyForm:
+def _reply_form(pb_utils, request, stream: bool, text: str | None, input_ids, vllm_form: bool) -> ReplyForm:
     """The vLLM backend's output flags (see ``vllm_contract``)."""
-    for name, what in vllm.UNSUPPORTED_FLAGS.items():
-        if _flag(pb_utils, request, name):
-            raise BadRequest(f"input {name!r} = true is not supported: tritonkv does not compute {what}")
     echo = ""
-    if _flag(pb_utils, request, "exclude_input_in_output") is False:
+    exclude = _flag(pb_utils, request, "exclude_input_in_output")
+    if exclude is False:
         if stream:
             raise BadRequest("exclude_input_in_output = false is not allowed with stream = true (as in "
                              "Triton's vLLM backend): streamed responses never repeat the prompt")
         if text is None:
             raise BadRequest("exclude_input_in_output = false needs the prompt as text_input (it is echoed "
                              "as text); input_ids cannot be echoed")
+    if (exclude is False or (exclude is None and vllm_form and not stream)) and text is not None:
         echo = text
     return ReplyForm(stream, echo, bool(_flag(pb_utils, request, "return_finish_reason")),
                      bool(_flag(pb_utils, request, "return_num_input_tokens")),
-                     bool(_flag(pb_utils, request, "return_num_output_tokens")))
+                     bool(_flag(pb_utils, request, "return_num_output_tokens")),
+                     bool(_flag(pb_utils, request, "return_logprobs")),
+                     bool(_flag(pb_utils, request, "return_cumulative_logprob")))
+
+
+def _is_vllm_form(pb_utils, request) -> bool:
+    """The request uses the vLLM backend's contract: its defaults apply (vllm_contract)."""
+    return any(_input(pb_utils, request, name) is not None for name in vllm.INPUT_ONLY)
 
 
 def _prompt(pb_utils, request, limits: Limits) -> tuple[str | None, list[int] | None]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import json
+
 import numpy as np
 
 from tritonkv.engine.requests import TurnOutput
@@ -29,6 +31,8 @@ class ReplyForm:
     vllm_finish_reason: bool = False  # finish_reason on every response, in vLLM's words
     num_input_tokens: bool = False
     num_output_tokens: bool = False
+    logprobs: bool = False  # return_logprobs: the ``logprobs`` output on every response
+    cumulative_logprob: bool = False
 
     def __bool__(self) -> bool:
         return self.stream
@@ -37,9 +41,12 @@ class ReplyForm:
 PLAIN = ReplyForm(stream=True)  # no output asked beyond our own
 
 
-def make_response(pb_utils, out: TurnOutput, form: ReplyForm = PLAIN, echo: str = ""):
+def make_response(pb_utils, out: TurnOutput, form: ReplyForm = PLAIN, echo: str = "",
+                  cumulative_logprob: float = 0.0):
     """One response; ``echo`` is prepended to its text. The vLLM outputs are added where
-    ``form`` asks for them; ``num_input_tokens`` where the engine reported the prompt's size."""
+    ``form`` asks for them; ``num_input_tokens`` where the engine reported the prompt's size;
+    ``logprobs`` wherever the engine computed them (``logprobs`` asked by parameter, or
+    ``return_logprobs``)."""
     if out.error is not None:
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(out.error))
 
@@ -61,6 +68,11 @@ def make_response(pb_utils, out: TurnOutput, form: ReplyForm = PLAIN, echo: str 
         tensors.append(pb_utils.Tensor("num_input_tokens", np.array([out.prompt_tokens], dtype=np.uint32)))
     if form.num_output_tokens:
         tensors.append(pb_utils.Tensor("num_output_tokens", np.array([len(out.token_ids)], dtype=np.uint32)))
+    if form.logprobs or out.logprobs is not None:
+        text = "null" if out.logprobs is None else json.dumps([e.as_vllm() for e in out.logprobs])
+        tensors.append(strings("logprobs", text))
+    if form.cumulative_logprob:
+        tensors.append(pb_utils.Tensor("cumulative_logprob", np.array([cumulative_logprob], dtype=np.float32)))
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
@@ -88,6 +100,8 @@ class ReplyChannel:
         self.stream = self.form.stream
         self.text: list[str] = []
         self.ids: list[int] = []
+        self.logprobs: list | None = None
+        self.cumulative_logprob = 0.0
 
     def error(self, message: str, code: str | None = None) -> None:
         """The request's final answer: an error (``code``: a Triton error code name)."""
@@ -99,12 +113,18 @@ class ReplyChannel:
 
     def __call__(self, out: TurnOutput) -> None:
         final_flag = self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if out.logprobs:
+            self.cumulative_logprob += sum(e.logprob for e in out.logprobs)
         if not self.stream and out.error is None:
             self.text.append(out.text)
             self.ids.extend(out.token_ids)
+            if out.logprobs is not None:
+                self.logprobs = self.logprobs or []
+                self.logprobs.extend(out.logprobs)
             if not out.finished:
                 return
             out = TurnOutput("".join(self.text), self.ids, True, out.finish_reason,
-                             out.cached_tokens, out.prompt_tokens)
+                             out.cached_tokens, out.prompt_tokens, logprobs=self.logprobs)
         echo = "" if self.stream else self.form.echo
-        self.sender.send(make_response(self.pb_utils, out, self.form, echo), flags=final_flag if out.finished else 0)
+        self.sender.send(make_response(self.pb_utils, out, self.form, echo, self.cumulative_logprob),
+                         flags=final_flag if out.finished else 0)

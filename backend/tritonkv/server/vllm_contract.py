@@ -7,13 +7,18 @@ Inputs (all optional, declared in model_repository/llm_stateless/config.pbtxt):
   the same keys may come as request parameters, and a key sent both ways must hold the same
   value (vLLM's sample client sends both).
 - ``exclude_input_in_output`` (BOOL): false echoes the prompt text before the generated text
-  of a one-reply request; false with ``stream`` true is refused, as vLLM does. Left out,
-  nothing is echoed (vLLM echoes when it is left out and the request does not stream).
+  of a one-reply request; false with ``stream`` true is refused, as vLLM does. Left out, a
+  request in this form (``sampling_parameters`` or any of these flags sent) is echoed when it
+  does not stream, as vLLM does; ``max_tokens`` then defaults to 16 (vLLM's default).
 - ``return_finish_reason`` / ``return_num_input_tokens`` / ``return_num_output_tokens``:
   outputs ``finish_reason`` (on every response, vLLM's words: "None" until the last, then
   "stop" / "length" / "abort"), ``num_input_tokens`` (UINT32, the prompt's token count) and
   ``num_output_tokens`` (UINT32, the tokens in this response).
-- ``return_logprobs`` / ``return_cumulative_logprob``: false only (no log-probabilities here).
+- ``return_logprobs``: output ``logprobs`` (BYTES, one JSON string per response: a list, one
+  entry per token of the response, of {token id: {logprob, rank, decoded_token}}: the chosen
+  token and the ``logprobs`` most likely ones, vLLM's ``SampleLogprobs``); without a
+  ``logprobs`` key only the chosen token's. ``return_cumulative_logprob``: output
+  ``cumulative_logprob`` (FP32, the sum of the chosen tokens' logprobs so far).
 
 The sampling keys and their ranges are ``tritonkv.sampling.params``' (``PARAMETERS``, the
 keys marked ``vllm``). vLLM keys tritonkv has no sampler for (``n``, ``best_of``, logprobs)
@@ -35,7 +40,7 @@ MAX_JSON_DEPTH = 16  # nesting levels of a JSON value in a request
 NOT_SAMPLING = ("stream", "cache_salt")
 FLAG_INPUTS = ("exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
                "return_num_output_tokens", "return_logprobs", "return_cumulative_logprob")
-UNSUPPORTED_FLAGS = {"return_logprobs": "log-probabilities", "return_cumulative_logprob": "log-probabilities"}
+DEFAULT_MAX_TOKENS = 16  # vLLM SamplingParams' default, for requests in this form
 INPUT_ONLY = ("sampling_parameters", *FLAG_INPUTS)
 # finish reasons in vLLM's words (RequestOutput.finish_reason)
 VLLM_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}
