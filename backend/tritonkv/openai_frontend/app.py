@@ -158,7 +158,7 @@ class _ClientGone(Exception):
 
 
 async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation, chat: bool, prompt_param: str):
-    answer = Answer(gen.model, chat)
+    answer = Answer(gen.model, chat, gen.sampling.get("logprobs"))
     deltas = bridge.generate(gen, prompt_param)
     try:
         if gen.stream:

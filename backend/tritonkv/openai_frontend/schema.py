@@ -7,9 +7,10 @@ Rules:
   anything is converted; OpenAI's tighter range for temperature ([0, 2]) applies on top. The
   vLLM extensions are accepted as vLLM's OpenAI server does (``top_k`` -1 = off,
   ``repetition_penalty``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
-  ``cache_salt``);
+  ``cache_salt``); ``logprobs`` is OpenAI's per endpoint (completions: a count of top tokens,
+  chat: a boolean with ``top_logprobs``), at most ``MAX_LOGPROBS`` (20, as vLLM);
 - a known OpenAI field this server does not implement is accepted only at its neutral value
-  (``n`` = 1, no logprobs, no tools, ...) and refused otherwise, naming it;
+  (``n`` = 1, ``echo`` false, no tools, ...) and refused otherwise, naming it;
 - every check raises ``OpenAIError`` 400 whose message and ``param`` name the field.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tritonkv.openai_frontend.errors import bad_request
-from tritonkv.sampling.params import MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
+from tritonkv.sampling.params import MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
 
 INT64_MAX = 2**63 - 1  # the seed travels as an INT64 tensor
 OPENAI_TEMPERATURE_MAX = 2.0
@@ -117,7 +118,6 @@ def _neutral(body: _Body, name: str, allowed) -> None:
 def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
     """The sampling fields every endpoint shares, checked; ``max_tokens`` comes per endpoint."""
     _neutral(body, "n", (1,))
-    _neutral(body, "logprobs", (False, 0))
     values = {}
     for p in PARAMETERS:
         if not p.openai:
@@ -154,6 +154,15 @@ def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
                 cache_salt=body.cache_salt)
 
 
+def _logprobs(count, name: str) -> int:
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise bad_request(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {count!r:.40}", name)
+    try:
+        return check_value("logprobs", count, name)
+    except ParameterError as exc:
+        raise bad_request(str(exc), name) from None
+
+
 def completion_generation(body: CompletionBody) -> Generation:
     _neutral(body, "echo", (False,))
     _neutral(body, "best_of", (1,))
@@ -168,7 +177,10 @@ def completion_generation(body: CompletionBody) -> Generation:
         raise bad_request("'prompt' is empty", "prompt")
     text = prompt if isinstance(prompt, str) else None
     ids = None if isinstance(prompt, str) else list(prompt)
-    return Generation(text=text, input_ids=ids, **sampling(body, body.max_tokens, "max_tokens"))
+    gen = Generation(text=text, input_ids=ids, **sampling(body, body.max_tokens, "max_tokens"))
+    if body.logprobs is not None and body.logprobs is not False:  # completions: the top count (0: the chosen)
+        gen.sampling["logprobs"] = _logprobs(body.logprobs, "logprobs")
+    return gen
 
 
 def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
@@ -178,14 +190,21 @@ def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
         raise bad_request("send 'max_completion_tokens' or 'max_tokens', not both", "max_tokens")
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    _neutral(body, "top_logprobs", (0,))
+    if body.logprobs is not None and not isinstance(body.logprobs, bool):
+        raise bad_request(f"logprobs must be a boolean, got {body.logprobs!r:.40}", "logprobs")
+    top = None if body.top_logprobs is None else _logprobs(body.top_logprobs, "top_logprobs")
+    if top is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs true", "top_logprobs")
     if body.tools:
         raise bad_request("'tools' are not supported by this server", "tools")
     _neutral(body, "tool_choice", ("none",))
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise bad_request("'response_format' other than {'type': 'text'} is not supported by this server",
                           "response_format")
-    return Generation(text=None, input_ids=prompt_ids, **sampling(body, max_tokens, name))
+    gen = Generation(text=None, input_ids=prompt_ids, **sampling(body, max_tokens, name))
+    if body.logprobs:
+        gen.sampling["logprobs"] = top or 0
+    return gen
 
 
 def chat_messages(body: ChatBody) -> list[dict]:

@@ -37,6 +37,7 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[dict] | None = None  # per token: {token id: {logprob, rank, decoded_token}}
 
 
 def _tensor(name: str, arr: np.ndarray, dtype: str) -> grpcclient.InferInput:
@@ -139,6 +140,9 @@ def _delta(result) -> Delta:
     reason = result.as_numpy("finish_reason")
     token_ids = [] if ids is None else ids.tolist()
     delta = Delta("" if text is None else text[0].decode("utf-8"), len(token_ids), token_ids)
+    logprobs = result.as_numpy("logprobs")
+    if logprobs is not None:
+        delta.logprobs = json.loads(logprobs.reshape(-1)[0].decode("utf-8"))
     if reason is not None:
         delta.finish_reason = reason[0].decode("utf-8")
         cached = result.as_numpy("cached_tokens")
