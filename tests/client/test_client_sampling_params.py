@@ -22,3 +22,15 @@ def test_penalties_and_token_lists_travel_as_tensors_and_logit_bias_as_a_paramet
     body = request_body("hi", None, p, stream=False)
     assert body["stop_token_ids"] == [7, 8] and json.loads(body["logit_bias"]) == {"5": -100.0, "9": 2.0}
     assert (body["repetition_penalty"], body["min_tokens"]) == (1.2, 3)
+
+
+def test_logprobs_output_is_read_into_the_result():
+    from tritonkv_client._responses import reply_result
+
+    entry = {"7": {"logprob": -0.5, "rank": 1, "decoded_token": "a"}}
+    body = json.dumps({"text_output": "a", "output_ids": 7, "finish_reason": "length", "cached_tokens": 0,
+                       "prompt_tokens": 2, "logprobs": json.dumps([entry])})
+    result = reply_result(body, "llm_stateless", 200, 0.0, 1.0)
+    assert result.token_ids == [7] and result.logprobs == [entry]
+    p = GenerationParams().merged(logprobs=3)
+    assert salt_parameters(None, p) == {"logprobs": 3}
