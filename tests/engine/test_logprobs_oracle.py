@@ -13,11 +13,20 @@ from tritonkv.sampling.params import SamplingParams
 TOL = 1e-4 if TEST_DEVICE == "cpu" else 2e-2
 
 
+def _built(name, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(name))
+    hf = build_tiny_checkpoint(name, path)
+    return hf, make_engine(path)
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2_bias", "mistral_window"])
 def family(request, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp(request.param))
-    hf = build_tiny_checkpoint(request.param, path)
-    return hf, make_engine(path)
+    return _built(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _built("llama", tmp_path_factory)
 
 
 def run(engine, ids, params, corr="lp"):
@@ -45,8 +54,8 @@ def test_greedy_logprobs_and_top_5_equal_hf_log_softmax(family):
         assert max(abs(v - float(r)) for (_, v), r in zip(entry.top, top_values[:5])) < TOL
 
 
-def test_sampled_and_penalised_tokens_report_raw_logprobs_and_their_rank(family):
-    hf, engine = family
+def test_sampled_and_penalised_tokens_report_raw_logprobs_and_their_rank(llama):
+    hf, engine = llama
     ids = [1, 17, 33, 33, 54, 80]
     params = SamplingParams(max_tokens=8, temperature=1.5, seed=9, ignore_eos=True, repetition_penalty=1.7,
                             logprobs=0)
@@ -61,8 +70,8 @@ def test_sampled_and_penalised_tokens_report_raw_logprobs_and_their_rank(family)
                 context.append(token)
 
 
-def test_rows_without_logprobs_get_none_beside_rows_with_them(family):
-    hf, engine = family
+def test_rows_without_logprobs_get_none_beside_rows_with_them(llama):
+    hf, engine = llama
     a, b = Collector(), Collector()
     engine.submit("a", [1, 5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), a,
                   start=True, end=True)

@@ -176,3 +176,13 @@ def test_chat_templating_and_tokenising_run_off_the_event_loop(checkpoint):
     assert len(bridge.sent[1].input_ids) > 480_000  # it was tokenised (byte-level: one id a byte)
     gaps = np.diff(bridge.taken)
     assert max(gaps) < 0.25, max(gaps)
+
+
+def test_prompt_token_ids_outside_int32_are_400_not_a_cast(checkpoint):
+    bridge = PacedBridge()
+    app = create_app(ServedModel.load(checkpoint, "m", max_model_len=512), bridge)
+    for bad in (2**40, -1, 2**31):
+        r = post(app, "/v1/completions", {"model": "m", "prompt": [1, bad, 3]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert f"token id {bad}, outside [0, 2**31 - 1]" in r.json()["error"]["message"]
+    assert bridge.sent == []

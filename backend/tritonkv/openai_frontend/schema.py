@@ -25,6 +25,7 @@ from tritonkv.openai_frontend.errors import bad_request
 from tritonkv.sampling.params import MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
 
 INT64_MAX = 2**63 - 1  # the seed travels as an INT64 tensor
+INT32_MAX = 2**31 - 1  # prompt token ids travel as INT32
 OPENAI_TEMPERATURE_MAX = 2.0
 
 
@@ -177,6 +178,9 @@ def completion_generation(body: CompletionBody) -> Generation:
         raise bad_request("'prompt' is empty", "prompt")
     text = prompt if isinstance(prompt, str) else None
     ids = None if isinstance(prompt, str) else list(prompt)
+    bad = next((t for t in ids or () if not 0 <= t <= INT32_MAX), None)
+    if bad is not None:  # they travel as INT32; the model checks them against its vocabulary
+        raise bad_request(f"'prompt' holds token id {bad}, outside [0, 2**31 - 1]", "prompt")
     gen = Generation(text=text, input_ids=ids, **sampling(body, body.max_tokens, "max_tokens"))
     if body.logprobs is not None and body.logprobs is not False:  # completions: the top count (0: the chosen)
         gen.sampling["logprobs"] = _logprobs(body.logprobs, "logprobs")
