@@ -9,7 +9,7 @@ import torch
 from tritonkv.cache.allocate import (capacity_figures, kv_bytes_per_token, resolve_num_blocks,
                                      sequence_block_bound, sequence_blocks)
 from tritonkv.cache.capacity_report import capacity_rows, parse_parameters, unsupported_reason
-from tritonkv.cache.eviction import policy_for
+from tritonkv.cache.eviction.choose import policy_for
 from tritonkv.config import EngineConfig
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.server.cli import main as cli
@@ -63,9 +63,8 @@ def test_sequence_block_bounds_are_the_engines_eviction_policy():
              dict(kv_eviction="streaming", attention_sinks=4, kv_window=1020),
              dict(kv_eviction="h2o", attention_sinks=4, heavy_hitter_tokens=100, kv_window=64)]
     for case in cases:
-        policy = policy_for(case.get("kv_eviction", "none"), 16, model_window=case.get("sliding_window"),
-                            kv_window=case.get("kv_window", 0), attention_sinks=case.get("attention_sinks", 4),
-                            heavy_hitter_tokens=case.get("heavy_hitter_tokens", 0))
+        settings = {k: v for k, v in case.items() if k != "sliding_window"}
+        policy = policy_for(EngineConfig(block_size=16, **settings), case.get("sliding_window"))
         assert sequence_block_bound(16, **case) == policy.blocks_per_sequence(1)
     # and what any correct policy must keep: a run of w tokens spans up to ceil(w / 16) + 1
     # blocks; streaming keeps 1 sink block + a 1020-token window; h2o 7 heavy blocks more

@@ -131,23 +131,25 @@ def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def eviction_settings(config: EngineConfig) -> dict:
-    """The engine's eviction parameters (defaults when this EngineConfig has no such field)."""
-    return {"kv_eviction": getattr(config, "kv_eviction", "none"),
-            "attention_sinks": int(getattr(config, "attention_sinks", 4)),
-            "kv_window": int(getattr(config, "kv_window", 0)),
-            "heavy_hitter_tokens": int(getattr(config, "heavy_hitter_tokens", 0))}
+    """The engine's eviction parameters."""
+    return {"kv_eviction": config.kv_eviction, "attention_sinks": config.attention_sinks,
+            "kv_window": config.kv_window, "heavy_hitter_tokens": config.heavy_hitter_tokens,
+            "kv_window_stride": config.kv_window_stride}
 
 
 def sequence_block_bound(block_size: int, sliding_window: int | None = None, kv_eviction: str = "none",
                          attention_sinks: int = 4, kv_window: int = 0, heavy_hitter_tokens: int = 0,
-                         chunk_tokens: int = 1) -> int | None:
+                         kv_window_stride: int = 0, chunk_tokens: int = 1) -> int | None:
     """Most blocks one sequence holds under the engine's eviction policy, however long it
     runs, computing ``chunk_tokens`` per step; None: unbounded."""
-    from tritonkv.cache.eviction import policy_for
+    from types import SimpleNamespace
 
-    policy = policy_for(kv_eviction, block_size, model_window=sliding_window, kv_window=kv_window,
-                        attention_sinks=attention_sinks, heavy_hitter_tokens=heavy_hitter_tokens)
-    return policy.blocks_per_sequence(chunk_tokens) if policy.active else None
+    from tritonkv.cache.eviction.choose import policy_for
+
+    settings = SimpleNamespace(block_size=block_size, kv_eviction=kv_eviction, attention_sinks=attention_sinks,
+                               kv_window=kv_window, heavy_hitter_tokens=heavy_hitter_tokens,
+                               kv_window_stride=kv_window_stride)
+    return policy_for(settings, sliding_window).blocks_per_sequence(chunk_tokens)
 
 
 def sequence_blocks(context: int, block_size: int, bound: int | None = None) -> int:

@@ -4,7 +4,7 @@ Rules:
 - A block table lists the sequence's *kept* blocks in order; ``origins`` holds each one's
   original block number (token ``p`` of the text lives in original block ``p // block_size``).
   Without eviction the two are the same and tables are append-only. With an eviction policy
-  (cache/eviction.py) ``evict`` returns blocks no future query keeps; their tokens are
+  (cache/eviction/) ``evict`` returns blocks no future query keeps; their tokens are
   ``evicted_tokens``, so a new token at text position ``p`` lands at *cache index*
   ``p - evicted_tokens`` and the kernels see a dense cache.
 - Keys are stored rotated (RoPE) at ``cache index + angle_shift``; a query is rotated the same
@@ -20,13 +20,13 @@ Rules:
   rounding (bf16 would drift otherwise), and a source that sits in the prefix index stays
   valid for other sequences. Only the rebase turns blocks in place, and only private ones
   never turned before (recent-window blocks: each is rebased at most a couple of times in its
-  life). A streaming / h2o sequence registers no block past ``EvictionPolicy.cacheable_blocks``.
+  life). A sequence registers no block past its policy's ``cacheable_blocks``.
 - Only full blocks whose KV has been written are registered in the prefix index
   (``commit``), so a shared block is never written again.
 - A prefix hit never covers a prompt's last token: at least one token is computed, because
   its logits are needed.
-- h2o: ``add_mass`` accumulates each kept block's attention mass; the decisions taken and the
-  mass survive preemption (``preempt``), so a recompute evicts the same blocks at the same
+- A policy that ``needs_attention_mass`` (h2o): ``add_mass`` accumulates each kept block's
+  attention mass; the decisions taken and the mass survive preemption (``preempt``), so a recompute evicts the same blocks at the same
   positions.
 """
 
@@ -39,7 +39,9 @@ import numpy as np
 
 from tritonkv.cache.block_hash import NO_HASH, hash_full_blocks
 from tritonkv.cache.block_pool import BlockPool, PoolExhausted
-from tritonkv.cache.eviction import EvictionPolicy
+from tritonkv.cache.eviction.choose import EVICTING_POLICIES
+from tritonkv.cache.eviction.none import NoEviction
+from tritonkv.cache.eviction.policy import EvictionPolicy
 
 
 @dataclass
@@ -80,21 +82,21 @@ class KVOp:
 class KVCacheManager:
     def __init__(self, pool: BlockPool, owner: int, enable_prefix_caching: bool = True,
                  policy: EvictionPolicy | None = None, angle_limit: int = 1 << 62,
-                 max_chunk_tokens: int = 1 << 30):
+                 ):
         """``angle_limit``: rotary angles (positions) must stay below it (the rotary table)."""
         self.pool = pool
         self.owner = owner
         self.block_size = pool.block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.policy = policy or EvictionPolicy("none", pool.block_size)
+        self.policy = policy or NoEviction(pool.block_size)
         self.angle_limit = angle_limit
         # the most tokens a table holds (cache indices, so angles, stay below it + angle_shift)
-        self._cache_bound = (self.policy.kept_blocks() if self.policy.relative else
-                             self.policy.blocks_per_sequence(max_chunk_tokens)) * self.block_size
+        self._cache_bound = (self.policy.kept_blocks() * self.block_size if self.policy.positions_in_cache
+                             else 0)
         self._seqs: dict[Hashable, SequenceBlocks] = {}
         self._history: dict[Hashable, EvictionHistory] = {}
         self._ops: list[KVOp] = []
-        self.evicted_blocks = {"window": 0, "streaming": 0, "h2o": 0}
+        self.evicted_blocks = dict.fromkeys(EVICTING_POLICIES, 0)  # per policy name
         self.preempted_blocks = 0  # pool blocks held by sequences when they were preempted
 
     def __contains__(self, seq_id) -> bool:
@@ -142,7 +144,7 @@ class KVCacheManager:
         seq.origins.extend(origins)
         seq.sources.extend([-1] * len(blocks))
         seq.turned.extend([0] * len(blocks))
-        if self.policy.mode == "h2o":
+        if self.policy.needs_attention_mass:
             past = self._history.get(seq_id)
             init = [past.mass.get(o, 0.0) for o in origins] if past else [0.0] * len(origins)
             seq.mass = np.concatenate([seq.mass, np.asarray(init, dtype=np.float64)])
@@ -166,7 +168,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         seq = self._seqs[seq_id]
-        if self.policy.relative and seq.evicted_tokens:
+        if self.policy.positions_in_cache and seq.evicted_tokens:
             return  # KV past the first eviction depends on the policy, and sinks get rotated
         start = len(seq.hashes)
         parent = seq.hashes[-1] if seq.hashes else NO_HASH
@@ -184,15 +186,15 @@ class KVCacheManager:
 
     # -- eviction ----------------------------------------------------------------------------
     def needs_decision(self, seq_id, position: int) -> bool:
-        """h2o: the query at ``position`` would evict by mass (the engine must have read back
-        the mass of every earlier query first)."""
-        if self.policy.mode != "h2o":
+        """The query at ``position`` would evict by attention mass (the engine must have read
+        back the mass of every earlier query first)."""
+        if not self.policy.needs_attention_mass:
             return False
         seq = self._seqs[seq_id]
         return bool(self.policy.victims(seq.origins, position, seq.mass))
 
     def would_evict(self, seq_id, position: int) -> bool:
-        return self.policy.active and bool(self._victims(seq_id, self._seqs[seq_id], position))
+        return self.policy.evicts and bool(self._victims(seq_id, self._seqs[seq_id], position))
 
     def held_blocks(self, seq_id) -> int:
         """Pool blocks the sequence holds: its table plus the originals of turned blocks."""
@@ -203,14 +205,14 @@ class KVCacheManager:
         """Return the blocks that the query at text ``position`` and every later one no longer
         keep, and queue the key rotations this needs (``take_kv_ops``). False (nothing
         changed) if the pool cannot supply the turned copies (the caller preempts or waits)."""
-        if not self.policy.active:
+        if not self.policy.evicts:
             return True
         seq = self._seqs[seq_id]
         victims = self._victims(seq_id, seq, position)
         gone = set(victims)
         bs = self.block_size
         turns: dict[int, int] = {}  # table index (before dropping) -> positions to turn by
-        if self.policy.relative and victims:
+        if self.policy.positions_in_cache and victims:
             after = 0
             for i in range(len(seq.blocks) - 1, -1, -1):
                 if i in gone:
@@ -218,7 +220,7 @@ class KVCacheManager:
                 elif after:
                     turns[i] = after
         shift = seq.angle_shift + len(victims) * bs
-        rebase = bool(self.policy.relative and shift and shift + self._cache_bound >= self.angle_limit)
+        rebase = bool(self.policy.positions_in_cache and shift and shift + self._cache_bound >= self.angle_limit)
         if not victims and not rebase:
             return True
         in_place = set()
@@ -256,7 +258,7 @@ class KVCacheManager:
 
     def _drop(self, seq_id, seq: SequenceBlocks, victims: list[int], position: int) -> None:
         gone = set(victims)
-        if self.policy.mode == "h2o":
+        if self.policy.needs_attention_mass:
             past = self._history.setdefault(seq_id, EvictionHistory())
             for i in victims:
                 past.evicted_at.setdefault(seq.origins[i], position)
@@ -270,7 +272,7 @@ class KVCacheManager:
         if len(seq.mass):
             seq.mass = seq.mass[keep]
         self.pool.release(released, self.owner)
-        self.evicted_blocks[self.policy.mode] += len(victims)
+        self.evicted_blocks[self.policy.name] += len(victims)
         seq.evicted_tokens += len(victims) * self.block_size
 
     def _turn(self, seq: SequenceBlocks, turns: dict[int, int], in_place: set[int]) -> None:
@@ -325,7 +327,7 @@ class KVCacheManager:
     def preempt(self, seq_id) -> None:
         """Drop the sequence's blocks but keep what a recompute needs to evict the same way."""
         seq = self._seqs.get(seq_id)
-        if seq is not None and self.policy.mode == "h2o":
+        if seq is not None and self.policy.needs_attention_mass:
             past = self._history.setdefault(seq_id, EvictionHistory())
             past.mass.update(zip(seq.origins, seq.mass.tolist()))
         if seq is not None:  # released, not necessarily freed (shared prefix blocks stay cached)
