@@ -57,7 +57,7 @@ def test_window_model_returns_blocks_wholly_before_its_window():
     assert window.cacheable_blocks() >= 1 << 40  # text positions: every full block is shareable
     # the window (6) and one chunk (at most max(6, BS) tokens), plus two partial blocks
     assert window.blocks_per_sequence(1) == 2 + 2 and window.blocks_per_sequence(100) == 3 + 2
-    assert window.max_model_len(8192, 64) == 8192 and window.context_limit(8192) == 8192
+    assert window.max_model_len(0, 8192, 64) == 8192 and window.context_limit(8192) == 8192
 
 
 def test_stride_bound_is_what_a_sequence_holds():
@@ -68,7 +68,7 @@ def test_stride_bound_is_what_a_sequence_holds():
     assert policy.blocks_per_sequence(1) == policy.blocks_per_sequence(1024) == 146
     h2o = HeavyHitterOracle(16, window=2048, sink_tokens=4, stride_tokens=256, heavy_tokens=100)
     assert h2o.heavy_blocks == 7 and h2o.blocks_per_sequence(1) == 146 + 2 * 7
-    assert policy.context_limit(8192) is None and policy.max_model_len(8192, 4096) == 4096
+    assert policy.context_limit(8192) is None and policy.max_model_len(9000, 8192, 4096) == 4096
 
 
 def test_the_policy_is_chosen_once_from_the_settings():
@@ -88,7 +88,7 @@ def test_the_policy_is_chosen_once_from_the_settings():
 def test_no_eviction_keeps_everything():
     policy = NoEviction(BS)
     assert not policy.evicts and policy.victims([0, 1, 2], 1000) == []
-    assert policy.blocks_per_sequence(1) is None and policy.max_model_len(8192, 64) == 64
+    assert policy.blocks_per_sequence(1) is None and policy.max_model_len(100, 8192, 64) == 64
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -65,8 +65,7 @@ class Engine:
         self.kv_caches = kv_caches
         self.policy = policy_for(config, self.model_config.sliding_window)
         max_pos = self.model_config.max_position_embeddings
-        limit = min(config.max_model_len or max_pos, max_pos)
-        self.max_model_len = self.policy.max_model_len(limit, pool.num_blocks * pool.block_size)
+        self.max_model_len = self.policy.max_model_len(config.max_model_len, max_pos, pool.num_blocks * pool.block_size)
         self.policy.check_fits(pool.num_blocks, config.max_num_batched_tokens, max_pos, self.max_model_len)
         self.kv = KVCacheManager(pool, owner, config.enable_prefix_caching, self.policy, angle_limit=max_pos)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)

@@ -10,20 +10,14 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from tritonkv.cache.allocate import model_dtype
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.model.onnx_files import checkpoint_directory, is_onnx_checkpoint, onnx_graph_path
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_dtype(requested: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """'auto' means float32 on CPU (exact oracle) and the checkpoint's dtype on GPU."""
-    if requested != "auto":
-        return DTYPES[requested]
-    if device.type == "cpu":
-        return torch.float32
-    return DTYPES.get(cfg.torch_dtype.replace("torch.", ""), torch.bfloat16)
+    """The dtype the model runs in on ``device`` (cache/allocate.py's rule)."""
+    return model_dtype(requested, cfg.torch_dtype, device.type)
 
 
 def safetensors_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:

@@ -24,6 +24,10 @@ import numpy as np
 UNBOUNDED = 1 << 62
 
 
+def model_limit(requested: int, max_positions: int) -> int:
+    return min(requested or max_positions, max_positions)
+
+
 class EvictionPolicy:
     """No eviction: a sequence keeps every block of its text (the base every policy refines)."""
 
@@ -59,10 +63,11 @@ class EvictionPolicy:
         ``chunk_tokens`` per step (None: unbounded, it holds its whole context)."""
         return None
 
-    def max_model_len(self, limit: int, pool_tokens: int) -> int:
-        """The longest context a sequence's block table spans: the pool bounds it unless the
-        policy keeps the table short."""
-        return min(limit, pool_tokens)
+    def max_model_len(self, requested: int, max_positions: int, pool_tokens: int) -> int:
+        """The engine's max_model_len, the longest context a block table spans: ``requested``
+        (the max_model_len setting; 0: the model's ``max_positions``), never past the model's
+        positions, and bounded by the pool unless the policy keeps every table short."""
+        return min(model_limit(requested, max_positions), pool_tokens)
 
     def context_limit(self, max_model_len: int) -> int | None:
         """The longest conversation (None: unbounded)."""

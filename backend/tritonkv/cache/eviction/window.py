@@ -15,7 +15,7 @@ import bisect
 
 import numpy as np
 
-from tritonkv.cache.eviction.policy import EvictionPolicy
+from tritonkv.cache.eviction.policy import EvictionPolicy, model_limit
 
 
 class SlidingWindow(EvictionPolicy):
@@ -41,8 +41,8 @@ class SlidingWindow(EvictionPolicy):
         chunk = min(chunk_tokens, self.max_chunk(0))
         return -(-(self.window + chunk) // self.block_size) + 2
 
-    def max_model_len(self, limit: int, pool_tokens: int) -> int:
-        return limit  # a window model holds O(window) per sequence: the pool does not bound its context
+    def max_model_len(self, requested: int, max_positions: int, pool_tokens: int) -> int:
+        return model_limit(requested, max_positions)  # O(window) blocks per sequence: the pool bounds nothing
 
     def check_fits(self, pool_blocks: int, chunk_tokens: int, max_positions: int, max_model_len: int) -> None:
         need = self.blocks_per_sequence(chunk_tokens)
