@@ -9,7 +9,7 @@ import torch
 from tritonkv.config import EngineConfig
 from tritonkv.engine.factory import build_engine
 from tritonkv.engine.requests import SamplingParams
-from tritonkv.model.llama import AttentionBatch
+from tritonkv.ops.attention_batch import AttentionBatch
 
 
 # The same tests run on a GPU (kernels instead of torch references) with TRITONKV_TEST_DEVICE=cuda.

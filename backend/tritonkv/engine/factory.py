@@ -13,8 +13,8 @@ from tritonkv.cache.capacity import kv_capacity
 from tritonkv.cache.block_pool import BlockPool
 from tritonkv.model.checkpoint import load_model, resolve_dtype
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
-from tritonkv.model.llama import CausalLM
 from tritonkv.model.model_config import ModelConfig
+from tritonkv.model.registry import build_model
 from tritonkv.model.tokenizer import TextTokenizer
 
 log = logging.getLogger("tritonkv")
@@ -41,7 +41,7 @@ def kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: torc
     if device.type != "cuda" or config.gpu_memory_utilization <= 0 or config.num_blocks:
         return None
     with torch.device("meta"):
-        weight_bytes = sum(p.numel() for p in CausalLM(model_config).parameters()) * dtype.itemsize
+        weight_bytes = sum(p.numel() for p in build_model(model_config).parameters()) * dtype.itemsize
     return gpu_kv_budget_bytes(config, model_config, dtype, torch.cuda.mem_get_info(device)[1], weight_bytes)
 
 

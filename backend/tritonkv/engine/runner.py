@@ -36,7 +36,7 @@ import torch
 
 from tritonkv.engine.requests import SamplingParams
 from tritonkv.engine.sampler import GREEDY_BELOW, RowSettings, sample_ids, uses_filter
-from tritonkv.model.llama import AttentionBatch, CausalLM
+from tritonkv.ops.attention_batch import AttentionBatch
 
 log = logging.getLogger("tritonkv.runner")
 
@@ -100,7 +100,7 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches, *, block_size: int, max_model_len: int,
+    def __init__(self, model: torch.nn.Module, kv_caches, *, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, device: torch.device,
                  enable_cuda_graphs: bool = True, collect_mass: bool = False):
         self.model = model

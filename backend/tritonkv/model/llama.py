@@ -6,31 +6,14 @@ Parameter names equal HF's, so a checkpoint's state dict loads as is. The model 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.model.rope import RotaryEmbedding
 from tritonkv.ops import dispatch, fused_ops
+from tritonkv.ops.attention_batch import AttentionBatch
 from tritonkv.ops.fused_ops import rotary_cos_sin
-
-
-@dataclass
-class AttentionBatch:
-    """What attention needs for one step (see ops/paged_attention.py for the layout rules)."""
-
-    positions: torch.Tensor  # [num_tokens] int64
-    slot_mapping: torch.Tensor  # [num_tokens] int64
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    max_query_len: int
-    max_seq_len: int | None = None  # host bound on seq_lens (sizes decode splits); None: table width
-    # h2o: [num_seqs, table blocks] float32; every layer adds the attention mass each sequence's
-    # last query gives to each table block (summed over query heads)
-    block_mass: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -163,6 +146,15 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cos_sin: torch.Tensor | None = None
+
+    def finish_loading(self) -> None:
+        """Once the checkpoint's weights are in (built on the meta device): tie the head to the
+        embeddings where config.json says so, build the rotary buffers, fuse the projections."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.fuse_projections()
 
     def fuse_projections(self) -> None:
         """Concatenate q/k/v and gate/up weights (call once the checkpoint is loaded)."""
