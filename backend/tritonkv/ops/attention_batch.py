@@ -1,9 +1,10 @@
 """What attention needs for one step, built once per step by the model runner and handed to
-every layer (ops/paged_attention.py has the layout rules)."""
+every layer (ops/paged_attention.py has the layout rules): no layer recomputes any of it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,3 +23,7 @@ class AttentionBatch:
     # h2o: [num_seqs, table blocks] float32; every layer adds the attention mass each sequence's
     # last query gives to each table block (summed over query heads)
     block_mass: torch.Tensor | None = None
+    sliding_window: int | None = None  # the model's: query p sees keys (p - w, p]
+    # the decode kernel's launch plan (kernels/decode_plan.py), made once per step by
+    # ops/dispatch.plan_step when the step runs the decode kernel; None: none (or planned per call)
+    decode_plan: Any = None
