@@ -97,7 +97,7 @@ def prompt(n: int, seed: int, vocab: int) -> list[int]:
 
 def blocks_held_curve(engine, args, vocab: int) -> list[int]:
     """Pool blocks the one sequence holds after each generated token (streaming / h2o: the
-    table plus the written originals of turned blocks)."""
+    table plus the written originals of re-rotated blocks)."""
     out = []
     engine.submit("s", prompt(args.prompt, 0, vocab), SamplingParams(max_tokens=args.stream, temperature=0.0,
                                                                      ignore_eos=True), out.append,

@@ -25,17 +25,17 @@ def test_streaming_eviction_returns_blocks_and_turns_the_sinks():
     kv.start("s", [])
     assert kv.grow("s", 20) and kv.block_table("s") == [0, 1, 2, 3, 4]
     assert kv.evict("s", 20)  # window from block (20 - 8 + 1) // 4 = 3: blocks 1, 2 go
-    # the sink block (0) stays as written; the table reads a copy turned by the 8 evicted tokens
+    # the sink block (0) stays as written; the table reads a copy re-rotated by the 8 evicted tokens
     (op,) = kv.take_kv_ops()
-    assert (op.kind, op.src, op.dst, op.delta) == ("turn", [0], [1], 8)
+    assert (op.kind, op.src, op.dst, op.delta) == ("rerotated_copy", [0], [1], 8)
     assert kv.block_table("s") == [1, 3, 4] and kv.origins("s") == [0, 3, 4]
     assert kv.cache_index("s", 20) == 12 and kv.angle_shift("s") == 8
     assert kv.held_blocks("s") == pool.counts()["used"] == 4 and kv.evicted_blocks["streaming"] == 2
     assert kv.grow("s", 21) and kv.block_table("s") == [1, 3, 4, 2]  # a freed block is reused
     assert kv.evict("s", 21) and kv.take_kv_ops() == []  # nothing more leaves yet
-    assert kv.evict("s", 24)  # block 3 goes: the copy is recomputed from the original, 12 turned
+    assert kv.evict("s", 24)  # block 3 goes: the copy is recomputed from the original, 12 re-rotated
     (op,) = kv.take_kv_ops()
-    assert (op.kind, op.src, op.dst, op.delta) == ("turn", [0], [1], 12)
+    assert (op.kind, op.src, op.dst, op.delta) == ("rerotated_copy", [0], [1], 12)
     kv.release("s")
     assert pool.counts()["used"] == 0
 
@@ -49,16 +49,16 @@ def test_angles_rebase_before_leaving_the_rotary_table():
         assert kv.evict("s", p) and kv.grow("s", p + 1)
         ops[p] = [(o.kind, o.delta, o.src, o.slots.tolist() if o.slots is not None else None)
                   for o in kv.take_kv_ops()]
-    # from position 11 on, every 4th query returns one block; the sink's copy turns 4 further each time
+    # from position 11 on, every 4th query returns one block; the sink's copy is re-rotated 4 further each time
     assert [p for p in ops if ops[p]] == list(range(11, 60, 4))
-    assert ops[55] == [("turn", 48, [0], None)]
+    assert ops[55] == [("rerotated_copy", 48, [0], None)]
     # at 59 the shift would reach 52 (52 + 12 >= 64): every kept key turns back by 52 (the
     # recent block in place, the sink's copy from its original: 52 - 52 = 0)
-    assert ops[59] == [("rotate", -52, [], [8, 9, 10, 11]), ("turn", 0, [0], None)]
+    assert ops[59] == [("rotate", -52, [], [8, 9, 10, 11]), ("rerotated_copy", 0, [0], None)]
     assert kv.angle_shift("s") == 0 and kv.block_table("s") == [1, 2] and kv.cache_index("s", 59) == 7
 
 
-def test_turned_prefix_indexed_blocks_stay_valid_for_others():
+def test_rerotated_prefix_indexed_blocks_stay_valid_for_others():
     policy = StreamingLLM(BS, window=8, sink_tokens=1)
     pool, kv = manager(policy)
     tokens = list(range(100, 124))
@@ -69,12 +69,12 @@ def test_turned_prefix_indexed_blocks_stay_valid_for_others():
     assert policy.first_eviction() == 15
     assert kv.evict("a", 24)  # blocks 1..3 go; the sink block 0 turns as a copy in block 3
     (op,) = kv.take_kv_ops()
-    assert (op.kind, op.src, op.dst, op.delta) == ("turn", [0], [3], 12)
+    assert (op.kind, op.src, op.dst, op.delta) == ("rerotated_copy", [0], [3], 12)
     assert kv.block_table("a") == [3, 4, 5]
     c = pool.counts()
     assert c["used"] == 4 and c["cached"] == 2  # block 0 is held as the original, 1 and 2 cached
     kv.start("b", tokens)
-    assert kv.block_table("b") == [0, 1, 2]  # a new sequence reads the unturned blocks
+    assert kv.block_table("b") == [0, 1, 2]  # a new sequence reads the unre-rotated blocks
 
 
 def test_h2o_decisions_replay_after_preemption():
@@ -143,7 +143,7 @@ def test_cached_blocks_are_reused_least_recently_used_first():
     kv.release("a")  # 0, 1 cached (1, the chain's end, is older: it goes first); 2 free
     kv.start("b", [7] * 16)
     assert kv.grow("b", 16) and kv.block_table("b") == [2, 3, 1, 0]
-    assert pool.counts()["evictions"] == 2 and pool.counts()["cached"] == 0
+    assert pool.counts()["reclaimed"] == 2 and pool.counts()["cached"] == 0
 
 
 def test_without_prefix_caching_nothing_is_registered():

@@ -30,7 +30,7 @@ from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
-from tritonkv.ops.kv_relocate import rotate_keys, turn_blocks, turn_blocks_batched
+from tritonkv.ops.kv_relocate import rotate_keys, copy_rerotated_blocks, copy_rerotated_blocks_batched
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -377,19 +377,19 @@ class Engine:
         if not ops:
             return
         cos_sin = self.model.rotary_table(self.device)
-        # every turned copy of the step in one call (ops/kv_relocate.py), when that cannot
+        # every re-rotated copy of the step in one call (ops/kv_relocate.py), when that cannot
         # reorder anything: each copy written once and read by nothing else (copies are fresh
         # blocks, sources are never written; an in-place rotate is a rebase of blocks that
-        # are no one's source or copy), every turn within the rotary table
-        turns = [op for op in ops if op.kind == "turn"]
-        dst = [b for op in turns for b in op.dst]
-        if len(turns) > 1 and len(set(dst)) == len(dst) and all(abs(op.delta) < cos_sin.shape[0] for op in turns):
-            turn_blocks_batched(self.kv_caches, [b for op in turns for b in op.src], dst,
-                                [op.delta for op in turns for _ in op.src], cos_sin)
-            ops = [op for op in ops if op.kind != "turn"]
+        # are no one's source or copy), every shift within the rotary table
+        copies = [op for op in ops if op.kind == "rerotated_copy"]
+        dst = [b for op in copies for b in op.dst]
+        if len(copies) > 1 and len(set(dst)) == len(dst) and all(abs(op.delta) < cos_sin.shape[0] for op in copies):
+            copy_rerotated_blocks_batched(self.kv_caches, [b for op in copies for b in op.src], dst,
+                                          [op.delta for op in copies for _ in op.src], cos_sin)
+            ops = [op for op in ops if op.kind != "rerotated_copy"]
         for op in ops:
-            if op.kind == "turn":
-                turn_blocks(self.kv_caches, op.src, op.dst, op.delta, cos_sin)
+            if op.kind == "rerotated_copy":
+                copy_rerotated_blocks(self.kv_caches, op.src, op.dst, op.delta, cos_sin)
             else:
                 rotate_keys(self.kv_caches, op.slots, op.delta, cos_sin)
 
@@ -531,7 +531,7 @@ class Engine:
         counts["live_sequences"] = len(self._seqs)
         counts["preemptions"] = self.scheduler.num_preemptions
         counts["preempted_blocks"] = self.kv.preempted_blocks  # KV blocks preemption released
-        for mode, n in self.kv.evicted_blocks.items():  # blocks returned by each eviction policy
+        for mode, n in self.kv.evicted_blocks.items():  # blocks rere-rotated by each eviction policy
             counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens
         return counts
