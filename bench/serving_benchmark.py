@@ -283,8 +283,12 @@ def main(argv=None) -> int:
         meta["failed"] = failed
         write_results(args, meta, results, tokens)
     bad = [k for k, v in meta["cross_check"].items() if v.get("verdict") == "FAILED"]
-    print(markdown(results, meta["concurrency"]))
     print(json.dumps(meta["cross_check"], indent=1))
+    print(markdown(results, meta["concurrency"]))
+    print(f"serving benchmark: {len(meta['systems'])} of {len(args.systems)} systems ran"
+          f"{' (failed: ' + '; '.join(f[:120] for f in failed) + ')' if failed else ''}; greedy cross-check "
+          f"{'FAILED for ' + ', '.join(bad) if bad else 'passed' if meta['cross_check'] else 'not run'}; "
+          f"wrote {os.path.join(args.out, args.name)}.md", flush=True)
     return 1 if failed or bad else 0
 
 
