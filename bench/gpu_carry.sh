@@ -1,53 +1,40 @@
 #!/usr/bin/env bash
-# Run on the CPU machine, in the project root, before the GPU calls of bench/gpu_run.sh.
-# Fills .gpu-carry/ (git-ignored) with what the registry-less GPU machine lacks:
-#   ts.txz         tritonserver 2.51 + Python backend + the 3.12 stub (prepare_carry.sh's
-#                  ts.tgz recompressed with xz: 38 -> 24 MiB, so the extra wheels fit the
-#                  device tool's 64 MiB with the repository)
-#   numpy 1.26, tritonclient, python-rapidjson (the stub's env, from prepare_carry.sh)
-#   wheels/        the project's dependencies missing from the image
-#                  (bench/device_image_packages.txt lists what the image has)
-#   commit         `git rev-parse HEAD` (+ "-dirty" with uncommitted changes): the device gets
-#                  the tree without .git, so gpu_run.sh records this as the commit
-# Then: device run, carry [".gpu-carry"], command `bash bench/gpu_run.sh check` (or serving).
-# PREPARE_CARRY: path of the shared prepare_carry.sh (default ../shared/gpu or /work/shared/gpu).
+# Run here (the CPU machine), in the project root, before a device call. Fills .gpu-carry/
+# (git-ignored) with what the lent GPU machine lacks, inside the device tool's 64 MiB limit
+# (repo included):
+#   ts.txz     tritonserver 2.51 + python backend + the 3.12 stub (from ../shared's
+#              prepare_carry.sh, recompressed with xz: 39 -> 25 MB)
+#   np.txz     numpy 1.26 for the stub (it fails with numpy 2), unpacked wheel, tests dropped
+#   wheels/    cp312 wheels the image lacks: tritonclient, rapidjson, pyzmq, msgspec,
+#              setproctitle, the OpenAI frontend's (fastapi, uvicorn, orjson, pydantic) and
+#              the openai SDK the e2e tests drive
+#   commit     the commit the tree was sent from (the device gets no .git)
+#   device_env.sh  `source` it on the device (bench/gpu_device_env.sh)
+# The image already has torch, triton, transformers, pytest, pytest-xdist, pytest-timeout,
+# httpx, jinja2, prometheus-client, safetensors, tokenizers, onnx, onnxruntime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.gpu-carry
-prep=${PREPARE_CARRY:-}
-for cand in ../shared/gpu/prepare_carry.sh /work/shared/gpu/prepare_carry.sh; do
-  [ -z "$prep" ] && [ -f "$cand" ] && prep=$cand
-done
-[ -n "$prep" ] || { echo "prepare_carry.sh not found: set PREPARE_CARRY" >&2; exit 1; }
+shared=${SHARED:-../shared}
 if [ ! -f "$out/ts.txz" ]; then
-  bash "$prep"
-  echo "recompressing ts.tgz with xz (a few minutes on 2 cores)"
-  gzip -dc "$out/ts.tgz" | xz -9 -T2 > "$out/ts.txz.tmp" && mv "$out/ts.txz.tmp" "$out/ts.txz"
+  bash "$shared/gpu/prepare_carry.sh" >/dev/null
+  tmp=$(mktemp -d)
+  mkdir "$tmp/ts" "$tmp/np"
+  tar xzf "$out/ts.tgz" -C "$tmp/ts"
+  (cd "$tmp/ts" && tar cf - . | xz -9 -T2 > "$OLDPWD/$out/ts.txz")
+  (cd "$tmp/np" && unzip -q "$OLDPWD"/$out/numpy-1.26.4-*.whl && rm -rf numpy/*/tests numpy/tests \
+     && tar cf - . | xz -9 -T2 > "$OLDPWD/$out/np.txz")
+  mkdir -p "$out/wheels"
+  mv "$out"/tritonclient-*.whl "$out"/python_rapidjson-*.whl "$out/wheels/"
+  rm -rf "$tmp" "$out/ts.tgz" "$out"/numpy-*.whl "$out/device_env.sh"
 fi
-rm -f "$out/ts.tgz" "$out/device_env.sh"  # bench/gpu_env.sh replaces device_env.sh
-# Runtime and test dependencies the tests import on the device (aiperf is left out: it pulls
-# dash, plotly, sqlalchemy and datasets, ~40 MiB; its one test is skipped there by name).
-# Versions: the CPU venv's, so both machines run the same code.
-pins=(fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 orjson==3.11.9 httpx-sse==0.4.3
-      openai==3.63.0 pyzmq==26.4.0 msgspec==0.23.0 setproctitle==1.3.8 locust==2.47.0
-      prometheus_client==0.23.1 jinja2)
-plat=(--only-binary=:all: --python-version 3.12 --implementation cp
-      --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64
-      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-tmp=$(mktemp -d)
-python3 -m pip download -q "${plat[@]}" -d "$tmp" "${pins[@]}" 2>&1 | grep -v "is ignored" || true
-rm -rf "$out/wheels" && mkdir -p "$out/wheels"
-for w in "$tmp"/*.whl; do
-  name=$(basename "$w" | cut -d- -f1 | tr '_.' '--' | tr 'A-Z' 'a-z')
-  grep -qxi "$name" bench/device_image_packages.txt || cp "$w" "$out/wheels/"
-done
-rm -rf "$tmp"
-commit=$(git rev-parse HEAD)
-git diff --quiet HEAD -- . ':!.gpu-carry' 2>/dev/null || commit="$commit-dirty"
-echo "$commit" > "$out/commit"
-ls "$out/wheels" | sed 's/-py.*//; s/-cp.*//' | tr '\n' ' '; echo
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$out/wheels" \
+  pyzmq msgspec setproctitle fastapi starlette pydantic pydantic-core uvicorn orjson httpx-sse \
+  openai distro jiter sniffio annotated-types typing-inspection 2>&1 | grep -v '^WARNING' || true
+cp bench/gpu_device_env.sh "$out/device_env.sh"
+git rev-parse HEAD > "$out/commit"
+git diff --quiet HEAD -- backend tests bench || echo "dirty" >> "$out/commit"
 du -sh "$out"
-tracked=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-carried=$(du -sb "$out" | cut -f1)
-echo "tree $((tracked / 1048576)) MiB + carry $((carried / 1048576)) MiB (device tool limit 64 MiB)"
-[ $((tracked + carried)) -lt $((63 * 1048576)) ] || { echo "over the device tool's 64 MiB" >&2; exit 1; }
+echo "device run: carry [\"$out\"], command: source $out/device_env.sh && ..."

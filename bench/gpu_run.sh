@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU calls, from the project root on the lent machine (carry [".gpu-carry"], filled on the
-# CPU machine by `bash bench/gpu_carry.sh`, which also records the commit):
+# CPU machine by `bash bench/gpu_carry.sh`, which also records the commit: the device gets the
+# tree without .git; .gpu-carry/device_env.sh exports it as TRITONKV_COMMIT):
 #
 #   bash bench/gpu_run.sh check     # whole suite (TRITONKV_TEST_DEVICE=cuda) + GPU benchmark
 #                                   # smoke runs -> $OUT/gpu_check.md (+ junit.xml, pytest.log,
@@ -25,10 +26,16 @@ if [ "${TINY:-0}" = 1 ]; then
   IMGPY=$(command -v python3)
   export PYTHONPATH=$PWD/backend:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 else
-  source bench/gpu_env.sh
+  source .gpu-carry/device_env.sh  # bench/gpu_device_env.sh: tritonserver, the stub's venv, the wheels
+  IMGPY=$(command -v python3)      # that venv: the tests see what the stub sees
+  # tritonkv is not installed there: subprocesses (`-m tritonkv.server.cli`, the OpenAI
+  # frontend) find it through PYTHONPATH
+  export PYTHONPATH=$PWD/backend:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+  export TRITONKV_TEST_DEVICE=cuda
   nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
 fi
-commit=${TRITONKV_COMMIT:-$(cat .gpu-carry/commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)}
+commit=${TRITONKV_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+grep -qx dirty .gpu-carry/commit 2>/dev/null && commit="$commit (with uncommitted changes)"
 # NVLink multicast stays off (the machines' rule), in every process started from here
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
