@@ -12,7 +12,6 @@ import torch
 from polling import wait_until
 from tiny_models import hf_greedy
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
-from managed_server import managed_server
 from tritonkv_client import AsyncClient, AsyncHttpClient, Client, HttpClient, ServerError
 from tritonkv_client.chat import main as chat_main
 from tritonkv_client.metrics import pool_snapshot, wait_for_baseline
@@ -22,10 +21,8 @@ BOS = 256
 
 
 @pytest.fixture(scope="module")
-def server():
-    params = {"max_model_len": "512", "kv_cache_memory_mb": "64"}
-    with managed_server(pool_name=f"client-tests-{os.getpid()}", extra_params=params) as s:
-        yield s
+def server(e2e_server):
+    return e2e_server  # the session's shared server (tests/e2e/shared_server.py)
 
 
 @pytest.fixture(scope="module")

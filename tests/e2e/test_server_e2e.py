@@ -8,15 +8,14 @@ import torch
 from tiny_models import hf_greedy
 from triton_calls import StreamClient, http_generate, http_post, inputs_for, metric_values, wait_for_pool_baseline
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
-from tritonkv.server.launcher import start_server
+from shared_server import MAX_MODEL_LEN
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def server():
-    with start_server(extra_params={"max_model_len": "512", "kv_cache_memory_mb": "64"}) as s:
-        yield s
+def server(e2e_server):
+    return e2e_server  # the session's shared server (shared_server.py)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_bad_input_gets_clear_errors_and_loses_no_block(server, stream):
         "outside the vocabulary": stream.turn(seq_id=7002, start=True, end=True, ids=[256, 999]),
         "max_tokens must be > 0": stream.turn(seq_id=7003, start=True, end=True, ids=[65], max_tokens=0),
         "exceeds the context limit": stream.turn(seq_id=7004, start=True, end=True, ids=[65], max_tokens=10**6),
-        "at most 512": stream.turn(seq_id=7005, start=True, end=True, ids=[65] * 600),
+        f"at most {MAX_MODEL_LEN}": stream.turn(seq_id=7005, start=True, end=True, ids=[65] * (MAX_MODEL_LEN + 88)),
         "START": stream.turn(seq_id=7006, ids=[65], max_tokens=2),  # said by the sequence batcher
         "not both": stream.turn(seq_id=7007, start=True, end=True, text="a", ids=[65]),
     }
