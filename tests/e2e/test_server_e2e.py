@@ -68,16 +68,20 @@ def test_http_generate_text_matches_grpc_and_hf(server, stream, hf_demo):
     assert t.text == body["text_output"]
 
 
-def test_http_generate_stream_sends_one_event_per_token(server):
+def test_http_generate_stream_sends_one_event_per_token(server, hf_demo):
+    n = 32
     code, events = http_generate(server.http_url, "llm_stateless",
-                                 {"text_input": "Hi", "max_tokens": 5, "stream": True, **GREEDY}, stream=True)
+                                 {"text_input": "Hi", "max_tokens": n, "stream": True, **GREEDY}, stream=True)
     assert code == 200
-    # one event per token, fewer when the server's sender fell behind and coalesced some;
     # Triton's JSON writes a one-element output_ids as a bare number
     ids = [i for e in events for i in ([e["output_ids"]] if isinstance(e["output_ids"], int) else e["output_ids"])]
-    assert len(ids) == 5 and 1 <= len(events) <= 5
-    assert all(isinstance(e["output_ids"], int) for e in events if len(events) == 5)
+    assert ids == hf_greedy(hf_demo, [256] + list(b"Hi"), n)[0]
+    # one event per token; the sender coalesces only the tokens waiting when it falls behind
+    # (server/response_streamer.py), a few at most on a busy machine: a server that sent the
+    # answer in one piece, or in chunks, fails here
+    assert len(events) >= n // 2, [len(e["text_output"]) for e in events]
     assert events[-1]["finish_reason"] == "length"
+    assert all(e.get("finish_reason") in (None, "") for e in events[:-1])
 
 
 def test_refused_http_requests_are_400_naming_what_is_wrong(server):
