@@ -54,8 +54,10 @@ def write_repository(dest: str, source: str, checkpoint: str | None, instances: 
             params["checkpoint"] = checkpoint
         for key, value in params.items():
             text = set_parameter(text, key, str(value))
-        text = re.sub(r"instance_group \[.*?\]",
-                      f"instance_group [ {{ count: {instances} kind: {instance_kind} }} ]", text, flags=re.S)
+        group = f"instance_group [ {{ count: {instances} kind: {instance_kind} }} ]"
+        text, n = re.subn(r"^instance_group \[.*?\]", group, text, flags=re.S | re.M)
+        if n == 0:
+            text = text.rstrip() + "\n" + group + "\n"
         if model == STATELESS_MODEL and stateless_name != STATELESS_MODEL:
             text = _NAME_RE.sub(f'name: "{stateless_name}"', text, count=1)
             os.rename(os.path.join(dest, model), os.path.join(dest, stateless_name))
