@@ -201,3 +201,17 @@ def test_client_cancel_releases_the_conversation(server):
     finally:
         fresh.close()
     assert t.error is None and len(t.ids) == 2
+
+
+def test_server_log_and_gauges_state_what_tritonkv_capacity_prints(server, capsys):
+    from tritonkv.server.cli import main as cli
+
+    logged = {line.split("KV capacity: ", 1)[1] for line in server.log().splitlines() if "KV capacity: " in line}
+    assert cli(["capacity", "--param", "max_model_len=512", "--param", "kv_cache_memory_mb=64"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.startswith("the server logs: KV capacity: ")
+    assert logged == {printed.removeprefix("the server logs: KV capacity: ")}  # every instance alike
+    per_token = set(metric_values(server.metrics_url, "tritonkv_kv_bytes_per_token"))
+    assert per_token == {float(printed.split("KV capacity: ")[1].split(" B/token")[0].replace(",", ""))}
+    if not torch.cuda.is_available():  # the CPU server runs float32: 2 x 6 layers x 2 KV heads x 64 dims x 4 B
+        assert per_token == {6144.0}

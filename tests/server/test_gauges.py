@@ -39,7 +39,7 @@ def test_stats_capacity_and_evictions_by_reason():
                                        num_blocks=100, block_size=16, max_model_len=500))
     gauges = Gauges(SimpleNamespace(MetricFamily=FakeMetricFamily), LABELS)
     stats = {"total": 100, "used": 3, "cached": 7, "free": 90, "live_sequences": 1, "prefix_query_blocks": 9,
-             "prefix_hit_blocks": 4, "evictions": 5, "preemptions": 2, "generated_tokens": 40}
+             "prefix_hit_blocks": 4, "reclaimed": 5, "preemptions": 2, "generated_tokens": 40}
     engine.stats = lambda: dict(stats)
     gauges.publish(engine)
     m = scrape()
@@ -52,7 +52,7 @@ def test_stats_capacity_and_evictions_by_reason():
     # an engine without eviction policies reports only the prefix cache's LRU evictions
     assert {k: v for k, v in m.items() if k.startswith("tritonkv_kv_evicted")} == {
         "tritonkv_kv_evicted_blocks_total{reason=prefix_lru}": 5}
-    stats.update(evictions=6, evicted_blocks_window=11, evicted_blocks_streaming=0, evicted_blocks_h2o=13,
+    stats.update(reclaimed=6, evicted_blocks_window=11, evicted_blocks_streaming=0, evicted_blocks_h2o=13,
                  preempted_blocks=8)
     gauges.publish(engine)
     assert {k: v for k, v in scrape().items() if k.startswith("tritonkv_kv_evicted")} == {

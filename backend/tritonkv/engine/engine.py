@@ -21,7 +21,7 @@ import torch
 
 from tritonkv.config import EngineConfig
 from tritonkv.cache.block_pool import BlockPool
-from tritonkv.cache.eviction import EvictionPolicy, policy_for
+from tritonkv.cache.eviction.choose import policy_for
 from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
 from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
@@ -30,7 +30,7 @@ from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
-from tritonkv.ops.kv_relocate import rotate_keys, turn_blocks, turn_blocks_batched
+from tritonkv.ops.kv_relocate import rotate_keys, copy_rerotated_blocks, copy_rerotated_blocks_batched
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -63,26 +63,19 @@ class Engine:
         self.device = next(model.parameters()).device
         self.pool = pool
         self.kv_caches = kv_caches
-        self.policy = eviction_policy(config, self.model_config, pool)
+        self.policy = policy_for(config, self.model_config.sliding_window)
         max_pos = self.model_config.max_position_embeddings
-        self.kv = KVCacheManager(pool, owner, config.enable_prefix_caching, self.policy, angle_limit=max_pos,
-                                 max_chunk_tokens=config.max_num_batched_tokens)
+        self.max_model_len = self.policy.max_model_len(config.max_model_len, max_pos, pool.num_blocks * pool.block_size)
+        self.policy.check_fits(pool.num_blocks, config.max_num_batched_tokens, max_pos, self.max_model_len)
+        self.kv = KVCacheManager(pool, owner, config.enable_prefix_caching, self.policy, angle_limit=max_pos)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
-        capacity = pool.num_blocks * pool.block_size
-        limit = min(config.max_model_len or max_pos, max_pos)
-        # a window model holds O(window) per sequence: the pool does not bound its context
-        self.max_model_len = limit if self.policy.mode == "window" else min(limit, capacity)
-        kept = self.policy.kept_blocks() * pool.block_size if self.policy.relative else 0
-        if kept > self.max_model_len:
-            raise ValueError(f"parameter 'max_model_len' = {config.max_model_len}: kv_eviction="
-                             f"{config.kv_eviction!r} keeps up to {kept} tokens per sequence; raise it or lower kv_window")
         # the longest conversation (None: unbounded, positions inside the cache)
-        self.context_limit = None if self.policy.relative else self.max_model_len
+        self.context_limit = self.policy.context_limit(self.max_model_len)
         self.runner = ModelRunner(model, kv_caches, block_size=pool.block_size, max_model_len=self.max_model_len,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens, device=self.device,
                                   enable_cuda_graphs=config.enable_cuda_graphs,
-                                  collect_mass=self.policy.mode == "h2o")
+                                  collect_mass=self.policy.needs_attention_mass)
         self.step_times = StepBreakdown()
         self._pending: PendingStep | None = None  # a launched step not yet read back
         # called on the engine thread after each loop iteration's outputs were emitted (the
@@ -384,24 +377,24 @@ class Engine:
         if not ops:
             return
         cos_sin = self.model.rotary_table(self.device)
-        # every turned copy of the step in one call (ops/kv_relocate.py), when that cannot
+        # every re-rotated copy of the step in one call (ops/kv_relocate.py), when that cannot
         # reorder anything: each copy written once and read by nothing else (copies are fresh
         # blocks, sources are never written; an in-place rotate is a rebase of blocks that
-        # are no one's source or copy), every turn within the rotary table
-        turns = [op for op in ops if op.kind == "turn"]
-        dst = [b for op in turns for b in op.dst]
-        if len(turns) > 1 and len(set(dst)) == len(dst) and all(abs(op.delta) < cos_sin.shape[0] for op in turns):
-            turn_blocks_batched(self.kv_caches, [b for op in turns for b in op.src], dst,
-                                [op.delta for op in turns for _ in op.src], cos_sin)
-            ops = [op for op in ops if op.kind != "turn"]
+        # are no one's source or copy), every shift within the rotary table
+        copies = [op for op in ops if op.kind == "rerotated_copy"]
+        dst = [b for op in copies for b in op.dst]
+        if len(copies) > 1 and len(set(dst)) == len(dst) and all(abs(op.delta) < cos_sin.shape[0] for op in copies):
+            copy_rerotated_blocks_batched(self.kv_caches, [b for op in copies for b in op.src], dst,
+                                          [op.delta for op in copies for _ in op.src], cos_sin)
+            ops = [op for op in ops if op.kind != "rerotated_copy"]
         for op in ops:
-            if op.kind == "turn":
-                turn_blocks(self.kv_caches, op.src, op.dst, op.delta, cos_sin)
+            if op.kind == "rerotated_copy":
+                copy_rerotated_blocks(self.kv_caches, op.src, op.dst, op.delta, cos_sin)
             else:
                 rotate_keys(self.kv_caches, op.slots, op.delta, cos_sin)
 
     def _launch_origins(self, plan: list[ScheduledChunk]) -> list | None:
-        if self.policy.mode != "h2o":
+        if not self.policy.needs_attention_mass:
             return None
         return [list(self.kv.origins(c.seq.seq_id)) for c in plan]
 
@@ -538,33 +531,8 @@ class Engine:
         counts["live_sequences"] = len(self._seqs)
         counts["preemptions"] = self.scheduler.num_preemptions
         counts["preempted_blocks"] = self.kv.preempted_blocks  # KV blocks preemption released
-        for mode, n in self.kv.evicted_blocks.items():  # blocks returned by each eviction policy
+        for mode, n in self.kv.evicted_blocks.items():  # blocks rere-rotated by each eviction policy
             counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens
         return counts
 
-
-def eviction_policy(config: EngineConfig, model_config, pool: BlockPool) -> EvictionPolicy:
-    """The engine's eviction policy, checked against the model and the pool (errors name the
-    parameter to change)."""
-    if model_config.sliding_window and config.kv_eviction != "none":
-        raise ValueError(f"parameter 'kv_eviction' = {config.kv_eviction!r}: this model attends a sliding "
-                         f"window of {model_config.sliding_window} tokens, which already bounds its KV "
-                         "(blocks outside the window are returned); use kv_eviction none")
-    policy = policy_for(config.kv_eviction, pool.block_size, model_window=model_config.sliding_window,
-                        kv_window=config.kv_window, attention_sinks=config.attention_sinks,
-                        heavy_hitter_tokens=config.heavy_hitter_tokens, kv_window_stride=config.kv_window_stride)
-    if not policy.active:
-        return policy
-    need = policy.blocks_per_sequence(config.max_num_batched_tokens)
-    name = {"window": "num_blocks", "streaming": "kv_window", "h2o": "heavy_hitter_tokens"}[policy.mode]
-    if need > pool.num_blocks:
-        raise ValueError(f"parameter {name!r}: one sequence keeps up to {need} KV blocks of {pool.block_size} "
-                         f"tokens (attention sinks and heavy hitters with their originals, recent window; "
-                         f"a window model: window and one chunk) but the pool has "
-                         f"{pool.num_blocks}; lower it or raise num_blocks / kv_cache_memory_mb")
-    max_pos = model_config.max_position_embeddings
-    if policy.relative and 2 * policy.kept_blocks() * pool.block_size > max_pos:
-        raise ValueError(f"parameter {name!r}: the kept cache ({policy.kept_blocks()} blocks x {pool.block_size} tokens) must "
-                         f"be at most half the model's {max_pos} positions (positions are inside the cache)")
-    return policy

@@ -36,7 +36,8 @@ import torch
 
 from tritonkv.engine.requests import SamplingParams
 from tritonkv.engine.sampler import GREEDY_BELOW, RowSettings, sample_ids, uses_filter
-from tritonkv.model.llama import AttentionBatch, CausalLM
+from tritonkv.ops import dispatch
+from tritonkv.ops.attention_batch import AttentionBatch
 
 log = logging.getLogger("tritonkv.runner")
 
@@ -100,10 +101,11 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches, *, block_size: int, max_model_len: int,
+    def __init__(self, model: torch.nn.Module, kv_caches, *, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, device: torch.device,
                  enable_cuda_graphs: bool = True, collect_mass: bool = False):
         self.model = model
+        self.dtype = next(model.parameters()).dtype
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -217,11 +219,15 @@ class ModelRunner:
             d[:n].copy_(h[:n], non_blocking=True)
 
     def _batch(self, num_tokens: int, num_seqs: int, max_q: int, max_len: int) -> AttentionBatch:
-        return AttentionBatch(
+        """The step's attention metadata, made once for every layer (the decode plan included)."""
+        batch = AttentionBatch(
             positions=self.positions[:num_tokens], slot_mapping=self.slots[:num_tokens],
             block_tables=self.block_tables[:num_seqs], seq_lens=self.seq_lens[:num_seqs],
             query_start_loc=self.query_start_loc[:num_seqs + 1], max_query_len=max_q,
-            max_seq_len=max_len, block_mass=None if self.block_mass is None else self.block_mass[:num_seqs])
+            max_seq_len=max_len, block_mass=None if self.block_mass is None else self.block_mass[:num_seqs],
+            sliding_window=self.model.config.sliding_window)
+        k_cache, v_cache = self.kv_caches[0][:2]
+        return dispatch.plan_step(batch, k_cache, v_cache, self.dtype)
 
     # -- one step ----------------------------------------------------------------------------
     def launch(self, rows: list[StepRow], prev: StepHandle | None = None) -> StepHandle:

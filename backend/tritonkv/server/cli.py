@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         bad = [p for p in args.param if "=" not in p]
         if bad:
             parser.error(f"--param takes KEY=VALUE, got {bad[0]!r}")
-        from tritonkv.cache.capacity_report import run
+        from tritonkv.engine.capacity_report import run
 
         return run(args)
     if args.command == "serve":

@@ -33,6 +33,16 @@ log = logging.getLogger("tritonkv")
 METRICS_PERIOD_S = 0.5
 
 
+def log_info_to_stderr() -> None:
+    """The Python backend's stub configures no logging, so the engine's INFO lines (the KV
+    pool, "KV capacity: ...") would be dropped; they go to stderr, which the server log holds."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("tritonkv %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def admission_limits(engine) -> Limits:
     """Size limits checked in ``execute`` before any work (see ``parse_request``)."""
     max_text_bytes = None
@@ -60,6 +70,7 @@ class TritonPythonModel:
         self.stateless = "sequence_batching" not in model_config
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         config = EngineConfig.from_parameters(params)
+        log_info_to_stderr()
         self.engine = build_engine(config, gpu_instance=args.get("model_instance_kind") == "GPU",
                                    device_id=int(args.get("model_instance_device_id", 0)))
         self.streamer = ResponseStreamer(config.stream_interval)
