@@ -20,7 +20,7 @@ import time
 
 from tritonkv.server.ports import owns_listener
 from tritonkv.server.probes import http_ok
-from tritonkv.server.process_tree import end_group, signal_group, spawn, stopped_members
+from tritonkv.server.process_tree import end_group, signal_group, spawn, stopped_members, tree_members
 
 
 class FrontendProcess:
@@ -71,11 +71,12 @@ class FrontendProcess:
             return False, "the OpenAI frontend could not be restarted"
         if proc is None or proc.poll() is not None:
             return False, "the OpenAI frontend is not running"
-        if stopped_members(proc.pid):
+        members = tree_members(proc.pid)
+        if stopped_members(proc.pid, members):
             return False, "the OpenAI frontend is stopped (SIGSTOP)"
         if not http_ok(f"http://{self.host}:{self.port}/health", timeout_s=1):
             return False, "the OpenAI frontend is not ready"
-        if not owns_listener(proc.pid, self.port):
+        if not owns_listener(proc.pid, self.port, members):
             return False, f"the OpenAI port {self.port} is not this frontend's"
         return True, ""
 

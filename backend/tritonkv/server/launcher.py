@@ -48,7 +48,7 @@ from tritonkv.server.ports import check_ports_free, free_port, owns_listener
 from tritonkv.server.private_shm import command_prefix as private_shm_prefix
 from tritonkv.server.private_shm import shm_view
 from tritonkv.server.probes import failure_reason, http_ok, loaded_models
-from tritonkv.server.process_tree import end_group, live_group_members, spawn, stopped_members
+from tritonkv.server.process_tree import end_group, live_group_members, spawn, stopped_members, tree_members
 from tritonkv.server.repository import STATELESS_MODEL, check_model_name, write_repository
 from tritonkv.server.shm_regions import REGION_DIR, REGION_TAG, WORKDIR_PREFIX, server_regions
 from tritonkv.server.tritonserver_env import server_env, tritonserver_binary
@@ -161,13 +161,14 @@ class Server:
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why not): every endpoint this launch exposes answers from its own process."""
-        stopped = stopped_members(self.process.pid)
+        members = tree_members(self.process.pid)
+        stopped = stopped_members(self.process.pid, members)
         if stopped:
             return False, f"process {stopped[0]} of tritonserver is stopped (SIGSTOP)"
         if not http_ok(f"http://{self.http_url}/v2/health/ready", timeout_s=1):
             return False, "tritonserver is not ready"
         for port, what in ((self.http_port, "HTTP"), (self.grpc_port, "gRPC")):
-            if not owns_listener(self.process.pid, port):
+            if not owns_listener(self.process.pid, port, members):
                 return False, f"the {what} port {port} is not this tritonserver's"
         if self.openai is not None:
             ok, why = self.openai.readiness()

@@ -97,12 +97,13 @@ def listener_inodes(port: int) -> set[str]:
     return inodes
 
 
-def owns_listener(pgid: int, port: int) -> bool:
-    """Whether the socket listening on ``port`` is open in a process of group ``pgid``."""
+def owns_listener(pgid: int, port: int, members: list[int] | None = None) -> bool:
+    """Whether the socket listening on ``port`` is open in a process of group ``pgid``
+    (``members``: that group's live processes, when the caller has them already)."""
     wanted = {f"socket:[{inode}]" for inode in listener_inodes(port)}
     if not wanted:
         return False
-    for pid in live_group_members(pgid):
+    for pid in live_group_members(pgid) if members is None else members:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:

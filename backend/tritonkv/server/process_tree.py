@@ -83,9 +83,35 @@ def live_group_members(pgid: int) -> list[int]:
     return pids
 
 
-def stopped_members(pgid: int) -> list[int]:
-    """Members of group ``pgid`` stopped by a signal (state T) or a tracer (t)."""
-    return [pid for pid in live_group_members(pgid) if (process_stat(pid) or ("",))[0] in ("T", "t")]
+def tree_members(pid: int) -> list[int]:
+    """``pid`` and its descendants that are not zombies, found through the kernel's children
+    lists (a few files, where ``live_group_members`` reads every process's stat: the
+    supervisor's per-pass checks use this one; a stop, which must also find members that
+    were reparented, uses the other)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        stat = process_stat(current)
+        if stat is None or stat[0] == "Z":
+            continue
+        found.append(current)
+        try:
+            tids = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                continue
+    return found
+
+
+def stopped_members(pgid: int, members: list[int] | None = None) -> list[int]:
+    """Members of group ``pgid`` (or of ``members``) stopped by a signal (state T) or a tracer (t)."""
+    pids = live_group_members(pgid) if members is None else members
+    return [pid for pid in pids if (process_stat(pid) or ("",))[0] in ("T", "t")]
 
 
 def signal_group(pgid: int, sig: int) -> None:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from tritonkv.server.heartbeat import FAILED, LOOPS
 from tritonkv.server.launcher import Server, launch
 from tritonkv.server.ports import wait_ports_free
-from tritonkv.server.process_tree import live_group_members
+from tritonkv.server.process_tree import tree_members
 
 STUB_BINARY = b"triton_python_backend_stub"
 HEARTBEAT_RE = re.compile(rf"^({LOOPS}|{FAILED})\{{([^}}]*)\}} (\S+)$", re.M)
@@ -66,7 +66,7 @@ def find_stubs(server: Server) -> dict[int, Stub]:
     ``stub MODEL_PATH REGION SIZE GROWTH PARENT_PID LIBPYTHON IPC_HANDLE INSTANCE MODEL_DIR``
     (python_backend r24.10, stub_launcher.cc); MODEL_PATH is ``<repo>/<model>/<version>/model.py``."""
     stubs = {}
-    for pid in live_group_members(server.process.pid):
+    for pid in tree_members(server.process.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
