@@ -13,17 +13,14 @@ from triton_calls import StreamClient, wait_for_pool_baseline
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.openai_frontend.chat_template import ChatTemplate
-from tritonkv.server.launcher import start_server
+from shared_server import MAX_MODEL_LEN
 
-MAX_MODEL_LEN = 4096  # the demo model's own limit
 BLOCK = 16
 
 
 @pytest.fixture(scope="module")
-def server():
-    params = {"max_model_len": str(MAX_MODEL_LEN), "kv_cache_memory_mb": "32"}
-    with start_server(extra_params=params, openai_port=0) as s:
-        yield s
+def server(e2e_server):
+    return e2e_server  # the session's shared server (shared_server.py)
 
 
 @pytest.fixture(scope="module")

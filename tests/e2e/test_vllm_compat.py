@@ -10,9 +10,7 @@ form and HF's; the extra outputs must hold the right values.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import sys
 
 import numpy as np
 import pytest
@@ -23,9 +21,6 @@ from tiny_models import hf_greedy
 from triton_calls import StreamClient, http_generate, http_post, wait_for_pool_baseline
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                "loadtest"))
-from managed_server import managed_server  # noqa: E402
 
 PROMPT = "Hello"
 PROMPT_IDS = [256] + list(b"Hello")  # the demo tokenizer: BOS + one token per byte
@@ -35,10 +30,8 @@ ALL_FLAGS = dict(return_finish_reason=True, return_num_input_tokens=True, return
 
 
 @pytest.fixture(scope="module")
-def server():
-    with managed_server(pool_name=f"vllmcompat{os.getpid()}",
-                        extra_params={"max_model_len": "256", "kv_cache_memory_mb": "32"}) as s:
-        yield s
+def server(e2e_server):
+    return e2e_server  # the session's shared server (shared_server.py)
 
 
 @pytest.fixture(scope="module")
