@@ -10,6 +10,10 @@
 #   bash bench/gpu_run.sh serving   # Llama-3-8B shape, 200 in / 180 out, c=1/64/128/256: served,
 #                                   # 2x2, in-process, HF static-cache peer -> $OUT/serving_<h100|h200>.*
 #
+# If one call cannot hold every serving system (each system's results are written as it ends),
+# copy $OUT's serving_<gpu>.json and .tokens.json into bench/results/ and run the rest with
+#   SYSTEMS="tritonkv-2x2 hf-static" SERVING_ARGS="--merge bench/results/serving_<gpu>.json" \
+#     bash bench/gpu_run.sh serving
 # TINY=1: the same steps shrunk to prove the script on a CPU (the local venv, the demo model,
 # a few tests): `TINY=1 OUT=/tmp/x bash bench/gpu_run.sh check` / `... serving`.
 # Knobs: WORKERS (pytest-xdist processes, default 8), SUITE_S (the suite's time limit, 360),

@@ -240,7 +240,11 @@ def main(argv=None) -> int:
     if args.merge:
         with open(args.merge) as f:
             old = json.load(f)
-        results, tokens = old["results"], old.get("tokens", {})
+        results = old["results"]
+        tokens_file = os.path.splitext(args.merge)[0] + ".tokens.json"
+        if os.path.isfile(tokens_file):  # the earlier systems' tokens, for the cross-check
+            with open(tokens_file) as f:
+                tokens = json.load(f)["tokens"]
         meta["merged_from"] = old["meta"]
         meta["concurrency"] = sorted(set(old["meta"]["concurrency"]) | set(args.concurrency))
     if device.type == "cuda" and args.synthetic:
