@@ -88,6 +88,21 @@ def close_engine(engine) -> None:
         torch.cuda.empty_cache()
 
 
+def wait_device_free(timeout_s: float = 120) -> None:
+    """Until the GPU's memory is free again: a stopped server's processes (its engine core
+    exits a grace period after its last frontend) may hold it for a while, and the next system
+    needs the weights and the KV pool again."""
+    if not torch.cuda.is_available():
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free > 0.85 * total:
+            return
+        time.sleep(1)
+    print(f"GPU memory still held after {timeout_s:.0f} s: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free", flush=True)
+
+
 def run_threads(request, prompts, concurrency: int, max_tokens: int):
     """In-process clients: ``concurrency`` threads, client k sends requests k, k + c, ..."""
     samples: list = [None] * len(prompts)
@@ -283,6 +298,8 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001  (recorded, the other systems still run)
             failed.append(f"{system}: {type(e).__name__}: {e}")
             print(f"{system} FAILED: {type(e).__name__}: {e}", flush=True)
+        if system.startswith("tritonkv"):
+            wait_device_free()
         meta["cross_check"] = cross_check(tokens, exact_all=device.type == "cpu")
         meta["failed"] = failed
         write_results(args, meta, results, tokens)
