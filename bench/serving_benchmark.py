@@ -34,6 +34,7 @@ first position where they differ), not failed; fp32 runs (the CPU) are asserted 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -142,6 +143,25 @@ def measure_levels(run, args, prompts, warm, results, tokens, system, engine=Non
             r["step_breakdown"] = engine.step_times.summary()
         print(f"{system:15s} c={c:<4d} {r['output_tokens_per_s']:9.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.1f} ms"
               f"  TPOT p50 {r['tpot_p50_ms'] or 0:6.2f} ms  ({n} requests, {wall:.1f} s)", flush=True)
+
+
+def measure_inprocess(args, checkpoint, params, system, prompts, warm, results, tokens) -> None:
+    """The in-process engine's levels; on return nothing references the engine any more, so
+    its weights, KV pool and graph pools go back to the device (the next system needs them)."""
+    from inprocess import engine_request
+
+    engine = inprocess_engine(checkpoint, params, graphs=None if system == "inprocess" else False)
+    try:
+        def run(ps, c, n):
+            return run_threads(lambda p, m: engine_request(engine, p, m), ps, c, n)
+
+        measure_levels(run, args, prompts, warm, results, tokens, system, engine)
+    finally:
+        close_engine(engine)
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run_peer(args, checkpoint, results, tokens, meta):
@@ -264,6 +284,7 @@ def main(argv=None) -> int:
         meta["concurrency"] = sorted(set(old["meta"]["concurrency"]) | set(args.concurrency))
     if device.type == "cuda" and args.synthetic:
         meta["reference"] = reference_numbers(args, checkpoint, device)
+        torch.cuda.empty_cache()  # the copy-bandwidth buffers
     failed = []
     for system in args.systems:
         try:
@@ -281,17 +302,8 @@ def main(argv=None) -> int:
 
                     measure_levels(run, args, prompts, warm, results, tokens, system)
             elif system.startswith("inprocess"):
-                from inprocess import engine_request
-
-                engine = inprocess_engine(checkpoint, {**engine_params, "device": device.type},
-                                          graphs=None if system == "inprocess" else False)
-                try:
-                    def run(ps, c, n, engine=engine):
-                        return run_threads(lambda p, m: engine_request(engine, p, m), ps, c, n)
-
-                    measure_levels(run, args, prompts, warm, results, tokens, system, engine)
-                finally:
-                    close_engine(engine)
+                measure_inprocess(args, checkpoint, {**engine_params, "device": device.type}, system,
+                                  prompts, warm, results, tokens)
             else:
                 run_peer(args, checkpoint, results, tokens, meta)
             meta["systems"][system] = DESCRIPTION[system]
