@@ -2,6 +2,12 @@
 for the pool's fixed capacity, from the engine's pool and model (``capacity_gauges``).
 
 Rules:
+- The Gateway API Inference Extension's model server protocol (docs/proposals/003: what its
+  endpoint picker and llm-d scrape) has its metrics under names of ours with its types and
+  semantics (``PROTOCOL_GAUGES``, ``CACHE_CONFIG_INFO``; docs/operations.md maps them to its
+  flags): queued requests, running requests, KV cache utilisation as a fraction (1.0 = full,
+  as vLLM's ``kv_cache_usage_perc``), and the block size / block count as labels of an info
+  gauge (value 1), which its prefix-cache scorer reads.
 - Counts that only grow are gauges with a ``_total`` name: every instance of a shared pool
   reports the pool-wide ones alike, so they are set, not incremented.
 - Evicted KV blocks are one family with a ``reason`` label. A reason's series appears once
@@ -35,6 +41,17 @@ CAPACITY_GAUGES = {
                                                            "once (window / eviction bounds applied)"),
 }
 
+# the model server protocol's metrics: name -> (protocol metric, description)
+PROTOCOL_GAUGES = {
+    "tritonkv_num_requests_waiting": ("TotalQueuedRequests", "requests waiting: sent to the engine, not yet "
+                                      "holding KV (queued, or preempted and waiting to be recomputed)"),
+    "tritonkv_num_requests_running": ("TotalRunningRequests", "requests being served: holding KV, "
+                                      "prefilling or decoding"),
+    "tritonkv_kv_cache_usage_perc": ("KVCacheUtilization", "fraction of the KV pool's blocks referenced by "
+                                     "live sequences (1.0 = full; cached prefix blocks are reclaimable)"),
+}
+CACHE_CONFIG_INFO = "tritonkv_cache_config_info"  # labels block_size, num_gpu_blocks; value 1
+
 EVICTED_BLOCKS = "tritonkv_kv_evicted_blocks_total"
 # reason label -> Engine.stats() key, in KV blocks
 EVICTION_REASONS = {
@@ -53,6 +70,35 @@ def capacity_gauges(engine) -> dict[str, float]:
     return {name: float(f[key]) for name, (key, _) in CAPACITY_GAUGES.items()}
 
 
+def request_counts(engine) -> tuple[int, int]:
+    """(waiting, running) requests of ``engine``: a turn is running while its sequence holds
+    KV in the cache manager, waiting while it was accepted but holds none (not started yet,
+    or preempted), or is queued behind its conversation's running turn, or not yet accepted."""
+    if hasattr(engine, "request_counts"):
+        return engine.request_counts()
+    from tritonkv.sched.sequence import SeqStatus
+
+    waiting = running = 0
+    for seq in list(engine._seqs.values()):  # one atomic copy: the engine thread mutates the dict
+        if seq.status is SeqStatus.RUNNING:
+            if seq.seq_id in engine.kv:
+                running += 1
+            else:
+                waiting += 1
+        waiting += len(seq.pending)
+    return waiting, running
+
+
+def protocol_values(engine, stats: dict) -> dict[str, float]:
+    """PROTOCOL_GAUGES values of ``engine`` from its stats and request counts."""
+    waiting, running = request_counts(engine)
+    if hasattr(engine, "_commands"):  # turns sent to the engine, not accepted yet
+        waiting += engine._commands.qsize()
+    total = stats.get("total", 0)
+    return {"tritonkv_num_requests_waiting": float(waiting), "tritonkv_num_requests_running": float(running),
+            "tritonkv_kv_cache_usage_perc": float(stats.get("used", 0)) / total if total else 0.0}
+
+
 class Gauges:
     """One metric per GAUGES and CAPACITY_GAUGES entry and per reported eviction reason,
     labelled with the model and instance."""
@@ -66,6 +112,12 @@ class Gauges:
         self._capacity = {name: self._family(pb_utils, name, doc).Metric(labels=labels)
                           for name, (_, doc) in CAPACITY_GAUGES.items()}
         self._capacity_set = False
+        self._protocol = {name: self._family(pb_utils, name, f"{doc} (model server protocol: {metric})")
+                          .Metric(labels=labels) for name, (metric, doc) in PROTOCOL_GAUGES.items()}
+        self._cache_info = self._family(pb_utils, CACHE_CONFIG_INFO, "1, labelled with the KV block size in tokens "
+                                        "and the pool's block count (model server protocol: BlockSize, "
+                                        "NumGPUBlocks)")
+        self._labels_of_info = None
         self._evicted = self._family(pb_utils, EVICTED_BLOCKS,
                                      "KV blocks evicted, by reason: prefix_lru, window, streaming, h2o, preemption")
         self._by_reason = {}
@@ -79,6 +131,13 @@ class Gauges:
         stats = engine.stats()
         for key, metric in self._metrics.items():
             metric.set(float(stats.get(key, 0)))
+        for name, value in protocol_values(engine, stats).items():
+            self._protocol[name].set(value)
+        if self._labels_of_info is None:
+            self._labels_of_info = {**self._labels, "block_size": str(engine.config.block_size),
+                                    "num_gpu_blocks": str(engine.pool.num_blocks)}
+            self._info_metric = self._cache_info.Metric(labels=self._labels_of_info)  # kept referenced
+            self._info_metric.set(1.0)
         for reason, key in EVICTION_REASONS.items():
             if key in stats:
                 if reason not in self._by_reason:
