@@ -3,7 +3,7 @@ XML (the parallel run, and the serial re-run of what failed in it), the smoke be
 table, and what the machine is.
 
     python bench/gpu_report.py --junit OUT/junit.xml [--rerun OUT/junit_rerun.xml]
-        [--smoke OUT/smoke.tsv] [--commit SHA] [--command CMD] [--wall-s S] --out OUT/gpu_check.md
+        [--record OUT/record.tsv] [--smoke OUT/smoke.tsv] [--commit SHA] [--command CMD] [--wall-s S] --out OUT/gpu_check.md
     python bench/gpu_report.py --failed OUT/junit.xml     # node ids of failures, one a line
 
 Rules: a test counts as failed if it failed (or errored) in the parallel run and again when
@@ -55,6 +55,18 @@ def read_junit(path: str) -> list[dict]:
     return rows
 
 
+def read_record(path: str) -> list[dict]:
+    """tests/conftest.py's $TRITONKV_TEST_RECORD lines (a run cut short has no JUnit file)."""
+    if not path or not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            node, outcome, secs, reason = (line.rstrip("\n").split("\t") + [""] * 4)[:4]
+            rows.append({"id": node, "outcome": outcome, "s": float(secs or 0), "message": reason})
+    return rows
+
+
 def first_line(text: str, width: int = 220) -> str:
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     return (line[:width] + "...") if len(line) > width else line
@@ -85,6 +97,9 @@ def machine() -> dict:
 
 def report(args) -> tuple[str, bool]:
     first = read_junit(args.junit)
+    cut_short = not first and bool(read_record(args.record))
+    if cut_short:
+        first = read_record(args.record)
     rerun = {r["id"]: r for r in read_junit(args.rerun)}
     failed, flaky = [], []
     for r in first:
@@ -105,9 +120,12 @@ def report(args) -> tuple[str, bool]:
               "|---:|---:|---:|---:|---:|---:|---:|",
               f"| {len(first)} | {passed} | {len(failed)} | {len(skipped)} | {len(cuda_skips)} | {len(flaky)} "
               f"| {args.wall_s or '-'} |", ""]
-    if not first:
-        lines += ["**No JUnit result**: pytest did not finish (its time limit, or a crash); the log's end "
-                  "is in pytest.log.", ""]
+    if cut_short:
+        lines += ["**The suite did not finish** (its time limit, or a crash): the counts are of the tests "
+                  "that ended before (tests/conftest.py's record); the rest did not run. pytest.log has the end.", ""]
+    elif not first:
+        lines += ["**No result**: pytest did not finish (its time limit, or a crash) and recorded no test; "
+                  "the log's end is in pytest.log.", ""]
     if failed:
         lines += ["## Failed", ""] + [f"- `{r['id']}`: {first_line((again or r)['message'])}" for r, again in failed] + [""]
     if flaky:
@@ -129,7 +147,7 @@ def report(args) -> tuple[str, bool]:
                 name, cmd, rc, secs, last = (row.rstrip("\n").split("\t") + [""] * 5)[:5]
                 lines.append(f"| {name} | `{cmd}` | {rc} | {secs} | {last.replace('|', '/')[:160]} |")
         lines.append("")
-    ok = not failed and not cuda_skips and bool(first)
+    ok = not failed and not cuda_skips and bool(first) and not cut_short
     lines.append(f"Verdict: {'no failure, no CUDA skip' if ok else 'NOT clean (see above)'}.")
     return "\n".join(lines) + "\n", ok
 
@@ -138,6 +156,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--junit")
     p.add_argument("--rerun")
+    p.add_argument("--record", help="tests/conftest.py's $TRITONKV_TEST_RECORD file (used when JUnit is missing)")
     p.add_argument("--smoke")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--command", default="bash bench/gpu_run.sh check")

@@ -10,6 +10,10 @@
 #   bash bench/gpu_run.sh serving   # Llama-3-8B shape, 200 in / 180 out, c=1/64/128/256: served,
 #                                   # 2x2, in-process, HF static-cache peer -> $OUT/serving_<h100|h200>.*
 #
+# If one call cannot hold every serving system (each system's results are written as it ends),
+# copy $OUT's serving_<gpu>.json and .tokens.json into bench/results/ and run the rest with
+#   SYSTEMS="tritonkv-2x2 hf-static" SERVING_ARGS="--merge bench/results/serving_<gpu>.json" \
+#     bash bench/gpu_run.sh serving
 # TINY=1: the same steps shrunk to prove the script on a CPU (the local venv, the demo model,
 # a few tests): `TINY=1 OUT=/tmp/x bash bench/gpu_run.sh check` / `... serving`.
 # Knobs: WORKERS (pytest-xdist processes, default 8), SUITE_S (the suite's time limit, 360),
@@ -73,7 +77,8 @@ check)
   [ "${TINY:-0}" = 1 ] && sel=(tests/kernels/test_decode_attention.py -k "any_size or refused")
   suite_s=${SUITE_S:-360}
   s=$(date +%s)
-  timeout -k 10 "$suite_s" "$IMGPY" -m pytest -q -rfEs --durations=30 -p no:cacheprovider \
+  rm -f "$OUT/record.tsv"
+  TRITONKV_TEST_RECORD="$OUT/record.tsv" timeout -k 10 "$suite_s" "$IMGPY" -m pytest -q -rfEs --durations=30 -p no:cacheprovider \
     --junitxml="$OUT/junit.xml" "${par[@]}" "${tmo[@]}" ${PYTEST_ARGS:-} "${sel[@]}" 2>&1 | tee "$OUT/pytest.log" | tail -60
   wall=$(( $(date +%s) - s ))
   # what failed in parallel runs again alone (an interaction of workers is then named, not hidden)
@@ -93,7 +98,8 @@ check)
       --out "$OUT/smoke" --no-plot
   fi
   rm -rf "$OUT/smoke" "$OUT/failed.txt"
-  "$IMGPY" bench/gpu_report.py --junit "$OUT/junit.xml" --rerun "$OUT/junit_rerun.xml" --smoke "$OUT/smoke.tsv" \
+  "$IMGPY" bench/gpu_report.py --junit "$OUT/junit.xml" --rerun "$OUT/junit_rerun.xml" --record "$OUT/record.tsv" \
+    --smoke "$OUT/smoke.tsv" \
     --commit "$commit" --command "bash bench/gpu_run.sh check" --wall-s "$wall" --out "$OUT/gpu_check.md" | tail -25
   rc=${PIPESTATUS[0]}
   rm -f "$OUT/smoke.tsv"

@@ -34,6 +34,7 @@ first position where they differ), not failed; fp32 runs (the CPU) are asserted 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -88,6 +89,21 @@ def close_engine(engine) -> None:
         torch.cuda.empty_cache()
 
 
+def wait_device_free(timeout_s: float = 120) -> None:
+    """Until the GPU's memory is free again: a stopped server's processes (its engine core
+    exits a grace period after its last frontend) may hold it for a while, and the next system
+    needs the weights and the KV pool again."""
+    if not torch.cuda.is_available():
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free > 0.85 * total:
+            return
+        time.sleep(1)
+    print(f"GPU memory still held after {timeout_s:.0f} s: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free", flush=True)
+
+
 def run_threads(request, prompts, concurrency: int, max_tokens: int):
     """In-process clients: ``concurrency`` threads, client k sends requests k, k + c, ..."""
     samples: list = [None] * len(prompts)
@@ -127,6 +143,25 @@ def measure_levels(run, args, prompts, warm, results, tokens, system, engine=Non
             r["step_breakdown"] = engine.step_times.summary()
         print(f"{system:15s} c={c:<4d} {r['output_tokens_per_s']:9.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:8.1f} ms"
               f"  TPOT p50 {r['tpot_p50_ms'] or 0:6.2f} ms  ({n} requests, {wall:.1f} s)", flush=True)
+
+
+def measure_inprocess(args, checkpoint, params, system, prompts, warm, results, tokens) -> None:
+    """The in-process engine's levels; on return nothing references the engine any more, so
+    its weights, KV pool and graph pools go back to the device (the next system needs them)."""
+    from inprocess import engine_request
+
+    engine = inprocess_engine(checkpoint, params, graphs=None if system == "inprocess" else False)
+    try:
+        def run(ps, c, n):
+            return run_threads(lambda p, m: engine_request(engine, p, m), ps, c, n)
+
+        measure_levels(run, args, prompts, warm, results, tokens, system, engine)
+    finally:
+        close_engine(engine)
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run_peer(args, checkpoint, results, tokens, meta):
@@ -240,11 +275,16 @@ def main(argv=None) -> int:
     if args.merge:
         with open(args.merge) as f:
             old = json.load(f)
-        results, tokens = old["results"], old.get("tokens", {})
+        results = old["results"]
+        tokens_file = os.path.splitext(args.merge)[0] + ".tokens.json"
+        if os.path.isfile(tokens_file):  # the earlier systems' tokens, for the cross-check
+            with open(tokens_file) as f:
+                tokens = json.load(f)["tokens"]
         meta["merged_from"] = old["meta"]
         meta["concurrency"] = sorted(set(old["meta"]["concurrency"]) | set(args.concurrency))
     if device.type == "cuda" and args.synthetic:
         meta["reference"] = reference_numbers(args, checkpoint, device)
+        torch.cuda.empty_cache()  # the copy-bandwidth buffers
     failed = []
     for system in args.systems:
         try:
@@ -262,23 +302,16 @@ def main(argv=None) -> int:
 
                     measure_levels(run, args, prompts, warm, results, tokens, system)
             elif system.startswith("inprocess"):
-                from inprocess import engine_request
-
-                engine = inprocess_engine(checkpoint, {**engine_params, "device": device.type},
-                                          graphs=None if system == "inprocess" else False)
-                try:
-                    def run(ps, c, n, engine=engine):
-                        return run_threads(lambda p, m: engine_request(engine, p, m), ps, c, n)
-
-                    measure_levels(run, args, prompts, warm, results, tokens, system, engine)
-                finally:
-                    close_engine(engine)
+                measure_inprocess(args, checkpoint, {**engine_params, "device": device.type}, system,
+                                  prompts, warm, results, tokens)
             else:
                 run_peer(args, checkpoint, results, tokens, meta)
             meta["systems"][system] = DESCRIPTION[system]
         except Exception as e:  # noqa: BLE001  (recorded, the other systems still run)
             failed.append(f"{system}: {type(e).__name__}: {e}")
             print(f"{system} FAILED: {type(e).__name__}: {e}", flush=True)
+        if system.startswith("tritonkv"):
+            wait_device_free()
         meta["cross_check"] = cross_check(tokens, exact_all=device.type == "cpu")
         meta["failed"] = failed
         write_results(args, meta, results, tokens)

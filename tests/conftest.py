@@ -53,3 +53,22 @@ def pytest_runtest_makereport(item, call):
         if any(w in reason.lower() for w in _DEVICE_WORDS):
             report.outcome = "failed"
             report.longrepr = f"skipped on a CUDA run (every CUDA variant must run here): {reason}"
+
+
+def pytest_runtest_logreport(report):
+    """$TRITONKV_TEST_RECORD: one line per finished test (node id, outcome, seconds, reason),
+    appended as it ends, so a run stopped by its time limit still shows what ran
+    (bench/gpu_run.sh check; with pytest-xdist the controller writes every worker's)."""
+    path = os.environ.get("TRITONKV_TEST_RECORD")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):  # an xdist worker: the controller writes
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed) or \
+            (report.when == "teardown" and report.failed):
+        reason = ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            reason = str(report.longrepr[-1])
+        elif report.failed:
+            reason = str(report.longrepr).strip().splitlines()[-1] if report.longrepr else ""
+        outcome = "error" if report.failed and report.when != "call" else report.outcome
+        with open(path, "a") as f:
+            f.write(f"{report.nodeid}\t{outcome}\t{report.duration:.2f}\t{reason[:300]}\n")
