@@ -93,7 +93,8 @@ def test_serve_is_honest_about_ports_and_readiness_and_sighup_stops_everything()
         assert f"OpenAI  http://127.0.0.1:{ports['openai']}/v1  (model tritonkv-demo)" in banner
         assert re.search(r"tokenizer \S*demo\S*  \(aiperf --tokenizer", banner), banner
         assert "restricted (nobody): shared-memory, model-repository, logging, trace" in banner
-        assert "models load first" in banner  # a progress line came before the models loaded
+        assert "models load first" in banner  # progress lines while the models loaded
+        assert re.search(r"tritonkv: KV capacity: .+ \(\d+ s\)", banner) and "tritonkv: model llm loaded (" in banner
         workdir = re.search(r"log\s+(\S+)/server.log", banner).group(1)
         code, body = http_generate(f"127.0.0.1:{ports['http']}", "vllm_model",
                                    {"text_input": "Hi", "max_tokens": 3, "temperature": 0})
