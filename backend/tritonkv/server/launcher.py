@@ -193,14 +193,15 @@ class Server:
                 self.stop()
                 raise ServerStartError(f"tritonserver exited with code {self.process.returncode}: {reason}")
             ready, why = self.readiness()
-            if ready:
-                return
             if progress is not None:
                 with contextlib.suppress(OSError):
                     lines = progress_lines(self.log())
                     for line in lines[seen:]:
                         progress(f"tritonkv: {line} ({time.monotonic() - start:.0f} s)")
                     seen = len(lines)
+            if ready:
+                return
+            if progress is not None:
                 if time.monotonic() >= next_note:
                     progress(f"tritonkv: starting tritonserver ({time.monotonic() - start:.0f} s; {why})")
                     next_note += PROGRESS_EVERY_S
