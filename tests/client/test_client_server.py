@@ -4,7 +4,6 @@ leaving the pool at baseline, and the chat CLI."""
 
 import asyncio
 import io
-import os
 import re
 
 import pytest

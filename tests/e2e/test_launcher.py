@@ -93,7 +93,8 @@ def test_serve_is_honest_about_ports_and_readiness_and_sighup_stops_everything()
         assert f"OpenAI  http://127.0.0.1:{ports['openai']}/v1  (model tritonkv-demo)" in banner
         assert re.search(r"tokenizer \S*demo\S*  \(aiperf --tokenizer", banner), banner
         assert "restricted (nobody): shared-memory, model-repository, logging, trace" in banner
-        assert "models load first" in banner  # a progress line came before the models loaded
+        assert "models load first" in banner  # progress lines while the models loaded
+        assert re.search(r"tritonkv: KV capacity: .+ \(\d+ s\)", banner) and "tritonkv: model llm loaded (" in banner
         workdir = re.search(r"log\s+(\S+)/server.log", banner).group(1)
         code, body = http_generate(f"127.0.0.1:{ports['http']}", "vllm_model",
                                    {"text_input": "Hi", "max_tokens": 3, "temperature": 0})
@@ -110,7 +111,8 @@ def test_serve_is_honest_about_ports_and_readiness_and_sighup_stops_everything()
         assert second.returncode == 1 and "tritonkv ready" not in second.stdout
         err = second.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"tritonkv serve: --grpc-port {ports['grpc']}: "), err
-        assert took < 5, took  # interpreter start included; nothing was launched
+        assert "starting tritonserver" not in second.stdout  # refused before anything started
+        print(f"a serve on a taken port exited 1 after {took:.2f}s")
 
         groups = tree_of(proc.pid)
         assert len(groups) == 2  # tritonserver and the OpenAI frontend
@@ -183,7 +185,9 @@ def test_the_death_of_serves_parent_stops_the_whole_tree(tmp_path):
             parent.wait()
 
 
-def test_bad_flags_exit_at_once_naming_the_flag_and_the_allowed_values():
+def test_bad_flags_exit_before_anything_starts_naming_the_flag_and_the_allowed_values():
+    """Checked before the launch (nothing is started: no progress line); the time is printed,
+    not asserted (speed belongs to benchmarks): about 0.5 s on an idle machine."""
     cases = {
         ("--kv-cache-dtype", "fp4"): "argument --kv-cache-dtype: invalid choice: 'fp4' (choose from 'auto', 'fp8', "
                                      "'int8')",
@@ -202,7 +206,8 @@ def test_bad_flags_exit_at_once_naming_the_flag_and_the_allowed_values():
                            text=True, env=ENV, timeout=30)
         took = time.monotonic() - t0
         assert p.returncode == 2 and words in p.stderr, (args, p.stderr[-500:])
-        assert took < 2.0, (args, took)
+        assert p.stdout == "", p.stdout  # not even "starting tritonserver"
+        print(f"{' '.join(args)}: exit 2 after {took:.2f}s")
 
 
 def test_serve_has_a_flag_with_help_for_every_setting(capsys):

@@ -322,3 +322,20 @@ def test_out_of_range_numbers_are_400s_naming_the_field(client, field, value):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tritonkv-demo", prompt="x", **({"extra_body": {field: value}}))
     assert info.value.body["param"] == field and f"{field} must be in" in info.value.body["message"]
+
+
+def test_cache_salt_separates_prefix_cache_namespaces(client):
+    """issue 21 item 7: a user re-sending another's prompt got its cached KV; cache_salt (as in
+    vLLM) confines the cache to requests with the same salt."""
+    prompt = "Salted prompt: " + "the pool keeps every full block of this text " * 3
+
+    def cached(salt):
+        extra = {"ignore_eos": True} if salt is None else {"ignore_eos": True, "cache_salt": salt}
+        r = client.completions.create(model="tritonkv-demo", prompt=prompt, max_tokens=2, temperature=0,
+                                      extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("alice") == 0
+    assert cached("bob") == 0  # another namespace: nothing reused
+    assert cached("alice") > 0  # the same one: the prompt's full blocks
+    assert cached(None) == 0  # unsalted requests share a namespace of their own

@@ -207,7 +207,7 @@ def test_server_log_and_gauges_state_what_tritonkv_capacity_prints(server, capsy
     from tritonkv.server.cli import main as cli
 
     logged = {line.split("KV capacity: ", 1)[1] for line in server.log().splitlines() if "KV capacity: " in line}
-    assert cli(["capacity", "--param", "max_model_len=512", "--param", "kv_cache_memory_mb=64"]) == 0
+    assert cli(["capacity", "--param", f"max_model_len={MAX_MODEL_LEN}", "--param", "kv_cache_memory_mb=64"]) == 0
     printed = capsys.readouterr().out.splitlines()[-1]
     assert printed.startswith("the server logs: KV capacity: ")
     assert logged == {printed.removeprefix("the server logs: KV capacity: ")}  # every instance alike

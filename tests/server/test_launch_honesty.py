@@ -140,3 +140,16 @@ def test_a_frontend_whose_restarts_fail_gives_up_after_three(tmp_path):
         assert frontend.readiness() == (False, "the OpenAI frontend could not be restarted")
     finally:
         frontend.stop(0)
+
+
+def test_progress_lines_come_from_the_server_log_in_order():
+    from tritonkv.server.probes import progress_lines
+
+    log = ("I1206 10:00:01 1 model_lifecycle.cc:1] \"successfully loaded 'llm_stateless'\"\n"
+           "tritonkv INFO: KV pool: 100 blocks x 16 tokens (cpu)\n"
+           "I1206 10:00:02 1 something else\n"
+           "tritonkv WARNING: ckpt has no tokenizer.json; only input_ids requests will be served\n"
+           "I1206 10:00:03 1 model_lifecycle.cc:1] \"successfully loaded 'llm'\"\n")
+    assert progress_lines(log) == ["model llm_stateless loaded", "KV pool: 100 blocks x 16 tokens (cpu)",
+                                   "ckpt has no tokenizer.json; only input_ids requests will be served",
+                                   "model llm loaded"]

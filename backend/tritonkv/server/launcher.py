@@ -47,7 +47,7 @@ from tritonkv.server.install_backend import install_backend
 from tritonkv.server.ports import check_ports_free, free_port, owns_listener
 from tritonkv.server.private_shm import command_prefix as private_shm_prefix
 from tritonkv.server.private_shm import shm_view
-from tritonkv.server.probes import failure_reason, http_ok, loaded_models
+from tritonkv.server.probes import failure_reason, http_ok, progress_lines
 from tritonkv.server.process_tree import end_group, live_group_members, spawn, stopped_members, tree_members
 from tritonkv.server.repository import STATELESS_MODEL, check_model_name, write_repository
 from tritonkv.server.shm_regions import REGION_DIR, REGION_TAG, WORKDIR_PREFIX, server_regions
@@ -193,14 +193,15 @@ class Server:
                 self.stop()
                 raise ServerStartError(f"tritonserver exited with code {self.process.returncode}: {reason}")
             ready, why = self.readiness()
+            if progress is not None:
+                with contextlib.suppress(OSError):
+                    lines = progress_lines(self.log())
+                    for line in lines[seen:]:
+                        progress(f"tritonkv: {line} ({time.monotonic() - start:.0f} s)")
+                    seen = len(lines)
             if ready:
                 return
             if progress is not None:
-                with contextlib.suppress(OSError):
-                    models = loaded_models(self.log())
-                    for name in models[seen:]:
-                        progress(f"tritonkv: model {name} loaded ({time.monotonic() - start:.0f} s)")
-                    seen = len(models)
                 if time.monotonic() >= next_note:
                     progress(f"tritonkv: starting tritonserver ({time.monotonic() - start:.0f} s; {why})")
                     next_note += PROGRESS_EVERY_S

@@ -38,9 +38,10 @@ def failure_reason(log: str) -> str | None:
     return None
 
 
-_LOADED_RE = re.compile(r"successfully loaded '([^']+)'")
+_PROGRESS_RE = re.compile(r"successfully loaded '([^']+)'|^tritonkv (?:INFO|WARNING): (.+)$", re.M)
 
 
-def loaded_models(log: str) -> list[str]:
-    """Models the log says are loaded, in order."""
-    return _LOADED_RE.findall(log)
+def progress_lines(log: str) -> list[str]:
+    """What a start has done so far, from the server log, in order: the engines' own lines
+    (KV pool, "KV capacity: ...", CUDA graphs captured, warnings) and each model loaded."""
+    return [f"model {m.group(1)} loaded" if m.group(1) else m.group(2) for m in _PROGRESS_RE.finditer(log)]
