@@ -113,13 +113,13 @@ def test_asyncio_clients_match_sync(server, client):
 def test_server_errors_raise_with_the_servers_message(server, client):
     with pytest.raises(ServerError, match=r"token id 999 is outside the vocabulary"):
         client.generate(input_ids=[BOS, 999], max_tokens=2)
-    with pytest.raises(ServerError, match="max_tokens must be > 0"):
+    with pytest.raises(ServerError, match=r"'max_tokens' must be in \[1, "):
         HttpClient(server.http_url).generate("x", max_tokens=0)
     with pytest.raises(ServerError, match="outside the vocabulary"):
         list(HttpClient(server.http_url).generate_stream(input_ids=[BOS, 999]))
     with client.conversation(max_tokens=3) as conv:
         first = conv.ask("abc")
-        with pytest.raises(ServerError, match="max_tokens must be > 0"):
+        with pytest.raises(ServerError, match=r"'max_tokens' must be in \[1, "):
             conv.ask("d", max_tokens=0)
         after = conv.ask("d")  # the conversation survives a rejected turn
     assert after.cached_tokens == 4 + len(first.token_ids) - 1
@@ -157,7 +157,7 @@ def test_chat_cli_one_prompt_and_interactive(server):
     assert "[new conversation]" in err.getvalue()
     out, err = io.StringIO(), io.StringIO()
     assert chat_main(["--http", server.http_url, "-p", "Hello", "--max-tokens", "0", "--raw"], out=out, err=err) == 1
-    assert "max_tokens must be > 0" in err.getvalue()
+    assert "'max_tokens' must be in [1, " in err.getvalue()
     assert wait_for_baseline(server.metrics_url, 10).at_baseline
 
 

@@ -87,9 +87,9 @@ def test_http_generate_stream_sends_one_event_per_token(server, hf_demo):
 def test_refused_http_requests_are_400_naming_what_is_wrong(server):
     cases = {
         b'{"max_tokens": 2}': "no prompt: send text_input or input_ids",
-        b'{"text_input": "Hi", "temperature": -0.5}': "temperature must be a finite number >= 0 (0 = greedy), got -0.5",
-        b'{"text_input": "Hi", "top_p": 1.5}': "top_p must be in (0, 1], got 1.5",
-        b'{"text_input": "Hi", "top_k": -1}': "top_k must be an integer >= 0 (0 = off), got -1",
+        b'{"text_input": "Hi", "temperature": -0.5}': "input 'temperature' must be in [0, 3.4e38], got -0.5",
+        b'{"text_input": "Hi", "top_p": 1.5}': "input 'top_p' must be in (0, 1], got 1.5",
+        b'{"text_input": "Hi", "top_k": -1}': "input 'top_k' must be in [0, 2**31 - 1], got -1",
     }
     for body, expected in cases.items():
         for endpoint_streams in (False, True):
@@ -127,7 +127,7 @@ def test_bad_input_gets_clear_errors_and_loses_no_block(server, stream):
     errors = {
         "empty prompt": stream.turn(seq_id=7001, start=True, end=True, text=""),
         "outside the vocabulary": stream.turn(seq_id=7002, start=True, end=True, ids=[256, 999]),
-        "max_tokens must be > 0": stream.turn(seq_id=7003, start=True, end=True, ids=[65], max_tokens=0),
+        "'max_tokens' must be in [1, 2**31 - 1], got 0": stream.turn(seq_id=7003, start=True, end=True, ids=[65], max_tokens=0),
         "exceeds the context limit": stream.turn(seq_id=7004, start=True, end=True, ids=[65], max_tokens=10**6),
         f"at most {MAX_MODEL_LEN}": stream.turn(seq_id=7005, start=True, end=True, ids=[65] * (MAX_MODEL_LEN + 88)),
         "START": stream.turn(seq_id=7006, ids=[65], max_tokens=2),  # said by the sequence batcher

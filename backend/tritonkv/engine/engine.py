@@ -26,6 +26,8 @@ from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.output import TurnTextBuilder
 from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_sampling)
+from tritonkv.sampling.logprobs import token_logprob
+from tritonkv.sampling.params import check_token_ids
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
@@ -131,6 +133,7 @@ class Engine:
             raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
                                f"{self.max_model_len} tokens (max_model_len)")
         check_sampling(params)
+        check_token_ids(params, vocab)
 
     # -- engine thread -----------------------------------------------------------------------
     def start_loop(self) -> None:
@@ -291,6 +294,9 @@ class Engine:
             if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
             turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
+            # per-row penalty state (sampling/penalty_state.py): from the whole context
+            turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids) \
+                if turn.params.uses_penalties else None
             return
         seq.status = SeqStatus.IDLE
 
@@ -353,7 +359,7 @@ class Engine:
                 return False
             rows.append(StepRow([0], self.kv.cache_index(seq.seq_id, position), self.kv.block_table(seq.seq_id),
                                 True, turn.params, turn.generator, from_prev=i,
-                                angle_shift=self.kv.angle_shift(seq.seq_id)))
+                                angle_shift=self.kv.angle_shift(seq.seq_id), penalty=turn.penalty))
         t1 = time.perf_counter()
         plan = [ScheduledChunk(chunk.seq, chunk.start + chunk.num_tokens, 1, True) for _, chunk, _ in live]
         self._apply_kv_ops()
@@ -403,11 +409,13 @@ class Engine:
         (finished, cancelled, released) are dropped."""
         t0 = time.perf_counter()
         sampled = iter(self.runner.collect(step.handle))
+        logprob_rows = iter(self.runner.collect_logprobs(step.handle))  # None where not asked
         t1 = time.perf_counter()
         mass = step.handle.mass.numpy() if step.handle.mass is not None else None
         for i, (chunk, turn) in enumerate(zip(step.plan, step.turns)):
             seq = chunk.seq
             token = next(sampled) if chunk.sample else None
+            raw_logprob = next(logprob_rows) if chunk.sample else None
             if seq.turn is not turn or seq.status is not SeqStatus.RUNNING or seq.num_computed != chunk.start:
                 continue
             seq.num_computed += chunk.num_tokens
@@ -417,7 +425,7 @@ class Engine:
             if token is None:
                 continue
             try:
-                self._append_token(seq, token)
+                self._append_token(seq, token, raw_logprob)
             except Exception as exc:  # this row's output failed (e.g. its text): end this turn only
                 log.exception("output of one sequence failed")
                 if seq.turn is turn:
@@ -430,32 +438,38 @@ class Engine:
         turn = seq.turn
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
-                       turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id))
+                       turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),
+                       penalty=turn.penalty)
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
+    def _append_token(self, seq: Sequence, token: int, raw_logprob: tuple | None = None) -> None:
         turn = seq.turn
+        logprobs = None if raw_logprob is None else [token_logprob(
+            token, raw_logprob, turn.params.logprobs, self.tokenizer and (lambda t: self.tokenizer.decode([t])))]
         seq.token_ids.append(token)
         turn.output_ids.append(token)
         seq.last_active = time.monotonic()
         self.num_generated_tokens += 1
         is_eos = token in self.eos_token_ids and not turn.params.ignore_eos
-        text, stopped = ("", False) if is_eos else turn.text.push(token)
+        stop_token = token in turn.params.stop_token_ids  # ends the turn like EOS, reason "stop"
+        text, stopped = ("", False) if is_eos or stop_token else turn.text.push(token)
         reason = None
         if is_eos:
             reason = "eos"
-        elif stopped:
+        elif stopped or stop_token:
             reason = "stop"
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
         if reason is None:
-            self._reply(turn, TurnOutput(text, [token]))
+            self._reply(turn, TurnOutput(text, [token], logprobs=logprobs))
             return
         text += turn.text.finish(stopped)
-        self._finish(seq, TurnOutput(text, [token], True, reason))
+        self._finish(seq, TurnOutput(text, [token], True, reason, logprobs=logprobs))
 
     def _finish(self, seq: Sequence, out: TurnOutput) -> None:
         turn = seq.turn
+        if turn.penalty is not None:
+            turn.penalty.close()
         out.cached_tokens = max(turn.cached_tokens, 0)
         out.prompt_tokens = len(turn.prompt_ids)
         self._reply(turn, out)

@@ -62,6 +62,11 @@ def _num_sms(device) -> int:
     return _SM_COUNT[idx]
 
 
+# Smallest key tile: P @ V is a tl.dot with K = BLOCK_N, and Triton's NVIDIA backend needs
+# K >= 16 for 16-bit operands (fp8/int8 K/V are cast to 16 bits first); the interpreter has no
+# such bound, so a smaller tile passed on CPU and failed to compile on the H200 (triton 3.6).
+MIN_BLOCK_N = 16
+
 # Largest block-table slice (pages) one split holds in registers with BT_GATHER; longer
 # ranges get more splits (1024 ids = 8 registers per thread at 4 warps).
 MAX_SPLIT_PAGES = 1024
@@ -110,6 +115,8 @@ def plan_decode(q_dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tens
     if head_dim > 128:
         bn0 = min(bn0, 32)
     block_n = block_n or bn0
+    if block_n < MIN_BLOCK_N or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= {MIN_BLOCK_N} (the K of P @ V in tl.dot), got {block_n}")
     num_warps = num_warps or nw0
     num_stages = num_stages or ns0
     kv_range = min(max_kv, sliding_window + block_n) if has_window else max_kv

@@ -36,8 +36,10 @@ def merge_outputs(outs: list[TurnOutput]) -> list[TurnOutput]:
         if not run:
             return
         last = run[-1]
+        logprobs = None if all(o.logprobs is None for o in run) else [e for o in run for e in o.logprobs or []]
         merged.append(TurnOutput("".join(o.text for o in run), [t for o in run for t in o.token_ids],
-                                 last.finished, last.finish_reason, last.cached_tokens, last.prompt_tokens))
+                                 last.finished, last.finish_reason, last.cached_tokens, last.prompt_tokens,
+                                 logprobs=logprobs))
         run.clear()
 
     for out in outs:
