@@ -10,7 +10,7 @@ Rules:
   (least recently active), then the running sequence whose turn started last. Preemption
   drops the KV (full blocks stay in the prefix cache) and the sequence recomputes later.
 - The scheduler never touches the free list: it asks the KV manager to ``grow``.
-- With an eviction policy (cache/eviction.py) a sequence first returns the blocks its next
+- With an eviction policy (cache/eviction/) a sequence first returns the blocks its next
   chunk no longer sees (``evict``), and a chunk never crosses a position where the kept set
   changes (``max_chunk``). A preempted sequence keeps its eviction history (``preempt``).
 """
