@@ -127,7 +127,11 @@ def test_python_backend_regions_are_born_in_a_dev_shm_of_the_servers_own():
     a different file system from the host's /dev/shm, and nothing of this server is there
     but its lock file (0600)."""
     import shared_server
+    from tritonkv.server.private_shm import command_prefix
 
+    if command_prefix() is None:
+        pytest.skip("this system allows no mount namespace (no CAP_SYS_ADMIN, no user namespaces): the regions "
+                    "fall back to the host's /dev/shm, chmod 0600 once ready (docs/security.md)")
     server = shared_server.shared_server()
     assert server.private_shm
     own = os.stat(server.shm_dir)
