@@ -72,7 +72,9 @@ class SoakMonitor:
         gauges = parse_prometheus(fetch_metrics(self.metrics_url))
 
         def total(name):
-            return sum(v for _labels, v in gauges.get(name, []))
+            # every instance reports its engine core's pool-wide count, and a server's
+            # instances share one core (one pool per server): the count once, not a sum
+            return max((v for _labels, v in gauges.get(name, [])), default=0.0)
 
         rss, files = rss_and_files(group_pids(self.pgid)) if self.pgid else (0, 0)
         self.samples.append(Sample(round(time.monotonic() - self._t0, 1), total("tritonkv_kv_blocks_used"),
