@@ -1,6 +1,6 @@
 """Soak checks: while a long load runs, sample every ``period_s`` what must stay bounded —
 KV blocks used and live sequences (the server's gauges), the resident memory and open files
-of the server's process group (tritonserver and its Python-backend stubs).
+of the server's process group (tritonserver and its Python-backend stubs) and its engine core.
 
 Bounded means (``verdict``): live sequences never exceed ``max_live``; and from the first
 sample after warm-up to the last, RSS grows by at most 25% + 64 MiB and open files by at most
@@ -31,10 +31,12 @@ class Sample:
 
 
 def group_pids(pgid: int) -> list[int]:
-    """Live processes of a process group (the launcher starts the server in its own group)."""
-    from tritonkv.server.process_tree import live_group_members
+    """Live processes of a process group (the launcher starts the server in its own group),
+    and their descendants in other sessions: the engine core a stub started (``core/spawn.py``,
+    its own session), which holds the model and the KV pool."""
+    from tritonkv.server.process_tree import live_group_members, tree_members
 
-    return live_group_members(pgid)
+    return sorted(set(live_group_members(pgid)) | set(tree_members(pgid)))
 
 
 def rss_and_files(pids: list[int]) -> tuple[int, int]:
