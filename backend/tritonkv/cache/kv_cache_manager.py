@@ -40,6 +40,8 @@ import numpy as np
 from tritonkv.cache.block_hash import NO_HASH, hash_full_blocks
 from tritonkv.cache.block_pool import BlockPool, PoolExhausted
 from tritonkv.cache.eviction import EvictionPolicy
+from tritonkv.cache.host_tier import HostTier
+from tritonkv.cache.tier_moves import SwapPlan, TierMoves
 
 
 @dataclass
@@ -77,11 +79,12 @@ class KVOp:
     delta: int = 0
 
 
-class KVCacheManager:
+class KVCacheManager(TierMoves):
     def __init__(self, pool: BlockPool, owner: int, enable_prefix_caching: bool = True,
                  policy: EvictionPolicy | None = None, angle_limit: int = 1 << 62,
-                 max_chunk_tokens: int = 1 << 30):
-        """``angle_limit``: rotary angles (positions) must stay below it (the rotary table)."""
+                 max_chunk_tokens: int = 1 << 30, host: HostTier | None = None):
+        """``angle_limit``: rotary angles (positions) must stay below it (the rotary table).
+        ``host``: the host tier idle sequences swap to (cache/tier_moves.py)."""
         self.pool = pool
         self.owner = owner
         self.block_size = pool.block_size
@@ -94,6 +97,9 @@ class KVCacheManager:
         self._seqs: dict[Hashable, SequenceBlocks] = {}
         self._history: dict[Hashable, EvictionHistory] = {}
         self._ops: list[KVOp] = []
+        self.host = host
+        self._swaps = SwapPlan()
+        self._history_type = EvictionHistory
         self.evicted_blocks = {"window": 0, "streaming": 0, "h2o": 0}
         self.preempted_blocks = 0  # pool blocks held by sequences when they were preempted
 
@@ -333,8 +339,11 @@ class KVCacheManager:
         self._drop_all(seq_id)
 
     def release(self, seq_id) -> None:
-        """Drop the sequence; its registered blocks stay in the prefix index until evicted."""
+        """Drop the sequence from both tiers; its registered blocks stay in the prefix index
+        until evicted."""
         self._history.pop(seq_id, None)
+        if self.host is not None:
+            self.host.drop(seq_id)
         self._drop_all(seq_id)
 
     def _drop_all(self, seq_id) -> None:

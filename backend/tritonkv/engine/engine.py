@@ -32,6 +32,7 @@ from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.ops.kv_relocate import rotate_keys, turn_blocks, turn_blocks_batched
+from tritonkv.ops.kv_swap import build_host_tier, tier_stats
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -62,8 +63,11 @@ class Engine(Conversations):
         self.kv_caches = kv_caches
         self.policy = eviction_policy(config, self.model_config, pool)
         max_pos = self.model_config.max_position_embeddings
+        # the host tier idle conversations swap to (None: off); the swapper runs its copies
+        self.host_tier, self.swapper = build_host_tier(config.kv_host_memory_gb, kv_caches, self.device,
+                                                       pool.num_blocks)
         self.kv = KVCacheManager(pool, 0, config.enable_prefix_caching, self.policy, angle_limit=max_pos,
-                                 max_chunk_tokens=config.max_num_batched_tokens)
+                                 max_chunk_tokens=config.max_num_batched_tokens, host=self.host_tier)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         capacity = pool.num_blocks * pool.block_size
         limit = min(config.max_model_len or max_pos, max_pos)
@@ -239,6 +243,7 @@ class Engine(Conversations):
             return
         idle = [s for s in self._seqs.values() if s.status is SeqStatus.IDLE]
         plan = self.scheduler.schedule(running, idle)
+        self._apply_swaps()
         self._steps += 1
         if not plan:
             self._fail_unschedulable(running)
@@ -281,6 +286,13 @@ class Engine(Conversations):
         self._finalize(pend)
         self._pending = PendingStep(plan, [turn for _, _, turn in live], handle, t1 - t0, self._launch_origins(plan))
         return True
+
+    def _apply_swaps(self) -> None:
+        """The host-tier copies the scheduler decided this step, before anything else touches
+        the pool (ops/kv_swap.py)."""
+        swaps = self.kv.take_swaps()
+        if swaps:
+            self.swapper.run(swaps)
 
     def _apply_kv_ops(self) -> None:
         """Key rotations and block copies that eviction queued, before the next launch."""
@@ -374,9 +386,11 @@ class Engine(Conversations):
         self._finish(seq, TurnOutput("", [token], True, reason))
 
     def close(self) -> None:
-        """Stop the loop thread, if one runs."""
+        """Stop the loop thread, if one runs; unpin the host tier."""
         if self._thread is not None:
             self.stop_loop()
+        if self.swapper is not None:
+            self.swapper.close()
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -387,6 +401,7 @@ class Engine(Conversations):
         for mode, n in self.kv.evicted_blocks.items():  # blocks returned by each eviction policy
             counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens
+        counts.update(tier_stats(self.kv, self.swapper, self.scheduler))
         return counts
 
 

@@ -1,0 +1,100 @@
+"""Moving a sequence's blocks between the device pool and the host tier (a KVCacheManager
+mixin: the state is the manager's; cache/host_tier.py keeps the host side).
+
+Rules:
+- ``swap_out`` parks every block the sequence holds (its table, then the written originals
+  of turned blocks, in that order) in the host tier and releases the device references at
+  once: the copies are queued (``take_swaps``) and the engine runs them before anything
+  else touches the device this step (ops/kv_swap.py orders device reads before writes and
+  host reads before host writes), so a released block may be handed out in the same step.
+  Registered blocks stay in the prefix index on the device until the pool reuses them.
+- ``swap_in`` takes one fresh device block per parked block and restores the table with
+  the new ids; the sequence's computed tokens, eviction state (origins, turns, h2o mass)
+  and registered hashes are as they were, so its next turn prefills only its new tokens.
+- A conversation the host tier drops to make room keeps what a recompute needs (h2o mass),
+  as a preempted one does.
+- ``release`` frees both tiers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tritonkv.cache.block_pool import PoolExhausted
+
+
+@dataclass
+class SwapPlan:
+    """The copies one step runs: device block ``out_device[i]`` -> host block ``out_host[i]``,
+    host block ``in_host[i]`` -> device block ``in_device[i]``."""
+
+    out_device: list[int] = field(default_factory=list)
+    out_host: list[int] = field(default_factory=list)
+    in_host: list[int] = field(default_factory=list)
+    in_device: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.out_device or self.in_host)
+
+
+class TierMoves:
+    """Needs ``self.host`` (a HostTier or None), ``self._seqs``, ``self.pool``, ``self.owner``,
+    ``self._history`` and ``self._swaps`` (a SwapPlan)."""
+
+    def swapped(self, seq_id) -> bool:
+        """The sequence's blocks sit in the host tier."""
+        return self.host is not None and seq_id in self.host
+
+    def _held(self, seq) -> list[int]:
+        return seq.blocks + [b for b in seq.sources if b >= 0]
+
+    def swap_out(self, seq_id, keep=()) -> bool:
+        """Park ``seq_id``'s blocks in the host tier, dropping least recently parked
+        conversations (other than ``keep``) if it is full. False (nothing changed) when there
+        is no host tier or it cannot hold them."""
+        seq = self._seqs.get(seq_id)
+        if self.host is None or seq is None:
+            return False
+        held = self._held(seq)
+        if self.host.num_free() < len(held):
+            dropped = self.host.make_room(len(held), keep=set(keep) | {seq_id})
+            if not dropped:
+                return False
+            for dropped_id, state in dropped:
+                self._remember_mass(dropped_id, state)
+        self._swaps.out_host += self.host.park(seq_id, seq, len(held))
+        self._swaps.out_device += held
+        del self._seqs[seq_id]
+        self.pool.release(held, self.owner)
+        return True
+
+    def swap_in(self, seq_id) -> bool:
+        """Bring ``seq_id`` back to the device. False (nothing changed) if the pool cannot
+        supply its blocks now (the caller makes room or waits)."""
+        need = len(self.host.blocks_of(seq_id))
+        try:
+            device = self.pool.allocate(need, self.owner)
+        except PoolExhausted:
+            return False
+        parked = self.host.unpark(seq_id)
+        seq = parked.state
+        fresh = iter(device)
+        seq.blocks = [next(fresh) for _ in seq.blocks]
+        seq.sources = [next(fresh) if b >= 0 else -1 for b in seq.sources]
+        self._seqs[seq_id] = seq
+        self._swaps.in_host += parked.host_blocks
+        self._swaps.in_device += device
+        return True
+
+    def _remember_mass(self, seq_id, seq) -> None:
+        if self.policy.mode == "h2o":
+            past = self._history.setdefault(seq_id, self._history_type())
+            past.mass.update(zip(seq.origins, seq.mass.tolist()))
+
+    def take_swaps(self) -> SwapPlan:
+        plan, self._swaps = self._swaps, SwapPlan()
+        return plan
+
+    def tier_counts(self) -> dict[str, int]:
+        """The host tier's blocks and counters (empty without one)."""
+        return {} if self.host is None else self.host.counts()

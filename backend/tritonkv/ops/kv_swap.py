@@ -1,0 +1,168 @@
+"""Runs the host-tier copies of a step (cache/tier_moves.py's ``SwapPlan``): KV blocks between
+the device pool and host memory, every block of a step in one batched gather / scatter.
+
+Rules:
+- The host pool holds each block's bytes contiguous: ``[host_blocks, block_bytes]`` uint8,
+  where a block's bytes are, for each plane (the KV codes, then the fp8 / int8 scales), every
+  layer's K then V page of that block in the device storage's own layout and dtype. A block
+  that goes out and comes back is bit-identical.
+- One step's copies run in this order, so a block released and handed out again in the same
+  step is never read after it is written: (1) gather the outgoing device blocks into a
+  device staging buffer, (2) copy the incoming host blocks into a device staging buffer,
+  (3) scatter them into the device pool, (4) copy the outgoing staging to host. Host copies
+  go one per run of consecutive host block ids (the host tier hands out runs).
+- CUDA: the host pool is pinned (``cudaHostRegister``: no power-of-two rounding of a large
+  pinned allocation); the copies run on a side stream that first waits for the compute
+  stream (earlier steps wrote the outgoing blocks); the compute stream waits only for
+  (1)-(3) (the device pool is read and written); (4) overlaps the next steps. Later copies
+  queue on the same side stream, so a host block freed and reused is ordered too.
+- CPU: the same code path, every copy synchronous.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tritonkv.cache.tier_moves import SwapPlan
+
+log = logging.getLogger("tritonkv.kv_swap")
+
+
+def kv_planes(kv_caches) -> list[torch.Tensor]:
+    """The device storage as uint8 ``[layers * 2, num_blocks, page_bytes]`` planes: the KV
+    tensor, then (fp8 / int8) the scales tensor. Each layer's (k, v[, k_scale, v_scale]) must
+    be views into one ``[layers, 2, num_blocks, ...]`` tensor per plane (cache/allocate.py)."""
+    layers = len(kv_caches)
+    planes = []
+    for a in range(0, len(kv_caches[0]), 2):
+        first = kv_caches[0][a]
+        root = first._base if first._base is not None else first
+        page = first.numel() * first.element_size()  # one layer's K (or V) of every block
+        ok = root.is_contiguous() and root.numel() * root.element_size() == 2 * layers * page and all(
+            kv_caches[i][a + j].data_ptr() == root.data_ptr() + (2 * i + j) * page
+            for i in range(layers) for j in (0, 1))
+        if not ok:
+            raise ValueError("the host tier needs the KV caches as views into one [layers, 2, blocks, ...] "
+                             "storage tensor per plane (cache/allocate.py)")
+        planes.append(root.reshape(-1).view(torch.uint8).view(2 * layers, first.shape[0], -1))
+    return planes
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(offset in ``ids``, first id, length) of each run of consecutive ids."""
+    runs, i = [], 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and ids[j] == ids[j - 1] + 1:
+            j += 1
+        runs.append((i, ids[i], j - i))
+        i = j
+    return runs
+
+
+class KVSwapper:
+    def __init__(self, kv_caches, num_host_blocks: int, device: torch.device):
+        self.planes = kv_planes(kv_caches)
+        self.device = device
+        self.widths = [p.shape[0] * p.shape[2] for p in self.planes]
+        self.block_bytes = sum(self.widths)
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty((num_host_blocks, self.block_bytes), dtype=torch.uint8)
+        self._registered = False
+        self.stream = None
+        if self.cuda:
+            rc = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)
+            if int(rc) != 0:
+                raise RuntimeError(f"cudaHostRegister of {self.host.numel() / 2**30:.1f} GiB for the host KV "
+                                   f"tier failed (error {int(rc)}); lower kv_host_memory_gb")
+            self._registered = True
+            self.stream = torch.cuda.Stream(device)
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        t = torch.tensor(ids, dtype=torch.int64)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
+
+    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Device blocks ``ids`` as ``[n, block_bytes]`` (one index_select per plane)."""
+        n = ids.numel()
+        return torch.cat([p.index_select(1, ids).transpose(0, 1).reshape(n, -1) for p in self.planes], dim=1)
+
+    def _scatter(self, ids: torch.Tensor, src: torch.Tensor) -> None:
+        n, col = ids.numel(), 0
+        for p, w in zip(self.planes, self.widths):
+            p.index_copy_(1, ids, src[:, col:col + w].reshape(n, p.shape[0], p.shape[2]).transpose(0, 1))
+            col += w
+
+    def run(self, plan: SwapPlan) -> None:
+        """Queue (CUDA) or run (CPU) the step's copies; the compute stream then sees the
+        device pool as the plan leaves it."""
+        if not plan:
+            return
+        if not self.cuda:
+            return self._copies(plan)
+        compute = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            device_done = self._copies(plan)
+        compute.wait_event(device_done)
+
+    def _copies(self, plan: SwapPlan):
+        out = self._gather(self._ids(plan.out_device)) if plan.out_device else None  # (1)
+        if plan.in_host:
+            staging = torch.empty((len(plan.in_host), self.block_bytes), dtype=torch.uint8, device=self.device)
+            for at, first, n in _runs(plan.in_host):  # (2)
+                staging[at:at + n].copy_(self.host[first:first + n], non_blocking=True)
+            self._scatter(self._ids(plan.in_device), staging)  # (3)
+            self.bytes_in += staging.numel()
+        device_done = None
+        if self.cuda:
+            device_done = torch.cuda.Event()
+            device_done.record(self.stream)
+        if out is not None:
+            for at, first, n in _runs(plan.out_host):  # (4)
+                self.host[first:first + n].copy_(out[at:at + n], non_blocking=True)
+            self.bytes_out += out.numel()
+        return device_done
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def close(self) -> None:
+        """Wait for the copies in flight and unpin the host pool."""
+        self.synchronize()
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self._registered = False
+
+
+def build_host_tier(kv_host_memory_gb: float, kv_caches, device: torch.device, device_blocks: int):
+    """(HostTier, KVSwapper) sized by ``host_tier_bytes``, or (None, None) when it is off or
+    holds no whole block."""
+    from tritonkv.cache.host_tier import HostTier, host_tier_bytes
+
+    block_bytes = sum(p.shape[0] * p.shape[2] for p in kv_planes(kv_caches))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    num = host_tier_bytes(kv_host_memory_gb, device.type == "cuda", gpus, device_blocks * block_bytes) // block_bytes
+    if num <= 0:
+        return None, None
+    swapper = KVSwapper(kv_caches, num, device)
+    log.info("KV host tier: %d blocks (%.2f GiB%s)", num, num * block_bytes / 2**30,
+             ", pinned" if device.type == "cuda" else "")
+    return HostTier(num, block_bytes), swapper
+
+
+def tier_stats(kv, swapper: KVSwapper | None, scheduler) -> dict[str, int]:
+    """Engine.stats() entries of the host tier (zeros when it is off): its blocks, the
+    sequences parked there, blocks and bytes swapped each way, and what it dropped."""
+    c = kv.tier_counts()
+    return {"host_blocks_total": c.get("total", 0), "host_blocks_used": c.get("used", 0),
+            "host_blocks_free": c.get("free", 0), "host_sequences": c.get("sequences", 0),
+            "swap_out_blocks": c.get("swap_out_blocks", 0), "swap_in_blocks": c.get("swap_in_blocks", 0),
+            "swap_out_bytes": swapper.bytes_out if swapper else 0, "swap_in_bytes": swapper.bytes_in if swapper else 0,
+            "swap_outs": scheduler.num_swap_outs, "swap_ins": c.get("swap_ins", 0),
+            "host_dropped_blocks": c.get("dropped_blocks", 0)}
