@@ -38,7 +38,8 @@ def pair(tiny):
 def test_both_frontends_attach_one_core(pair):
     a, b, _ = pair
     assert a.welcome.core_pid == b.welcome.core_pid != os.getpid()
-    assert open(f"/proc/{a.welcome.core_pid}/comm").read().strip() == "tritonkv-core"
+    assert open(f"/proc/{a.welcome.core_pid}/cmdline", "rb").read().split(b"\0")[0] == \
+        f"tritonkv-core {a.name}".encode()
     assert os.getsid(a.welcome.core_pid) == a.welcome.core_pid  # its own session
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+from polling import wait_until
 from triton_calls import http_generate
 from tritonkv.server.launcher import free_port, live_group_members
 
@@ -49,9 +50,10 @@ def stop_serve(proc, port):
 
 
 def pool_files(pool):
-    from tritonkv.cache.pool_file import shm_dir
+    """The socket and lock of the pool's engine core (gone a grace period after its server)."""
+    from tritonkv.core.runtime_dir import runtime_dir
 
-    return sorted(f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{pool}-"))
+    return sorted(f for f in os.listdir(runtime_dir()) if f.startswith(f"{pool}-"))
 
 
 def test_two_serves_at_once_both_answer_and_a_load_failure_says_why():
@@ -103,7 +105,7 @@ def test_two_serves_at_once_both_answer_and_a_load_failure_says_why():
         for proc, _, ports in servers:
             stop_serve(proc, ports["openai"])
         assert not any(os.path.exists(w) for w in workdirs)
-        assert pool_files(shared) == [] and pool_files(private) == []
+        assert wait_until(lambda: pool_files(shared) == [] and pool_files(private) == [], 15)
     finally:
         for proc in [p for p, _, _ in servers] + others:  # SIGTERM: serve stops its tritonserver (SIGKILL orphans it)
             if proc.poll() is None:
@@ -122,7 +124,6 @@ def test_stop_with_open_conversations_is_fast_and_a_crash_is_cleaned_by_the_next
     import uuid
 
     from triton_calls import StreamClient
-    from tritonkv.cache.pool_file import shm_dir
     from tritonkv.server.launcher import REGION_DIR, REGION_TAG, launch, server_regions, start_server
 
     pool = f"stoptest{os.getpid()}"
@@ -178,7 +179,7 @@ def test_stop_with_open_conversations_is_fast_and_a_crash_is_cleaned_by_the_next
         assert took < 3.0, took
         assert live_group_members(group) == []  # the stubs of the model that did not unload are gone
         assert server_regions(server.region_token) == []
-        assert not [f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{pool}-")]
+        assert wait_until(lambda: not pool_files(pool), 15)
         assert not os.path.exists(server.workdir) and not os.path.exists(crashed.workdir)
     finally:
         os.close(lock_fd)

@@ -12,7 +12,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from triton_calls import StreamClient, http_generate
-from tritonkv.cache.pool_file import shm_dir
+from tritonkv.core.runtime_dir import core_paths
 from tritonkv.server.launcher import ADMIN_HEADER, REGION_DIR, server_regions, start_server
 
 POOL = f"sectest{os.getpid()}"
@@ -35,8 +35,6 @@ def refused(call) -> str:
 def test_system_shared_memory_cannot_be_registered(server):
     # the two item-3 attacks: a region with an offset as an output (SIGSEGV in the stub) and
     # a pool file as an input region (read back through errors); both need registration
-    pool_file = os.path.join(shm_dir(), f"tritonkv-{POOL}-cpu0.pool")
-    assert os.path.exists(pool_file)
     h = httpclient.InferenceServerClient(server.http_url)
     g = grpcclient.InferenceServerClient(server.grpc_url)
     refused(lambda: h.register_system_shared_memory("pool", f"/tritonkv-{POOL}-cpu0.pool", 64))
@@ -99,11 +97,11 @@ def test_inference_and_health_still_work(server):
 
 
 def test_files_behind_the_server_are_private(server):
-    pool_files = [f for f in os.listdir(shm_dir()) if f.startswith(f"tritonkv-{POOL}-")]
-    assert {f.rsplit(".", 1)[1] for f in pool_files} >= {"pool", "lock", "kv", "weights"}, pool_files
+    core = core_paths(f"{POOL}-cpu0")  # the engine core's socket and lock, in a 0700 directory
+    assert stat.S_IMODE(os.stat(os.path.dirname(core.socket)).st_mode) == 0o700
     regions = server_regions(server.region_token)
     assert len(regions) >= 3, regions  # a region per stub (llm, llm_stateless) and the lock
-    for path in [os.path.join(shm_dir(), f) for f in pool_files] + [os.path.join(REGION_DIR, r) for r in regions]:
+    for path in [core.socket, core.lock] + [os.path.join(REGION_DIR, r) for r in regions]:
         st = os.stat(path)
         assert stat.S_IMODE(st.st_mode) == 0o600, (path, oct(st.st_mode))
         assert st.st_uid == os.geteuid()

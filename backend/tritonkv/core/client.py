@@ -111,36 +111,48 @@ class CoreClient:
             return welcome
 
     def _attach(self, timeout_s: float):
-        child = start_core(self.name, self.config, self.gpu_instance, self.device_id)
-        if child is not None:
-            self._reap()
-            self._child = child
-        fid = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, fid.encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(core_paths(self.name).endpoint)
-        me = os.getpid()
-        sock.send(m.encoder.encode(m.Hello(fid, me, liveness.start_time(me), self.config)))
+        """Start the core (unless one runs or is starting) and say Hello until it answers. A
+        core found on its way out (its lock freed before it answered) is started again."""
         deadline = time.monotonic() + timeout_s
+        while True:
+            child = start_core(self.name, self.config, self.gpu_instance, self.device_id)
+            if child is not None:
+                self._reap()
+                self._child = child
+            fid = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, fid.encode())
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # (no limit: nothing is ever dropped or blocks)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(core_paths(self.name).endpoint)
+            me = os.getpid()
+            sock.send(m.encoder.encode(m.Hello(fid, me, liveness.start_time(me), self.config)))
+            reply = self._await_reply(sock, child, deadline)
+            if isinstance(reply, m.Welcome):
+                return reply, sock
+            sock.close()
+            if isinstance(reply, m.Refused):
+                if not (reply.retry and self._wait_gone(deadline)):
+                    raise CoreUnavailable(reply.reason)
+            elif child is not None and child.poll() is not None:
+                raise CoreUnavailable(f"the engine core for pool {self.name!r} exited while starting (exit code "
+                                      f"{child.returncode}; see the server log for why)")
+            if time.monotonic() >= deadline:
+                raise CoreUnavailable(f"the engine core for pool {self.name!r} did not answer within {timeout_s:.0f} s "
+                                      f"(raise ${START_TIMEOUT_ENV} if loading takes longer)")
+
+    def _await_reply(self, sock, child, deadline: float):
+        """The core's answer to Hello; None when the core is gone (or the deadline passed)."""
         while time.monotonic() < deadline:
             if sock.poll(100, zmq.POLLIN):
                 reply = m.frontend_decoder.decode(sock.recv())
-                if isinstance(reply, m.Welcome):
-                    return reply, sock
-                if isinstance(reply, m.Refused):
-                    sock.close()
-                    if reply.retry and self._wait_gone(deadline):
-                        return self._attach(deadline - time.monotonic())
-                    raise CoreUnavailable(reply.reason)
-                continue  # (a Stats or Outputs of an earlier attachment cannot come here)
-            if (self._child is not None and self._child.poll() is not None) or not core_running(self.name):
-                sock.close()
-                raise CoreUnavailable(f"the engine core for pool {self.name!r} exited while starting (see the "
-                                      "server log for why)")
-        sock.close()
-        raise CoreUnavailable(f"the engine core for pool {self.name!r} did not answer within {timeout_s:.0f} s "
-                              f"(raise ${START_TIMEOUT_ENV} if loading takes longer)")
+                if isinstance(reply, (m.Welcome, m.Refused)):
+                    return reply
+                continue
+            if (child is not None and child.poll() is not None) or not core_running(self.name):
+                return None
+        return None
 
     def _wait_gone(self, deadline: float) -> bool:
         """Wait for a core on its way out to be gone."""
@@ -259,12 +271,12 @@ class CoreClient:
         with self._req_lock:
             self.down = reason
             requests, self._requests = self._requests, {}
-        remove_stale(self.name)
         for req in requests.values():
             try:
                 req.emit(TurnOutput("", [], True, "error", error=f"{reason} while serving this request; retry"))
             except Exception:
                 log.exception("could not deliver a response")
+        remove_stale(self.name)
         while True:
             try:
                 self._out.get_nowait()

@@ -124,6 +124,10 @@ class EngineCore:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
+        # a ROUTER drops what exceeds its high-water mark: no limit, so a frontend that falls
+        # behind gets every output late rather than some never
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
         sock.bind(self.paths.endpoint)
         os.chmod(self.paths.socket, 0o600)
         io = threading.Thread(target=self._io_loop, args=(sock,), name="tritonkv-core-io", daemon=True)
@@ -271,6 +275,7 @@ class EngineCore:
             self.frontends[hello.frontend_id] = Frontend(identity, hello.pid, hello.started)
             self._empty_since = None
             reply = self.welcome
+            self._next_stats = 0.0  # the newcomer gets stats after the next loop iteration
             log.info("frontend %s (pid %d) attached; %d attached", hello.frontend_id, hello.pid, len(self.frontends))
         sock.send_multipart([identity, m.encoder.encode(reply)])
 
@@ -321,7 +326,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s tritonkv-core[%(process)d] %(levelname)s %(message)s")
     try:
         import setproctitle
-        setproctitle.setproctitle("tritonkv-core")
+        setproctitle.setproctitle(f"tritonkv-core {args.name}")  # ps / pgrep find it by this name
     except ImportError:
         pass
     fcntl.flock(args.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: the spawner took it for us

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import dataclasses
 
 from tritonkv.config import EngineConfig
@@ -67,12 +68,16 @@ def core_running(name: str) -> bool:
     return False
 
 
-def remove_stale(name: str) -> None:
-    """Remove the files of a dead core of ``name`` (nobody holds its lock)."""
+def remove_stale(name: str, wait_s: float = 2.0) -> None:
+    """Remove the files of a dead core of ``name`` once nobody holds its lock (a killed
+    process shows as a zombie while its other threads still exit and hold its files: wait
+    up to ``wait_s`` for that)."""
     paths = core_paths(name)
-    fd = take_lock(paths)
-    if fd is None:
-        return
+    deadline = time.monotonic() + wait_s
+    while (fd := take_lock(paths)) is None:
+        if time.monotonic() >= deadline:
+            return  # (someone else's core by now, or still exiting: the next starter removes them)
+        time.sleep(0.02)
     try:
         for path in (paths.socket, paths.lock):
             if os.path.lexists(path):

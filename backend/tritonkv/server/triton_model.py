@@ -177,7 +177,7 @@ class TritonPythonModel:
         while not self._stop.wait(METRICS_PERIOD_S):
             try:
                 self.heartbeat.publish(self.core.loops, self.core.down is not None or self.core.core_failure is not None)
-                if self.core.down is None:
+                if self.core.down is None and self.core.stats:  # (the core's first stats came)
                     self.gauges.publish(view)
             except Exception:
                 logging.getLogger("tritonkv").exception("metrics update failed")
