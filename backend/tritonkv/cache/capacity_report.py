@@ -21,6 +21,7 @@ import sys
 import torch
 
 from tritonkv.cache.allocate import capacity_figures, eviction_settings, resolve_num_blocks
+from tritonkv.cache.host_tier import describe_tier
 from tritonkv.config import EngineConfig
 from tritonkv.model.model_config import ModelConfig
 
@@ -129,6 +130,14 @@ def format_report(name: str, model_config: ModelConfig, config: EngineConfig, bu
                      f"| {r['sequences']:,} | {bounded} |")
     if refused:
         lines += ["", f"(1) the engine refuses this KV dtype with these parameters: {refused[0]}"]
+    if config.kv_host_memory_gb > 0:  # the host tier (cache/host_tier.py), same arithmetic
+        lines.append("")
+        for r in rows:
+            block_bytes = r["bytes_per_token"] * r["block_size"]
+            lines.append(describe_tier(f"{r['label']} host tier (kv_host_memory_gb {config.kv_host_memory_gb})",
+                                       int(config.kv_host_memory_gb * GIB) // block_bytes, block_bytes,
+                                       r["block_size"], r["context"], r["blocks_per_sequence_bounded"],
+                                       r["num_blocks"]))
     return "\n".join(lines)
 
 

@@ -146,3 +146,14 @@ def host_tier_bytes(kv_host_memory_gb: float, on_gpu: bool, num_gpus: int, devic
         return 0
     ram = available_ram_bytes() if available is None else available
     return int(min(AUTO_RAM_FRACTION * ram / max(num_gpus, 1), AUTO_POOL_MULTIPLE * device_pool_bytes))
+
+
+def describe_tier(name: str, num_blocks: int, block_bytes: int, block_size: int, context: int,
+                  blocks_per_sequence: int, device_blocks: int) -> str:
+    """One line: a tier's blocks and bytes, and how many idle conversations of ``context``
+    tokens (``blocks_per_sequence`` blocks each, bounds applied) it holds beside the device
+    pool's."""
+    per = max(blocks_per_sequence, 1)
+    return (f"{name}: {num_blocks:,} blocks ({num_blocks * block_bytes / 2**30:.2f} GiB, "
+            f"{num_blocks * block_size:,} tokens) hold {num_blocks // per:,} idle conversations of "
+            f"{context:,} tokens; the device pool {device_blocks // per:,}")
