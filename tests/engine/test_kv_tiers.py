@@ -60,11 +60,13 @@ def test_conversations_swapped_to_host_and_back_equal_hf_recompute(family):
     # every parked conversation came back: all that went out came in, nothing was dropped
     assert stats["swap_in_blocks"] == stats["swap_out_blocks"] > 0 and stats["host_dropped_blocks"] == 0
     block = kv_block_bytes(engine.model_config, BS, engine.kv_caches[0][0].dtype)
-    assert stats["swap_in_bytes"] == stats["swap_in_blocks"] * block
-    assert stats["swap_out_bytes"] == stats["swap_out_blocks"] * block
+    # bytes count every copy: conversations' blocks and prefix blocks (demoted / loaded)
+    assert stats["swap_in_bytes"] == (stats["swap_in_blocks"] + stats["host_prefix_hit_blocks"]) * block
+    assert stats["swap_out_bytes"] == (stats["swap_out_blocks"] + stats["demoted_blocks"]) * block
     # every conversation ended: both tiers back to empty
     assert (stats["used"], stats["host_blocks_used"], stats["host_sequences"]) == (0, 0, 0)
-    assert stats["host_blocks_free"] == stats["host_blocks_total"] > 0
+    # (demoted prefix blocks stay cached there, as on the device)
+    assert stats["host_blocks_free"] + stats["host_blocks_cached"] == stats["host_blocks_total"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -179,4 +181,24 @@ def test_streaming_and_h2o_kept_blocks_swap_like_any_others(tmp_path_factory, mo
                 assert c.final.cached_tokens > 0  # restored from the host, not recomputed
     stats = engine.stats()
     assert stats["swap_ins"] == 2 and stats["preemptions"] == 0
+    assert (stats["used"], stats["host_blocks_used"]) == (0, 0)
+
+
+def test_a_prefix_reclaimed_from_the_device_is_loaded_from_the_host_and_equals_hf(llama):
+    path, hf = llama
+    engine = make_engine(path, block_size=BS, num_blocks=12, **HOST)
+    shared = prompt(21, 11)  # 5 full blocks + 1 token
+    first = run_turn(engine, "a", shared, 4, start=True, end=True)
+    assert_hf_greedy(hf, shared, first.token_ids)
+    # a registered 6 full blocks (24 computed tokens); fill's 11 blocks take the 6 free ones and
+    # reclaim 5 of a's, chain tail first: a's first block alone stays cached on the device
+    run_turn(engine, "fill", prompt(40, 12), 4, start=True, end=True)
+    stats = engine.stats()
+    assert (stats["demoted_blocks"], stats["host_blocks_cached"]) == (5, 5)
+    again = shared[:20] + [7, 8, 9]
+    c = run_turn(engine, "c", again, 6, start=True, end=True)
+    assert_hf_greedy(hf, again, c.token_ids)
+    assert c.final.cached_tokens == 20  # 1 block hit on the device, 4 loaded from the host
+    stats = engine.stats()
+    assert (stats["prefix_hit_blocks"], stats["host_prefix_hit_blocks"]) == (1, 4)
     assert (stats["used"], stats["host_blocks_used"]) == (0, 0)

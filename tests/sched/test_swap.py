@@ -44,10 +44,14 @@ def test_idle_conversation_swaps_out_instead_of_preempting_and_comes_back_withou
     # b's decode at position 16 needs a 5th block: idle a swaps out (not preempted)
     plan = sched.schedule([b], [a])
     assert shape(plan) == [("b", 16, 1, True)]
-    assert kv.take_swaps() == SwapPlan(out_device=[0, 1], out_host=[0, 1])
+    # a's blocks 0, 1 go to host blocks 0, 1; b's growth then reclaims the cached block 1 (a's
+    # chain tail, least recently used), which is demoted as a prefix block to host block 2
+    # (read in the same step before b writes it)
+    assert kv.take_swaps() == SwapPlan(out_device=[0, 1, 1], out_host=[0, 1, 2])
     assert (sched.num_swap_outs, sched.num_preemptions) == (1, 0)
     assert "a" not in kv and kv.swapped("a") and a.num_computed == 8  # nothing to recompute
     assert kv.host.counts()["used"] == 2 and kv.host.blocks_of("a") == [0, 1]
+    assert (kv.host.counts()["cached"], kv.host.counts()["demoted_blocks"]) == (1, 1)
     # a's blocks stay in the prefix index until reused: b took block 1 (a's chain tail, LRU first)
     assert kv.block_table("b") == [2, 3, 4, 5, 1]
     assert pool.refcounts([0, 1]) == [0, 1] and pool.counts()["cached"] == 1
@@ -57,13 +61,17 @@ def test_idle_conversation_swaps_out_instead_of_preempting_and_comes_back_withou
     next_turn(a, [7, 7, 7], admitted_at=2)
     plan = sched.schedule([a], [])
     swaps = kv.take_swaps()
-    assert swaps.in_host == [0, 1] and swaps.out_device == []
+    assert swaps.in_host == [0, 1]
+    # the device blocks it takes that were cached are demoted first: 0 (a's own old block 0,
+    # reclaimed by the swap-in while a's host blocks are still held: host block 3), then 5 (b's
+    # chain tail, reclaimed by the turn's growth after a left host blocks 0, 1: host block 0)
+    assert (swaps.out_device, swaps.out_host) == ([0, 5], [3, 0])
     # the free block 1 (b's unfilled tail), then the least recently used cached one: a's old 0;
     # the turn's growth then evicts b's chain tail (5)
     assert swaps.in_device == [1, 0] and kv.block_table("a") == [1, 0, 5]
     assert shape(plan) == [("a", 8, 4, True)]  # 8 tokens restored: token 8 (sampled) + 3 new
     assert a.turn.cached_tokens == 8
-    assert not kv.swapped("a") and kv.host.counts()["used"] == 0
+    assert not kv.swapped("a") and kv.host.counts()["used"] == 0 and kv.host.counts()["cached"] == 3
     stats = kv.host.counts()
     assert (stats["swap_out_blocks"], stats["swap_in_blocks"], stats["swap_outs"], stats["swap_ins"]) == (2, 2, 1, 1)
     advance(kv, plan)
@@ -124,8 +132,9 @@ def test_host_runs_are_contiguous_when_they_can_be():
     tier.drop("y")
     tier.drop("w")
     assert tier.park("r", None, 2) == [3, 4]  # free 3, 4, 6, 7: the first run
-    assert tier.counts() == {"total": 8, "used": 6, "free": 2, "sequences": 2, "swap_out_blocks": 13,
-                             "swap_in_blocks": 0, "swap_outs": 5, "swap_ins": 0, "dropped_blocks": 0, "dropped": 0}
+    assert tier.counts() == {"total": 8, "used": 6, "cached": 0, "free": 2, "sequences": 2, "swap_out_blocks": 13,
+                             "swap_in_blocks": 0, "swap_outs": 5, "swap_ins": 0, "dropped_blocks": 0, "dropped": 0,
+                             "demoted_blocks": 0, "prefix_hit_blocks": 0}
 
 
 def test_host_tier_sizing_rules():
@@ -148,3 +157,41 @@ def test_sampled_token_is_not_counted_as_restored():
     assert kv.swap_out("a") and kv.take_swaps().out_device == [0, 1]
     next_turn(a, [3], admitted_at=1)
     assert shape(sched.schedule([a], [])) == [("a", 5, 2, True)]
+
+
+def test_a_reclaimed_prefix_block_is_demoted_and_a_later_prompt_loads_it_from_the_host():
+    pool, kv, _ = make(num_blocks=3, host_blocks=4)
+    first = prompt(40, 9)  # two full blocks + 1 token
+    kv.start("a", first)
+    assert kv.grow("a", 9) and kv.block_table("a") == [0, 1, 2]
+    kv.commit("a", first)
+    kv.release("a")  # blocks 0, 1 cached on the device, 2 free
+    kv.start("b", prompt(80, 12))
+    assert kv.grow("b", 12)  # takes 2, then reclaims 1 then 0 (chain tail first)
+    assert kv.take_swaps() == SwapPlan(out_device=[1, 0], out_host=[0, 1])
+    assert kv.host.counts()["cached"] == 2 and kv.host.counts()["demoted_blocks"] == 2
+    kv.release("b")
+    # the same prefix again: a's prefix is only on the host now
+    assert kv.start("c", first) == 8  # both blocks loaded, not recomputed
+    # prefix block 0 sits in host block 1, block 1 in host block 0 (demoted tail first); b
+    # registered nothing, so the load takes free device blocks and demotes nothing
+    assert kv.take_swaps() == SwapPlan(in_host=[1, 0], in_device=[0, 1])
+    assert kv.block_table("c") == [0, 1]
+    assert kv.host.counts()["prefix_hit_blocks"] == 2
+    # and they are in the device prefix index again
+    kv.release("c")
+    assert kv.start("d", first) == 8 and kv.take_swaps() == SwapPlan()
+    kv.release("d")
+
+
+def test_parking_evicts_cached_host_blocks_before_any_parked_conversation():
+    pool, kv, _ = make(num_blocks=8, host_blocks=3)
+    assert kv.host.demote(11, 0, (1, 2, 3, 4)) == 0 and kv.host.demote(12, 11, (5, 6, 7, 8)) == 1
+    kv.start("a", prompt(1, 8))
+    assert kv.grow("a", 8)
+    assert kv.swap_out("a") and kv.host.blocks_of("a") == [0, 2]  # the LRU cached block (0) went
+    assert kv.host.find(11, 0, (1, 2, 3, 4)) is None and kv.host.find(12, 11, (5, 6, 7, 8)) == 1
+    assert kv.host.demote(13, 12, (9, 9, 9, 9)) == 1  # evicts the older cached block, not a
+    assert kv.host.parked() == ["a"]
+    kv.release("a")
+    assert kv.host.counts()["used"] == 0 and kv.host.counts()["cached"] == 1

@@ -13,6 +13,12 @@ Rules:
   its next turn, exactly as a preempted one.
 - ``drop`` (END, cancel, idle timeout) frees a sequence's host blocks at once; nothing is
   copied.
+- Prefix blocks: a cached block the device pool reclaims (its LRU) is demoted here
+  (``demote``): it keeps its hash, parent hash and tokens, and a later prompt that misses
+  on the device but finds it here (``find``, verified like a device hit) loads it instead
+  of recomputing it. Cached host blocks are the first to go when room is needed (least
+  recently used first), before any parked conversation; a demotion never drops a parked
+  conversation.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STAT_NAMES = ("swap_out_blocks", "swap_in_blocks", "swap_outs", "swap_ins", "dropped_blocks", "dropped")
+STAT_NAMES = ("swap_out_blocks", "swap_in_blocks", "swap_outs", "swap_ins", "dropped_blocks", "dropped",
+              "demoted_blocks", "prefix_hit_blocks")
 
 
 @dataclass
@@ -40,6 +47,9 @@ class HostTier:
         self.block_bytes = block_bytes
         self._free = np.ones(num_blocks, dtype=bool)
         self._parked: OrderedDict[Hashable, Parked] = OrderedDict()  # least recently parked first
+        # demoted prefix blocks: host block -> (hash, parent hash, tokens), least recently used first
+        self._cached: OrderedDict[int, tuple[int, int, tuple]] = OrderedDict()
+        self._index: dict[int, list[int]] = {}  # block hash -> cached host blocks
         self.stats = {name: 0 for name in STAT_NAMES}
 
     def __contains__(self, seq_id) -> bool:
@@ -56,8 +66,8 @@ class HostTier:
         return list(self._parked)
 
     def counts(self) -> dict[str, int]:
-        free = self.num_free()
-        return {"total": self.num_blocks, "used": self.num_blocks - free, "free": free,
+        free, cached = self.num_free(), len(self._cached)
+        return {"total": self.num_blocks, "used": self.num_blocks - free - cached, "cached": cached, "free": free,
                 "sequences": len(self._parked), **self.stats}
 
     def _allocate(self, n: int) -> list[int]:
@@ -72,15 +82,18 @@ class HostTier:
         self._free[chosen] = False
         return [int(b) for b in chosen]
 
-    def make_room(self, n: int, keep=()) -> list:
-        """Drop least recently parked conversations (not in ``keep``) until ``n`` blocks are
-        free. Returns the dropped sequence ids with their states (the caller keeps what a
-        recompute needs); [] and nothing dropped when even dropping all cannot free ``n``."""
+    def make_room(self, n: int, keep=()) -> list | None:
+        """Free cached prefix blocks, then drop least recently parked conversations (not in
+        ``keep``), until ``n`` blocks are free. Returns the dropped sequence ids with their
+        states (the caller keeps what a recompute needs); None and nothing changed when even
+        all that cannot free ``n``."""
         if n > self.num_blocks:
-            return []
-        reclaimable = self.num_free() + sum(len(p.host_blocks) for s, p in self._parked.items() if s not in keep)
+            return None
+        reclaimable = self.num_free() + len(self._cached) + sum(
+            len(p.host_blocks) for s, p in self._parked.items() if s not in keep)
         if reclaimable < n:
-            return []
+            return None
+        self._evict_cached(n)
         dropped = []
         for seq_id in list(self._parked):
             if self.num_free() >= n:
@@ -93,6 +106,40 @@ class HostTier:
             self.drop(seq_id)
             dropped.append((seq_id, state))
         return dropped
+
+    def _evict_cached(self, n: int) -> None:
+        """Free cached prefix blocks, least recently used first, until ``n`` are free (or none
+        is left)."""
+        while self.num_free() < n and self._cached:
+            b, (h, _, _) = self._cached.popitem(last=False)
+            self._index[h].remove(b)
+            if not self._index[h]:
+                del self._index[h]
+            self._free[b] = True
+
+    def find(self, block_hash: int, parent_hash: int, tokens: tuple) -> int | None:
+        """A demoted block holding exactly these tokens after this parent (now most recently
+        used), or None."""
+        for b in self._index.get(block_hash, ()):
+            _, parent, stored = self._cached[b]
+            if parent == parent_hash and stored == tokens:
+                self._cached.move_to_end(b)
+                return b
+        return None
+
+    def demote(self, block_hash: int, parent_hash: int, tokens: tuple) -> int | None:
+        """A host block for a prefix block the device reclaims; None when it is here already
+        or only parked conversations could make room."""
+        if self.find(block_hash, parent_hash, tokens) is not None:
+            return None
+        self._evict_cached(1)
+        if not self.num_free():
+            return None
+        b = self._allocate(1)[0]
+        self._cached[b] = (block_hash, parent_hash, tokens)
+        self._index.setdefault(block_hash, []).append(b)
+        self.stats["demoted_blocks"] += 1
+        return b
 
     def park(self, seq_id, state, num_blocks: int) -> list[int]:
         """Give ``seq_id`` ``num_blocks`` host blocks (the caller made room) and keep ``state``."""

@@ -98,6 +98,8 @@ class KVCacheManager(TierMoves):
         self._history: dict[Hashable, EvictionHistory] = {}
         self._ops: list[KVOp] = []
         self.host = host
+        if host is not None and enable_prefix_caching:
+            pool.on_reclaim = self._demote
         self._swaps = SwapPlan()
         self._history_type = EvictionHistory
         self.evicted_blocks = {"window": 0, "streaming": 0, "h2o": 0}
@@ -137,6 +139,7 @@ class KVCacheManager(TierMoves):
         cacheable = token_ids[: max(len(token_ids) - 1, 0)]
         hashes = hash_full_blocks(cacheable, self.block_size, seq.extra_keys)[: self.policy.cacheable_blocks()]
         blocks = self.pool.acquire_cached_prefix(hashes, cacheable, self.owner)
+        blocks += self._host_prefix(hashes, cacheable, len(blocks))
         self._append(seq_id, seq, blocks)
         seq.hashes = hashes[: len(blocks)]
         return len(blocks) * self.block_size

@@ -14,12 +14,18 @@ Rules:
 - A conversation the host tier drops to make room keeps what a recompute needs (h2o mass),
   as a preempted one does.
 - ``release`` frees both tiers at once.
+- Prefix blocks the device pool reclaims are demoted (``_demote``, the pool's ``on_reclaim``):
+  their copy is queued like a swap-out, read before the reused block is written. A prompt
+  whose prefix misses on the device continues its lookup in the host tier
+  (``_host_prefix``): those blocks get fresh device blocks, are copied in before the step
+  runs, and enter the device prefix index again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tritonkv.cache.block_hash import NO_HASH
 from tritonkv.cache.block_pool import PoolExhausted
 
 
@@ -58,7 +64,7 @@ class TierMoves:
         held = self._held(seq)
         if self.host.num_free() < len(held):
             dropped = self.host.make_room(len(held), keep=set(keep) | {seq_id})
-            if not dropped:
+            if dropped is None:
                 return False
             for dropped_id, state in dropped:
                 self._remember_mass(dropped_id, state)
@@ -98,3 +104,39 @@ class TierMoves:
     def tier_counts(self) -> dict[str, int]:
         """The host tier's blocks and counters (empty without one)."""
         return {} if self.host is None else self.host.counts()
+
+    def _demote(self, victims: list[int]) -> None:
+        """The pool reclaims these cached blocks: keep a copy of each in the host tier."""
+        a = self.pool.arrays
+        for b in victims:
+            host = self.host.demote(int(a.block_hash[b]), int(a.parent_hash[b]), tuple(a.block_tokens[b].tolist()))
+            if host is not None:
+                self._swaps.out_device.append(b)
+                self._swaps.out_host.append(host)
+
+    def _host_prefix(self, hashes: list[int], token_ids, start: int) -> list[int]:
+        """Device blocks for the blocks ``start``.. of a prompt's prefix found in the host tier
+        (loaded this step, entered in the device prefix index); [] if none or no room."""
+        if self.host is None:
+            return []
+        bs, found = self.block_size, []
+        parent = hashes[start - 1] if start else NO_HASH
+        for i in range(start, len(hashes)):
+            host = self.host.find(hashes[i], parent, tuple(int(t) for t in token_ids[i * bs:(i + 1) * bs]))
+            if host is None:
+                break
+            found.append(host)
+            parent = hashes[i]
+        if not found:
+            return []
+        try:
+            device = self.pool.allocate(len(found), self.owner)
+        except PoolExhausted:
+            return []
+        for j, b in enumerate(device):
+            i = start + j
+            self.pool.register(b, hashes[i], hashes[i - 1] if i else NO_HASH, token_ids[i * bs:(i + 1) * bs])
+        self._swaps.in_host += found
+        self._swaps.in_device += device
+        self.host.stats["prefix_hit_blocks"] += len(found)
+        return device

@@ -276,6 +276,7 @@ class Engine(Conversations):
         plan = self.scheduler.plan_continuation([chunk for _, chunk, _ in live], self.context_limit)
         if plan is None:
             return False
+        self._apply_swaps()  # (a grow may have reclaimed cached blocks the host tier copies)
         t1 = time.perf_counter()
         rows = [StepRow([0], self.kv.cache_index(c.seq.seq_id, c.start), self.kv.block_table(c.seq.seq_id), True,
                         turn.params, turn.generator, from_prev=i, angle_shift=self.kv.angle_shift(c.seq.seq_id))

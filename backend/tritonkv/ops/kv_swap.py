@@ -157,12 +157,15 @@ def build_host_tier(kv_host_memory_gb: float, kv_caches, device: torch.device, d
 
 
 def tier_stats(kv, swapper: KVSwapper | None, scheduler) -> dict[str, int]:
-    """Engine.stats() entries of the host tier (zeros when it is off): its blocks, the
-    sequences parked there, blocks and bytes swapped each way, and what it dropped."""
+    """Engine.stats() entries of the host tier (zeros when it is off): its blocks (used by
+    parked conversations, cached prefix blocks, free), the sequences parked there, blocks and
+    bytes copied each way (demotions and prefix loads included), what it dropped, prefix
+    blocks demoted to it and prefix blocks loaded from it (host-tier prefix hits)."""
     c = kv.tier_counts()
     return {"host_blocks_total": c.get("total", 0), "host_blocks_used": c.get("used", 0),
             "host_blocks_free": c.get("free", 0), "host_sequences": c.get("sequences", 0),
             "swap_out_blocks": c.get("swap_out_blocks", 0), "swap_in_blocks": c.get("swap_in_blocks", 0),
             "swap_out_bytes": swapper.bytes_out if swapper else 0, "swap_in_bytes": swapper.bytes_in if swapper else 0,
             "swap_outs": scheduler.num_swap_outs, "swap_ins": c.get("swap_ins", 0),
-            "host_dropped_blocks": c.get("dropped_blocks", 0)}
+            "host_dropped_blocks": c.get("dropped_blocks", 0), "host_blocks_cached": c.get("cached", 0),
+            "demoted_blocks": c.get("demoted_blocks", 0), "host_prefix_hit_blocks": c.get("prefix_hit_blocks", 0)}

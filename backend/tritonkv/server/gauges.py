@@ -34,6 +34,12 @@ GAUGES = {
                                                         "not recomputed"),
     "tritonkv_swap_out_bytes_total": ("swap_out_bytes", "bytes copied device -> host"),
     "tritonkv_swap_in_bytes_total": ("swap_in_bytes", "bytes copied host -> device"),
+    "tritonkv_host_kv_blocks_cached": ("host_blocks_cached", "host-tier KV blocks holding prefix blocks the device "
+                                                             "pool reclaimed"),
+    "tritonkv_host_demoted_blocks_total": ("demoted_blocks", "prefix blocks copied to the host tier when the device "
+                                                             "pool reclaimed them"),
+    "tritonkv_host_prefix_hit_blocks_total": ("host_prefix_hit_blocks", "prompt blocks loaded from the host tier "
+                                                                        "instead of recomputed"),
     "tritonkv_host_dropped_blocks_total": ("host_dropped_blocks", "host-tier KV blocks dropped to make room "
                                                                   "(their conversations recompute)"),
 }
