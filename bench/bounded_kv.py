@@ -38,7 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 
-from tritonkv.cache.eviction import policy_for  # noqa: E402
+from tritonkv.cache.eviction.choose import policy_for  # noqa: E402
 from tritonkv.config import EngineConfig  # noqa: E402
 from tritonkv.engine.factory import build_engine  # noqa: E402
 from tritonkv.engine.requests import SamplingParams  # noqa: E402
@@ -97,7 +97,7 @@ def prompt(n: int, seed: int, vocab: int) -> list[int]:
 
 def blocks_held_curve(engine, args, vocab: int) -> list[int]:
     """Pool blocks the one sequence holds after each generated token (streaming / h2o: the
-    table plus the written originals of turned blocks)."""
+    table plus the written originals of re-rotated blocks)."""
     out = []
     engine.submit("s", prompt(args.prompt, 0, vocab), SamplingParams(max_tokens=args.stream, temperature=0.0,
                                                                      ignore_eos=True), out.append,
@@ -160,8 +160,9 @@ def mean_context(policy: str, args) -> int:
     from ``window_start``, which moves ``kv_window_stride`` tokens at a time)."""
     if policy == "window":
         return args.window
-    pol = policy_for(policy, args.block_size, model_window=None, kv_window=args.window,
-                     attention_sinks=args.sinks, heavy_hitter_tokens=args.heavy, kv_window_stride=args.stride)
+    pol = policy_for(EngineConfig(block_size=args.block_size, kv_eviction=policy, kv_window=args.window,
+                                  attention_sinks=args.sinks, heavy_hitter_tokens=args.heavy,
+                                  kv_window_stride=args.stride))
     fixed = (pol.sink_blocks + pol.heavy_blocks) * args.block_size
     start = policy_prompt(policy, args)
     lens = [fixed + p + 1 - pol.window_start(p) * args.block_size
@@ -294,7 +295,8 @@ def main() -> None:
     lines = [
         f"# Bounded KV: blocks held and decode speed per eviction policy ({args.shape}, {device})",
         "",
-        f"`{'' if gpu else 'OMP_NUM_THREADS=1 '}python bench/bounded_kv.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "`" + " ".join(([f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS")
+                        else []) + ["python bench/bounded_kv.py", *sys.argv[1:]]) + "`",
         "",
         f"Window {args.window} tokens (the window model's `sliding_window` and `kv_window`), "
         f"{args.sinks} attention sinks, h2o heavy hitters {args.heavy} tokens, `kv_window_stride` "

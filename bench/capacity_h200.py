@@ -61,7 +61,7 @@ def measure(args, kv: str) -> dict:
     """One KV dtype: the prediction, then the admission run on a real engine."""
     import torch
 
-    from tritonkv.cache.allocate import capacity_figures, kv_storage_dtype, resolve_num_blocks
+    from tritonkv.cache.capacity import kv_capacity
     from tritonkv.engine.factory import build_engine, kv_budget_bytes, pick_device
     from tritonkv.engine.requests import SamplingParams
     from tritonkv.model.model_config import ModelConfig
@@ -72,10 +72,8 @@ def measure(args, kv: str) -> dict:
         return {"kv": kv, "refused": str(exc)}
     device = pick_device(config.device)
     model_config = ModelConfig.from_checkpoint(args.checkpoint)
-    kv_dtype = kv_storage_dtype(config, torch.bfloat16)
     budget = kv_budget_bytes(config, model_config, torch.bfloat16, device)
-    predicted = capacity_figures(model_config, config, kv_dtype,
-                                 resolve_num_blocks(config, model_config, kv_dtype, budget), context=args.context)
+    predicted = kv_capacity(model_config, config, device.type, budget_bytes=budget, context=args.context).figures()
     budget = budget if budget is not None else config.kv_cache_memory_mb * 2**20
 
     t0 = time.perf_counter()
@@ -147,7 +145,7 @@ def eviction_text(args) -> str:
 
 
 def report(args, results: list[dict], device_name: str) -> str:
-    from tritonkv.cache.capacity_report import human_bytes
+    from tritonkv.engine.capacity_report import human_bytes
 
     gib = 2**30
     lines = [f"# KV capacity: concurrent {args.context:,}-token sequences, predicted and admitted", "",

@@ -352,7 +352,8 @@ def main():
     info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "kv_layout": args.layout,
             "fp8_v_layout": "token-major" if args.v_major else "token-minor",
-            "block_order": args.blocks, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "block_order": args.blocks, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(["python bench/decode_attention.py", *sys.argv[1:]])}
     print(info, flush=True)
     ceiling = copy_ceiling()
     info["copy_ceiling_GBps"] = ceiling / 1e9
@@ -482,6 +483,8 @@ def render(info, rows, ceiling, fp8_speedup):
         f"# Paged decode attention, {info['device']} ({info['time']})"
         + (f", blocks {info['block_order']}" if info.get("block_order", "random") != "random"
            else ""),
+        "",
+        f"Command: `{info.get('command', '')}`",
         "",
         f"torch {info['torch']}, triton {info['triton']}. bf16 q, 32 query heads / 8 KV heads, "
         f"head dim 128, block size 16 (blocks in {info.get('block_order', 'random')} order). "

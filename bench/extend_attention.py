@@ -122,7 +122,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(["python bench/extend_attention.py", *sys.argv[1:]])}
     print(info, flush=True)
     rows, sweep = [], []
     for batch, prefix in CASES:
@@ -164,6 +165,8 @@ def main():
             json.dump({"info": info, "rows": rows, "sweep": sweep}, fh, indent=1)
     lines = [
         f"# Paged extend / prefill attention, {info['device']} ({info['time']})",
+        "",
+        f"Command: `{info['command']}`",
         "",
         f"torch {info['torch']}, triton {info['triton']}. bf16, 32 q heads / 8 KV heads, d=128, "
         "page 16 (random block order), 4096-token chunk per sequence on a cached prefix, causal. "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU fast-path recipe for the lent H200, in one device call (carry .gpu-carry, filled by
 # ../shared/gpu/prepare_carry.sh plus the pytest, pluggy and iniconfig wheels):
-#   PART=tests   engine oracle / behaviour / runner graph tests and fused-op kernels on CUDA
+#   PART=tests   the whole suite on CUDA (bench/gpu_run.sh check)
 #   PART=inproc  the in-process engine, graphs on and off, on the synthetic Llama-3-8B shape
 #   PART=server  tritonserver + in-process + HF references (bench/results/serving_h200.*)
 # Several parts: PART="tests inproc".
@@ -15,12 +15,8 @@ export PYTHONPATH=/tmp/pt
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
 for part in ${PART:-tests}; do
   case $part in
-    tests)
-      TRITONKV_TEST_DEVICE=cuda timeout 420 python3 -m pytest -q -p no:cacheprovider -x \
-        tests/engine/test_runner.py tests/kernels/test_fused_ops.py tests/engine/test_sampler.py \
-        tests/engine/test_oracle.py tests/engine/test_engine_behaviour.py tests/engine/test_quantized_kv.py \
-        tests/kernels \
-        2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests)  # the whole suite now (no hand-kept list): bench/gpu_run.sh check
+      bash bench/gpu_run.sh check ;;
     profile)
       timeout 240 python3 bench/profile_step.py $PROFILE_ARGS 2>&1 | grep -v -i warn | tail -32 | tee "$OUT/profile.md" ;;
     inproc)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device calls (H100) that produced the committed decode tables (run 21). Carry .gpu-carry
-# (pytest wheels). PART=tests: GPU kernel tests + the engine's oracle/behaviour/quantised-KV
-# tests on CUDA; PART=bench: the decode table with blocks in random order (both peers), then
+# (pytest wheels). PART=tests: a hand-kept list of GPU tests, kept for the record of runs 13-23
+# (the whole suite is bench/gpu_run.sh check); PART=bench: the decode table with blocks in random order (both peers), then
 # in sequential and interleaved order (SDPA only): bench/results/decode_attention*.md.
 python3 -m pip install -q --no-index --no-deps --target /tmp/pt .gpu-carry/pytest-*.whl \
   .gpu-carry/pluggy-*.whl .gpu-carry/iniconfig-*.whl 2>&1 | tail -1

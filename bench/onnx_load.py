@@ -133,7 +133,7 @@ def main() -> None:
     print(table)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     report = (f"# Loading an ONNX export vs safetensors ({args.shape}, bf16, CPU)\n\n"
-              f"`python bench/onnx_load.py` — {os.cpu_count()} cores ({cpu}), files in the page cache "
+              f"`{' '.join(['python bench/onnx_load.py', *sys.argv[1:]])}` — {os.cpu_count()} cores ({cpu}), files in the page cache "
               "(written just before), each load in a fresh process: `load_model(checkpoint, cpu, bfloat16)`, "
               f"median of {args.runs} alternating runs (1-minute load average {load_before} before, "
               f"{open('/proc/loadavg').read().split()[0]} after: wall times move with other work on the machine, "

@@ -98,7 +98,7 @@ def main():
     table = "\n".join([header] + [f"| {n} | {m:.1f} | {b_:.1f} | {h} |" for n, m, b_, h in rows])
     speedup = c / w
     text = (f"# Prefix-cache time to first token\n\n"
-            f"Command: `python bench/prefix_cache_ttft.py --repeats {args.repeats}`\n\n"
+            f"Command: `{' '.join(['python bench/prefix_cache_ttft.py', *sys.argv[1:]])}`\n\n"
             f"Machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}; demo Llama "
             f"checkpoint (6 layers, hidden 384, fp32); block_size 16; two frontends of one engine "
             f"core (frontend A computed the prefix, frontend B measured, end to end through the "

@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--blas", default="", help="torch.backends.cuda.preferred_blas_library (cublas / cublaslt)")
     args = ap.parse_args()
+    print("Command: `" + " ".join(["python bench/profile_step.py", *sys.argv[1:]]) + "`", flush=True)
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     ckpt = write_synthetic("llama3-8b", "/tmp/tritonkv-synthetic/llama3-8b")

@@ -1,13 +1,15 @@
 """aiperf (NVIDIA's LLM load generator) against the OpenAI endpoint: chat and completions,
 streamed, synthetic prompts; prints a table, writes it as markdown, and fails on any error.
 
-    python loadtest/aiperf_run.py                       # starts a server (demo model), CI-sized
+    python loadtest/aiperf_run.py                       # starts a server (demo model), CI-sized;
+                                                        # report: loadtest/results/aiperf.md
     python loadtest/aiperf_run.py --concurrency 16 --requests 400 --isl 256 --osl 128 \\
         --out loadtest/results/aiperf_long.md            # the longer run, by hand
     python loadtest/aiperf_run.py --url http://127.0.0.1:9000 --model NAME --tokenizer DIR
 
 Nothing comes from a hub: aiperf counts tokens with the served checkpoint's own tokenizer
-directory (``--tokenizer``, default: the demo checkpoint) and takes the token counts the
+directory (``--tokenizer``, default: the demo checkpoint; ``tritonkv serve`` prints the path
+of the checkpoint it serves, "tokenizer ...") and takes the token counts the
 server reports (``usage``, with ``--use-server-token-count``), so prompt tokens include the
 chat template's. ``ignore_eos`` makes every answer exactly ``--osl`` tokens long.
 """
@@ -86,6 +88,9 @@ def _fmt(value) -> str:
     return f"{value:.0f}" if abs(value) >= 100 or float(value).is_integer() else f"{value:.1f}"
 
 
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aiperf.md")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="OpenAI base URL without /v1 (default: start a server here)")
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--osl", type=int, default=16, help="output tokens per request")
     p.add_argument("--kv-cache-memory-mb", type=int, default=128, help="KV pool of the server started here")
     p.add_argument("--timeout-s", type=float, default=600, help="limit per aiperf run")
-    p.add_argument("--out", default=None, help="write the summary as markdown here")
+    p.add_argument("--out", default=DEFAULT_OUT, help="write the summary as markdown here (default: %(default)s)")
     args = p.parse_args(argv)
 
     from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
@@ -126,6 +131,7 @@ def main(argv=None) -> int:
     failures = [r for r in rows if r["errors"] or r["errors_summary"] or not r["complete"]
                 or r["requests"] != args.requests]
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(f"# aiperf against the OpenAI endpoint\n\n"
                     f"aiperf {_aiperf_version()}, streaming, synthetic prompts of {args.isl} tokens "
@@ -134,6 +140,8 @@ def main(argv=None) -> int:
                     f"{platform.machine()} {os.cpu_count()} CPUs; token counts from the server's usage.\n\n"
                     f"Command: `python loadtest/aiperf_run.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
                     f"{summary}\n\nErrors: {sum(int(r['errors'] or 0) for r in rows)}.\n")
+    if args.out:
+        print(f"report: {args.out}")
     if failures:
         print(f"FAILED: {[(r['endpoint'], r['errors'], r['errors_summary']) for r in failures]}", file=sys.stderr)
         return 1

@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--instances", type=int, default=1)
     p.add_argument("--pool-name", help="KV pool name for the server it starts (default: loadtest-<pid>)")
     p.add_argument("--grpc-url"), p.add_argument("--http-url"), p.add_argument("--metrics-url")
+    p.add_argument("--server-pgid", type=int, help="an existing server's process group (tritonserver's pid): "
+                                                   "the soak samples its RSS and open files")
     args = p.parse_args(argv)
     preset = SOAK_PRESET if args.soak else CI_PRESET if args.ci else FULL_PRESET
     for key, value in preset.items():
@@ -71,13 +73,15 @@ def parse_args(argv=None):
     external = [args.grpc_url, args.http_url, args.metrics_url]
     if any(external) and not all(external):
         p.error("an existing server needs all of --grpc-url, --http-url and --metrics-url")
+    if args.soak and args.grpc_url and args.server_pgid is None:
+        p.error("--soak against an existing server needs --server-pgid")
     return args
 
 
 @contextlib.contextmanager
 def server_for(args):
     if args.grpc_url:
-        yield args.grpc_url, args.http_url, args.metrics_url, None
+        yield args.grpc_url, args.http_url, args.metrics_url, args.server_pgid
         return
     from managed_server import managed_server
 

@@ -32,18 +32,9 @@ class Sample:
 
 def group_pids(pgid: int) -> list[int]:
     """Live processes of a process group (the launcher starts the server in its own group)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
+    from tritonkv.server.process_tree import live_group_members
+
+    return live_group_members(pgid)
 
 
 def rss_and_files(pids: list[int]) -> tuple[int, int]:

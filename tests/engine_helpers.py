@@ -9,7 +9,7 @@ import torch
 from tritonkv.config import EngineConfig
 from tritonkv.engine.factory import build_engine
 from tritonkv.engine.requests import SamplingParams
-from tritonkv.model.llama import AttentionBatch
+from tritonkv.ops.attention_batch import AttentionBatch
 
 
 # The same tests run on a GPU (kernels instead of torch references) with TRITONKV_TEST_DEVICE=cuda.
@@ -81,7 +81,7 @@ def engine_prefill_logits(engine, ids):
         block_tables=torch.tensor([table], dtype=torch.int32, device=dev),
         seq_lens=torch.tensor([len(ids)], dtype=torch.int32, device=dev),
         query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32, device=dev),
-        max_query_len=len(ids))
+        max_query_len=len(ids), sliding_window=engine.model_config.sliding_window)
     logits = engine.model.logits(engine.model(torch.tensor(ids, device=dev), batch, engine.kv_caches)).cpu()
     engine.kv.release("probe")
     return logits

@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tritonkv.cache.eviction.choose import KV_EVICTION_POLICIES
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
-KV_EVICTIONS = ("none", "streaming", "h2o")
+KV_EVICTIONS = tuple(KV_EVICTION_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class EngineConfig:
     # CUDA: > 0 sizes the KV pool so that weights + activations + graphs + KV use this fraction
     # of the device's total memory (as vLLM's); 0 keeps kv_cache_memory_mb
     gpu_memory_utilization: float = 0.0
-    # bounded KV per sequence (cache/eviction.py): none | streaming (StreamingLLM: attention
+    # bounded KV per sequence (cache/eviction/): none | streaming (StreamingLLM: attention
     # sinks + recent window) | h2o (sinks + heavy hitters by attention mass + recent window);
     # a conversation may then run past the pool's capacity and past max_model_len
     kv_eviction: str = "none"
@@ -97,18 +99,7 @@ class EngineConfig:
             bad("heavy_hitter_tokens", "must be >= 0 tokens")
         if self.kv_window_stride < 0:
             bad("kv_window_stride", "must be >= 0 tokens (0: one block)")
-        if self.kv_eviction == "none":
-            return
-        if self.kv_window <= 0:
-            bad("kv_window", f"must be > 0 tokens with kv_eviction={self.kv_eviction!r} (the recent window kept)")
-        if self.attention_sinks > self.kv_window:
-            bad("attention_sinks", f"must not exceed kv_window ({self.kv_window}): the sinks are a few "
-                                   "tokens kept beside the recent window")
-        if self.kv_eviction == "h2o" and self.heavy_hitter_tokens <= 0:
-            bad("heavy_hitter_tokens", "must be > 0 with kv_eviction='h2o' (tokens kept for their attention mass)")
-        if self.kv_cache_dtype != "auto":
-            bad("kv_cache_dtype", f"fp8 / int8 KV is not supported with kv_eviction={self.kv_eviction!r} "
-                                  "(evicting re-rotates cached keys); use kv_cache_dtype auto")
+        KV_EVICTION_POLICIES[self.kv_eviction].check_settings(self, bad)
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], **overrides) -> "EngineConfig":

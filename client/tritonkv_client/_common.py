@@ -112,9 +112,10 @@ class ConversationState:
 
     def _send_turn(self, prompt, input_ids, end: bool, settings: dict):
         """Send one turn on the open stream (the previous turn read to its end); its turn object."""
-        inputs = grpc_inputs(prompt, input_ids, self.params.merged(**settings), stream=True)
+        params = self.params.merged(**settings)
+        inputs = grpc_inputs(prompt, input_ids, params, stream=True)
         sent_at = self._stream.send(self.client.model, inputs, sequence_id=self.sequence_id,
-                                    start=not self.started, end=end, parameters=salt_parameters(self.cache_salt))
+                                    start=not self.started, end=end, parameters=salt_parameters(self.cache_salt, params))
         self.started = True
         self.ended = end
         self._current = self._turn_type(self._stream, self.client.model, sent_at, self.client.timeout_s,
@@ -184,8 +185,9 @@ class ClientSettings:
         """(model, inputs, parameters) of one request on ``stateless_model`` (unless ``model``
         is given), built before a stream is taken."""
         model = model or self.stateless_model
-        inputs = grpc_inputs(prompt, input_ids, self.params.merged(**settings), stream=True)
-        return model, inputs, salt_parameters(cache_salt)
+        params = self.params.merged(**settings)
+        inputs = grpc_inputs(prompt, input_ids, params, stream=True)
+        return model, inputs, salt_parameters(cache_salt, params)
 
 
 class Closing:

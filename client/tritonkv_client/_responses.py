@@ -21,6 +21,17 @@ class ParsedResponse:
     cached_tokens: int | None
     prompt_tokens: int | None
     final: bool
+    logprobs: list[dict] | None = None  # per token: {token id: {logprob, rank, decoded_token}}
+
+
+def _logprobs(value) -> list[dict] | None:
+    """The ``logprobs`` output (one JSON string; HTTP may wrap it in a list)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value is None:
+        return None
+    parsed = json.loads(_text(value) if not isinstance(value, str) else value)
+    return parsed if isinstance(parsed, list) else None
 
 
 def _scalar(result, name):
@@ -48,6 +59,7 @@ def parse_grpc_result(result) -> ParsedResponse:
         cached_tokens=None if cached is None else int(cached),
         prompt_tokens=None if prompt is None else int(prompt),
         final=flagged or finish is not None,
+        logprobs=_logprobs(_scalar(result, "logprobs")),
     )
 
 
@@ -65,6 +77,7 @@ def parse_json_response(body: dict) -> ParsedResponse:
         cached_tokens=body.get("cached_tokens"),
         prompt_tokens=body.get("prompt_tokens"),
         final=finish is not None,
+        logprobs=_logprobs(body.get("logprobs")),
     )
 
 
@@ -85,7 +98,7 @@ def reply_result(raw, model: str, status, sent_at: float, at: float) -> Generati
         raise error
     parsed = parse_json_response(data)
     builder = ResultBuilder(sent_at)
-    builder.add_tokens(parsed.ids, parsed.text, at)
+    builder.add_response(parsed, at)
     return builder.finish(at, parsed.finish_reason, parsed.cached_tokens, parsed.prompt_tokens)
 
 

@@ -1,12 +1,19 @@
 """Generation settings and their encoding as requests: gRPC input tensors, HTTP generate JSON
 bodies, and the request parameters (shared by the sync and asyncio clients).
 
-Rule: a setting left at ``None`` is not sent, so the server's default applies
-(``temperature`` 1.0, ``max_tokens`` the model's ``default_max_tokens``, ...).
+Rules:
+- a setting left at ``None`` is not sent, so the server's default applies (``temperature``
+  1.0, ``max_tokens`` the model's ``default_max_tokens``, ...);
+- the settings are the server's sampling parameters (tritonkv.sampling.params, where each
+  one's range and meaning are defined; a test keeps the names and datatypes equal): scalars
+  and ``stop`` / ``stop_token_ids`` travel as input tensors, ``logit_bias`` (no tensor) as
+  JSON text and ``logprobs`` as an integer in a request parameter (gRPC) or body field (HTTP
+  generate).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -21,6 +28,11 @@ _SCALARS = {
     "top_p": (np.float32, "FP32"),
     "seed": (np.int64, "INT64"),
     "ignore_eos": (np.bool_, "BOOL"),
+    "min_p": (np.float32, "FP32"),
+    "repetition_penalty": (np.float32, "FP32"),
+    "presence_penalty": (np.float32, "FP32"),
+    "frequency_penalty": (np.float32, "FP32"),
+    "min_tokens": (np.int32, "INT32"),
 }
 
 
@@ -33,6 +45,14 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] | None = None
     ignore_eos: bool | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    logprobs: int | None = None  # each token's logprob and this many top ones (``logprobs`` output)
 
     def merged(self, **overrides) -> "GenerationParams":
         """These settings with the non-None ``overrides`` applied (unknown names are a TypeError)."""
@@ -45,6 +65,10 @@ class GenerationParams:
             given["stop"] = (given["stop"],)
         elif "stop" in given:
             given["stop"] = tuple(given["stop"])
+        if "stop_token_ids" in given:
+            given["stop_token_ids"] = tuple(int(t) for t in given["stop_token_ids"])
+        if "logit_bias" in given:
+            given["logit_bias"] = {int(t): float(b) for t, b in dict(given["logit_bias"]).items()}
         return replace(self, **given)
 
     def as_json(self) -> dict:
@@ -52,9 +76,18 @@ class GenerationParams:
         body = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
-                body[f.name] = list(value) if f.name == "stop" else value
+            if value is None:
+                continue
+            if f.name == "logit_bias":
+                body[f.name] = logit_bias_text(value)
+            else:
+                body[f.name] = list(value) if isinstance(value, tuple) else value
         return body
+
+
+def logit_bias_text(bias: dict[int, float]) -> str:
+    """``logit_bias`` as the JSON text the server reads (object keys are token ids)."""
+    return json.dumps({str(t): b for t, b in bias.items()})
 
 
 def prompt_arrays(prompt: str | None = None, input_ids=None) -> dict[str, np.ndarray]:
@@ -77,6 +110,8 @@ def request_arrays(params: GenerationParams, stream: bool | None) -> dict[str, t
             out[name] = (np.array([value], dtype=np_type), dtype)
     if params.stop:
         out["stop"] = (np.array([s.encode("utf-8") for s in params.stop], dtype=np.object_), "BYTES")
+    if params.stop_token_ids:
+        out["stop_token_ids"] = (np.array(params.stop_token_ids, dtype=np.int32), "INT32")
     if stream is not None:
         out["stream"] = (np.array([stream], dtype=np.bool_), "BOOL")
     return out
@@ -107,6 +142,12 @@ def request_body(prompt: str | None, input_ids, params: GenerationParams, stream
     return body
 
 
-def salt_parameters(cache_salt: str | None) -> dict | None:
-    """The gRPC request parameters that carry ``cache_salt`` (None: no parameters)."""
-    return None if cache_salt is None else {"cache_salt": cache_salt}
+def salt_parameters(cache_salt: str | None, params: GenerationParams | None = None) -> dict | None:
+    """The gRPC request parameters: ``cache_salt`` and the settings without an input tensor
+    (``logit_bias``); None when there are none."""
+    out = {} if cache_salt is None else {"cache_salt": cache_salt}
+    if params is not None and params.logit_bias:
+        out["logit_bias"] = logit_bias_text(params.logit_bias)
+    if params is not None and params.logprobs is not None:
+        out["logprobs"] = params.logprobs
+    return out or None

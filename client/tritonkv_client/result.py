@@ -38,6 +38,8 @@ class GenerationResult:
     e2e_s: float | None = None
     inter_token_s: list[float] = field(default_factory=list)
     num_responses: int = 0
+    # per token, when the request set ``logprobs``: {token id: {logprob, rank, decoded_token}}
+    logprobs: list[dict] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -81,6 +83,8 @@ class ResultBuilder:
     def add_response(self, parsed, at: float) -> TokenDelta:
         """One parsed response (``_responses.ParsedResponse``); the final one finishes the result."""
         delta = self.add_tokens(parsed.ids, parsed.text, at)
+        if parsed.logprobs is not None:
+            self.result.logprobs = (self.result.logprobs or []) + parsed.logprobs
         if parsed.final:
             self.finish(at, parsed.finish_reason, parsed.cached_tokens, parsed.prompt_tokens)
         return delta

@@ -60,7 +60,7 @@ def test_divergence_mid_block_reuses_only_the_blocks_before_it(two_instances):
     # block 0 reused; the new blocks come from the free list (3, 4, 5), cached 1 and 2 survive
     assert b.block_table("b") == [0, 3, 4, 5]
     c = pool.counts()
-    assert (c["used"], c["cached"], c["free"], c["evictions"]) == (4, 2, 2, 0)
+    assert (c["used"], c["cached"], c["free"], c["reclaimed"]) == (4, 2, 2, 0)
 
 
 def test_full_reuse_never_covers_the_last_prompt_token(two_instances):
@@ -87,14 +87,14 @@ def test_eviction_under_pressure_is_lru_tail_first(two_instances):
     assert b.grow("d", 16)
     assert b.block_table("d") == [6, 7, 2, 1]
     c = pool.counts()
-    assert (c["used"], c["cached"], c["free"], c["evictions"]) == (4, 4, 0, 2)
+    assert (c["used"], c["cached"], c["free"], c["reclaimed"]) == (4, 4, 0, 2)
     assert pool.arrays.block_hash[[1, 2]].tolist() == [NO_HASH, NO_HASH]
     # a's prompt now hits its surviving head block only
     assert a.start("a2", list(range(12))) == 4
     assert a.block_table("a2") == [0]
     # nothing left to give: used 5, the 3 cached blocks of "c" are evictable
     assert not b.grow("d", 16 + 4 * 4)  # 4 more needed, 3 evictable: nothing changes
-    assert b.block_table("d") == [6, 7, 2, 1] and pool.counts()["evictions"] == 2
+    assert b.block_table("d") == [6, 7, 2, 1] and pool.counts()["reclaimed"] == 2
     with pytest.raises(PoolExhausted):
         pool.allocate(4, a.owner)
 

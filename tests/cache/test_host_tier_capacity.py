@@ -12,11 +12,11 @@ from tritonkv.server.cli import main as cli
 def test_llama3_8b_host_tier_holds_idle_8k_conversations(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     assert cli(["capacity", str(tmp_path), "--memory-gb", "40", "--context", "8000",
-                "--param", "kv_host_memory_gb=128"]) == 0
+                "--param", "kv_host_memory_gb=128", "--param", "device=cuda"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "host tier" in line]
     # bf16: 128 KiB per token, 2 MiB per 16-token block; 8,000 tokens = 500 blocks = 1,000 MiB.
     # 128 GiB = 65,536 blocks -> 131 conversations; 40 GiB of device pool = 20,480 blocks -> 40
-    assert lines[0] == ("bf16 host tier (kv_host_memory_gb 128.0): 65,536 blocks (128.00 GiB, 1,048,576 tokens) "
+    assert lines[0] == ("bfloat16 host tier (kv_host_memory_gb 128.0): 65,536 blocks (128.00 GiB, 1,048,576 tokens) "
                         "hold 131 idle conversations of 8,000 tokens; the device pool 40")
     # int8: 66 KiB per token (scales included), 1,081,344 B per block: 127,100 blocks, 254 conversations
     assert lines[2].startswith("int8 host tier (kv_host_memory_gb 128.0): 127,100 blocks")

@@ -4,7 +4,7 @@ leaving the pool at baseline, and the chat CLI."""
 
 import asyncio
 import io
-import os
+import re
 
 import pytest
 import torch
@@ -12,7 +12,6 @@ import torch
 from polling import wait_until
 from tiny_models import hf_greedy
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
-from managed_server import managed_server
 from tritonkv_client import AsyncClient, AsyncHttpClient, Client, HttpClient, ServerError
 from tritonkv_client.chat import main as chat_main
 from tritonkv_client.metrics import pool_snapshot, wait_for_baseline
@@ -22,10 +21,8 @@ BOS = 256
 
 
 @pytest.fixture(scope="module")
-def server():
-    params = {"max_model_len": "512", "kv_cache_memory_mb": "64"}
-    with managed_server(pool_name=f"client-tests-{os.getpid()}", extra_params=params) as s:
-        yield s
+def server(e2e_server):
+    return e2e_server  # the session's shared server (tests/e2e/shared_server.py)
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +113,13 @@ def test_asyncio_clients_match_sync(server, client):
 def test_server_errors_raise_with_the_servers_message(server, client):
     with pytest.raises(ServerError, match=r"token id 999 is outside the vocabulary"):
         client.generate(input_ids=[BOS, 999], max_tokens=2)
-    with pytest.raises(ServerError, match="max_tokens must be > 0"):
+    with pytest.raises(ServerError, match=r"'max_tokens' must be in \[1, "):
         HttpClient(server.http_url).generate("x", max_tokens=0)
     with pytest.raises(ServerError, match="outside the vocabulary"):
         list(HttpClient(server.http_url).generate_stream(input_ids=[BOS, 999]))
     with client.conversation(max_tokens=3) as conv:
         first = conv.ask("abc")
-        with pytest.raises(ServerError, match="max_tokens must be > 0"):
+        with pytest.raises(ServerError, match=r"'max_tokens' must be in \[1, "):
             conv.ask("d", max_tokens=0)
         after = conv.ask("d")  # the conversation survives a rejected turn
     assert after.cached_tokens == 4 + len(first.token_ids) - 1
@@ -146,7 +143,7 @@ def test_cancelling_a_turn_releases_the_conversation(server, client):
 def test_chat_cli_one_prompt_and_interactive(server):
     expected = HttpClient(server.http_url, **GREEDY).generate("Hello", max_tokens=6)
     out, err = io.StringIO(), io.StringIO()
-    args = ["--url", server.grpc_url, "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--stats"]
+    args = ["--url", server.grpc_url, "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--stats", "--raw"]
     assert chat_main(args + ["-p", "Hello"], out=out, err=err) == 0
     assert out.getvalue() == expected.text + "\n"
     assert "6 tokens, finish length" in err.getvalue()
@@ -159,6 +156,45 @@ def test_chat_cli_one_prompt_and_interactive(server):
     assert f"4 new prompt tokens, {6 + 6 - 1} context tokens reused" in stats[1]  # " more" on the kept KV
     assert "[new conversation]" in err.getvalue()
     out, err = io.StringIO(), io.StringIO()
-    assert chat_main(["--http", server.http_url, "-p", "Hello", "--max-tokens", "0"], out=out, err=err) == 1
-    assert "max_tokens must be > 0" in err.getvalue()
+    assert chat_main(["--http", server.http_url, "-p", "Hello", "--max-tokens", "0", "--raw"], out=out, err=err) == 1
+    assert "'max_tokens' must be in [1, " in err.getvalue()
+    assert wait_for_baseline(server.metrics_url, 10).at_baseline
+
+
+def test_chat_cli_renders_the_chat_template_as_the_openai_api_does(server):
+    """The chat CLI's turns go through the checkpoint's chat template (found through the
+    server's model config): each reply equals the OpenAI chat endpoint's greedy reply to the
+    same messages, the second turn sends only what the template adds (the rest is reused KV)."""
+    import openai
+
+    api = openai.OpenAI(base_url=server.openai_url, api_key="-", max_retries=0)
+
+    def openai_reply(messages):
+        r = api.chat.completions.create(model=server.model_name, messages=messages, max_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        return r.choices[0].message.content
+
+    system = "Be brief."
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hello"}]
+    first = openai_reply(messages)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second = openai_reply(messages)
+    out, err = io.StringIO(), io.StringIO()
+    args = ["--url", server.grpc_url, "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--stats",
+            "--system", system]
+    assert chat_main(args, stdin=io.StringIO("Hello\nAnd then?\n"), out=out, err=err) == 0, err.getvalue()
+    assert out.getvalue().split("\n")[:2] == [first, second]
+    stats = [line for line in err.getvalue().splitlines() if line.startswith("[")]
+    from tritonkv.model.tokenizer import TextTokenizer
+    from tritonkv.openai_frontend.chat_template import ChatTemplate
+
+    ckpt = ensure_demo_checkpoint()
+    n_first = len(TextTokenizer(ckpt).encode(ChatTemplate.from_checkpoint(ckpt).render(messages[:2]), False))
+    n_full = len(TextTokenizer(ckpt).encode(ChatTemplate.from_checkpoint(ckpt).render(messages), False))
+    assert f"{n_first} new prompt tokens" in stats[0]  # the whole first rendering is sent
+    sent, reused = map(int, re.search(r"(\d+) new prompt tokens, (\d+) context tokens reused", stats[1]).groups())
+    assert reused == n_first + 6 - 1 and sent < n_full - n_first  # only what the template adds
+    out, err = io.StringIO(), io.StringIO()
+    assert chat_main(args[:-2] + ["-p", "Hello"], out=out, err=err) == 0
+    assert out.getvalue() == openai_reply([{"role": "user", "content": "Hello"}]) + "\n"
     assert wait_for_baseline(server.metrics_url, 10).at_baseline

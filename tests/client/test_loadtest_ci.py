@@ -1,6 +1,6 @@
-"""The short locust run CI does: ``python loadtest/run.py --ci`` starts its own server, runs
-both users over all three scenarios for a few seconds, and must see zero failures and a pool
-back at baseline."""
+"""The short locust run CI does (``python loadtest/run.py --ci``, here against the session's
+shared server): both users over all three scenarios for a few seconds, zero failures and a
+pool back at baseline; and a one-minute soak with cancels and disconnects."""
 
 import json
 import os
@@ -10,12 +10,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_ci_load_run_has_no_failures_and_no_leaked_blocks(tmp_path):
+def against(server) -> list[str]:
+    return ["--grpc-url", server.grpc_url, "--http-url", server.http_url, "--metrics-url", server.metrics_url]
+
+
+def test_ci_load_run_has_no_failures_and_no_leaked_blocks(tmp_path, e2e_server):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "backend"), os.path.join(ROOT, "client"),
                                          env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "loadtest", "run.py"), "--ci", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "loadtest", "run.py"), "--ci", "--out", str(tmp_path),
+                           *against(e2e_server)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "summary.json").read_text())
     assert report["failures"] == 0 and report["locust_exit_code"] == 0
@@ -34,15 +38,16 @@ def test_ci_load_run_has_no_failures_and_no_leaked_blocks(tmp_path):
     assert "| scenario | turns | failures |" in (tmp_path / "summary.md").read_text()
 
 
-def test_soak_with_cancels_and_disconnects_stays_bounded(tmp_path):
-    """``run.py --soak`` for 2 minutes (by hand: 30): chats, HTTP streams, cancels after the
-    first token and dropped connections; every 20 s the pool, live sequences, server RSS and
+def test_soak_with_cancels_and_disconnects_stays_bounded(tmp_path, e2e_server):
+    """``run.py --soak`` for 1 minute (by hand: 30): chats, HTTP streams, cancels after the
+    first token and dropped connections; every 10 s the pool, live sequences, server RSS and
     open files are sampled and must stay bounded, and the pool ends at baseline."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "backend"), os.path.join(ROOT, "client"),
                                          env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "loadtest", "run.py"), "--soak", "-t", "2m",
-                           "--check-every", "20", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "loadtest", "run.py"), "--soak", "-t", "1m",
+                           "--check-every", "10", "--out", str(tmp_path), *against(e2e_server),
+                           "--server-pgid", str(e2e_server.process.pid)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "summary.json").read_text())

@@ -13,17 +13,14 @@ from triton_calls import StreamClient, wait_for_pool_baseline
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.openai_frontend.chat_template import ChatTemplate
-from tritonkv.server.launcher import start_server
+from shared_server import MAX_MODEL_LEN
 
-MAX_MODEL_LEN = 4096  # the demo model's own limit
 BLOCK = 16
 
 
 @pytest.fixture(scope="module")
-def server():
-    params = {"max_model_len": str(MAX_MODEL_LEN), "kv_cache_memory_mb": "32"}
-    with start_server(extra_params=params, openai_port=0) as s:
-        yield s
+def server(e2e_server):
+    return e2e_server  # the session's shared server (shared_server.py)
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +148,10 @@ def test_a_resent_chat_reuses_the_history_from_the_prefix_cache(client):
     (dict(model="nope"), 404, "model", "does not exist"),
     (dict(temperature=2.5), 400, "temperature", "[0, 2]"),
     (dict(top_p=0.0), 400, "top_p", "(0, 1]"),
-    (dict(max_tokens=0), 400, "max_tokens", ">= 1"),
+    (dict(max_tokens=0), 400, "max_tokens", "must be in [1, 2**31 - 1]"),
     (dict(n=2), 400, "n", "only 1"),
     (dict(seed=2**70), 400, "seed", "'seed'"),
-    (dict(seed=2**63), 400, "seed", "64 bits"),
+    (dict(seed=2**63), 400, "seed", "[0, 2**63 - 1]"),
     (dict(extra_body={"best_of_n": 3}), 400, "best_of_n", "unrecognized request argument"),
     (dict(prompt="x" * (MAX_MODEL_LEN + 4)), 400, "prompt", "max_model_len"),
     (dict(max_tokens=MAX_MODEL_LEN + 1), 400, None, "max_model_len"),
@@ -273,3 +270,72 @@ def test_the_frontend_logged_no_error(server):
         log = f.read()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
     assert log.count("tritonkv OpenAI frontend: model 'tritonkv-demo'") == 2  # the start and the restart
+
+
+@pytest.fixture(scope="module")
+def hf_oracle():
+    import torch
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()
+
+
+def test_penalties_and_logprobs_through_openai_and_the_client_equal_hf(server, client, hf_oracle):
+    """issue 24 items 1-2 end to end: repetition_penalty + logit_bias greedy tokens equal HF's
+    processors, and each token's logprob equals HF's log_softmax (fp32 CPU server)."""
+    import torch
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor,
+                                                         SequenceBiasLogitsProcessor)
+    from tritonkv_client import Client
+
+    prompt = "The shared pool keeps"
+    ids = TextTokenizer(ensure_demo_checkpoint()).encode(prompt, add_special_tokens=True)
+    processors = [SequenceBiasLogitsProcessor({(ord("e"),): 3.0}), RepetitionPenaltyLogitsProcessor(1.6)]
+    context, want, want_lp = list(ids), [], []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = hf_oracle(torch.tensor([context])).logits[:, -1].float()
+            scores = logits
+            for p in processors:
+                scores = p(torch.tensor([context]), scores)
+            token = int(scores[0].argmax())
+            want.append(token)
+            want_lp.append(float(torch.log_softmax(logits[0], -1)[token]))
+            context.append(token)
+    settings = dict(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.6,
+                    logit_bias={ord("e"): 3.0}, logprobs=2)
+    with Client(server.grpc_url) as c:
+        ours = c.generate(prompt, **settings)
+    assert ours.token_ids == want
+    assert max(abs(next(iter(e.values()))["logprob"] - w) for e, w in zip(ours.logprobs, want_lp)) < 1e-4
+    r = client.completions.create(model="tritonkv-demo", prompt=prompt, max_tokens=12, temperature=0, logprobs=2,
+                                  logit_bias={str(ord("e")): 3.0},
+                                  extra_body={"ignore_eos": True, "repetition_penalty": 1.6})
+    assert r.choices[0].text == ours.text
+    assert max(abs(a - w) for a, w in zip(r.choices[0].logprobs.token_logprobs, want_lp)) < 1e-4
+    assert all(len(top) <= 3 for top in r.choices[0].logprobs.top_logprobs)
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 2**32 + 1), ("top_k", 2**31), ("max_tokens", 2**31),
+                                          ("presence_penalty", 2.5)])
+def test_out_of_range_numbers_are_400s_naming_the_field(client, field, value):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tritonkv-demo", prompt="x", **({"extra_body": {field: value}}))
+    assert info.value.body["param"] == field and f"{field} must be in" in info.value.body["message"]
+
+
+def test_cache_salt_separates_prefix_cache_namespaces(client):
+    """issue 21 item 7: a user re-sending another's prompt got its cached KV; cache_salt (as in
+    vLLM) confines the cache to requests with the same salt."""
+    prompt = "Salted prompt: " + "the pool keeps every full block of this text " * 3
+
+    def cached(salt):
+        extra = {"ignore_eos": True} if salt is None else {"ignore_eos": True, "cache_salt": salt}
+        r = client.completions.create(model="tritonkv-demo", prompt=prompt, max_tokens=2, temperature=0,
+                                      extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("alice") == 0
+    assert cached("bob") == 0  # another namespace: nothing reused
+    assert cached("alice") > 0  # the same one: the prompt's full blocks
+    assert cached(None) == 0  # unsalted requests share a namespace of their own

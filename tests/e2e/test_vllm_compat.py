@@ -10,9 +10,7 @@ form and HF's; the extra outputs must hold the right values.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import sys
 
 import numpy as np
 import pytest
@@ -23,9 +21,6 @@ from tiny_models import hf_greedy
 from triton_calls import StreamClient, http_generate, http_post, wait_for_pool_baseline
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                "loadtest"))
-from managed_server import managed_server  # noqa: E402
 
 PROMPT = "Hello"
 PROMPT_IDS = [256] + list(b"Hello")  # the demo tokenizer: BOS + one token per byte
@@ -35,18 +30,21 @@ ALL_FLAGS = dict(return_finish_reason=True, return_num_input_tokens=True, return
 
 
 @pytest.fixture(scope="module")
-def server():
-    with managed_server(pool_name=f"vllmcompat{os.getpid()}",
-                        extra_params={"max_model_len": "256", "kv_cache_memory_mb": "32"}) as s:
-        yield s
+def server(e2e_server):
+    return e2e_server  # the session's shared server (shared_server.py)
 
 
 @pytest.fixture(scope="module")
-def expected():
+def hf_run():
     import transformers
 
     hf = transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()
-    return hf_greedy(hf, PROMPT_IDS, N)[0]
+    return hf_greedy(hf, PROMPT_IDS, N)
+
+
+@pytest.fixture(scope="module")
+def expected(hf_run):
+    return hf_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +131,28 @@ def test_vllm_sample_client_request_one_reply_echoes_the_prompt(server, ours, ex
     assert text(responses[0]["text_output"]) == PROMPT + ours.text
 
 
+def test_return_logprobs_and_cumulative_logprob_equal_hf(server, hf_run):
+    """issue 24 item 2: vLLM's ``logprobs`` output (JSON per response) and ``cumulative_logprob``."""
+    tokens, logits = hf_run
+    sampling = {**GREEDY_JSON, "logprobs": 2}
+    responses = grpc_responses(server.grpc_url, vllm_inputs(sampling, True, True, return_logprobs=True,
+                                                            return_cumulative_logprob=True))
+    entries = [e for r in responses for e in json.loads(text(r["logprobs"]))]
+    assert [int(next(iter(e))) for e in entries] == tokens  # the chosen token first
+    ref = [torch.log_softmax(x, -1) for x in logits]
+    chosen = [e[str(t)]["logprob"] for e, t in zip(entries, tokens)]
+    assert max(abs(c - float(r[t])) for c, r, t in zip(chosen, ref, tokens)) < 1e-4
+    assert all(e[str(t)]["rank"] == 1 and len(e) == 2 for e, t in zip(entries, tokens))  # greedy: top 2
+    assert abs(float(responses[-1]["cumulative_logprob"][0]) - sum(chosen)) < 1e-3
+
+
+def test_vllm_defaults_echo_the_prompt_and_stop_at_16_tokens(server):
+    """issue 22 item 10: a vLLM-form request without exclude_input_in_output / max_tokens."""
+    responses = grpc_responses(server.grpc_url, vllm_inputs({"temperature": "0", "ignore_eos": True}, False))
+    assert len(responses) == 1 and len(responses[0]["output_ids"]) == 16
+    assert text(responses[0]["text_output"]).startswith(PROMPT)
+
+
 def test_genai_perf_vllm_payload_runs_to_max_tokens(server, expected):
     # genai-perf --backend vllm with a deterministic output length: exclude_input_in_output
     # true, max_tokens = min_tokens (no ignore_eos): every turn runs to max_tokens
@@ -167,13 +187,18 @@ def test_http_generate_vllm_form(server, ours, expected):
 
 @pytest.mark.parametrize("body, message", [
     ({"sampling_parameters": json.dumps({"lora_name": "x"})}, "unknown sampling_parameters key 'lora_name'"),
-    ({"sampling_parameters": json.dumps({"presence_penalty": "0.5"})}, "'presence_penalty' = '0.5' is not supported"),
-    ({"sampling_parameters": json.dumps({"max_tokens": "4", "min_tokens": "2"})},
-     "min_tokens = 2 is not supported below max_tokens = 4"),
+    ({"sampling_parameters": json.dumps({"n": "2"})}, "'n' = '2' is not supported"),
+    ({"sampling_parameters": json.dumps({"presence_penalty": "2.5"})},
+     "parameter 'presence_penalty' must be in [-2, 2], got 2.5"),
+    ({"sampling_parameters": json.dumps({"top_k": 1e20})}, "parameter 'top_k' must be in [0, 2**31 - 1]"),
+    ({"sampling_parameters": json.dumps({"max_tokens": "4", "min_tokens": "5"})},
+     "min_tokens (5) must be <= max_tokens (4)"),
+    ({"sampling_parameters": '{"stop": ' + "[" * 100_000 + "]" * 100_000 + "}"},
+     "input 'sampling_parameters' is nested deeper than 16 levels"),
     ({"sampling_parameters": "{not json"}, "input 'sampling_parameters' is not valid JSON"),
     ({"exclude_input_in_output": False, "stream": True},
      "exclude_input_in_output = false is not allowed with stream = true"),
-    ({"return_logprobs": True}, "'return_logprobs' = true is not supported"),
+    ({"sampling_parameters": json.dumps({"logprobs": 21})}, "parameter 'logprobs' must be in [0, 20], got 21"),
 ])
 def test_vllm_form_refusals_are_400_naming_the_key(server, body, message):
     code, error, _ = http_post(server.http_url, "llm_stateless", json.dumps({"text_input": PROMPT, **body}).encode(),

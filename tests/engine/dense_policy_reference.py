@@ -1,7 +1,7 @@
 """A dense, pool-free implementation of the streaming / h2o policies (plain torch over the HF
 model's weights), written from the policy's definition, not from the engine's code.
 
-Definition (cache/eviction.py states the same): tokens are grouped in blocks of
+Definition (cache/eviction/streaming.py and h2o.py state the same): tokens are grouped in blocks of
 ``block_size``; sink blocks = the first ``ceil(attention_sinks / block_size)``; before the
 query at text position ``p`` is computed, the recent window starts at block
 ``max(sinks, floor(floor((p - kv_window + 1) / block_size) / G) * G)``, where the stride

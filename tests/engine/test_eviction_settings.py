@@ -56,7 +56,7 @@ def test_eviction_on_a_sliding_window_model_is_refused(checkpoints):
     _, mistral = checkpoints
     with pytest.raises(ValueError, match=r"parameter 'kv_eviction' = 'streaming'.*sliding window of 8 tokens"):
         make_engine(mistral, kv_eviction="streaming", kv_window=16)
-    assert make_engine(mistral).policy.mode == "window"
+    assert make_engine(mistral).policy.name == "window"
 
 
 def test_qwen2_window_follows_max_window_layers_as_hf():

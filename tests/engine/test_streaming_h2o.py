@@ -40,7 +40,7 @@ def test_long_stream_equals_dense_reference_with_bounded_blocks(llama, mode):
     assert c.token_ids == expected
     assert c.final.finish_reason == "length"  # 309 tokens: past max_model_len (96) and MAX_POS
     assert table == ref.most_kept_blocks == engine.policy.kept_blocks()
-    # in the pool: the table plus the written originals of the turned sink / heavy blocks
+    # in the pool: the table plus the written originals of the re-rotated sink / heavy blocks
     assert most == engine.policy.blocks_per_sequence(1024) == table + (engine.policy.sink_blocks +
                                                                       engine.policy.heavy_blocks)
     # the same blocks are kept (h2o: the same heavy hitters chosen by mass)

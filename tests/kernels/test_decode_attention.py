@@ -208,10 +208,10 @@ def test_decode_sequences_without_a_query_row(q_lens):
         assert torch.isfinite(lse).all() and lse.shape == (2, 8)
 
 
-@pytest.mark.parametrize("page,block_n", [(12, 8), (24, 16), (48, 64), (16, 64), (32, 16)])
+@pytest.mark.parametrize("page,block_n", [(12, 16), (24, 16), (48, 64), (16, 64), (32, 16)])
 def test_decode_pages_of_any_size(page, block_n):
     """Tile slots and page indices are right whether or not the page size and the tile length
-    divide each other (12-token pages with 8-token tiles, 48-token pages with 64-token tiles)."""
+    divide each other (12-token pages with 16-token tiles, 48-token pages with 64-token tiles)."""
     lens = [1, 45, 100] if INTERPRET else [1, 45, 3000]
     c = make_case(lens, [1] * len(lens), 8, 2, 64, page=page)
     ref = reference(c)
@@ -219,3 +219,12 @@ def test_decode_pages_of_any_size(page, block_n):
         out = decode_attention_triton(*c.args(), out=poisoned_like(c.q), num_splits=splits,
                                       block_n=block_n, gather_ids=splits == 2)
         _check(out, ref, torch.bfloat16, c.q)
+
+
+@pytest.mark.parametrize("block_n", [8, 24])
+def test_decode_tile_below_16_or_not_a_power_of_two_is_refused(block_n):
+    """A key tile under 16 tokens cannot be a tl.dot operand on a GPU (the interpreter would
+    run it, the NVIDIA backend does not compile it): refused on every device, by name."""
+    c = make_case([1, 45], [1, 1], 8, 2, 64, page=16)
+    with pytest.raises(ValueError, match=f"block_n must be a power of two >= 16.*got {block_n}"):
+        decode_attention_triton(*c.args(), block_n=block_n)

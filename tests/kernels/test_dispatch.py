@@ -95,3 +95,29 @@ def test_decode_adds_block_mass_through_dispatcher():
     assert rel_err(out, rout) < 2e-2
     torch.testing.assert_close(kern, cpu, atol=2e-3, rtol=2e-2)
     assert (kern - start).sum(1).cpu().tolist() == pytest.approx([8.0] * len(lens), rel=2e-2)
+
+
+def test_one_decode_plan_per_step_serves_every_layer(monkeypatch):
+    """The split heuristic runs once per step (ops.dispatch.plan_step), not per layer launch."""
+    import tritonkv.kernels.decode_plan as decode_plan
+    from tritonkv.ops.attention_batch import AttentionBatch
+
+    c = make_case([9, 40, 23], [1, 1, 1], 4, 2, 64)
+    made = []
+    real = decode_plan.plan_decode
+    monkeypatch.setattr(decode_plan, "plan_decode", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    batch = AttentionBatch(positions=None, slot_mapping=None, block_tables=c.block_tables, seq_lens=c.seq_lens,
+                           query_start_loc=c.query_start_loc, max_query_len=1, max_seq_len=40)
+    assert dispatch.plan_step(batch, c.k_cache, c.v_cache, c.q.dtype, impl="triton").decode_plan is made[0]
+    ref = paged_attention_reference(*c.args())
+    for _ in range(3):  # three layers
+        out = dispatch.paged_attention(*c.args(), max_query_len=1, max_seq_len=40, impl="triton",
+                                       decode_plan=batch.decode_plan)
+        assert rel_err(out, ref) < 2e-2
+    assert len(made) == 1
+    # a prefill step plans nothing; a CPU step (no kernel) neither
+    prefill = AttentionBatch(None, None, c.block_tables, c.seq_lens, c.query_start_loc, max_query_len=5)
+    assert dispatch.plan_step(prefill, c.k_cache, c.v_cache, c.q.dtype, impl="triton").decode_plan is None
+    cpu = AttentionBatch(None, None, c.block_tables, c.seq_lens, c.query_start_loc, max_query_len=1)
+    assert dispatch.plan_step(cpu, c.k_cache, c.v_cache, c.q.dtype, impl="cpu").decode_plan is None
+    assert len(made) == 1

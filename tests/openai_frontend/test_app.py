@@ -65,7 +65,8 @@ def test_without_a_chat_template_chat_is_refused_and_completions_work(tmp_path):
     assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9,
                              "prompt_tokens_details": {"cached_tokens": 0}}
     gen = bridge.sent[0]
-    assert (gen.text, gen.input_ids, gen.max_tokens, gen.stop, gen.stream) == ("hello", None, 3, ("x",), False)
+    assert (gen.text, gen.input_ids, gen.stream) == ("hello", None, False)
+    assert gen.sampling == {"max_tokens": 3, "stop": ("x",)}
 
 
 def test_a_request_becomes_the_models_input_tensors(tmp_path):

@@ -10,7 +10,7 @@ from tritonkv.model.model_config import ModelConfig
 from tritonkv.model.rope import inverse_frequencies
 from tritonkv.ops.attention_mass import attention_mass_reference, last_query_mass
 from tritonkv.ops.fused_ops import rotary_cos_sin, rotary_qk_reference
-from tritonkv.ops.kv_relocate import all_layers, rotate_keys, turn_blocks, turn_blocks_batched
+from tritonkv.ops.kv_relocate import all_layers, rotate_keys, copy_rerotated_blocks, copy_rerotated_blocks_batched
 
 CFG = ModelConfig("LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
@@ -51,7 +51,7 @@ def test_rotating_by_delta_equals_rotating_at_the_sum():
     assert torch.equal(torch.stack([k[4] for k, _ in caches]), before4)
 
 
-def test_turn_blocks_turns_keys_and_copies_values_of_every_layer():
+def test_copy_rerotated_blocks_turns_keys_and_copies_values_of_every_layer():
     torch.manual_seed(1)
     caches = allocate_kv_caches(CFG, 6, 4, torch.float32, "cpu")
     cs = table()
@@ -59,11 +59,11 @@ def test_turn_blocks_turns_keys_and_copies_values_of_every_layer():
         k.copy_(torch.randn_like(k))
         v.copy_(torch.randn_like(v))
     before = [(k.clone(), v.clone()) for k, v in caches]
-    turn_blocks(caches, [1, 3], [5, 0], 9, cs)
+    copy_rerotated_blocks(caches, [1, 3], [5, 0], 9, cs)
     for (k, v), (k0, v0) in zip(caches, before):
         for src, dst in ((1, 5), (3, 0)):
             assert torch.equal(v[dst], v0[src])
-            # a key rotated at a turned by 9 = the key rotated at a + 9 (here: a = 0, unrotated)
+            # a key rotated at a re-rotated by 9 = the key rotated at a + 9 (here: a = 0, unrotated)
             torch.testing.assert_close(k[dst], rotated_at(k0[src], 9, cs), atol=2e-5, rtol=1e-5)
         assert torch.equal(k[1], k0[1]) and torch.equal(k[2], k0[2])  # sources unchanged
 
@@ -71,7 +71,7 @@ def test_turn_blocks_turns_keys_and_copies_values_of_every_layer():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_turns_equal_one_call_per_delta_bit_for_bit(dtype):
     """One call for blocks with their own deltas (positive, negative, zero, the table's
-    last) gives the same bits as one ``turn_blocks`` call per delta; other blocks untouched."""
+    last) gives the same bits as one ``copy_rerotated_blocks`` call per delta; other blocks untouched."""
     torch.manual_seed(3)
     cs = table()
     ops = [([1, 2], [7, 8], 9), ([3], [9], -40), ([4], [10], 0), ([5], [11], cs.shape[0] - 1)]
@@ -82,13 +82,13 @@ def test_batched_turns_equal_one_call_per_delta_bit_for_bit(dtype):
         k2.copy_(k)
         v2.copy_(v)
     for src, dst, delta in ops:
-        turn_blocks(one, src, dst, delta, cs)
-    turn_blocks_batched(many, [b for o in ops for b in o[0]], [b for o in ops for b in o[1]],
+        copy_rerotated_blocks(one, src, dst, delta, cs)
+    copy_rerotated_blocks_batched(many, [b for o in ops for b in o[0]], [b for o in ops for b in o[1]],
                         [o[2] for o in ops for _ in o[0]], cs)
     for (k, v), (k2, v2) in zip(one, many):
         assert torch.equal(k, k2) and torch.equal(v, v2)
     with pytest.raises(ValueError, match="rotary table"):
-        turn_blocks_batched(many, [1], [7], [cs.shape[0]], cs)
+        copy_rerotated_blocks_batched(many, [1], [7], [cs.shape[0]], cs)
 
 
 def test_turning_in_bfloat16_rounds_once_per_turn_from_the_source():
@@ -102,7 +102,7 @@ def test_turning_in_bfloat16_rounds_once_per_turn_from_the_source():
         k[0] = raw.to(torch.bfloat16)
         k[2] = raw.to(torch.bfloat16)
     for n in range(1, 201):
-        turn_blocks(caches, [0], [1], n, cs)  # from the source, total n
+        copy_rerotated_blocks(caches, [0], [1], n, cs)  # from the source, total n
         rotate_keys(caches, [8, 9, 10, 11], 1, cs)  # in place, 1 at a time
     exact = rotated_at(caches[0][0][0].float(), 200, cs)
     from_source = (caches[0][0][1].float() - exact).abs().max()

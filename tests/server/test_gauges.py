@@ -39,7 +39,7 @@ def test_stats_capacity_and_evictions_by_reason():
                                        num_blocks=100, block_size=16, max_model_len=500))
     gauges = Gauges(SimpleNamespace(MetricFamily=FakeMetricFamily), LABELS)
     stats = {"total": 100, "used": 3, "cached": 7, "free": 90, "live_sequences": 1, "prefix_query_blocks": 9,
-             "prefix_hit_blocks": 4, "evictions": 5, "preemptions": 2, "generated_tokens": 40}
+             "prefix_hit_blocks": 4, "reclaimed": 5, "preemptions": 2, "generated_tokens": 40}
     engine.stats = lambda: dict(stats)
     gauges.publish(engine)
     m = scrape()
@@ -52,7 +52,7 @@ def test_stats_capacity_and_evictions_by_reason():
     # an engine without eviction policies reports only the prefix cache's LRU evictions
     assert {k: v for k, v in m.items() if k.startswith("tritonkv_kv_evicted")} == {
         "tritonkv_kv_evicted_blocks_total{reason=prefix_lru}": 5}
-    stats.update(evictions=6, evicted_blocks_window=11, evicted_blocks_streaming=0, evicted_blocks_h2o=13,
+    stats.update(reclaimed=6, evicted_blocks_window=11, evicted_blocks_streaming=0, evicted_blocks_h2o=13,
                  preempted_blocks=8)
     gauges.publish(engine)
     assert {k: v for k, v in scrape().items() if k.startswith("tritonkv_kv_evicted")} == {
@@ -61,3 +61,33 @@ def test_stats_capacity_and_evictions_by_reason():
         "tritonkv_kv_evicted_blocks_total{reason=streaming}": 0,
         "tritonkv_kv_evicted_blocks_total{reason=h2o}": 13,
         "tritonkv_kv_evicted_blocks_total{reason=preemption}": 8}
+
+
+def test_gauges_of_a_real_engine_match_the_workload():
+    """No stubbed stats: a real engine runs two conversations and the gauges must show what
+    the workload implies, computed here from the token counts (block size 4, 64 blocks): the
+    first holds prompt + output - 1 tokens of KV (the last token's KV is not computed yet),
+    the second reuses the first one's 4 full prompt blocks it shares. Looked-up blocks are the
+    full blocks before a prompt's last token (that token is always computed: (20 - 1) // 4)."""
+    from engine_helpers import make_engine, run_turn
+
+    FakeMetricFamily.families = {}
+    engine = make_engine(ensure_demo_checkpoint(), num_blocks=64, block_size=4)
+    gauges = Gauges(SimpleNamespace(MetricFamily=FakeMetricFamily), LABELS)
+    first = [256] + list(range(60, 79))  # 20 tokens: 5 full blocks
+    second = first[:16] + [90, 91, 92, 93]  # shares 4 full blocks with the first
+    assert len(run_turn(engine, 1, first, 6, start=True, end=False).token_ids) == 6
+    gauges.publish(engine)
+    m = scrape()
+    held = -(-(20 + 6 - 1) // 4)  # 25 tokens of KV: 7 blocks
+    assert (m["tritonkv_kv_blocks_total{}"], m["tritonkv_kv_blocks_used{}"]) == (64, held)
+    assert m["tritonkv_kv_blocks_free{}"] + m["tritonkv_kv_blocks_cached{}"] == 64 - held
+    assert (m["tritonkv_live_sequences{}"], m["tritonkv_generated_tokens_total{}"]) == (1, 6)
+    assert (m["tritonkv_prefix_query_blocks_total{}"], m["tritonkv_prefix_hit_blocks_total{}"]) == ((20 - 1) // 4, 0)
+    assert len(run_turn(engine, 2, second, 3, start=True, end=False).token_ids) == 3
+    gauges.publish(engine)
+    m = scrape()
+    own = -(-(20 + 3 - 1) // 4) - 4  # 22 tokens of KV, 4 blocks of them shared
+    assert m["tritonkv_kv_blocks_used{}"] == held + own
+    assert (m["tritonkv_live_sequences{}"], m["tritonkv_generated_tokens_total{}"]) == (2, 9)
+    assert (m["tritonkv_prefix_query_blocks_total{}"], m["tritonkv_prefix_hit_blocks_total{}"]) == (2 * ((20 - 1) // 4), 4)

@@ -32,8 +32,8 @@ class FakeServer:
         self.stopped = False
         self.metrics_url = self  # read_heartbeats is patched to read .beats
 
-    def is_ready(self):
-        return self.ready
+    def readiness(self):
+        return (True, "") if self.ready else (False, "tritonserver is not ready")
 
     def stop(self):
         self.stopped = True
@@ -154,7 +154,7 @@ def test_triton_not_ready_too_long_restarts(world):
         assert not s.ready and s.reason == "tritonserver is not ready" and not first.stopped
         world["now"] += 1.0
     s.check()
-    assert first.stopped and "tritonserver not ready for 5 s: restarting tritonserver" in messages(s)
+    assert first.stopped and "not ready for 5 s (tritonserver is not ready): restarting tritonserver" in messages(s)
 
 
 def test_three_failed_launches_give_up(world):
@@ -209,20 +209,45 @@ def test_a_relaunch_waits_for_the_old_ports():
     assert sup.wait_ports_free("127.0.0.1", [port], timeout_s=5) is True
 
 
-def test_serve_refuses_a_busy_health_port_before_launching(monkeypatch):
+def test_serve_refuses_a_busy_port_before_launching_naming_its_flag(monkeypatch):
     import argparse
     import socket
 
     from tritonkv.server import serve
-    from tritonkv.server.launcher import ServerStartError
+    from tritonkv.server.errors import ServerStartError
 
     monkeypatch.setattr(serve, "launch", lambda *a, **k: pytest.fail("launched despite the busy port"))
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        args = argparse.Namespace(checkpoint=None, http_port=0, grpc_port=0, metrics_port=0, instances=1,
-                                  host="127.0.0.1", verbose=False, param=[], health_port=port)
-        with pytest.raises(ServerStartError, match=f"health endpoint cannot listen on 127.0.0.1:{port}: "
-                                                   r"the port is in use \(--health-port\)"):
-            serve.serve_forever(args)
+    for flag in ("http_port", "grpc_port", "metrics_port", "openai_port", "health_port"):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            ports = dict(http_port=0, grpc_port=0, metrics_port=0, openai_port=0, health_port=0)
+            ports[flag] = port
+            args = argparse.Namespace(checkpoint=None, instances=1, host="127.0.0.1", verbose=False, param=[],
+                                      **ports)
+            name = "--" + flag.replace("_", "-")
+            with pytest.raises(ServerStartError, match=f"^{name} {port}: 127.0.0.1:{port} is in use"):
+                serve.serve_forever(args)
+
+
+def test_a_frontend_that_gave_up_ends_supervision(world):
+    s, first = world["supervisor"], world["first"]
+    first.openai = type("Frontend", (), {"gave_up": True})()
+    s.check()
+    assert s.gave_up and not s.ready and s.reason == "the OpenAI frontend could not be restarted"
+    assert not first.stopped  # serve stops it, then exits 1
+
+
+def test_a_stopped_process_makes_the_server_not_ready_then_restarts_it(world):
+    s, first = world["supervisor"], world["first"]
+    first.readiness = lambda: (False, "process 21 of tritonserver is stopped (SIGSTOP)")
+    for pid in first.beats:
+        first.beats[pid][LOOPS] += 1
+    s.check()
+    assert not s.ready and s.reason == "process 21 of tritonserver is stopped (SIGSTOP)" and not first.stopped
+    world["now"] += 5.0
+    for pid in first.beats:
+        first.beats[pid][LOOPS] += 1
+    s.check()
+    assert first.stopped

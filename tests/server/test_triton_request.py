@@ -16,9 +16,9 @@ from tritonkv.server.triton_request import (KNOWN_PARAMETERS, BadRequest, Limits
 LIMITS = Limits(max_model_len=512, max_text_bytes=2048)
 
 
-def parse(inputs=None, parameters=None, *, stateless=True, limits=LIMITS, **kw):
-    return parse_request(pb, Request(inputs, parameters, **kw), stateless=stateless, default_max_tokens=16,
-                         limits=limits)
+def parse(inputs=None, parameters=None, *, stateless=True, limits=LIMITS, default_max=16, **kw):
+    return parse_request(pb, Request(inputs, parameters, **kw), stateless=stateless,
+                         default_max_tokens=default_max, limits=limits)
 
 
 def refused(*args, **kw) -> str:
@@ -204,7 +204,13 @@ def test_vllm_form_sets_sampling_and_reply_form():
               {"temperature": "0.1", "max_tokens": "100"})
     assert (q.params.temperature, q.params.max_tokens) == (0.1, 100)
     assert q.stream == ReplyForm(False, echo="Hello")  # one reply that repeats the prompt
-    assert parse(vllm_inputs({})).stream == ReplyForm(False)  # left out: nothing echoed
+    # left out (issue 22): vLLM's defaults for this form, the prompt echoed and 16 tokens
+    v = parse(vllm_inputs({}))
+    assert v.stream == ReplyForm(False, echo="Hello") and v.params.max_tokens == 16
+    assert parse(vllm_inputs({}, exclude_input_in_output=True)).stream == ReplyForm(False)
+    assert parse(vllm_inputs({}, stream=True)).stream == ReplyForm(True)  # streamed: never echoed
+    ours = parse({"text_input": "Hello"}, default_max=99)
+    assert ours.stream == ReplyForm(False) and ours.params.max_tokens == 99  # our form: our defaults
 
 
 def test_vllm_form_refusals_name_the_key():
@@ -218,8 +224,8 @@ def test_vllm_form_refusals_name_the_key():
     assert "must be a JSON object, got list" in refused({"text_input": "a", "sampling_parameters": "[3]"})
     assert "one JSON string" in refused({"text_input": "a", "sampling_parameters": ["{}", "{}"]})
     assert "'temperature' = 'hot' is not a number" in refused(vllm_inputs({"temperature": "hot"}))
-    assert "top_k must be an integer >= 0" in refused(vllm_inputs({"top_k": -2}))
-    assert "top_k must be an integer >= 0" in refused({"text_input": "a", "top_k": i32(-1)})  # our input: >= 0
+    assert refused(vllm_inputs({"top_k": -2})) == "parameter 'top_k' must be in [0, 2**31 - 1], got -2"
+    assert refused({"text_input": "a", "top_k": i32(-1)}) == "input 'top_k' must be in [0, 2**31 - 1], got -1"
     for name in ("sampling_parameters", "exclude_input_in_output", "return_finish_reason"):
         assert f"{name!r} must be sent as an input tensor" in refused({"text_input": "a"}, {name: "1"})
 
@@ -229,26 +235,79 @@ def test_exclude_input_in_output_false_needs_one_reply_and_text():
     assert "exclude_input_in_output = false is not allowed with stream = true" in message
     message = refused({"input_ids": i32(1, 2), "exclude_input_in_output": b(False)})
     assert "needs the prompt as text_input" in message
-    assert "return_logprobs" in refused(vllm_inputs({}, return_logprobs=True))
-    assert "return_cumulative_logprob" in refused(vllm_inputs({}, return_cumulative_logprob=True))
-    assert parse(vllm_inputs({}, return_logprobs=False)).stream == ReplyForm(False)
+    assert parse(vllm_inputs({}, return_logprobs=False)).params.logprobs is None
+
+
+def test_return_logprobs_asks_the_engine_for_logprobs():
+    p = parse(vllm_inputs({"logprobs": 3}, exclude_input_in_output=True, return_logprobs=True))
+    assert p.params.logprobs == 3 and p.stream.logprobs
+    q = parse(vllm_inputs({"logprobs": None}, exclude_input_in_output=True, return_cumulative_logprob=True))
+    assert q.params.logprobs == 0 and q.stream.cumulative_logprob  # the chosen tokens' only
+    assert parse({"text_input": "a"}, {"logprobs": 5}).params.logprobs == 5
+    assert "parameter 'logprobs' must be in [0, 20], got 21" in refused({"text_input": "a"}, {"logprobs": 21})
 
 
 def test_vllm_keys_without_a_sampler_are_accepted_only_when_neutral():
-    neutral = {"n": 1, "best_of": None, "presence_penalty": "0", "frequency_penalty": 0.0,
-               "repetition_penalty": 1, "min_p": 0, "logprobs": None, "prompt_logprobs": None,
-               "stop_token_ids": [], "include_stop_str_in_output": False, "min_tokens": 0}
+    neutral = {"n": 1, "best_of": None, "logprobs": None, "prompt_logprobs": None,
+               "include_stop_str_in_output": False}
     p = parse(vllm_inputs({**neutral, "max_tokens": 4, "stop": ["x"]}))
     assert (p.params.max_tokens, p.params.stop, p.params.ignore_eos) == (4, ("x",), False)
-    assert "'presence_penalty' = 0.5 is not supported" in refused(vllm_inputs({"presence_penalty": 0.5}))
     assert "send 1 or leave it out" in refused(vllm_inputs({"n": 2}))
-    assert "'stop_token_ids' = [2]" in refused({"text_input": "a"}, {"stop_token_ids": [2]})
     assert "'include_stop_str_in_output' = True" in refused(vllm_inputs({"include_stop_str_in_output": True}))
-    # genai-perf's deterministic output length: min_tokens = max_tokens runs every turn to the end
-    p = parse(vllm_inputs({"max_tokens": "5", "min_tokens": "5", "stop": ["x"]}))
-    assert (p.params.max_tokens, p.params.ignore_eos, p.params.stop) == (5, True, ())
-    assert "min_tokens = 2 is not supported below max_tokens = 5" in refused(
-        vllm_inputs({"max_tokens": 5, "min_tokens": 2}))
+
+
+def test_vllm_penalties_and_filters_are_parsed_with_their_ranges():
+    p = parse(vllm_inputs({"max_tokens": 6, "repetition_penalty": "1.3", "presence_penalty": 0.5,
+                           "frequency_penalty": -1, "min_p": 0.05, "min_tokens": 3, "stop_token_ids": [7, 9],
+                           "logit_bias": {"5": -100, "11": 2.5}}))
+    s = p.params
+    assert (s.repetition_penalty, s.presence_penalty, s.frequency_penalty, s.min_p, s.min_tokens) == (
+        1.3, 0.5, -1.0, 0.05, 3)
+    assert s.stop_token_ids == (7, 9) and s.logit_bias == ((5, -100.0), (11, 2.5))
+    # the same as request parameters (lists as JSON text) and as input tensors
+    q = parse({"text_input": "a", "min_tokens": i32(2), "stop_token_ids": i32(3, 4), "min_p": f32(0.5)},
+              {"logit_bias": '{"5": 1}', "presence_penalty": "2"})
+    assert (q.params.min_tokens, q.params.stop_token_ids, q.params.min_p) == (2, (3, 4), 0.5)
+    assert (q.params.logit_bias, q.params.presence_penalty) == (((5, 1.0),), 2.0)
+    assert refused(vllm_inputs({"presence_penalty": 2.5})) == (
+        "parameter 'presence_penalty' must be in [-2, 2], got 2.5")
+    assert refused(vllm_inputs({"repetition_penalty": 0})) == (
+        "parameter 'repetition_penalty' must be in (0, 3.4e38], got 0.0")
+    assert "parameter 'min_p' must be in [0, 1]" in refused(vllm_inputs({"min_p": 1.5}))
+    assert "min_tokens (9) must be <= max_tokens (5)" in refused(vllm_inputs({"max_tokens": 5, "min_tokens": 9}))
+    assert "parameter 'logit_bias'[5] must be a number in [-100, 100]" in refused(
+        vllm_inputs({"logit_bias": {"5": 101}}))
+    assert "parameter 'stop_token_ids'[1] must be a token id" in refused(vllm_inputs({"stop_token_ids": [1, -3]}))
+    assert "parameter 'logit_bias' key 'x' must be a token id" in refused(vllm_inputs({"logit_bias": {"x": 1}}))
+
+
+@pytest.mark.parametrize("name", ["top_k", "max_tokens", "min_tokens"])
+@pytest.mark.parametrize("value", [1e20, 2**31, 10**30, "100000000000000000000"])
+def test_int32_settings_out_of_range_name_the_setting_on_every_contract(name, value):
+    """issue 21 item 4: top_k = 1e20 failed every request of the instance in the engine step."""
+    want = f"parameter {name!r} must be in ["
+    assert want in refused({"text_input": "a"}, {name: value})
+    assert want in refused(vllm_inputs({name: value}))
+    if not isinstance(value, str):
+        message = refused({"text_input": "a", name: np.array([min(int(value), 2**63 - 1)], dtype=np.int64)})
+        assert message.startswith(f"input {name!r} must be in [") and "-2147483648" not in message
+
+
+@pytest.mark.parametrize("name", ["temperature", "repetition_penalty"])
+def test_float_settings_beyond_float32_are_refused(name):
+    assert f"parameter {name!r} must be in [" in refused({"text_input": "a"}, {name: 1e39}) \
+        or f"parameter {name!r} must be in (" in refused({"text_input": "a"}, {name: 1e39})
+
+
+def test_deeply_nested_json_is_a_bad_request_naming_the_field():
+    """issue 21 item 3: 100k levels answered "internal error ... RecursionError"."""
+    deep = '{"stop": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert refused({"text_input": "a", "sampling_parameters": deep}) == (
+        "input 'sampling_parameters' is nested deeper than 16 levels")
+    shallow_but_over = '{"stop": ' + "[" * 20 + "]" * 20 + "}"
+    assert "nested deeper than 16 levels" in refused({"text_input": "a", "sampling_parameters": shallow_but_over})
+    message = refused({"text_input": "a"}, {"logit_bias": "[" * 50_000 + "]" * 50_000})
+    assert message == "parameter 'logit_bias' is nested deeper than 16 levels"
 
 
 def reply_tensors(response) -> dict:
@@ -291,3 +350,23 @@ def test_reply_channel_vllm_outputs_streamed():
     first, last = [reply_tensors(r) for r, _ in sender.sent]
     assert set(first) == {"text_output", "output_ids"}
     assert last["finish_reason"] == [b"eos"] and last["prompt_tokens"] == [2]
+
+
+def test_reply_channel_logprobs_outputs_in_vllms_format():
+    from tritonkv.sampling.logprobs import TokenLogprob
+
+    form = parse(vllm_inputs({"logprobs": 1}, exclude_input_in_output=True, return_logprobs=True,
+                             return_cumulative_logprob=True)).stream
+    sender = pb.Sender()
+    channel = ReplyChannel(pb, sender, form)
+    first = TokenLogprob(5, -0.5, 1, [(5, -0.5)], {5: "a"})
+    second = TokenLogprob(7, -2.0, 2, [(9, -0.25)], {7: "b", 9: "c"})
+    channel(TurnOutput("a", [5], logprobs=[first]))
+    channel(TurnOutput("b", [7], True, "length", logprobs=[second]))
+    (response, _), = sender.sent
+    out = reply_tensors(response)
+    assert json.loads(out["logprobs"][0]) == [
+        {"5": {"logprob": -0.5, "rank": 1, "decoded_token": "a"}},
+        {"7": {"logprob": -2.0, "rank": 2, "decoded_token": "b"}, "9": {"logprob": -0.25, "rank": 1,
+                                                                       "decoded_token": "c"}}]
+    assert out["cumulative_logprob"] == [-2.5]

@@ -10,13 +10,41 @@ Rules:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from tritonkv.cache.layout import token_minor_view, use_token_minor_v
 from tritonkv.config import EngineConfig
-from tritonkv.model.model_config import ModelConfig
 
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+class ModelConfig(Protocol):
+    """What sizing reads of a model's config (model/model_config.py's ModelConfig)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    sliding_window: int | None
+    torch_dtype: str
+
+
+def model_dtype(requested: str, checkpoint_dtype: str, device_type: str) -> torch.dtype:
+    """The dtype the model runs in: ``requested`` (the ``dtype`` parameter) unless 'auto', which
+    means float32 on CPU (the exact oracle) and the checkpoint's dtype on GPU (bfloat16 when
+    config.json names none tritonkv serves)."""
+    if requested != "auto":
+        return MODEL_DTYPES[requested]
+    if device_type == "cpu":
+        return torch.float32
+    return MODEL_DTYPES.get(checkpoint_dtype.replace("torch.", ""), torch.bfloat16)
 
 
 def kv_storage_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
@@ -114,72 +142,3 @@ def gpu_kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: 
             f"{activation_reserve_bytes(model_config, config, dtype) / 2**30:.1f} GiB of activations; raise it "
             "or lower max_num_batched_tokens / max_num_seqs")
     return budget
-
-
-# -- capacity: how many tokens and sequences a pool holds --------------------------------------
-# Rules:
-# - A sequence of ``context`` tokens holds ceil(context / block_size) blocks, unless an
-#   eviction policy (cache/eviction.py: a model sliding window, or kv_eviction streaming / h2o)
-#   returns the blocks no future query sees; then it holds at most the policy's
-#   ``blocks_per_sequence`` while decoding (chunks of 1 token; a prefill chunk of a window
-#   model holds up to one chunk more, transiently). The bound is the engine's own rule, read
-#   from the policy, never restated here.
-
-def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
-    """KV bytes one token takes across all layers, K and V, scales included."""
-    return kv_block_bytes(model_config, 1, dtype)
-
-
-def eviction_settings(config: EngineConfig) -> dict:
-    """The engine's eviction parameters (defaults when this EngineConfig has no such field)."""
-    return {"kv_eviction": getattr(config, "kv_eviction", "none"),
-            "attention_sinks": int(getattr(config, "attention_sinks", 4)),
-            "kv_window": int(getattr(config, "kv_window", 0)),
-            "heavy_hitter_tokens": int(getattr(config, "heavy_hitter_tokens", 0))}
-
-
-def sequence_block_bound(block_size: int, sliding_window: int | None = None, kv_eviction: str = "none",
-                         attention_sinks: int = 4, kv_window: int = 0, heavy_hitter_tokens: int = 0,
-                         chunk_tokens: int = 1) -> int | None:
-    """Most blocks one sequence holds under the engine's eviction policy, however long it
-    runs, computing ``chunk_tokens`` per step; None: unbounded."""
-    from tritonkv.cache.eviction import policy_for
-
-    policy = policy_for(kv_eviction, block_size, model_window=sliding_window, kv_window=kv_window,
-                        attention_sinks=attention_sinks, heavy_hitter_tokens=heavy_hitter_tokens)
-    return policy.blocks_per_sequence(chunk_tokens) if policy.active else None
-
-
-def sequence_blocks(context: int, block_size: int, bound: int | None = None) -> int:
-    """Blocks a sequence of ``context`` tokens holds at its longest (``bound``: its block bound)."""
-    full = -(-context // block_size)
-    return full if bound is None else min(full, bound)
-
-
-def capacity_figures(model_config: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype, num_blocks: int,
-                     context: int | None = None, eviction: dict | None = None) -> dict:
-    """A pool of ``num_blocks`` holding ``kv_dtype``: bytes per token, capacity in tokens, and how
-    many sequences of ``context`` tokens (default: max_model_len, else the model's limit) fit,
-    without and with the window / eviction bounds (``eviction``: ``eviction_settings``, default
-    the config's)."""
-    context = context or config.max_model_len or model_config.max_position_embeddings
-    bound = sequence_block_bound(config.block_size, model_config.sliding_window,
-                                 **(eviction or eviction_settings(config)))
-    full = sequence_blocks(context, config.block_size)
-    bounded = sequence_blocks(context, config.block_size, bound)
-    return {"kv_dtype": str(kv_dtype).replace("torch.", ""),
-            "bytes_per_token": kv_bytes_per_token(model_config, kv_dtype),
-            "block_size": config.block_size, "num_blocks": num_blocks,
-            "capacity_tokens": num_blocks * config.block_size, "context": context,
-            "blocks_per_sequence": full, "sequences": num_blocks // full,
-            "bound_blocks": bound, "blocks_per_sequence_bounded": bounded, "sequences_bounded": num_blocks // bounded}
-
-
-def describe_capacity(f: dict) -> str:
-    """One log line of ``capacity_figures``."""
-    line = (f"{f['bytes_per_token']:,} B/token ({f['kv_dtype']}), {f['num_blocks']:,} blocks x {f['block_size']} = "
-            f"{f['capacity_tokens']:,} tokens; {f['sequences']:,} sequences of {f['context']:,} tokens fit")
-    if f["bound_blocks"] is not None:
-        line += (f", {f['sequences_bounded']:,} with the window / eviction bound "
-                 f"({f['blocks_per_sequence_bounded']} blocks per sequence)")
-    return line

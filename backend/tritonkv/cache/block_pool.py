@@ -1,18 +1,22 @@
-"""The pool of KV blocks: refcounts, owner-tagged references, prefix index, LRU eviction.
+"""The pool of KV blocks: refcounts, owner-tagged references, prefix index, LRU reclaim.
+
+Words: a cached block is *reclaimed* when the pool hands it out again (its prefix entry
+dropped); *eviction* is the bounded-KV policies' word (cache/eviction/) for blocks a live
+sequence returns.
 
 All metadata lives in flat numpy arrays (``PoolArrays``) so that it can sit in shared memory
 and serve several processes; every public method runs under ``self.lock``.
 
 Block states (derived from the arrays, never stored twice):
 - free:    refcount 0, no hash          -> handed out first
-- cached:  refcount 0, hash set         -> still in the prefix index; evicted LRU when no block is free
+- cached:  refcount 0, hash set         -> still in the prefix index; reclaimed LRU when no block is free
 - used:    refcount > 0                 -> referenced by at least one live sequence
 
 Rules:
 - ``refcount[b] == owner_refs[:, b].sum()``: every reference is tagged with the owner (a
   process slot) that took it, so a dead owner's references can be dropped wholesale.
 - A hash hit counts only if the stored tokens and parent hash equal the query's.
-- Eviction order: least recently used first (``last_used``: a pool-wide tick, bumped when a
+- Reclaim order: least recently used first (``last_used``: a pool-wide tick, bumped when a
   block is taken or released), ties broken by lower block id.
 """
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from tritonkv.cache.block_hash import NO_HASH
 
-STAT_NAMES = ("prefix_query_blocks", "prefix_hit_blocks", "evictions", "tick")
+STAT_NAMES = ("prefix_query_blocks", "prefix_hit_blocks", "reclaimed", "tick")
 _STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
@@ -62,7 +66,7 @@ class PoolArrays:
 
 
 class PoolExhausted(Exception):
-    """Not enough free or evictable blocks; the caller queues or preempts."""
+    """Not enough free or reclaimable blocks; the caller queues or preempts."""
 
 
 class BlockPool:
@@ -97,7 +101,7 @@ class BlockPool:
 
     # -- references ------------------------------------------------------------------------
     def allocate(self, n: int, owner: int) -> list[int]:
-        """``n`` blocks, free ones first (lowest id), then evicting cached ones LRU-first."""
+        """``n`` blocks, free ones first (lowest id), then reclaiming cached ones LRU-first."""
         with self.lock:
             unused = self.arrays.refcount == 0
             free = np.flatnonzero(unused & (self.arrays.block_hash == NO_HASH))
@@ -113,7 +117,7 @@ class BlockPool:
                     self.on_reclaim([int(b) for b in victims])
                 self.arrays.block_hash[victims] = NO_HASH
                 self.arrays.parent_hash[victims] = NO_HASH
-                self._add_stat("evictions", len(victims))
+                self._add_stat("reclaimed", len(victims))
                 chosen = np.concatenate([free, victims])
             self._take(chosen, owner)
             return [int(b) for b in chosen]
@@ -137,7 +141,7 @@ class BlockPool:
                 raise ValueError(f"owner {owner} releases blocks it does not hold: {blocks}")
             np.subtract.at(self.arrays.refcount, idx, 1)
             np.subtract.at(self.arrays.owner_refs[owner], idx, 1)
-            # Released last block of a chain is evicted before its parents (LRU by tick order).
+            # Released last block of a chain is reclaimed before its parents (LRU by tick order).
             tick = self._tick()
             self.arrays.last_used[idx] = tick + np.arange(len(idx))[::-1]
             self._add_stat("tick", len(idx))
@@ -177,7 +181,7 @@ class BlockPool:
 
     def acquire_cached_prefix(self, hashes: list[int], token_ids, owner: int) -> list[int]:
         """Longest run of cached blocks matching ``hashes`` (block i = tokens of block i), with
-        one reference taken on each, atomically (no eviction can slip in between)."""
+        one reference taken on each, atomically (no reclaim can slip in between)."""
         with self.lock:
             blocks, parent = [], NO_HASH
             bs = self.block_size

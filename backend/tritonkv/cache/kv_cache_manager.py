@@ -4,7 +4,7 @@ Rules:
 - A block table lists the sequence's *kept* blocks in order; ``origins`` holds each one's
   original block number (token ``p`` of the text lives in original block ``p // block_size``).
   Without eviction the two are the same and tables are append-only. With an eviction policy
-  (cache/eviction.py) ``evict`` returns blocks no future query keeps; their tokens are
+  (cache/eviction/) ``evict`` reshifts blocks no future query keeps; their tokens are
   ``evicted_tokens``, so a new token at text position ``p`` lands at *cache index*
   ``p - evicted_tokens`` and the kernels see a dense cache.
 - Keys are stored rotated (RoPE) at ``cache index + angle_shift``; a query is rotated the same
@@ -14,19 +14,19 @@ Rules:
   (``take_kv_ops``: the engine applies them on the device before the next launch), so every
   distance a query sees is its distance inside the cache; ``angle_shift`` is brought back to 0
   (all kept keys rotated back) before angles would leave the rotary table.
-- A written block is never changed in place by eviction: the first time a block must turn,
-  the sequence keeps it as the *source* and turns a copy; every later turn recomputes the
-  copy from the source with the total angle, so a sink turned a thousand times has one
+- A written block is never changed in place by eviction: the first time a block must be re-rotated,
+  the sequence keeps it as the *source* and re-rotates a copy; every later re-rotation recomputes the
+  copy from the source with the total angle, so a sink re-rotated a thousand times has one
   rounding (bf16 would drift otherwise), and a source that sits in the prefix index stays
-  valid for other sequences. Only the rebase turns blocks in place, and only private ones
-  never turned before (recent-window blocks: each is rebased at most a couple of times in its
-  life). A streaming / h2o sequence registers no block past ``EvictionPolicy.cacheable_blocks``.
+  valid for other sequences. Only the rebase re-rotates blocks in place, and only private ones
+  never re-rotated before (recent-window blocks: each is rebased at most a couple of times in its
+  life). A sequence registers no block past its policy's ``cacheable_blocks``.
 - Only full blocks whose KV has been written are registered in the prefix index
   (``commit``), so a shared block is never written again.
 - A prefix hit never covers a prompt's last token: at least one token is computed, because
   its logits are needed.
-- h2o: ``add_mass`` accumulates each kept block's attention mass; the decisions taken and the
-  mass survive preemption (``preempt``), so a recompute evicts the same blocks at the same
+- A policy that ``needs_attention_mass`` (h2o): ``add_mass`` accumulates each kept block's
+  attention mass; the decisions taken and the mass survive preemption (``preempt``), so a recompute evicts the same blocks at the same
   positions.
 """
 
@@ -39,7 +39,9 @@ import numpy as np
 
 from tritonkv.cache.block_hash import NO_HASH, hash_full_blocks
 from tritonkv.cache.block_pool import BlockPool, PoolExhausted
-from tritonkv.cache.eviction import EvictionPolicy
+from tritonkv.cache.eviction.choose import EVICTING_POLICIES
+from tritonkv.cache.eviction.none import NoEviction
+from tritonkv.cache.eviction.policy import EvictionPolicy
 from tritonkv.cache.host_tier import HostTier
 from tritonkv.cache.tier_moves import SwapPlan, TierMoves
 
@@ -53,7 +55,7 @@ class SequenceBlocks:
     evicted_tokens: int = 0
     angle_shift: int = 0
     sources: list[int] = field(default_factory=list)  # per kept block: its written original (-1: none)
-    turned: list[int] = field(default_factory=list)  # per kept block: positions turned from the original
+    rerotated: list[int] = field(default_factory=list)  # per kept block: positions re-rotated from the original
     mass: np.ndarray = field(default_factory=lambda: np.zeros(0))  # h2o: per kept block
 
 
@@ -69,8 +71,8 @@ class EvictionHistory:
 @dataclass
 class KVOp:
     """A device-side change of cached KV the engine applies before the next launch (every
-    layer): ``turn``: block ``dst[i]`` = block ``src[i]`` with its keys turned by ``delta``
-    positions (values copied); ``rotate``: the keys in ``slots`` turn by ``delta`` in place."""
+    layer): ``rerotated_copy``: block ``dst[i]`` = block ``src[i]`` with its keys re-rotated by ``delta``
+    positions (values copied); ``rotate``: the keys in ``slots`` re-rotate by ``delta`` in place."""
 
     kind: str
     src: list[int] = field(default_factory=list)
@@ -82,18 +84,18 @@ class KVOp:
 class KVCacheManager(TierMoves):
     def __init__(self, pool: BlockPool, owner: int, enable_prefix_caching: bool = True,
                  policy: EvictionPolicy | None = None, angle_limit: int = 1 << 62,
-                 max_chunk_tokens: int = 1 << 30, host: HostTier | None = None):
+                 host: HostTier | None = None):
         """``angle_limit``: rotary angles (positions) must stay below it (the rotary table).
         ``host``: the host tier idle sequences swap to (cache/tier_moves.py)."""
         self.pool = pool
         self.owner = owner
         self.block_size = pool.block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.policy = policy or EvictionPolicy("none", pool.block_size)
+        self.policy = policy or NoEviction(pool.block_size)
         self.angle_limit = angle_limit
         # the most tokens a table holds (cache indices, so angles, stay below it + angle_shift)
-        self._cache_bound = (self.policy.kept_blocks() if self.policy.relative else
-                             self.policy.blocks_per_sequence(max_chunk_tokens)) * self.block_size
+        self._cache_bound = (self.policy.kept_blocks() * self.block_size if self.policy.positions_in_cache
+                             else 0)
         self._seqs: dict[Hashable, SequenceBlocks] = {}
         self._history: dict[Hashable, EvictionHistory] = {}
         self._ops: list[KVOp] = []
@@ -102,7 +104,7 @@ class KVCacheManager(TierMoves):
             pool.on_reclaim = self._demote
         self._swaps = SwapPlan()
         self._history_type = EvictionHistory
-        self.evicted_blocks = {"window": 0, "streaming": 0, "h2o": 0}
+        self.evicted_blocks = dict.fromkeys(EVICTING_POLICIES, 0)  # per policy name
         self.preempted_blocks = 0  # pool blocks held by sequences when they were preempted
 
     def __contains__(self, seq_id) -> bool:
@@ -129,7 +131,7 @@ class KVCacheManager(TierMoves):
 
     def start(self, seq_id, token_ids: Sequence[int], extra_keys: tuple = ()) -> int:
         """Open ``seq_id`` and attach the longest cached prefix of ``token_ids``.
-        Returns how many tokens that prefix covers (their KV need not be computed)."""
+        Reshifts how many tokens that prefix covers (their KV need not be computed)."""
         if seq_id in self._seqs:
             raise KeyError(f"sequence {seq_id!r} already holds KV blocks")
         seq = SequenceBlocks(extra_keys=tuple(extra_keys))
@@ -150,8 +152,8 @@ class KVCacheManager(TierMoves):
         seq.blocks.extend(blocks)
         seq.origins.extend(origins)
         seq.sources.extend([-1] * len(blocks))
-        seq.turned.extend([0] * len(blocks))
-        if self.policy.mode == "h2o":
+        seq.rerotated.extend([0] * len(blocks))
+        if self.policy.needs_attention_mass:
             past = self._history.get(seq_id)
             init = [past.mass.get(o, 0.0) for o in origins] if past else [0.0] * len(origins)
             seq.mass = np.concatenate([seq.mass, np.asarray(init, dtype=np.float64)])
@@ -175,7 +177,7 @@ class KVCacheManager(TierMoves):
         if not self.enable_prefix_caching:
             return
         seq = self._seqs[seq_id]
-        if self.policy.relative and seq.evicted_tokens:
+        if self.policy.positions_in_cache and seq.evicted_tokens:
             return  # KV past the first eviction depends on the policy, and sinks get rotated
         start = len(seq.hashes)
         parent = seq.hashes[-1] if seq.hashes else NO_HASH
@@ -193,41 +195,41 @@ class KVCacheManager(TierMoves):
 
     # -- eviction ----------------------------------------------------------------------------
     def needs_decision(self, seq_id, position: int) -> bool:
-        """h2o: the query at ``position`` would evict by mass (the engine must have read back
-        the mass of every earlier query first)."""
-        if self.policy.mode != "h2o":
+        """The query at ``position`` would evict by attention mass (the engine must have read
+        back the mass of every earlier query first)."""
+        if not self.policy.needs_attention_mass:
             return False
         seq = self._seqs[seq_id]
         return bool(self.policy.victims(seq.origins, position, seq.mass))
 
     def would_evict(self, seq_id, position: int) -> bool:
-        return self.policy.active and bool(self._victims(seq_id, self._seqs[seq_id], position))
+        return self.policy.evicts and bool(self._victims(seq_id, self._seqs[seq_id], position))
 
     def held_blocks(self, seq_id) -> int:
-        """Pool blocks the sequence holds: its table plus the originals of turned blocks."""
+        """Pool blocks the sequence holds: its table plus the originals of re-rotated blocks."""
         seq = self._seqs[seq_id]
         return len(seq.blocks) + sum(s >= 0 for s in seq.sources)
 
     def evict(self, seq_id, position: int) -> bool:
         """Return the blocks that the query at text ``position`` and every later one no longer
         keep, and queue the key rotations this needs (``take_kv_ops``). False (nothing
-        changed) if the pool cannot supply the turned copies (the caller preempts or waits)."""
-        if not self.policy.active:
+        changed) if the pool cannot supply the re-rotated copies (the caller preempts or waits)."""
+        if not self.policy.evicts:
             return True
         seq = self._seqs[seq_id]
         victims = self._victims(seq_id, seq, position)
         gone = set(victims)
         bs = self.block_size
-        turns: dict[int, int] = {}  # table index (before dropping) -> positions to turn by
-        if self.policy.relative and victims:
+        shifts: dict[int, int] = {}  # table index (before dropping) -> positions to re-rotate by
+        if self.policy.positions_in_cache and victims:
             after = 0
             for i in range(len(seq.blocks) - 1, -1, -1):
                 if i in gone:
                     after += bs
                 elif after:
-                    turns[i] = after
+                    shifts[i] = after
         shift = seq.angle_shift + len(victims) * bs
-        rebase = bool(self.policy.relative and shift and shift + self._cache_bound >= self.angle_limit)
+        rebase = bool(self.policy.positions_in_cache and shift and shift + self._cache_bound >= self.angle_limit)
         if not victims and not rebase:
             return True
         in_place = set()
@@ -235,17 +237,17 @@ class KVCacheManager(TierMoves):
             for i in range(len(seq.blocks)):
                 if i in gone:
                     continue
-                if i not in turns and seq.sources[i] < 0 and not self._indexed(seq, i):
+                if i not in shifts and seq.sources[i] < 0 and not self._indexed(seq, i):
                     in_place.add(i)
-                turns[i] = turns.get(i, 0) - shift
-        copies = sum(1 for i, d in turns.items() if d and seq.sources[i] < 0 and i not in in_place)
+                shifts[i] = shifts.get(i, 0) - shift
+        copies = sum(1 for i, d in shifts.items() if d and seq.sources[i] < 0 and i not in in_place)
         if copies and self.pool.num_available() + self._freed(seq, victims) < copies:
             return False
         remap = {old: new for new, old in enumerate(i for i in range(len(seq.blocks)) if i not in gone)}
         if victims:
             self._drop(seq_id, seq, victims, position)
         seq.angle_shift = 0 if rebase else shift
-        self._turn(seq, {remap[i]: d for i, d in turns.items()}, {remap[i] for i in in_place})
+        self._rerotate(seq, {remap[i]: d for i, d in shifts.items()}, {remap[i] for i in in_place})
         return True
 
     def _indexed(self, seq: SequenceBlocks, i: int) -> bool:
@@ -265,7 +267,7 @@ class KVCacheManager(TierMoves):
 
     def _drop(self, seq_id, seq: SequenceBlocks, victims: list[int], position: int) -> None:
         gone = set(victims)
-        if self.policy.mode == "h2o":
+        if self.policy.needs_attention_mass:
             past = self._history.setdefault(seq_id, EvictionHistory())
             for i in victims:
                 past.evicted_at.setdefault(seq.origins[i], position)
@@ -275,34 +277,34 @@ class KVCacheManager(TierMoves):
         seq.blocks = [seq.blocks[i] for i in keep]
         seq.origins = [seq.origins[i] for i in keep]
         seq.sources = [seq.sources[i] for i in keep]
-        seq.turned = [seq.turned[i] for i in keep]
+        seq.rerotated = [seq.rerotated[i] for i in keep]
         if len(seq.mass):
             seq.mass = seq.mass[keep]
         self.pool.release(released, self.owner)
-        self.evicted_blocks[self.policy.mode] += len(victims)
+        self.evicted_blocks[self.policy.name] += len(victims)
         seq.evicted_tokens += len(victims) * self.block_size
 
-    def _turn(self, seq: SequenceBlocks, turns: dict[int, int], in_place: set[int]) -> None:
-        """Turn the keys of table blocks ``i`` by ``turns[i]`` positions. A block turned for the
+    def _rerotate(self, seq: SequenceBlocks, shifts: dict[int, int], in_place: set[int]) -> None:
+        """Re-rotate the keys of table blocks ``i`` by ``shifts[i]`` positions. A block re-rotated for the
         first time keeps its written original (a source, never changed: it may be shared) and
-        gets a copy; later turns recompute the copy from the original with the total angle, so
-        rounding never compounds. ``in_place`` blocks (private, rebased only) turn in place."""
-        fresh = [i for i in turns if seq.sources[i] < 0 and i not in in_place and turns[i]]
+        gets a copy; later re-rotations recompute the copy from the original with the total angle, so
+        rounding never compounds. ``in_place`` blocks (private, rebased only) re-rotate in place."""
+        fresh = [i for i in shifts if seq.sources[i] < 0 and i not in in_place and shifts[i]]
         if fresh:
             copies = self.pool.allocate(len(fresh), self.owner)
             for i, b in zip(fresh, copies):
                 seq.sources[i], seq.blocks[i] = seq.blocks[i], b
         by_delta: dict[int, list[int]] = {}
-        for i, delta in turns.items():
+        for i, delta in shifts.items():
             if not delta:
                 continue
             if i in in_place:
                 self._rotate(seq, [i], delta)
                 continue
-            seq.turned[i] += delta
-            by_delta.setdefault(seq.turned[i], []).append(i)
+            seq.rerotated[i] += delta
+            by_delta.setdefault(seq.rerotated[i], []).append(i)
         for total, idx in by_delta.items():
-            self._ops.append(KVOp("turn", src=[seq.sources[i] for i in idx], dst=[seq.blocks[i] for i in idx],
+            self._ops.append(KVOp("rerotated_copy", src=[seq.sources[i] for i in idx], dst=[seq.blocks[i] for i in idx],
                                   delta=total))
 
     def _rotate(self, seq: SequenceBlocks, indices, delta: int) -> None:
@@ -334,7 +336,7 @@ class KVCacheManager(TierMoves):
     def preempt(self, seq_id) -> None:
         """Drop the sequence's blocks but keep what a recompute needs to evict the same way."""
         seq = self._seqs.get(seq_id)
-        if seq is not None and self.policy.mode == "h2o":
+        if seq is not None and self.policy.needs_attention_mass:
             past = self._history.setdefault(seq_id, EvictionHistory())
             past.mass.update(zip(seq.origins, seq.mass.tolist()))
         if seq is not None:  # released, not necessarily freed (shared prefix blocks stay cached)
@@ -343,7 +345,7 @@ class KVCacheManager(TierMoves):
 
     def release(self, seq_id) -> None:
         """Drop the sequence from both tiers; its registered blocks stay in the prefix index
-        until evicted."""
+        until reclaimed."""
         self._history.pop(seq_id, None)
         if self.host is not None:
             self.host.drop(seq_id)

@@ -93,7 +93,7 @@ class TierMoves:
         return True
 
     def _remember_mass(self, seq_id, seq) -> None:
-        if self.policy.mode == "h2o":
+        if self.policy.needs_attention_mass:
             past = self._history.setdefault(seq_id, self._history_type())
             past.mass.update(zip(seq.origins, seq.mass.tolist()))
 

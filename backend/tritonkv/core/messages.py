@@ -15,7 +15,13 @@ from __future__ import annotations
 import msgspec
 
 from tritonkv.config import EngineConfig
+from tritonkv.engine import requests as _requests
 from tritonkv.engine.requests import SamplingParams, TurnOutput
+from tritonkv.sampling.logprobs import TokenLogprob
+
+# TurnOutput names TokenLogprob only for type checkers; msgspec resolves the annotation in
+# engine.requests' namespace, so the class must be found there
+_requests.TokenLogprob = TokenLogprob
 
 CorrId = int | str
 
@@ -36,6 +42,7 @@ class Welcome(msgspec.Struct, tag=True):
     context_limit: int | None
     num_blocks: int
     kv_dtype: str  # torch dtype name of the KV storage, e.g. "float32", "int8"
+    device: str  # "cpu" / "cuda"
 
 
 class Refused(msgspec.Struct, tag=True):

@@ -158,7 +158,8 @@ class EngineCore:
         engine.after_emit = self._after_iteration
         self.welcome = m.Welcome(os.getpid(), liveness.start_time(os.getpid()), engine.checkpoint,
                                  engine.model_config.vocab_size, engine.max_model_len, engine.context_limit,
-                                 engine.pool.num_blocks, str(engine.kv_caches[0][0].dtype).replace("torch.", ""))
+                                 engine.pool.num_blocks, str(engine.kv_caches[0][0].dtype).replace("torch.", ""),
+                                 engine.device.type)
         self.engine = engine
         log.info("engine core %s (pid %d) serving", self.name, os.getpid())
 
@@ -187,12 +188,22 @@ class EngineCore:
         now = time.monotonic()
         if now >= self._next_stats or self.engine.failure is not None:
             self._next_stats = now + STATS_PERIOD_S
-            payload = m.encoder.encode(m.Stats(self.engine.stats(), self._loops, self.engine.failure))
+            payload = m.encoder.encode(m.Stats(self._stats(), self._loops, self.engine.failure))
             for fe in list(self.frontends.values()):
                 self._out.put((fe.identity, payload))
                 sent = True
         if sent:
             self._wake.set()
+
+    def _stats(self) -> dict[str, int]:
+        """The engine's stats, with its request counts (server/gauges.py's rule)."""
+        from tritonkv.server.gauges import request_counts
+
+        stats = self.engine.stats()
+        waiting, running = request_counts(self.engine)
+        stats["requests_waiting"] = waiting + self.engine._commands.qsize()
+        stats["requests_running"] = running
+        return stats
 
     # -- I/O thread ----------------------------------------------------------------------------
     def _io_loop(self, sock) -> None:

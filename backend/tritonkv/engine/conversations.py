@@ -140,11 +140,16 @@ class Conversations:
             if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
             turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
+            # per-row penalty state (sampling/penalty_state.py): from the whole context
+            turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids) \
+                if turn.params.uses_penalties else None
             return
         seq.status = SeqStatus.IDLE
 
     def _finish(self, seq: Sequence, out: TurnOutput) -> None:
         turn = seq.turn
+        if turn.penalty is not None:
+            turn.penalty.close()
         self._reply(turn, out)
         seq.turn = None
         seq.status = SeqStatus.IDLE
@@ -213,6 +218,8 @@ class Conversations:
                 continue
             if seq.turn is not None:
                 seq.turn.emit = _unanswered
+                if seq.turn.penalty is not None:
+                    seq.turn.penalty.close()
             for turn in seq.pending:
                 turn.emit = _unanswered
             seq.turn = None

@@ -21,17 +21,18 @@ import torch
 
 from tritonkv.config import EngineConfig
 from tritonkv.cache.block_pool import BlockPool
+from tritonkv.cache.eviction.choose import policy_for
 from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.conversations import Abort, Conversations, DropOwner
 from tritonkv.engine.output import TextStream
-from tritonkv.engine.policy_check import eviction_policy
 from tritonkv.engine.requests import (PromptLimits, RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_prompt)
+from tritonkv.sampling.logprobs import token_logprob
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
-from tritonkv.ops.kv_relocate import rotate_keys, turn_blocks, turn_blocks_batched
+from tritonkv.ops.kv_relocate import rotate_keys, copy_rerotated_blocks, copy_rerotated_blocks_batched
 from tritonkv.ops.kv_swap import build_host_tier, tier_stats
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
@@ -61,30 +62,24 @@ class Engine(Conversations):
         self.device = next(model.parameters()).device
         self.pool = pool
         self.kv_caches = kv_caches
-        self.policy = eviction_policy(config, self.model_config, pool)
+        self.policy = policy_for(config, self.model_config.sliding_window)
         max_pos = self.model_config.max_position_embeddings
+        self.max_model_len = self.policy.max_model_len(config.max_model_len, max_pos, pool.num_blocks * pool.block_size)
+        self.policy.check_fits(pool.num_blocks, config.max_num_batched_tokens, max_pos, self.max_model_len)
         # the host tier idle conversations swap to (None: off); the swapper runs its copies
         self.host_tier, self.swapper = build_host_tier(config.kv_host_memory_gb, kv_caches, self.device,
                                                        pool.num_blocks)
         self.kv = KVCacheManager(pool, 0, config.enable_prefix_caching, self.policy, angle_limit=max_pos,
-                                 max_chunk_tokens=config.max_num_batched_tokens, host=self.host_tier)
+                                 host=self.host_tier)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
-        capacity = pool.num_blocks * pool.block_size
-        limit = min(config.max_model_len or max_pos, max_pos)
-        # a window model holds O(window) per sequence: the pool does not bound its context
-        self.max_model_len = limit if self.policy.mode == "window" else min(limit, capacity)
-        kept = self.policy.kept_blocks() * pool.block_size if self.policy.relative else 0
-        if kept > self.max_model_len:
-            raise ValueError(f"parameter 'max_model_len' = {config.max_model_len}: kv_eviction="
-                             f"{config.kv_eviction!r} keeps up to {kept} tokens per sequence; raise it or lower kv_window")
         # the longest conversation (None: unbounded, positions inside the cache)
-        self.context_limit = None if self.policy.relative else self.max_model_len
+        self.context_limit = self.policy.context_limit(self.max_model_len)
         self.limits = PromptLimits(self.model_config.vocab_size, self.max_model_len, self.context_limit)
         self.runner = ModelRunner(model, kv_caches, block_size=pool.block_size, max_model_len=self.max_model_len,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens, device=self.device,
                                   enable_cuda_graphs=config.enable_cuda_graphs,
-                                  collect_mass=self.policy.mode == "h2o")
+                                  collect_mass=self.policy.needs_attention_mass)
         self.step_times = StepBreakdown()
         self._pending: PendingStep | None = None  # a launched step not yet read back
         # called on the engine thread after each loop iteration's outputs were emitted (the
@@ -279,7 +274,8 @@ class Engine(Conversations):
         self._apply_swaps()  # (a grow may have reclaimed cached blocks the host tier copies)
         t1 = time.perf_counter()
         rows = [StepRow([0], self.kv.cache_index(c.seq.seq_id, c.start), self.kv.block_table(c.seq.seq_id), True,
-                        turn.params, turn.generator, from_prev=i, angle_shift=self.kv.angle_shift(c.seq.seq_id))
+                        turn.params, turn.generator, from_prev=i, angle_shift=self.kv.angle_shift(c.seq.seq_id),
+                        penalty=turn.penalty)
                 for (i, _, turn), c in zip(live, plan)]
         self._apply_kv_ops()
         handle = self.runner.launch(rows, pend.handle)
@@ -301,24 +297,24 @@ class Engine(Conversations):
         if not ops:
             return
         cos_sin = self.model.rotary_table(self.device)
-        # every turned copy of the step in one call (ops/kv_relocate.py), when that cannot
+        # every re-rotated copy of the step in one call (ops/kv_relocate.py), when that cannot
         # reorder anything: each copy written once and read by nothing else (copies are fresh
         # blocks, sources are never written; an in-place rotate is a rebase of blocks that
-        # are no one's source or copy), every turn within the rotary table
-        turns = [op for op in ops if op.kind == "turn"]
-        dst = [b for op in turns for b in op.dst]
-        if len(turns) > 1 and len(set(dst)) == len(dst) and all(abs(op.delta) < cos_sin.shape[0] for op in turns):
-            turn_blocks_batched(self.kv_caches, [b for op in turns for b in op.src], dst,
-                                [op.delta for op in turns for _ in op.src], cos_sin)
-            ops = [op for op in ops if op.kind != "turn"]
+        # are no one's source or copy), every shift within the rotary table
+        copies = [op for op in ops if op.kind == "rerotated_copy"]
+        dst = [b for op in copies for b in op.dst]
+        if len(copies) > 1 and len(set(dst)) == len(dst) and all(abs(op.delta) < cos_sin.shape[0] for op in copies):
+            copy_rerotated_blocks_batched(self.kv_caches, [b for op in copies for b in op.src], dst,
+                                          [op.delta for op in copies for _ in op.src], cos_sin)
+            ops = [op for op in ops if op.kind != "rerotated_copy"]
         for op in ops:
-            if op.kind == "turn":
-                turn_blocks(self.kv_caches, op.src, op.dst, op.delta, cos_sin)
+            if op.kind == "rerotated_copy":
+                copy_rerotated_blocks(self.kv_caches, op.src, op.dst, op.delta, cos_sin)
             else:
                 rotate_keys(self.kv_caches, op.slots, op.delta, cos_sin)
 
     def _launch_origins(self, plan: list[ScheduledChunk]) -> list | None:
-        if self.policy.mode != "h2o":
+        if not self.policy.needs_attention_mass:
             return None
         return [list(self.kv.origins(c.seq.seq_id)) for c in plan]
 
@@ -327,11 +323,13 @@ class Engine(Conversations):
         (finished, cancelled, released) are dropped."""
         t0 = time.perf_counter()
         sampled = iter(self.runner.collect(step.handle))
+        logprob_rows = iter(self.runner.collect_logprobs(step.handle))  # None where not asked
         t1 = time.perf_counter()
         mass = step.handle.mass.numpy() if step.handle.mass is not None else None
         for i, (chunk, turn) in enumerate(zip(step.plan, step.turns)):
             seq = chunk.seq
             token = next(sampled) if chunk.sample else None
+            raw_logprob = next(logprob_rows) if chunk.sample else None
             if seq.turn is not turn or seq.status is not SeqStatus.RUNNING or seq.num_computed != chunk.start:
                 continue
             seq.num_computed += chunk.num_tokens
@@ -341,7 +339,7 @@ class Engine(Conversations):
             if token is None:
                 continue
             try:
-                self._append_token(seq, token)
+                self._append_token(seq, token, raw_logprob)
             except Exception as exc:  # this row's output failed (e.g. its text): end this turn only
                 log.exception("output of one sequence failed")
                 if seq.turn is turn:
@@ -367,10 +365,13 @@ class Engine(Conversations):
         turn = seq.turn
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
-                       turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id))
+                       turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),
+                       penalty=turn.penalty)
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
+    def _append_token(self, seq: Sequence, token: int, raw_logprob: tuple | None = None) -> None:
         turn = seq.turn
+        logprobs = None if raw_logprob is None else [token_logprob(
+            token, raw_logprob, turn.params.logprobs, self.tokenizer and (lambda t: self.tokenizer.decode([t])))]
         seq.token_ids.append(token)
         turn.output_ids.append(token)
         seq.last_active = time.monotonic()
@@ -378,13 +379,15 @@ class Engine(Conversations):
         reason = None
         if token in self.eos_token_ids and not turn.params.ignore_eos:
             reason = "eos"
+        elif token in turn.params.stop_token_ids:  # ends the turn like EOS (adds no text), reason "stop"
+            reason = "stop"
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
         if reason is None:
-            self._reply(turn, TurnOutput("", [token]))
+            self._reply(turn, TurnOutput("", [token], logprobs=logprobs))
             return
-        self._finish(seq, TurnOutput("", [token], True, reason))
+        self._finish(seq, TurnOutput("", [token], True, reason, logprobs=logprobs))
 
     def close(self) -> None:
         """Stop the loop thread, if one runs; unpin the host tier."""

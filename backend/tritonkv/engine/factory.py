@@ -8,14 +8,14 @@ import torch
 
 from tritonkv.config import EngineConfig
 from tritonkv.engine.engine import Engine
-from tritonkv.cache.allocate import (add_kv_scales, allocate_kv_caches, capacity_figures, describe_capacity,
-                                    gpu_kv_budget_bytes, kv_storage_dtype, resolve_num_blocks)
+from tritonkv.cache.allocate import add_kv_scales, allocate_kv_caches, gpu_kv_budget_bytes, kv_storage_dtype
+from tritonkv.cache.capacity import kv_capacity
 from tritonkv.cache.block_pool import BlockPool
 from tritonkv.cache.host_tier import describe_tier
 from tritonkv.model.checkpoint import load_model, resolve_dtype
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
-from tritonkv.model.llama import CausalLM
 from tritonkv.model.model_config import ModelConfig
+from tritonkv.model.registry import build_model
 from tritonkv.model.tokenizer import TextTokenizer
 
 log = logging.getLogger("tritonkv")
@@ -36,7 +36,7 @@ def kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: torc
     if device.type != "cuda" or config.gpu_memory_utilization <= 0 or config.num_blocks:
         return None
     with torch.device("meta"):
-        weight_bytes = sum(p.numel() for p in CausalLM(model_config).parameters()) * dtype.itemsize
+        weight_bytes = sum(p.numel() for p in build_model(model_config).parameters()) * dtype.itemsize
     return gpu_kv_budget_bytes(config, model_config, dtype, torch.cuda.mem_get_info(device)[1], weight_bytes)
 
 
@@ -58,11 +58,12 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
         tokenizer = None
     kv_dtype = kv_storage_dtype(config, dtype)
     budget = kv_budget_bytes(config, model_config, dtype, device)
-    num_blocks = resolve_num_blocks(config, model_config, kv_dtype, budget)
+    capacity = kv_capacity(model_config, config, device.type, budget_bytes=budget)
+    num_blocks = capacity.num_blocks
     log.info("KV pool: %d blocks x %d tokens (%s)", num_blocks, config.block_size,
              "num_blocks" if config.num_blocks else
              f"gpu_memory_utilization {config.gpu_memory_utilization}" if budget else "kv_cache_memory_mb")
-    log.info("KV capacity: %s", describe_capacity(capacity_figures(model_config, config, kv_dtype, num_blocks)))
+    log.info("KV capacity: %s", capacity.describe())
     model = load_model(checkpoint, device, dtype)
     pool = BlockPool.in_process(num_blocks, config.block_size)
     kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device)
@@ -70,8 +71,8 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
         kv_caches = add_kv_scales(kv_caches, model_config, num_blocks, config.block_size, device)
     engine = Engine(config, model, tokenizer, pool, kv_caches)
     if engine.host_tier is not None:
-        f = capacity_figures(model_config, config, kv_dtype, num_blocks, context=engine.max_model_len)
         log.info("KV %s", describe_tier("host tier", engine.host_tier.num_blocks, engine.host_tier.block_bytes,
-                                        config.block_size, f["context"], f["blocks_per_sequence_bounded"], num_blocks))
+                                        config.block_size, capacity.context, capacity.blocks_per_sequence_bounded,
+                                        num_blocks))
     engine.checkpoint = checkpoint
     return engine

@@ -21,41 +21,15 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+# the sampling settings live in tritonkv.sampling.params (their one definition); re-exported
+from tritonkv.sampling.params import MAX_SEED, RequestError, SamplingParams, check_sampling  # noqa: F401
+from tritonkv.sampling.params import check_token_ids
+
 if TYPE_CHECKING:
     import torch
 
-
-class RequestError(ValueError):
-    """Bad input from a client: the message says what was wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-
-MAX_SEED = 2**64 - 1
-
-
-def check_sampling(params: SamplingParams) -> None:
-    """Refuse sampling values the sampler cannot honour, naming the parameter."""
-    import math
-
-    t, p, k = params.temperature, params.top_p, params.top_k
-    if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-        raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-    if not (isinstance(p, (int, float)) and math.isfinite(p) and 0 < p <= 1):
-        raise RequestError(f"top_p must be in (0, 1], got {p!r}")
-    if not (isinstance(k, int) and k >= 0):
-        raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
-    if params.seed is not None and not (isinstance(params.seed, int) and 0 <= params.seed <= MAX_SEED):
-        raise RequestError(f"seed must be an integer in [0, 2**64 - 1], got {params.seed!r}")
+    from tritonkv.sampling.logprobs import TokenLogprob
+    from tritonkv.sampling.penalty_state import PenaltyState
 
 
 @dataclass
@@ -69,6 +43,7 @@ class TurnOutput:
     cached_tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
     # a refused opening turn (START without END) whose id holds no live conversation: the
     # sequence batcher's slot must be released (server/slot_release.py); decided by the
     # engine, in submission order
@@ -90,6 +65,7 @@ class Turn:
     cached_tokens: int = -1  # context tokens whose KV was reused; -1 until known
     replied: bool = False  # an output was emitted
     generator: torch.Generator | None = None  # when the request set a seed
+    penalty: PenaltyState | None = None  # when params.uses_penalties (sampling/penalty_state.py)
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -132,3 +108,4 @@ def check_prompt(prompt_ids: list[int], params: SamplingParams, limits: PromptLi
         raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
                            f"{limits.max_model_len} tokens (max_model_len)")
     check_sampling(params)
+    check_token_ids(params, vocab)

@@ -35,8 +35,11 @@ import numpy as np
 import torch
 
 from tritonkv.engine.requests import SamplingParams
-from tritonkv.engine.sampler import GREEDY_BELOW, RowSettings, sample_ids, uses_filter
-from tritonkv.model.llama import AttentionBatch, CausalLM
+from tritonkv.engine.sampler import GREEDY_BELOW, PenaltyRows, RowSettings, sample_ids, uses_filter, uses_min_p
+from tritonkv.ops import dispatch
+from tritonkv.ops.attention_batch import AttentionBatch
+from tritonkv.sampling import logprobs as lp
+from tritonkv.sampling.penalty_state import PenaltyState, PenaltyTable
 
 log = logging.getLogger("tritonkv.runner")
 
@@ -85,6 +88,7 @@ class StepRow:
     from_prev: int = -1  # >= 0: the one input token is sample number ``from_prev`` of the
     # previous launch (still on the device); ``token_ids`` then holds a placeholder
     angle_shift: int = 0  # rotary position = cache index + angle_shift
+    penalty: PenaltyState | None = None  # the turn's token state (sampling/penalty_state.py)
 
 
 @dataclass
@@ -97,13 +101,15 @@ class StepHandle:
     num_samples: int
     times: StepTimes | None = None
     mass: torch.Tensor | None = None  # [rows, table blocks] float32 (collect_mass), host
+    logprobs: lp.LogprobBatch | None = None  # host, for the sampled rows that asked
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches, *, block_size: int, max_model_len: int,
+    def __init__(self, model: torch.nn.Module, kv_caches, *, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, device: torch.device,
                  enable_cuda_graphs: bool = True, collect_mass: bool = False):
         self.model = model
+        self.dtype = next(model.parameters()).dtype
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -132,7 +138,17 @@ class ModelRunner:
         self._h_temp = host(self.max_seqs, torch.float32)
         self._h_topk = host(self.max_seqs, torch.int64)
         self._h_topp = host(self.max_seqs, torch.float32)
-        self._settings_host = [self._h_temp, self._h_topk, self._h_topp]
+        self._h_minp = host(self.max_seqs, torch.float32)
+        # rows with a PenaltyState: batch row, slot, repetition / presence / frequency, min_tokens
+        self._h_prow = host(self.max_seqs, torch.int64)
+        self._h_pslot = host(self.max_seqs, torch.int64)
+        self._h_rep = host(self.max_seqs, torch.float32)
+        self._h_pres = host(self.max_seqs, torch.float32)
+        self._h_freq = host(self.max_seqs, torch.float32)
+        self._h_mintok = host(self.max_seqs, torch.int32)
+        self._settings_host = [self._h_temp, self._h_topk, self._h_topp, self._h_minp, self._h_prow,
+                               self._h_pslot, self._h_rep, self._h_pres, self._h_freq, self._h_mintok]
+        self.penalties = PenaltyTable(model.config.vocab_size, device)
         self._settings_dev = [torch.zeros_like(t, device=device) for t in self._settings_host] \
             if cuda else self._settings_host
         # sampled ids come back into one of two pinned buffers, alternating (a step's ids are
@@ -217,11 +233,15 @@ class ModelRunner:
             d[:n].copy_(h[:n], non_blocking=True)
 
     def _batch(self, num_tokens: int, num_seqs: int, max_q: int, max_len: int) -> AttentionBatch:
-        return AttentionBatch(
+        """The step's attention metadata, made once for every layer (the decode plan included)."""
+        batch = AttentionBatch(
             positions=self.positions[:num_tokens], slot_mapping=self.slots[:num_tokens],
             block_tables=self.block_tables[:num_seqs], seq_lens=self.seq_lens[:num_seqs],
             query_start_loc=self.query_start_loc[:num_seqs + 1], max_query_len=max_q,
-            max_seq_len=max_len, block_mass=None if self.block_mass is None else self.block_mass[:num_seqs])
+            max_seq_len=max_len, block_mass=None if self.block_mass is None else self.block_mass[:num_seqs],
+            sliding_window=self.model.config.sliding_window)
+        k_cache, v_cache = self.kv_caches[0][:2]
+        return dispatch.plan_step(batch, k_cache, v_cache, self.dtype)
 
     # -- one step ----------------------------------------------------------------------------
     def launch(self, rows: list[StepRow], prev: StepHandle | None = None) -> StepHandle:
@@ -238,7 +258,7 @@ class ModelRunner:
             self.ids.index_copy_(0, self.prev_dst[:num_prev], prev.sampled.index_select(0, self.prev_src[:num_prev]))
         samplers = [r for r in rows if r.sample]
         params = [r.params for r in samplers]
-        settings = self._row_settings(params) if samplers else None
+        settings = self._row_settings(params, [r.penalty for r in samplers]) if samplers else None
         if self._uploaded is not None:
             self._uploaded.record()  # every pinned input of this step is now queued for copy
         t1 = time.perf_counter()
@@ -261,6 +281,10 @@ class ModelRunner:
                 handle.mass = self.block_mass[:n].clone()
         if sample_at:
             handle.sampled = sample_ids(logits, params, [r.generator for r in samplers], settings)
+            asked = [j for j, p in enumerate(params) if p.logprobs is not None]
+            if asked:  # of the raw logits (sampling/logprobs.py)
+                batch = lp.compute(logits, handle.sampled, asked, max(params[j].logprobs for j in asked))
+                handle.logprobs = batch.to_host(pinned=self.device.type == "cuda")
             if self.device.type == "cuda":
                 handle.host = self._h_out[self._out_turn][:len(sample_at)]
                 self._out_turn ^= 1
@@ -284,18 +308,33 @@ class ModelRunner:
             return []
         return handle.host.tolist()
 
-    def _row_settings(self, params: list[SamplingParams]) -> RowSettings | None:
-        if all(p.temperature < GREEDY_BELOW for p in params):
+    @staticmethod
+    def collect_logprobs(handle: StepHandle) -> list[tuple | None]:
+        """After ``collect``: per sampled row, (chosen logprob, rank, top ids, top logprobs) or
+        None where the row did not ask."""
+        return lp.per_row(handle.logprobs, handle.num_samples)
+
+    def _row_settings(self, params: list[SamplingParams], states: list[PenaltyState | None]) -> RowSettings | None:
+        penalised = [i for i, s in enumerate(states) if s is not None]
+        if not penalised and all(p.temperature < GREEDY_BELOW for p in params):
             return None
-        n = len(params)
-        temp, topk, topp = (t.numpy() for t in self._settings_host)
+        n, m = len(params), len(penalised)
+        temp, topk, topp, minp, prow, pslot, rep, pres, freq, mintok = (t.numpy() for t in self._settings_host)
         for i, p in enumerate(params):
-            temp[i], topk[i], topp[i] = p.temperature, p.top_k, p.top_p
+            temp[i], topk[i], topp[i], minp[i] = p.temperature, p.top_k, p.top_p, p.min_p
+        for j, i in enumerate(penalised):
+            p = params[i]
+            prow[j], pslot[j] = i, states[i].slot
+            rep[j], pres[j], freq[j], mintok[j] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+                                                   p.min_tokens)
         dev = self._settings_dev
         if dev is not self._settings_host:
-            for d, h in zip(dev, self._settings_host):
-                d[:n].copy_(h[:n], non_blocking=True)
-        return RowSettings(dev[0][:n], dev[1][:n], dev[2][:n], uses_filter(params))
+            for k, (d, h) in enumerate(zip(dev, self._settings_host)):
+                size = n if k < 4 else m
+                d[:size].copy_(h[:size], non_blocking=True)
+        penalties = PenaltyRows(self.penalties, *(d[:m] for d in dev[4:])) if m else None
+        return RowSettings(dev[0][:n], dev[1][:n], dev[2][:n], uses_filter(params),
+                           dev[3][:n] if uses_min_p(params) else None, penalties)
 
     def _graph_key(self, n: int, max_len: int) -> tuple[int, int] | None:
         """The captured graph for ``n`` sequences whose longest context is ``max_len``."""

@@ -29,13 +29,12 @@ Design
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from tritonkv.cache.layout import v_token_minor
+from tritonkv.kernels.decode_plan import DecodePlan, plan_decode
 from tritonkv.kernels.jit_helpers import LOG2E, TL_DTYPE, dot_f32, query_rows, scale_strides
 from tritonkv.kernels.paged_tiles import (load_token_major, load_v_tile, score_tile,
                                          softmax_step, tile_keys)
@@ -237,57 +236,6 @@ def _decode_reduce_kernel(
         tl.store(lse_out_ptr + t64 * num_heads + h, m + tl.log2(w_sum))
 
 
-def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_n: int,
-                       num_sms: int = 132, target_waves: float = 4.0,
-                       min_tiles_per_split: int = 4) -> int:
-    """Enough (seq, kv_head, split) programs for ``target_waves`` x num_sms, but each split
-    keeps at least ``min_tiles_per_split`` tiles of keys."""
-    base = num_seqs * num_kv_heads
-    want = max(1, math.ceil(target_waves * num_sms / max(base, 1)))
-    cap = max(1, max_kv_len // (block_n * min_tiles_per_split))
-    return int(min(want, cap, 256))
-
-
-def default_decode_config(num_seqs: int, num_kv_heads: int, max_kv_len: int, quant: bool,
-                          num_sms: int = 132):
-    """(block_n, num_warps, num_stages, num_splits, gather_ids), from the H100 sweeps in
-    bench/NOTES_kernels.md (runs 3, 6, 10-12 and 18-20):
-    - many (seq, kv-head) pairs (>= 2 per SM): one split; bf16 64-token tiles, ids per tile
-      (2-6 pairs per SM: 32-token tiles 4 deep, runs 18-20); fp8/int8 128-token
-      tiles, ids gathered;
-    - about one pair per SM (>= 0.8): one split, block ids gathered up front so that the K/V
-      tiles pipeline num_stages - 1 deep (bf16 64-token tiles; fp8/int8 128-token; 4 stages);
-    - fewer: split each pair's keys so that the programs fill the SMs once (one program per
-      SM, no more than 256 splits, at least 4 tiles each), 128-token tiles, 3 stages, ids
-      gathered; a small reduce kernel merges the splits."""
-    base = num_seqs * num_kv_heads
-    if base >= 2 * num_sms:
-        if quant:
-            return 128, 4, 3, 1, True
-        return (64, 4, 3, 1, False) if base >= 6 * num_sms else (32, 4, 4, 1, False)
-    if base >= 0.8 * num_sms:
-        return (128, 4, 4, 1, True) if quant else (64, 4, 4, 1, True)
-    splits = max(1, min(num_sms // max(base, 1), max_kv_len // (128 * 4), 256))
-    return 128, 4, 3, splits, True
-
-
-_SM_COUNT: dict = {}
-
-
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-# Largest block-table slice (pages) one split holds in registers with BT_GATHER; longer
-# ranges get more splits (1024 ids = 8 registers per thread at 4 warps).
-MAX_SPLIT_PAGES = 1024
-
-
 def decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
@@ -306,6 +254,7 @@ def decode_attention_triton(
     gather_ids: bool | None = None,
     v_pages: bool | None = None,
     logits: torch.Tensor | None = None,
+    plan: DecodePlan | None = None,
 ):
     """Decode attention: every sequence has exactly one (or zero) query rows.
 
@@ -314,7 +263,9 @@ def decode_attention_triton(
     ``return_lse``. ``max_seq_len`` (optional, host int) bounds the split size; without it the
     block table width is used (no device sync). ``logits`` (optional, float32 ``[num_tokens,
     num_heads, >= max_seq_len]``): receives every visited key's scaled score (log2 units, the
-    ones ``lse`` normalises), for ``attention_mass_triton(..., logits=)``."""
+    ones ``lse`` normalises), for ``attention_mass_triton(..., logits=)``. ``plan``: the
+    step's launch plan (``plan_decode``, made once per step for every layer); without it one is
+    made here from the tuning arguments (tests, benchmarks)."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     _, page, num_kv_heads, _ = k_cache.shape
@@ -331,42 +282,13 @@ def decode_attention_triton(
 
     block_g = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
-    # fp8/int8 K/V are cast to compute_dtype (exact) and q too. An fp8 e4m3 cache computes in
-    # fp16 (e4m3 -> fp16 is one cvt per pair on sm_90; q is cast to fp16, fine for
-    # |q| < 65504): measured faster than bf16 (bench/NOTES_kernels.md, run 5).
-    if compute_dtype is None:
-        compute_dtype = torch.float16 if k_cache.dtype == torch.float8_e4m3fn else q.dtype
     has_window = sliding_window is not None and sliding_window > 0
-    if even is None:  # unmasked full tiles (EVEN) only for fp8 computed in fp16: measured
-        # faster there, slower for bf16 (bench/NOTES_kernels.md, runs 2 and 5); token-minor V
-        # (V_T) splits full and tail tiles in any case
-        even = quant and compute_dtype == torch.float16
-    even = bool(even) and not has_window and head_dim == triton.next_power_of_2(head_dim)
-    max_kv = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
-    kv_range0 = min(max_kv, sliding_window + 128) if has_window else max_kv
-    bn0, nw0, ns0, splits0, gather0 = default_decode_config(num_seqs, num_kv_heads, kv_range0, quant,
-                                                   _num_sms(q.device))
-    if head_dim > 128:
-        bn0 = min(bn0, 32)
-    block_n = block_n or bn0
-    num_warps = num_warps or nw0
-    num_stages = num_stages or ns0
-    kv_range = min(max_kv, sliding_window + block_n) if has_window else max_kv
-    # V of an 8-bit cache is token-minor: read it in whole pages when a tile holds whole pages
-    v_pages = v_t and block_n % page == 0 and (v_pages is None or bool(v_pages))
-    if num_splits is None:
-        num_splits = splits0 if block_n == bn0 else default_num_splits(
-            num_seqs, num_kv_heads, kv_range, block_n, _num_sms(q.device))
-    gather_ids = gather0 if gather_ids is None else bool(gather_ids)
-    # kv_range bounds the walked range: seq_len without a window; with one, the window plus
-    # less than a tile (its start is aligned down to a tile).
-    split_size = triton.cdiv(triton.cdiv(kv_range, num_splits), block_n) * block_n
-    if gather_ids and triton.cdiv(split_size, page) > MAX_SPLIT_PAGES:  # bound the id vector
-        num_splits = triton.cdiv(kv_range, MAX_SPLIT_PAGES * page)
-        split_size = triton.cdiv(triton.cdiv(kv_range, num_splits), block_n) * block_n
-    # block ids one split walks (+1: a window start aligned to block_n may be mid-page)
-    bt_pages = (triton.next_power_of_2(triton.cdiv(split_size, page) + (page > block_n))
-                if gather_ids else 1)
+    if plan is None:
+        plan = plan_decode(q.dtype, k_cache, v_cache, num_seqs, block_tables.shape[1], sliding_window, max_seq_len,
+                           q.device, num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                           num_stages=num_stages, compute_dtype=compute_dtype, even=even, gather_ids=gather_ids,
+                           v_pages=v_pages)
+    block_n, num_splits, split_size, compute_dtype = plan.block_n, plan.num_splits, plan.split_size, plan.compute_dtype
     use_split = num_splits > 1
     dev = q.device
     if use_split:
@@ -399,13 +321,13 @@ def decode_attention_triton(
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         PAGE=page, SPLIT=use_split, KV_QUANT=quant, HAS_WINDOW=has_window,
         DOT_F32=dot_f32(q.dtype if not quant else compute_dtype), COMPUTE=TL_DTYPE[compute_dtype],
-        EVEN=even,
-        BT_GATHER=gather_ids, BT_PAGES=bt_pages, V_T=v_t, V_VEC=min(page, block_n),
-        V_PAGES=v_pages, WRITE_LSE=return_lse and not use_split,
+        EVEN=plan.even,
+        BT_GATHER=plan.gather_ids, BT_PAGES=plan.bt_pages, V_T=v_t, V_VEC=min(page, block_n),
+        V_PAGES=plan.v_pages, WRITE_LSE=return_lse and not use_split,
         logits_ptr=logits if logits is not None else dummy,
         stride_lt=logits.stride(0) if logits is not None else 0,
         stride_lh=logits.stride(1) if logits is not None else 0, STORE_S=logits is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     lse_out = part_lse if not use_split else None
     if use_split:

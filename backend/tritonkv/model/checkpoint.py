@@ -1,4 +1,4 @@
-"""Load a checkpoint into ``CausalLM``: an HF directory (config.json + *.safetensors), or an
+"""Load a checkpoint into its architecture's model (model/registry.py): an HF directory (config.json + *.safetensors), or an
 ONNX export (a directory with config.json and an .onnx graph, or the .onnx file itself; see
 model/onnx_files.py for which graph is read)."""
 
@@ -10,20 +10,14 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from tritonkv.model.llama import CausalLM
+from tritonkv.cache.allocate import model_dtype
 from tritonkv.model.model_config import ModelConfig
+from tritonkv.model.registry import architecture, build_model
 from tritonkv.model.onnx_files import checkpoint_directory, is_onnx_checkpoint, onnx_graph_path
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_dtype(requested: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """'auto' means float32 on CPU (exact oracle) and the checkpoint's dtype on GPU."""
-    if requested != "auto":
-        return DTYPES[requested]
-    if device.type == "cpu":
-        return torch.float32
-    return DTYPES.get(cfg.torch_dtype.replace("torch.", ""), torch.bfloat16)
+    """The dtype the model runs in on ``device`` (cache/allocate.py's rule)."""
+    return model_dtype(requested, cfg.torch_dtype, device.type)
 
 
 def safetensors_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
@@ -53,11 +47,13 @@ def onnx_state(checkpoint: str, cfg: ModelConfig, dtype: torch.dtype) -> dict[st
     return load_pieces(pieces, dtype)
 
 
-def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
+def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     cfg = ModelConfig.from_checkpoint(checkpoint_directory(checkpoint))
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = build_model(cfg)
     state = onnx_state(checkpoint, cfg, dtype) if is_onnx_checkpoint(checkpoint) else safetensors_state(checkpoint)
+    weight_name = architecture(cfg.architecture).weight_name
+    state = {name: w for name, w in ((weight_name(k), v) for k, v in state.items()) if name is not None}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     params = model.state_dict()
@@ -66,7 +62,7 @@ def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype) -> Cau
     if missing:
         raise ValueError(f"checkpoint {checkpoint!r} lacks weights: {missing[:5]}")
     # a weight the model has no place for changes what the checkpoint computes: never drop it
-    unused = sorted(k for k in state.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
+    unused = sorted(state.keys() - expected)
     if unused:
         raise ValueError(f"checkpoint {checkpoint!r} has weights this model does not use: {unused[:5]} "
                          "(an o_proj bias or MLP biases, as HF Llama's attention_bias / mlp_bias add, "
@@ -77,9 +73,6 @@ def load_model(checkpoint: str, device: torch.device, dtype: torch.dtype) -> Cau
         raise ValueError(f"checkpoint {checkpoint!r} has weights of the wrong shape: {wrong[:5]}")
     state = {k: v.to(dtype) for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)
-    del state  # fusing below frees each unfused weight as it goes only if nothing else holds it
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    model.fuse_projections()
+    del state  # fusing frees each unfused weight as it goes only if nothing else holds it
+    model.finish_loading()
     return model.to(device).eval()

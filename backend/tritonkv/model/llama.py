@@ -6,31 +6,14 @@ Parameter names equal HF's, so a checkpoint's state dict loads as is. The model 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.model.rope import RotaryEmbedding
 from tritonkv.ops import dispatch, fused_ops
+from tritonkv.ops.attention_batch import AttentionBatch
 from tritonkv.ops.fused_ops import rotary_cos_sin
-
-
-@dataclass
-class AttentionBatch:
-    """What attention needs for one step (see ops/paged_attention.py for the layout rules)."""
-
-    positions: torch.Tensor  # [num_tokens] int64
-    slot_mapping: torch.Tensor  # [num_tokens] int64
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    max_query_len: int
-    max_seq_len: int | None = None  # host bound on seq_lens (sizes decode splits); None: table width
-    # h2o: [num_seqs, table blocks] float32; every layer adds the attention mass each sequence's
-    # last query gives to each table block (summed over query heads)
-    block_mass: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +50,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
-        self.sliding_window = cfg.sliding_window
         self.qkv_proj: nn.Linear | None = None
 
     def fuse(self) -> None:
@@ -77,8 +59,6 @@ class Attention(nn.Module):
     def forward(self, x, cos_sin, batch: AttentionBatch, layer_cache):
         """``layer_cache``: ``(k_cache, v_cache)``, or ``(k_cache, v_cache, k_scale, v_scale)``
         for an fp8 / int8 cache (scales per token-head, see ops/dispatch.py)."""
-        k_cache, v_cache = layer_cache[:2]
-        scales = dict(zip(("k_scale", "v_scale"), layer_cache[2:]))
         n = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
@@ -86,22 +66,9 @@ class Attention(nn.Module):
         q = qkv[:, : h * d].view(n, h, d)
         k = qkv[:, h * d: (h + kvh) * d].view(n, kvh, d)
         v = qkv[:, (h + kvh) * d:].view(n, kvh, d)
-        dispatch.write_kv(k_cache, v_cache, k, v, batch.slot_mapping, **scales)
-        decode_mass = batch.block_mass is not None and batch.max_query_len <= 1
-        # h2o decode: the attention adds each row's per-block mass into block_mass itself
-        out = dispatch.paged_attention(
-            q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
-            self.scale, sliding_window=self.sliding_window, max_query_len=batch.max_query_len,
-            max_seq_len=batch.max_seq_len, block_mass=batch.block_mass if decode_mass else None, **scales,
-        )
-        if batch.block_mass is not None and not decode_mass:
-            self._add_block_mass(batch, dispatch.last_query_mass(q, k_cache, batch, self.scale), k_cache.shape[1])
+        dispatch.write_layer_kv(layer_cache, k, v, batch)
+        out = dispatch.attend(q, layer_cache, batch, self.scale)
         return self.o_proj(out.reshape(n, h * d))
-
-    @staticmethod
-    def _add_block_mass(batch: AttentionBatch, mass: torch.Tensor, block_size: int) -> None:
-        per_block = mass.view(mass.shape[0], -1, block_size).sum(-1)
-        batch.block_mass[:, :per_block.shape[1]] += per_block
 
 
 class MLP(nn.Module):
@@ -163,6 +130,15 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cos_sin: torch.Tensor | None = None
+
+    def finish_loading(self) -> None:
+        """Once the checkpoint's weights are in (built on the meta device): tie the head to the
+        embeddings where config.json says so, build the rotary buffers, fuse the projections."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.fuse_projections()
 
     def fuse_projections(self) -> None:
         """Concatenate q/k/v and gate/up weights (call once the checkpoint is loaded)."""

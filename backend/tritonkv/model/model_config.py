@@ -1,13 +1,10 @@
 """The architecture facts tritonkv needs, read from an HF ``config.json``.
 
-Supported families: Llama, Mistral, Qwen2 (all "pre-norm RMSNorm + rotary + GQA + SwiGLU").
+The architectures served, and what each reads of config.json for its attention (q/k/v
+biases, sliding window), are model/registry.py's.
 Rules:
-- Qwen2 always has q/k/v biases; Llama has them when ``attention_bias`` is true.
 - Rope settings come from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` +
   ``rope_scaling`` (older configs).
-- Mistral's ``sliding_window`` is honoured; Qwen2's only when ``use_sliding_window`` is true,
-  and then (as HF) only on layers ``>= max_window_layers`` (or those ``layer_types`` names
-  ``sliding_attention``): every layer or none is served; a mix is refused.
 """
 
 from __future__ import annotations
@@ -17,8 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from tritonkv.model.onnx_files import checkpoint_directory
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from tritonkv.model.registry import architecture
 
 
 @dataclass(frozen=True)
@@ -46,23 +42,13 @@ class ModelConfig:
     def from_dict(cls, cfg: dict) -> "ModelConfig":
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"checkpoint architecture {arch!r} is not supported; tritonkv serves "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        qkv_bias, window = architecture(arch).attention(cfg)
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope["rope_type"] = rope_type
-        if arch == "Qwen2ForCausalLM":
-            qkv_bias = True
-            window = _qwen2_window(cfg)
-        else:
-            qkv_bias = bool(cfg.get("attention_bias", False))
-            window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -105,17 +91,3 @@ class ModelConfig:
                 cfg = {**cfg, "eos_token_id": gen["eos_token_id"]}
         return cls.from_dict(cfg)
 
-
-def _qwen2_window(cfg: dict) -> int | None:
-    if not cfg.get("use_sliding_window") or not cfg.get("sliding_window"):
-        return None
-    layers = cfg["num_hidden_layers"]
-    types = cfg.get("layer_types") or ["sliding_attention" if i >= cfg.get("max_window_layers", 28)
-                                       else "full_attention" for i in range(layers)]
-    sliding = sum(t == "sliding_attention" for t in types)
-    if sliding == 0:
-        return None
-    if sliding < layers:
-        raise ValueError(f"this Qwen2 checkpoint slides a window on {sliding} of its {layers} layers "
-                         "(max_window_layers / layer_types); tritonkv serves a window on every layer or none")
-    return cfg["sliding_window"]

@@ -33,6 +33,11 @@ def parse_args(argv=None):
     p.add_argument("--triton-model", default="llm_stateless", help="the Triton model requests go to")
     p.add_argument("--workers", type=int, default=1, help="processes serving the port (default: 1)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompts whose text cannot fit this many tokens are refused before templating "
+                        "(default: the checkpoint's max_position_embeddings)")
+    p.add_argument("--cache-salt-per-api-key", action="store_true",
+                   help="give every API key (Authorization: Bearer KEY) a prefix-cache namespace of its own")
     return p.parse_args(argv)
 
 
@@ -43,8 +48,9 @@ def app_from_env():
     from tritonkv.openai_frontend.triton_bridge import TritonBridge
 
     cfg = json.loads(os.environ[CONFIG_ENV])
-    model = ServedModel.load(cfg["checkpoint"], cfg["model_name"])
-    return create_app(model, TritonBridge(cfg["grpc_url"], cfg["triton_model"]))
+    model = ServedModel.load(cfg["checkpoint"], cfg["model_name"], cfg.get("max_model_len"))
+    return create_app(model, TritonBridge(cfg["grpc_url"], cfg["triton_model"]),
+                      salt_per_api_key=cfg.get("salt_per_api_key", False))
 
 
 def _watch_parent(pid: int) -> None:
@@ -62,9 +68,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    model = ServedModel.load(args.checkpoint, args.model_name)  # fails here, once, on a bad checkpoint
+    model = ServedModel.load(args.checkpoint, args.model_name, args.max_model_len)  # fails here, once, if bad
     os.environ[CONFIG_ENV] = json.dumps({"checkpoint": args.checkpoint, "model_name": model.name,
-                                         "grpc_url": args.grpc_url, "triton_model": args.triton_model})
+                                         "grpc_url": args.grpc_url, "triton_model": args.triton_model,
+                                         "max_model_len": args.max_model_len,
+                                         "salt_per_api_key": args.cache_salt_per_api_key})
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
     print(f"tritonkv OpenAI frontend: model {model.name!r} on http://{args.host}:{args.port}/v1 "

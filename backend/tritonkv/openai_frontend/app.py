@@ -2,6 +2,12 @@
 
 Rules:
 - the model name in a request must be the served one (else 404); a body over 16 MiB is 413;
+- a prompt's text is size-checked on its bytes before anything else reads it
+  (``ServedModel.check_prompt_size``); a chat's template rendering and tokenising run on a
+  worker thread, never on the event loop, so a large request cannot stall other streams;
+- ``cache_salt`` (as vLLM) separates prefix-cache namespaces; with ``salt_per_api_key`` every
+  API key (``Authorization: Bearer KEY``) gets a namespace of its own (the request's salt,
+  if any, is kept inside it), so users cannot see each other's cached prefixes;
 - a streamed answer starts (HTTP 200, SSE) only once the model accepted the request and sent
   its first response, so a refused request gets its status code (400 / 503) with or
   without ``stream``;
@@ -13,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import orjson
@@ -47,11 +55,32 @@ def error_response(exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def create_app(model: ServedModel, bridge: TritonBridge) -> FastAPI:
+TEMPLATE_THREADS = 4  # chat prompts rendered and tokenised at once (off the event loop)
+
+
+def api_key_salt(request: Request, cache_salt: str | None) -> str | None:
+    """The cache namespace of the request's API key (a digest, never the key), with the
+    request's own ``cache_salt`` inside it; no key: the request's salt alone."""
+    auth = request.headers.get("authorization", "")
+    if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+        return cache_salt
+    digest = hashlib.sha256(auth[7:].strip().encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"api-key-{digest}" + ("" if cache_salt is None else f"/{cache_salt}")
+
+
+def create_app(model: ServedModel, bridge: TritonBridge, salt_per_api_key: bool = False) -> FastAPI:
+    templating = ThreadPoolExecutor(TEMPLATE_THREADS, thread_name_prefix="tritonkv-chat-template")
+
     @asynccontextmanager
     async def lifespan(_app):
         yield
         await bridge.close()
+        templating.shutdown(wait=False, cancel_futures=True)
+
+    def salted(request: Request, gen: schema.Generation) -> schema.Generation:
+        if salt_per_api_key:
+            gen.cache_salt = api_key_salt(request, gen.cache_salt)
+        return gen
 
     app = FastAPI(title="tritonkv OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -82,15 +111,24 @@ def create_app(model: ServedModel, bridge: TritonBridge) -> FastAPI:
     async def completions(request: Request):
         body = schema.parse_body(schema.CompletionBody, await _json(request))
         model.check_name(body.model)
-        return await _answer(request, bridge, schema.completion_generation(body), chat=False, prompt_param="prompt")
+        gen = schema.completion_generation(body)
+        if gen.text is not None:
+            model.check_prompt_size([gen.text], "prompt")
+        elif model.max_model_len and len(gen.input_ids) > model.max_model_len:
+            raise bad_request(f"'prompt' holds {len(gen.input_ids)} tokens; this model serves at most "
+                              f"{model.max_model_len} (max_model_len)", "prompt", "context_length_exceeded")
+        return await _answer(request, bridge, salted(request, gen), chat=False, prompt_param="prompt")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = schema.parse_body(schema.ChatBody, await _json(request))
         model.check_name(body.model)
         messages = schema.chat_messages(body)
-        gen = schema.chat_generation(body, model.chat_prompt_ids(messages))
-        return await _answer(request, bridge, gen, chat=True, prompt_param="messages")
+        model.check_prompt_size([m["content"] for m in messages if isinstance(m.get("content"), str)], "messages")
+        schema.chat_generation(body, [])  # every other field checked before the template runs
+        ids = await asyncio.get_running_loop().run_in_executor(templating, model.chat_prompt_ids, messages)
+        gen = schema.chat_generation(body, ids)
+        return await _answer(request, bridge, salted(request, gen), chat=True, prompt_param="messages")
 
     return app
 
@@ -120,7 +158,7 @@ class _ClientGone(Exception):
 
 
 async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation, chat: bool, prompt_param: str):
-    answer = Answer(gen.model, chat)
+    answer = Answer(gen.model, chat, gen.sampling.get("logprobs"))
     deltas = bridge.generate(gen, prompt_param)
     try:
         if gen.stream:

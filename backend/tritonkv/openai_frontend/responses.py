@@ -5,6 +5,10 @@ Rules (as OpenAI):
   string); the stop string itself is not in the text;
 - ``usage`` = prompt_tokens, completion_tokens, total_tokens and
   ``prompt_tokens_details.cached_tokens`` (prompt tokens whose KV came from the prefix cache);
+- ``logprobs`` (when the request asked) in OpenAI's shapes as the openai SDK parses them:
+  chat ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``, completions
+  ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``; a token's string is its
+  decoded text; ``top_logprobs`` holds the tokens of rank <= the asked count, best first;
 - a stream is ``data: <chunk>`` events and a last ``data: [DONE]``; with
   ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk with
   no choices carries the usage; an error after the stream started is one ``data: {"error"}``
@@ -35,12 +39,45 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-class Answer:
-    """One response's identity and running totals; ``chat`` picks the object kinds."""
+def _entries(per_token: dict) -> tuple[tuple[str, float], list[tuple[str, float, int]]]:
+    """(chosen token text, logprob) and every reported (text, logprob, rank) of one token."""
+    items = [(v.get("decoded_token", ""), float(v["logprob"]), int(v["rank"])) for v in per_token.values()]
+    return items[0][:2], items
 
-    def __init__(self, model: str, chat: bool):
+
+def chat_logprobs(tokens: list[dict], top: int) -> dict:
+    content = []
+    for per_token in tokens:
+        (text, logprob), items = _entries(per_token)
+        best = sorted((i for i in items if i[2] <= top), key=lambda i: i[2])[:top]
+        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+                                         for t, v, _ in best]})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: list[dict], top: int, offset: int) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for per_token in tokens:
+        (text, logprob), items = _entries(per_token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append({t: v for t, v, r in sorted(items, key=lambda i: i[2]) if r <= top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+class Answer:
+    """One response's identity and running totals; ``chat`` picks the object kinds;
+    ``top_logprobs``: None when the request asked no logprobs, else its top count."""
+
+    def __init__(self, model: str, chat: bool, top_logprobs: int | None = None):
         self.model = model
         self.chat = chat
+        self.top_logprobs = top_logprobs
+        self.logprobs: list[dict] = []
+        self.text_offset = 0
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.text: list[str] = []
@@ -49,7 +86,20 @@ class Answer:
         self.cached_tokens = 0
         self.finish_reason: str | None = None
 
+    def logprobs_of(self, tokens: list[dict] | None) -> dict | None:
+        """The ``logprobs`` of a choice holding ``tokens`` (None when not asked)."""
+        if self.top_logprobs is None:
+            return None
+        tokens = tokens or []
+        if self.chat:
+            return chat_logprobs(tokens, self.top_logprobs)
+        shaped = completion_logprobs(tokens, self.top_logprobs, self.text_offset)
+        self.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1]) if tokens else self.text_offset
+        return shaped
+
     def add(self, delta: Delta) -> None:
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
         self.text.append(delta.text)
         self.completion_tokens += delta.num_tokens
         if delta.finish_reason is not None:
@@ -64,21 +114,24 @@ class Answer:
         text = "".join(self.text)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": self.finish_reason}
+                      "logprobs": self.logprobs_of(self.logprobs), "finish_reason": self.finish_reason}
             kind = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs_of(self.logprobs),
+                      "finish_reason": self.finish_reason}
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": self.usage()}
 
-    def chunk(self, text: str | None, reason: str | None, include_usage: bool, role: bool = False) -> dict:
+    def chunk(self, text: str | None, reason: str | None, include_usage: bool, role: bool = False,
+              logprobs: list[dict] | None = None) -> dict:
+        shaped = None if role else self.logprobs_of(logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if role else {"content": text or ""}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": reason}
             kind = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text or "", "logprobs": shaped, "finish_reason": reason}
             kind = "text_completion"
         out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
         if include_usage:
@@ -106,8 +159,9 @@ async def sse_events(answer: Answer, first: Delta, rest: AsyncIterator[Delta], i
         delta = first
         while True:
             answer.add(delta)
-            if delta.text or delta.finish_reason is not None:
-                yield sse(answer.chunk(delta.text, finish_reason(delta.finish_reason), include_usage))
+            if delta.text or delta.finish_reason is not None or delta.logprobs:
+                yield sse(answer.chunk(delta.text, finish_reason(delta.finish_reason), include_usage,
+                                       logprobs=delta.logprobs))
             if delta.finish_reason is not None:
                 break
             delta = await rest.__anext__()

@@ -2,10 +2,15 @@
 
 Rules:
 - a field this server does not know is refused with its name (as OpenAI does);
+- the sampling fields are ``tritonkv.sampling.params``' (``PARAMETERS`` marked ``openai``),
+  checked against its ranges (what the runner stores: int32, finite float32, ...) before
+  anything is converted; OpenAI's tighter range for temperature ([0, 2]) applies on top. The
+  vLLM extensions are accepted as vLLM's OpenAI server does (``top_k`` -1 = off,
+  ``repetition_penalty``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
+  ``cache_salt``); ``logprobs`` is OpenAI's per endpoint (completions: a count of top tokens,
+  chat: a boolean with ``top_logprobs``), at most ``MAX_LOGPROBS`` (20, as vLLM);
 - a known OpenAI field this server does not implement is accepted only at its neutral value
-  (``n`` = 1, penalties 0, no logprobs, no tools, ...) and refused otherwise, naming it;
-- ranges are OpenAI's: temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, at most
-  ``MAX_STOP`` stop strings; ``top_k`` (>= 0) and ``ignore_eos`` are accepted as in vLLM;
+  (``n`` = 1, ``echo`` false, no tools, ...) and refused otherwise, naming it;
 - every check raises ``OpenAIError`` 400 whose message and ``param`` name the field.
 """
 
@@ -17,9 +22,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tritonkv.openai_frontend.errors import bad_request
+from tritonkv.sampling.params import MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
 
-MAX_STOP = 64  # the model's limit on stop strings
-INT64 = 2**63
+INT64_MAX = 2**63 - 1  # the seed travels as an INT64 tensor
+INT32_MAX = 2**31 - 1  # prompt token ids travel as INT32
+OPENAI_TEMPERATURE_MAX = 2.0
 
 
 class _Body(BaseModel):
@@ -41,6 +48,12 @@ class _Body(BaseModel):
     logit_bias: dict | None = None
     logprobs: Any = None
     user: str | None = None
+    # vLLM's extensions
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list | None = None
+    cache_salt: str | None = None
 
 
 class CompletionBody(_Body):
@@ -69,15 +82,14 @@ class Generation:
     model: str
     text: str | None  # prompt text (the model tokenises it, BOS included)
     input_ids: list[int] | None  # or prompt ids (chat: rendered and tokenised here)
-    max_tokens: int | None  # None: the engine's default_max_tokens
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: tuple[str, ...]
-    ignore_eos: bool
+    sampling: dict  # parameter name (tritonkv.sampling.params) -> value, only those the request set
     stream: bool
     include_usage: bool
+    cache_salt: str | None = None
+
+    @property
+    def max_tokens(self) -> int | None:  # None: the engine's default_max_tokens
+        return self.sampling.get("max_tokens")
 
 
 def parse_body(cls: type[_Body], raw: Any) -> _Body:
@@ -107,28 +119,29 @@ def _neutral(body: _Body, name: str, allowed) -> None:
 def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
     """The sampling fields every endpoint shares, checked; ``max_tokens`` comes per endpoint."""
     _neutral(body, "n", (1,))
-    _neutral(body, "presence_penalty", (0, 0.0))
-    _neutral(body, "frequency_penalty", (0, 0.0))
-    _neutral(body, "logprobs", (False, 0))
-    if body.logit_bias:
-        raise bad_request("'logit_bias' is not supported by this server", "logit_bias")
-    if max_tokens is not None and not 1 <= max_tokens < 2**31:
-        raise bad_request(f"{max_tokens_name!r} must be >= 1 and < 2**31, got {max_tokens}", max_tokens_name)
-    temperature = 1.0 if body.temperature is None else body.temperature
-    if not 0.0 <= temperature <= 2.0:
-        raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", "temperature")
-    top_p = 1.0 if body.top_p is None else body.top_p
-    if not 0.0 < top_p <= 1.0:
-        raise bad_request(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    top_k = 0 if body.top_k is None else body.top_k
-    if top_k < 0:
-        raise bad_request(f"'top_k' must be >= 0 (0: off), got {top_k}", "top_k")
-    if body.seed is not None and not -INT64 <= body.seed < INT64:
-        raise bad_request(f"'seed' must fit in 64 bits, got {body.seed}", "seed")
-    stop = body.stop
-    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
-    if len(stop) > MAX_STOP:
-        raise bad_request(f"'stop' holds {len(stop)} strings; at most {MAX_STOP}", "stop")
+    values = {}
+    for p in PARAMETERS:
+        if not p.openai:
+            continue
+        name = max_tokens_name if p.name == "max_tokens" else p.name
+        raw = max_tokens if p.name == "max_tokens" else getattr(body, p.name, None)
+        if raw is None or (p.name == "top_k" and raw == -1):  # vLLM's -1: off
+            continue
+        if p.name == "logit_bias" and not raw:
+            continue
+        try:
+            value = check_value(p.name, raw, name)
+        except ParameterError as exc:
+            raise bad_request(str(exc), name) from None
+        if p.name == "temperature" and value > OPENAI_TEMPERATURE_MAX:
+            raise bad_request(f"temperature must be in [0, 2], got {value}", name)
+        if p.name == "seed" and value > INT64_MAX:
+            raise bad_request(f"seed must be in [0, 2**63 - 1], got {value}", name)
+        if value != p.default:
+            values[p.name] = value
+    if values.get("min_tokens", 0) > values.get("max_tokens", values.get("min_tokens", 0)):
+        raise bad_request(f"min_tokens ({values['min_tokens']}) must be <= {max_tokens_name} "
+                          f"({values['max_tokens']})", "min_tokens")
     options = body.stream_options or {}
     unknown = sorted(set(options) - {"include_usage"})
     if unknown:
@@ -138,9 +151,17 @@ def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options")
-    return dict(model=body.model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                seed=body.seed, stop=tuple(s for s in stop if s), ignore_eos=bool(body.ignore_eos),
-                stream=bool(body.stream), include_usage=include_usage)
+    return dict(model=body.model, sampling=values, stream=bool(body.stream), include_usage=include_usage,
+                cache_salt=body.cache_salt)
+
+
+def _logprobs(count, name: str) -> int:
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise bad_request(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {count!r:.40}", name)
+    try:
+        return check_value("logprobs", count, name)
+    except ParameterError as exc:
+        raise bad_request(str(exc), name) from None
 
 
 def completion_generation(body: CompletionBody) -> Generation:
@@ -157,7 +178,13 @@ def completion_generation(body: CompletionBody) -> Generation:
         raise bad_request("'prompt' is empty", "prompt")
     text = prompt if isinstance(prompt, str) else None
     ids = None if isinstance(prompt, str) else list(prompt)
-    return Generation(text=text, input_ids=ids, **sampling(body, body.max_tokens, "max_tokens"))
+    bad = next((t for t in ids or () if not 0 <= t <= INT32_MAX), None)
+    if bad is not None:  # they travel as INT32; the model checks them against its vocabulary
+        raise bad_request(f"'prompt' holds token id {bad}, outside [0, 2**31 - 1]", "prompt")
+    gen = Generation(text=text, input_ids=ids, **sampling(body, body.max_tokens, "max_tokens"))
+    if body.logprobs is not None and body.logprobs is not False:  # completions: the top count (0: the chosen)
+        gen.sampling["logprobs"] = _logprobs(body.logprobs, "logprobs")
+    return gen
 
 
 def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
@@ -167,14 +194,21 @@ def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
         raise bad_request("send 'max_completion_tokens' or 'max_tokens', not both", "max_tokens")
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    _neutral(body, "top_logprobs", (0,))
+    if body.logprobs is not None and not isinstance(body.logprobs, bool):
+        raise bad_request(f"logprobs must be a boolean, got {body.logprobs!r:.40}", "logprobs")
+    top = None if body.top_logprobs is None else _logprobs(body.top_logprobs, "top_logprobs")
+    if top is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs true", "top_logprobs")
     if body.tools:
         raise bad_request("'tools' are not supported by this server", "tools")
     _neutral(body, "tool_choice", ("none",))
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise bad_request("'response_format' other than {'type': 'text'} is not supported by this server",
                           "response_format")
-    return Generation(text=None, input_ids=prompt_ids, **sampling(body, max_tokens, name))
+    gen = Generation(text=None, input_ids=prompt_ids, **sampling(body, max_tokens, name))
+    if body.logprobs:
+        gen.sampling["logprobs"] = top or 0
+    return gen
 
 
 def chat_messages(body: ChatBody) -> list[dict]:

@@ -1,8 +1,10 @@
 """One OpenAI request = one gRPC stream into Triton's ``llm_stateless`` model.
 
 Rules:
-- the request's inputs are the model's own tensors (text_input or input_ids, max_tokens,
-  temperature, top_p, top_k, seed, stop, ignore_eos, stream);
+- the request's inputs are the model's own tensors: text_input or input_ids, ``stream``, and
+  each sampling setting the request set, as the tensor its definition names
+  (``tritonkv.sampling.params``: ``triton_dtype``); a setting without a tensor
+  (``logit_bias``) and ``cache_salt`` travel as request parameters (JSON text / string);
 - the stream stays open until the final response (the one carrying ``finish_reason``) or an
   error; the model's error text is mapped to an OpenAI error (errors.from_model_error);
 - leaving the ``generate`` iterator early (client gone, task cancelled) cancels the gRPC call,
@@ -12,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -21,6 +24,7 @@ import tritonclient.grpc.aio as aio_client
 
 from tritonkv.openai_frontend.errors import OpenAIError, from_model_error, unavailable
 from tritonkv.openai_frontend.schema import Generation
+from tritonkv.sampling.params import BY_NAME
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[dict] | None = None  # per token: {token id: {logprob, rank, decoded_token}}
 
 
 def _tensor(name: str, arr: np.ndarray, dtype: str) -> grpcclient.InferInput:
@@ -41,26 +46,33 @@ def _tensor(name: str, arr: np.ndarray, dtype: str) -> grpcclient.InferInput:
     return t
 
 
+_NUMPY = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
+
+
 def model_inputs(gen: Generation) -> list[grpcclient.InferInput]:
     tensors = []
     if gen.text is not None:
         tensors.append(_tensor("text_input", np.array([gen.text.encode("utf-8")], dtype=np.object_), "BYTES"))
     else:
         tensors.append(_tensor("input_ids", np.array(gen.input_ids, dtype=np.int32), "INT32"))
-    if gen.max_tokens is not None:
-        tensors.append(_tensor("max_tokens", np.array([gen.max_tokens], dtype=np.int32), "INT32"))
-    tensors.append(_tensor("temperature", np.array([gen.temperature], dtype=np.float32), "FP32"))
-    tensors.append(_tensor("top_p", np.array([gen.top_p], dtype=np.float32), "FP32"))
-    if gen.top_k:
-        tensors.append(_tensor("top_k", np.array([gen.top_k], dtype=np.int32), "INT32"))
-    if gen.seed is not None:
-        tensors.append(_tensor("seed", np.array([gen.seed], dtype=np.int64), "INT64"))
-    if gen.stop:
-        tensors.append(_tensor("stop", np.array([s.encode("utf-8") for s in gen.stop], dtype=np.object_), "BYTES"))
-    if gen.ignore_eos:
-        tensors.append(_tensor("ignore_eos", np.array([True]), "BOOL"))
+    for name, value in gen.sampling.items():
+        dtype = BY_NAME[name].triton_dtype
+        if dtype == "BYTES":
+            tensors.append(_tensor(name, np.array([v.encode("utf-8") for v in value], dtype=np.object_), dtype))
+        elif dtype is not None:
+            arr = np.array(list(value) if isinstance(value, tuple) else [value], dtype=_NUMPY[dtype])
+            tensors.append(_tensor(name, arr, dtype))
     tensors.append(_tensor("stream", np.array([gen.stream]), "BOOL"))
     return tensors
+
+
+def request_parameters(gen: Generation) -> dict | None:
+    """The settings without an input tensor, and ``cache_salt``, as request parameters."""
+    params = {name: json.dumps(dict(value) if BY_NAME[name].kind == "token_bias" else value)
+              for name, value in gen.sampling.items() if BY_NAME[name].triton_dtype is None}
+    if gen.cache_salt is not None:
+        params["cache_salt"] = gen.cache_salt
+    return params or None
 
 
 class TritonBridge:
@@ -90,7 +102,8 @@ class TritonBridge:
         done = asyncio.Event()
 
         async def one_request():
-            yield {"model_name": self.triton_model, "inputs": model_inputs(gen)}
+            yield {"model_name": self.triton_model, "inputs": model_inputs(gen),
+                   "parameters": request_parameters(gen)}
             await done.wait()  # half-closing early would end the stream before the responses
 
         try:
@@ -127,6 +140,9 @@ def _delta(result) -> Delta:
     reason = result.as_numpy("finish_reason")
     token_ids = [] if ids is None else ids.tolist()
     delta = Delta("" if text is None else text[0].decode("utf-8"), len(token_ids), token_ids)
+    logprobs = result.as_numpy("logprobs")
+    if logprobs is not None:
+        delta.logprobs = json.loads(logprobs.reshape(-1)[0].decode("utf-8"))
     if reason is not None:
         delta.finish_reason = reason[0].decode("utf-8")
         cached = result.as_numpy("cached_tokens")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from tritonkv.cache.quant_format import is_quantized
+from tritonkv.ops.attention_batch import AttentionBatch
 from tritonkv.ops.attention_mass import attention_mass_reference, last_query_mass as _last_query_mass
 from tritonkv.ops.cpu_attention import paged_attention_cpu
 from tritonkv.ops.paged_attention import paged_attention_reference, write_kv_reference
@@ -91,6 +92,7 @@ def paged_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     impl: str | None = None,
+    decode_plan=None,
 ):
     """Attention of ``q`` ``[num_tokens, num_heads, head_dim]`` over the paged cache
     (layout: ops/paged_attention.py). Returns ``[num_tokens, num_heads, head_dim]`` in q's
@@ -117,6 +119,7 @@ def paged_attention(
     - ``out``: preallocated output; ``impl``: None (auto) / 'triton' / 'cpu' (the batched
       CPU path, ops/cpu_attention.py) / 'reference' (the plain oracle); a quantised cache has
       one torch path, the dequantising reference.
+    - ``decode_plan``: the decode kernel's launch plan for the step (``plan_step``).
     """
     quant = is_quantized(k_cache.dtype)
     if quant and (k_scale is None or v_scale is None):
@@ -126,7 +129,7 @@ def paged_attention(
         res, mass = paged_attention(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
             num_sink_tokens, max_query_len, k_scale=k_scale, v_scale=v_scale, return_attention_mass=True,
-            max_seq_len=max_seq_len, out=out, impl=impl)
+            max_seq_len=max_seq_len, out=out, impl=impl, decode_plan=decode_plan)
         per_block = mass.view(mass.shape[0], -1, page).sum(-1)
         block_mass[:, :per_block.shape[1]] += per_block
         return res
@@ -174,14 +177,14 @@ def paged_attention(
             return decode_attention_triton(
                 q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                 sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale, out=out,
-                max_seq_len=max_seq_len)
+                max_seq_len=max_seq_len, plan=decode_plan)
         # the decode kernel keeps its scores, so the mass does not read K again
         logits = torch.empty(q.shape[0], q.shape[1], block_tables.shape[1] * k_cache.shape[1],
                              dtype=torch.float32, device=q.device)
         res, lse = decode_attention_triton(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
             sliding_window, num_sink_tokens, k_scale=k_scale, v_scale=v_scale, out=out,
-            max_seq_len=max_seq_len, return_lse=True, logits=logits)
+            max_seq_len=max_seq_len, return_lse=True, logits=logits, plan=decode_plan)
         mass = attention_mass_triton(
             q, k_cache, block_tables, seq_lens, query_start_loc, scale, lse, sliding_window,
             num_sink_tokens, k_scale=k_scale, logits=logits, block_mass=block_mass)
@@ -202,6 +205,44 @@ def _check_decode_only(query_start_loc, max_query_len):
             if query_start_loc.numel() > 1 else 0
     if max_query_len > 1:
         raise NotImplementedError("return_attention_mass is for decode batches only")
+
+
+def plan_step(batch: AttentionBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, q_dtype: torch.dtype,
+              impl: str | None = None) -> AttentionBatch:
+    """Once per step, for every layer: the decode kernel's launch plan when this step runs it
+    (CUDA, one query per sequence). Returns ``batch``."""
+    if _use_kernel(k_cache, impl) and batch.max_query_len <= 1:
+        from tritonkv.kernels.decode_plan import plan_decode
+
+        batch.decode_plan = plan_decode(q_dtype, k_cache, v_cache, batch.seq_lens.shape[0],
+                                        batch.block_tables.shape[1], batch.sliding_window, batch.max_seq_len,
+                                        k_cache.device)
+    return batch
+
+
+def write_layer_kv(layer_cache, key, value, batch: AttentionBatch) -> None:
+    """One layer's new K/V of the step into its cache: ``layer_cache`` is ``(k_cache,
+    v_cache)`` or, for fp8 / int8, ``(k_cache, v_cache, k_scale, v_scale)``."""
+    write_kv(*layer_cache[:2], key, value, batch.slot_mapping, **dict(zip(("k_scale", "v_scale"), layer_cache[2:])))
+
+
+def attend(q: torch.Tensor, layer_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """One layer's attention of the step over its paged cache, from the step's metadata. When
+    the step collects attention mass (``batch.block_mass``, the h2o policy) each sequence's
+    last query adds its mass per table block: on a decode step from the attention itself,
+    otherwise from the torch reference of the last rows."""
+    k_cache, v_cache = layer_cache[:2]
+    scales = dict(zip(("k_scale", "v_scale"), layer_cache[2:]))
+    decode_mass = batch.block_mass is not None and batch.max_query_len <= 1
+    out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
+                          sliding_window=batch.sliding_window, max_query_len=batch.max_query_len,
+                          max_seq_len=batch.max_seq_len, block_mass=batch.block_mass if decode_mass else None,
+                          decode_plan=batch.decode_plan, **scales)
+    if batch.block_mass is not None and not decode_mass:
+        mass = last_query_mass(q, k_cache, batch, scale)
+        per_block = mass.view(mass.shape[0], -1, k_cache.shape[1]).sum(-1)
+        batch.block_mass[:, :per_block.shape[1]] += per_block
+    return out
 
 
 def last_query_mass(q, k_cache, batch, scale) -> torch.Tensor:

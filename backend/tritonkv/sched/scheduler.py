@@ -15,7 +15,7 @@ Rules:
   it is it preempted. A running sequence whose blocks sit in the host tier swaps in before
   anything else of its step (making room as for ``grow``) and then prefills only its new
   tokens. Running victims are always preempted (recomputed).
-- With an eviction policy (cache/eviction.py) a sequence first returns the blocks its next
+- With an eviction policy (cache/eviction/) a sequence first returns the blocks its next
   chunk no longer sees (``evict``), and a chunk never crosses a position where the kept set
   changes (``max_chunk``). A preempted sequence keeps its eviction history (``preempt``).
 """

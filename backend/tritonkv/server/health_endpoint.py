@@ -45,7 +45,8 @@ class HealthEndpoint:
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="tritonkv-health", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="tritonkv-health", daemon=True)
         self._thread.start()
 
     def close(self) -> None:

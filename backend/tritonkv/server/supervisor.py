@@ -22,12 +22,15 @@ Rules, checked every ``poll_s``; each action is a restart on the same ports:
    answered its requests with errors and answers new ones UNAVAILABLE at once).
 4. an instance whose engine loop counter (``tritonkv_engine_loops``) has not moved for
    ``stuck_after_s`` (0: never): a stuck engine cannot answer its requests.
-5. Ready is false from the moment a rule fires until the new server is up and Triton's own
-   /v2/health/ready is 200, and whenever that is not 200; if it stays not 200 (or does not
-   answer) for ``stuck_after_s``: restart (a hung tritonserver, a model left unloaded).
+5. Ready is false from the moment a rule fires until the new server is up and ready, and
+   whenever the server is not ready (``Server.readiness``: Triton's /v2/health/ready 200
+   from its own listeners, the OpenAI frontend's /health 200 from its own listener, no
+   process of either stopped by SIGSTOP); if it stays not ready for ``stuck_after_s``:
+   restart (a hung tritonserver or frontend, a model left unloaded, a stopped stub).
 6. A failed launch is retried after ``launch_backoff_s`` (doubling, at most 10 s); after
    ``max_failed_launches`` failed launches in a row the supervisor gives up (``gave_up``;
-   ``tritonkv serve`` then exits with code 1, so that the container restarts).
+   ``tritonkv serve`` then exits with code 1, so that the container restarts). So does an
+   OpenAI frontend that failed its own restarts (``FrontendProcess.gave_up``).
 Stubs are watched by process id, from the first pass after each launch.
 """
 
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -43,7 +45,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tritonkv.server.heartbeat import FAILED, LOOPS
-from tritonkv.server.launcher import Server, launch, live_group_members
+from tritonkv.server.launcher import Server, launch
+from tritonkv.server.ports import wait_ports_free
+from tritonkv.server.process_tree import tree_members
 
 STUB_BINARY = b"triton_python_backend_stub"
 HEARTBEAT_RE = re.compile(rf"^({LOOPS}|{FAILED})\{{([^}}]*)\}} (\S+)$", re.M)
@@ -62,7 +66,7 @@ def find_stubs(server: Server) -> dict[int, Stub]:
     ``stub MODEL_PATH REGION SIZE GROWTH PARENT_PID LIBPYTHON IPC_HANDLE INSTANCE MODEL_DIR``
     (python_backend r24.10, stub_launcher.cc); MODEL_PATH is ``<repo>/<model>/<version>/model.py``."""
     stubs = {}
-    for pid in live_group_members(server.process.pid):
+    for pid in tree_members(server.process.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
@@ -102,25 +106,6 @@ def relauncher(checkpoint: str | None, **launch_kwargs) -> Callable[[Server], Se
     return relaunch
 
 
-def wait_ports_free(host: str, ports, timeout_s: float = 10.0) -> bool:
-    """Wait until every port can be bound again. tritonserver binds its ports only after
-    loading the models, so a port still held (seen once right after a stop) would cost a
-    whole model load before the launch fails."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        busy = []
-        for port in ports:
-            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener, not TIME_WAIT
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    busy.append(port)
-        if not busy or time.monotonic() >= deadline:
-            return not busy
-        time.sleep(0.1)
-
-
 class Supervisor:
     """Runs the rules above on a thread (``start`` / ``stop``); ``server`` is the current
     server (replaced by a restart), ``ready`` the readiness, ``events`` what happened:
@@ -151,6 +136,10 @@ class Supervisor:
         self._thread = threading.Thread(target=self._run, name="tritonkv-supervisor", daemon=True)
         self._thread.start()
         return self
+
+    def request_stop(self) -> None:
+        """Stop watching from the next pass on (a relaunch in progress sees it: ``cancel``)."""
+        self._stop.set()
 
     def stop(self) -> None:
         """Stop watching (waits for a restart in progress); the server is left running."""
@@ -197,12 +186,17 @@ class Supervisor:
             if stuck is not None:  # rule 4
                 return self._restart(f"engine of {stuck.instance} (pid {stuck.pid}) has not stepped for "
                                      f"{self.stuck_after_s:g} s")
-        ready = server.is_ready()  # rule 5
+        frontend = getattr(server, "openai", None)
+        if frontend is not None and frontend.gave_up:  # rule 6
+            self.gave_up = True
+            self._set_ready(False, "the OpenAI frontend could not be restarted")
+            return self._note("giving up: the OpenAI frontend could not be restarted")
+        ready, why = server.readiness()  # rule 5
         now = time.monotonic()
         self._unready_since = None if ready else (self._unready_since or now)
         if not ready and self.stuck_after_s and now - self._unready_since >= self.stuck_after_s:
-            return self._restart(f"tritonserver not ready for {self.stuck_after_s:g} s")
-        self._set_ready(ready, "tritonserver is not ready")
+            return self._restart(f"not ready for {self.stuck_after_s:g} s ({why})")
+        self._set_ready(ready, why)
 
     def _stuck(self, beats: dict[int, dict[str, float]]) -> Stub | None:
         now = time.monotonic()

@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import replace
 
 from tritonkv.config import EngineConfig
 from tritonkv.core.client import CoreClient, CoreUnavailable
+from tritonkv.engine.output import merge_outputs
 from tritonkv.engine.requests import RequestError
 from tritonkv.server.gauges import Gauges
 from tritonkv.server.heartbeat import Heartbeat
@@ -33,6 +33,16 @@ from tritonkv.server.triton_request import BadRequest, Limits, ReplyChannel, par
 log = logging.getLogger("tritonkv")
 
 METRICS_PERIOD_S = 0.5
+
+
+def log_info_to_stderr() -> None:
+    """The Python backend's stub configures no logging, so the frontend's INFO lines would be
+    dropped; they go to stderr, which the server log holds (the core logs on its own)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("tritonkv %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def admission_limits(core) -> Limits:
@@ -62,21 +72,14 @@ class Reply:
         if out.release_slot and out.finished and self.release is not None:
             self.release(lambda: self.channel(out))
             return
-        if out.error is None and not out.finished and self.started and self.interval > 1:
-            self.waiting.append(out)
-            if sum(len(o.token_ids) for o in self.waiting) < self.interval:
-                return
-            out, self.waiting = self.waiting.pop(), self.waiting
-        if self.waiting and out.error is None:
-            run, self.waiting = self.waiting, []
-            out = replace(out, text="".join(o.text for o in run) + out.text,
-                          token_ids=[t for o in run for t in o.token_ids] + out.token_ids)
-        elif self.waiting:  # an error: the tokens before it go first
-            run, self.waiting = self.waiting, []
-            last = run[-1]
-            self.channel(replace(last, text="".join(o.text for o in run), token_ids=[t for o in run for t in o.token_ids]))
+        self.waiting.append(out)
+        if (out.error is None and not out.finished and self.started
+                and sum(len(o.token_ids) for o in self.waiting) < self.interval):
+            return
+        waiting, self.waiting = self.waiting, []
         self.started = True
-        self.channel(out)
+        for merged in merge_outputs(waiting):
+            self.channel(merged)
 
 
 class TritonPythonModel:
@@ -93,6 +96,7 @@ class TritonPythonModel:
         self.stateless = "sequence_batching" not in model_config
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         self.config = EngineConfig.from_parameters(params)
+        log_info_to_stderr()
         self.core = CoreClient(self.config, gpu_instance=args.get("model_instance_kind") == "GPU",
                                device_id=int(args.get("model_instance_device_id", 0)))
         self.core.connect()  # a refusal (e.g. another checkpoint on this pool) fails the load with its reason
@@ -194,8 +198,6 @@ class CoreStats:
     def __init__(self, core: CoreClient):
         from types import SimpleNamespace
 
-        import torch
-
         from tritonkv.model.model_config import ModelConfig
 
         self._core = core
@@ -204,8 +206,13 @@ class CoreStats:
         self.model_config = ModelConfig.from_checkpoint(w.checkpoint)
         self.max_model_len = w.max_model_len
         self.pool = SimpleNamespace(num_blocks=w.num_blocks)
-        self.kv_caches = [[SimpleNamespace(dtype=getattr(torch, w.kv_dtype))]]
+        self.device = SimpleNamespace(type=w.device)
 
     def stats(self) -> dict[str, int]:
         """The core's (pool-wide) stats; generated tokens are this instance's."""
         return {**self._core.stats, "generated_tokens": self._core.generated_tokens}
+
+    def request_counts(self) -> tuple[int, int]:
+        """(waiting, running) requests of the core (server/gauges.py)."""
+        stats = self._core.stats
+        return stats.get("requests_waiting", 0), stats.get("requests_running", 0)

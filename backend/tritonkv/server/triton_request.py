@@ -1,21 +1,20 @@
-"""Turns a Triton request into engine arguments, and engine outputs into Triton responses.
+"""Turns a Triton request into engine arguments (``triton_response``: engine outputs into
+Triton responses; ``request_values``: the conversion and range checks of single values).
 
 Only ``pb_utils``-shaped objects are touched here (passed in, never imported), so this module
 imports on any machine. Rules:
 - exactly one of ``text_input`` / ``input_ids``; a turn with END and neither just closes, any
   other request without a prompt is refused;
 - START/END come from the control inputs when the model declares them, else request flags;
-- per-response facts travel as output tensors (this Python backend cannot set response
-  parameters): every response has ``text_output`` + ``output_ids``; the final one adds
-  ``finish_reason``, ``cached_tokens`` and ``prompt_tokens``;
 - the input contract of Triton's vLLM backend is accepted too (``sampling_parameters``,
   ``exclude_input_in_output``, ``return_*`` flags; see ``vllm_contract``): what a request asks
   of its replies is its ``ReplyForm``.
 
 Admission is total: everything taken from a request (tensors, request parameters, their types,
 shapes, encodings and sizes) is checked and converted here, in the request's own context, and
-any fault is a ``BadRequest`` naming the input or parameter. A setting (``max_tokens``,
-``temperature``, ...) comes from its input tensor or, as HTTP ``/generate`` sends fields that
+any fault is a ``BadRequest`` naming the input or parameter. A setting (one of
+``tritonkv.sampling.params.PARAMETERS``: ``max_tokens``, ``temperature``, ...) comes from its
+input tensor or, as HTTP ``/generate`` sends fields that
 are not inputs and gRPC clients may do, from the request parameter of the same name (not
 both); any other parameter is refused with the list of known ones. The keys of a
 ``sampling_parameters`` JSON object are request parameters too. Size limits are applied
@@ -26,44 +25,27 @@ before any work: ``input_ids`` longer than ``max_model_len`` before converting t
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from tritonkv.engine.requests import RequestError, SamplingParams, TurnOutput, check_sampling
+from tritonkv.engine.requests import RequestError, SamplingParams, TurnOutput, check_sampling  # noqa: F401
+from tritonkv.sampling.params import MAX_STOP as MAX_STOP_STRINGS, PARAMETERS
 from tritonkv.server import vllm_contract as vllm
+from tritonkv.server.request_values import (BadRequest, checked, convert, decode, same_value,  # noqa: F401
+                                            tensor_setting)
+from tritonkv.server.triton_response import (PLAIN, ReplyChannel, ReplyForm, error_response,  # noqa: F401
+                                             make_response)
 
 FLAG_SEQUENCE_START = 1  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
 FLAG_SEQUENCE_END = 2
 
-# settings that may come as an input tensor or as a request parameter: name -> kind
-SETTINGS = {"max_tokens": "int", "temperature": "float", "top_k": "int", "top_p": "float",
-            "seed": "int", "ignore_eos": "bool", "stream": "bool"}
-KNOWN_PARAMETERS = tuple(sorted((*SETTINGS, "stop", "cache_salt", *vllm.VLLM_KEYS)))
+# settings that may come as an input tensor or as a request parameter: name -> kind (the
+# sampling parameters' scalars, from their one definition, and ``stream``)
+SETTINGS = {**{p.name: p.kind for p in PARAMETERS if p.kind in ("int", "float", "bool")}, "stream": "bool"}
+LIST_INPUTS = tuple(p.name for p in PARAMETERS if p.kind == "token_ids" and p.triton_dtype)
+KNOWN_PARAMETERS = tuple(sorted({*SETTINGS, *(p.name for p in PARAMETERS), "cache_salt", *vllm.VLLM_KEYS}))
 INPUT_ONLY = ("text_input", "input_ids", "START", "END", "CORRID", *vllm.INPUT_ONLY)
-MAX_STOP_STRINGS = 64
-_INT_TEXT = re.compile(r"[+-]?\d{1,40}")
-
-
-class BadRequest(ValueError):
-    """A client mistake found while reading the request; answered with INVALID_ARG (HTTP 400)."""
-
-
-@dataclass(frozen=True)
-class ReplyForm:
-    """What a request asks of its replies. Truthy when streamed (one response per delta); else
-    one response holds the whole turn."""
-
-    stream: bool
-    echo: str = ""  # prepended to the text of the whole-turn reply (exclude_input_in_output false)
-    vllm_finish_reason: bool = False  # finish_reason on every response, in vLLM's words
-    num_input_tokens: bool = False
-    num_output_tokens: bool = False
-
-    def __bool__(self) -> bool:
-        return self.stream
 
 
 @dataclass
@@ -127,133 +109,60 @@ def _sampling_parameters(pb_utils, request) -> dict:
     if arr.size != 1 or arr.dtype.kind not in "OSU":
         raise BadRequest(f"input 'sampling_parameters' must hold one JSON string, got {arr.size} values "
                          f"of data type {arr.dtype}")
-    params = vllm.sampling_parameters_object(_decode(arr.reshape(-1)[0], "input 'sampling_parameters'"),
+    params = vllm.sampling_parameters_object(decode(arr.reshape(-1)[0], "input 'sampling_parameters'"),
                                              BadRequest)
     _check_parameter_names(params, "sampling_parameters key",
                            tuple(k for k in KNOWN_PARAMETERS if k not in vllm.NOT_SAMPLING))
     return params
 
 
-def _same_value(a, b) -> bool:
-    """One setting sent both as a request parameter and in sampling_parameters (e.g. 0.1 and
-    "0.1") says the same thing."""
-    return a == b or (not isinstance(a, (dict, list)) and str(a).strip().lower() == str(b).strip().lower())
-
-
-def _decode(raw, what: str) -> str:
-    if isinstance(raw, (bytes, np.bytes_)):
-        try:
-            return bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadRequest(f"{what} is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
-    if isinstance(raw, str):
-        try:
-            raw.encode("utf-8")  # a lone surrogate cannot be sent on
-        except UnicodeEncodeError as exc:
-            raise BadRequest(f"{what} is not valid UTF-8 (character {exc.start}: {exc.reason})") from None
-        return str(raw)
-    raise BadRequest(f"{what} must be a string, got {type(raw).__name__}")
-
-
-def _convert(value, kind: str, what: str):
-    """One setting's value (a Python or numpy scalar, or a string) as ``kind``, strictly."""
-    if isinstance(value, (bytes, np.bytes_)):
-        value = _decode(value, what)
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, str):
-        text = value.strip()
-        if kind == "int":
-            if not _INT_TEXT.fullmatch(text):
-                raise BadRequest(f"{what} = {value[:60]!r} is not an integer")
-            return int(text)
-        if kind == "float":
-            try:
-                value = float(text)
-            except ValueError:
-                raise BadRequest(f"{what} = {value[:60]!r} is not a number") from None
-        elif kind == "bool":
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise BadRequest(f"{what} = {value[:60]!r} is not a boolean (true / false)")
-    if kind == "bool":
-        if isinstance(value, bool) or value in (0, 1):
-            return bool(value)
-        raise BadRequest(f"{what} = {value!r} is not a boolean (true / false)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{what} = {value!r} is not a{'n integer' if kind == 'int' else ' number'}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadRequest(f"{what} = {value!r} is not a finite number")
-    if kind == "int":
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise BadRequest(f"{what} = {value!r} is not an integer")
-            value = int(value)
-        return value
-    try:
-        value = float(value)
-    except OverflowError:
-        raise BadRequest(f"{what} = {value!r} is out of range") from None
-    if not math.isfinite(value):
-        raise BadRequest(f"{what} = {value!r} is not a finite number")
-    return value
-
-
-def _tensor_setting(arr: np.ndarray, name: str, kind: str):
-    what = f"input {name!r}"
-    if arr.size != 1:
-        raise BadRequest(f"{what} must hold one value, got {arr.size} (shape {list(arr.shape)})")
-    expected = {"int": "iu", "float": "fiu", "bool": "biu"}[kind]
-    if arr.dtype.kind not in expected + "OSU":
-        raise BadRequest(f"{what} has data type {arr.dtype}; expected {'a boolean' if kind == 'bool' else kind}")
-    return _convert(arr.reshape(-1)[0], kind, what)
-
-
 def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int,
                   limits: Limits = Limits()) -> ParsedRequest:
     params = _parameters(request)
     _check_parameter_names(params)
-    params = vllm.merge_parameters(params, _sampling_parameters(pb_utils, request), _same_value, BadRequest)
+    params = vllm.merge_parameters(params, _sampling_parameters(pb_utils, request), same_value, BadRequest)
 
     def setting(name, default):
-        kind = SETTINGS[name]
         arr = _input(pb_utils, request, name)
         if arr is not None and name in params:
             raise BadRequest(f"{name!r} was sent both as an input and as a request parameter; send it once")
         if arr is not None:
-            return _tensor_setting(arr, name, kind)
+            if name in LIST_INPUTS:
+                return checked(name, list_tensor(arr, name), f"input {name!r}")
+            if name not in SETTINGS:
+                raise BadRequest(f"{name!r} must be sent as a request parameter (JSON text), not as an input")
+            return checked(name, tensor_setting(arr, name, SETTINGS[name]), f"input {name!r}")
         if name in params:
-            value = _convert(params[name], kind, f"parameter {name!r}")
-            return 0 if name == "top_k" and value == -1 else value  # vLLM's "off"
+            value = params[name]
+            if value is None:  # JSON null (vLLM's None): the default
+                return default
+            if name == "top_k" and convert(value, "int", "parameter 'top_k'") == -1:
+                return 0  # vLLM's "off"
+            return checked(name, value, f"parameter {name!r}")
         return default
 
     text, input_ids = _prompt(pb_utils, request, limits)
-    stop = _stop(pb_utils, request, params)
-    max_tokens = setting("max_tokens", default_max_tokens)
-    ignore_eos = setting("ignore_eos", False)
-    if _runs_to_max_tokens(params, max_tokens):
-        ignore_eos, stop = True, ()
-    sampling = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=setting("temperature", 1.0),
-        top_k=setting("top_k", 0),
-        top_p=setting("top_p", 1.0),
-        seed=setting("seed", None),
-        stop=stop,
-        ignore_eos=ignore_eos,
-    )
+    for name in vllm.NEUTRAL_VALUES:
+        if name in params:
+            vllm.check_neutral(name, params[name], BadRequest)
+    values = {p.name: setting(p.name, p.default) for p in PARAMETERS if p.name != "stop"}
+    values["stop"] = _stop(pb_utils, request, params)
+    vllm_form = _is_vllm_form(pb_utils, request)
+    if values["max_tokens"] is None:
+        values["max_tokens"] = vllm.DEFAULT_MAX_TOKENS if vllm_form else default_max_tokens
+    reply = _reply_form(pb_utils, request, setting("stream", not stateless), text, input_ids, vllm_form)
+    if (reply.logprobs or reply.cumulative_logprob) and values["logprobs"] is None:
+        values["logprobs"] = 0  # the chosen tokens' logprobs are needed
+    sampling = SamplingParams(**values)
     try:
         check_sampling(sampling)
     except RequestError as exc:
         raise BadRequest(str(exc)) from None
-    reply = _reply_form(pb_utils, request, setting("stream", not stateless), text, input_ids)
     salt = params.get("cache_salt")
     if salt is not None:
         if isinstance(salt, bool) or not isinstance(salt, (str, int)):
             raise BadRequest(f"parameter 'cache_salt' must be a string, got {type(salt).__name__}")
-        salt = _decode(str(salt), "parameter 'cache_salt'")
+        salt = decode(str(salt), "parameter 'cache_salt'")
     if stateless:
         start, end, corr_id = True, True, None
     else:
@@ -272,40 +181,34 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
     return parsed
 
 
-def _runs_to_max_tokens(params: dict, max_tokens: int) -> bool:
-    """Checks the vLLM keys without a sampler of their own; True when ``min_tokens`` asks for
-    every reply to run to ``max_tokens``."""
-    for name in vllm.NEUTRAL_VALUES:
-        if name in params:
-            vllm.check_neutral(name, params[name], BadRequest)
-    if "min_tokens" not in params:
-        return False
-    min_tokens = _convert(params["min_tokens"], "int", "parameter 'min_tokens'")
-    return vllm.min_tokens_rule(min_tokens, max_tokens, BadRequest)
-
-
 def _flag(pb_utils, request, name: str) -> bool | None:
     arr = _input(pb_utils, request, name)
-    return None if arr is None else _tensor_setting(arr, name, "bool")
+    return None if arr is None else tensor_setting(arr, name, "bool")
 
 
-def _reply_form(pb_utils, request, stream: bool, text: str | None, input_ids) -> ReplyForm:
+def _reply_form(pb_utils, request, stream: bool, text: str | None, input_ids, vllm_form: bool) -> ReplyForm:
     """The vLLM backend's output flags (see ``vllm_contract``)."""
-    for name, what in vllm.UNSUPPORTED_FLAGS.items():
-        if _flag(pb_utils, request, name):
-            raise BadRequest(f"input {name!r} = true is not supported: tritonkv does not compute {what}")
     echo = ""
-    if _flag(pb_utils, request, "exclude_input_in_output") is False:
+    exclude = _flag(pb_utils, request, "exclude_input_in_output")
+    if exclude is False:
         if stream:
             raise BadRequest("exclude_input_in_output = false is not allowed with stream = true (as in "
                              "Triton's vLLM backend): streamed responses never repeat the prompt")
         if text is None:
             raise BadRequest("exclude_input_in_output = false needs the prompt as text_input (it is echoed "
                              "as text); input_ids cannot be echoed")
+    if (exclude is False or (exclude is None and vllm_form and not stream)) and text is not None:
         echo = text
     return ReplyForm(stream, echo, bool(_flag(pb_utils, request, "return_finish_reason")),
                      bool(_flag(pb_utils, request, "return_num_input_tokens")),
-                     bool(_flag(pb_utils, request, "return_num_output_tokens")))
+                     bool(_flag(pb_utils, request, "return_num_output_tokens")),
+                     bool(_flag(pb_utils, request, "return_logprobs")),
+                     bool(_flag(pb_utils, request, "return_cumulative_logprob")))
+
+
+def _is_vllm_form(pb_utils, request) -> bool:
+    """The request uses the vLLM backend's contract: its defaults apply (vllm_contract)."""
+    return any(_input(pb_utils, request, name) is not None for name in vllm.INPUT_ONLY)
 
 
 def _prompt(pb_utils, request, limits: Limits) -> tuple[str | None, list[int] | None]:
@@ -327,7 +230,7 @@ def _prompt(pb_utils, request, limits: Limits) -> tuple[str | None, list[int] | 
                 raise BadRequest(f"input 'text_input' is {size} bytes: more than this model's "
                                  f"{limits.max_model_len} tokens (max_model_len) can hold with this "
                                  f"tokenizer (at most {limits.max_text_bytes} bytes)")
-        text = _decode(raw, "input 'text_input'")
+        text = decode(raw, "input 'text_input'")
     input_ids = None
     if ids_arr is not None:
         if ids_arr.dtype.kind not in "iu":
@@ -359,7 +262,7 @@ def _stop(pb_utils, request, params: dict) -> tuple[str, ...]:
         return ()
     if len(values) > MAX_STOP_STRINGS:
         raise BadRequest(f"{where} holds {len(values)} strings; at most {MAX_STOP_STRINGS}")
-    stop = tuple(_decode(s, f"{where}[{i}]") for i, s in enumerate(values))
+    stop = tuple(decode(s, f"{where}[{i}]") for i, s in enumerate(values))
     return tuple(s for s in stop if s)
 
 
@@ -374,77 +277,7 @@ def _control(pb_utils, request, name):
         raise BadRequest(f"control input {name!r} is not a boolean") from None
 
 
-PLAIN = ReplyForm(stream=True)  # no output asked beyond our own
-
-
-def make_response(pb_utils, out: TurnOutput, form: ReplyForm = PLAIN, echo: str = ""):
-    """One response; ``echo`` is prepended to its text. The vLLM outputs are added where
-    ``form`` asks for them; ``num_input_tokens`` where the engine reported the prompt's size."""
-    if out.error is not None:
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(out.error))
-
-    def strings(name, text):
-        return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
-
-    tensors = [strings("text_output", echo + out.text),
-               pb_utils.Tensor("output_ids", np.array(out.token_ids, dtype=np.int32))]
-    if form.vllm_finish_reason:
-        tensors.append(strings("finish_reason", vllm.vllm_finish_reason(out.finish_reason if out.finished else None)))
-    elif out.finished:
-        tensors.append(strings("finish_reason", out.finish_reason or ""))
-    if out.finished:
-        tensors += [
-            pb_utils.Tensor("cached_tokens", np.array([out.cached_tokens], dtype=np.int32)),
-            pb_utils.Tensor("prompt_tokens", np.array([out.prompt_tokens], dtype=np.int32)),
-        ]
-    if form.num_input_tokens and out.prompt_tokens:
-        tensors.append(pb_utils.Tensor("num_input_tokens", np.array([out.prompt_tokens], dtype=np.uint32)))
-    if form.num_output_tokens:
-        tensors.append(pb_utils.Tensor("num_output_tokens", np.array([len(out.token_ids)], dtype=np.uint32)))
-    return pb_utils.InferenceResponse(output_tensors=tensors)
-
-
-def error_response(pb_utils, message: str, code: str = "INVALID_ARG"):
-    """An error response with a Triton error code (INVALID_ARG: HTTP 400; UNAVAILABLE: 503;
-    INTERNAL: 500), where this stub's ``TritonError`` takes one."""
-    error_cls = pb_utils.TritonError
-    code_value = getattr(error_cls, code, None)
-    try:
-        error = error_cls(message) if code_value is None else error_cls(message, code_value)
-    except TypeError:  # an older stub: message only
-        error = error_cls(message)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
-
-
-class ReplyChannel:
-    """The engine's ``emit`` for one request: streams each delta, or (not streaming) merges
-    them into the single final response that HTTP ``/generate`` requires. ``form``: a
-    ``ReplyForm``, or a bool (stream or not, nothing else asked)."""
-
-    def __init__(self, pb_utils, sender, form: ReplyForm | bool):
-        self.pb_utils = pb_utils
-        self.sender = sender
-        self.form = form if isinstance(form, ReplyForm) else ReplyForm(bool(form))
-        self.stream = self.form.stream
-        self.text: list[str] = []
-        self.ids: list[int] = []
-
-    def error(self, message: str, code: str | None = None) -> None:
-        """The request's final answer: an error (``code``: a Triton error code name)."""
-        if code is None:
-            self(TurnOutput("", [], True, "error", error=message))
-        else:
-            self.sender.send(error_response(self.pb_utils, message, code),
-                             flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def __call__(self, out: TurnOutput) -> None:
-        final_flag = self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if not self.stream and out.error is None:
-            self.text.append(out.text)
-            self.ids.extend(out.token_ids)
-            if not out.finished:
-                return
-            out = TurnOutput("".join(self.text), self.ids, True, out.finish_reason,
-                             out.cached_tokens, out.prompt_tokens)
-        echo = "" if self.stream else self.form.echo
-        self.sender.send(make_response(self.pb_utils, out, self.form, echo), flags=final_flag if out.finished else 0)
+def list_tensor(arr: np.ndarray, name: str) -> list[int]:
+    if arr.dtype.kind not in "iu":
+        raise BadRequest(f"input {name!r} has data type {arr.dtype}; expected integers (INT32)")
+    return [int(v) for v in arr.reshape(-1).tolist()]

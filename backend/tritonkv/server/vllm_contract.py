@@ -7,16 +7,23 @@ Inputs (all optional, declared in model_repository/llm_stateless/config.pbtxt):
   the same keys may come as request parameters, and a key sent both ways must hold the same
   value (vLLM's sample client sends both).
 - ``exclude_input_in_output`` (BOOL): false echoes the prompt text before the generated text
-  of a one-reply request; false with ``stream`` true is refused, as vLLM does. Left out,
-  nothing is echoed (vLLM echoes when it is left out and the request does not stream).
+  of a one-reply request; false with ``stream`` true is refused, as vLLM does. Left out, a
+  request in this form (``sampling_parameters`` or any of these flags sent) is echoed when it
+  does not stream, as vLLM does; ``max_tokens`` then defaults to 16 (vLLM's default).
 - ``return_finish_reason`` / ``return_num_input_tokens`` / ``return_num_output_tokens``:
   outputs ``finish_reason`` (on every response, vLLM's words: "None" until the last, then
   "stop" / "length" / "abort"), ``num_input_tokens`` (UINT32, the prompt's token count) and
   ``num_output_tokens`` (UINT32, the tokens in this response).
-- ``return_logprobs`` / ``return_cumulative_logprob``: false only (no log-probabilities here).
+- ``return_logprobs``: output ``logprobs`` (BYTES, one JSON string per response: a list, one
+  entry per token of the response, of {token id: {logprob, rank, decoded_token}}: the chosen
+  token and the ``logprobs`` most likely ones, vLLM's ``SampleLogprobs``); without a
+  ``logprobs`` key only the chosen token's. ``return_cumulative_logprob``: output
+  ``cumulative_logprob`` (FP32, the sum of the chosen tokens' logprobs so far).
 
-vLLM keys tritonkv has no sampler for are accepted at the value that changes nothing and
-refused, by name, at any other; ``top_k`` -1 means off (vLLM's spelling of 0).
+The sampling keys and their ranges are ``tritonkv.sampling.params``' (``PARAMETERS``, the
+keys marked ``vllm``). vLLM keys tritonkv has no sampler for (``n``, ``best_of``, logprobs)
+are accepted at the value that changes nothing and refused, by name, at any other; ``top_k``
+-1 means off (vLLM's spelling of 0). JSON is nested at most ``MAX_JSON_DEPTH`` levels.
 """
 
 from __future__ import annotations
@@ -24,17 +31,16 @@ from __future__ import annotations
 import json
 import math
 
-# vLLM SamplingParams keys accepted only at the value that leaves sampling unchanged
-NEUTRAL_VALUES = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                  "repetition_penalty": 1.0, "min_p": 0.0, "logprobs": None, "prompt_logprobs": None,
-                  "stop_token_ids": [], "include_stop_str_in_output": False}
-# min_tokens is honoured where it means "always run to max_tokens"; see min_tokens_rule
-VLLM_KEYS = (*NEUTRAL_VALUES, "min_tokens")
+from tritonkv.sampling.params import NEUTRAL_VALUES, PARAMETERS
+
+# vLLM SamplingParams keys beside ours (PARAMETERS marked vllm)
+VLLM_KEYS = (*NEUTRAL_VALUES, *(p.name for p in PARAMETERS if p.vllm))
+MAX_JSON_DEPTH = 16  # nesting levels of a JSON value in a request
 # keys of our own that vLLM's SamplingParams does not have
 NOT_SAMPLING = ("stream", "cache_salt")
 FLAG_INPUTS = ("exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
                "return_num_output_tokens", "return_logprobs", "return_cumulative_logprob")
-UNSUPPORTED_FLAGS = {"return_logprobs": "log-probabilities", "return_cumulative_logprob": "log-probabilities"}
+DEFAULT_MAX_TOKENS = 16  # vLLM SamplingParams' default, for requests in this form
 INPUT_ONLY = ("sampling_parameters", *FLAG_INPUTS)
 # finish reasons in vLLM's words (RequestOutput.finish_reason)
 VLLM_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort"}
@@ -45,13 +51,36 @@ def vllm_finish_reason(reason: str | None) -> str:
     return NOT_FINISHED if reason is None else VLLM_FINISH_REASONS.get(reason, reason)
 
 
-def json_object(text: str, what: str, error) -> dict:
-    """``text`` as a JSON object; anything else raises ``error`` (the exception class for a
-    client mistake) naming ``what`` was sent."""
+def json_value(text: str, what: str, error):
+    """``text`` as JSON nested at most ``MAX_JSON_DEPTH`` levels; anything else raises
+    ``error`` (the exception class for a client mistake) naming ``what`` was sent."""
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise error(f"{what} is not valid JSON: {exc}") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def json_depth(value) -> int:
+    """Nesting levels of a parsed JSON value (a scalar: 0), counted without recursion."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        item, d = level.pop()
+        if isinstance(item, (dict, list)):
+            depth = max(depth, d)
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            level.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return depth
+
+
+def json_object(text: str, what: str, error) -> dict:
+    """``text`` as a JSON object (``json_value``)."""
+    value = json_value(text, what, error)
     if not isinstance(value, dict):
         raise error(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
@@ -83,24 +112,10 @@ def merge_parameters(params: dict, sampling: dict, same, error) -> dict:
 def check_neutral(name: str, value, error) -> None:
     """A vLLM key tritonkv has no sampler for: only its neutral value is accepted."""
     neutral = NEUTRAL_VALUES[name]
-    if _equal(value, neutral) or (name == "best_of" and value is None) or (
-            name == "stop_token_ids" and value is None):
+    if _equal(value, neutral) or (name == "best_of" and value is None):
         return
-    raise error(f"parameter {name!r} = {value!r} is not supported: tritonkv samples with temperature, "
-                f"top_k, top_p and seed only; send {json.dumps(neutral)} or leave it out")
-
-
-def min_tokens_rule(min_tokens: int, max_tokens: int, error) -> bool:
-    """True when ``min_tokens`` makes every turn run to ``max_tokens`` (EOS and stop strings
-    ignored, as vLLM does before min_tokens); 0 changes nothing; values in between are refused."""
-    if min_tokens < 0:
-        raise error(f"min_tokens must be an integer >= 0, got {min_tokens}")
-    if min_tokens == 0:
-        return False
-    if min_tokens >= max_tokens:
-        return True
-    raise error(f"min_tokens = {min_tokens} is not supported below max_tokens = {max_tokens}: send 0, "
-                "or a value >= max_tokens to always generate max_tokens tokens")
+    raise error(f"parameter {name!r} = {value!r:.60} is not supported by tritonkv; send {json.dumps(neutral)} "
+                "or leave it out")
 
 
 def _equal(value, neutral) -> bool:

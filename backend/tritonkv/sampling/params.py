@@ -1,0 +1,225 @@
+"""The one definition of the sampling parameters: each one's name, type, range, default and
+meaning. The Triton parser (server/triton_request.py), the vLLM contract
+(server/vllm_contract.py), the OpenAI schema (openai_frontend/schema.py) and the client's
+``GenerationParams`` are derived from ``PARAMETERS`` or checked against it (tests), so a new
+parameter is added here and in the sampler that honours it.
+
+Rules:
+- A range is what the runner stores: integers fit int32 (``seed``: uint64), floats are finite
+  float32; a value outside is refused naming the parameter and its range (``check_value``),
+  before anything is converted to a fixed-width type.
+- ``default`` is what a request that leaves the parameter out gets (``max_tokens``: None =
+  the model's ``default_max_tokens``); ``neutral`` values change nothing.
+- Order of the logits processing (engine/sampler.py): logit_bias, min_tokens (EOS and
+  stop_token_ids masked), repetition_penalty, presence / frequency penalties, temperature,
+  top_k, top_p, min_p; then greedy argmax or the seeded draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+MAX_SEED = UINT64_MAX
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_STOP = 64  # stop strings per request
+MAX_TOKEN_LIST = 1024  # entries of stop_token_ids / logit_bias per request
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
+MAX_LOGPROBS = 20  # most likely tokens returned per generated token
+
+
+class RequestError(ValueError):
+    """Bad input from a client: the message says what was wrong and what to do (re-exported by
+    engine/requests.py)."""
+
+
+class ParameterError(RequestError):
+    """A sampling parameter's value is out of its range or of the wrong type; the message
+    names the parameter."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    kind: str  # int | float | bool | strings | token_ids | token_bias
+    default: object
+    meaning: str
+    lo: float | None = None  # inclusive unless lo_open
+    hi: float | None = None
+    lo_open: bool = False
+    triton_dtype: str | None = None  # the Triton input's datatype (None: request parameter only)
+    vllm: bool = True  # a key of vLLM's SamplingParams
+    openai: bool = True  # a field of the OpenAI request bodies
+
+    def range_text(self) -> str:
+        if self.lo is None:
+            return ""
+        low = "(" if self.lo_open else "["
+        hi = {INT32_MAX: "2**31 - 1", UINT64_MAX: "2**64 - 1", FLOAT32_MAX: "3.4e38"}.get(self.hi, self.hi)
+        return f"{low}{_num(self.lo)}, {_num(hi)}]"
+
+
+def _num(x):
+    return int(x) if isinstance(x, float) and x.is_integer() and abs(x) < 1e15 else x
+
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("max_tokens", "int", None, "most tokens generated (None: the model's default_max_tokens)",
+              1, INT32_MAX, triton_dtype="INT32"),
+    Parameter("temperature", "float", 1.0, "divides the logits; 0 (or < 1e-5) is greedy", 0, FLOAT32_MAX,
+              triton_dtype="FP32"),
+    Parameter("top_k", "int", 0, "keep the k most likely tokens (0 = off; vLLM's -1 is read as 0)",
+              0, INT32_MAX, triton_dtype="INT32"),
+    Parameter("top_p", "float", 1.0, "keep the smallest set of most likely tokens whose probability reaches "
+              "top_p", 0, 1, lo_open=True, triton_dtype="FP32"),
+    Parameter("min_p", "float", 0.0, "drop tokens whose probability is below min_p times the most likely "
+              "token's (after temperature)", 0, 1, triton_dtype="FP32"),
+    Parameter("seed", "int", None, "makes the draws of this request reproducible", 0, UINT64_MAX,
+              triton_dtype="INT64"),
+    Parameter("repetition_penalty", "float", 1.0, "HF / vLLM: every token already in the prompt or the "
+              "output has its logit divided by it (multiplied when negative); 1 = off", 0, FLOAT32_MAX,
+              lo_open=True, triton_dtype="FP32"),
+    Parameter("presence_penalty", "float", 0.0, "OpenAI: subtracted from the logit of every token the "
+              "output already holds", -2, 2, triton_dtype="FP32"),
+    Parameter("frequency_penalty", "float", 0.0, "OpenAI: subtracted once per earlier occurrence in the "
+              "output from that token's logit", -2, 2, triton_dtype="FP32"),
+    Parameter("min_tokens", "int", 0, "EOS and stop_token_ids are masked until this many tokens were "
+              "generated (stop strings are not checked before)", 0, INT32_MAX, triton_dtype="INT32"),
+    Parameter("stop", "strings", (), f"generation stops before any of these strings (at most {MAX_STOP})",
+              triton_dtype="BYTES"),
+    Parameter("stop_token_ids", "token_ids", (), "generation stops after any of these tokens "
+              "(finish_reason stop; the token's text is not added)", triton_dtype="INT32"),
+    Parameter("logit_bias", "token_bias", (), f"token id -> value in [-{LOGIT_BIAS_LIMIT:g}, "
+              f"{LOGIT_BIAS_LIMIT:g}] added to its logit before anything else"),
+    Parameter("ignore_eos", "bool", False, "keep generating after EOS", triton_dtype="BOOL"),
+    Parameter("logprobs", "int", None, "return each generated token's log-probability (of the model's "
+              f"distribution, before any setting above) and this many of the most likely tokens' "
+              f"(None: none; at most {MAX_LOGPROBS})", 0, MAX_LOGPROBS, openai=False),
+)
+BY_NAME = {p.name: p for p in PARAMETERS}
+# vLLM SamplingParams keys accepted only at the value that changes nothing
+NEUTRAL_VALUES = {"n": 1, "best_of": 1, "prompt_logprobs": None, "include_stop_str_in_output": False}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One turn's sampling settings, checked (``check_sampling``) before the engine sees them.
+    Defaults are ``PARAMETERS``' (a test keeps them equal)."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, bias), ids unique
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Some setting needs the per-sequence token state on the device (engine/sampler.py)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.min_tokens > 0 or bool(self.logit_bias))
+
+
+def check_value(name: str, value, what: str | None = None):
+    """``value`` (already of Python type int / float / bool / list) within ``name``'s range;
+    returns it normalised (floats as float, token lists as tuples). Raises ParameterError
+    naming ``what`` (default: the parameter's name)."""
+    p = BY_NAME[name]
+    what = what or name
+    if p.kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParameterError(f"{what} must be a{'n integer' if p.kind == 'int' else ' number'}, got {value!r:.60}")
+        if p.kind == "int" and isinstance(value, float):
+            if not (math.isfinite(value) and value.is_integer()):
+                raise ParameterError(f"{what} must be an integer, got {value!r}")
+            value = int(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParameterError(f"{what} must be a finite number, got {value!r}")
+        low_bad = value <= p.lo if p.lo_open else value < p.lo
+        if low_bad or value > p.hi:
+            raise ParameterError(f"{what} must be in {p.range_text()}, got {_short(value)}")
+        return float(value) if p.kind == "float" else value
+    if p.kind == "bool":
+        if not isinstance(value, bool):
+            raise ParameterError(f"{what} must be a boolean, got {value!r:.60}")
+        return value
+    if p.kind == "strings":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+            raise ParameterError(f"{what} must be a string or a list of strings")
+        if len(value) > MAX_STOP:
+            raise ParameterError(f"{what} holds {len(value)} strings; at most {MAX_STOP}")
+        return tuple(s for s in value if s)
+    if p.kind == "token_ids":
+        if not isinstance(value, (list, tuple)):
+            raise ParameterError(f"{what} must be a list of token ids, got {type(value).__name__}")
+        if len(value) > MAX_TOKEN_LIST:
+            raise ParameterError(f"{what} holds {len(value)} ids; at most {MAX_TOKEN_LIST}")
+        return tuple(_token_id(t, f"{what}[{i}]") for i, t in enumerate(value))
+    if p.kind == "token_bias":
+        items = value.items() if isinstance(value, dict) else value
+        if not isinstance(value, (dict, list, tuple)):
+            raise ParameterError(f"{what} must be an object of token id -> bias, got {type(value).__name__}")
+        items = list(items)
+        if len(items) > MAX_TOKEN_LIST:
+            raise ParameterError(f"{what} holds {len(items)} entries; at most {MAX_TOKEN_LIST}")
+        out = {}
+        for item in items:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                raise ParameterError(f"{what} must be an object of token id -> bias (or [id, bias] pairs)")
+            key, bias = item
+            token = _token_id(key, f"{what} key {str(key)[:40]!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
+                    or abs(bias) > LOGIT_BIAS_LIMIT:
+                raise ParameterError(f"{what}[{token}] must be a number in [-{LOGIT_BIAS_LIMIT:g}, "
+                                     f"{LOGIT_BIAS_LIMIT:g}], got {bias!r:.60}")
+            out[token] = float(bias)
+        return tuple(sorted(out.items()))
+    raise AssertionError(p.kind)
+
+
+def _token_id(value, what: str) -> int:
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit() and len(value) < 12:
+        value = int(value)  # JSON object keys are strings (OpenAI's logit_bias)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT32_MAX:
+        raise ParameterError(f"{what} must be a token id (an integer in [0, 2**31 - 1]), got {value!r:.60}")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+
+
+def check_sampling(params: SamplingParams) -> None:
+    """Refuse values the sampler cannot honour, naming the parameter (ParameterError)."""
+    for p in PARAMETERS:
+        value = getattr(params, p.name)
+        if value is None and p.default is None:
+            continue
+        if p.kind == "token_bias":
+            value = list(value)
+        check_value(p.name, value)
+    if params.min_tokens > params.max_tokens:
+        raise ParameterError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Token ids named by the settings lie in the vocabulary."""
+    for name, ids in (("stop_token_ids", params.stop_token_ids),
+                      ("logit_bias", [t for t, _ in params.logit_bias])):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise ParameterError(f"{name} names token id {bad[0]}, outside the vocabulary [0, {vocab_size})")

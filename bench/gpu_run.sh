@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The GPU calls, from the project root on the lent machine (carry [".gpu-carry"], filled on the
+# CPU machine by `bash bench/gpu_carry.sh`, which also records the commit: the device gets the
+# tree without .git; .gpu-carry/device_env.sh exports it as TRITONKV_COMMIT):
+#
+#   bash bench/gpu_run.sh check     # whole suite (TRITONKV_TEST_DEVICE=cuda) + GPU benchmark
+#                                   # smoke runs -> $OUT/gpu_check.md (+ junit.xml, pytest.log,
+#                                   # smoke.log); <= ~9 min on 16 cores; copy gpu_check.md to
+#                                   # bench/results/ and commit it with the change it checks
+#   bash bench/gpu_run.sh serving   # Llama-3-8B shape, 200 in / 180 out, c=1/64/128/256: served,
+#                                   # 2x2, in-process, HF static-cache peer -> $OUT/serving_<h100|h200>.*
+#
+# If one call cannot hold every serving system (each system's results are written as it ends),
+# copy $OUT's serving_<gpu>.json and .tokens.json into bench/results/ and run the rest with
+#   SYSTEMS="tritonkv-2x2 hf-static" SERVING_ARGS="--merge bench/results/serving_<gpu>.json" \
+#     bash bench/gpu_run.sh serving
+# TINY=1: the same steps shrunk to prove the script on a CPU (the local venv, the demo model,
+# a few tests): `TINY=1 OUT=/tmp/x bash bench/gpu_run.sh check` / `... serving`.
+# Knobs: WORKERS (pytest-xdist processes, default 8), SUITE_S (the suite's time limit, 360),
+# BUDGET_S (the whole call, 540: smoke runs that would pass it are listed as not run),
+# PYTEST_ARGS (extra pytest arguments), SYSTEMS / LEVELS (serving), TRITONKV_COMMIT.
+# Everything goes to $OUT as it is written, so a run cut short still returns what it had.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?usage: bash bench/gpu_run.sh check|serving}
+OUT=${OUT:-/tmp/tritonkv-gpu-run}
+mkdir -p "$OUT"
+t0=$(date +%s)
+if [ "${TINY:-0}" = 1 ]; then
+  IMGPY=$(command -v python3)
+  export PYTHONPATH=$PWD/backend:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+else
+  source .gpu-carry/device_env.sh  # bench/gpu_device_env.sh: tritonserver, the stub's venv, the wheels
+  IMGPY=$(command -v python3)      # that venv: the tests see what the stub sees
+  # tritonkv is not installed there: subprocesses (`-m tritonkv.server.cli`, the OpenAI
+  # frontend) find it through PYTHONPATH
+  export PYTHONPATH=$PWD/backend:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+  export TRITONKV_TEST_DEVICE=cuda
+  nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+fi
+commit=${TRITONKV_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+grep -qx dirty .gpu-carry/commit 2>/dev/null && commit="$commit (with uncommitted changes)"
+# NVLink multicast stays off (the machines' rule), in every process started from here
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+deadline=$(( t0 + ${BUDGET_S:-540} ))  # the whole call stays inside the device tool's 10 minutes
+smoke() {  # name, seconds, command...: one line of $OUT/smoke.tsv; skipped (said so) past the budget
+  local name=$1 limit=$2; shift 2
+  local s=$(date +%s) shown="$*"
+  shown=${shown//$IMGPY/python3}
+  local left=$(( deadline - s - 20 ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$shown" "-" "0" "not run: the call's time budget was spent" >> "$OUT/smoke.tsv"
+    return
+  fi
+  echo "== smoke $name: $shown" | tee -a "$OUT/smoke.log"
+  timeout -k 5 "$limit" "$@" > "$OUT/smoke_one.log" 2>&1
+  local rc=$?
+  cat "$OUT/smoke_one.log" >> "$OUT/smoke.log"
+  local last=$(grep -v -i warn "$OUT/smoke_one.log" | grep -v '^\s*$' | tail -1 | tr '\t' ' ')
+  [ "$rc" = 124 ] && last="killed after $limit s: $last"
+  rm -f "$OUT/smoke_one.log"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$shown" "$rc" "$(( $(date +%s) - s ))" "$last" >> "$OUT/smoke.tsv"
+}
+
+case $mode in
+check)
+  rm -f "$OUT"/junit*.xml "$OUT/smoke.tsv" "$OUT/smoke.log"
+  "$IMGPY" -c "from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint as e; print('demo model', e())"
+  par=() tmo=()
+  if [ "${TINY:-0}" != 1 ] && "$IMGPY" -c "import xdist" 2>/dev/null; then
+    par=(-n "${WORKERS:-8}" --dist loadfile)  # a file's tests (and its module fixtures) on one worker
+    # the HF oracles run on the CPU: 2 threads per worker, not 16 each on 16 cores
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+  fi
+  "$IMGPY" -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout "${TEST_TIMEOUT_S:-300}")
+  sel=()
+  [ "${TINY:-0}" = 1 ] && sel=(tests/kernels/test_decode_attention.py -k "any_size or refused")
+  suite_s=${SUITE_S:-360}
+  s=$(date +%s)
+  rm -f "$OUT/record.tsv"
+  TRITONKV_TEST_RECORD="$OUT/record.tsv" timeout -k 10 "$suite_s" "$IMGPY" -m pytest -q -rfEs --durations=30 -p no:cacheprovider \
+    --junitxml="$OUT/junit.xml" "${par[@]}" "${tmo[@]}" ${PYTEST_ARGS:-} "${sel[@]}" 2>&1 | tee "$OUT/pytest.log" | tail -60
+  wall=$(( $(date +%s) - s ))
+  # what failed in parallel runs again alone (an interaction of workers is then named, not hidden)
+  "$IMGPY" bench/gpu_report.py --failed "$OUT/junit.xml" > "$OUT/failed.txt" 2>/dev/null
+  n=$(wc -l < "$OUT/failed.txt")
+  if [ "$n" -gt 0 ] && [ "$n" -le 40 ] && [ ${#par[@]} -gt 0 ]; then
+    echo "== re-running $n failures alone" | tee -a "$OUT/pytest.log"
+    timeout -k 10 "${RERUN_S:-90}" "$IMGPY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/junit_rerun.xml" \
+      "${tmo[@]}" $(cat "$OUT/failed.txt") 2>&1 | tee -a "$OUT/pytest.log" | tail -15
+  fi
+  if [ "${TINY:-0}" = 1 ]; then
+    smoke serving-tiny 600 "$IMGPY" bench/serving_benchmark.py --tiny --systems tritonkv inprocess --out "$OUT/smoke" --no-plot
+  else
+    smoke decode-attention 60 "$IMGPY" bench/decode_attention.py --out "$OUT/smoke" --no-flex --only 16x4k
+    smoke extend-attention 60 "$IMGPY" bench/extend_attention.py --out "$OUT/smoke"
+    smoke serving-tiny 150 "$IMGPY" bench/serving_benchmark.py --tiny --systems tritonkv inprocess hf-static \
+      --out "$OUT/smoke" --no-plot
+  fi
+  rm -rf "$OUT/smoke" "$OUT/failed.txt"
+  "$IMGPY" bench/gpu_report.py --junit "$OUT/junit.xml" --rerun "$OUT/junit_rerun.xml" --record "$OUT/record.tsv" \
+    --smoke "$OUT/smoke.tsv" \
+    --commit "$commit" --command "bash bench/gpu_run.sh check" --wall-s "$wall" --out "$OUT/gpu_check.md" | tail -25
+  rc=${PIPESTATUS[0]}
+  rm -f "$OUT/smoke.tsv"
+  ;;
+serving)
+  gpu=$("$IMGPY" -c "import torch; n = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'; print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'cpu')")
+  if [ "${TINY:-0}" = 1 ]; then
+    args=(--tiny)
+  else
+    args=(--synthetic llama3-8b --concurrency ${LEVELS:-1 64 128 256} --prompt-tokens 200 --max-tokens 180)
+  fi
+  "$IMGPY" bench/serving_benchmark.py "${args[@]}" --systems ${SYSTEMS:-tritonkv inprocess tritonkv-2x2 hf-static} \
+    --out "$OUT" --name "serving_$gpu" ${SERVING_ARGS:-} 2>&1 | grep --line-buffered -v -i warning | tee "$OUT/serving_$gpu.log" | tail -40
+  rc=${PIPESTATUS[0]}
+  ;;
+*)
+  echo "unknown mode $mode (check | serving)" >&2; exit 2 ;;
+esac
+echo "gpu_run.sh $mode: exit $rc after $(( $(date +%s) - t0 )) s; files in $OUT:"; ls -la "$OUT"
+exit "$rc"
