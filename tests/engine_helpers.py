@@ -17,7 +17,10 @@ TEST_DEVICE = os.environ.get("TRITONKV_TEST_DEVICE", "cpu")
 
 
 def make_engine(checkpoint: str, **overrides):
-    settings = {"block_size": 4, "num_blocks": 256, "device": TEST_DEVICE, "dtype": "float32", **overrides}
+    # the host tier only where a test asks for it (auto would turn it on under CUDA and change
+    # which victims are preempted)
+    settings = {"block_size": 4, "num_blocks": 256, "device": TEST_DEVICE, "dtype": "float32",
+                "kv_host_memory_gb": 0, **overrides}
     cfg = EngineConfig(checkpoint=checkpoint, **settings)
     return build_engine(cfg)
 
