@@ -11,8 +11,11 @@ turns; turns arrive in waves of ``--concurrency`` conversations (round robin, so
 turns of a conversation every other conversation runs one: the think time). Per turn TTFT
 p50 / p90 and output tok/s, tier on vs off.
 
-GPU (Llama-3-8B shape, random bf16 weights, bench/synthetic_checkpoint.py):
+GPU (Llama-3-8B shape, random bf16 weights, bench/synthetic_checkpoint.py; 8B bf16 takes 2 MiB
+per 16-token block: part 2's defaults hold 32 conversations of ~2.4k tokens on the device
+(~9.5 GiB) and park the other 96 in a 32 GiB host tier):
     python bench/kv_tiers.py --device cuda --shape llama3-8b --out bench/results/kv_tiers_h200.md
+The issue's 256 x 4 turns: add --pool-conversations 64 --host-gb 64 (needs ~60 GiB of free RAM).
 CPU smoke test (a tiny random Llama, seconds):
     python bench/kv_tiers.py --shape tiny
 Decode step cost with no swap pending (tier on vs off within 2%): bench/bounded_kv.py's decode
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="tiny", choices=["tiny", "llama3-8b", "llama-1b"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "tritonkv_bench"))
-    p.add_argument("--host-gb", type=float, default=None, help="host tier when on (default: 64 GiB on CUDA, 1 on CPU)")
+    p.add_argument("--host-gb", type=float, default=None, help="host tier when on (default: 32 GiB on CUDA, 1 on CPU)")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--chunk", type=int, default=None, help="max_num_batched_tokens (default 8192 / 256 tiny)")
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--turn-history", type=int, default=None, help="part 2 first-turn tokens (2048; tiny 128)")
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--output", type=int, default=32, help="part 2 output tokens per turn")
-    p.add_argument("--pool-conversations", type=int, default=None, help="conversations the pool holds (64; tiny 4)")
+    p.add_argument("--pool-conversations", type=int, default=None,
+                   help="conversations the pool holds (32: 128 live conversations at 4x; tiny 4)")
     p.add_argument("--oversubscribe", type=float, default=4.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--parts", default="1,2")
@@ -175,8 +179,8 @@ def main(argv=None) -> int:
     args.history = args.history or (512 if tiny else 8000)
     args.turn_history = args.turn_history or (128 if tiny else 2048)
     args.chunk = args.chunk or (256 if tiny else 8192)
-    args.pool_conversations = args.pool_conversations or (4 if tiny else 64)
-    host_gb = args.host_gb or (64.0 if args.device == "cuda" else 1.0)
+    args.pool_conversations = args.pool_conversations or (4 if tiny else 32)
+    host_gb = args.host_gb or (32.0 if args.device == "cuda" else 1.0)
     path = checkpoint(args.shape, args.dir)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [f"# KV host tier: {args.shape} on {dev}", "", f"`python bench/kv_tiers.py {' '.join(sys.argv[1:])}`", ""]
