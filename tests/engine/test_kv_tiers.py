@@ -4,11 +4,13 @@ KV swaps losslessly; swapped conversations that are queued, cancelled or ended l
 streaming / h2o keep their kept blocks across swaps (dense policy reference)."""
 
 import pytest
+import torch
 
 from bounded_models import assert_hf_greedy, build_checkpoint, prompt
 from dense_policy_reference import DensePolicyReference, reference_turn
 from engine_helpers import Collector, greedy, make_engine, run_turn
 from tritonkv.cache.allocate import kv_block_bytes
+from tritonkv.model.model_config import ModelConfig
 
 BS = 4
 HOST = dict(kv_host_memory_gb=0.002)  # ~1000 tiny fp32 blocks (CUDA: pinned, graphs and overlap on)
@@ -202,3 +204,28 @@ def test_a_prefix_reclaimed_from_the_device_is_loaded_from_the_host_and_equals_h
     stats = engine.stats()
     assert (stats["prefix_hit_blocks"], stats["host_prefix_hit_blocks"]) == (1, 4)
     assert (stats["used"], stats["host_blocks_used"]) == (0, 0)
+
+
+def test_a_full_host_tier_drops_the_oldest_parked_conversation_which_recomputes(llama):
+    path, hf = llama
+    block = kv_block_bytes(ModelConfig.from_checkpoint(path), BS, torch.float32)
+    # a host tier of 10 blocks: one parked conversation at a time
+    engine = make_engine(path, block_size=BS, num_blocks=16, kv_host_memory_gb=10.5 * block / 2**30,
+                         enable_prefix_caching=False)
+    assert engine.stats()["host_blocks_total"] == 10
+    _, done = round_robin(engine, ["a", "b", "c"], turns=3, new_tokens=9, max_tokens=8)
+    for conv, t, context, c, parked in done:
+        assert_hf_greedy(hf, context, c.token_ids)
+    stats = engine.stats()
+    dropped = engine.host_tier.counts()["dropped"]
+    assert dropped >= 1 and stats["host_dropped_blocks"] > 0
+    # a later turn found its blocks on the device or the host and restored everything, or its
+    # conversation was dropped from the host (or preempted) and recomputed all (no prefix
+    # caching here)
+    recomputed = [c for *_, c, _ in done[3:] if c.final.cached_tokens == 0]
+    assert len(recomputed) == dropped + stats["preemptions"]
+    for conv, t, context, c, parked in done[3:]:
+        assert c.final.cached_tokens in (0, len(context) - 9), conv
+    assert sum(p for *_, p in done) == stats["swap_ins"] >= 1
+    assert (stats["used"], stats["host_blocks_used"]) == (0, 0)
+
