@@ -39,3 +39,14 @@ def test_kv_host_memory_gb_is_validated_and_parsed():
         EngineConfig(kv_host_memory_gb=-2.0)
     with pytest.raises(ValueError, match="'kv_host_memory_gb' = 'lots': expected float"):
         EngineConfig.from_parameters({"kv_host_memory_gb": "lots"})
+
+
+def test_disk_tier_settings_are_validated():
+    import pytest
+
+    from tritonkv.config import EngineConfig
+
+    with pytest.raises(ValueError, match="'kv_disk_gb' = 1.0: needs kv_disk_path"):
+        EngineConfig(kv_disk_gb=1.0)
+    with pytest.raises(ValueError, match="'kv_disk_gb' = -1.0: must be >= 0"):
+        EngineConfig(kv_disk_gb=-1.0, kv_disk_path="/tmp")

@@ -3,6 +3,8 @@ give the tokens of a full recompute (HF, fp32) and prefill only their new tokens
 KV swaps losslessly; swapped conversations that are queued, cancelled or ended leak nothing;
 streaming / h2o keep their kept blocks across swaps (dense policy reference)."""
 
+import os
+
 import pytest
 import torch
 
@@ -229,3 +231,30 @@ def test_a_full_host_tier_drops_the_oldest_parked_conversation_which_recomputes(
     assert sum(p for *_, p in done) == stats["swap_ins"] >= 1
     assert (stats["used"], stats["host_blocks_used"]) == (0, 0)
 
+
+
+def test_conversations_the_host_tier_drops_spill_to_disk_and_come_back_equal_hf(llama, tmp_path):
+    path, hf = llama
+    block = kv_block_bytes(ModelConfig.from_checkpoint(path), BS, torch.float32)
+    stale = tmp_path / "tritonkv-kv-999999999-0.bin"  # a killed server's file (no such pid)
+    stale.write_bytes(b"x")
+    # 4 conversations of 4 blocks after their first turn, 9 on their second; a pool of 10
+    # blocks and a host tier of 10: the host drops a parked conversation, which spills to disk
+    engine = make_engine(path, block_size=BS, num_blocks=10, kv_host_memory_gb=10.5 * block / 2**30,
+                         kv_disk_path=str(tmp_path), kv_disk_gb=64.5 * block / 2**30, enable_prefix_caching=False)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].startswith(f"tritonkv-kv-{os.getpid()}-")  # the stale one went
+    assert engine.stats()["disk_blocks_total"] == 64
+    _, done = round_robin(engine, ["a", "b", "c", "d"], turns=2, new_tokens=9, max_tokens=8)
+    for conv, t, context, c, parked in done:
+        assert_hf_greedy(hf, context, c.token_ids)
+    stats = engine.stats()
+    assert stats["host_dropped_blocks"] > 0 and stats["spill_blocks"] == stats["host_dropped_blocks"]
+    assert stats["disk_swap_in_blocks"] == stats["spill_blocks"]  # each spilled conversation came back
+    # nothing recomputed: every later turn restored its whole history (device, host or disk),
+    # unless preempted as a running turn
+    restored = [c.final.cached_tokens == len(context) - 9 for _, _, context, c, _ in done[4:]]
+    assert restored.count(False) == stats["preemptions"]
+    assert (stats["used"], stats["host_blocks_used"], stats["disk_blocks_used"]) == (0, 0, 0)
+    engine.close()
+    assert list(tmp_path.iterdir()) == []  # the run's file is removed at close

@@ -86,6 +86,9 @@ def test_a_full_host_tier_drops_the_least_recently_parked_conversation():
         assert kv.grow(name, 8)
     assert kv.swap_out("a") and kv.swap_out("b")
     assert kv.host.parked() == ["a", "b"] and kv.host.num_free() == 0
+    # within the step that parked them, neither may be dropped (their bytes are still in flight)
+    assert not kv.swap_out("c") and "c" in kv
+    kv.take_swaps()  # the step ran its copies
     assert kv.swap_out("c")  # the tier is full: a (parked first) is dropped, c takes its blocks
     assert kv.host.parked() == ["b", "c"] and kv.host.blocks_of("c") == [0, 1]
     assert not kv.swapped("a") and "a" not in kv  # a recomputes on its next turn
@@ -93,6 +96,7 @@ def test_a_full_host_tier_drops_the_least_recently_parked_conversation():
     # ``keep`` protects a parked conversation whose turn is waiting to swap in
     kv.start("d", prompt(90, 8))
     assert kv.grow("d", 8)
+    kv.take_swaps()
     assert kv.swap_out("d", keep=["b"]) and kv.host.parked() == ["b", "d"]
     kv.start("e", prompt(70, 20))
     assert kv.grow("e", 20)

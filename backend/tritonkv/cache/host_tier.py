@@ -84,9 +84,9 @@ class HostTier:
 
     def make_room(self, n: int, keep=()) -> list | None:
         """Free cached prefix blocks, then drop least recently parked conversations (not in
-        ``keep``), until ``n`` blocks are free. Returns the dropped sequence ids with their
-        states (the caller keeps what a recompute needs); None and nothing changed when even
-        all that cannot free ``n``."""
+        ``keep``), until ``n`` blocks are free. Returns (sequence id, state, blocks it held)
+        of each dropped one (the caller spills it to disk or keeps what a recompute needs);
+        None and nothing changed when even all that cannot free ``n``."""
         if n > self.num_blocks:
             return None
         reclaimable = self.num_free() + len(self._cached) + sum(
@@ -100,11 +100,11 @@ class HostTier:
                 break
             if seq_id in keep:
                 continue
-            state = self._parked[seq_id].state
-            self.stats["dropped_blocks"] += len(self._parked[seq_id].host_blocks)
+            parked = self._parked[seq_id]
+            self.stats["dropped_blocks"] += len(parked.host_blocks)
             self.stats["dropped"] += 1
             self.drop(seq_id)
-            dropped.append((seq_id, state))
+            dropped.append((seq_id, parked.state, parked.host_blocks))
         return dropped
 
     def _evict_cached(self, n: int) -> None:

@@ -84,7 +84,7 @@ class KVOp:
 class KVCacheManager(TierMoves):
     def __init__(self, pool: BlockPool, owner: int, enable_prefix_caching: bool = True,
                  policy: EvictionPolicy | None = None, angle_limit: int = 1 << 62,
-                 host: HostTier | None = None):
+                 host: HostTier | None = None, disk: HostTier | None = None):
         """``angle_limit``: rotary angles (positions) must stay below it (the rotary table).
         ``host``: the host tier idle sequences swap to (cache/tier_moves.py)."""
         self.pool = pool
@@ -100,9 +100,11 @@ class KVCacheManager(TierMoves):
         self._history: dict[Hashable, EvictionHistory] = {}
         self._ops: list[KVOp] = []
         self.host = host
+        self.disk = disk  # conversations the host tier drops spill here (cache/tier_moves.py)
         if host is not None and enable_prefix_caching:
             pool.on_reclaim = self._demote
         self._swaps = SwapPlan()
+        self._parked_now: set = set()
         self._history_type = EvictionHistory
         self.evicted_blocks = dict.fromkeys(EVICTING_POLICIES, 0)  # per policy name
         self.preempted_blocks = 0  # pool blocks held by sequences when they were preempted
@@ -349,6 +351,8 @@ class KVCacheManager(TierMoves):
         self._history.pop(seq_id, None)
         if self.host is not None:
             self.host.drop(seq_id)
+        if self.disk is not None:
+            self.disk.drop(seq_id)
         self._drop_all(seq_id)
 
     def _drop_all(self, seq_id) -> None:

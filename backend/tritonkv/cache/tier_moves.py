@@ -13,7 +13,9 @@ Rules:
   and registered hashes are as they were, so its next turn prefills only its new tokens.
 - A conversation the host tier drops to make room keeps what a recompute needs (h2o mass),
   as a preempted one does.
-- ``release`` frees both tiers at once.
+- ``release`` frees every tier at once.
+- Disk tier (a HostTier of file-backed blocks): a conversation the host tier drops to make
+  room is spilled there instead (``_spill``), and swaps in from there directly.
 - Prefix blocks the device pool reclaims are demoted (``_demote``, the pool's ``on_reclaim``):
   their copy is queued like a swap-out, read before the reused block is written. A prompt
   whose prefix misses on the device continues its lookup in the host tier
@@ -38,18 +40,35 @@ class SwapPlan:
     out_host: list[int] = field(default_factory=list)
     in_host: list[int] = field(default_factory=list)
     in_device: list[int] = field(default_factory=list)
+    spill_host: list[int] = field(default_factory=list)  # host block -> disk block spill_disk[i]
+    spill_disk: list[int] = field(default_factory=list)
+    in_disk: list[int] = field(default_factory=list)  # disk block -> device block in_disk_device[i]
+    in_disk_device: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.out_device or self.in_host)
+        return bool(self.out_device or self.in_host or self.spill_host or self.in_disk)
 
 
 class TierMoves:
-    """Needs ``self.host`` (a HostTier or None), ``self._seqs``, ``self.pool``, ``self.owner``,
-    ``self._history`` and ``self._swaps`` (a SwapPlan)."""
+    """Needs ``self.host`` (a HostTier or None), ``self.disk``, ``self._seqs``, ``self.pool``,
+    ``self.owner``, ``self._history``, ``self._swaps`` (a SwapPlan) and ``self._parked_now``
+    (sequences parked since the last ``take_swaps``)."""
 
     def swapped(self, seq_id) -> bool:
-        """The sequence's blocks sit in the host tier."""
-        return self.host is not None and seq_id in self.host
+        """The sequence's blocks sit in the host tier or on disk."""
+        return (self.host is not None and seq_id in self.host) or (self.disk is not None and seq_id in self.disk)
+
+    def _spill(self, seq_id, state, host_blocks: list[int]) -> None:
+        """A conversation the host tier dropped goes to disk (dropping the least recently
+        spilled there if needed), else it will recompute."""
+        room = self.disk.make_room(len(host_blocks), keep={seq_id}) if self.disk is not None else None
+        if room is None:
+            self._remember_mass(seq_id, state)
+            return
+        for dropped_id, dropped_state, _ in room:
+            self._remember_mass(dropped_id, dropped_state)
+        self._swaps.spill_disk += self.disk.park(seq_id, state, len(host_blocks))
+        self._swaps.spill_host += host_blocks
 
     def _held(self, seq) -> list[int]:
         return seq.blocks + [b for b in seq.sources if b >= 0]
@@ -63,12 +82,14 @@ class TierMoves:
             return False
         held = self._held(seq)
         if self.host.num_free() < len(held):
-            dropped = self.host.make_room(len(held), keep=set(keep) | {seq_id})
+            # (never a conversation parked in this step: its bytes are not on the host yet)
+            dropped = self.host.make_room(len(held), keep=set(keep) | {seq_id} | self._parked_now)
             if dropped is None:
                 return False
-            for dropped_id, state in dropped:
-                self._remember_mass(dropped_id, state)
+            for dropped_id, state, blocks in dropped:
+                self._spill(dropped_id, state, blocks)
         self._swaps.out_host += self.host.park(seq_id, seq, len(held))
+        self._parked_now.add(seq_id)
         self._swaps.out_device += held
         del self._seqs[seq_id]
         self.pool.release(held, self.owner)
@@ -77,19 +98,24 @@ class TierMoves:
     def swap_in(self, seq_id) -> bool:
         """Bring ``seq_id`` back to the device. False (nothing changed) if the pool cannot
         supply its blocks now (the caller makes room or waits)."""
-        need = len(self.host.blocks_of(seq_id))
+        tier = self.host if seq_id in self.host else self.disk
+        need = len(tier.blocks_of(seq_id))
         try:
             device = self.pool.allocate(need, self.owner)
         except PoolExhausted:
             return False
-        parked = self.host.unpark(seq_id)
+        parked = tier.unpark(seq_id)
         seq = parked.state
         fresh = iter(device)
         seq.blocks = [next(fresh) for _ in seq.blocks]
         seq.sources = [next(fresh) if b >= 0 else -1 for b in seq.sources]
         self._seqs[seq_id] = seq
-        self._swaps.in_host += parked.host_blocks
-        self._swaps.in_device += device
+        if tier is self.host:
+            self._swaps.in_host += parked.host_blocks
+            self._swaps.in_device += device
+        else:
+            self._swaps.in_disk += parked.host_blocks
+            self._swaps.in_disk_device += device
         return True
 
     def _remember_mass(self, seq_id, seq) -> None:
@@ -99,11 +125,16 @@ class TierMoves:
 
     def take_swaps(self) -> SwapPlan:
         plan, self._swaps = self._swaps, SwapPlan()
+        self._parked_now = set()
         return plan
 
     def tier_counts(self) -> dict[str, int]:
-        """The host tier's blocks and counters (empty without one)."""
-        return {} if self.host is None else self.host.counts()
+        """The host tier's blocks and counters (empty without one); the disk tier's as
+        ``disk_*``."""
+        counts = {} if self.host is None else self.host.counts()
+        if self.disk is not None:
+            counts.update({f"disk_{k}": v for k, v in self.disk.counts().items()})
+        return counts
 
     def _demote(self, victims: list[int]) -> None:
         """The pool reclaims these cached blocks: keep a copy of each in the host tier."""

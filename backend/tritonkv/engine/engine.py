@@ -67,10 +67,10 @@ class Engine(Conversations):
         self.max_model_len = self.policy.max_model_len(config.max_model_len, max_pos, pool.num_blocks * pool.block_size)
         self.policy.check_fits(pool.num_blocks, config.max_num_batched_tokens, max_pos, self.max_model_len)
         # the host tier idle conversations swap to (None: off); the swapper runs its copies
-        self.host_tier, self.swapper = build_host_tier(config.kv_host_memory_gb, kv_caches, self.device,
-                                                       pool.num_blocks)
+        self.host_tier, self.disk_tier, self.swapper = build_host_tier(
+            config.kv_host_memory_gb, kv_caches, self.device, pool.num_blocks, config.kv_disk_path, config.kv_disk_gb)
         self.kv = KVCacheManager(pool, 0, config.enable_prefix_caching, self.policy, angle_limit=max_pos,
-                                 host=self.host_tier)
+                                 host=self.host_tier, disk=self.disk_tier)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         # the longest conversation (None: unbounded, positions inside the cache)
         self.context_limit = self.policy.context_limit(self.max_model_len)

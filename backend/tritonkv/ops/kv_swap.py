@@ -17,12 +17,23 @@ Rules:
   (1)-(3) (the device pool is read and written); (4) overlaps the next steps. Later copies
   queue on the same side stream, so a host block freed and reused is ordered too.
 - CPU: the same code path, every copy synchronous.
+- Disk tier (``kv_disk_path``): one file per server run, ``tritonkv-kv-<pid>-<n>.bin``, holding
+  ``[disk_blocks, block_bytes]`` like the host pool, mapped (np.memmap); removed at close and
+  at interpreter exit, and files of dead processes are removed when a tier starts. Before (1):
+  (a) the incoming disk blocks are read, then (b) the spilled host blocks are written to disk
+  (after the copies in flight finish: the host rows must hold their bytes), so a disk block
+  or host block freed and reused in one step is read before it is written.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import logging
+import os
+import re
 
+import numpy as np
 import torch
 
 from tritonkv.cache.tier_moves import SwapPlan
@@ -62,8 +73,43 @@ def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+_DISK_FILE = re.compile(r"tritonkv-kv-(\d+)-\d+\.bin$")
+_disk_files = itertools.count()
+
+
+def remove_stale_disk_files(directory: str) -> list[str]:
+    """Remove disk-tier files whose process is gone (a killed server's); returns their names."""
+    removed = []
+    for name in os.listdir(directory):
+        m = _DISK_FILE.match(name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+class DiskBlocks:
+    """``[num_blocks, block_bytes]`` uint8 in a file of this process under ``directory``."""
+
+    def __init__(self, directory: str, num_blocks: int, block_bytes: int):
+        if not os.path.isdir(directory):
+            raise ValueError(f"parameter 'kv_disk_path' = {directory!r}: not a directory")
+        remove_stale_disk_files(directory)
+        self.path = os.path.join(directory, f"tritonkv-kv-{os.getpid()}-{next(_disk_files)}.bin")
+        with open(self.path, "wb") as f:
+            f.truncate(num_blocks * block_bytes)
+        self.array = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(num_blocks, block_bytes))
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.array is not None:
+            self.array = None
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+
+
 class KVSwapper:
-    def __init__(self, kv_caches, num_host_blocks: int, device: torch.device):
+    def __init__(self, kv_caches, num_host_blocks: int, device: torch.device, disk: DiskBlocks | None = None):
         self.planes = kv_planes(kv_caches)
         self.device = device
         self.widths = [p.shape[0] * p.shape[2] for p in self.planes]
@@ -79,6 +125,7 @@ class KVSwapper:
                                    f"tier failed (error {int(rc)}); lower kv_host_memory_gb")
             self._registered = True
             self.stream = torch.cuda.Stream(device)
+        self.disk = disk
         self.bytes_out = 0
         self.bytes_in = 0
 
@@ -102,15 +149,28 @@ class KVSwapper:
         device pool as the plan leaves it."""
         if not plan:
             return
+        loaded = self._disk_moves(plan) if plan.in_disk or plan.spill_host else None
         if not self.cuda:
-            return self._copies(plan)
+            return self._copies(plan, loaded)
         compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
-            device_done = self._copies(plan)
+            device_done = self._copies(plan, loaded)
         compute.wait_event(device_done)
 
-    def _copies(self, plan: SwapPlan):
+    def _disk_moves(self, plan: SwapPlan) -> torch.Tensor | None:
+        """(a) read the incoming disk blocks, (b) spill host blocks to disk."""
+        loaded = None
+        if plan.in_disk:
+            loaded = torch.from_numpy(np.ascontiguousarray(self.disk.array[plan.in_disk]))
+            if self.cuda:
+                loaded = loaded.pin_memory()
+        if plan.spill_host:
+            self.synchronize()  # earlier device-to-host copies into these rows have landed
+            self.disk.array[plan.spill_disk] = self.host[plan.spill_host].numpy()
+        return loaded
+
+    def _copies(self, plan: SwapPlan, loaded: torch.Tensor | None = None):
         out = self._gather(self._ids(plan.out_device)) if plan.out_device else None  # (1)
         if plan.in_host:
             staging = torch.empty((len(plan.in_host), self.block_bytes), dtype=torch.uint8, device=self.device)
@@ -118,6 +178,9 @@ class KVSwapper:
                 staging[at:at + n].copy_(self.host[first:first + n], non_blocking=True)
             self._scatter(self._ids(plan.in_device), staging)  # (3)
             self.bytes_in += staging.numel()
+        if loaded is not None:  # disk blocks, read in (a)
+            self._scatter(self._ids(plan.in_disk_device), loaded.to(self.device, non_blocking=True))
+            self.bytes_in += loaded.numel()
         device_done = None
         if self.cuda:
             device_done = torch.cuda.Event()
@@ -133,27 +196,36 @@ class KVSwapper:
             self.stream.synchronize()
 
     def close(self) -> None:
-        """Wait for the copies in flight and unpin the host pool."""
+        """Wait for the copies in flight, unpin the host pool, remove the disk file."""
         self.synchronize()
+        if self.disk is not None:
+            self.disk.close()
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
             self._registered = False
 
 
-def build_host_tier(kv_host_memory_gb: float, kv_caches, device: torch.device, device_blocks: int):
-    """(HostTier, KVSwapper) sized by ``host_tier_bytes``, or (None, None) when it is off or
-    holds no whole block."""
+def build_host_tier(kv_host_memory_gb: float, kv_caches, device: torch.device, device_blocks: int,
+                    kv_disk_path: str = "", kv_disk_gb: float = 0.0):
+    """(HostTier, disk HostTier or None, KVSwapper) sized by ``host_tier_bytes`` and
+    ``kv_disk_gb``, or (None, None, None) when the host tier is off or holds no whole block."""
     from tritonkv.cache.host_tier import HostTier, host_tier_bytes
 
     block_bytes = sum(p.shape[0] * p.shape[2] for p in kv_planes(kv_caches))
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     num = host_tier_bytes(kv_host_memory_gb, device.type == "cuda", gpus, device_blocks * block_bytes) // block_bytes
     if num <= 0:
-        return None, None
-    swapper = KVSwapper(kv_caches, num, device)
-    log.info("KV host tier: %d blocks (%.2f GiB%s)", num, num * block_bytes / 2**30,
-             ", pinned" if device.type == "cuda" else "")
-    return HostTier(num, block_bytes), swapper
+        if kv_disk_gb > 0:
+            raise ValueError(f"parameter 'kv_disk_gb' = {kv_disk_gb}: the disk tier takes what the host tier "
+                             "drops; set kv_host_memory_gb > 0 too")
+        return None, None, None
+    disk_num = int(kv_disk_gb * 2**30) // block_bytes
+    disk = DiskBlocks(kv_disk_path, disk_num, block_bytes) if disk_num > 0 else None
+    swapper = KVSwapper(kv_caches, num, device, disk)
+    log.info("KV host tier: %d blocks (%.2f GiB%s)%s", num, num * block_bytes / 2**30,
+             ", pinned" if device.type == "cuda" else "",
+             f"; disk tier: {disk_num} blocks in {disk.path}" if disk else "")
+    return HostTier(num, block_bytes), (HostTier(disk_num, block_bytes) if disk else None), swapper
 
 
 def tier_stats(kv, swapper: KVSwapper | None, scheduler) -> dict[str, int]:
@@ -168,4 +240,7 @@ def tier_stats(kv, swapper: KVSwapper | None, scheduler) -> dict[str, int]:
             "swap_out_bytes": swapper.bytes_out if swapper else 0, "swap_in_bytes": swapper.bytes_in if swapper else 0,
             "swap_outs": scheduler.num_swap_outs, "swap_ins": c.get("swap_ins", 0),
             "host_dropped_blocks": c.get("dropped_blocks", 0), "host_blocks_cached": c.get("cached", 0),
-            "demoted_blocks": c.get("demoted_blocks", 0), "host_prefix_hit_blocks": c.get("prefix_hit_blocks", 0)}
+            "demoted_blocks": c.get("demoted_blocks", 0), "host_prefix_hit_blocks": c.get("prefix_hit_blocks", 0),
+            "disk_blocks_total": c.get("disk_total", 0), "disk_blocks_used": c.get("disk_used", 0),
+            "disk_sequences": c.get("disk_sequences", 0), "spill_blocks": c.get("disk_swap_out_blocks", 0),
+            "disk_swap_in_blocks": c.get("disk_swap_in_blocks", 0)}
