@@ -46,6 +46,11 @@ GAUGES = {
                                                              "pool reclaimed them"),
     "tritonkv_host_prefix_hit_blocks_total": ("host_prefix_hit_blocks", "prompt blocks loaded from the host tier "
                                                                         "instead of recomputed"),
+    "tritonkv_disk_kv_blocks_total": ("disk_blocks_total", "KV blocks in the disk tier (kv_disk_gb)"),
+    "tritonkv_disk_kv_blocks_used": ("disk_blocks_used", "disk-tier KV blocks holding spilled conversations"),
+    "tritonkv_spill_blocks_total": ("spill_blocks", "KV blocks spilled host -> disk (conversations the host "
+                                                    "tier dropped)"),
+    "tritonkv_disk_swap_in_blocks_total": ("disk_swap_in_blocks", "KV blocks copied disk -> device"),
     "tritonkv_host_dropped_blocks_total": ("host_dropped_blocks", "host-tier KV blocks dropped to make room "
                                                                   "(their conversations recompute)"),
 }
