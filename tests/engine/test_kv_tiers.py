@@ -211,11 +211,12 @@ def test_a_prefix_reclaimed_from_the_device_is_loaded_from_the_host_and_equals_h
 def test_a_full_host_tier_drops_the_oldest_parked_conversation_which_recomputes(llama):
     path, hf = llama
     block = kv_block_bytes(ModelConfig.from_checkpoint(path), BS, torch.float32)
-    # a host tier of 10 blocks: one parked conversation at a time
-    engine = make_engine(path, block_size=BS, num_blocks=16, kv_host_memory_gb=10.5 * block / 2**30,
+    # 4 conversations of 4 blocks after their first turn, 9 on their second; a pool of 10
+    # blocks and a host tier of 10: the host must drop a parked conversation
+    engine = make_engine(path, block_size=BS, num_blocks=10, kv_host_memory_gb=10.5 * block / 2**30,
                          enable_prefix_caching=False)
     assert engine.stats()["host_blocks_total"] == 10
-    _, done = round_robin(engine, ["a", "b", "c"], turns=3, new_tokens=9, max_tokens=8)
+    _, done = round_robin(engine, ["a", "b", "c", "d"], turns=2, new_tokens=9, max_tokens=8)
     for conv, t, context, c, parked in done:
         assert_hf_greedy(hf, context, c.token_ids)
     stats = engine.stats()
@@ -224,9 +225,9 @@ def test_a_full_host_tier_drops_the_oldest_parked_conversation_which_recomputes(
     # a later turn found its blocks on the device or the host and restored everything, or its
     # conversation was dropped from the host (or preempted) and recomputed all (no prefix
     # caching here)
-    recomputed = [c for *_, c, _ in done[3:] if c.final.cached_tokens == 0]
+    recomputed = [c for *_, c, _ in done[4:] if c.final.cached_tokens == 0]
     assert len(recomputed) == dropped + stats["preemptions"]
-    for conv, t, context, c, parked in done[3:]:
+    for conv, t, context, c, parked in done[4:]:
         assert c.final.cached_tokens in (0, len(context) - 9), conv
     assert sum(p for *_, p in done) == stats["swap_ins"] >= 1
     assert (stats["used"], stats["host_blocks_used"]) == (0, 0)
