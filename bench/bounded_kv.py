@@ -295,8 +295,8 @@ def main() -> None:
     lines = [
         f"# Bounded KV: blocks held and decode speed per eviction policy ({args.shape}, {device})",
         "",
-        "`" + " ".join([f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
-                       + ["python bench/bounded_kv.py", *sys.argv[1:]]) + "`",
+        "`" + " ".join(([f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS")
+                        else []) + ["python bench/bounded_kv.py", *sys.argv[1:]]) + "`",
         "",
         f"Window {args.window} tokens (the window model's `sliding_window` and `kv_window`), "
         f"{args.sinks} attention sinks, h2o heavy hitters {args.heavy} tokens, `kv_window_stride` "

@@ -71,6 +71,8 @@ check)
   par=() tmo=()
   if [ "${TINY:-0}" != 1 ] && "$IMGPY" -c "import xdist" 2>/dev/null; then
     par=(-n "${WORKERS:-8}" --dist loadfile)  # a file's tests (and its module fixtures) on one worker
+    # the HF oracles run on the CPU: 2 threads per worker, not 16 each on 16 cores
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
   fi
   "$IMGPY" -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout "${TEST_TIMEOUT_S:-300}")
   sel=()

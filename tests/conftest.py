@@ -72,3 +72,14 @@ def pytest_runtest_logreport(report):
         outcome = "error" if report.failed and report.when != "call" else report.outcome
         with open(path, "a") as f:
             f.write(f"{report.nodeid}\t{outcome}\t{report.duration:.2f}\t{reason[:300]}\n")
+
+
+# Engine cores started by this test run (tests/core, every e2e server) put their sockets in a
+# runtime directory of this run alone, so concurrent runs of one user never share a core.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "TRITONKV_RUNTIME_DIR" not in os.environ:
+    os.environ["TRITONKV_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="tkv-")
+    atexit.register(shutil.rmtree, os.environ["TRITONKV_RUNTIME_DIR"], True)

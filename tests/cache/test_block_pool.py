@@ -1,5 +1,5 @@
-"""Exact block ids, refcounts, hash hits and eviction order, for the in-process pool and for
-the shared-memory pool (two attachments in one process stand for two instances)."""
+"""Exact block ids, refcounts, hash hits and eviction order; two KV managers on one pool stand
+for two owners of blocks (the engine core's one pool serves every frontend)."""
 
 import numpy as np
 import pytest
@@ -7,25 +7,16 @@ import pytest
 from tritonkv.cache.block_hash import NO_HASH, hash_full_blocks
 from tritonkv.cache.block_pool import BlockPool, PoolExhausted
 from tritonkv.cache.kv_cache_manager import KVCacheManager
-from tritonkv.cache.shared_pool import SharedBlockPool
 
 BS = 4
 SALT_1, SALT_2 = (("cache_salt", "tenant-1"),), (("cache_salt", "tenant-2"),)
 
 
-@pytest.fixture(params=["in_process", "shared"])
-def two_instances(request, pool_name):
-    """(pool seen by instance A, manager A, manager B) over one pool of 8 blocks x 4 tokens."""
-    if request.param == "in_process":
-        pool = BlockPool.in_process(8, BS)
-        yield pool, KVCacheManager(pool, 0), KVCacheManager(pool, 1)
-        return
-    a = SharedBlockPool.open(pool_name, 8, BS, description="unit", reclaim_period_s=None)
-    b = SharedBlockPool.open(pool_name, 8, BS, description="unit", reclaim_period_s=None)
-    assert (a.owner, b.owner, a.created, b.created) == (0, 1, True, False)
-    yield a, KVCacheManager(a, a.owner), KVCacheManager(b, b.owner)
-    b.close()
-    a.close()
+@pytest.fixture
+def two_instances():
+    """(pool, manager A, manager B) over one pool of 8 blocks x 4 tokens."""
+    pool = BlockPool.in_process(8, BS)
+    return pool, KVCacheManager(pool, 0), KVCacheManager(pool, 1)
 
 
 def run_prefill(mgr, seq_id, tokens, extra_keys=()):

@@ -4,11 +4,13 @@ per model, supervised as ``tritonkv serve`` does it.
 
 - a SIGKILLed stub (mid-stream): the supervisor restarts tritonserver, so the in-flight
   streams end (tritonserver 2.51 alone would leave the dead stub's silent for good);
-- an engine that stops stepping (test-only hook, server/fault_injection.py): restart too.
+- an engine core that stops stepping (test-only hook, server/fault_injection.py, armed in
+  the core process): restart too; the stuck core exits once its frontends are gone.
 Each case: every in-flight request ends within seconds (HTTP streams without a final
 event, a gRPC stream with an error), readiness (the supervisor's /health/ready) goes false
 then true, new requests get the greedy tokens they got before the fault, the pool returns
-to baseline; at the end the server stops and leaves nothing in /dev/shm. The measured times
+to baseline; at the end the server stops and leaves nothing in /dev/shm, and its engine core
+exits leaving no socket or lock file. The measured times
 are printed (``pytest -s``). The rule for an engine thread that died, and the others, on a
 fake server: tests/server/test_supervisor.py.
 """
@@ -27,12 +29,14 @@ import pytest
 
 from polling import wait_until
 from triton_calls import StreamClient, http_generate, metric_values, wait_for_pool_baseline
+from tritonkv.core.runtime_dir import core_paths, core_pid
 from tritonkv.server import fault_injection
 from tritonkv.server.health_endpoint import HealthEndpoint
 from tritonkv.server.launcher import REGION_DIR, launch, server_regions
 from tritonkv.server.supervisor import Supervisor, find_stubs, relauncher
 
 POOL = f"faulttest{os.getpid()}"
+CORE = f"{POOL}-cpu0"  # the engine core's name (pool and device)
 STUCK_AFTER_S = 4.0
 PROMPT = [256, 72, 101, 108, 108, 111]
 LONG = {"input_ids": [256, 65, 66, 67], "max_tokens": 1000, "ignore_eos": True, "temperature": 0.0,
@@ -212,9 +216,8 @@ class GrpcTurn:
 
 
 def start_streams(supervised, n=4):
-    """``n`` HTTP streams in flight (every stub slowed to ~20 tokens/s keeps them so)."""
-    for pid in find_stubs(supervised.server):
-        fault(supervised, "slow", pid)
+    """``n`` HTTP streams in flight (the engine core slowed to ~20 steps/s keeps them so)."""
+    fault(supervised, "slow", core_pid(CORE))
     streams = [LongStream(supervised.server) for _ in range(n)]
     for s in streams:
         assert s.first_event.wait(60) and s.outcome is None, s.outcome
@@ -296,14 +299,15 @@ def test_killed_stub_restarts_the_server(supervised, reference):
 def test_stuck_engine_restarts_the_server(supervised, reference):
     server = supervised.server
     streams = start_streams(supervised, n=2)
-    victim, _ = busy_stateless_stub(server)
+    victim = core_pid(CORE)  # every frontend reports the core's loop count
     ready_log = ReadyLog(supervised)
     try:
         hung_at = time.monotonic()
         fault(supervised, "hang", victim)
         last_error, unready = recover(supervised, reference, hung_at, streams, ready_log,
                                       f"engine stuck (supervisor's stuck_after_s {STUCK_AFTER_S:g})",
-                                      f"(pid {victim}) has not stepped for")
+                                      "has not stepped for")
+        assert core_pid(CORE) != victim  # the stuck core went away; a new one serves
     finally:
         ready_log.stop()
     assert all(s.outcome != "finished" for s in streams)
@@ -318,3 +322,5 @@ def test_stop_leaves_nothing_behind(supervised):
     for token in supervised.tokens:
         assert server_regions(token) == []
     assert [n for n in os.listdir(REGION_DIR) if POOL in n] == []
+    paths = core_paths(CORE)
+    assert wait_until(lambda: not os.path.lexists(paths.socket) and not os.path.lexists(paths.lock), 15)

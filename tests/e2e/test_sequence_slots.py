@@ -22,6 +22,7 @@ import time
 import pytest
 import tritonclient.grpc as grpcclient
 
+from polling import wait_until
 from triton_calls import StreamClient, inputs_for, metric_values
 from tritonkv.server.launcher import DEFAULT_REPOSITORY, start_server
 
@@ -154,5 +155,30 @@ def test_end_frees_slots_of_refused_and_closed_conversations(small_server):
         for i in range(1, slots):
             stream.send(40_000 + i, end=True)
         stream.collect(slots)  # the four ENDs
+    finally:
+        stream.close()
+
+
+def test_start_twice_on_one_id_never_ends_the_first_conversation(server):
+    """Issue 21 item 5: a second START on an id is refused by the engine in submission order
+    ("already live"), and that refusal frees no slot: the release END would end the first
+    conversation. 50 ids, each START then START again at once, under one stream's load."""
+    n = 50
+    stream = Stream(server.grpc_url)
+    try:
+        for i in range(n):
+            stream.send(50_000 + i, start=True, ids=[256, 65, 66])
+            stream.send(50_000 + i, start=True, ids=[256, 67])
+        errors = stream.collect(2 * n)
+        refused = [e for e in errors if e is not None]
+        assert len(refused) == n and all("already live" in e for e in refused), refused[:3]
+        for i in range(n):  # every first conversation is still live: its next turn is served
+            stream.send(50_000 + i, ids=[68])
+        assert stream.collect(n) == [None] * n
+        for i in range(n):
+            stream.send(50_000 + i, end=True)
+        stream.collect(n)
+        # (the gauge follows the core's stats, published every 0.5 s)
+        assert wait_until(lambda: not any(metric_values(server.metrics_url, "tritonkv_live_sequences")), 5)
     finally:
         stream.close()

@@ -1,8 +1,8 @@
-"""A real tritonserver with instance_group count 2 for llm and llm_stateless: all four stub
-processes share one int8 KV pool (codes and scales in shared memory). A system prompt computed
-by one instance is a cache hit on another (cached_tokens, lower TTFT); a SIGKILLed stub leaves
-the server answering and the pool leak-free; stopping the server removes the pool's
-shared-memory files."""
+"""A real tritonserver with instance_group count 2 for llm and llm_stateless: all four
+instances are frontends of one engine core (core/), which holds the one int8 KV pool. A
+system prompt computed for one instance is a cache hit for another (cached_tokens, lower
+TTFT); a SIGKILLed stub's requests are cancelled by the core and the pool returns to its
+baseline; stopping the server leaves no core process, socket or lock file."""
 
 import contextlib
 import os
@@ -17,14 +17,32 @@ import pytest
 
 from polling import wait_until
 from triton_calls import StreamClient, http_generate, inputs_for
-from tritonkv.cache.pool_admin import pool_snapshot, remove_if_stale
-from tritonkv.cache.pool_file import pool_path
+from tritonkv.core.runtime_dir import core_paths, core_pid
 from tritonkv.server.launcher import launch
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 SYSTEM = [256] + [(i * 37) % 256 for i in range(1023)]  # 1,024 tokens = 64 blocks of 16
 POOL = f"e2e-{uuid.uuid4().hex[:8]}"
-POOL_FILE_NAME = f"{POOL}-cpu0"
+CORE = f"{POOL}-cpu0"  # the core's name: pool and device
+
+
+def core_processes() -> list[int]:
+    """Live engine core processes of CORE (by their process title)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            state = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmd[0] == f"tritonkv-core {CORE}".encode() and state != b"Z":  # (its process title)
+            found.append(int(pid))
+    return found
+
+
+def core_left_nothing() -> bool:
+    paths = core_paths(CORE)
+    return not core_processes() and not os.path.lexists(paths.socket) and not os.path.lexists(paths.lock)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +57,9 @@ def server():
         s.stop(timeout_s=10)
         with contextlib.suppress(ProcessLookupError):  # stubs of a force-stopped server
             os.killpg(s.process.pid, signal.SIGKILL)
-        # no instance is left attached; the files are gone (last one out) or stale (an
-        # instance killed by the server's forced stop never detached): removed here
-        assert wait_until(lambda: not (pool_snapshot(POOL_FILE_NAME) or {}).get("live_owner_pids"), 15)
-        remove_if_stale(POOL_FILE_NAME)
-        assert not os.path.exists(pool_path(POOL_FILE_NAME, "pool"))
+        # the core notices its frontends are gone and exits after its grace period, removing
+        # its socket and lock file
+        assert wait_until(core_left_nothing, 15), (core_processes(), os.listdir(os.path.dirname(core_paths(CORE).lock)))
 
 
 def per_instance(server, name) -> dict[str, float]:
@@ -63,10 +79,11 @@ def llm_turn(server, seq_id, ids, **kw):
         client.close()
 
 
-def test_all_instances_attach_one_pool(server):
-    snap = pool_snapshot(POOL_FILE_NAME)
-    assert snap is not None and len(snap["live_owner_pids"]) == 4  # llm x2 + llm_stateless x2
-    assert os.path.exists(pool_path(POOL_FILE_NAME, "kv_scales"))
+def test_all_instances_are_frontends_of_one_core(server):
+    pids = core_processes()
+    assert len(pids) == 1 and core_pid(CORE) == pids[0], (pids, core_pid(CORE))
+    assert open(f"/proc/{pids[0]}/comm").read().startswith("tritonkv-core")
+    assert os.getsid(pids[0]) == pids[0]  # a session of its own: a terminal's SIGHUP is not its business
     # demo model, int8: 2 (K, V) x 6 layers x 2 KV heads x (64 codes + a 4-byte scale)
     blocks = 64 * 2**20 // (16 * 1632)
     assert wait_until(lambda: per_instance(server, "tritonkv_kv_bytes_per_token") == dict.fromkeys(
@@ -136,7 +153,9 @@ def test_killed_stub_leaves_server_answering_and_pool_leak_free(server):
     ok = [llm_turn(server, 7800 + i, [256, 65, 66])[0].error is None for i in range(4)]
     assert any(ok), "no llm conversation succeeded after the kill"
 
-    def leak_free():
-        snap = pool_snapshot(POOL_FILE_NAME)
-        return (snap["used"] == 0 and snap["refcounts_consistent"] and victim not in snap["owner_pids"])
-    assert wait_until(leak_free, 30), pool_snapshot(POOL_FILE_NAME)
+    # the core cancelled the dead frontend's turns: every block is back (a pool-wide gauge,
+    # reported alike by the surviving instances), and it is still the one core
+    def used():  # (the dead stub's series may stay behind, frozen)
+        return {k: v for k, v in per_instance(server, "tritonkv_kv_blocks_used").items() if k != "llm_0_1"}
+    assert wait_until(lambda: len(used()) == 3 and set(used().values()) == {0.0}, 30), used()
+    assert core_processes() == [core_pid(CORE)]

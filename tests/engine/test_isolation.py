@@ -58,8 +58,8 @@ def test_a_failing_row_ends_alone(llama, monkeypatch):
     def explode(token):
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
 
-    engine.step()  # prefill of both, the text builders exist now
-    seq.turn.text.push = explode
+    engine.step()  # prefill of both
+    seq.turn.emit.text.push = explode  # the turn's TextStream (engine/output.py)
     engine.run_until_idle()
     assert bad.final.finish_reason == "error" and "output failed" in bad.final.error
     assert good.final.finish_reason == "length" and len(good.token_ids) == 6

@@ -3,7 +3,6 @@ tokens, values within one storage step, tokens equal to a quantisation-aware HF 
 expected scales and the oracle's fake quantisation come from tests/quant_oracle.py (torch's
 own casts), never from ops/quant.py."""
 
-import os
 
 import pytest
 import torch
@@ -125,22 +124,3 @@ def test_quantized_cache_holds_more_blocks_in_the_same_memory(tiny):
     q8 = build_engine(EngineConfig(checkpoint=path, device="cpu", kv_cache_memory_mb=4, kv_cache_dtype="int8"))
     # fp32 K/V (16 dims x 4 B) vs int8 + a 4 B scale per token-head: 64 B vs 20 B
     assert q8.pool.num_blocks == full.pool.num_blocks * 64 // 20
-
-
-def test_quantized_cache_in_a_shared_pool_is_sized_as_a_private_one(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITONKV_SHM_DIR", str(tmp_path))
-    private = build_engine(EngineConfig(checkpoint=tiny[0], device="cpu", kv_cache_memory_mb=4, kv_cache_dtype="fp8"))
-    shared = build_engine(EngineConfig(checkpoint=tiny[0], device="cpu", kv_cache_memory_mb=4, kv_cache_dtype="fp8",
-                                       pool_name="qtest"))
-    try:
-        assert shared.pool.num_blocks == private.pool.num_blocks
-        codes, scales = (os.path.getsize(shared.pool.companion_path(x)) for x in ("kv", "kv_scales"))
-        k, _, k_scale, _ = shared.kv_caches[0]
-        layers = len(shared.kv_caches)
-        assert codes == layers * 2 * k.numel() * 1 and scales == layers * 2 * k_scale.numel() * 4
-        _, block_size, heads, dim = k.shape
-        one_block = layers * 2 * block_size * heads * (dim + 4)
-        assert codes + scales <= 4 * 2**20 < codes + scales + one_block  # the budget, to a block
-    finally:
-        shared.close()
-    assert os.listdir(tmp_path) == []

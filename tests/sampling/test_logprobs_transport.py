@@ -2,7 +2,7 @@
 
 from tritonkv.engine.requests import TurnOutput
 from tritonkv.sampling.logprobs import TokenLogprob
-from tritonkv.server.response_streamer import merge_outputs
+from tritonkv.engine.output import merge_outputs
 
 
 def entry(t, v):

@@ -64,3 +64,11 @@ def test_docs_list_every_parameter():
         assert f"| `{p.name}` (" in client_doc, p.name
         if p.openai:
             assert f"| `{p.name}`" in openai_doc, p.name
+
+
+@pytest.mark.parametrize("value", [[1, 2, 3], [[1]], "x", 5, [[1, 2, 3]]])
+def test_malformed_logit_bias_is_a_parameter_error(value):
+    from tritonkv.sampling.params import ParameterError, check_value
+
+    with pytest.raises(ParameterError, match="logit_bias"):
+        check_value("logit_bias", value)

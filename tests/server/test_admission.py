@@ -1,24 +1,29 @@
 """``TritonPythonModel._enqueue``: whatever goes wrong while admitting one request is answered
-to that request (never raised out of ``execute``); a failed engine answers at once."""
+to that request (never raised out of ``execute``); without a core that can be attached, the
+request is answered at once."""
 
 import numpy as np
 import pytest
 
 import fake_pb_utils as pb
 from fake_pb_utils import Request, Sender
+from tritonkv.core.client import CoreUnavailable
 from tritonkv.engine.requests import RequestError
 from tritonkv.server.triton_model import TritonPythonModel
 from tritonkv.server.triton_request import Limits
 
 
-class FakeEngine:
-    class config:
-        default_max_tokens = 8
+class FakeCore:
+    """The core client's surface that admission uses."""
 
     def __init__(self):
-        self.failure = None
+        self.down = None
+        self.connect_error = None
         self.submitted = []
         self.encode_error = None
+
+    def connect(self):
+        raise CoreUnavailable(self.connect_error)
 
     def encode(self, text, first_turn):
         if self.encode_error:
@@ -33,14 +38,15 @@ class FakeEngine:
         self.submitted.append((corr_id, ids, kw))
 
 
-class PassThrough:
-    def channel(self, reply):
-        return reply
+class config:
+    default_max_tokens = 8
+    stream_interval = 1
 
 
 def model(stateless=True) -> TritonPythonModel:
     m = TritonPythonModel.__new__(TritonPythonModel)
-    m.pb_utils, m.engine, m.streamer, m.stateless = pb, FakeEngine(), PassThrough(), stateless
+    m.pb_utils, m.engine, m.config, m.stateless = pb, FakeCore(), config, stateless
+    m.core = m.engine
     m.limits, m._next_stateless_id = Limits(512, 2048), 0
     return m
 
@@ -70,9 +76,10 @@ def test_engine_validation_error_is_submitted_in_order():
     assert ids == [] and kw["error"] == "max_tokens too big"
 
 
-def test_failed_engine_answers_at_once_naming_the_failure():
+def test_no_core_answers_at_once_naming_why():
     m = model()
-    m.engine.failure = "RuntimeError: boom"
+    m.engine.down = "the engine core (pid 1) exited"
+    m.engine.connect_error = "RuntimeError: boom"
     message, code = run(m, Request({"text_input": "hi"})).error
     assert "RuntimeError: boom" in message and code == pb.TritonError.UNAVAILABLE
     assert not m.engine.submitted

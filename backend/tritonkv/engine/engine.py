@@ -23,11 +23,11 @@ from tritonkv.config import EngineConfig
 from tritonkv.cache.block_pool import BlockPool
 from tritonkv.cache.eviction.choose import policy_for
 from tritonkv.cache.kv_cache_manager import KVCacheManager
-from tritonkv.engine.output import TurnTextBuilder
-from tritonkv.engine.requests import (RequestError, SamplingParams, Submission, Turn, TurnOutput,
-                                      check_sampling)
+from tritonkv.engine.conversations import Abort, Conversations, DropOwner
+from tritonkv.engine.output import TextStream
+from tritonkv.engine.requests import (PromptLimits, RequestError, SamplingParams, Submission, Turn, TurnOutput,
+                                      check_prompt)
 from tritonkv.sampling.logprobs import token_logprob
-from tritonkv.sampling.params import check_token_ids
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
@@ -50,15 +50,11 @@ class PendingStep:
     origins: list | None = None  # h2o: each row's table at launch (original block numbers)
 
 
-CANCEL_POLL_S = 0.05
-
-
-class Engine:
+class Engine(Conversations):
     def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: TextTokenizer | None,
-                 pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], owner: int = 0,
-                 on_close: Callable[[], None] | None = None):
+                 pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.config = config
-        self._on_close = on_close
+        self.checkpoint = ""  # where the model came from (factory.py sets it)
         self.model = model
         self.model_config = model.config
         self.tokenizer = tokenizer
@@ -69,10 +65,11 @@ class Engine:
         max_pos = self.model_config.max_position_embeddings
         self.max_model_len = self.policy.max_model_len(config.max_model_len, max_pos, pool.num_blocks * pool.block_size)
         self.policy.check_fits(pool.num_blocks, config.max_num_batched_tokens, max_pos, self.max_model_len)
-        self.kv = KVCacheManager(pool, owner, config.enable_prefix_caching, self.policy, angle_limit=max_pos)
+        self.kv = KVCacheManager(pool, 0, config.enable_prefix_caching, self.policy, angle_limit=max_pos)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         # the longest conversation (None: unbounded, positions inside the cache)
         self.context_limit = self.policy.context_limit(self.max_model_len)
+        self.limits = PromptLimits(self.model_config.vocab_size, self.max_model_len, self.context_limit)
         self.runner = ModelRunner(model, kv_caches, block_size=pool.block_size, max_model_len=self.max_model_len,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens, device=self.device,
@@ -91,6 +88,7 @@ class Engine:
         self._live: dict[Hashable, Sequence] = {}  # correlation id -> open conversation
         self._seqs: dict[int, Sequence] = {}  # engine key -> every sequence holding state
         self._keys = itertools.count(1)
+        self._request_ids = itertools.count(1)
         self._commands: queue.Queue = queue.Queue()
         self._steps = 0
         self._last_cancel_poll = 0.0
@@ -107,33 +105,43 @@ class Engine:
         return self.tokenizer.encode(text, add_special_tokens=first_turn)
 
     def submit(self, corr_id: Hashable, prompt_ids: list[int], params: SamplingParams,
-               emit: Callable[[TurnOutput], None], *, start: bool, end: bool,
-               is_cancelled: Callable[[], bool] = lambda: False, stateless: bool = False,
-               extra_keys: tuple = (), close_only: bool = False, error: str | None = None) -> None:
-        """Queue one turn. ``close_only``: no generation, just END. ``error``: the request was
-        invalid; it is answered with that error in order (and END still closes)."""
-        turn = Turn(list(prompt_ids), params, emit, is_cancelled, end_sequence=end or stateless)
+               emit: Callable[[TurnOutput], None], **kw) -> None:
+        """The in-process API (tests, benchmarks): ``submit_turn`` with the frontend's output
+        processing (text deltas, stop strings: ``TextStream``) around ``emit``."""
+        rid = kw.pop("request_id", None) or ("local", next(self._request_ids))
+        stream = TextStream(self.tokenizer, params.stop, emit, lambda kept: self.abort(rid, kept))
+        self.submit_turn(corr_id, prompt_ids, params, stream, request_id=rid, **kw)
+
+    def submit_turn(self, corr_id: Hashable, prompt_ids: list[int], params: SamplingParams,
+                    emit: Callable[[TurnOutput], None], *, start: bool, end: bool,
+                    is_cancelled: Callable[[], bool] = lambda: False, stateless: bool = False,
+                    extra_keys: tuple = (), close_only: bool = False, error: str | None = None,
+                    request_id: Hashable = None, owner: Hashable = None) -> None:
+        """Queue one turn; ``emit`` gets token ids only. ``close_only``: no generation, just
+        END. ``error``: the request was invalid; it is answered with that error in order (and
+        END still closes). ``owner``: the frontend it came from (``drop_owner``)."""
+        turn = Turn(list(prompt_ids), params, emit, is_cancelled, end_sequence=end or stateless,
+                    request_id=request_id, opens_slot=start and not end and not stateless)
         if self.failure is not None:  # the engine thread is gone: answer now, never hang
             self._reply(turn, TurnOutput("", [], True, "error", error=f"this instance failed and serves no "
                                          f"more requests ({self.failure}); retry on another instance"))
             return
-        self._commands.put(Submission(corr_id, turn, start, stateless, tuple(extra_keys), close_only, error))
+        self._commands.put(Submission(corr_id, turn, start, stateless, tuple(extra_keys), close_only, error,
+                                      owner))
+
+    def abort(self, request_id: Hashable, kept_tokens: int | None = None) -> None:
+        """End a turn from any thread, in order with submissions: ``kept_tokens`` None cancels
+        it (its conversation is released); a count ends it as ``stop`` keeping that many output
+        tokens in the conversation (a stop string the caller found; tokens sampled after it
+        are taken back)."""
+        self._commands.put(Abort(request_id, kept_tokens))
+
+    def drop_owner(self, owner: Hashable) -> None:
+        """A frontend is gone: its turns end unanswered and its conversations are released."""
+        self._commands.put(DropOwner(owner))
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model_config.vocab_size
-        if not prompt_ids:
-            raise RequestError("empty prompt: send a non-empty text_input or input_ids")
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}); "
-                               f"{len(bad)} ids are out of range")
-        if params.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be > 0, got {params.max_tokens}")
-        if self.context_limit is not None and params.max_tokens > self.max_model_len:
-            raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
-                               f"{self.max_model_len} tokens (max_model_len)")
-        check_sampling(params)
-        check_token_ids(params, vocab)
+        check_prompt(prompt_ids, params, self.limits)
 
     # -- engine thread -----------------------------------------------------------------------
     def start_loop(self) -> None:
@@ -180,28 +188,6 @@ class Engine:
         if self.after_emit is not None:
             self.after_emit()
 
-    def _accept_one(self, sub: Submission) -> None:
-        """``_accept`` with the request's own faults kept to the request."""
-        try:
-            self._accept(sub)
-        except Exception as exc:
-            log.exception("request could not be admitted")
-            seq = self._live.get(sub.corr_id)
-            if seq is not None and seq.turn is sub.turn:
-                self._finish(seq, TurnOutput("", [], True, "error", error=f"request failed: {exc}"))
-            elif not sub.turn.output_ids:
-                self._reply_error(sub.turn, f"request failed: {exc}")
-
-    def _fail_everything(self, message: str) -> None:
-        for seq in list(self._seqs.values()):
-            if seq.turn is not None:
-                self._reply_error(seq.turn, message)
-                seq.turn = None
-            while seq.pending:
-                self._reply_error(seq.pending.popleft(), message)
-        for item in self._queued():
-            self._reply_error(item.turn, message)
-
     def _queued(self):
         """Take the submissions queued so far, in order."""
         while True:
@@ -209,8 +195,10 @@ class Engine:
                 item = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
+            if isinstance(item, Submission):
                 yield item
+            elif item is not None:
+                self._accept_one(item)
 
     def _drain(self) -> None:
         for item in self._queued():
@@ -228,77 +216,6 @@ class Engine:
                 return
             self.step()
         raise RuntimeError("engine did not go idle")
-
-    def _accept(self, sub: Submission) -> None:
-        """Apply one submitted turn to the conversation table, in submission order.
-
-        A rejected request (``error``) changes nothing, except that its END still closes the
-        conversation once the turns queued before it are done."""
-        corr_id, turn, start, stateless, error = sub.corr_id, sub.turn, sub.start, sub.stateless, sub.error
-        seq = self._live.get(corr_id)
-        if start and seq is not None and seq.turn is not None and seq.turn.is_cancelled():
-            # a client that cancelled and at once reuses the id must not race the cancel poll
-            self._finish(seq, TurnOutput("", [], True, "cancelled"))
-            seq = self._live.get(corr_id)
-        if start and seq is not None and not stateless:
-            self._reply_error(turn, error or f"sequence {corr_id!r} is already live: START was sent "
-                                    "for an open conversation; send END first or use a new correlation id")
-            return
-        if not start and seq is None:
-            self._reply_error(turn, error or f"sequence {corr_id!r} is not live: its first request must "
-                                    "carry START (it may have ended, been cancelled or timed out)")
-            return
-        if error is not None and (start or not turn.end_sequence):
-            self._reply_error(turn, error)
-            return
-        if start:
-            seq = Sequence(seq_id=next(self._keys), extra_keys=sub.extra_keys, stateless=stateless)
-            self._seqs[seq.seq_id] = seq
-            if not stateless:
-                self._live[corr_id] = seq
-        if turn.end_sequence and self._live.get(corr_id) is seq:
-            del self._live[corr_id]
-        if error is not None or sub.close_only:
-            turn.prompt_ids = []  # a close marker: answered when reached, in order
-            turn.error = error
-        seq.pending.append(turn)
-        if seq.status is SeqStatus.IDLE:
-            self._begin_next_turn(seq)
-
-    def _begin_next_turn(self, seq: Sequence) -> None:
-        while seq.pending:
-            turn = seq.pending.popleft()
-            if not turn.prompt_ids:  # close marker or rejected request
-                reason = "error" if turn.error else "closed"
-                self._reply(turn, TurnOutput("", [], True, reason, error=turn.error))
-                if turn.end_sequence:
-                    self._release(seq)
-                    return
-                continue
-            context = len(seq.token_ids) + len(turn.prompt_ids)
-            if self.context_limit is not None and context >= self.context_limit:
-                self._reply_error(turn, f"conversation would hold {context} tokens; this model serves "
-                                        f"at most {self.max_model_len} (max_model_len) — shorten the prompt "
-                                        "or start a new conversation")
-                if turn.end_sequence:
-                    self._release(seq)
-                    return
-                continue
-            seq.token_ids.extend(turn.prompt_ids)
-            seq.turn = turn
-            seq.status = SeqStatus.RUNNING
-            seq.admitted_at = self._steps
-            seq.last_active = time.monotonic()
-            turn.text = TurnTextBuilder(self.tokenizer, turn.params.stop)
-            turn.generator = None
-            if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
-                turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
-            turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
-            # per-row penalty state (sampling/penalty_state.py): from the whole context
-            turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids) \
-                if turn.params.uses_penalties else None
-            return
-        seq.status = SeqStatus.IDLE
 
     def step(self) -> None:
         """One engine step. On CUDA with decode graphs, a pure decode continuation of the
@@ -318,14 +235,12 @@ class Engine:
         plan = self.scheduler.schedule(running, idle)
         self._steps += 1
         if not plan:
-            held_here = sum(len(self.kv.block_table(s.seq_id)) for s in self._seqs.values() if s.seq_id in self.kv)
-            if self.pool.counts()["used"] > held_here:
-                time.sleep(0.005)  # other instances of a shared pool hold blocks: wait for them
-                return
             self._fail_unschedulable(running)
             return
         t1 = time.perf_counter()
-        rows = [self._step_row(c) for c in plan]
+        rows, plan = self._step_rows(plan)
+        if not plan:
+            return
         self._apply_kv_ops()
         step = PendingStep(plan, [c.seq.turn for c in plan], self.runner.launch(rows), t1 - t0,
                            self._launch_origins(plan))
@@ -337,8 +252,8 @@ class Engine:
     def _continue_pending(self) -> bool:
         """Launch the decode step that continues the sequences of the step in flight, then
         finalize that step. Rows whose turn ended meanwhile (a cancel poll runs here when due)
-        are left out. False (nothing launched) unless those sequences are all the running work,
-        none is at its last token, and each gets its next position's block without preemption."""
+        are left out. False (nothing launched) unless those sequences are all the running work
+        and the scheduler plans their continuation (``Scheduler.plan_continuation``)."""
         t0 = time.perf_counter()
         pend = self._pending
         self._poll_cancelled()
@@ -347,35 +262,20 @@ class Engine:
         running = sum(s.status is SeqStatus.RUNNING for s in self._seqs.values())
         if not live or running != len(live):
             return False
-        rows = []
-        for i, chunk, turn in live:
-            seq = chunk.seq
-            position = chunk.start + chunk.num_tokens  # where the token in flight goes
-            if (len(turn.output_ids) + 1 >= turn.params.max_tokens
-                    or (self.context_limit is not None and position + 1 >= self.context_limit)
-                    or not self._may_evict_in_flight(seq, position)):
-                return False
-            if not self.kv.evict(seq.seq_id, position) or not self.kv.grow(seq.seq_id, position + 1):
-                return False
-            rows.append(StepRow([0], self.kv.cache_index(seq.seq_id, position), self.kv.block_table(seq.seq_id),
-                                True, turn.params, turn.generator, from_prev=i,
-                                angle_shift=self.kv.angle_shift(seq.seq_id), penalty=turn.penalty))
+        plan = self.scheduler.plan_continuation([chunk for _, chunk, _ in live], self.context_limit)
+        if plan is None:
+            return False
         t1 = time.perf_counter()
-        plan = [ScheduledChunk(chunk.seq, chunk.start + chunk.num_tokens, 1, True) for _, chunk, _ in live]
+        rows = [StepRow([0], self.kv.cache_index(c.seq.seq_id, c.start), self.kv.block_table(c.seq.seq_id), True,
+                        turn.params, turn.generator, from_prev=i, angle_shift=self.kv.angle_shift(c.seq.seq_id),
+                        penalty=turn.penalty)
+                for (i, _, turn), c in zip(live, plan)]
         self._apply_kv_ops()
         handle = self.runner.launch(rows, pend.handle)
         self._steps += 1
         self._finalize(pend)
         self._pending = PendingStep(plan, [turn for _, _, turn in live], handle, t1 - t0, self._launch_origins(plan))
         return True
-
-    def _may_evict_in_flight(self, seq: Sequence, position: int) -> bool:
-        """Whether the step for ``position`` may be launched before the step in flight is read
-        back. Not when h2o must choose by mass (the query in flight adds to it), nor when a
-        block the step in flight still reads would go back to a pool other processes use."""
-        if self.kv.needs_decision(seq.seq_id, position):
-            return False
-        return type(self.pool) is BlockPool or not self.kv.would_evict(seq.seq_id, position)
 
     def _apply_kv_ops(self) -> None:
         """Key rotations and block copies that eviction queued, before the next launch."""
@@ -433,6 +333,19 @@ class Engine:
         self.step_times.add(len(step.plan), sum(c.num_tokens for c in step.plan), step.schedule_s,
                             step.handle.times, t1 - t0, time.perf_counter() - t1)
 
+    def _step_rows(self, plan: list[ScheduledChunk]) -> tuple[list[StepRow], list[ScheduledChunk]]:
+        """The runner's rows of ``plan``; a row that cannot be built fails its own turn alone
+        (the conversation is released), the others run."""
+        rows, kept = [], []
+        for chunk in plan:
+            try:
+                rows.append(self._step_row(chunk))
+                kept.append(chunk)
+            except Exception as exc:
+                log.exception("the step row of one sequence could not be built")
+                self._fail_sequence(chunk.seq, f"internal error while preparing this request's step: {exc}")
+        return rows, kept
+
     def _step_row(self, chunk: ScheduledChunk) -> StepRow:
         seq = chunk.seq
         turn = seq.turn
@@ -449,95 +362,23 @@ class Engine:
         turn.output_ids.append(token)
         seq.last_active = time.monotonic()
         self.num_generated_tokens += 1
-        is_eos = token in self.eos_token_ids and not turn.params.ignore_eos
-        stop_token = token in turn.params.stop_token_ids  # ends the turn like EOS, reason "stop"
-        text, stopped = ("", False) if is_eos or stop_token else turn.text.push(token)
         reason = None
-        if is_eos:
+        if token in self.eos_token_ids and not turn.params.ignore_eos:
             reason = "eos"
-        elif stopped or stop_token:
+        elif token in turn.params.stop_token_ids:  # ends the turn like EOS (adds no text), reason "stop"
             reason = "stop"
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
         if reason is None:
-            self._reply(turn, TurnOutput(text, [token], logprobs=logprobs))
+            self._reply(turn, TurnOutput("", [token], logprobs=logprobs))
             return
-        text += turn.text.finish(stopped)
-        self._finish(seq, TurnOutput(text, [token], True, reason, logprobs=logprobs))
-
-    def _finish(self, seq: Sequence, out: TurnOutput) -> None:
-        turn = seq.turn
-        if turn.penalty is not None:
-            turn.penalty.close()
-        out.cached_tokens = max(turn.cached_tokens, 0)
-        out.prompt_tokens = len(turn.prompt_ids)
-        self._reply(turn, out)
-        seq.turn = None
-        seq.status = SeqStatus.IDLE
-        if turn.end_sequence or out.finish_reason == "cancelled":
-            self._release(seq)
-            return
-        self._begin_next_turn(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        """Free the conversation's KV; queued turns behind it are answered with an error."""
-        self.kv.release(seq.seq_id)
-        seq.status = SeqStatus.ENDED
-        self._seqs.pop(seq.seq_id, None)
-        for corr_id, live in list(self._live.items()):
-            if live is seq:
-                del self._live[corr_id]
-        while seq.pending:
-            turn = seq.pending.popleft()
-            self._reply_error(turn, "the conversation was released (cancelled, ended or timed out) "
-                                    "before this request ran")
-
-    def _reply(self, turn: Turn, out: TurnOutput) -> None:
-        try:
-            turn.emit(out)
-        except Exception:  # a vanished client must not stop the engine
-            log.exception("could not deliver a response")
-
-    def _reply_error(self, turn: Turn, message: str) -> None:
-        self._reply(turn, TurnOutput("", [], True, "error", error=message))
-
-    def _poll_cancelled(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cancel_poll < CANCEL_POLL_S:
-            return
-        self._last_cancel_poll = now
-        for seq in list(self._seqs.values()):
-            if seq.status is SeqStatus.RUNNING and seq.turn.is_cancelled():
-                self._finish(seq, TurnOutput("", [], True, "cancelled"))
-
-    def _expire_idle(self) -> None:
-        deadline = time.monotonic() - self.config.sequence_idle_timeout_s
-        for seq in list(self._seqs.values()):
-            if seq.status is SeqStatus.IDLE and not seq.pending and seq.last_active < deadline:
-                log.info("releasing conversation idle for over %ss", self.config.sequence_idle_timeout_s)
-                self._release(seq)
-
-    def _fail_running(self, message: str) -> None:
-        for seq in list(self._seqs.values()):
-            if seq.status is SeqStatus.RUNNING:
-                self._finish(seq, TurnOutput("", [], True, "error", error=message))
-                if seq.seq_id in self._seqs:
-                    self._release(seq)
-
-    def _fail_unschedulable(self, running: list[Sequence]) -> None:
-        """No block can be had for anyone even after preemption: the oldest turn cannot fit."""
-        oldest = min(running, key=lambda s: s.admitted_at)
-        self._finish(oldest, TurnOutput("", [], True, "error", error=(
-            f"the KV cache cannot hold this conversation ({len(oldest.token_ids)} tokens, "
-            f"pool of {self.pool.num_blocks} blocks x {self.pool.block_size}); raise num_blocks")))
-        if oldest.seq_id in self._seqs:
-            self._release(oldest)
+        self._finish(seq, TurnOutput("", [token], True, reason, logprobs=logprobs))
 
     def close(self) -> None:
-        """Detach from shared state (a shared pool's last user removes its files)."""
-        if self._on_close is not None:
-            self._on_close()
+        """Stop the loop thread, if one runs."""
+        if self._thread is not None:
+            self.stop_loop()
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -545,8 +386,9 @@ class Engine:
         counts["live_sequences"] = len(self._seqs)
         counts["preemptions"] = self.scheduler.num_preemptions
         counts["preempted_blocks"] = self.kv.preempted_blocks  # KV blocks preemption released
-        for mode, n in self.kv.evicted_blocks.items():  # blocks rere-rotated by each eviction policy
+        for mode, n in self.kv.evicted_blocks.items():  # blocks returned by each eviction policy
             counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens
         return counts
+
 

@@ -28,12 +28,6 @@ def pick_device(requested: str, gpu_instance: bool = True, device_id: int = 0) -
     return torch.device("cuda", device_id)
 
 
-def shared_pool_name(pool_name: str, device: torch.device) -> str:
-    """One pool per (pool_name, device): every instance of every model that names the same
-    ``pool_name`` on the same device attaches it (files ``tritonkv-<this>.*`` in /dev/shm)."""
-    return f"{pool_name}-{device.type}{device.index or 0}"
-
-
 def kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
                     device: torch.device) -> int | None:
     """KV bytes under ``gpu_memory_utilization`` on a CUDA device (weights counted from the
@@ -46,10 +40,8 @@ def kv_budget_bytes(config: EngineConfig, model_config: ModelConfig, dtype: torc
 
 
 def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int = 0) -> Engine:
-    """``config.pool_name`` "" gives a private pool; otherwise the KV pool, its prefix index,
-    the KV storage (with its scales when fp8 / int8) and the weights are shared with every
-    process on the device that uses the same pool name (``engine.close()`` detaches; the last
-    one out removes the shared files)."""
+    """An in-process engine with its own KV pool. Sharing one pool between Triton instances is
+    the engine core's job (core/: one process per device and pool name runs this engine)."""
     checkpoint = config.checkpoint or ensure_demo_checkpoint()
     device = pick_device(config.device, gpu_instance, device_id)
     if device.type == "cuda":
@@ -71,29 +63,11 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
              "num_blocks" if config.num_blocks else
              f"gpu_memory_utilization {config.gpu_memory_utilization}" if budget else "kv_cache_memory_mb")
     log.info("KV capacity: %s", capacity.describe())
-    quantized = kv_dtype != dtype
-    if not config.pool_name:
-        model = load_model(checkpoint, device, dtype)
-        pool = BlockPool.in_process(num_blocks, config.block_size)
-        kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device)
-        if quantized:
-            kv_caches = add_kv_scales(kv_caches, model_config, num_blocks, config.block_size, device)
-        return Engine(config, model, tokenizer, pool, kv_caches)
-
-    from tritonkv.cache.shared_storage import load_shared_model, open_shared_device_state
-
-    model = load_shared_model(checkpoint, device, dtype)
-    shared = open_shared_device_state(shared_pool_name(config.pool_name, device), checkpoint, model_config, model,
-                                      device, dtype, num_blocks, config.block_size, kv_dtype=kv_dtype)
-    model = model.to(device)  # parameters already sit in the shared copy; this moves buffers
-    log.info("KV pool %r: %s (owner slot %d, %d blocks x %d tokens, KV %s, weights %s)", shared.pool.name,
-             "created" if shared.pool.created else "attached", shared.pool.owner, num_blocks,
-             config.block_size, str(kv_dtype).replace("torch.", ""),
-             "shared" if shared.weights_shared else "private")
-    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device,
-                                   storage=shared.kv_storage)
-    if quantized:
-        kv_caches = add_kv_scales(kv_caches, model_config, num_blocks, config.block_size, device,
-                                  storage=shared.kv_scales)
-    return Engine(config, model, tokenizer, shared.pool, kv_caches, owner=shared.pool.owner,
-                  on_close=shared.close)
+    model = load_model(checkpoint, device, dtype)
+    pool = BlockPool.in_process(num_blocks, config.block_size)
+    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device)
+    if kv_dtype != dtype:
+        kv_caches = add_kv_scales(kv_caches, model_config, num_blocks, config.block_size, device)
+    engine = Engine(config, model, tokenizer, pool, kv_caches)
+    engine.checkpoint = checkpoint
+    return engine

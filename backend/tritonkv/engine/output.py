@@ -7,6 +7,8 @@ never sent. Token-id deltas are sent as sampled (the ids of a stop string includ
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 from tritonkv.model.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -42,3 +44,102 @@ class TurnTextBuilder:
         delta = self.text[self.sent:upto]
         self.sent = upto
         return delta
+
+
+class TextStream:
+    """One turn's output processing, between the engine's token outputs and the caller: text
+    deltas (incremental detokenising) and stop strings. The frontend runs one per request;
+    the in-process ``Engine.submit`` runs the same.
+
+    Rules:
+    - A final ``eos`` or ``stop`` output's last token is an EOS or stop token id: it adds no
+      text.
+    - A stop string ends the turn here: the output up to and including the token that
+      completed it is sent as final (``stop``), ``on_stop(kept_tokens)`` tells the engine to
+      end the turn keeping that many output tokens (it may have sampled more meanwhile), and
+      every later output of the turn is dropped.
+    - Any other field of an output (``cached_tokens``, fields added to ``TurnOutput`` later)
+      passes through unchanged.
+    - A fault in this turn's text (e.g. a tokenizer error) ends this turn alone: an error
+      output, and ``on_stop(None)`` cancels it in the engine.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer | None, stop: tuple[str, ...], emit, on_stop=None):
+        self.text = TurnTextBuilder(tokenizer, stop)
+        self.emit = emit
+        self.on_stop = on_stop
+        self.done = False
+        self.num_tokens = 0
+
+    def __call__(self, out) -> None:
+        if self.done:
+            return
+        try:
+            self._process(out)
+        except Exception as exc:
+            if self.done:
+                raise  # the turn had ended (its final output or a stop): only the caller's emit failed
+            self.done = True
+            if self.on_stop is not None:
+                self.on_stop(None)
+            self.emit(replace(out, text="", token_ids=[], finished=True, finish_reason="error",
+                              error=f"output failed: {type(exc).__name__}: {exc}"))
+
+    def _process(self, out) -> None:
+        self.done = out.finished
+        if out.error is not None or not out.token_ids:
+            self.emit(out)
+            return
+        tokens = out.token_ids
+        # an EOS or stop token (the engine's "eos" / "stop" on a token) adds no text
+        spoken = tokens[:-1] if out.finished and out.finish_reason in ("eos", "stop") else tokens
+        delta = []
+        for i, token in enumerate(spoken):
+            piece, stopped = self.text.push(token)
+            delta.append(piece)
+            if stopped:
+                self.num_tokens += i + 1
+                self.done = True
+                if self.on_stop is not None:
+                    self.on_stop(self.num_tokens)
+                cut = {name: getattr(out, name)[:i + 1] for name in per_token_fields(out)}
+                self.emit(replace(out, text="".join(delta), token_ids=tokens[:i + 1], finished=True,
+                                  finish_reason="stop", **cut))
+                return
+        self.num_tokens += len(tokens)
+        if out.finished and out.finish_reason in ("eos", "length", "stop"):
+            delta.append(self.text.finish(False))
+        self.emit(replace(out, text="".join(delta)))
+
+
+def per_token_fields(out) -> list[str]:
+    """The list-valued fields of ``out`` that hold one entry per token id (``logprobs``, or
+    any such field added to ``TurnOutput`` later): merged and cut along with ``token_ids``."""
+    n = len(out.token_ids)
+    return [f.name for f in fields(out) if f.name != "token_ids"
+            and isinstance(getattr(out, f.name), list) and len(getattr(out, f.name)) == n]
+
+
+def merge_outputs(outs: list) -> list:
+    """Coalesce consecutive token outputs of one turn into one (text and ids concatenated,
+    per-token fields too, the last one's other fields); an error output stays on its own."""
+    merged, run = [], []
+
+    def flush():
+        if not run:
+            return
+        last = run[-1]
+        joined = {"text": "".join(o.text for o in run), "token_ids": [t for o in run for t in o.token_ids]}
+        for name in {n for o in run for n in per_token_fields(o)}:
+            joined[name] = [e for o in run for e in (getattr(o, name) or [None] * len(o.token_ids))]
+        merged.append(replace(last, **joined))
+        run.clear()
+
+    for out in outs:
+        if out.error is not None:
+            flush()
+            merged.append(out)
+        else:
+            run.append(out)
+    flush()
+    return merged

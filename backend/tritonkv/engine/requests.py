@@ -5,7 +5,13 @@ Rules:
 - A turn carries only its new prompt tokens; the conversation's earlier tokens live in the
   engine's ``Sequence``.
 - ``emit`` is called on the engine thread, one or more times per turn; the last call has
-  ``finished`` set and a ``finish_reason``.
+  ``finished`` set and a ``finish_reason``. The engine emits token ids only; text and stop
+  strings are the caller's (engine/output.py ``TextStream``: the frontend's, or the
+  in-process ``Engine.submit``'s).
+- Every output carries ``cached_tokens`` and ``prompt_tokens`` as known so far, so a caller
+  that ends a turn itself (a stop string) can answer with them.
+- ``TurnOutput`` crosses the core's transport field by field (core/messages.py): a field
+  added here travels without a transport change (msgspec-encodable types only).
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ from typing import TYPE_CHECKING
 
 # the sampling settings live in tritonkv.sampling.params (their one definition); re-exported
 from tritonkv.sampling.params import MAX_SEED, RequestError, SamplingParams, check_sampling  # noqa: F401
+from tritonkv.sampling.params import check_token_ids
 
 if TYPE_CHECKING:
     import torch
 
-    from tritonkv.engine.output import TurnTextBuilder
     from tritonkv.sampling.logprobs import TokenLogprob
     from tritonkv.sampling.penalty_state import PenaltyState
 
@@ -38,6 +44,10 @@ class TurnOutput:
     prompt_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
+    # a refused opening turn (START without END) whose id holds no live conversation: the
+    # sequence batcher's slot must be released (server/slot_release.py); decided by the
+    # engine, in submission order
+    release_slot: bool = False
 
 
 @dataclass
@@ -48,10 +58,12 @@ class Turn:
     is_cancelled: Callable[[], bool] = lambda: False
     end_sequence: bool = False  # release the sequence's KV after this turn
     error: str | None = None  # set: the request was rejected; answered in order
+    request_id: Hashable = None  # names the turn in ``Engine.abort``
+    opens_slot: bool = False  # START without END on a sequence-batched model
     # filled while running
     output_ids: list[int] = field(default_factory=list)
     cached_tokens: int = -1  # context tokens whose KV was reused; -1 until known
-    text: TurnTextBuilder | None = None
+    replied: bool = False  # an output was emitted
     generator: torch.Generator | None = None  # when the request set a seed
     penalty: PenaltyState | None = None  # when params.uses_penalties (sampling/penalty_state.py)
     arrival: float = field(default_factory=time.monotonic)
@@ -68,3 +80,32 @@ class Submission:
     extra_keys: tuple = ()
     close_only: bool = False  # no generation, just END
     error: str | None = None  # the request was invalid; answered with this error in order
+    owner: Hashable = None  # the frontend that sent it (``Engine.drop_owner``)
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What a prompt is checked against before it is submitted (the engine's, or the core's
+    as its frontends receive them)."""
+
+    vocab_size: int
+    max_model_len: int
+    context_limit: int | None  # None: a bounded-KV policy, conversations are unbounded
+
+
+def check_prompt(prompt_ids: list[int], params: SamplingParams, limits: PromptLimits) -> None:
+    """Refuse a prompt or sampling settings the engine cannot serve, naming what was wrong."""
+    vocab = limits.vocab_size
+    if not prompt_ids:
+        raise RequestError("empty prompt: send a non-empty text_input or input_ids")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}); "
+                           f"{len(bad)} ids are out of range")
+    if params.max_tokens <= 0:
+        raise RequestError(f"max_tokens must be > 0, got {params.max_tokens}")
+    if limits.context_limit is not None and params.max_tokens > limits.max_model_len:
+        raise RequestError(f"max_tokens {params.max_tokens} exceeds the context limit of "
+                           f"{limits.max_model_len} tokens (max_model_len)")
+    check_sampling(params)
+    check_token_ids(params, vocab)

@@ -176,7 +176,10 @@ def check_value(name: str, value, what: str | None = None):
         if len(items) > MAX_TOKEN_LIST:
             raise ParameterError(f"{what} holds {len(items)} entries; at most {MAX_TOKEN_LIST}")
         out = {}
-        for key, bias in items:
+        for item in items:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                raise ParameterError(f"{what} must be an object of token id -> bias (or [id, bias] pairs)")
+            key, bias = item
             token = _token_id(key, f"{what} key {str(key)[:40]!r}")
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
                     or abs(bias) > LOGIT_BIAS_LIMIT:

@@ -63,6 +63,23 @@ class Scheduler:
             budget -= n
         return planned
 
+    def plan_continuation(self, plan: list[ScheduledChunk], context_limit: int | None) -> list[ScheduledChunk] | None:
+        """One decode token per sequence of ``plan`` (the step in flight) at the position after
+        its chunk, with the blocks for it; None when that step may not be launched before
+        ``plan``'s tokens are read back."""
+        continued = []
+        for chunk in plan:
+            seq, turn = chunk.seq, chunk.seq.turn
+            position = chunk.start + chunk.num_tokens  # where the token in flight goes
+            if (len(turn.output_ids) + 1 >= turn.params.max_tokens
+                    or (context_limit is not None and position + 1 >= context_limit)
+                    or self.kv.needs_decision(seq.seq_id, position)):
+                return None
+            if not self.kv.evict(seq.seq_id, position) or not self.kv.grow(seq.seq_id, position + 1):
+                return None
+            continued.append(ScheduledChunk(seq, position, 1, True))
+        return continued
+
     def _make_room(self, seq, attempt, planned, order, idle) -> bool:
         """Retry ``attempt`` (a KV manager call that needs blocks) after each preemption."""
         busy = {c.seq.seq_id for c in planned} | {seq.seq_id}

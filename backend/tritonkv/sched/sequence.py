@@ -14,8 +14,10 @@ import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from tritonkv.engine.requests import Turn
+if TYPE_CHECKING:  # (a type only: sched/ imports nothing from the engine)
+    from tritonkv.engine.requests import Turn
 
 
 class SeqStatus(enum.Enum):
@@ -36,6 +38,7 @@ class Sequence:
     last_active: float = field(default_factory=time.monotonic)
     admitted_at: int = 0  # engine step counter when the current turn started (preemption order)
     stateless: bool = False  # one-turn sequence from llm_stateless: ends with its turn
+    owner: object = None  # the frontend whose conversation this is (core/)
 
     @property
     def num_uncomputed(self) -> int:

@@ -1,11 +1,12 @@
 """The instance's heartbeat gauges, read by the supervisor (``server/supervisor.py``).
 
-- ``tritonkv_engine_loops``: iterations of the engine loop so far. A healthy engine thread
-  finishes one per step while busy and at least one a second while idle (it waits at most
-  1 s for work), so a value that stops moving for longer than any step takes means the
-  engine thread is stuck (or the whole stub is);
-- ``tritonkv_engine_failed``: 1 once the engine thread has died; the instance then answers
-  every request at once with UNAVAILABLE (``Engine.failure``) and must be replaced.
+- ``tritonkv_engine_loops``: iterations of the engine core's loop so far (every frontend of
+  a core reports the core's count). A healthy core finishes one per step while busy and at
+  least one a second while idle (it waits at most 1 s for work), so a value that stops
+  moving for longer than any step takes means the core is stuck;
+- ``tritonkv_engine_failed``: 1 while this instance has no working engine core (it died or
+  its engine failed); the instance answers requests at once with UNAVAILABLE until the next
+  request starts or attaches a new core.
 
 Both carry a ``pid`` label (the stub's process id) besides model and instance: the
 supervisor watches processes, and an instance name outlives its process.

@@ -6,12 +6,14 @@ accepted the START; refused STARTs that are never followed by END would use up t
 stall every new conversation (issue 13 item 4, docs/security.md).
 
 Rules:
-- Only a START without END, on an id that is not a live conversation of this instance, is
-  watched (a START on a live conversation is refused, and that conversation must go on).
-- If its first response is a final error, the error is held back; a helper thread sends END
-  for the id to this model through BLS (the engine answers "not live", which is ignored) and
-  only then sends the held error: a client that retries the same id after seeing the error
-  cannot have its new conversation ended by our END.
+- The engine decides, in submission order, which refusals free a slot: the first output of
+  a START without END that is a final error, unless the id is a live conversation (a START
+  on a live conversation is refused, and that conversation must go on). It marks that output
+  ``release_slot`` (engine/requests.py); no thread here reads the engine's state.
+- The marked error is held back; a helper thread sends END for the id to this model through
+  BLS (the engine answers "not live", which is ignored) and only then sends the held error:
+  a client that retries the same id after seeing the error cannot have its new conversation
+  ended by our END.
 - BLS runs on helper threads, never inside ``execute`` (``exec`` waits for a response that
   cannot come before ``execute`` returns).
 """
@@ -24,26 +26,8 @@ import threading
 
 log = logging.getLogger("tritonkv.server")
 
-FLAG_START, FLAG_END = 1, 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
+FLAG_END = 2  # TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 RELEASE_THREADS = 4
-
-
-class _HoldFirstError:
-    """A response sender whose first response, if it is a final error, waits for the release."""
-
-    def __init__(self, sender, corr_id, releaser: "SlotReleaser", final_flag: int):
-        self._sender = sender
-        self._corr_id = corr_id
-        self._releaser = releaser
-        self._final = final_flag
-        self._first = True
-
-    def send(self, response=None, flags=0):
-        first, self._first = self._first, False
-        if first and response is not None and response.has_error() and flags & self._final:
-            self._releaser.release(self._corr_id, lambda: self._sender.send(response, flags=flags))
-            return
-        self._sender.send(response, flags=flags)
 
 
 class SlotReleaser:
@@ -54,17 +38,6 @@ class SlotReleaser:
         self.released = 0
         for i in range(RELEASE_THREADS):
             threading.Thread(target=self._loop, name=f"tritonkv-slot-release-{i}", daemon=True).start()
-
-    def watch(self, request, sender, live_ids):
-        """The sender to answer ``request`` with (wrapped when its slot may need a release)."""
-        try:
-            flags = request.flags()
-            corr_id = request.correlation_id()
-        except Exception:  # admission answers a broken request; nothing to watch
-            return sender
-        if not flags & FLAG_START or flags & FLAG_END or corr_id in (0, "") or corr_id in live_ids:
-            return sender
-        return _HoldFirstError(sender, corr_id, self, self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def release(self, corr_id, answer) -> None:
         self._jobs.put((corr_id, answer))

@@ -1,16 +1,18 @@
-"""TritonPythonModel: the thin adapter between Triton's Python backend and the engine.
+"""TritonPythonModel: a frontend of the engine core (core/). Every Triton instance of ``llm``
+and ``llm_stateless`` is one; the model, the KV cache and the batch live in the core of its
+device and pool name, which the first frontend starts and the others attach.
 
-``execute`` only parses and enqueues (decoupled model) and returns at once; the engine
-thread streams the responses. No model logic lives here.
+``execute`` only parses, tokenises, validates and sends (decoupled model) and returns at
+once; the core client's I/O thread turns the core's token outputs into text and Triton
+responses. No model logic lives here, and nothing here touches CUDA.
 
 Admission never raises out of ``execute``: a client mistake is answered with its own error
 (INVALID_ARG, HTTP 400), any other fault while admitting one request with an internal error
-for that request alone, and once the engine thread has died (``Engine.failure``) every request
-is answered at once (UNAVAILABLE) instead of hanging.
+for that request alone; while no core serves the instance (it died), the next request starts
+or attaches one, and if that fails, it is answered at once (UNAVAILABLE) instead of hanging.
 
-Heartbeat (``server/heartbeat.py``): the engine loop counts its iterations and the metrics
-thread publishes the count and whether the engine failed, so the supervisor can tell a
-stuck or dead engine from a busy one.
+Heartbeat (``server/heartbeat.py``): the core's loop count and whether this instance has no
+working core, published with the core's stats (``server/gauges.py``) by the metrics thread.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import logging
 import threading
 
 from tritonkv.config import EngineConfig
+from tritonkv.core.client import CoreClient, CoreUnavailable
+from tritonkv.engine.output import merge_outputs
 from tritonkv.engine.requests import RequestError
-from tritonkv.server.fault_injection import fault_hook
 from tritonkv.server.gauges import Gauges
 from tritonkv.server.heartbeat import Heartbeat
-from tritonkv.server.response_streamer import ResponseStreamer
 from tritonkv.server.slot_release import SlotReleaser
 from tritonkv.server.triton_request import BadRequest, Limits, ReplyChannel, parse_request
 
@@ -34,8 +36,8 @@ METRICS_PERIOD_S = 0.5
 
 
 def log_info_to_stderr() -> None:
-    """The Python backend's stub configures no logging, so the engine's INFO lines (the KV
-    pool, "KV capacity: ...") would be dropped; they go to stderr, which the server log holds."""
+    """The Python backend's stub configures no logging, so the frontend's INFO lines would be
+    dropped; they go to stderr, which the server log holds (the core logs on its own)."""
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("tritonkv %(levelname)s: %(message)s"))
@@ -43,15 +45,41 @@ def log_info_to_stderr() -> None:
         log.setLevel(logging.INFO)
 
 
-def admission_limits(engine) -> Limits:
+def admission_limits(core) -> Limits:
     """Size limits checked in ``execute`` before any work (see ``parse_request``)."""
     max_text_bytes = None
-    if engine.tokenizer is not None:
-        max_text_bytes = engine.tokenizer.max_text_bytes(engine.max_model_len)
+    if core.tokenizer is not None:
+        max_text_bytes = core.tokenizer.max_text_bytes(core.max_model_len)
         if max_text_bytes is None:
             log.warning("this tokenizer may drop text (normaliser / pre-tokenizer / unknown tokens): "
                         "text_input has no size bound before tokenising")
-    return Limits(max_model_len=engine.max_model_len, max_text_bytes=max_text_bytes)
+    return Limits(max_model_len=core.max_model_len, max_text_bytes=max_text_bytes)
+
+
+class Reply:
+    """One request's answer path after its ``TextStream``: ``stream_interval`` batching (after
+    the first response, tokens go out k at a time; the final and errors at once), and a
+    refused opening turn's error held until its sequence slot is released."""
+
+    def __init__(self, channel: ReplyChannel, interval: int, release=None):
+        self.channel = channel
+        self.interval = interval
+        self.release = release  # corr-id-bound SlotReleaser.release, or None
+        self.started = False
+        self.waiting: list = []
+
+    def __call__(self, out) -> None:
+        if out.release_slot and out.finished and self.release is not None:
+            self.release(lambda: self.channel(out))
+            return
+        self.waiting.append(out)
+        if (out.error is None and not out.finished and self.started
+                and sum(len(o.token_ids) for o in self.waiting) < self.interval):
+            return
+        waiting, self.waiting = self.waiting, []
+        self.started = True
+        for merged in merge_outputs(waiting):
+            self.channel(merged)
 
 
 class TritonPythonModel:
@@ -60,8 +88,6 @@ class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
-        from tritonkv.engine.factory import build_engine
-
         self.pb_utils = pb_utils
         model_config = json.loads(args["model_config"])
         if not model_config.get("model_transaction_policy", {}).get("decoupled"):
@@ -69,16 +95,12 @@ class TritonPythonModel:
                              "{ decoupled: true } (tritonkv streams tokens)")
         self.stateless = "sequence_batching" not in model_config
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
-        config = EngineConfig.from_parameters(params)
+        self.config = EngineConfig.from_parameters(params)
         log_info_to_stderr()
-        self.engine = build_engine(config, gpu_instance=args.get("model_instance_kind") == "GPU",
-                                   device_id=int(args.get("model_instance_device_id", 0)))
-        self.streamer = ResponseStreamer(config.stream_interval)
-        self.loops = 0  # engine loop iterations (the heartbeat)
-        self._fault = fault_hook()  # None unless a test asks for faults
-        self.engine.after_emit = self._after_iteration
-        self.engine.start_loop()
-        self.limits = admission_limits(self.engine)
+        self.core = CoreClient(self.config, gpu_instance=args.get("model_instance_kind") == "GPU",
+                               device_id=int(args.get("model_instance_device_id", 0)))
+        self.core.connect()  # a refusal (e.g. another checkpoint on this pool) fails the load with its reason
+        self.limits = admission_limits(self.core)
         self.slots = None if self.stateless else SlotReleaser(pb_utils, args["model_name"])
         self._next_stateless_id = 0
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
@@ -87,14 +109,6 @@ class TritonPythonModel:
         self._stop = threading.Event()
         self._metrics_thread = threading.Thread(target=self._publish_metrics, daemon=True)
         self._metrics_thread.start()
-
-    def _after_iteration(self) -> None:
-        """Runs on the engine thread after every loop iteration: count it, send what the
-        iteration produced."""
-        self.loops += 1
-        if self._fault is not None:
-            self._fault()
-        self.streamer.flush()
 
     def execute(self, requests):
         for request in requests:
@@ -109,8 +123,6 @@ class TritonPythonModel:
             log.exception("request without a response sender; dropped")
             return
         try:
-            if self.slots is not None:
-                sender = self.slots.watch(request, sender, self.engine._live)
             self._admit(request, sender)
         except Exception as exc:
             log.exception("request could not be admitted")
@@ -124,51 +136,83 @@ class TritonPythonModel:
             log.exception("could not answer a request with an error (%s)", message)
 
     def _admit(self, request, sender) -> None:
-        pb_utils = self.pb_utils
-        engine = self.engine
-        if engine.failure is not None:
-            self._answer(sender, f"this instance failed and serves no more requests ({engine.failure}); "
-                                 "retry on another instance", "UNAVAILABLE")
-            return
+        core = self.core
+        if core.down is not None:
+            try:
+                core.connect()
+                self.limits = admission_limits(core)
+            except CoreUnavailable as exc:
+                self._answer(sender, f"no engine core serves this instance: {exc}; retry", "UNAVAILABLE")
+                return
         try:
-            parsed = parse_request(pb_utils, request, stateless=self.stateless,
-                                   default_max_tokens=engine.config.default_max_tokens, limits=self.limits)
+            parsed = parse_request(self.pb_utils, request, stateless=self.stateless,
+                                   default_max_tokens=self.config.default_max_tokens, limits=self.limits)
         except (BadRequest, RequestError) as exc:
             self._answer(sender, str(exc), "INVALID_ARG")
             return
-        reply = self.streamer.channel(ReplyChannel(pb_utils, sender, parsed.stream))
         corr_id = parsed.corr_id
+        release = None
         if self.stateless:
             self._next_stateless_id += 1
-            corr_id = ("stateless", self._next_stateless_id)
+            corr_id = self._next_stateless_id
+        elif self.slots is not None:
+            release = lambda answer, cid=corr_id: self.slots.release(cid, answer)  # noqa: E731
+        reply = Reply(ReplyChannel(self.pb_utils, sender, parsed.stream), self.config.stream_interval, release)
         extra_keys = () if parsed.cache_salt is None else (("cache_salt", parsed.cache_salt),)
         common = dict(start=parsed.start, end=parsed.end, is_cancelled=request.is_cancelled,
                       stateless=self.stateless, extra_keys=extra_keys)
         if parsed.close_only:
-            engine.submit(corr_id, [], parsed.params, reply, close_only=True, **common)
+            core.submit(corr_id, [], parsed.params, reply, close_only=True, **common)
             return
         try:
             ids = parsed.input_ids
             if ids is None:
                 if parsed.text is None:
                     raise RequestError("no prompt: send text_input or input_ids (or END alone to close)")
-                ids = engine.encode(parsed.text, first_turn=parsed.start)
-            engine.validate(ids, parsed.params)
+                ids = core.encode(parsed.text, first_turn=parsed.start)
+            core.validate(ids, parsed.params)
         except RequestError as exc:
-            engine.submit(corr_id, [], parsed.params, reply, error=str(exc), **common)
+            core.submit(corr_id, [], parsed.params, reply, error=str(exc), **common)
             return
-        engine.submit(corr_id, ids, parsed.params, reply, **common)
+        core.submit(corr_id, ids, parsed.params, reply, **common)
 
     def _publish_metrics(self) -> None:
+        view = CoreStats(self.core)
         while not self._stop.wait(METRICS_PERIOD_S):
             try:
-                self.heartbeat.publish(self.loops, self.engine.failure is not None)
-                self.gauges.publish(self.engine)
+                self.heartbeat.publish(self.core.loops, self.core.down is not None or self.core.core_failure is not None)
+                if self.core.down is None and self.core.stats:  # (the core's first stats came)
+                    self.gauges.publish(view)
             except Exception:
                 logging.getLogger("tritonkv").exception("metrics update failed")
 
     def finalize(self):
         self._stop.set()
-        self.engine.stop_loop()
-        self.streamer.close()
-        self.engine.close()
+        self.core.close()
+
+
+class CoreStats:
+    """What ``Gauges.publish`` reads, from the core's stats and its welcome (the gauges were
+    written against the in-process Engine; this is that surface)."""
+
+    def __init__(self, core: CoreClient):
+        from types import SimpleNamespace
+
+        from tritonkv.model.model_config import ModelConfig
+
+        self._core = core
+        w = core.welcome
+        self.config = core.config
+        self.model_config = ModelConfig.from_checkpoint(w.checkpoint)
+        self.max_model_len = w.max_model_len
+        self.pool = SimpleNamespace(num_blocks=w.num_blocks)
+        self.device = SimpleNamespace(type=w.device)
+
+    def stats(self) -> dict[str, int]:
+        """The core's (pool-wide) stats; generated tokens are this instance's."""
+        return {**self._core.stats, "generated_tokens": self._core.generated_tokens}
+
+    def request_counts(self) -> tuple[int, int]:
+        """(waiting, running) requests of the core (server/gauges.py)."""
+        stats = self._core.stats
+        return stats.get("requests_waiting", 0), stats.get("requests_running", 0)

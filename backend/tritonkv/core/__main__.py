@@ -1,0 +1,3 @@
+from tritonkv.core.proc import main
+
+raise SystemExit(main())

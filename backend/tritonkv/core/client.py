@@ -1,0 +1,295 @@
+"""A frontend's side of its engine core: attach (starting the core if none runs), submit
+turns, receive their token outputs, turn them into text (``TextStream``), notice a dead core.
+
+Threads: the caller's (``submit``, ``abort``: they only queue) and one I/O thread that owns
+the socket, sends what was queued, and calls each request's ``emit`` with its outputs.
+
+Rules:
+- Outputs arrive one message per engine step; each request's outputs go through its
+  ``TextStream`` (detokenise, stop strings; a stop string sends ``Abort`` with the tokens kept).
+- Cancellation: the I/O thread polls each open request's ``is_cancelled`` every
+  ``CANCEL_POLL_S`` and sends ``Abort`` for it.
+- A core that dies (its process is gone) ends every open request with an error at once
+  (checked every ``WATCH_PERIOD_S``); the client is then ``down`` and ``connect`` starts or
+  attaches a core again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+
+from tritonkv.config import EngineConfig
+from tritonkv.core import liveness
+from tritonkv.core import messages as m
+from tritonkv.core.proc import Wakeup
+from tritonkv.core.runtime_dir import core_name, core_paths, device_label
+from tritonkv.core.spawn import core_running, remove_stale, start_core
+from tritonkv.engine.output import TextStream
+from tritonkv.engine.requests import PromptLimits, RequestError, TurnOutput, check_prompt
+
+log = logging.getLogger("tritonkv.frontend")
+
+CANCEL_POLL_S = 0.05
+WATCH_PERIOD_S = 0.2
+START_TIMEOUT_ENV = "TRITONKV_CORE_START_TIMEOUT_S"
+
+
+class CoreUnavailable(RuntimeError):
+    """No engine core could be attached (the message says why)."""
+
+
+@dataclass
+class _Request:
+    emit: TextStream
+    is_cancelled: object
+    cancel_sent: bool = False
+
+
+class CoreClient:
+    def __init__(self, config: EngineConfig, gpu_instance: bool = False, device_id: int = 0):
+        self.config = config
+        pool = config.pool_name or f"private-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.name = core_name(pool, device_label(config.device, gpu_instance, device_id))
+        self.gpu_instance, self.device_id = gpu_instance, device_id
+        self.welcome: m.Welcome | None = None
+        self.tokenizer = None
+        self.limits: PromptLimits | None = None
+        self.down: str | None = "not connected"  # why no core serves this client now
+        self.stats: dict[str, int] = {}
+        self.loops = 0
+        self.generated_tokens = 0  # tokens this frontend received (its own, of the core's)
+        self.core_failure: str | None = None
+        self._child = None  # the core, when this process started it (reaped here)
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = Wakeup()
+        self._lock = threading.Lock()  # connect / disconnect
+        self._req_lock = threading.Lock()  # open requests vs a core that died
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._sock = None
+        self._ctx = zmq.Context.instance()
+
+    # -- attach ------------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.welcome.max_model_len
+
+    def connect(self, timeout_s: float | None = None) -> m.Welcome:
+        """Attach to the core of this pool and device, starting it if none runs."""
+        with self._lock:
+            if self.down is None:
+                return self.welcome
+            if timeout_s is None:
+                timeout_s = float(os.environ.get(START_TIMEOUT_ENV, "900"))
+            welcome, sock = self._attach(timeout_s)
+            if self.welcome is None or self.welcome.checkpoint != welcome.checkpoint:
+                from tritonkv.model.tokenizer import TextTokenizer
+                try:
+                    self.tokenizer = TextTokenizer(welcome.checkpoint)
+                except FileNotFoundError:
+                    log.warning("%s has no tokenizer.json; only input_ids requests will be served", welcome.checkpoint)
+                    self.tokenizer = None
+            self.welcome = welcome
+            self.limits = PromptLimits(welcome.vocab_size, welcome.max_model_len, welcome.context_limit)
+            self._sock = sock
+            self.down = None
+            self.core_failure = None
+            self._thread = threading.Thread(target=self._io_loop, args=(sock, welcome), name="tritonkv-core-client",
+                                            daemon=True)
+            self._thread.start()
+            return welcome
+
+    def _attach(self, timeout_s: float):
+        """Start the core (unless one runs or is starting) and say Hello until it answers. A
+        core found on its way out (its lock freed before it answered) is started again."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            child = start_core(self.name, self.config, self.gpu_instance, self.device_id)
+            if child is not None:
+                self._reap()
+                self._child = child
+            fid = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, fid.encode())
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # (no limit: nothing is ever dropped or blocks)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(core_paths(self.name).endpoint)
+            me = os.getpid()
+            sock.send(m.encoder.encode(m.Hello(fid, me, liveness.start_time(me), self.config)))
+            reply = self._await_reply(sock, child, deadline)
+            if isinstance(reply, m.Welcome):
+                return reply, sock
+            sock.close()
+            if isinstance(reply, m.Refused):
+                if not (reply.retry and self._wait_gone(deadline)):
+                    raise CoreUnavailable(reply.reason)
+            elif child is not None and child.poll() is not None:
+                raise CoreUnavailable(f"the engine core for pool {self.name!r} exited while starting (exit code "
+                                      f"{child.returncode}; see the server log for why)")
+            if time.monotonic() >= deadline:
+                raise CoreUnavailable(f"the engine core for pool {self.name!r} did not answer within {timeout_s:.0f} s "
+                                      f"(raise ${START_TIMEOUT_ENV} if loading takes longer)")
+
+    def _await_reply(self, sock, child, deadline: float):
+        """The core's answer to Hello; None when the core is gone (or the deadline passed)."""
+        while time.monotonic() < deadline:
+            if sock.poll(100, zmq.POLLIN):
+                reply = m.frontend_decoder.decode(sock.recv())
+                if isinstance(reply, (m.Welcome, m.Refused)):
+                    return reply
+                continue
+            if (child is not None and child.poll() is not None) or not core_running(self.name):
+                return None
+        return None
+
+    def _wait_gone(self, deadline: float) -> bool:
+        """Wait for a core on its way out to be gone."""
+        while time.monotonic() < deadline:
+            self._reap()
+            if not core_running(self.name):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _reap(self) -> None:
+        if self._child is not None and self._child.poll() is not None:
+            self._child = None
+
+    # -- requests (any thread) -----------------------------------------------------------------
+    def encode(self, text: str, first_turn: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer.json: send input_ids instead of text_input")
+        if not text:
+            raise RequestError("empty prompt: send a non-empty text_input or input_ids")
+        return self.tokenizer.encode(text, add_special_tokens=first_turn)
+
+    def validate(self, prompt_ids, params) -> None:
+        check_prompt(prompt_ids, params, self.limits)
+
+    def submit(self, corr_id, prompt_ids, params, emit, *, start: bool, end: bool, is_cancelled=None,
+               stateless: bool = False, extra_keys: tuple = (), close_only: bool = False,
+               error: str | None = None) -> int:
+        """Send one turn; ``emit`` gets its outputs (text included) on the I/O thread."""
+        rid = next(self._ids)
+        stream = TextStream(self.tokenizer, params.stop, emit, lambda kept: self.abort(rid, kept))
+        with self._req_lock:
+            down = self.down
+            if down is None:
+                self._requests[rid] = _Request(stream, is_cancelled)
+        if down is not None:
+            stream(TurnOutput("", [], True, "error", error=f"no engine core serves this instance: {down}; retry"))
+            return rid
+        self._send(m.Submit(rid, corr_id, list(prompt_ids), params, start, end, stateless, tuple(extra_keys),
+                            close_only, error))
+        return rid
+
+    def abort(self, rid: int, kept_tokens: int | None = None) -> None:
+        self._send(m.Abort(rid, kept_tokens))
+
+    def _send(self, msg) -> None:
+        self._out.put(m.encoder.encode(msg))
+        self._wake.set()
+
+    # -- I/O thread ------------------------------------------------------------------------------
+    def _io_loop(self, sock, welcome: m.Welcome) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake.r, zmq.POLLIN)
+        next_cancel = next_watch = 0.0
+        reason = None
+        try:
+            while reason is None and not self._closing.is_set():
+                events = dict(poller.poll(CANCEL_POLL_S * 1000))
+                if self._wake.r in events:
+                    self._wake.clear()
+                while True:
+                    try:
+                        sock.send(self._out.get_nowait(), copy=False)
+                    except queue.Empty:
+                        break
+                while sock.poll(0, zmq.POLLIN):
+                    self._receive(m.frontend_decoder.decode(sock.recv()))
+                now = time.monotonic()
+                if now >= next_cancel:
+                    next_cancel = now + CANCEL_POLL_S
+                    self._poll_cancelled()
+                if now >= next_watch:
+                    next_watch = now + WATCH_PERIOD_S
+                    self._reap()
+                    if not liveness.alive(welcome.core_pid, welcome.core_started):
+                        reason = f"the engine core (pid {welcome.core_pid}) exited"
+        except Exception as exc:  # noqa: BLE001
+            log.exception("engine core client failed")
+            reason = f"the connection to the engine core failed: {exc}"
+        if self._closing.is_set():
+            while True:  # a Bye queued by close()
+                try:
+                    sock.send(self._out.get_nowait(), copy=False)
+                except queue.Empty:
+                    break
+            sock.close(linger=500)
+            return
+        sock.close()
+        self._core_gone(reason)
+
+    def _receive(self, msg) -> None:
+        if isinstance(msg, m.Outputs):
+            for rid, out in msg.items:
+                self.generated_tokens += len(out.token_ids)
+                req = self._requests.get(rid)
+                if req is None:
+                    continue
+                if out.finished:
+                    del self._requests[rid]
+                try:
+                    req.emit(out)
+                except Exception:  # a vanished client must not stop the others
+                    log.exception("could not deliver a response")
+        elif isinstance(msg, m.Stats):
+            self.stats, self.loops, self.core_failure = msg.stats, msg.loops, msg.failure
+
+    def _poll_cancelled(self) -> None:
+        for rid, req in list(self._requests.items()):
+            if not req.cancel_sent and req.is_cancelled is not None and req.is_cancelled():
+                req.cancel_sent = True
+                self.abort(rid)
+
+    def _core_gone(self, reason: str) -> None:
+        log.error("%s; %d open requests fail; the next request restarts it", reason, len(self._requests))
+        with self._req_lock:
+            self.down = reason
+            requests, self._requests = self._requests, {}
+        for req in requests.values():
+            try:
+                req.emit(TurnOutput("", [], True, "error", error=f"{reason} while serving this request; retry"))
+            except Exception:
+                log.exception("could not deliver a response")
+        remove_stale(self.name)
+        while True:
+            try:
+                self._out.get_nowait()
+            except queue.Empty:
+                break
+
+    # -- leave -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Leave the core (it exits a grace period after its last frontend left)."""
+        if self.down is None:
+            self._send(m.Bye())
+        self._closing.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._reap()
