@@ -76,7 +76,7 @@ def engine_prefill_logits(engine, ids):
     every prompt token (the sequence's blocks are released after)."""
     engine.kv.start("probe", ids)
     assert engine.kv.grow("probe", len(ids))
-    engine._apply_swaps()  # host-tier copies the lookup or the growth queued, before any write
+    run_swaps(engine.kv, engine.swapper)  # tier copies the lookup or growth queued, before any write
     table, bs, dev = engine.kv.block_table("probe"), engine.pool.block_size, engine.device
     batch = AttentionBatch(
         positions=torch.arange(len(ids), device=dev),

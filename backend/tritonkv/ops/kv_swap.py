@@ -205,11 +205,26 @@ class KVSwapper:
             self._registered = False
 
 
-def build_host_tier(kv_host_memory_gb: float, kv_caches, device: torch.device, device_blocks: int,
-                    kv_disk_path: str = "", kv_disk_gb: float = 0.0):
+def run_swaps(kv, swapper: KVSwapper | None) -> None:
+    """Run the copies the KV manager queued (swaps, demotions, prefix loads) before anything
+    else touches the device pool this step."""
+    swaps = kv.take_swaps()
+    if swaps:
+        swapper.run(swaps)
+
+
+def close_swapper(swapper: KVSwapper | None) -> None:
+    if swapper is not None:
+        swapper.close()
+
+
+def build_host_tier(config, kv_caches, device: torch.device, device_blocks: int):
     """(HostTier, disk HostTier or None, KVSwapper) sized by ``host_tier_bytes`` and
-    ``kv_disk_gb``, or (None, None, None) when the host tier is off or holds no whole block."""
+    ``kv_disk_gb`` (``config``: the EngineConfig), or (None, None, None) when the host tier is
+    off or holds no whole block."""
     from tritonkv.cache.host_tier import HostTier, host_tier_bytes
+
+    kv_host_memory_gb, kv_disk_path, kv_disk_gb = config.kv_host_memory_gb, config.kv_disk_path, config.kv_disk_gb
 
     block_bytes = sum(p.shape[0] * p.shape[2] for p in kv_planes(kv_caches))
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
