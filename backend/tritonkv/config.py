@@ -50,9 +50,10 @@ class EngineConfig:
     # up to this many more tokens kept per sequence; e.g. kv_window / 8
     kv_window_stride: int = 0
     # host tier (cache/host_tier.py): GiB of host memory that idle conversations' KV blocks swap
-    # to instead of being recomputed (pinned on CUDA); 0 = off; -1 = auto: on a GPU device 40% of
-    # the available RAM split over the host's GPUs, at most 4x the device pool; on CPU off
-    kv_host_memory_gb: float = -1.0
+    # to instead of being recomputed (pinned on CUDA); 0 = off (the default until the tier's GPU
+    # run is recorded); -1 = auto: on a GPU device 40% of the available RAM split over the
+    # host's GPUs, at most 4x the device pool; on CPU off
+    kv_host_memory_gb: float = 0.0
     # disk tier: conversations the host tier drops spill to one file per server run in this
     # directory (removed at exit); kv_disk_gb GiB of it; 0 = off
     kv_disk_path: str = ""

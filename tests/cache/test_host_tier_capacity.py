@@ -33,7 +33,8 @@ def test_kv_host_memory_gb_is_validated_and_parsed():
 
     from tritonkv.config import EngineConfig
 
-    assert EngineConfig().kv_host_memory_gb == -1  # auto: a GPU server's RAM share, off on CPU
+    assert EngineConfig().kv_host_memory_gb == 0  # off unless asked for (-1 = auto)
+    assert EngineConfig.from_parameters({"kv_host_memory_gb": "-1"}).kv_host_memory_gb == -1
     assert EngineConfig.from_parameters({"kv_host_memory_gb": "0.5"}).kv_host_memory_gb == 0.5
     with pytest.raises(ValueError, match="'kv_host_memory_gb' = -2.0: must be >= 0 GiB"):
         EngineConfig(kv_host_memory_gb=-2.0)
