@@ -41,14 +41,10 @@ def failure_reason(log: str) -> str | None:
     return None
 
 
-# a frontend's lines ("tritonkv INFO: ...") and its engine core's, which the stub's stderr
-# (the server log) also holds ("<date> <time> tritonkv-core[<pid>] INFO ...": core/proc.py)
-_PROGRESS_RE = re.compile(r"successfully loaded '([^']+)'|^tritonkv (?:INFO|WARNING): (.+)$"
-                          r"|^\S+ \S+ tritonkv-core\[\d+\] (?:INFO|WARNING) (.+)$", re.M)
+_PROGRESS_RE = re.compile(r"successfully loaded '([^']+)'|^tritonkv (?:INFO|WARNING): (.+)$", re.M)
 
 
 def progress_lines(log: str) -> list[str]:
     """What a start has done so far, from the server log, in order: the engines' own lines
     (KV pool, "KV capacity: ...", CUDA graphs captured, warnings) and each model loaded."""
-    return [f"model {m.group(1)} loaded" if m.group(1) else m.group(2) or m.group(3)
-            for m in _PROGRESS_RE.finditer(log)]
+    return [f"model {m.group(1)} loaded" if m.group(1) else m.group(2) for m in _PROGRESS_RE.finditer(log)]
