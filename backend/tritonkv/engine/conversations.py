@@ -100,6 +100,8 @@ class Conversations:
             return
         if start:
             seq = Sequence(seq_id=next(self._keys), extra_keys=sub.extra_keys, stateless=stateless, owner=sub.owner)
+            if turn.params.prompt_logprobs is not None:  # its own block keys: no prefix hit skips a position
+                seq.extra_keys = (*sub.extra_keys, ("prompt_logprobs", seq.seq_id))
             self._seqs[seq.seq_id] = seq
             if not stateless:
                 self._live[corr_id] = seq

@@ -320,6 +320,9 @@ class Engine(Conversations):
                 continue
             seq.num_computed += chunk.num_tokens
             self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
+            prompt_raw = (step.handle.prompt_logprobs or {}).get(i)
+            if prompt_raw is not None:
+                self._record_prompt_logprobs(seq, chunk, prompt_raw)
             if mass is not None and chunk.sample:  # h2o: the mass of the sampling query
                 self.kv.add_mass(seq.seq_id, step.origins[i], mass[i])
             if token is None:
@@ -352,7 +355,41 @@ class Engine(Conversations):
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
                        turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),
-                       penalty=turn.penalty)
+                       penalty=turn.penalty, prompt_targets=self._prompt_targets(seq, chunk))
+
+    # -- prompt logprobs (sampling/logprobs.py) -----------------------------------------------
+    @staticmethod
+    def _prompt_span(seq: Sequence) -> tuple[int, int]:
+        """Token indices [first, end) of the running turn's prompt in ``seq.token_ids``."""
+        turn = seq.turn
+        end = len(seq.token_ids) - len(turn.output_ids)
+        return end - len(turn.prompt_ids), end
+
+    def _prompt_targets(self, seq: Sequence, chunk: ScheduledChunk) -> list[int] | None:
+        """Position p of the chunk scores token p + 1 where that is a prompt token of the turn
+        (a conversation's first token has no logprob: nothing comes before it)."""
+        if seq.turn.params.prompt_logprobs is None:
+            return None
+        first, end = self._prompt_span(seq)
+        targets = [seq.token_ids[p + 1] if first <= p + 1 < end else -1
+                   for p in range(chunk.start, chunk.start + chunk.num_tokens)]
+        return targets if any(t >= 0 for t in targets) else None
+
+    def _record_prompt_logprobs(self, seq: Sequence, chunk: ScheduledChunk, raw: list[tuple | None]) -> None:
+        turn = seq.turn
+        decode = self.tokenizer and (lambda t: self.tokenizer.decode([t]))
+        for j, entry in enumerate(raw):
+            q = chunk.start + j + 1
+            if entry is not None and q not in turn.prompt_logprobs:  # a recompute finds the same
+                turn.prompt_logprobs[q] = token_logprob(seq.token_ids[q], entry, turn.params.prompt_logprobs, decode)
+
+    def _take_prompt_logprobs(self, seq: Sequence) -> tuple | None:
+        """The turn's prompt logprobs, once (on its first output token)."""
+        turn = seq.turn
+        if turn.params.prompt_logprobs is None or len(turn.output_ids) != 1:
+            return None
+        first, end = self._prompt_span(seq)
+        return tuple(turn.prompt_logprobs.get(q) for q in range(first, end))
 
     def _append_token(self, seq: Sequence, token: int, raw_logprob: tuple | None = None) -> None:
         turn = seq.turn
@@ -370,10 +407,11 @@ class Engine(Conversations):
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
+        prompt_logprobs = self._take_prompt_logprobs(seq)
         if reason is None:
-            self._reply(turn, TurnOutput("", [token], logprobs=logprobs))
+            self._reply(turn, TurnOutput("", [token], logprobs=logprobs, prompt_logprobs=prompt_logprobs))
             return
-        self._finish(seq, TurnOutput("", [token], True, reason, logprobs=logprobs))
+        self._finish(seq, TurnOutput("", [token], True, reason, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
 
     def close(self) -> None:
         """Stop the loop thread, if one runs."""

@@ -10,7 +10,8 @@ Rules:
   ``cache_salt``); ``logprobs`` is OpenAI's per endpoint (completions: a count of top tokens,
   chat: a boolean with ``top_logprobs``), at most ``MAX_LOGPROBS`` (20, as vLLM);
 - a known OpenAI field this server does not implement is accepted only at its neutral value
-  (``n`` = 1, ``echo`` false, no tools, ...) and refused otherwise, naming it;
+  (``n`` = 1, no tools, ...); completions' ``echo`` (not streamed) prepends the prompt to the
+  text and, with ``logprobs``, the prompt tokens' logprobs (``prompt_logprobs``) to the logprobs and refused otherwise, naming it;
 - every check raises ``OpenAIError`` 400 whose message and ``param`` name the field.
 """
 
@@ -86,6 +87,7 @@ class Generation:
     stream: bool
     include_usage: bool
     cache_salt: str | None = None
+    echo: bool = False  # completions: the prompt precedes the answer (and its logprobs, when asked)
 
     @property
     def max_tokens(self) -> int | None:  # None: the engine's default_max_tokens
@@ -165,8 +167,9 @@ def _logprobs(count, name: str) -> int:
 
 
 def completion_generation(body: CompletionBody) -> Generation:
-    _neutral(body, "echo", (False,))
     _neutral(body, "best_of", (1,))
+    if body.echo and body.stream:
+        raise bad_request("'echo' with 'stream' is not supported by this server: send stream false", "echo")
     if body.suffix:
         raise bad_request("'suffix' is not supported by this server", "suffix")
     prompt = body.prompt
@@ -184,6 +187,10 @@ def completion_generation(body: CompletionBody) -> Generation:
     gen = Generation(text=text, input_ids=ids, **sampling(body, body.max_tokens, "max_tokens"))
     if body.logprobs is not None and body.logprobs is not False:  # completions: the top count (0: the chosen)
         gen.sampling["logprobs"] = _logprobs(body.logprobs, "logprobs")
+    if body.echo:
+        gen.echo = True
+        if "logprobs" in gen.sampling:  # the prompt's logprobs too, computed in its prefill
+            gen.sampling["prompt_logprobs"] = gen.sampling["logprobs"]
     return gen
 
 

@@ -38,6 +38,7 @@ class Delta:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[dict] | None = None  # per token: {token id: {logprob, rank, decoded_token}}
+    prompt_logprobs: list[dict | None] | None = None  # per prompt token, the same (None: the first)
 
 
 def _tensor(name: str, arr: np.ndarray, dtype: str) -> grpcclient.InferInput:
@@ -143,6 +144,9 @@ def _delta(result) -> Delta:
     logprobs = result.as_numpy("logprobs")
     if logprobs is not None:
         delta.logprobs = json.loads(logprobs.reshape(-1)[0].decode("utf-8"))
+    prompt_logprobs = result.as_numpy("prompt_logprobs")
+    if prompt_logprobs is not None:
+        delta.prompt_logprobs = json.loads(prompt_logprobs.reshape(-1)[0].decode("utf-8"))
     if reason is not None:
         delta.finish_reason = reason[0].decode("utf-8")
         cached = result.as_numpy("cached_tokens")

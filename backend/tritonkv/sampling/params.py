@@ -97,10 +97,14 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("logprobs", "int", None, "return each generated token's log-probability (of the model's "
               f"distribution, before any setting above) and this many of the most likely tokens' "
               f"(None: none; at most {MAX_LOGPROBS})", 0, MAX_LOGPROBS, openai=False),
+    Parameter("prompt_logprobs", "int", None, "return each prompt token's log-probability given the tokens "
+              "before it (the first token of a conversation has none) and this many of the most likely "
+              f"tokens' at its position (None: none; at most {MAX_LOGPROBS}); such a request takes no "
+              "prefix-cache hit (every prompt position is computed)", 0, MAX_LOGPROBS, openai=False),
 )
 BY_NAME = {p.name: p for p in PARAMETERS}
 # vLLM SamplingParams keys accepted only at the value that changes nothing
-NEUTRAL_VALUES = {"n": 1, "best_of": 1, "prompt_logprobs": None, "include_stop_str_in_output": False}
+NEUTRAL_VALUES = {"n": 1, "best_of": 1, "include_stop_str_in_output": False}
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, bias), ids unique
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's and the top k at its position
 
     @property
     def uses_penalties(self) -> bool:
