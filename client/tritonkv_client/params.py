@@ -55,6 +55,9 @@ class GenerationParams:
     logprobs: int | None = None  # each token's logprob and this many top ones (``logprobs`` output)
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many top ones (the
     # ``prompt_logprobs`` output, on the first response with tokens; the first token's is None)
+    guided_json: dict | str | None = None  # structured output: a JSON schema the output satisfies
+    guided_regex: str | None = None  # ... a regular expression the output matches
+    guided_choice: tuple[str, ...] | None = None  # ... one of these strings exactly
 
     def merged(self, **overrides) -> "GenerationParams":
         """These settings with the non-None ``overrides`` applied (unknown names are a TypeError)."""
@@ -153,4 +156,11 @@ def salt_parameters(cache_salt: str | None, params: GenerationParams | None = No
     for name in ("logprobs", "prompt_logprobs"):
         if params is not None and getattr(params, name) is not None:
             out[name] = getattr(params, name)
+    if params is not None and params.guided_json is not None:
+        schema = params.guided_json
+        out["guided_json"] = schema if isinstance(schema, str) else json.dumps(schema)
+    if params is not None and params.guided_regex is not None:
+        out["guided_regex"] = params.guided_regex
+    if params is not None and params.guided_choice is not None:
+        out["guided_choice"] = json.dumps(list(params.guided_choice))
     return out or None

@@ -142,6 +142,7 @@ class Conversations:
             if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
             turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
+            turn.grammar = self._open_grammar(turn.params)  # structured output, None when not asked
             # per-row penalty state (sampling/penalty_state.py): from the whole context
             turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids) \
                 if turn.params.uses_penalties else None

@@ -27,6 +27,7 @@ from tritonkv.engine.conversations import Abort, Conversations, DropOwner
 from tritonkv.engine.output import TextStream
 from tritonkv.engine.requests import (PromptLimits, RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_prompt)
+from tritonkv.sampling.grammar import GrammarCompiler, guided_kind
 from tritonkv.sampling.logprobs import token_logprob
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
@@ -95,6 +96,7 @@ class Engine(Conversations):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.num_generated_tokens = 0
+        self._grammars: GrammarCompiler | None = None  # structured output, made when first asked
 
     # -- intake (any thread) ---------------------------------------------------------------
     def encode(self, text: str, first_turn: bool) -> list[int]:
@@ -244,7 +246,7 @@ class Engine(Conversations):
         self._apply_kv_ops()
         step = PendingStep(plan, [c.seq.turn for c in plan], self.runner.launch(rows), t1 - t0,
                            self._launch_origins(plan))
-        if self.runner.graphs and all(c.sample for c in plan):
+        if self.runner.graphs and all(c.sample and c.seq.turn.grammar is None for c in plan):
             self._pending = step  # read back after the next launch
         else:
             self._finalize(step)
@@ -355,7 +357,17 @@ class Engine(Conversations):
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
                        turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),
-                       penalty=turn.penalty, prompt_targets=self._prompt_targets(seq, chunk))
+                       penalty=turn.penalty, prompt_targets=self._prompt_targets(seq, chunk), grammar=turn.grammar)
+
+    # -- structured output (sampling/grammar.py) ----------------------------------------------
+    def _open_grammar(self, params: SamplingParams):
+        """The turn's grammar state, or None; the compiler is made on the first guided turn."""
+        if guided_kind(params) is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.checkpoint or self.config.checkpoint, self.model_config.vocab_size,
+                                             sorted(self.eos_token_ids))
+        return self._grammars.open(params)
 
     # -- prompt logprobs (sampling/logprobs.py) -----------------------------------------------
     @staticmethod
@@ -407,6 +419,8 @@ class Engine(Conversations):
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
+        if turn.grammar is not None and turn.grammar.accept(token) and reason is None:
+            reason = "stop"  # the grammar ended (its stop token was accepted)
         prompt_logprobs = self._take_prompt_logprobs(seq)
         if reason is None:
             self._reply(turn, TurnOutput("", [token], logprobs=logprobs, prompt_logprobs=prompt_logprobs))

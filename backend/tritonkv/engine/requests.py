@@ -28,6 +28,7 @@ from tritonkv.sampling.params import check_token_ids
 if TYPE_CHECKING:
     import torch
 
+    from tritonkv.sampling.grammar import GrammarState
     from tritonkv.sampling.logprobs import TokenLogprob
     from tritonkv.sampling.penalty_state import PenaltyState
 
@@ -71,6 +72,7 @@ class Turn:
     generator: torch.Generator | None = None  # when the request set a seed
     penalty: PenaltyState | None = None  # when params.uses_penalties (sampling/penalty_state.py)
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # token index -> its logprob
+    grammar: GrammarState | None = None  # structured output (sampling/grammar.py)
     arrival: float = field(default_factory=time.monotonic)
 
 

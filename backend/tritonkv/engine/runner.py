@@ -39,6 +39,7 @@ from tritonkv.engine.sampler import GREEDY_BELOW, PenaltyRows, RowSettings, samp
 from tritonkv.ops import dispatch
 from tritonkv.ops.attention_batch import AttentionBatch
 from tritonkv.sampling import logprobs as lp
+from tritonkv.sampling.grammar import GrammarState, apply_masks
 from tritonkv.sampling.penalty_state import PenaltyState, PenaltyTable
 
 log = logging.getLogger("tritonkv.runner")
@@ -92,6 +93,7 @@ class StepRow:
     # prompt logprobs: per computed token, the id whose logprob its logits give (the next
     # prompt token) or -1 (none wanted); the row then runs eagerly (sampling/logprobs.py)
     prompt_targets: list[int] | None = None
+    grammar: GrammarState | None = None  # structured output: its token mask applies to this row
 
 
 @dataclass
@@ -286,7 +288,8 @@ class ModelRunner:
             else:
                 handle.mass = self.block_mass[:n].clone()
         if sample_at:
-            handle.sampled = sample_ids(logits, params, [r.generator for r in samplers], settings)
+            guided = apply_masks(logits, [r.grammar for r in samplers], self.model.config.vocab_size)
+            handle.sampled = sample_ids(guided, params, [r.generator for r in samplers], settings)
             asked = [j for j, p in enumerate(params) if p.logprobs is not None]
             if asked:  # of the raw logits (sampling/logprobs.py)
                 batch = lp.compute(logits, handle.sampled, asked, max(params[j].logprobs for j in asked))

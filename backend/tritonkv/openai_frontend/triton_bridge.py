@@ -69,11 +69,18 @@ def model_inputs(gen: Generation) -> list[grpcclient.InferInput]:
 
 def request_parameters(gen: Generation) -> dict | None:
     """The settings without an input tensor, and ``cache_salt``, as request parameters."""
-    params = {name: json.dumps(dict(value) if BY_NAME[name].kind == "token_bias" else value)
-              for name, value in gen.sampling.items() if BY_NAME[name].triton_dtype is None}
+    params = {name: _parameter_text(name, value) for name, value in gen.sampling.items()
+              if BY_NAME[name].triton_dtype is None}
     if gen.cache_salt is not None:
         params["cache_salt"] = gen.cache_salt
     return params or None
+
+
+def _parameter_text(name: str, value) -> str:
+    kind = BY_NAME[name].kind
+    if kind in ("json", "regex"):
+        return value  # a schema's JSON text, a regex
+    return json.dumps(dict(value) if kind == "token_bias" else list(value) if isinstance(value, tuple) else value)
 
 
 class TritonBridge:
