@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tritonkv.openai_frontend.errors import bad_request
-from tritonkv.sampling.params import MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
+from tritonkv.sampling.params import ANY_JSON_OBJECT, MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
 
 INT64_MAX = 2**63 - 1  # the seed travels as an INT64 tensor
 INT32_MAX = 2**31 - 1  # prompt token ids travel as INT32
@@ -209,13 +209,34 @@ def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
     if body.tools:
         raise bad_request("'tools' are not supported by this server", "tools")
     _neutral(body, "tool_choice", ("none",))
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise bad_request("'response_format' other than {'type': 'text'} is not supported by this server",
-                          "response_format")
+    schema = _response_format(body.response_format)
     gen = Generation(text=None, input_ids=prompt_ids, **sampling(body, max_tokens, name))
+    if schema is not None:
+        gen.sampling["guided_json"] = schema
     if body.logprobs:
         gen.sampling["logprobs"] = top or 0
     return gen
+
+
+def _response_format(fmt: dict | None) -> str | None:
+    """OpenAI's ``response_format`` as a JSON schema's text (``guided_json``), or None (text)."""
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return ANY_JSON_OBJECT
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("'response_format.json_schema.schema' must be a JSON schema (an object)",
+                              "response_format")
+        try:
+            return check_value("guided_json", schema, "response_format.json_schema.schema")
+        except ParameterError as exc:
+            raise bad_request(str(exc), "response_format") from None
+    raise bad_request(f"'response_format.type' must be text, json_object or json_schema, got {kind!r:.40}",
+                      "response_format")
 
 
 def chat_messages(body: ChatBody) -> list[dict]:

@@ -22,9 +22,7 @@ import threading
 
 import torch
 
-from tritonkv.sampling.params import ParameterError, SamplingParams
-
-ANY_JSON_OBJECT = '{"type": "object"}'  # OpenAI's response_format json_object
+from tritonkv.sampling.params import ANY_JSON_OBJECT, ParameterError, SamplingParams  # noqa: F401
 
 
 def guided_kind(params: SamplingParams) -> tuple[str, object] | None:

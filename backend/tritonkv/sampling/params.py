@@ -109,6 +109,7 @@ PARAMETERS: tuple[Parameter, ...] = (
 )
 GUIDED = ("guided_json", "guided_regex", "guided_choice")  # at most one per request
 MAX_GRAMMAR_CHARS = 64 << 10  # a schema's JSON text or a regex
+ANY_JSON_OBJECT = '{"type": "object"}'  # OpenAI's response_format json_object, as guided_json
 BY_NAME = {p.name: p for p in PARAMETERS}
 # vLLM SamplingParams keys accepted only at the value that changes nothing
 NEUTRAL_VALUES = {"n": 1, "best_of": 1, "include_stop_str_in_output": False}
