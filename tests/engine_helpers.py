@@ -17,7 +17,10 @@ TEST_DEVICE = os.environ.get("TRITONKV_TEST_DEVICE", "cpu")
 
 
 def make_engine(checkpoint: str, **overrides):
-    settings = {"block_size": 4, "num_blocks": 256, "device": TEST_DEVICE, "dtype": "float32", **overrides}
+    # the host tier only where a test asks for it (auto would turn it on under CUDA and change
+    # which victims are preempted)
+    settings = {"block_size": 4, "num_blocks": 256, "device": TEST_DEVICE, "dtype": "float32",
+                "kv_host_memory_gb": 0, **overrides}
     cfg = EngineConfig(checkpoint=checkpoint, **settings)
     return build_engine(cfg)
 
@@ -73,6 +76,7 @@ def engine_prefill_logits(engine, ids):
     every prompt token (the sequence's blocks are released after)."""
     engine.kv.start("probe", ids)
     assert engine.kv.grow("probe", len(ids))
+    run_swaps(engine.kv, engine.swapper)  # tier copies the lookup or growth queued, before any write
     table, bs, dev = engine.kv.block_table("probe"), engine.pool.block_size, engine.device
     batch = AttentionBatch(
         positions=torch.arange(len(ids), device=dev),

@@ -49,6 +49,15 @@ class EngineConfig:
     # block). A prefill past the window runs in chunks of this size (one block otherwise), for
     # up to this many more tokens kept per sequence; e.g. kv_window / 8
     kv_window_stride: int = 0
+    # host tier (cache/host_tier.py): GiB of host memory that idle conversations' KV blocks swap
+    # to instead of being recomputed (pinned on CUDA); 0 = off (the default until the tier's GPU
+    # run is recorded); -1 = auto: on a GPU device 40% of the available RAM split over the
+    # host's GPUs, at most 4x the device pool; on CPU off
+    kv_host_memory_gb: float = 0.0
+    # disk tier: conversations the host tier drops spill to one file per server run in this
+    # directory (removed at exit); kv_disk_gb GiB of it; 0 = off
+    kv_disk_path: str = ""
+    kv_disk_gb: float = 0.0
 
     def __post_init__(self):
         def bad(name, why):
@@ -80,6 +89,12 @@ class EngineConfig:
             bad("stream_interval", "must be >= 1 (tokens per streamed response)")
         if self.default_max_tokens <= 0:
             bad("default_max_tokens", "must be > 0")
+        if self.kv_host_memory_gb < 0 and self.kv_host_memory_gb != -1:
+            bad("kv_host_memory_gb", "must be >= 0 GiB (0: no host tier) or -1 (auto)")
+        if self.kv_disk_gb < 0:
+            bad("kv_disk_gb", "must be >= 0 GiB (0: no disk tier)")
+        if self.kv_disk_gb > 0 and not self.kv_disk_path:
+            bad("kv_disk_gb", "needs kv_disk_path (a directory for the disk tier's file)")
         self._check_eviction(bad)
 
     def _check_eviction(self, bad):

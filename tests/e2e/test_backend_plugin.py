@@ -24,6 +24,13 @@ from tritonkv.server.ports import check_ports_free
 from tritonkv.server.repository import set_parameter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+POOL = f"plugin-test-{os.getpid()}"
+# plain tritonserver names the backend's regions "triton_<backend>_backend_shm_region_<uuid>"
+REGION_PREFIX = "triton_tritonkv_backend_shm_region_"
+
+
+def shm_names():
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,8 @@ def plain_tritonserver(tmp_path_factory):
         cfg = models / model / "config.pbtxt"
         text = cfg.read_text()
         assert 'backend: "tritonkv"' in text and "instance_group [" not in text
-        cfg.write_text(set_parameter(text, "checkpoint", ensure_demo_checkpoint()))  # the one place
+        text = set_parameter(text, "checkpoint", ensure_demo_checkpoint())  # the one place
+        cfg.write_text(set_parameter(text, "pool_name", POOL))  # not "default": other servers may use it
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # the stub's python3
     installed = subprocess.run([sys.executable, "-m", "tritonkv.server.cli", "install-backend", str(work / "backends")],
@@ -53,6 +61,7 @@ def plain_tritonserver(tmp_path_factory):
            "--metrics-address=127.0.0.1", f"--http-port={ports['http']}", f"--grpc-port={ports['grpc']}",
            f"--metrics-port={ports['metrics']}"]
     log = open(work / "server.log", "w")
+    before = shm_names()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"127.0.0.1:{ports['http']}"
 
@@ -67,10 +76,18 @@ def plain_tritonserver(tmp_path_factory):
     try:
         assert wait_until(ready, 300, 0.2), (work / "server.log").read_text()[-3000:]
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    finally:  # as an operator stops it: SIGINT, tritonserver's graceful shutdown
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         log.close()
+        # plain tritonserver has no launcher to clean up after it: what it left, the test removes
+        for name in shm_names() - before:
+            if name.startswith(REGION_PREFIX) or name.startswith(f"tritonkv-{POOL}-"):
+                os.remove(os.path.join("/dev/shm", name))
 
 
 def test_plain_tritonserver_with_the_installed_backend_gives_hf_greedy_tokens(plain_tritonserver):

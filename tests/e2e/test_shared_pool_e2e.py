@@ -159,3 +159,24 @@ def test_killed_stub_leaves_server_answering_and_pool_leak_free(server):
         return {k: v for k, v in per_instance(server, "tritonkv_kv_blocks_used").items() if k != "llm_0_1"}
     assert wait_until(lambda: len(used()) == 3 and set(used().values()) == {0.0}, 30), used()
     assert core_processes() == [core_pid(CORE)]
+
+
+def test_a_second_tritonserver_on_the_pool_name_attaches_the_same_core_and_hits(server):
+    """Two tritonservers naming one pool: one engine core, one prefix cache (issue 23)."""
+    params = {"pool_name": POOL, "kv_cache_memory_mb": "64", "max_model_len": "2048", "kv_cache_dtype": "int8"}
+    core = core_pid(CORE)
+    code, body = http_generate(server.http_url, "llm_stateless", {"input_ids": SYSTEM + [12], "max_tokens": 1,
+                                                                  **GREEDY})
+    assert code == 200, body
+    other = launch(instances=1, extra_params=params, instance_kind="KIND_CPU")
+    try:
+        assert core_processes() == [core]  # attached, not started
+        code, body = http_generate(other.http_url, "llm_stateless", {"input_ids": SYSTEM + [13], "max_tokens": 2,
+                                                                     **GREEDY})
+        assert code == 200 and body["cached_tokens"] == 1024, body
+        ref_code, ref = http_generate(server.http_url, "llm_stateless", {"input_ids": SYSTEM + [13], "max_tokens": 2,
+                                                                         **GREEDY})
+        assert ref_code == 200 and ref["output_ids"] == body["output_ids"]
+    finally:
+        other.stop()
+    assert core_processes() == [core]  # the first server's frontends keep it

@@ -153,3 +153,26 @@ def test_progress_lines_come_from_the_server_log_in_order():
     assert progress_lines(log) == ["model llm_stateless loaded", "KV pool: 100 blocks x 16 tokens (cpu)",
                                    "ckpt has no tokenizer.json; only input_ids requests will be served",
                                    "model llm loaded"]
+
+
+def test_a_port_that_answers_without_http_is_not_ready():
+    """A readiness probe that reaches something other than an HTTP server (another server's
+    gRPC port, a raw socket) says not ready instead of raising (serve's start died on
+    http.client.BadStatusLine)."""
+    from tritonkv.server.probes import http_ok
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def answer():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00 not http\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        assert http_ok(f"http://127.0.0.1:{port}/v2/health/ready", timeout_s=5) is False
+        thread.join(5)

@@ -74,6 +74,8 @@ class BlockPool:
         self.arrays = arrays
         self.num_blocks, self.block_size = arrays.block_tokens.shape
         self.lock = lock if lock is not None else threading.RLock()
+        # called with the cached blocks ``allocate`` reclaims, before their hashes are cleared
+        self.on_reclaim = None
 
     @classmethod
     def in_process(cls, num_blocks: int, block_size: int, max_owners: int = 4) -> "BlockPool":
@@ -111,6 +113,8 @@ class BlockPool:
                     raise PoolExhausted(f"need {n} KV blocks, {len(free) + len(cached)} available")
                 order = np.lexsort((cached, self.arrays.last_used[cached]))
                 victims = cached[order[: n - len(free)]]
+                if self.on_reclaim is not None:  # (the host tier keeps a copy: cache/tier_moves.py)
+                    self.on_reclaim([int(b) for b in victims])
                 self.arrays.block_hash[victims] = NO_HASH
                 self.arrays.parent_hash[victims] = NO_HASH
                 self._add_stat("reclaimed", len(victims))

@@ -42,6 +42,8 @@ from tritonkv.cache.block_pool import BlockPool, PoolExhausted
 from tritonkv.cache.eviction.choose import EVICTING_POLICIES
 from tritonkv.cache.eviction.none import NoEviction
 from tritonkv.cache.eviction.policy import EvictionPolicy
+from tritonkv.cache.host_tier import HostTier
+from tritonkv.cache.tier_moves import SwapPlan, TierMoves
 
 
 @dataclass
@@ -79,11 +81,12 @@ class KVOp:
     delta: int = 0
 
 
-class KVCacheManager:
+class KVCacheManager(TierMoves):
     def __init__(self, pool: BlockPool, owner: int, enable_prefix_caching: bool = True,
                  policy: EvictionPolicy | None = None, angle_limit: int = 1 << 62,
-                 ):
-        """``angle_limit``: rotary angles (positions) must stay below it (the rotary table)."""
+                 host: HostTier | None = None, disk: HostTier | None = None):
+        """``angle_limit``: rotary angles (positions) must stay below it (the rotary table).
+        ``host``: the host tier idle sequences swap to (cache/tier_moves.py)."""
         self.pool = pool
         self.owner = owner
         self.block_size = pool.block_size
@@ -96,6 +99,13 @@ class KVCacheManager:
         self._seqs: dict[Hashable, SequenceBlocks] = {}
         self._history: dict[Hashable, EvictionHistory] = {}
         self._ops: list[KVOp] = []
+        self.host = host
+        self.disk = disk  # conversations the host tier drops spill here (cache/tier_moves.py)
+        if host is not None and enable_prefix_caching:
+            pool.on_reclaim = self._demote
+        self._swaps = SwapPlan()
+        self._parked_now: set = set()
+        self._history_type = EvictionHistory
         self.evicted_blocks = dict.fromkeys(EVICTING_POLICIES, 0)  # per policy name
         self.preempted_blocks = 0  # pool blocks held by sequences when they were preempted
 
@@ -133,6 +143,7 @@ class KVCacheManager:
         cacheable = token_ids[: max(len(token_ids) - 1, 0)]
         hashes = hash_full_blocks(cacheable, self.block_size, seq.extra_keys)[: self.policy.cacheable_blocks()]
         blocks = self.pool.acquire_cached_prefix(hashes, cacheable, self.owner)
+        blocks += self._host_prefix(hashes, cacheable, len(blocks))
         self._append(seq_id, seq, blocks)
         seq.hashes = hashes[: len(blocks)]
         return len(blocks) * self.block_size
@@ -335,8 +346,13 @@ class KVCacheManager:
         self._drop_all(seq_id)
 
     def release(self, seq_id) -> None:
-        """Drop the sequence; its registered blocks stay in the prefix index until reclaimed."""
+        """Drop the sequence from both tiers; its registered blocks stay in the prefix index
+        until reclaimed."""
         self._history.pop(seq_id, None)
+        if self.host is not None:
+            self.host.drop(seq_id)
+        if self.disk is not None:
+            self.disk.drop(seq_id)
         self._drop_all(seq_id)
 
     def _drop_all(self, seq_id) -> None:

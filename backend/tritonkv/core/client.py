@@ -183,7 +183,7 @@ class CoreClient:
                error: str | None = None) -> int:
         """Send one turn; ``emit`` gets its outputs (text included) on the I/O thread."""
         rid = next(self._ids)
-        stream = TextStream(self.tokenizer, params.stop, emit, lambda kept: self.abort(rid, kept))
+        stream = TextStream(self.tokenizer, params.stop, emit, lambda kept: self._ended_here(rid, kept))
         with self._req_lock:
             down = self.down
             if down is None:
@@ -194,6 +194,12 @@ class CoreClient:
         self._send(m.Submit(rid, corr_id, list(prompt_ids), params, start, end, stateless, tuple(extra_keys),
                             close_only, error))
         return rid
+
+    def _ended_here(self, rid: int, kept_tokens: int | None) -> None:
+        """The request's TextStream ended it (a stop string, or a fault in its text): it is
+        answered; the core ends the turn (``Abort``), and nothing of it is polled again."""
+        self._requests.pop(rid, None)
+        self.abort(rid, kept_tokens)
 
     def abort(self, rid: int, kept_tokens: int | None = None) -> None:
         self._send(m.Abort(rid, kept_tokens))
@@ -261,8 +267,12 @@ class CoreClient:
             self.stats, self.loops, self.core_failure = msg.stats, msg.loops, msg.failure
 
     def _poll_cancelled(self) -> None:
+        # only requests not answered yet: Triton may have freed a request once its final
+        # response went out, and asking it then is a use after free in the backend
         for rid, req in list(self._requests.items()):
-            if not req.cancel_sent and req.is_cancelled is not None and req.is_cancelled():
+            if req.cancel_sent or req.is_cancelled is None or req.emit.done:
+                continue
+            if req.is_cancelled():
                 req.cancel_sent = True
                 self.abort(rid)
 

@@ -334,7 +334,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device-id", type=int, default=0)
     ap.add_argument("--lock-fd", type=int, required=True, help="the locked lock file, handed over by the spawner")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s tritonkv-core[%(process)d] %(levelname)s %(message)s")
+    # the frontends' line format: the launcher shows these lines (KV pool, "KV capacity: ...")
+    # as start progress (server/probes.py)
+    logging.basicConfig(level=logging.INFO, format="tritonkv %(levelname)s: %(message)s")
     try:
         import setproctitle
         setproctitle.setproctitle(f"tritonkv-core {args.name}")  # ps / pgrep find it by this name

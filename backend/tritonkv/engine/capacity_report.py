@@ -23,6 +23,7 @@ import torch
 
 from tritonkv.cache.allocate import QUANT_KV_DTYPES, model_dtype
 from tritonkv.cache.capacity import KVCapacity, kv_capacity
+from tritonkv.cache.host_tier import describe_tier
 from tritonkv.config import EngineConfig
 from tritonkv.model.model_config import ModelConfig
 
@@ -121,6 +122,14 @@ def format_report(name: str, model_config: ModelConfig, config: EngineConfig, de
         lines += ["", f"the server refuses these settings: {server.refused}"]
     else:
         lines += ["", f"the server logs: KV capacity: {server.describe()}"]
+    if config.kv_host_memory_gb > 0:  # the host tier (cache/host_tier.py), same arithmetic
+        lines.append("")
+        for r in rows:
+            f = r["capacity"]
+            block_bytes = f.bytes_per_token * f.block_size
+            lines.append(describe_tier(f"{r['label']} host tier (kv_host_memory_gb {config.kv_host_memory_gb})",
+                                       int(config.kv_host_memory_gb * 2**30) // block_bytes, block_bytes,
+                                       f.block_size, f.context, f.blocks_per_sequence_bounded, f.num_blocks))
     return "\n".join(lines)
 
 

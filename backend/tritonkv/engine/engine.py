@@ -34,6 +34,7 @@ from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.ops.kv_relocate import rotate_keys, copy_rerotated_blocks, copy_rerotated_blocks_batched
+from tritonkv.ops.kv_swap import build_host_tier, close_swapper, run_swaps, tier_stats
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -66,7 +67,8 @@ class Engine(Conversations):
         max_pos = self.model_config.max_position_embeddings
         self.max_model_len = self.policy.max_model_len(config.max_model_len, max_pos, pool.num_blocks * pool.block_size)
         self.policy.check_fits(pool.num_blocks, config.max_num_batched_tokens, max_pos, self.max_model_len)
-        self.kv = KVCacheManager(pool, 0, config.enable_prefix_caching, self.policy, angle_limit=max_pos)
+        self.host_tier, self.disk_tier, self.swapper = build_host_tier(config, kv_caches, self.device, pool.num_blocks)
+        self.kv = KVCacheManager(pool, 0, config.enable_prefix_caching, self.policy, max_pos, self.host_tier, self.disk_tier)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         # the longest conversation (None: unbounded, positions inside the cache)
         self.context_limit = self.policy.context_limit(self.max_model_len)
@@ -235,6 +237,7 @@ class Engine(Conversations):
             return
         idle = [s for s in self._seqs.values() if s.status is SeqStatus.IDLE]
         plan = self.scheduler.schedule(running, idle)
+        run_swaps(self.kv, self.swapper)  # the tier copies it decided, before anything else
         self._steps += 1
         if not plan:
             self._fail_unschedulable(running)
@@ -267,6 +270,7 @@ class Engine(Conversations):
         plan = self.scheduler.plan_continuation([chunk for _, chunk, _ in live], self.context_limit)
         if plan is None:
             return False
+        run_swaps(self.kv, self.swapper)  # (a grow may have reclaimed blocks the host tier copies)
         t1 = time.perf_counter()
         rows = [StepRow([0], self.kv.cache_index(c.seq.seq_id, c.start), self.kv.block_table(c.seq.seq_id), True,
                         turn.params, turn.generator, from_prev=i, angle_shift=self.kv.angle_shift(c.seq.seq_id),
@@ -428,9 +432,10 @@ class Engine(Conversations):
         self._finish(seq, TurnOutput("", [token], True, reason, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
 
     def close(self) -> None:
-        """Stop the loop thread, if one runs."""
+        """Stop the loop thread, if one runs; unpin the host tier."""
         if self._thread is not None:
             self.stop_loop()
+        close_swapper(self.swapper)
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -441,6 +446,7 @@ class Engine(Conversations):
         for mode, n in self.kv.evicted_blocks.items():  # blocks returned by each eviction policy
             counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens
+        counts.update(tier_stats(self.kv, self.swapper, self.scheduler))
         return counts
 
 

@@ -11,6 +11,7 @@ from tritonkv.engine.engine import Engine
 from tritonkv.cache.allocate import add_kv_scales, allocate_kv_caches, gpu_kv_budget_bytes, kv_storage_dtype
 from tritonkv.cache.capacity import kv_capacity
 from tritonkv.cache.block_pool import BlockPool
+from tritonkv.cache.host_tier import describe_tier
 from tritonkv.model.checkpoint import load_model, resolve_dtype
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.model.model_config import ModelConfig
@@ -69,5 +70,9 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
     if kv_dtype != dtype:
         kv_caches = add_kv_scales(kv_caches, model_config, num_blocks, config.block_size, device)
     engine = Engine(config, model, tokenizer, pool, kv_caches)
+    if engine.host_tier is not None:
+        log.info("KV %s", describe_tier("host tier", engine.host_tier.num_blocks, engine.host_tier.block_bytes,
+                                        config.block_size, capacity.context, capacity.blocks_per_sequence_bounded,
+                                        num_blocks))
     engine.checkpoint = checkpoint
     return engine

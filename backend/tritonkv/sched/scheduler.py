@@ -10,6 +10,11 @@ Rules:
   (least recently active), then the running sequence whose turn started last. Preemption
   drops the KV (full blocks stay in the prefix cache) and the sequence recomputes later.
 - The scheduler never touches the free list: it asks the KV manager to ``grow``.
+- With a host tier (cache/host_tier.py), an idle victim swaps out instead (its blocks move
+  to host memory, its computed tokens stay computed); only when the host tier cannot take
+  it is it preempted. A running sequence whose blocks sit in the host tier swaps in before
+  anything else of its step (making room as for ``grow``) and then prefills only its new
+  tokens. Running victims are always preempted (recomputed).
 - With an eviction policy (cache/eviction/) a sequence first returns the blocks its next
   chunk no longer sees (``evict``), and a chunk never crosses a position where the kept set
   changes (``max_chunk``). A preempted sequence keeps its eviction history (``preempt``).
@@ -37,6 +42,7 @@ class Scheduler:
         self.budget = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.num_preemptions = 0
+        self.num_swap_outs = 0  # idle sequences swapped out to the host tier
 
     def schedule(self, running: list[Sequence], idle: list[Sequence]) -> list[ScheduledChunk]:
         order = sorted(running, key=lambda s: s.admitted_at)
@@ -47,6 +53,11 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted-and-reset sequences keep RUNNING; ended ones are skipped
+            if self.kv.swapped(seq.seq_id):
+                if not self._make_room(seq, lambda: self.kv.swap_in(seq.seq_id), planned, order, idle):
+                    continue
+                if seq.turn is not None and seq.turn.cached_tokens < 0:
+                    seq.turn.cached_tokens = seq.num_computed
             if seq.seq_id not in self.kv:
                 cached = self.kv.start(seq.seq_id, seq.token_ids, seq.extra_keys)
                 seq.num_computed = cached
@@ -87,7 +98,7 @@ class Scheduler:
             victim = self._pick_victim(seq, busy, order, idle)
             if victim is None:
                 return False
-            self.preempt(victim)
+            self.preempt(victim, keep=[s.seq_id for s in order])
         return True
 
     def _holds_blocks(self, seq: Sequence) -> bool:
@@ -107,7 +118,13 @@ class Scheduler:
                 return s
         return None
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, keep=()) -> None:
+        """Free ``seq``'s device blocks: an idle one swaps out when the host tier takes it
+        (dropping parked sequences other than ``keep``, least recently parked first);
+        otherwise its KV is dropped and recomputed later."""
+        if seq.status is SeqStatus.IDLE and self.kv.swap_out(seq.seq_id, keep):
+            self.num_swap_outs += 1
+            return
         self.kv.preempt(seq.seq_id)
         seq.num_computed = 0
         self.num_preemptions += 1

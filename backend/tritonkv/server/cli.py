@@ -212,10 +212,6 @@ def add_serve_parser(sub) -> tuple[argparse.ArgumentParser, list[str]]:
                        help="open the restricted APIs to callers with a key, written to <workdir>/admin-key (0600); "
                             "tritonserver 2.51 takes it on its command line, so local users can read it in /proc "
                             "unless /proc is private (default: closed to everyone)")
-    serve.add_argument("--host-dev-shm", action="store_true",
-                       help="run tritonserver on the host's /dev/shm instead of a private one (its Python backend "
-                            "regions are then 0644 until ready, see docs/security.md); for what must share "
-                            "/dev/shm files with other servers")
     serve.add_argument("--exit-timeout", type=non_negative_float, default=1.5,
                        help="seconds a stop lets in-flight requests finish before the server is ended; serve "
                             "exits within about this + 1 s (default: %(default)s)")

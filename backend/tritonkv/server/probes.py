@@ -3,16 +3,19 @@ manager: an HTTP 200 from a URL, and the reason a start failed from tritonserver
 
 from __future__ import annotations
 
+import http.client
 import re
 import urllib.request
 
 
 def http_ok(url: str, timeout_s: float = 2) -> bool:
-    """Whether ``url`` answers 200 (no answer, or a slow one, is not ready)."""
+    """Whether ``url`` answers 200 (no answer, a slow one, or one that is not HTTP is not
+    ready: before the server binds its port, a probe from an ephemeral port may connect to
+    itself and read its own request back, ``BadStatusLine``)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
             return r.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
 
 

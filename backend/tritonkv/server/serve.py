@@ -72,7 +72,7 @@ def serve_forever(args) -> int:
                     exit_timeout_s=getattr(args, "exit_timeout", 1.5),
                     model_name=getattr(args, "model_name", None), openai_workers=getattr(args, "openai_workers", 0),
                     stateless_model=getattr(args, "stateless_model_name", "llm_stateless"),
-                    progress=say, cancel=stopping, private_shm=not getattr(args, "host_dev_shm", False))
+                    progress=say, cancel=stopping)
     say(f"tritonkv: starting tritonserver (checkpoint {args.checkpoint or 'demo'}); models load first")
     try:
         server = launch(args.checkpoint, http_port=ports["--http-port"], grpc_port=ports["--grpc-port"],

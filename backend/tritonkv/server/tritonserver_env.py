@@ -17,6 +17,8 @@ import os
 import sys
 import sysconfig
 
+from tritonkv.core.runtime_dir import ENV as RUNTIME_DIR_ENV
+from tritonkv.core.runtime_dir import runtime_dir
 from tritonkv.server.install_backend import pytriton_dir
 
 
@@ -33,4 +35,8 @@ def server_env() -> dict:
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")])
     if not os.environ.get("TRITONSERVER"):  # a prepared server environment keeps its own PATH
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    # the engine cores' runtime directory as this process names it: inside the private /dev/shm
+    # namespace a non-root user is uid 0 (``unshare --map-root-user``) and would otherwise look
+    # in /tmp/tritonkv-0, so servers given one pool name would not find each other's core
+    env[RUNTIME_DIR_ENV] = runtime_dir()
     return env

@@ -1,0 +1,261 @@
+"""Runs the host-tier copies of a step (cache/tier_moves.py's ``SwapPlan``): KV blocks between
+the device pool and host memory, every block of a step in one batched gather / scatter.
+
+Rules:
+- The host pool holds each block's bytes contiguous: ``[host_blocks, block_bytes]`` uint8,
+  where a block's bytes are, for each plane (the KV codes, then the fp8 / int8 scales), every
+  layer's K then V page of that block in the device storage's own layout and dtype. A block
+  that goes out and comes back is bit-identical.
+- One step's copies run in this order, so a block released and handed out again in the same
+  step is never read after it is written: (1) gather the outgoing device blocks into a
+  device staging buffer, (2) copy the incoming host blocks into a device staging buffer,
+  (3) scatter them into the device pool, (4) copy the outgoing staging to host. Host copies
+  go one per run of consecutive host block ids (the host tier hands out runs).
+- CUDA: the host pool is pinned (``cudaHostRegister``: no power-of-two rounding of a large
+  pinned allocation); the copies run on a side stream that first waits for the compute
+  stream (earlier steps wrote the outgoing blocks); the compute stream waits only for
+  (1)-(3) (the device pool is read and written); (4) overlaps the next steps. Later copies
+  queue on the same side stream, so a host block freed and reused is ordered too.
+- CPU: the same code path, every copy synchronous.
+- Disk tier (``kv_disk_path``): one file per server run, ``tritonkv-kv-<pid>-<n>.bin``, holding
+  ``[disk_blocks, block_bytes]`` like the host pool, mapped (np.memmap); removed at close and
+  at interpreter exit, and files of dead processes are removed when a tier starts. Before (1):
+  (a) the incoming disk blocks are read, then (b) the spilled host blocks are written to disk
+  (after the copies in flight finish: the host rows must hold their bytes), so a disk block
+  or host block freed and reused in one step is read before it is written.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import re
+
+import numpy as np
+import torch
+
+from tritonkv.cache.tier_moves import SwapPlan
+
+log = logging.getLogger("tritonkv.kv_swap")
+
+
+def kv_planes(kv_caches) -> list[torch.Tensor]:
+    """The device storage as uint8 ``[layers * 2, num_blocks, page_bytes]`` planes: the KV
+    tensor, then (fp8 / int8) the scales tensor. Each layer's (k, v[, k_scale, v_scale]) must
+    be views into one ``[layers, 2, num_blocks, ...]`` tensor per plane (cache/allocate.py)."""
+    layers = len(kv_caches)
+    planes = []
+    for a in range(0, len(kv_caches[0]), 2):
+        first = kv_caches[0][a]
+        root = first._base if first._base is not None else first
+        page = first.numel() * first.element_size()  # one layer's K (or V) of every block
+        ok = root.is_contiguous() and root.numel() * root.element_size() == 2 * layers * page and all(
+            kv_caches[i][a + j].data_ptr() == root.data_ptr() + (2 * i + j) * page
+            for i in range(layers) for j in (0, 1))
+        if not ok:
+            raise ValueError("the host tier needs the KV caches as views into one [layers, 2, blocks, ...] "
+                             "storage tensor per plane (cache/allocate.py)")
+        planes.append(root.reshape(-1).view(torch.uint8).view(2 * layers, first.shape[0], -1))
+    return planes
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(offset in ``ids``, first id, length) of each run of consecutive ids."""
+    runs, i = [], 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and ids[j] == ids[j - 1] + 1:
+            j += 1
+        runs.append((i, ids[i], j - i))
+        i = j
+    return runs
+
+
+_DISK_FILE = re.compile(r"tritonkv-kv-(\d+)-\d+\.bin$")
+_disk_files = itertools.count()
+
+
+def remove_stale_disk_files(directory: str) -> list[str]:
+    """Remove disk-tier files whose process is gone (a killed server's); returns their names."""
+    removed = []
+    for name in os.listdir(directory):
+        m = _DISK_FILE.match(name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+class DiskBlocks:
+    """``[num_blocks, block_bytes]`` uint8 in a file of this process under ``directory``."""
+
+    def __init__(self, directory: str, num_blocks: int, block_bytes: int):
+        if not os.path.isdir(directory):
+            raise ValueError(f"parameter 'kv_disk_path' = {directory!r}: not a directory")
+        remove_stale_disk_files(directory)
+        self.path = os.path.join(directory, f"tritonkv-kv-{os.getpid()}-{next(_disk_files)}.bin")
+        with open(self.path, "wb") as f:
+            f.truncate(num_blocks * block_bytes)
+        self.array = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(num_blocks, block_bytes))
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.array is not None:
+            self.array = None
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+
+
+class KVSwapper:
+    def __init__(self, kv_caches, num_host_blocks: int, device: torch.device, disk: DiskBlocks | None = None):
+        self.planes = kv_planes(kv_caches)
+        self.device = device
+        self.widths = [p.shape[0] * p.shape[2] for p in self.planes]
+        self.block_bytes = sum(self.widths)
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty((num_host_blocks, self.block_bytes), dtype=torch.uint8)
+        self._registered = False
+        self.stream = None
+        if self.cuda:
+            rc = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)
+            if int(rc) != 0:
+                raise RuntimeError(f"cudaHostRegister of {self.host.numel() / 2**30:.1f} GiB for the host KV "
+                                   f"tier failed (error {int(rc)}); lower kv_host_memory_gb")
+            self._registered = True
+            self.stream = torch.cuda.Stream(device)
+        self.disk = disk
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        t = torch.tensor(ids, dtype=torch.int64)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
+
+    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Device blocks ``ids`` as ``[n, block_bytes]`` (one index_select per plane)."""
+        n = ids.numel()
+        return torch.cat([p.index_select(1, ids).transpose(0, 1).reshape(n, -1) for p in self.planes], dim=1)
+
+    def _scatter(self, ids: torch.Tensor, src: torch.Tensor) -> None:
+        n, col = ids.numel(), 0
+        for p, w in zip(self.planes, self.widths):
+            p.index_copy_(1, ids, src[:, col:col + w].reshape(n, p.shape[0], p.shape[2]).transpose(0, 1))
+            col += w
+
+    def run(self, plan: SwapPlan) -> None:
+        """Queue (CUDA) or run (CPU) the step's copies; the compute stream then sees the
+        device pool as the plan leaves it."""
+        if not plan:
+            return
+        loaded = self._disk_moves(plan) if plan.in_disk or plan.spill_host else None
+        if not self.cuda:
+            return self._copies(plan, loaded)
+        compute = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            device_done = self._copies(plan, loaded)
+        compute.wait_event(device_done)
+
+    def _disk_moves(self, plan: SwapPlan) -> torch.Tensor | None:
+        """(a) read the incoming disk blocks, (b) spill host blocks to disk."""
+        loaded = None
+        if plan.in_disk:
+            loaded = torch.from_numpy(np.ascontiguousarray(self.disk.array[plan.in_disk]))
+            if self.cuda:
+                loaded = loaded.pin_memory()
+        if plan.spill_host:
+            self.synchronize()  # earlier device-to-host copies into these rows have landed
+            self.disk.array[plan.spill_disk] = self.host[plan.spill_host].numpy()
+        return loaded
+
+    def _copies(self, plan: SwapPlan, loaded: torch.Tensor | None = None):
+        out = self._gather(self._ids(plan.out_device)) if plan.out_device else None  # (1)
+        if plan.in_host:
+            staging = torch.empty((len(plan.in_host), self.block_bytes), dtype=torch.uint8, device=self.device)
+            for at, first, n in _runs(plan.in_host):  # (2)
+                staging[at:at + n].copy_(self.host[first:first + n], non_blocking=True)
+            self._scatter(self._ids(plan.in_device), staging)  # (3)
+            self.bytes_in += staging.numel()
+        if loaded is not None:  # disk blocks, read in (a)
+            self._scatter(self._ids(plan.in_disk_device), loaded.to(self.device, non_blocking=True))
+            self.bytes_in += loaded.numel()
+        device_done = None
+        if self.cuda:
+            device_done = torch.cuda.Event()
+            device_done.record(self.stream)
+        if out is not None:
+            for at, first, n in _runs(plan.out_host):  # (4)
+                self.host[first:first + n].copy_(out[at:at + n], non_blocking=True)
+            self.bytes_out += out.numel()
+        return device_done
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def close(self) -> None:
+        """Wait for the copies in flight, unpin the host pool, remove the disk file."""
+        self.synchronize()
+        if self.disk is not None:
+            self.disk.close()
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self._registered = False
+
+
+def run_swaps(kv, swapper: KVSwapper | None) -> None:
+    """Run the copies the KV manager queued (swaps, demotions, prefix loads) before anything
+    else touches the device pool this step."""
+    swaps = kv.take_swaps()
+    if swaps:
+        swapper.run(swaps)
+
+
+def close_swapper(swapper: KVSwapper | None) -> None:
+    if swapper is not None:
+        swapper.close()
+
+
+def build_host_tier(config, kv_caches, device: torch.device, device_blocks: int):
+    """(HostTier, disk HostTier or None, KVSwapper) sized by ``host_tier_bytes`` and
+    ``kv_disk_gb`` (``config``: the EngineConfig), or (None, None, None) when the host tier is
+    off or holds no whole block."""
+    from tritonkv.cache.host_tier import HostTier, host_tier_bytes
+
+    kv_host_memory_gb, kv_disk_path, kv_disk_gb = config.kv_host_memory_gb, config.kv_disk_path, config.kv_disk_gb
+
+    block_bytes = sum(p.shape[0] * p.shape[2] for p in kv_planes(kv_caches))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    num = host_tier_bytes(kv_host_memory_gb, device.type == "cuda", gpus, device_blocks * block_bytes) // block_bytes
+    if num <= 0:
+        if kv_disk_gb > 0:
+            raise ValueError(f"parameter 'kv_disk_gb' = {kv_disk_gb}: the disk tier takes what the host tier "
+                             "drops; set kv_host_memory_gb > 0 too")
+        return None, None, None
+    disk_num = int(kv_disk_gb * 2**30) // block_bytes
+    disk = DiskBlocks(kv_disk_path, disk_num, block_bytes) if disk_num > 0 else None
+    swapper = KVSwapper(kv_caches, num, device, disk)
+    log.info("KV host tier: %d blocks (%.2f GiB%s)%s", num, num * block_bytes / 2**30,
+             ", pinned" if device.type == "cuda" else "",
+             f"; disk tier: {disk_num} blocks in {disk.path}" if disk else "")
+    return HostTier(num, block_bytes), (HostTier(disk_num, block_bytes) if disk else None), swapper
+
+
+def tier_stats(kv, swapper: KVSwapper | None, scheduler) -> dict[str, int]:
+    """Engine.stats() entries of the host tier (zeros when it is off): its blocks (used by
+    parked conversations, cached prefix blocks, free), the sequences parked there, blocks and
+    bytes copied each way (demotions and prefix loads included), what it dropped, prefix
+    blocks demoted to it and prefix blocks loaded from it (host-tier prefix hits)."""
+    c = kv.tier_counts()
+    return {"host_blocks_total": c.get("total", 0), "host_blocks_used": c.get("used", 0),
+            "host_blocks_free": c.get("free", 0), "host_sequences": c.get("sequences", 0),
+            "swap_out_blocks": c.get("swap_out_blocks", 0), "swap_in_blocks": c.get("swap_in_blocks", 0),
+            "swap_out_bytes": swapper.bytes_out if swapper else 0, "swap_in_bytes": swapper.bytes_in if swapper else 0,
+            "swap_outs": scheduler.num_swap_outs, "swap_ins": c.get("swap_ins", 0),
+            "host_dropped_blocks": c.get("dropped_blocks", 0), "host_blocks_cached": c.get("cached", 0),
+            "demoted_blocks": c.get("demoted_blocks", 0), "host_prefix_hit_blocks": c.get("prefix_hit_blocks", 0),
+            "disk_blocks_total": c.get("disk_total", 0), "disk_blocks_used": c.get("disk_used", 0),
+            "disk_sequences": c.get("disk_sequences", 0), "spill_blocks": c.get("disk_swap_out_blocks", 0),
+            "disk_swap_in_blocks": c.get("disk_swap_in_blocks", 0)}

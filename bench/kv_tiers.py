@@ -1,0 +1,245 @@
+"""KV host tier (issue 25): host restore vs recompute.
+
+Part 1, a returning conversation: conversation X holds ``--history`` tokens, goes idle, a
+filler conversation takes the whole device pool (X is swapped to the host tier, or with the
+tier off preempted and its cached blocks evicted), then X's next turn (``--new`` tokens,
+one output token) arrives: its TTFT, host tier on vs off (same engine settings otherwise).
+
+Part 2, a multi-turn workload with ``--oversubscribe`` x more live conversations than the
+device pool holds at ``--turn-history`` tokens each: every conversation runs ``--turns``
+turns; turns arrive in waves of ``--concurrency`` conversations (round robin, so between two
+turns of a conversation every other conversation runs one: the think time). Per turn TTFT
+p50 / p90 and output tok/s, tier on vs off.
+
+GPU (Llama-3-8B shape, random bf16 weights, bench/synthetic_checkpoint.py; 8B bf16 takes 2 MiB
+per 16-token block: part 2's defaults hold 32 conversations of ~2.4k tokens on the device
+(~9.5 GiB) and park the other 96 in a 32 GiB host tier):
+    python bench/kv_tiers.py --device cuda --shape llama3-8b --out bench/results/kv_tiers_h200.md
+The issue's 256 x 4 turns: add --pool-conversations 64 --host-gb 64 (needs ~60 GiB of free RAM).
+CPU smoke test (a tiny random Llama, seconds):
+    python bench/kv_tiers.py --shape tiny
+Part 3, the decode step with no swap pending (target: tier on within 2% of off): ``--concurrency``
+sequences of 128-token prompts decode ``--decode-tokens`` tokens in a pool that holds them
+all; output tok/s over the whole run (prefill included, the same in both), best of
+``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
+
+from tritonkv.config import EngineConfig  # noqa: E402
+from tritonkv.engine.factory import build_engine  # noqa: E402
+from tritonkv.engine.requests import SamplingParams  # noqa: E402
+
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.05)
+
+
+def checkpoint(shape: str, directory: str) -> str:
+    if shape == "tiny":
+        import transformers
+
+        path = os.path.join(directory, "tiny")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            torch.manual_seed(0)
+            transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
+        return path
+    from synthetic_checkpoint import write_synthetic
+
+    return write_synthetic(shape, os.path.join(directory, shape))
+
+
+def tokens(n: int, seed: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab - 1, (n,), generator=g).tolist()
+
+
+class Turn:
+    """One submitted turn: its TTFT and tokens (the engine thread is this one: run_until_idle)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.first = None
+        self.count = 0
+        self.done = False
+
+    def __call__(self, out):
+        if out.token_ids and self.first is None:
+            self.first = time.perf_counter() - self.t0
+        self.count += len(out.token_ids)
+        self.done = self.done or out.finished
+        if out.error:
+            raise RuntimeError(out.error)
+
+
+def submit(engine, corr, ids, max_tokens, start, end=False) -> Turn:
+    t = Turn()
+    engine.submit(corr, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), t,
+                  start=start, end=end)
+    return t
+
+
+def make(args, path, host_gb, num_blocks):
+    cfg = EngineConfig(checkpoint=path, device=args.device, block_size=args.block_size, num_blocks=num_blocks,
+                       max_num_batched_tokens=args.chunk, max_num_seqs=args.max_num_seqs, kv_host_memory_gb=host_gb,
+                       enable_cuda_graphs=args.device == "cuda", kv_cache_dtype=args.kv_cache_dtype)
+    return build_engine(cfg)
+
+
+def returning_ttft(args, path, host_gb) -> dict:
+    bs = args.block_size
+    num_blocks = -(-(args.history + args.new + 16) // bs) + 4
+    engine = make(args, path, host_gb, num_blocks)
+    vocab = engine.model_config.vocab_size
+    ttfts, warm = [], 1
+    for r in range(warm + args.repeats):
+        x = f"x{r}"
+        submit(engine, x, tokens(args.history, r, vocab), 1, start=True)
+        engine.run_until_idle()
+        submit(engine, f"fill{r}", tokens((num_blocks - 2) * bs, 1000 + r, vocab), 1, start=True, end=True)
+        engine.run_until_idle()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t = submit(engine, x, tokens(args.new, 2000 + r, vocab), 1, start=False, end=True)
+        engine.run_until_idle()
+        if r >= warm:
+            ttfts.append(t.first)
+    stats = engine.stats()
+    engine.close()
+    return {"ttft_ms": 1000 * statistics.median(ttfts), "ttfts_ms": [round(1000 * x, 2) for x in ttfts],
+            "swap_in_blocks": stats["swap_in_blocks"], "swap_in_bytes": stats["swap_in_bytes"],
+            "preemptions": stats["preemptions"]}
+
+
+def workload(args, path, host_gb) -> dict:
+    bs = args.block_size
+    per_conv = -(-(args.turn_history + args.turns * (args.new + args.output)) // bs)
+    num_blocks = args.pool_conversations * per_conv
+    conversations = max(1, int(args.oversubscribe * args.pool_conversations))
+    engine = make(args, path, host_gb, num_blocks)
+    vocab = engine.model_config.vocab_size
+    ttfts, out_tokens = [], 0
+    t0 = time.perf_counter()
+    for turn in range(args.turns):
+        for w in range(0, conversations, args.concurrency):
+            wave = []
+            for c in range(w, min(w + args.concurrency, conversations)):
+                n = args.turn_history if turn == 0 else args.new
+                wave.append(submit(engine, f"c{c}", tokens(n, 7919 * c + turn, vocab), args.output,
+                                   start=turn == 0, end=turn == args.turns - 1))
+            engine.run_until_idle()
+            ttfts += [t.first for t in wave]
+            out_tokens += sum(t.count for t in wave)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    stats = engine.stats()
+    engine.close()
+    q = statistics.quantiles(ttfts, n=10)
+    return {"conversations": conversations, "pool_blocks": num_blocks, "ttft_p50_ms": 1000 * statistics.median(ttfts),
+            "ttft_p90_ms": 1000 * q[8], "output_tok_s": out_tokens / elapsed, "swap_ins": stats["swap_ins"],
+            "preemptions": stats["preemptions"], "host_dropped_blocks": stats["host_dropped_blocks"]}
+
+
+def decode_speed(args, path, host_gb) -> float:
+    bs = args.block_size
+    num_blocks = args.concurrency * (-(-(128 + args.decode_tokens) // bs) + 1)
+    engine = make(args, path, host_gb, num_blocks)
+    vocab = engine.model_config.vocab_size
+    best = 0.0
+    for r in range(1 + args.repeats):  # the first run warms up
+        t0 = time.perf_counter()
+        turns = [submit(engine, f"d{r}-{c}", tokens(128, 31 * c + r, vocab), args.decode_tokens, start=True, end=True)
+                 for c in range(args.concurrency)]
+        engine.run_until_idle()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if r:
+            best = max(best, sum(t.count for t in turns) / (time.perf_counter() - t0))
+    assert engine.stats()["swap_outs"] == 0 and engine.stats()["preemptions"] == 0
+    engine.close()
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="tiny", choices=["tiny", "llama3-8b", "llama-1b"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "tritonkv_bench"))
+    p.add_argument("--host-gb", type=float, default=None, help="host tier when on (default: 32 GiB on CUDA, 1 on CPU)")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=None, help="max_num_batched_tokens (default 8192 / 256 tiny)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--history", type=int, default=None, help="part 1 history tokens (8000; tiny 512)")
+    p.add_argument("--new", type=int, default=64, help="new tokens per returning turn")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--turn-history", type=int, default=None, help="part 2 first-turn tokens (2048; tiny 128)")
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--output", type=int, default=32, help="part 2 output tokens per turn")
+    p.add_argument("--pool-conversations", type=int, default=None,
+                   help="conversations the pool holds (32: 128 live conversations at 4x; tiny 4)")
+    p.add_argument("--oversubscribe", type=float, default=4.0)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--decode-tokens", type=int, default=256, help="part 3 tokens per sequence")
+    p.add_argument("--parts", default="1,2,3")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    tiny = args.shape == "tiny"
+    args.history = args.history or (512 if tiny else 8000)
+    args.turn_history = args.turn_history or (128 if tiny else 2048)
+    args.chunk = args.chunk or (256 if tiny else 8192)
+    args.pool_conversations = args.pool_conversations or (4 if tiny else 32)
+    host_gb = args.host_gb or (32.0 if args.device == "cuda" else 1.0)
+    path = checkpoint(args.shape, args.dir)
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    lines = [f"# KV host tier: {args.shape} on {dev}", "", f"`python bench/kv_tiers.py {' '.join(sys.argv[1:])}`", ""]
+    parts = args.parts.split(",")
+    if "1" in parts:
+        off, on = returning_ttft(args, path, 0), returning_ttft(args, path, host_gb)
+        gc.collect()
+        lines += [f"## Returning conversation: {args.history} tokens of history, {args.new} new", "",
+                  "| host tier | TTFT median (ms) | runs (ms) | swap-in blocks | swap-in bytes | preemptions |",
+                  "|---|---:|---|---:|---:|---:|"]
+        for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
+            lines.append(f"| {name} | {r['ttft_ms']:.1f} | {r['ttfts_ms']} | {r['swap_in_blocks']} | "
+                         f"{r['swap_in_bytes']:,} | {r['preemptions']} |")
+        lines += ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", ""]
+    if "2" in parts:
+        off, on = workload(args, path, 0), workload(args, path, host_gb)
+        lines += [f"## Multi-turn: {on['conversations']} conversations x {args.turns} turns, pool of "
+                  f"{on['pool_blocks']} blocks ({args.pool_conversations} conversations), waves of "
+                  f"{args.concurrency}", "",
+                  "| host tier | TTFT p50 (ms) | TTFT p90 (ms) | output tok/s | swap-ins | preemptions | dropped |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
+            lines.append(f"| {name} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['output_tok_s']:.1f} | "
+                         f"{r['swap_ins']} | {r['preemptions']} | {r['host_dropped_blocks']} |")
+        lines += ["", f"TTFT p90 off / on: {off['ttft_p90_ms'] / on['ttft_p90_ms']:.2f} (target >= 3); "
+                      f"tok/s on / off: {on['output_tok_s'] / off['output_tok_s']:.2f} (target >= 1)", ""]
+    if "3" in parts:
+        off, on = decode_speed(args, path, 0), decode_speed(args, path, host_gb)
+        lines += [f"## Decode, no swap pending: {args.concurrency} sequences x {args.decode_tokens} tokens", "",
+                  f"output tok/s: tier off {off:.1f}, on {on:.1f}: on / off {on / off:.3f} (target >= 0.98)", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

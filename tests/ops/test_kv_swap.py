@@ -1,0 +1,80 @@
+"""KVSwapper: blocks copied device -> host -> device come back bit-identical in every plane
+(bf16 KV; fp8 / int8 codes with their float32 scales, V token-minor), a block released and
+reused in the same step is read before it is written, on the device and on the host."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine_helpers import TEST_DEVICE
+from tritonkv.cache.allocate import add_kv_scales, allocate_kv_caches, kv_block_bytes
+from tritonkv.cache.tier_moves import SwapPlan
+from tritonkv.ops.kv_swap import KVSwapper, kv_planes
+
+MC = SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=16)
+BLOCKS, BS = 10, 4
+
+
+def caches(dtype):
+    device = torch.device(TEST_DEVICE)
+    kv = allocate_kv_caches(MC, BLOCKS, BS, dtype, device)
+    if dtype in (torch.float8_e4m3fn, torch.int8):
+        kv = add_kv_scales(kv, MC, BLOCKS, BS, device)
+    g = torch.Generator().manual_seed(0)
+    for layer in kv:
+        for t in layer:  # random bytes in every page, through the logical views
+            t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, generator=g,
+                                                    dtype=torch.uint8)) if t.is_contiguous() else \
+                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+    return kv
+
+
+def block(kv, b):
+    """Every byte of device block ``b``: each layer's K, V (and scales) page."""
+    return [t[b].contiguous().view(torch.uint8).cpu().clone() for layer in kv for t in layer]
+
+
+def blocks_equal(x, y):
+    return all(torch.equal(a, b) for a, b in zip(x, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.int8])
+def test_out_and_back_is_bit_identical_in_every_plane(dtype):
+    kv = caches(dtype)
+    swapper = KVSwapper(kv, 6, torch.device(TEST_DEVICE))
+    assert swapper.block_bytes == kv_block_bytes(MC, BS, dtype)
+    assert len(kv_planes(kv)) == (2 if dtype != torch.bfloat16 else 1)
+    before = {b: block(kv, b) for b in (2, 5, 7)}
+    swapper.run(SwapPlan(out_device=[2, 5, 7], out_host=[4, 0, 1]))  # host runs: [4], [0, 1]
+    for plane in kv_planes(kv):  # the device blocks are reused for something else
+        plane[:, [2, 5, 7]] = 0
+    assert all(not torch.equal(block(kv, b)[0], before[b][0]) for b in (2, 5, 7))
+    swapper.run(SwapPlan(in_host=[0, 1, 4], in_device=[9, 3, 8]))
+    swapper.synchronize()
+    assert blocks_equal(block(kv, 9), before[5]) and blocks_equal(block(kv, 3), before[7])
+    assert blocks_equal(block(kv, 8), before[2])
+    assert (swapper.bytes_out, swapper.bytes_in) == (3 * swapper.block_bytes, 3 * swapper.block_bytes)
+    swapper.close()
+
+
+def test_a_block_released_and_reused_in_one_step_is_read_before_it_is_written():
+    kv = caches(torch.int8)
+    swapper = KVSwapper(kv, 4, torch.device(TEST_DEVICE))
+    b1, b6 = block(kv, 1), block(kv, 6)
+    swapper.run(SwapPlan(out_device=[1], out_host=[0]))
+    # one step: device block 6 goes out to host block 0, which the incoming block (device 1's
+    # old bytes) is read from, and device 6 receives it
+    swapper.run(SwapPlan(out_device=[6], out_host=[0], in_host=[0], in_device=[6]))
+    swapper.synchronize()
+    assert blocks_equal(block(kv, 6), b1)
+    swapper.run(SwapPlan(in_host=[0], in_device=[2]))
+    swapper.synchronize()
+    assert blocks_equal(block(kv, 2), b6)
+    swapper.close()
+
+
+def test_caches_that_are_not_one_storage_are_refused():
+    k = torch.zeros(BLOCKS, BS, 2, 16)
+    with pytest.raises(ValueError, match="views into one"):
+        kv_planes([(k, torch.zeros_like(k))])

@@ -1,0 +1,201 @@
+"""Host-tier swap decisions, exact (no engine, no torch): which blocks go out and come back,
+their ids on each tier, refcounts, and what the tier drops when full. Pools of 4-token
+blocks; the engine's part between steps is played by ``advance`` (tests/sched/test_scheduler.py)."""
+
+from __future__ import annotations
+
+from test_scheduler import BS, SAMPLED, advance, prompt, running, shape
+
+from tritonkv.cache.block_pool import BlockPool
+from tritonkv.cache.host_tier import HostTier, host_tier_bytes
+from tritonkv.cache.kv_cache_manager import KVCacheManager
+from tritonkv.cache.tier_moves import SwapPlan
+from tritonkv.engine.requests import SamplingParams, Turn
+from tritonkv.sched.scheduler import Scheduler
+from tritonkv.sched.sequence import SeqStatus
+
+
+def make(num_blocks: int, host_blocks: int, budget: int = 64):
+    pool = BlockPool.in_process(num_blocks, BS)
+    kv = KVCacheManager(pool, owner=0, host=HostTier(host_blocks))
+    return pool, kv, Scheduler(kv, budget, 8)
+
+
+def go_idle(seq) -> None:
+    seq.status, seq.turn = SeqStatus.IDLE, None
+
+
+def next_turn(seq, new_tokens, admitted_at) -> None:
+    seq.token_ids += new_tokens
+    seq.turn = Turn(prompt_ids=list(new_tokens), params=SamplingParams(max_tokens=64), emit=lambda out: None)
+    seq.status, seq.admitted_at = SeqStatus.RUNNING, admitted_at
+
+
+def test_idle_conversation_swaps_out_instead_of_preempting_and_comes_back_without_recompute():
+    pool, kv, sched = make(num_blocks=6, host_blocks=4)
+    a = running("a", prompt(100, 8), admitted_at=0)
+    advance(kv, sched.schedule([a], []))  # a: blocks 0, 1 (both full, registered)
+    go_idle(a)
+    assert kv.block_table("a") == [0, 1] and a.num_computed == 8
+    b = running("b", prompt(200, 16), admitted_at=1)
+    advance(kv, sched.schedule([b], [a]))  # b: blocks 2..5, the pool is full
+    assert kv.block_table("b") == [2, 3, 4, 5] and pool.counts()["free"] == 0
+    assert kv.take_swaps() == SwapPlan()
+    # b's decode at position 16 needs a 5th block: idle a swaps out (not preempted)
+    plan = sched.schedule([b], [a])
+    assert shape(plan) == [("b", 16, 1, True)]
+    # a's blocks 0, 1 go to host blocks 0, 1; b's growth then reclaims the cached block 1 (a's
+    # chain tail, least recently used), which is demoted as a prefix block to host block 2
+    # (read in the same step before b writes it)
+    assert kv.take_swaps() == SwapPlan(out_device=[0, 1, 1], out_host=[0, 1, 2])
+    assert (sched.num_swap_outs, sched.num_preemptions) == (1, 0)
+    assert "a" not in kv and kv.swapped("a") and a.num_computed == 8  # nothing to recompute
+    assert kv.host.counts()["used"] == 2 and kv.host.blocks_of("a") == [0, 1]
+    assert (kv.host.counts()["cached"], kv.host.counts()["demoted_blocks"]) == (1, 1)
+    # a's blocks stay in the prefix index until reused: b took block 1 (a's chain tail, LRU first)
+    assert kv.block_table("b") == [2, 3, 4, 5, 1]
+    assert pool.refcounts([0, 1]) == [0, 1] and pool.counts()["cached"] == 1
+    advance(kv, plan)
+    # b ends; a's next turn swaps in ahead of its prefill and computes only the new tokens
+    kv.release("b")
+    next_turn(a, [7, 7, 7], admitted_at=2)
+    plan = sched.schedule([a], [])
+    swaps = kv.take_swaps()
+    assert swaps.in_host == [0, 1]
+    # the device blocks it takes that were cached are demoted first: 0 (a's own old block 0,
+    # reclaimed by the swap-in while a's host blocks are still held: host block 3), then 5 (b's
+    # chain tail, reclaimed by the turn's growth after a left host blocks 0, 1: host block 0)
+    assert (swaps.out_device, swaps.out_host) == ([0, 5], [3, 0])
+    # the free block 1 (b's unfilled tail), then the least recently used cached one: a's old 0;
+    # the turn's growth then evicts b's chain tail (5)
+    assert swaps.in_device == [1, 0] and kv.block_table("a") == [1, 0, 5]
+    assert shape(plan) == [("a", 8, 4, True)]  # 8 tokens restored: token 8 (sampled) + 3 new
+    assert a.turn.cached_tokens == 8
+    assert not kv.swapped("a") and kv.host.counts()["used"] == 0 and kv.host.counts()["cached"] == 3
+    stats = kv.host.counts()
+    assert (stats["swap_out_blocks"], stats["swap_in_blocks"], stats["swap_outs"], stats["swap_ins"]) == (2, 2, 1, 1)
+    advance(kv, plan)
+    kv.release("a")
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
+
+
+def test_a_full_host_tier_drops_the_least_recently_parked_conversation():
+    pool, kv, _ = make(num_blocks=12, host_blocks=4)
+    for i, name in enumerate("abc"):
+        kv.start(name, prompt(10 * i, 8))
+        assert kv.grow(name, 8)
+    assert kv.swap_out("a") and kv.swap_out("b")
+    assert kv.host.parked() == ["a", "b"] and kv.host.num_free() == 0
+    # within the step that parked them, neither may be dropped (their bytes are still in flight)
+    assert not kv.swap_out("c") and "c" in kv
+    kv.take_swaps()  # the step ran its copies
+    assert kv.swap_out("c")  # the tier is full: a (parked first) is dropped, c takes its blocks
+    assert kv.host.parked() == ["b", "c"] and kv.host.blocks_of("c") == [0, 1]
+    assert not kv.swapped("a") and "a" not in kv  # a recomputes on its next turn
+    assert kv.host.counts()["dropped_blocks"] == 2 and kv.host.counts()["dropped"] == 1
+    # ``keep`` protects a parked conversation whose turn is waiting to swap in
+    kv.start("d", prompt(90, 8))
+    assert kv.grow("d", 8)
+    kv.take_swaps()
+    assert kv.swap_out("d", keep=["b"]) and kv.host.parked() == ["b", "d"]
+    kv.start("e", prompt(70, 20))
+    assert kv.grow("e", 20)
+    assert not kv.swap_out("e")  # 5 blocks: more than the whole tier; it stays (and is preempted)
+    assert "e" in kv and kv.host.parked() == ["b", "d"]
+    for name in "bde":
+        kv.release(name)
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
+
+
+def test_release_frees_both_tiers_and_shared_blocks_keep_their_other_reference():
+    pool, kv, _ = make(num_blocks=8, host_blocks=8)
+    kv.start("a", prompt(1, 9))
+    assert kv.grow("a", 9)
+    kv.commit("a", prompt(1, 9))
+    cached = kv.start("b", prompt(1, 9))  # shares a's two full blocks
+    assert cached == 8 and kv.block_table("b")[:2] == kv.block_table("a")[:2]
+    assert kv.grow("b", 9)
+    shared = kv.block_table("a")[:2]
+    assert kv.swap_out("a")
+    assert kv.take_swaps().out_device == [0, 1, 2]
+    assert pool.refcounts(shared) == [1, 1]  # b's references remain
+    assert kv.host.counts()["used"] == 3
+    kv.release("a")  # END while on the host: nothing is copied back
+    assert kv.host.counts()["used"] == 0 and kv.take_swaps() == SwapPlan()
+    kv.release("b")
+    assert pool.counts()["used"] == 0
+
+
+def test_host_runs_are_contiguous_when_they_can_be():
+    tier = HostTier(8)
+    assert tier.park("x", None, 3) == [0, 1, 2]
+    assert tier.park("y", None, 2) == [3, 4]
+    tier.drop("x")
+    assert tier.park("z", None, 4) == [0, 1, 2, 5]  # free 0-2, 5-7: no run of 4, the lowest ids
+    assert tier.park("w", None, 2) == [6, 7]
+    tier.drop("y")
+    tier.drop("w")
+    assert tier.park("r", None, 2) == [3, 4]  # free 3, 4, 6, 7: the first run
+    assert tier.counts() == {"total": 8, "used": 6, "cached": 0, "free": 2, "sequences": 2, "swap_out_blocks": 13,
+                             "swap_in_blocks": 0, "swap_outs": 5, "swap_ins": 0, "dropped_blocks": 0, "dropped": 0,
+                             "demoted_blocks": 0, "prefix_hit_blocks": 0}
+
+
+def test_host_tier_sizing_rules():
+    gib = 2**30
+    assert host_tier_bytes(0, True, 1, 10 * gib) == 0
+    assert host_tier_bytes(2.5, False, 0, gib) == int(2.5 * gib)
+    assert host_tier_bytes(-1, False, 0, gib, available=100 * gib) == 0  # CPU: off unless set
+    # auto on a GPU server: 40% of the available RAM over the GPUs, at most 4 device pools
+    assert host_tier_bytes(-1, True, 8, 100 * gib, available=200 * gib) == 10 * gib
+    assert host_tier_bytes(-1, True, 1, gib, available=200 * gib) == 4 * gib
+
+
+def test_sampled_token_is_not_counted_as_restored():
+    """The restored prefix is what was computed: a turn's last sampled token has no KV yet."""
+    pool, kv, sched = make(num_blocks=4, host_blocks=4)
+    a = running("a", prompt(5, 5), admitted_at=0)
+    advance(kv, sched.schedule([a], []))
+    assert a.token_ids[-1] == SAMPLED and a.num_computed == 5
+    go_idle(a)
+    assert kv.swap_out("a") and kv.take_swaps().out_device == [0, 1]
+    next_turn(a, [3], admitted_at=1)
+    assert shape(sched.schedule([a], [])) == [("a", 5, 2, True)]
+
+
+def test_a_reclaimed_prefix_block_is_demoted_and_a_later_prompt_loads_it_from_the_host():
+    pool, kv, _ = make(num_blocks=3, host_blocks=4)
+    first = prompt(40, 9)  # two full blocks + 1 token
+    kv.start("a", first)
+    assert kv.grow("a", 9) and kv.block_table("a") == [0, 1, 2]
+    kv.commit("a", first)
+    kv.release("a")  # blocks 0, 1 cached on the device, 2 free
+    kv.start("b", prompt(80, 12))
+    assert kv.grow("b", 12)  # takes 2, then reclaims 1 then 0 (chain tail first)
+    assert kv.take_swaps() == SwapPlan(out_device=[1, 0], out_host=[0, 1])
+    assert kv.host.counts()["cached"] == 2 and kv.host.counts()["demoted_blocks"] == 2
+    kv.release("b")
+    # the same prefix again: a's prefix is only on the host now
+    assert kv.start("c", first) == 8  # both blocks loaded, not recomputed
+    # prefix block 0 sits in host block 1, block 1 in host block 0 (demoted tail first); b
+    # registered nothing, so the load takes free device blocks and demotes nothing
+    assert kv.take_swaps() == SwapPlan(in_host=[1, 0], in_device=[0, 1])
+    assert kv.block_table("c") == [0, 1]
+    assert kv.host.counts()["prefix_hit_blocks"] == 2
+    # and they are in the device prefix index again
+    kv.release("c")
+    assert kv.start("d", first) == 8 and kv.take_swaps() == SwapPlan()
+    kv.release("d")
+
+
+def test_parking_evicts_cached_host_blocks_before_any_parked_conversation():
+    pool, kv, _ = make(num_blocks=8, host_blocks=3)
+    assert kv.host.demote(11, 0, (1, 2, 3, 4)) == 0 and kv.host.demote(12, 11, (5, 6, 7, 8)) == 1
+    kv.start("a", prompt(1, 8))
+    assert kv.grow("a", 8)
+    assert kv.swap_out("a") and kv.host.blocks_of("a") == [0, 2]  # the LRU cached block (0) went
+    assert kv.host.find(11, 0, (1, 2, 3, 4)) is None and kv.host.find(12, 11, (5, 6, 7, 8)) == 1
+    assert kv.host.demote(13, 12, (9, 9, 9, 9)) == 1  # evicts the older cached block, not a
+    assert kv.host.parked() == ["a"]
+    kv.release("a")
+    assert kv.host.counts()["used"] == 0 and kv.host.counts()["cached"] == 1
