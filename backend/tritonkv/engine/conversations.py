@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonkv.engine.requests import Submission, Turn, TurnOutput
+from tritonkv.engine.requests import SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.sampling.grammar import GrammarCompiler, guided_kind
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("tritonkv.engine")
@@ -148,6 +149,20 @@ class Conversations:
                 if turn.params.uses_penalties else None
             return
         seq.status = SeqStatus.IDLE
+
+    @property
+    def _decode_one(self):
+        return self.tokenizer and (lambda t: self.tokenizer.decode([t]))
+
+    def _open_grammar(self, params: SamplingParams):
+        """Structured output (sampling/grammar.py): the turn's grammar state, or None; the
+        compiler is made on the first guided turn."""
+        if guided_kind(params) is None:
+            return None
+        if getattr(self, "_grammars", None) is None:
+            self._grammars = GrammarCompiler(self.checkpoint or self.config.checkpoint, self.model_config.vocab_size,
+                                             sorted(self.eos_token_ids))
+        return self._grammars.open(params)
 
     def _finish(self, seq: Sequence, out: TurnOutput) -> None:
         turn = seq.turn

@@ -27,8 +27,7 @@ from tritonkv.engine.conversations import Abort, Conversations, DropOwner
 from tritonkv.engine.output import TextStream
 from tritonkv.engine.requests import (PromptLimits, RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_prompt)
-from tritonkv.sampling.grammar import GrammarCompiler, guided_kind
-from tritonkv.sampling.logprobs import token_logprob
+from tritonkv.sampling import logprobs as lp, prompt_logprobs as prompt_lp
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
@@ -98,7 +97,6 @@ class Engine(Conversations):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.num_generated_tokens = 0
-        self._grammars: GrammarCompiler | None = None  # structured output, made when first asked
 
     # -- intake (any thread) ---------------------------------------------------------------
     def encode(self, text: str, first_turn: bool) -> list[int]:
@@ -326,9 +324,7 @@ class Engine(Conversations):
                 continue
             seq.num_computed += chunk.num_tokens
             self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
-            prompt_raw = (step.handle.prompt_logprobs or {}).get(i)
-            if prompt_raw is not None:
-                self._record_prompt_logprobs(seq, chunk, prompt_raw)
+            prompt_lp.record(seq, chunk.start, (step.handle.prompt_logprobs or {}).get(i), self._decode_one)
             if mass is not None and chunk.sample:  # h2o: the mass of the sampling query
                 self.kv.add_mass(seq.seq_id, step.origins[i], mass[i])
             if token is None:
@@ -361,61 +357,18 @@ class Engine(Conversations):
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
                        turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),
-                       penalty=turn.penalty, prompt_targets=self._prompt_targets(seq, chunk), grammar=turn.grammar)
-
-    # -- structured output (sampling/grammar.py) ----------------------------------------------
-    def _open_grammar(self, params: SamplingParams):
-        """The turn's grammar state, or None; the compiler is made on the first guided turn."""
-        if guided_kind(params) is None:
-            return None
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.checkpoint or self.config.checkpoint, self.model_config.vocab_size,
-                                             sorted(self.eos_token_ids))
-        return self._grammars.open(params)
-
-    # -- prompt logprobs (sampling/logprobs.py) -----------------------------------------------
-    @staticmethod
-    def _prompt_span(seq: Sequence) -> tuple[int, int]:
-        """Token indices [first, end) of the running turn's prompt in ``seq.token_ids``."""
-        turn = seq.turn
-        end = len(seq.token_ids) - len(turn.output_ids)
-        return end - len(turn.prompt_ids), end
-
-    def _prompt_targets(self, seq: Sequence, chunk: ScheduledChunk) -> list[int] | None:
-        """Position p of the chunk scores token p + 1 where that is a prompt token of the turn
-        (a conversation's first token has no logprob: nothing comes before it)."""
-        if seq.turn.params.prompt_logprobs is None:
-            return None
-        first, end = self._prompt_span(seq)
-        targets = [seq.token_ids[p + 1] if first <= p + 1 < end else -1
-                   for p in range(chunk.start, chunk.start + chunk.num_tokens)]
-        return targets if any(t >= 0 for t in targets) else None
-
-    def _record_prompt_logprobs(self, seq: Sequence, chunk: ScheduledChunk, raw: list[tuple | None]) -> None:
-        turn = seq.turn
-        decode = self.tokenizer and (lambda t: self.tokenizer.decode([t]))
-        for j, entry in enumerate(raw):
-            q = chunk.start + j + 1
-            if entry is not None and q not in turn.prompt_logprobs:  # a recompute finds the same
-                turn.prompt_logprobs[q] = token_logprob(seq.token_ids[q], entry, turn.params.prompt_logprobs, decode)
-
-    def _take_prompt_logprobs(self, seq: Sequence) -> tuple | None:
-        """The turn's prompt logprobs, once (on its first output token)."""
-        turn = seq.turn
-        if turn.params.prompt_logprobs is None or len(turn.output_ids) != 1:
-            return None
-        first, end = self._prompt_span(seq)
-        return tuple(turn.prompt_logprobs.get(q) for q in range(first, end))
+                       penalty=turn.penalty, grammar=turn.grammar,
+                       prompt_targets=prompt_lp.targets(seq, chunk.start, chunk.num_tokens))
 
     def _append_token(self, seq: Sequence, token: int, raw_logprob: tuple | None = None) -> None:
         turn = seq.turn
-        logprobs = None if raw_logprob is None else [token_logprob(
-            token, raw_logprob, turn.params.logprobs, self.tokenizer and (lambda t: self.tokenizer.decode([t])))]
+        logprobs = raw_logprob and [lp.token_logprob(token, raw_logprob, turn.params.logprobs, self._decode_one)]
         seq.token_ids.append(token)
         turn.output_ids.append(token)
         seq.last_active = time.monotonic()
         self.num_generated_tokens += 1
-        reason = None
+        # a grammar ends when its stop token was accepted (sampling/grammar.py)
+        reason = "stop" if turn.grammar is not None and turn.grammar.accept(token) else None
         if token in self.eos_token_ids and not turn.params.ignore_eos:
             reason = "eos"
         elif token in turn.params.stop_token_ids:  # ends the turn like EOS (adds no text), reason "stop"
@@ -423,13 +376,8 @@ class Engine(Conversations):
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
-        if turn.grammar is not None and turn.grammar.accept(token) and reason is None:
-            reason = "stop"  # the grammar ended (its stop token was accepted)
-        prompt_logprobs = self._take_prompt_logprobs(seq)
-        if reason is None:
-            self._reply(turn, TurnOutput("", [token], logprobs=logprobs, prompt_logprobs=prompt_logprobs))
-            return
-        self._finish(seq, TurnOutput("", [token], True, reason, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+        out = TurnOutput("", [token], bool(reason), reason, logprobs=logprobs, prompt_logprobs=prompt_lp.take(seq))
+        self._reply(turn, out) if reason is None else self._finish(seq, out)
 
     def close(self) -> None:
         """Stop the loop thread, if one runs; unpin the host tier."""

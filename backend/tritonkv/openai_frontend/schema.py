@@ -23,7 +23,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tritonkv.openai_frontend.errors import bad_request
-from tritonkv.sampling.params import ANY_JSON_OBJECT, MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
+from tritonkv.sampling.params import ANY_JSON_OBJECT
+from tritonkv.sampling.params import MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
 
 INT64_MAX = 2**63 - 1  # the seed travels as an INT64 tensor
 INT32_MAX = 2**31 - 1  # prompt token ids travel as INT32
