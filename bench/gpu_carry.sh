@@ -35,7 +35,7 @@ fi
 # is skipped there by name (tests/conftest.py).
 pins=(tritonclient==2.73.0 python-rapidjson pyzmq==26.4.0 msgspec==0.23.0 setproctitle==1.3.8
       fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 orjson==3.11.9 httpx-sse==0.4.3
-      openai==3.63.0 locust==2.47.0)
+      openai==3.63.0 locust==2.47.0 xgrammar==0.2.9)
 tmp=$(mktemp -d)
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
