@@ -35,12 +35,17 @@ fi
 # is skipped there by name (tests/conftest.py).
 pins=(tritonclient==2.73.0 python-rapidjson pyzmq==26.4.0 msgspec==0.23.0 setproctitle==1.3.8
       fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 orjson==3.11.9 httpx-sse==0.4.3
-      openai==3.63.0 locust==2.47.0 xgrammar==0.2.9)
+      openai==3.63.0 locust==2.47.0)
+# xgrammar's own dependencies (torch, transformers, triton) are the image's: no resolving
+nodeps=(xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2)
 tmp=$(mktemp -d)
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_26_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$tmp" "${pins[@]}" 2>&1 | grep -v -i 'warning' || true
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_17_x86_64 -d "$tmp" "${nodeps[@]}" 2>&1 | grep -v -i 'warning' || true
 mkdir -p "$out/wheels"
 for w in "$tmp"/*.whl; do
   name=$(basename "$w" | cut -d- -f1 | tr '_.' '--' | tr 'A-Z' 'a-z')
