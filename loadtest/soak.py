@@ -1,6 +1,6 @@
 """Soak checks: while a long load runs, sample every ``period_s`` what must stay bounded —
 KV blocks used and live sequences (the server's gauges), the resident memory and open files
-of the server's process group (tritonserver and its Python-backend stubs).
+of the server's process group (tritonserver and its Python-backend stubs) and its engine core.
 
 Bounded means (``verdict``): live sequences never exceed ``max_live``; and from the first
 sample after warm-up to the last, RSS grows by at most 25% + 64 MiB and open files by at most
@@ -31,10 +31,12 @@ class Sample:
 
 
 def group_pids(pgid: int) -> list[int]:
-    """Live processes of a process group (the launcher starts the server in its own group)."""
-    from tritonkv.server.process_tree import live_group_members
+    """Live processes of a process group (the launcher starts the server in its own group),
+    and their descendants in other sessions: the engine core a stub started (``core/spawn.py``,
+    its own session), which holds the model and the KV pool."""
+    from tritonkv.server.process_tree import live_group_members, tree_members
 
-    return live_group_members(pgid)
+    return sorted(set(live_group_members(pgid)) | set(tree_members(pgid)))
 
 
 def rss_and_files(pids: list[int]) -> tuple[int, int]:
@@ -72,7 +74,9 @@ class SoakMonitor:
         gauges = parse_prometheus(fetch_metrics(self.metrics_url))
 
         def total(name):
-            return sum(v for _labels, v in gauges.get(name, []))
+            # every instance reports its engine core's pool-wide count, and a server's
+            # instances share one core (one pool per server): the count once, not a sum
+            return max((v for _labels, v in gauges.get(name, [])), default=0.0)
 
         rss, files = rss_and_files(group_pids(self.pgid)) if self.pgid else (0, 0)
         self.samples.append(Sample(round(time.monotonic() - self._t0, 1), total("tritonkv_kv_blocks_used"),

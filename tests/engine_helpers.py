@@ -10,6 +10,7 @@ from tritonkv.config import EngineConfig
 from tritonkv.engine.factory import build_engine
 from tritonkv.engine.requests import SamplingParams
 from tritonkv.ops.attention_batch import AttentionBatch
+from tritonkv.ops.kv_swap import run_swaps
 
 
 # The same tests run on a GPU (kernels instead of torch references) with TRITONKV_TEST_DEVICE=cuda.

@@ -22,6 +22,7 @@ class ParsedResponse:
     prompt_tokens: int | None
     final: bool
     logprobs: list[dict] | None = None  # per token: {token id: {logprob, rank, decoded_token}}
+    prompt_logprobs: list[dict | None] | None = None  # per prompt token, the same (None: the first)
 
 
 def _logprobs(value) -> list[dict] | None:
@@ -60,6 +61,7 @@ def parse_grpc_result(result) -> ParsedResponse:
         prompt_tokens=None if prompt is None else int(prompt),
         final=flagged or finish is not None,
         logprobs=_logprobs(_scalar(result, "logprobs")),
+        prompt_logprobs=_logprobs(_scalar(result, "prompt_logprobs")),
     )
 
 
@@ -78,6 +80,7 @@ def parse_json_response(body: dict) -> ParsedResponse:
         prompt_tokens=body.get("prompt_tokens"),
         final=finish is not None,
         logprobs=_logprobs(body.get("logprobs")),
+        prompt_logprobs=_logprobs(body.get("prompt_logprobs")),
     )
 
 

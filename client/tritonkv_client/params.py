@@ -7,7 +7,7 @@ Rules:
 - the settings are the server's sampling parameters (tritonkv.sampling.params, where each
   one's range and meaning are defined; a test keeps the names and datatypes equal): scalars
   and ``stop`` / ``stop_token_ids`` travel as input tensors, ``logit_bias`` (no tensor) as
-  JSON text and ``logprobs`` as an integer in a request parameter (gRPC) or body field (HTTP
+  JSON text and ``logprobs`` / ``prompt_logprobs`` as an integer in a request parameter (gRPC) or body field (HTTP
   generate).
 """
 
@@ -53,6 +53,11 @@ class GenerationParams:
     stop_token_ids: tuple[int, ...] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     logprobs: int | None = None  # each token's logprob and this many top ones (``logprobs`` output)
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many top ones (the
+    # ``prompt_logprobs`` output, on the first response with tokens; the first token's is None)
+    guided_json: dict | str | None = None  # structured output: a JSON schema the output satisfies
+    guided_regex: str | None = None  # ... a regular expression the output matches
+    guided_choice: tuple[str, ...] | None = None  # ... one of these strings exactly
 
     def merged(self, **overrides) -> "GenerationParams":
         """These settings with the non-None ``overrides`` applied (unknown names are a TypeError)."""
@@ -148,6 +153,14 @@ def salt_parameters(cache_salt: str | None, params: GenerationParams | None = No
     out = {} if cache_salt is None else {"cache_salt": cache_salt}
     if params is not None and params.logit_bias:
         out["logit_bias"] = logit_bias_text(params.logit_bias)
-    if params is not None and params.logprobs is not None:
-        out["logprobs"] = params.logprobs
+    for name in ("logprobs", "prompt_logprobs"):
+        if params is not None and getattr(params, name) is not None:
+            out[name] = getattr(params, name)
+    if params is not None and params.guided_json is not None:
+        schema = params.guided_json
+        out["guided_json"] = schema if isinstance(schema, str) else json.dumps(schema)
+    if params is not None and params.guided_regex is not None:
+        out["guided_regex"] = params.guided_regex
+    if params is not None and params.guided_choice is not None:
+        out["guided_choice"] = json.dumps(list(params.guided_choice))
     return out or None

@@ -40,6 +40,8 @@ class GenerationResult:
     num_responses: int = 0
     # per token, when the request set ``logprobs``: {token id: {logprob, rank, decoded_token}}
     logprobs: list[dict] | None = None
+    # per prompt token, when the request set ``prompt_logprobs`` (None for the first token)
+    prompt_logprobs: list[dict | None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +87,8 @@ class ResultBuilder:
         delta = self.add_tokens(parsed.ids, parsed.text, at)
         if parsed.logprobs is not None:
             self.result.logprobs = (self.result.logprobs or []) + parsed.logprobs
+        if parsed.prompt_logprobs is not None:
+            self.result.prompt_logprobs = parsed.prompt_logprobs
         if parsed.final:
             self.finish(at, parsed.finish_reason, parsed.cached_tokens, parsed.prompt_tokens)
         return delta

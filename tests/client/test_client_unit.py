@@ -341,3 +341,17 @@ def test_cancelling_a_turn_ends_the_conversation():
     assert len(client.stream.sent) == 2
     with pytest.raises(RuntimeError, match="is over"):
         conv.send("again")
+
+
+def test_soak_counts_a_cores_pool_wide_gauges_once(monkeypatch):
+    """Both models' instances report their one engine core's live sequences and used blocks:
+    the soak's bound reads them once (a sum doubled them: 8 live read as 16 > 12)."""
+    import soak
+
+    page = "".join(f'{name}{{model="{model}",instance="{model}_0_0"}} {value}\n'
+                   for model in ("llm", "llm_stateless")
+                   for name, value in (("tritonkv_live_sequences", 8), ("tritonkv_kv_blocks_used", 100)))
+    monkeypatch.setattr(soak, "fetch_metrics", lambda url: page)
+    monitor = soak.SoakMonitor("http://unused/metrics", None, 10.0)
+    monitor.sample()
+    assert (monitor.samples[0].live_sequences, monitor.samples[0].blocks_used) == (8, 100)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonkv.engine.requests import Submission, Turn, TurnOutput
+from tritonkv.engine.requests import SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.sampling.grammar import GrammarCompiler, guided_kind
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("tritonkv.engine")
@@ -100,6 +101,8 @@ class Conversations:
             return
         if start:
             seq = Sequence(seq_id=next(self._keys), extra_keys=sub.extra_keys, stateless=stateless, owner=sub.owner)
+            if turn.params.prompt_logprobs is not None:  # its own block keys: no prefix hit skips a position
+                seq.extra_keys = (*sub.extra_keys, ("prompt_logprobs", seq.seq_id))
             self._seqs[seq.seq_id] = seq
             if not stateless:
                 self._live[corr_id] = seq
@@ -140,11 +143,26 @@ class Conversations:
             if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
             turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
+            turn.grammar = self._open_grammar(turn.params)  # structured output, None when not asked
             # per-row penalty state (sampling/penalty_state.py): from the whole context
             turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids) \
                 if turn.params.uses_penalties else None
             return
         seq.status = SeqStatus.IDLE
+
+    @property
+    def _decode_one(self):
+        return self.tokenizer and (lambda t: self.tokenizer.decode([t]))
+
+    def _open_grammar(self, params: SamplingParams):
+        """Structured output (sampling/grammar.py): the turn's grammar state, or None; the
+        compiler is made on the first guided turn."""
+        if guided_kind(params) is None:
+            return None
+        if getattr(self, "_grammars", None) is None:
+            self._grammars = GrammarCompiler(self.checkpoint or self.config.checkpoint, self.model_config.vocab_size,
+                                             sorted(self.eos_token_ids))
+        return self._grammars.open(params)
 
     def _finish(self, seq: Sequence, out: TurnOutput) -> None:
         turn = seq.turn

@@ -27,7 +27,7 @@ from tritonkv.engine.conversations import Abort, Conversations, DropOwner
 from tritonkv.engine.output import TextStream
 from tritonkv.engine.requests import (PromptLimits, RequestError, SamplingParams, Submission, Turn, TurnOutput,
                                       check_prompt)
-from tritonkv.sampling.logprobs import token_logprob
+from tritonkv.sampling import logprobs as lp, prompt_logprobs as prompt_lp
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
@@ -247,7 +247,7 @@ class Engine(Conversations):
         self._apply_kv_ops()
         step = PendingStep(plan, [c.seq.turn for c in plan], self.runner.launch(rows), t1 - t0,
                            self._launch_origins(plan))
-        if self.runner.graphs and all(c.sample for c in plan):
+        if self.runner.graphs and all(c.sample and c.seq.turn.grammar is None for c in plan):
             self._pending = step  # read back after the next launch
         else:
             self._finalize(step)
@@ -324,6 +324,7 @@ class Engine(Conversations):
                 continue
             seq.num_computed += chunk.num_tokens
             self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
+            prompt_lp.record(seq, chunk.start, (step.handle.prompt_logprobs or {}).get(i), self._decode_one)
             if mass is not None and chunk.sample:  # h2o: the mass of the sampling query
                 self.kv.add_mass(seq.seq_id, step.origins[i], mass[i])
             if token is None:
@@ -356,17 +357,18 @@ class Engine(Conversations):
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
                        turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),
-                       penalty=turn.penalty)
+                       penalty=turn.penalty, grammar=turn.grammar,
+                       prompt_targets=prompt_lp.targets(seq, chunk.start, chunk.num_tokens))
 
     def _append_token(self, seq: Sequence, token: int, raw_logprob: tuple | None = None) -> None:
         turn = seq.turn
-        logprobs = None if raw_logprob is None else [token_logprob(
-            token, raw_logprob, turn.params.logprobs, self.tokenizer and (lambda t: self.tokenizer.decode([t])))]
+        logprobs = raw_logprob and [lp.token_logprob(token, raw_logprob, turn.params.logprobs, self._decode_one)]
         seq.token_ids.append(token)
         turn.output_ids.append(token)
         seq.last_active = time.monotonic()
         self.num_generated_tokens += 1
-        reason = None
+        # a grammar ends when its stop token was accepted (sampling/grammar.py)
+        reason = "stop" if turn.grammar is not None and turn.grammar.accept(token) else None
         if token in self.eos_token_ids and not turn.params.ignore_eos:
             reason = "eos"
         elif token in turn.params.stop_token_ids:  # ends the turn like EOS (adds no text), reason "stop"
@@ -374,10 +376,8 @@ class Engine(Conversations):
         elif len(turn.output_ids) >= turn.params.max_tokens or (
                 self.context_limit is not None and len(seq.token_ids) >= self.context_limit):
             reason = "length"
-        if reason is None:
-            self._reply(turn, TurnOutput("", [token], logprobs=logprobs))
-            return
-        self._finish(seq, TurnOutput("", [token], True, reason, logprobs=logprobs))
+        out = TurnOutput("", [token], bool(reason), reason, logprobs=logprobs, prompt_logprobs=prompt_lp.take(seq))
+        self._reply(turn, out) if reason is None else self._finish(seq, out)
 
     def close(self) -> None:
         """Stop the loop thread, if one runs; unpin the host tier."""

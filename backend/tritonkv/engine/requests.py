@@ -28,6 +28,7 @@ from tritonkv.sampling.params import check_token_ids
 if TYPE_CHECKING:
     import torch
 
+    from tritonkv.sampling.grammar import GrammarState
     from tritonkv.sampling.logprobs import TokenLogprob
     from tritonkv.sampling.penalty_state import PenaltyState
 
@@ -44,6 +45,10 @@ class TurnOutput:
     prompt_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
+    # prompt_logprobs: one per prompt token of the turn (None where it has none: a conversation's
+    # first token), on the turn's first output with tokens; a tuple, so that it is never taken
+    # for a per-token field (engine/output.py)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     # a refused opening turn (START without END) whose id holds no live conversation: the
     # sequence batcher's slot must be released (server/slot_release.py); decided by the
     # engine, in submission order
@@ -66,6 +71,8 @@ class Turn:
     replied: bool = False  # an output was emitted
     generator: torch.Generator | None = None  # when the request set a seed
     penalty: PenaltyState | None = None  # when params.uses_penalties (sampling/penalty_state.py)
+    prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # token index -> its logprob
+    grammar: GrammarState | None = None  # structured output (sampling/grammar.py)
     arrival: float = field(default_factory=time.monotonic)
 
 

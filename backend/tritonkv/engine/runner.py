@@ -39,6 +39,7 @@ from tritonkv.engine.sampler import GREEDY_BELOW, PenaltyRows, RowSettings, samp
 from tritonkv.ops import dispatch
 from tritonkv.ops.attention_batch import AttentionBatch
 from tritonkv.sampling import logprobs as lp
+from tritonkv.sampling.grammar import GrammarState, apply_masks
 from tritonkv.sampling.penalty_state import PenaltyState, PenaltyTable
 
 log = logging.getLogger("tritonkv.runner")
@@ -89,6 +90,10 @@ class StepRow:
     # previous launch (still on the device); ``token_ids`` then holds a placeholder
     angle_shift: int = 0  # rotary position = cache index + angle_shift
     penalty: PenaltyState | None = None  # the turn's token state (sampling/penalty_state.py)
+    # prompt logprobs: per computed token, the id whose logprob its logits give (the next
+    # prompt token) or -1 (none wanted); the row then runs eagerly (sampling/logprobs.py)
+    prompt_targets: list[int] | None = None
+    grammar: GrammarState | None = None  # structured output: its token mask applies to this row
 
 
 @dataclass
@@ -102,6 +107,7 @@ class StepHandle:
     times: StepTimes | None = None
     mass: torch.Tensor | None = None  # [rows, table blocks] float32 (collect_mass), host
     logprobs: lp.LogprobBatch | None = None  # host, for the sampled rows that asked
+    prompt_logprobs: dict[int, list[tuple | None]] | None = None  # row -> per token (prompt_targets)
 
 
 class ModelRunner:
@@ -249,7 +255,7 @@ class ModelRunner:
         ``from_prev`` read their input token from ``prev``'s sampled ids."""
         t0 = time.perf_counter()
         n = len(rows)
-        decode = all(len(r.token_ids) == 1 for r in rows)
+        decode = all(len(r.token_ids) == 1 and r.prompt_targets is None for r in rows)
         key = self._graph_key(n, max(r.start + 1 for r in rows)) if decode and rows else None
         graph_bs = key[0] if key else None
         tokens, max_q, max_len, sample_at, num_prev = self._fill(rows, graph_bs or n)
@@ -273,6 +279,8 @@ class ModelRunner:
             logits = self.model.logits(hidden[self.sample_rows[:len(sample_at)]]) if sample_at else None
         t2 = time.perf_counter()
         handle = StepHandle(None, None, None, len(sample_at))
+        if key is None and any(r.prompt_targets is not None for r in rows):
+            handle.prompt_logprobs = self._prompt_logprobs(hidden, rows)
         if self.block_mass is not None:
             if self._h_mass is not None:
                 handle.mass = self._h_mass[self._out_turn][:n]
@@ -280,7 +288,8 @@ class ModelRunner:
             else:
                 handle.mass = self.block_mass[:n].clone()
         if sample_at:
-            handle.sampled = sample_ids(logits, params, [r.generator for r in samplers], settings)
+            guided = apply_masks(logits, [r.grammar for r in samplers], self.model.config.vocab_size)
+            handle.sampled = sample_ids(guided, params, [r.generator for r in samplers], settings)
             asked = [j for j, p in enumerate(params) if p.logprobs is not None]
             if asked:  # of the raw logits (sampling/logprobs.py)
                 batch = lp.compute(logits, handle.sampled, asked, max(params[j].logprobs for j in asked))
@@ -313,6 +322,19 @@ class ModelRunner:
         """After ``collect``: per sampled row, (chosen logprob, rank, top ids, top logprobs) or
         None where the row did not ask."""
         return lp.per_row(handle.logprobs, handle.num_samples)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[StepRow]) -> dict[int, list[tuple | None]]:
+        """Rows with ``prompt_targets``: the logits of each of their tokens (only these rows'),
+        log_softmax'ed against the target (sampling/logprobs.py: ``prompt_logprobs``). Waits for
+        the device (prompt logprobs are a prefill-time, opt-in cost)."""
+        out, t = {}, 0
+        for i, row in enumerate(rows):
+            n = len(row.token_ids)
+            if row.prompt_targets is not None:
+                out[i] = lp.prompt_logprobs(self.model.logits, hidden[t:t + n], row.prompt_targets,
+                                            row.params.prompt_logprobs or 0)
+            t += n
+        return out
 
     def _row_settings(self, params: list[SamplingParams], states: list[PenaltyState | None]) -> RowSettings | None:
         penalised = [i for i, s in enumerate(states) if s is not None]

@@ -117,7 +117,8 @@ def create_app(model: ServedModel, bridge: TritonBridge, salt_per_api_key: bool 
         elif model.max_model_len and len(gen.input_ids) > model.max_model_len:
             raise bad_request(f"'prompt' holds {len(gen.input_ids)} tokens; this model serves at most "
                               f"{model.max_model_len} (max_model_len)", "prompt", "context_length_exceeded")
-        return await _answer(request, bridge, salted(request, gen), chat=False, prompt_param="prompt")
+        echo = _echo(model, gen) if gen.echo else None
+        return await _answer(request, bridge, salted(request, gen), chat=False, prompt_param="prompt", echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -157,8 +158,21 @@ class _ClientGone(Exception):
     pass
 
 
-async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation, chat: bool, prompt_param: str):
-    answer = Answer(gen.model, chat, gen.sampling.get("logprobs"))
+def _echo(model, gen: schema.Generation) -> tuple[str, str]:
+    """(prompt text, its first token's text) of an echoed completion (the model's tokenizer;
+    a token-id prompt without one echoes no text)."""
+    tok = model.tokenizer
+    if gen.text is not None:
+        ids = tok.encode(gen.text, add_special_tokens=True) if tok is not None else []
+        return gen.text, tok.decode([ids[0]]) if ids else ""
+    if tok is None:
+        return "", ""
+    return tok.decode(gen.input_ids), tok.decode(gen.input_ids[:1])
+
+
+async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation, chat: bool, prompt_param: str,
+                  echo: tuple[str, str] | None = None):
+    answer = Answer(gen.model, chat, gen.sampling.get("logprobs"), echo)
     deltas = bridge.generate(gen, prompt_param)
     try:
         if gen.stream:

@@ -9,6 +9,9 @@ Rules (as OpenAI):
   chat ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``, completions
   ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``; a token's string is its
   decoded text; ``top_logprobs`` holds the tokens of rank <= the asked count, best first;
+- ``echo`` (completions): the text is the prompt's then the answer's; with logprobs, the prompt
+  tokens come first in ``logprobs`` (the first with ``token_logprob`` and ``top_logprobs``
+  None, as OpenAI), ``text_offset`` counting from the start of the prompt;
 - a stream is ``data: <chunk>`` events and a last ``data: [DONE]``; with
   ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk with
   no choices carries the usage; an error after the stream started is one ``data: {"error"}``
@@ -56,8 +59,8 @@ def chat_logprobs(tokens: list[dict], top: int) -> dict:
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(tokens: list[dict], top: int, offset: int) -> dict:
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+def completion_logprobs(tokens: list[dict], top: int, offset: int, out: dict | None = None) -> dict:
+    out = out or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for per_token in tokens:
         (text, logprob), items = _entries(per_token)
         out["tokens"].append(text)
@@ -68,11 +71,23 @@ def completion_logprobs(tokens: list[dict], top: int, offset: int) -> dict:
     return out
 
 
+def echo_logprobs(prompt: list[dict | None], first_token: str, top: int) -> tuple[dict, int]:
+    """The prompt's part of an echoed completion's logprobs, and the text offset after it."""
+    out = {"tokens": [first_token], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    out = completion_logprobs([e for e in prompt[1:] if e is not None], top, len(first_token), out)
+    end = out["text_offset"][-1] + len(out["tokens"][-1])
+    return out, end
+
+
 class Answer:
     """One response's identity and running totals; ``chat`` picks the object kinds;
     ``top_logprobs``: None when the request asked no logprobs, else its top count."""
 
-    def __init__(self, model: str, chat: bool, top_logprobs: int | None = None):
+    def __init__(self, model: str, chat: bool, top_logprobs: int | None = None,
+                 echo: tuple[str, str] | None = None):
+        """``echo``: (prompt text, its first token's text) of an echoed completion."""
+        self.echo = echo
+        self.prompt_logprobs: list | None = None
         self.model = model
         self.chat = chat
         self.top_logprobs = top_logprobs
@@ -93,6 +108,11 @@ class Answer:
         tokens = tokens or []
         if self.chat:
             return chat_logprobs(tokens, self.top_logprobs)
+        if self.echo is not None and self.prompt_logprobs is not None and self.text_offset == 0:
+            head, self.text_offset = echo_logprobs(self.prompt_logprobs, self.echo[1], self.top_logprobs)
+            shaped = completion_logprobs(tokens, self.top_logprobs, self.text_offset, head)
+            self.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
+            return shaped
         shaped = completion_logprobs(tokens, self.top_logprobs, self.text_offset)
         self.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1]) if tokens else self.text_offset
         return shaped
@@ -100,6 +120,8 @@ class Answer:
     def add(self, delta: Delta) -> None:
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.text.append(delta.text)
         self.completion_tokens += delta.num_tokens
         if delta.finish_reason is not None:
@@ -111,7 +133,7 @@ class Answer:
         return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
     def body(self) -> dict:
-        text = "".join(self.text)
+        text = "".join(self.text) if self.echo is None else self.echo[0] + "".join(self.text)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": self.logprobs_of(self.logprobs), "finish_reason": self.finish_reason}

@@ -10,7 +10,8 @@ Rules:
   ``cache_salt``); ``logprobs`` is OpenAI's per endpoint (completions: a count of top tokens,
   chat: a boolean with ``top_logprobs``), at most ``MAX_LOGPROBS`` (20, as vLLM);
 - a known OpenAI field this server does not implement is accepted only at its neutral value
-  (``n`` = 1, ``echo`` false, no tools, ...) and refused otherwise, naming it;
+  (``n`` = 1, no tools, ...); completions' ``echo`` (not streamed) prepends the prompt to the
+  text and, with ``logprobs``, the prompt tokens' logprobs (``prompt_logprobs``) to the logprobs and refused otherwise, naming it;
 - every check raises ``OpenAIError`` 400 whose message and ``param`` name the field.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tritonkv.openai_frontend.errors import bad_request
+from tritonkv.sampling.params import ANY_JSON_OBJECT
 from tritonkv.sampling.params import MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
 
 INT64_MAX = 2**63 - 1  # the seed travels as an INT64 tensor
@@ -86,6 +88,7 @@ class Generation:
     stream: bool
     include_usage: bool
     cache_salt: str | None = None
+    echo: bool = False  # completions: the prompt precedes the answer (and its logprobs, when asked)
 
     @property
     def max_tokens(self) -> int | None:  # None: the engine's default_max_tokens
@@ -165,8 +168,9 @@ def _logprobs(count, name: str) -> int:
 
 
 def completion_generation(body: CompletionBody) -> Generation:
-    _neutral(body, "echo", (False,))
     _neutral(body, "best_of", (1,))
+    if body.echo and body.stream:
+        raise bad_request("'echo' with 'stream' is not supported by this server: send stream false", "echo")
     if body.suffix:
         raise bad_request("'suffix' is not supported by this server", "suffix")
     prompt = body.prompt
@@ -184,6 +188,10 @@ def completion_generation(body: CompletionBody) -> Generation:
     gen = Generation(text=text, input_ids=ids, **sampling(body, body.max_tokens, "max_tokens"))
     if body.logprobs is not None and body.logprobs is not False:  # completions: the top count (0: the chosen)
         gen.sampling["logprobs"] = _logprobs(body.logprobs, "logprobs")
+    if body.echo:
+        gen.echo = True
+        if "logprobs" in gen.sampling:  # the prompt's logprobs too, computed in its prefill
+            gen.sampling["prompt_logprobs"] = gen.sampling["logprobs"]
     return gen
 
 
@@ -202,13 +210,34 @@ def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
     if body.tools:
         raise bad_request("'tools' are not supported by this server", "tools")
     _neutral(body, "tool_choice", ("none",))
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise bad_request("'response_format' other than {'type': 'text'} is not supported by this server",
-                          "response_format")
+    schema = _response_format(body.response_format)
     gen = Generation(text=None, input_ids=prompt_ids, **sampling(body, max_tokens, name))
+    if schema is not None:
+        gen.sampling["guided_json"] = schema
     if body.logprobs:
         gen.sampling["logprobs"] = top or 0
     return gen
+
+
+def _response_format(fmt: dict | None) -> str | None:
+    """OpenAI's ``response_format`` as a JSON schema's text (``guided_json``), or None (text)."""
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return ANY_JSON_OBJECT
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("'response_format.json_schema.schema' must be a JSON schema (an object)",
+                              "response_format")
+        try:
+            return check_value("guided_json", schema, "response_format.json_schema.schema")
+        except ParameterError as exc:
+            raise bad_request(str(exc), "response_format") from None
+    raise bad_request(f"'response_format.type' must be text, json_object or json_schema, got {kind!r:.40}",
+                      "response_format")
 
 
 def chat_messages(body: ChatBody) -> list[dict]:

@@ -38,6 +38,7 @@ class Delta:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[dict] | None = None  # per token: {token id: {logprob, rank, decoded_token}}
+    prompt_logprobs: list[dict | None] | None = None  # per prompt token, the same (None: the first)
 
 
 def _tensor(name: str, arr: np.ndarray, dtype: str) -> grpcclient.InferInput:
@@ -68,11 +69,18 @@ def model_inputs(gen: Generation) -> list[grpcclient.InferInput]:
 
 def request_parameters(gen: Generation) -> dict | None:
     """The settings without an input tensor, and ``cache_salt``, as request parameters."""
-    params = {name: json.dumps(dict(value) if BY_NAME[name].kind == "token_bias" else value)
-              for name, value in gen.sampling.items() if BY_NAME[name].triton_dtype is None}
+    params = {name: _parameter_text(name, value) for name, value in gen.sampling.items()
+              if BY_NAME[name].triton_dtype is None}
     if gen.cache_salt is not None:
         params["cache_salt"] = gen.cache_salt
     return params or None
+
+
+def _parameter_text(name: str, value) -> str:
+    kind = BY_NAME[name].kind
+    if kind in ("json", "regex"):
+        return value  # a schema's JSON text, a regex
+    return json.dumps(dict(value) if kind == "token_bias" else list(value) if isinstance(value, tuple) else value)
 
 
 class TritonBridge:
@@ -143,6 +151,9 @@ def _delta(result) -> Delta:
     logprobs = result.as_numpy("logprobs")
     if logprobs is not None:
         delta.logprobs = json.loads(logprobs.reshape(-1)[0].decode("utf-8"))
+    prompt_logprobs = result.as_numpy("prompt_logprobs")
+    if prompt_logprobs is not None:
+        delta.prompt_logprobs = json.loads(prompt_logprobs.reshape(-1)[0].decode("utf-8"))
     if reason is not None:
         delta.finish_reason = reason[0].decode("utf-8")
         cached = result.as_numpy("cached_tokens")

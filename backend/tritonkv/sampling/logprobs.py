@@ -55,6 +55,26 @@ def compute(logits: torch.Tensor, ids: torch.Tensor, rows: list[int], k: int) ->
     return LogprobBatch(rows, chosen, rank, top_ids, top_values)
 
 
+PROMPT_CHUNK = 256  # prompt positions whose logits exist at once (bounds the [positions, vocab] tensor)
+
+
+def prompt_logprobs(logits_of, hidden: torch.Tensor, targets: list[int], k: int) -> list[tuple | None]:
+    """Prompt logprobs of one row: ``hidden`` [n, d] its tokens' hidden states, ``targets``
+    [n] the id each position's logits are scored against (-1: none wanted), ``logits_of``
+    the model's head. Per position (chosen, rank, top ids, top values) on the host, or None."""
+    wanted = [j for j, t in enumerate(targets) if t >= 0]
+    out: list[tuple | None] = [None] * len(targets)
+    for a in range(0, len(wanted), PROMPT_CHUNK):
+        part = wanted[a:a + PROMPT_CHUNK]
+        index = torch.tensor(part, dtype=torch.int64, device=hidden.device)
+        logits = logits_of(hidden.index_select(0, index))
+        ids = torch.tensor([targets[j] for j in part], dtype=torch.int64, device=hidden.device)
+        batch = compute(logits, ids, list(range(len(part))), k).to_host(pinned=False)
+        for j, row in zip(part, per_row(batch, len(part))):
+            out[j] = row
+    return out
+
+
 def per_row(batch: LogprobBatch | None, num_rows: int) -> list[tuple | None]:
     """(chosen, rank, top ids, top values) per sampled row (None where not asked)."""
     out: list[tuple | None] = [None] * num_rows

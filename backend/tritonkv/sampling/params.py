@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -97,10 +98,21 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("logprobs", "int", None, "return each generated token's log-probability (of the model's "
               f"distribution, before any setting above) and this many of the most likely tokens' "
               f"(None: none; at most {MAX_LOGPROBS})", 0, MAX_LOGPROBS, openai=False),
+    Parameter("prompt_logprobs", "int", None, "return each prompt token's log-probability given the tokens "
+              "before it (the first token of a conversation has none) and this many of the most likely "
+              f"tokens' at its position (None: none; at most {MAX_LOGPROBS}); such a request takes no "
+              "prefix-cache hit (every prompt position is computed)", 0, MAX_LOGPROBS, openai=False),
+    Parameter("guided_json", "json", None, "the output is JSON valid against this JSON schema (an object, or "
+              "its JSON text); sampling/grammar.py", openai=False),
+    Parameter("guided_regex", "regex", None, "the output matches this regular expression", openai=False),
+    Parameter("guided_choice", "choices", None, "the output is exactly one of these strings", openai=False),
 )
+GUIDED = ("guided_json", "guided_regex", "guided_choice")  # at most one per request
+MAX_GRAMMAR_CHARS = 64 << 10  # a schema's JSON text or a regex
+ANY_JSON_OBJECT = '{"type": "object"}'  # OpenAI's response_format json_object, as guided_json
 BY_NAME = {p.name: p for p in PARAMETERS}
 # vLLM SamplingParams keys accepted only at the value that changes nothing
-NEUTRAL_VALUES = {"n": 1, "best_of": 1, "prompt_logprobs": None, "include_stop_str_in_output": False}
+NEUTRAL_VALUES = {"n": 1, "best_of": 1, "include_stop_str_in_output": False}
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, bias), ids unique
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's and the top k at its position
+    guided_json: str | None = None  # a JSON schema's canonical JSON text (sampling/grammar.py)
+    guided_regex: str | None = None
+    guided_choice: tuple[str, ...] | None = None
 
     @property
     def uses_penalties(self) -> bool:
@@ -162,6 +178,8 @@ def check_value(name: str, value, what: str | None = None):
         if len(value) > MAX_STOP:
             raise ParameterError(f"{what} holds {len(value)} strings; at most {MAX_STOP}")
         return tuple(s for s in value if s)
+    if p.kind in ("json", "regex", "choices"):
+        return _check_guided(p.kind, value, what)
     if p.kind == "token_ids":
         if not isinstance(value, (list, tuple)):
             raise ParameterError(f"{what} must be a list of token ids, got {type(value).__name__}")
@@ -190,6 +208,36 @@ def check_value(name: str, value, what: str | None = None):
     raise AssertionError(p.kind)
 
 
+def _check_guided(kind: str, value, what: str):
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ParameterError(f"{what} must be a JSON schema (an object or its JSON text): {exc}") from None
+        if not isinstance(value, dict):
+            raise ParameterError(f"{what} must be a JSON schema (an object), got {type(value).__name__}")
+        text = json.dumps(value, sort_keys=True)
+    elif kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise ParameterError(f"{what} must be a non-empty string (a regular expression)")
+        text = value
+    else:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)  # a request parameter carries the list as JSON text
+            except ValueError:
+                pass
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
+            raise ParameterError(f"{what} must be a non-empty list of non-empty strings")
+        if len(value) > MAX_TOKEN_LIST:
+            raise ParameterError(f"{what} holds {len(value)} choices; at most {MAX_TOKEN_LIST}")
+        return tuple(value)
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise ParameterError(f"{what} is {len(text)} characters long; at most {MAX_GRAMMAR_CHARS}")
+    return text
+
+
 def _token_id(value, what: str) -> int:
     if isinstance(value, str) and value.strip().lstrip("+").isdigit() and len(value) < 12:
         value = int(value)  # JSON object keys are strings (OpenAI's logit_bias)
@@ -212,6 +260,9 @@ def check_sampling(params: SamplingParams) -> None:
         if p.kind == "token_bias":
             value = list(value)
         check_value(p.name, value)
+    guided = [name for name in GUIDED if getattr(params, name) is not None]
+    if len(guided) > 1:
+        raise ParameterError(f"send at most one of {', '.join(GUIDED)}; got {' and '.join(guided)}")
     if params.min_tokens > params.max_tokens:
         raise ParameterError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
 

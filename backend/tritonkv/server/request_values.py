@@ -110,6 +110,8 @@ def checked(name: str, value, what: str):
     kind = BY_NAME[name].kind if name in BY_NAME else "bool"
     if kind in ("int", "float", "bool"):
         value = convert(value, kind, what)
+    elif kind in ("json", "regex", "choices") and isinstance(value, (bytes, np.bytes_)):
+        value = decode(value, what)  # JSON text / a regex: parsed by check_value
     elif kind in ("token_ids", "token_bias") and isinstance(value, (str, bytes, np.bytes_)):
         value = vllm.json_value(decode(value, what), what, BadRequest)
     if name not in BY_NAME:

@@ -71,6 +71,9 @@ def make_response(pb_utils, out: TurnOutput, form: ReplyForm = PLAIN, echo: str 
     if form.logprobs or out.logprobs is not None:
         text = "null" if out.logprobs is None else json.dumps([e.as_vllm() for e in out.logprobs])
         tensors.append(strings("logprobs", text))
+    if out.prompt_logprobs is not None:  # vLLM's PromptLogprobs: null where a token has none
+        tensors.append(strings("prompt_logprobs", json.dumps(
+            [None if e is None else e.as_vllm() for e in out.prompt_logprobs])))
     if form.cumulative_logprob:
         tensors.append(pb_utils.Tensor("cumulative_logprob", np.array([cumulative_logprob], dtype=np.float32)))
     return pb_utils.InferenceResponse(output_tensors=tensors)
@@ -101,6 +104,7 @@ class ReplyChannel:
         self.text: list[str] = []
         self.ids: list[int] = []
         self.logprobs: list | None = None
+        self.prompt_logprobs: tuple | None = None
         self.cumulative_logprob = 0.0
 
     def error(self, message: str, code: str | None = None) -> None:
@@ -121,10 +125,13 @@ class ReplyChannel:
             if out.logprobs is not None:
                 self.logprobs = self.logprobs or []
                 self.logprobs.extend(out.logprobs)
+            if out.prompt_logprobs is not None:
+                self.prompt_logprobs = out.prompt_logprobs
             if not out.finished:
                 return
             out = TurnOutput("".join(self.text), self.ids, True, out.finish_reason,
-                             out.cached_tokens, out.prompt_tokens, logprobs=self.logprobs)
+                             out.cached_tokens, out.prompt_tokens, logprobs=self.logprobs,
+                             prompt_logprobs=self.prompt_logprobs)
         echo = "" if self.stream else self.form.echo
         self.sender.send(make_response(self.pb_utils, out, self.form, echo, self.cumulative_logprob),
                          flags=final_flag if out.finished else 0)

@@ -19,9 +19,13 @@ Inputs (all optional, declared in model_repository/llm_stateless/config.pbtxt):
   token and the ``logprobs`` most likely ones, vLLM's ``SampleLogprobs``); without a
   ``logprobs`` key only the chosen token's. ``return_cumulative_logprob``: output
   ``cumulative_logprob`` (FP32, the sum of the chosen tokens' logprobs so far).
+- ``prompt_logprobs`` (a sampling_parameters key, k in [0, 20]): output ``prompt_logprobs``
+  (BYTES, one JSON string on the turn's first response with tokens: a list, one entry per
+  prompt token, null for a conversation's first token, else {token id: {logprob, rank,
+  decoded_token}} of the prompt token and the k most likely there, vLLM's ``PromptLogprobs``).
 
 The sampling keys and their ranges are ``tritonkv.sampling.params``' (``PARAMETERS``, the
-keys marked ``vllm``). vLLM keys tritonkv has no sampler for (``n``, ``best_of``, logprobs)
+keys marked ``vllm``). vLLM keys tritonkv has no sampler for (``n``, ``best_of``)
 are accepted at the value that changes nothing and refused, by name, at any other; ``top_k``
 -1 means off (vLLM's spelling of 0). JSON is nested at most ``MAX_JSON_DEPTH`` levels.
 """
