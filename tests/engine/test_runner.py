@@ -162,9 +162,9 @@ def test_overlap_logic_on_cpu_equals_plain_steps(llama, monkeypatch):
 def test_overlap_on_cpu_cancel_mid_stream(llama, monkeypatch):
     """A cancel seen while a step is in flight ends the turn at once; its row of the step in
     flight is dropped, the others go on, and no block is lost."""
-    from tritonkv.engine import engine as engine_module
+    from tritonkv.engine import conversations
 
-    monkeypatch.setattr(engine_module, "CANCEL_POLL_S", 0.0)
+    monkeypatch.setattr(conversations, "CANCEL_POLL_S", 0.0)
     engine = make_engine(llama, device="cpu")
     _force_overlap(engine, monkeypatch)
     keep, cut = Collector(), Collector()
