@@ -101,6 +101,10 @@ class Conversation(threading.Thread):
             n = 0
             while True:
                 prompt = ([256] if n == 0 else []) + [rng.randrange(32, 127) for _ in range(3)]
+                if n == MAX_TURNS - 1:
+                    # the context holds one more turn: the conversation stays open (idle, its KV
+                    # kept) until the fuzz is over, so that it spans the whole fuzz on a fast machine
+                    self.stop_event.wait(300)
                 self.outlived_fuzz = n >= 1 and self.stop_event.is_set()
                 last = n == MAX_TURNS - 1 or self.outlived_fuzz
                 client.async_stream_infer(model_name="llm", inputs=inputs_for(ids=prompt, max_tokens=6, **GREEDY),
