@@ -34,7 +34,7 @@ from tritonkv.core.proc import Wakeup
 from tritonkv.core.runtime_dir import core_name, core_paths, device_label
 from tritonkv.core.spawn import core_running, remove_stale, start_core
 from tritonkv.engine.output import TextStream
-from tritonkv.engine.requests import PromptLimits, RequestError, TurnOutput, check_prompt
+from tritonkv.engine.requests import PromptLimits, TurnOutput, check_prompt, encode_prompt
 
 log = logging.getLogger("tritonkv.frontend")
 
@@ -169,11 +169,7 @@ class CoreClient:
 
     # -- requests (any thread) -----------------------------------------------------------------
     def encode(self, text: str, first_turn: bool) -> list[int]:
-        if self.tokenizer is None:
-            raise RequestError("this checkpoint has no tokenizer.json: send input_ids instead of text_input")
-        if not text:
-            raise RequestError("empty prompt: send a non-empty text_input or input_ids")
-        return self.tokenizer.encode(text, add_special_tokens=first_turn)
+        return encode_prompt(self.tokenizer, text, first_turn)
 
     def validate(self, prompt_ids, params) -> None:
         check_prompt(prompt_ids, params, self.limits)

@@ -25,8 +25,8 @@ from tritonkv.cache.eviction.choose import policy_for
 from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.conversations import Abort, Conversations, DropOwner
 from tritonkv.engine.output import TextStream
-from tritonkv.engine.requests import (PromptLimits, RequestError, SamplingParams, Submission, Turn, TurnOutput,
-                                      check_prompt)
+from tritonkv.engine.requests import (PromptLimits, SamplingParams, Submission, Turn, TurnOutput,
+                                      check_prompt, encode_prompt)
 from tritonkv.sampling import logprobs as lp, prompt_logprobs as prompt_lp
 from tritonkv.engine.runner import ModelRunner, StepHandle, StepRow
 from tritonkv.engine.step_times import StepBreakdown
@@ -100,11 +100,7 @@ class Engine(Conversations):
 
     # -- intake (any thread) ---------------------------------------------------------------
     def encode(self, text: str, first_turn: bool) -> list[int]:
-        if self.tokenizer is None:
-            raise RequestError("this checkpoint has no tokenizer.json: send input_ids instead of text_input")
-        if not text:
-            raise RequestError("empty prompt: send a non-empty text_input or input_ids")
-        return self.tokenizer.encode(text, add_special_tokens=first_turn)
+        return encode_prompt(self.tokenizer, text, first_turn)
 
     def submit(self, corr_id: Hashable, prompt_ids: list[int], params: SamplingParams,
                emit: Callable[[TurnOutput], None], **kw) -> None:

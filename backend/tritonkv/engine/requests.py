@@ -116,3 +116,13 @@ def check_prompt(prompt_ids: list[int], params: SamplingParams, limits: PromptLi
                            f"{limits.max_model_len} tokens (max_model_len)")
     check_sampling(params)
     check_token_ids(params, vocab)
+
+
+def encode_prompt(tokenizer, text: str, first_turn: bool) -> list[int]:
+    """A turn's text as token ids (BOS only on a conversation's first turn), refusing what
+    cannot be encoded, naming it."""
+    if tokenizer is None:
+        raise RequestError("this checkpoint has no tokenizer.json: send input_ids instead of text_input")
+    if not text:
+        raise RequestError("empty prompt: send a non-empty text_input or input_ids")
+    return tokenizer.encode(text, add_special_tokens=first_turn)
