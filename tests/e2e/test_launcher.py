@@ -17,6 +17,7 @@ import pytest
 
 from polling import wait_until
 from triton_calls import StreamClient, http_generate
+from tritonkv.core.runtime_dir import runtime_dir
 from tritonkv.server.ports import port_free
 from tritonkv.server.process_tree import live_group_members, process_stat
 
@@ -69,11 +70,35 @@ def health(port, path="/health/ready"):
         return e.code, json.loads(e.read())
 
 
+def core_processes(token):
+    """Live engine core processes of the private pool of the server with region ``token``
+    (``tritonkv-core server-<token>-cpu0`` once named, ``--name server-<token>-...`` before)."""
+    pool = f"server-{token}-".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            words = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").split()
+        except OSError:
+            continue
+        if (words[:1] == [b"tritonkv-core"] or b"tritonkv.core" in words) and any(w.startswith(pool) for w in words):
+            found.append(int(entry))
+    return found
+
+
+def workdir_token(workdir):
+    return re.search(r"tritonkv-server-([0-9a-f]{16})-", workdir).group(1)
+
+
 def assert_nothing_left(groups, ports, workdir):
+    """Called right after serve exited: its pool's engine core is already gone (no wait)."""
+    token = workdir_token(workdir)
+    assert core_processes(token) == [], "the engine core outlived serve"
+    assert not [n for n in os.listdir(runtime_dir()) if n.startswith(f"server-{token}-")], "core files left"
     assert wait_until(lambda: all(live_group_members(g) == [] for g in groups), 10), "a process outlived serve"
     assert all(port_free("127.0.0.1", p) for p in ports.values()), "a port is still held"
     assert not os.path.exists(workdir), "the work folder is left"
-    token = re.search(r"tritonkv-server-([0-9a-f]{16})-", workdir).group(1)
     assert not [n for n in os.listdir("/dev/shm") if token in n], "something of it is left in /dev/shm"
 
 
@@ -133,6 +158,7 @@ def test_serve_is_honest_about_ports_and_readiness_and_sighup_stops_everything()
                 os.kill(victim, signal.SIGCONT)
             assert wait_until(lambda: health(ports["health"])[0] == 200, 30, 0.1)
 
+        assert len(core_processes(workdir_token(workdir))) == 1  # the pool's engine core runs
         clients = [StreamClient(f"127.0.0.1:{ports['grpc']}") for _ in range(3)]
         for i, c in enumerate(clients):  # conversations left open (no END)
             t = c.turn(seq_id=77 + i, start=True, ids=[256, 65], max_tokens=2, temperature=0.0)
@@ -173,6 +199,7 @@ def test_the_death_of_serves_parent_stops_the_whole_tree(tmp_path):
         workdir = re.search(r"log\s+(\S+)/server.log", out.read_text()).group(1)
         groups = tree_of(serve_pid)
         assert len(groups) == 1
+        assert len(core_processes(workdir_token(workdir))) == 1
         parent.kill()
         parent.wait()
         assert wait_until(lambda: process_stat(serve_pid) is None or process_stat(serve_pid)[0] == "Z", 30, 0.1)
@@ -183,6 +210,30 @@ def test_the_death_of_serves_parent_stops_the_whole_tree(tmp_path):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_sigint_stops_serve_and_its_engine_core():
+    """Ctrl-C: serve returns only once everything it started is gone, the engine core of its
+    private pool included (left alone, a core exits its grace period after its last frontend)."""
+    ports = free_ports()
+    proc = subprocess.Popen(serve_cmd(ports, "--no-openai"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        banner = read_banner(proc.stdout)
+        workdir = re.search(r"log\s+(\S+)/server.log", banner).group(1)
+        groups = tree_of(proc.pid)
+        assert len(core_processes(workdir_token(workdir))) == 1, banner
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        out = proc.stdout.read()
+        assert "tritonkv: stopping (SIGINT)" in out, out
+        ports.pop("openai")
+        assert_nothing_left(groups, ports, workdir)
+        print(out)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def test_bad_flags_exit_before_anything_starts_naming_the_flag_and_the_allowed_values():

@@ -15,8 +15,9 @@ Rules:
   (``process_tree.py``);
 - a stop ends the OpenAI frontend and tritonserver at the same time: SIGTERM / SIGINT, then
   after ``exit_timeout_s`` a SIGKILL of each process group; then the server's Python backend
-  regions and its work folder are removed (``shm_regions.py``). The next launch removes what
-  a crashed server of this launcher left (regions, work folders).
+  regions and its work folder are removed (``shm_regions.py``) and the engine cores of its
+  private pool stopped and waited for (``private_core.py``). The next launch removes what a
+  crashed server of this launcher left (regions, work folders).
 
 Security defaults (docs/security.md): Triton's shared-memory, model-repository, logging and
 trace APIs are restricted on HTTP and gRPC. tritonserver 2.51 reads the key only from its
@@ -45,6 +46,7 @@ from tritonkv.server import shm_regions
 from tritonkv.server.errors import ServerStartError
 from tritonkv.server.install_backend import install_backend
 from tritonkv.server.ports import check_ports_free, free_port, owns_listener
+from tritonkv.server.private_core import end_pool_cores
 from tritonkv.server.private_shm import command_prefix as private_shm_prefix
 from tritonkv.server.private_shm import shm_view
 from tritonkv.server.probes import failure_reason, http_ok, progress_lines
@@ -94,6 +96,7 @@ class Server:
     stateless_model: str = STATELESS_MODEL  # the Triton name of the one-shot model
     checkpoint: str | None = None  # the served checkpoint (its tokenizer: aiperf --tokenizer)
     private_shm: bool = False  # tritonserver has a /dev/shm of its own (private_shm.py)
+    private_pool: str | None = None  # its models' own KV pool: its cores end with a stop
 
     @property
     def shm_dir(self) -> str:
@@ -227,7 +230,8 @@ class Server:
         finish), SIGTERM the OpenAI frontend's, both at once; but tritonserver counts every
         open conversation (a sequence-batcher slot) as in flight and would wait for it, so at
         the deadline each process group is killed (clients still connected get a dropped
-        connection, not silence) and this server's regions and work folder are removed."""
+        connection, not silence), this server's regions and work folder are removed and the
+        cores of its private pool stopped (at most 5 s more; about 0.1 s measured)."""
         deadline = time.monotonic() + (self.exit_timeout_s if timeout_s is None else timeout_s)
         if self.openai is not None:
             self.openai.begin_stop()
@@ -236,6 +240,8 @@ class Server:
         end_group(self.process, deadline)
         if self.openai is not None:
             self.openai.finish_stop(deadline)
+        if self.private_pool is not None:
+            end_pool_cores(self.private_pool)  # else they would outlive the stop by their grace period
         if self.region_token is not None:
             # a killed stub's other threads may still be closing its files: wait for the lock
             shm_regions.remove_regions(self.region_token, wait_s=5)
@@ -292,7 +298,8 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
     shm_regions.remove_stale_workdirs()
     token = secrets.token_hex(8)
     params = dict(extra_params or {})
-    params.setdefault("pool_name", PRIVATE_POOL_PREFIX + token)
+    private_pool = None if "pool_name" in params else PRIVATE_POOL_PREFIX + token
+    params.setdefault("pool_name", private_pool)
     # the lock before the work folder: a folder whose lock nobody holds belongs to nobody
     lock_fd = shm_regions.hold_region_lock(token) if os.path.isdir(REGION_DIR) else None
     workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{token}-")
@@ -329,7 +336,7 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
     server = Server(proc, host, ports["--http-port"], ports["--grpc-port"], ports["--metrics-port"], workdir,
                     admin_key=key if admin_key and restricted_apis else None, region_token=token,
                     exit_timeout_s=exit_timeout_s, model_name=model_name, stateless_model=stateless_model,
-                    checkpoint=checkpoint, private_shm=prefix is not None)
+                    checkpoint=checkpoint, private_shm=prefix is not None, private_pool=private_pool)
     server.wait_ready(ready_timeout_s, progress, cancel)
     server.protect_regions()
     if openai_port is not None:
