@@ -231,7 +231,7 @@ class Server:
         open conversation (a sequence-batcher slot) as in flight and would wait for it, so at
         the deadline each process group is killed (clients still connected get a dropped
         connection, not silence), this server's regions and work folder are removed and the
-        cores of its private pool stopped (at most 5 s more; about 0.1 s measured)."""
+        cores of its private pool stopped (at most 5 s more)."""
         deadline = time.monotonic() + (self.exit_timeout_s if timeout_s is None else timeout_s)
         if self.openai is not None:
             self.openai.begin_stop()
