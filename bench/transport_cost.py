@@ -4,9 +4,10 @@ frontend) to a frontend-like process, which decodes each; and a frontend sends `
 messages that the core decodes. Measures throughput (messages/s, back to back) and the
 round trip of one message (send, decode, answer, decode).
 
-    python bench/transport_cost.py [--rows 1 64 256] [--messages 20000]
+    python bench/transport_cost.py [--rows 1 64 256] [--messages 20000] [--out FILE.md]
 
-Prints a table; the numbers go to bench/NOTES_serving.md by hand.
+Prints a table and, with ``--out``, writes it with the command line, the date and the
+machine's load (bench/results/transport_cost_cpu.md; bench/NOTES_serving.md cites it).
 """
 
 from __future__ import annotations
@@ -94,23 +95,44 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--out", help="write the results (markdown) here too")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
+    lines = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     submit = m.Submit(1, 7, list(range(200)), SamplingParams(180, temperature=0.0), True, True)
     blob = m.encoder.encode(submit)
     t0 = time.perf_counter()
     for _ in range(args.messages):
         m.core_decoder.decode(m.encoder.encode(submit))
     sub_us = (time.perf_counter() - t0) / args.messages * 1e6
-    print(f"Submit (200-token prompt): {len(blob)} B, encode + decode {sub_us:.1f} us")
-    print("| rows per Outputs | bytes | encode us | decode us | streamed us/msg | round trip us |")
-    print("|---|---|---|---|---|---|")
+    say(f"Submit (200-token prompt): {len(blob)} B, encode + decode {sub_us:.1f} us")
+    say("")
+    say("| rows per Outputs | bytes | encode us | decode us | streamed us/msg | round trip us |")
+    say("|---|---|---|---|---|---|")
     for rows in args.rows:
         enc, dec = codec(rows, args.messages)
         n = max(1000, args.messages // max(1, rows // 8))
         streamed = run(rows, n, "stream")
         rtt = run(rows, min(n, 5000), "ping")
-        print(f"| {rows} | {len(m.encoder.encode(outputs(rows)))} | {enc * 1e6:.1f} | {dec * 1e6:.1f} | "
-              f"{streamed * 1e6:.1f} | {rtt * 1e6:.1f} |")
+        say(f"| {rows} | {len(m.encoder.encode(outputs(rows)))} | {enc * 1e6:.1f} | {dec * 1e6:.1f} | "
+            f"{streamed * 1e6:.1f} | {rtt * 1e6:.1f} |")
+    if args.out:
+        import datetime
+        import shlex
+
+        command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+        head = ["# Engine core transport: cost per message", "",
+                f"Command: `{command}`  ",
+                f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} cores; "
+                f"load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f} (other jobs' load makes "
+                "these upper bounds)", ""]
+        with open(args.out, "w") as f:
+            f.write("\n".join(head + lines) + "\n")
 
 
 if __name__ == "__main__":
