@@ -20,7 +20,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -91,29 +90,12 @@ def procs(serve_pid, needle):
 
 def stream_once(grpc_url, model, inputs, parameters=None, timeout=120):
     """One request on a gRPC stream (the models are decoupled); returns (output_ids, error)."""
-    answers: queue.Queue = queue.Queue()
-    c = grpcclient.InferenceServerClient(grpc_url)
-    c.start_stream(callback=lambda result, error: answers.put((result, error)))
-    args = dict(model_name=model, inputs=inputs, enable_empty_final_response=True)
-    if parameters:
-        args["parameters"] = parameters
-    c.async_stream_infer(**args)
-    ids, err = [], None
+    c = StreamClient(grpc_url, model)
     try:
-        while True:
-            result, error = answers.get(timeout=timeout)
-            if error is not None:
-                err = str(error)
-                break
-            out = result.as_numpy("output_ids")
-            if out is not None:
-                ids += out.tolist()
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                break
+        turn = c.send(inputs, timeout=timeout, parameters=parameters)
     finally:
-        c.stop_stream()
         c.close()
-    return ids, err
+    return turn.ids, turn.error
 
 
 # ---- conversations ---------------------------------------------------------------------------

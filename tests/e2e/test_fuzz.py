@@ -307,18 +307,12 @@ def check_answer(problems, name, owner, ok, message, expected, status=None, expe
 
 
 def grpc_call(client: StreamClient, model: str, inputs, params, seq_id: int):
-    args = dict(model_name=model, inputs=inputs, enable_empty_final_response=True)
+    """(answered without error, the error message)."""
     if model == "llm":
-        args.update(sequence_id=seq_id, sequence_start=True, sequence_end=True)
-    if params:
-        args["parameters"] = params
-    client.client.async_stream_infer(**args)
-    while True:
-        result, error = client.results.get(timeout=60)
-        if error is not None:
-            return False, str(error)
-        if result.get_response().parameters["triton_final_response"].bool_param:
-            return True, None
+        turn = client.send(inputs, seq_id, start=True, end=True, timeout=60, parameters=params)
+    else:
+        turn = client.send(inputs, timeout=60, parameters=params)
+    return turn.error is None, turn.error
 
 
 def hf_greedy_matches(model, turns) -> bool:

@@ -51,7 +51,12 @@ class StreamClient:
         self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
 
     def turn(self, seq_id=0, start=False, end=False, timeout=120, parameters=None, **kw) -> Turn:
-        args = dict(model_name=self.model, inputs=inputs_for(**kw), enable_empty_final_response=True)
+        return self.send(inputs_for(**kw), seq_id, start, end, timeout, parameters)
+
+    def send(self, inputs, seq_id=0, start=False, end=False, timeout=120, parameters=None) -> Turn:
+        """One request of ready-made ``inputs`` on the stream; collects until the final
+        response or an error (the one loop every gRPC stream caller uses)."""
+        args = dict(model_name=self.model, inputs=inputs, enable_empty_final_response=True)
         if seq_id:
             args.update(sequence_id=seq_id, sequence_start=start, sequence_end=end)
         if parameters:
@@ -68,7 +73,8 @@ class StreamClient:
             ids = result.as_numpy("output_ids")
             if ids is not None:
                 turn.ids += ids.tolist()
-                turn.text += result.as_numpy("text_output")[0].decode()
+                text = result.as_numpy("text_output")
+                turn.text += "" if text is None else text[0].decode()
             if result.as_numpy("finish_reason") is not None:
                 turn.finish_reason = result.as_numpy("finish_reason")[0].decode()
                 turn.cached_tokens = int(result.as_numpy("cached_tokens")[0])
