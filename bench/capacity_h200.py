@@ -39,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "backend"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+from md_table import table  # noqa: E402
 
 KV_DTYPES = ("bf16", "fp8", "int8")
 
@@ -155,17 +156,19 @@ def report(args, results: list[dict], device_name: str) -> str:
                 f"gpu_memory_utilization {args.gpu_memory_utilization}")
              + f", max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}, "
              "CUDA graphs off" + (f"; {eviction_text(args)}" if args.kv_eviction != "none" else "") + ".", "",
-             "| KV dtype | bytes/token | KV budget | blocks | blocks/sequence | predicted | admitted | blocks held "
-             "| preemption at sequence | together: sequences / most rows in a step / preempted |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             ]
+    rows = []
     for r in results:
         if "refused" in r:
-            lines.append(f"| {r['kv']} | refused: {r['refused']} |||||||||")
+            rows.append([r["kv"], f"refused: {r['refused']}"] + [""] * 8)
             continue
-        lines.append(f"| {r['kv']} | {r['bytes_per_token']:,} | {human_bytes(r['budget_bytes'])} | {r['num_blocks']:,} "
-                     f"| {r['blocks_per_sequence']} | {r['predicted']} | {r['admitted']} | {r['blocks_held']:,} "
-                     f"| {r['preempted_at'] or '-'} | {r['together']} / {r['most_rows_in_a_step']} / "
-                     f"{r['preempted_together']} |")
+        rows.append([r["kv"], f"{r['bytes_per_token']:,}", human_bytes(r["budget_bytes"]), f"{r['num_blocks']:,}",
+                     r["blocks_per_sequence"], r["predicted"], r["admitted"], f"{r['blocks_held']:,}",
+                     r["preempted_at"] or "-",
+                     f"{r['together']} / {r['most_rows_in_a_step']} / {r['preempted_together']}"])
+    lines += table(["KV dtype", "bytes/token", "KV budget", "blocks", "blocks/sequence", "predicted", "admitted",
+                    "blocks held", "preemption at sequence",
+                    "together: sequences / most rows in a step / preempted"], rows, right=tuple(range(1, 9)))
     lines += ["", "The same prediction from the command line (the KV budget above, in GiB):", ""]
     bound = "".join(f" --param {k}={getattr(args, k)}" for k in EVICTION_ARGS) if args.kv_eviction != "none" else ""
     for budget in sorted({r["budget_bytes"] for r in results if "budget_bytes" in r}):

@@ -14,6 +14,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from md_table import table  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
 COLUMNS = (("tritonkv", "tritonkv served"), ("tritonkv-2x2", "2 models x 2 instances"),
@@ -36,19 +39,20 @@ def block(path: str) -> str:
         tpot = r.get("tpot_p50_ms")
         return f"{r['output_tokens_per_s']:,.0f}" + (f" ({tpot:.1f} ms)" if tpot else "")
 
-    head = "| concurrency | " + " | ".join(f"{name} tok/s (TPOT p50)" for _, name in cols)
-    head += " | floor (weights + KV / copy bandwidth) |" if ref else " |"
+    columns = ["concurrency", *(f"{name} tok/s (TPOT p50)" for _, name in cols)]
+    if ref:
+        columns.append("floor (weights + KV / copy bandwidth)")
+    rows = []
+    for c in levels:
+        row = [c, *(cell(k, c) for k, _ in cols)]
+        if ref:
+            floor = ref.get(f"floor_c{c}")
+            row.append(f"{floor['tok_per_s']:,.0f}" if floor else "-")
+        rows.append(row)
     lines = [BEGIN,
              f"{meta['checkpoint']}, {meta['device']}, {meta['prompt_tokens']} prompt / {meta['max_tokens']} output "
              f"tokens, greedy; served = `tritonkv serve` with gRPC streams from {meta['client_processes']} client "
-             f"processes ([{rel}]({rel}), `{meta['command']}`):", "",
-             head, "|---|" + "---|" * (len(cols) + (1 if ref else 0))]
-    for c in levels:
-        row = f"| {c} | " + " | ".join(cell(k, c) for k, _ in cols)
-        if ref:
-            floor = ref.get(f"floor_c{c}")
-            row += f" | {floor['tok_per_s']:,.0f}" if floor else " | -"
-        lines.append(row + " |")
+             f"processes ([{rel}]({rel}), `{meta['command']}`):", "", *table(columns, rows)]
     check = meta.get("cross_check", {})
     if check:
         verdicts = ", ".join(f"{s}: {v['verdict']}" for s, v in check.items() if v["verdict"] != "-")
