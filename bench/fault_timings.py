@@ -33,8 +33,9 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "e2e")]
+sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "e2e"), os.path.join(ROOT, "bench")]
 
+from md_table import table  # noqa: E402
 from polling import wait_until  # noqa: E402
 from triton_calls import StreamClient, http_generate, inputs_for  # noqa: E402
 from tritonkv.core.runtime_dir import core_pid  # noqa: E402
@@ -352,10 +353,8 @@ def write(path, command, rows, notes, load_before):
         "other jobs' load lengthens model loads, hence the restart times)", "",
         "Times from the fault (one instance per model; the supervisor polls every 0.25 s; a restart "
         "stops the server like a normal stop, then loads the models again):", "",
-        "| fault | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for label, values in rows:
-        lines.append(f"| {label} | " + " | ".join(values.get(c, "-") for c in columns) + " |")
-    lines += ["", *[f"- {n}" for n in notes], ""]
+        *table(["fault", *columns], [[label, *(values.get(c, "-") for c in columns)] for label, values in rows]),
+        "", *[f"- {n}" for n in notes], ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
