@@ -72,6 +72,8 @@ def end_core(name: str, wait_s: float) -> None:
             kill(pid, signal.SIGTERM)  # the core's own stop
             signalled = pid
         time.sleep(0.02)
+    while signalled is not None and is_core(signalled, name) and time.monotonic() < deadline + 2:
+        time.sleep(0.01)  # it removed its files: now its exit
     if os.path.lexists(lock):
         remove_stale(name)
 
