@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonkv.engine.requests import SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.engine.requests import RequestError, SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.sampling.params import check_samples
 from tritonkv.sampling.grammar import GrammarCompiler, guided_kind
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -98,8 +99,10 @@ class Conversations:
                                     "carry START (it may have ended, been cancelled or timed out)")
             return
         if error is None and not stateless and turn.params.samples > 1:
-            error = (f"n / best_of > 1 (got n {turn.params.n}, best_of {turn.params.best_of}) is for one-shot "
-                     "requests (llm_stateless): a conversation can continue only one sample")
+            try:
+                check_samples(turn.params, False, stateless)
+            except RequestError as exc:
+                error = str(exc)
         if error is not None and (start or not turn.end_sequence):
             self._reply_error(turn, error)
             return

@@ -165,8 +165,9 @@ def per_token_fields(out) -> list[str]:
 
 
 def merge_outputs(outs: list) -> list:
-    """Coalesce consecutive token outputs of one turn into one (text and ids concatenated,
-    per-token fields too, the last one's other fields); an error output stays on its own."""
+    """Coalesce consecutive token outputs of one turn (of one choice) into one (text and ids
+    concatenated, per-token fields too, the last one's other fields); an error output stays on
+    its own."""
     merged, run = [], []
 
     def flush():
@@ -187,6 +188,8 @@ def merge_outputs(outs: list) -> list:
             flush()
             merged.append(out)
         else:
+            if run and (run[-1].index != out.index or run[-1].finish_reason is not None):
+                flush()  # (n > 1: a choice's outputs merge with its own only, up to its end)
             run.append(out)
     flush()
     return merged

@@ -283,6 +283,18 @@ def check_sampling(params: SamplingParams) -> None:
         raise ParameterError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
 
 
+def check_samples(params: SamplingParams, stream: bool, one_shot: bool) -> None:
+    """n / best_of where they have a meaning: best_of > 1 is never streamed (the best samples
+    are known once all ended, as vLLM), and n / best_of > 1 only on one-shot requests (a
+    conversation can continue only one sample)."""
+    if stream and (params.best_of or 1) > 1:
+        raise ParameterError(f"best_of ({params.best_of}) > 1 cannot be streamed: the best samples are known "
+                             "only once every sample ended; send stream false")
+    if not one_shot and params.samples > 1:
+        raise ParameterError(f"n / best_of > 1 (got n {params.n}, best_of {params.best_of}) is for one-shot "
+                             "requests (llm_stateless): a conversation can continue only one sample")
+
+
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
     """Token ids named by the settings lie in the vocabulary."""
     for name, ids in (("stop_token_ids", params.stop_token_ids),
