@@ -142,9 +142,13 @@ class Answer:
         self.completion_tokens += delta.num_tokens
         if delta.finish_reason is not None:
             c.finish_reason = finish_reason(delta.finish_reason)
-        if delta.last:
+        if self.ends(delta):
             self.prompt_tokens = delta.prompt_tokens
             self.cached_tokens = delta.cached_tokens
+
+    def ends(self, delta: Delta) -> bool:
+        """``delta`` is the answer's last (one choice: the one with a finish reason)."""
+        return delta.last or (len(self.choices) == 1 and delta.finish_reason is not None)
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
@@ -203,7 +207,7 @@ async def sse_events(answer: Answer, first: Delta, rest: AsyncIterator[Delta], i
             if delta.text or delta.finish_reason is not None or delta.logprobs:
                 yield sse(answer.chunk(delta.text, finish_reason(delta.finish_reason), include_usage,
                                        logprobs=delta.logprobs, index=delta.index))
-            if delta.last:
+            if answer.ends(delta):
                 break
             delta = await rest.__anext__()
         if include_usage:

@@ -41,6 +41,7 @@ class _Body(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     n: int | None = None
+    best_of: int | None = None  # (vLLM's, on both endpoints)
     stream: bool | None = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
@@ -62,7 +63,6 @@ class _Body(BaseModel):
 class CompletionBody(_Body):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
-    best_of: int | None = None
     suffix: str | None = None
 
 
