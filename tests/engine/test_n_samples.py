@@ -193,3 +193,20 @@ def test_refusals_name_the_parameter(tiny):
     engine.run_until_idle()
     assert c.final.finish_reason == "error" and "one-shot" in c.final.error
     assert engine.pool.counts()["used"] == 0
+
+
+def test_a_stop_string_ends_only_its_own_choice():
+    from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+
+    engine = make_engine(ensure_demo_checkpoint(), enable_prefix_caching=False)
+    ids = engine.encode("Each choice stops on its own", True)
+    args = dict(max_tokens=16, temperature=1.5, ignore_eos=True)
+    alone = [run(engine, ids, SamplingParams(seed=13 + i, **args)).text for i in range(2)]
+    stop = next(alone[0][i:i + 2] for i in range(3, 12) if alone[0][i:i + 2] not in alone[1])
+    outputs = run(engine, ids, SamplingParams(seed=13, n=2, stop=(stop,), **args)).outputs
+    by_choice(outputs)
+    texts = ["".join(o.text for o in outputs if o.index == i) for i in range(2)]
+    reasons = [next(o.finish_reason for o in outputs if o.index == i and o.finish_reason) for i in range(2)]
+    assert texts == [alone[0][:alone[0].index(stop)], alone[1]]  # choice 1 never met the stop string
+    assert reasons == ["stop", "length"]
+    assert engine.pool.counts()["used"] == 0 and not engine._seqs
