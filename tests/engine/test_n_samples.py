@@ -210,3 +210,19 @@ def test_a_stop_string_ends_only_its_own_choice():
     assert texts == [alone[0][:alone[0].index(stop)], alone[1]]  # choice 1 never met the stop string
     assert reasons == ["stop", "length"]
     assert engine.pool.counts()["used"] == 0 and not engine._seqs
+
+
+def test_prompt_logprobs_with_n_score_the_whole_prompt_in_every_sample(tiny, alone):
+    # one sequence per step: the second sample prefills after the first ended, whose cached
+    # blocks it must not take (it would skip the prompt positions they cover)
+    engine = make_engine(tiny[0], max_num_seqs=1)
+    ids = prompt(14, 9)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    ref = next(o.prompt_logprobs for o in run(alone, ids, params).outputs if o.prompt_logprobs)
+    outputs = run(engine, ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=1,
+                                              n=2)).outputs
+    got = {o.index: o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None}
+    assert sorted(got) == [0, 1]
+    for i in (0, 1):
+        assert len(got[i]) == len(ids) and got[i][0] is None
+        assert [e.logprob for e in got[i][1:]] == pytest.approx([e.logprob for e in ref[1:]], abs=1e-5)

@@ -147,7 +147,10 @@ class Samples:
             child.grammar = self._open_grammar(params)
             child.penalty = self.runner.penalties.open(params, seq.token_ids, self.eos_token_ids) \
                 if params.uses_penalties else None
-            sample = Sequence(seq_id=next(self._keys), extra_keys=seq.extra_keys, token_ids=list(seq.token_ids),
+            key = next(self._keys)
+            # prompt_logprobs: each sample scores the whole prompt, so none may hit another's blocks
+            keys = (*seq.extra_keys, ("sample", key)) if params.prompt_logprobs is not None else seq.extra_keys
+            sample = Sequence(seq_id=key, extra_keys=keys, token_ids=list(seq.token_ids),
                               status=SeqStatus.RUNNING, turn=child, admitted_at=seq.admitted_at,
                               last_active=time.monotonic(), stateless=True, owner=seq.owner,
                               parent=seq if seq.fork_at else None)
