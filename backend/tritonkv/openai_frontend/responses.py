@@ -12,6 +12,9 @@ Rules (as OpenAI):
 - ``echo`` (completions): the text is the prompt's then the answer's; with logprobs, the prompt
   tokens come first in ``logprobs`` (the first with ``token_logprob`` and ``top_logprobs``
   None, as OpenAI), ``text_offset`` counting from the start of the prompt;
+- a chat with tools (``tool_calls.ToolRequest``) answers ``message.tool_calls`` when its text
+  holds calls; streamed, the text that may be a call is held back and the calls come in one
+  chunk (``delta.tool_calls`` with ``index``) with the finish_reason;
 - a stream is ``data: <chunk>`` events and a last ``data: [DONE]``; with
   ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk with
   no choices carries the usage; an error after the stream started is one ``data: {"error"}``
@@ -27,6 +30,7 @@ from typing import AsyncIterator
 import orjson
 
 from tritonkv.openai_frontend.errors import OpenAIError, internal
+from tritonkv.openai_frontend.tool_calls import ToolRequest, ToolStream
 from tritonkv.openai_frontend.triton_bridge import Delta
 
 FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
@@ -84,8 +88,10 @@ class Answer:
     ``top_logprobs``: None when the request asked no logprobs, else its top count."""
 
     def __init__(self, model: str, chat: bool, top_logprobs: int | None = None,
-                 echo: tuple[str, str] | None = None):
-        """``echo``: (prompt text, its first token's text) of an echoed completion."""
+                 echo: tuple[str, str] | None = None, tools: ToolRequest | None = None):
+        """``echo``: (prompt text, its first token's text) of an echoed completion;
+        ``tools``: a chat's tools (None: plain text)."""
+        self.tools = tools
         self.echo = echo
         self.prompt_logprobs: list | None = None
         self.model = model
@@ -135,8 +141,14 @@ class Answer:
     def body(self) -> dict:
         text = "".join(self.text) if self.echo is None else self.echo[0] + "".join(self.text)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self.logprobs_of(self.logprobs), "finish_reason": self.finish_reason}
+            message, reason = {"role": "assistant", "content": text}, self.finish_reason
+            if self.tools is not None:
+                message["content"], calls = self.tools.read(text)
+                if calls:
+                    message["tool_calls"] = calls
+                reason = self.tools.finish_reason(reason, calls)
+            choice = {"index": 0, "message": message, "logprobs": self.logprobs_of(self.logprobs),
+                      "finish_reason": reason}
             kind = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "logprobs": self.logprobs_of(self.logprobs),
@@ -146,10 +158,12 @@ class Answer:
                 "choices": [choice], "usage": self.usage()}
 
     def chunk(self, text: str | None, reason: str | None, include_usage: bool, role: bool = False,
-              logprobs: list[dict] | None = None) -> dict:
+              logprobs: list[dict] | None = None, tool_calls: list[dict] | None = None) -> dict:
         shaped = None if role else self.logprobs_of(logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if role else {"content": text or ""}
+            if tool_calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
             choice = {"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": reason}
             kind = "chat.completion.chunk"
         else:
@@ -179,11 +193,17 @@ async def sse_events(answer: Answer, first: Delta, rest: AsyncIterator[Delta], i
         if answer.chat:
             yield sse(answer.chunk("", None, include_usage, role=True))
         delta = first
+        held = ToolStream(answer.tools) if answer.tools is not None else None
         while True:
             answer.add(delta)
-            if delta.text or delta.finish_reason is not None or delta.logprobs:
-                yield sse(answer.chunk(delta.text, finish_reason(delta.finish_reason), include_usage,
-                                       logprobs=delta.logprobs))
+            text, reason, calls = delta.text, finish_reason(delta.finish_reason), None
+            if held is not None:
+                text = held.feed(delta.text)
+                if reason is not None:
+                    tail, calls = held.finish()
+                    text, reason = text + tail, answer.tools.finish_reason(reason, calls)
+            if text or delta.finish_reason is not None or delta.logprobs:
+                yield sse(answer.chunk(text, reason, include_usage, logprobs=delta.logprobs, tool_calls=calls))
             if delta.finish_reason is not None:
                 break
             delta = await rest.__anext__()
