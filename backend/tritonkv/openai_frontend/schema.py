@@ -6,7 +6,7 @@ Rules:
   checked against its ranges (what the runner stores: int32, finite float32, ...) before
   anything is converted; OpenAI's tighter range for temperature ([0, 2]) applies on top. The
   vLLM extensions are accepted as vLLM's OpenAI server does (``top_k`` -1 = off,
-  ``repetition_penalty``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
+  ``repetition_penalty``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``bad_words``, ``ignore_eos``,
   ``cache_salt``); ``logprobs`` is OpenAI's per endpoint (completions: a count of top tokens,
   chat: a boolean with ``top_logprobs``), at most ``MAX_LOGPROBS`` (20, as vLLM);
 - a known OpenAI field this server does not implement is accepted only at its neutral value
@@ -56,6 +56,7 @@ class _Body(BaseModel):
     min_p: float | None = None
     min_tokens: int | None = None
     stop_token_ids: list | None = None
+    bad_words: list[str] | str | None = None
     cache_salt: str | None = None
 
 
