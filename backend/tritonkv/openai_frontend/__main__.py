@@ -53,7 +53,8 @@ def app_from_env():
     from tritonkv.openai_frontend.triton_bridge import TritonBridge
 
     cfg = json.loads(os.environ[CONFIG_ENV])
-    model = ServedModel.load(cfg["checkpoint"], cfg["model_name"], cfg.get("max_model_len"), cfg.get("tool_call_parser"))
+    model = ServedModel.load(cfg["checkpoint"], cfg["model_name"], cfg.get("max_model_len"),
+                             cfg.get("tool_call_parser"))
     return create_app(model, TritonBridge(cfg["grpc_url"], cfg["triton_model"]),
                       salt_per_api_key=cfg.get("salt_per_api_key", False))
 
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    model = ServedModel.load(args.checkpoint, args.model_name, args.max_model_len, args.tool_call_parser)  # fails here, once, if bad
+    # fails here, once, if bad
+    model = ServedModel.load(args.checkpoint, args.model_name, args.max_model_len, args.tool_call_parser)
     os.environ[CONFIG_ENV] = json.dumps({"checkpoint": args.checkpoint, "model_name": model.name,
                                          "grpc_url": args.grpc_url, "triton_model": args.triton_model,
                                          "max_model_len": args.max_model_len, "tool_call_parser": args.tool_call_parser,

@@ -99,7 +99,8 @@ def _required_calls(text: str) -> list[ParsedCall] | None:
         return None
     calls = []
     for item in items:
-        if not (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("parameters"), dict)):
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str)
+                and isinstance(item.get("parameters"), dict)):
             return None
         calls.append(ParsedCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
     return calls

@@ -1,7 +1,7 @@
 """Per-sequence token state on the device for the settings that depend on what a sequence
 already holds (repetition / presence / frequency penalties, min_tokens) or add a fixed bias
-(logit_bias) or ban words (bad_words, sampling/bad_words.py). One ``PenaltyTable`` per runner; a turn that uses any of them holds one slot
-(``PenaltyState``) from its first step to its end.
+(logit_bias) or ban words (bad_words, sampling/bad_words.py). One ``PenaltyTable`` per runner;
+a turn that uses any of them holds one slot (``PenaltyState``) from its first step to its end.
 
 Rules:
 - A slot is one row of each table tensor: ``counts`` (int32, times each token was generated
@@ -161,7 +161,7 @@ class PenaltyTable:
         """After a draw: each slot's sequence generated ``token_ids`` (device tensors [m])."""
         self.counts.index_put_((slots, token_ids), torch.ones_like(token_ids, dtype=torch.int32), accumulate=True)
         self.out_len.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
-        if self.word_len:
+        if self._word_slots:  # (a slot opened later resets its recent tokens)
             shifted = torch.cat([self.recent.index_select(0, slots)[:, 1:], token_ids[:, None].to(torch.int32)], dim=1)
             self.recent.index_copy_(0, slots, shifted)
 
