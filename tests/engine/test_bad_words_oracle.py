@@ -154,3 +154,31 @@ def test_without_a_tokenizer_bad_words_are_an_error_and_the_engine_serves_on(tmp
     assert c.final.finish_reason == "error" and "bad_words need the checkpoint's tokenizer" in c.final.error
     [got] = run_together(engine, [(prompt(5, 7), greedy(3))])
     assert len(got) == 3
+
+
+def char_ngram(plain, n, skip=0):
+    """The word of the first n consecutive single-character tokens of ``plain`` (after
+    ``skip``) that tokenises back to them, and where it starts."""
+    for i in range(skip, len(plain) - n + 1):
+        run = plain[i:i + n]
+        if all(t in CHAR_IDS for t in run) and encode("".join(map(token_text, run))) == run:
+            return "".join(map(token_text, run)), i
+    raise AssertionError("no such n-gram")
+
+
+def test_longer_words_arriving_mid_turn_keep_the_running_rows_words(family):
+    """A turn with a two-token word runs; a turn with a three-token word joins mid-way (the
+    word tables widen while the first turn's words are live): both equal HF."""
+    hf, engine = family
+    a, b = prompt(8, 9), prompt(12, 10)
+    word_a, at_a = char_ngram(hf_greedy(hf, a, 24), 2, skip=4)
+    word_b, _ = char_ngram(hf_greedy(hf, b, 16), 3)
+    first, second = Collector(), Collector()
+    engine.submit("wa", a, greedy(24, [word_a]), first, start=True, end=True)
+    for _ in range(3):
+        engine.step()
+    engine.submit("wb", b, greedy(16, [word_b, "Zq"]), second, start=True, end=True)
+    engine.run_until_idle()
+    assert first.token_ids == hf_greedy(hf, a, 24, [word_a]) != hf_greedy(hf, a, 24)
+    assert second.token_ids == hf_greedy(hf, b, 16, [word_b, "Zq"]) != hf_greedy(hf, b, 16)
+    assert engine.runner.penalties.slots_in_use == 0
