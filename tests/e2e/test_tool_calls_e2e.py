@@ -78,3 +78,14 @@ def test_tool_choice_naming_a_missing_function_is_a_400(client):
         client.chat.completions.create(model="tritonkv-demo", messages=MESSAGES, tools=TOOLS, max_tokens=4,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
     assert info.value.body["param"] == "tool_choice"
+
+
+def test_streamed_named_call_equals_the_whole_one(client):
+    kw = dict(model="tritonkv-demo", messages=MESSAGES, tools=TOOLS, max_tokens=80, seed=12, temperature=1.0,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    with client.chat.completions.stream(**kw) as stream:
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls
+    check_call(call)
+    assert (call.function.name, call.function.arguments) == ("get_weather", whole.function.arguments)

@@ -161,13 +161,20 @@ def test_required_constraint_accepts_exactly_calls_of_the_offered_tools(tmp_path
         jsonschema.validate(json.loads(text), json.loads(bridge.sent[0].sampling["guided_json"]))
 
 
-def test_a_cut_constrained_answer_is_content_with_its_finish_reason(tmp_path):
+def test_a_cut_constrained_answer_keeps_its_finish_reason(tmp_path):
+    """A forced function is answered as its call even when cut (OpenAI, vLLM); a cut
+    "required" array cannot be read and is content."""
     bridge = RecordingBridge([Delta('{"city": "Par', 4, [0] * 4, "length", prompt_tokens=5)])
     app = create_app(ServedModel.load(checkpoint(tmp_path, LLAMA31, "llama"), "m"), bridge)
-    r = post(app, "/v1/chat/completions", {"model": "m", "messages": USER, "tools": TOOLS, "max_tokens": 4,
-                                           "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    body = {"model": "m", "messages": USER, "tools": TOOLS, "max_tokens": 4}
+    r = post(app, "/v1/chat/completions", {**body, "tool_choice": {"type": "function", "function": {"name": "now"}}})
     choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert (call["function"]["name"], call["function"]["arguments"]) == ("now", '{"city": "Par')
+    choice = post(app, "/v1/chat/completions", {**body, "tool_choice": "required"}).json()["choices"][0]
     assert (choice["message"]["content"], choice["finish_reason"]) == ('{"city": "Par', "length")
+    assert "tool_calls" not in choice["message"]
 
 
 def sdk_stream(tmp_path, template, model_type, text, **kw):
@@ -207,6 +214,19 @@ def test_streamed_plain_text_in_auto_is_sent_as_it_comes(tmp_path):
     assert final.choices[0].message.content == text and not final.choices[0].message.tool_calls
     assert final.choices[0].finish_reason == "stop"
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 5  # not all held to the end
+
+
+def test_streamed_named_call_sends_its_arguments_as_they_come(tmp_path):
+    text = '{"city": "Oslo", "unit": "f"}'
+    final, chunks = sdk_stream(tmp_path, QWEN25, "qwen2", text,
+                               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    [call] = final.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", text)
+    assert final.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(pieces) == len(text)  # one delta per generated piece
+    assert pieces[0][0].id == call.id and pieces[0][0].function.name == "get_weather"
+    assert all(p[0].id is None and p[0].function.name is None for p in pieces[1:])
 
 
 def test_streamed_required_call(tmp_path):

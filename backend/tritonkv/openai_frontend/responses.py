@@ -13,8 +13,8 @@ Rules (as OpenAI):
   tokens come first in ``logprobs`` (the first with ``token_logprob`` and ``top_logprobs``
   None, as OpenAI), ``text_offset`` counting from the start of the prompt;
 - a chat with tools (``tool_calls.ToolRequest``) answers ``message.tool_calls`` when its text
-  holds calls; streamed, the text that may be a call is held back and the calls come in one
-  chunk (``delta.tool_calls`` with ``index``) with the finish_reason;
+  holds calls; streamed, ``delta.tool_calls`` entries (with ``index``) as ``ToolStream`` gives
+  them (a named function's arguments as they come; other calls whole with the finish_reason);
 - a stream is ``data: <chunk>`` events and a last ``data: [DONE]``; with
   ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk with
   no choices carries the usage; an error after the stream started is one ``data: {"error"}``
@@ -163,7 +163,7 @@ class Answer:
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if role else {"content": text or ""}
             if tool_calls:
-                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+                delta["tool_calls"] = tool_calls
             choice = {"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": reason}
             kind = "chat.completion.chunk"
         else:
@@ -196,14 +196,15 @@ async def sse_events(answer: Answer, first: Delta, rest: AsyncIterator[Delta], i
         held = ToolStream(answer.tools) if answer.tools is not None else None
         while True:
             answer.add(delta)
-            text, reason, calls = delta.text, finish_reason(delta.finish_reason), None
+            text, reason, deltas = delta.text, finish_reason(delta.finish_reason), None
             if held is not None:
-                text = held.feed(delta.text)
+                text, deltas = held.feed(delta.text)
                 if reason is not None:
-                    tail, calls = held.finish()
-                    text, reason = text + tail, answer.tools.finish_reason(reason, calls)
-            if text or delta.finish_reason is not None or delta.logprobs:
-                yield sse(answer.chunk(text, reason, include_usage, logprobs=delta.logprobs, tool_calls=calls))
+                    tail, last, calls = held.finish()
+                    text, deltas = text + tail, (deltas or []) + (last or []) or None
+                    reason = answer.tools.finish_reason(reason, calls)
+            if text or deltas or delta.finish_reason is not None or delta.logprobs:
+                yield sse(answer.chunk(text, reason, include_usage, logprobs=delta.logprobs, tool_calls=deltas))
             if delta.finish_reason is not None:
                 break
             delta = await rest.__anext__()

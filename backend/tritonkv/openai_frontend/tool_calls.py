@@ -11,15 +11,20 @@ Rules (as vLLM's OpenAI server, OpenAI's shapes):
   else plain content), "required" (decoding constrained to a JSON array of one or more
   ``{"name", "parameters"}`` objects, each valid against its tool's schema; one item only
   with ``parallel_tool_calls`` false), or ``{"type": "function", "function": {"name"}}``
-  (decoding constrained to that tool's parameters schema: the text is the arguments).
+  (decoding constrained to that tool's parameters schema: the text is the arguments, always
+  answered as that function's call, as OpenAI and vLLM do, even when max_tokens cut it).
   Default: "auto" with tools, "none" without. A choice naming a function not in ``tools``,
   or any choice but "none" without tools, is a 400 naming ``tool_choice``; "auto" on a model
   without a parser is a 400 that says how to pick one (``--tool-call-parser``).
 - A constrained choice cannot be combined with ``response_format`` (both are grammars).
 - A call whose name is not one of the request's tools is not a call: the text is content.
 - finish_reason: "tool_calls" when "auto" or "required" produced calls; a named choice keeps
-  "stop" (OpenAI's behaviour for a forced function); a text that does not parse (cut by
-  max_tokens) is returned as content with its own finish_reason.
+  "stop" (OpenAI's behaviour for a forced function) or "length"; a "required" text that does
+  not parse (cut by max_tokens) is returned as content with its own finish_reason.
+- Streamed (``ToolStream``): a named choice's arguments stream as they come (the first chunk
+  carries the call's id, type and name); "auto" holds back the text that may still be a call
+  (``tool_parsers.held_from``) and "required" holds all, and their calls come whole in the
+  last chunk.
 """
 
 from __future__ import annotations
@@ -67,8 +72,7 @@ class ToolRequest:
     def read(self, text: str) -> tuple[str | None, list[dict] | None]:
         """(content, tool_calls) of a whole generated text; tool_calls None when it holds none."""
         if self.choice == "named":
-            calls = [ParsedCall(self.name, text)] if _is_json_object(text) else None
-            return (None, openai_calls(calls)) if calls else (text, None)
+            return None, openai_calls([ParsedCall(self.name, text)])
         if self.choice == "required":
             calls = _required_calls(text)
             return (None, openai_calls(calls)) if calls else (text, None)
@@ -81,13 +85,6 @@ class ToolRequest:
         if calls and self.choice != "named" and reason == "stop":
             return "tool_calls"
         return reason
-
-
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
 
 
 def _required_calls(text: str) -> list[ParsedCall] | None:
@@ -192,27 +189,38 @@ def _check_choice(choice, schemas: dict) -> tuple[str, str | None]:
 
 
 class ToolStream:
-    """A streamed answer's text, split into content that can be sent now and text held back
-    because it may be a call ("auto": ``tool_parsers.held_from``; a constrained choice holds
-    everything). At the end the held text is read: its calls, or it goes out as content."""
+    """A streamed answer's text, split into what can be sent now (content, or a named call's
+    arguments) and text held back because it may be a call. At the end the held text is read:
+    its calls, or it goes out as content."""
 
     def __init__(self, request: ToolRequest):
         self.request = request
         self.text = ""
         self.sent = 0
+        self.named_call: dict | None = None  # a named choice's call, once its first chunk went out
 
-    def feed(self, piece: str) -> str:
-        """The content of ``piece`` (and of text held before it) that can be sent now."""
+    def feed(self, piece: str) -> tuple[str, list[dict] | None]:
+        """(content that can be sent now, ``delta.tool_calls`` entries or None)."""
         self.text += piece
+        if self.request.choice == "named":
+            if self.named_call is None:
+                [self.named_call] = openai_calls([ParsedCall(self.request.name, "")])
+                return "", [{"index": 0, **self.named_call, "function": {"name": self.request.name,
+                                                                           "arguments": piece}}]
+            return "", ([{"index": 0, "function": {"arguments": piece}}] if piece else None)
         if self.request.choice != "auto":
-            return ""
+            return "", None
         upto = max(self.sent, held_from(self.request.parser, self.text))
         out, self.sent = self.text[self.sent:upto], upto
-        return out
+        return out, None
 
-    def finish(self) -> tuple[str, list[dict] | None]:
-        """(content still to send, tool_calls or None) once the answer ended."""
+    def finish(self) -> tuple[str, list[dict] | None, list[dict] | None]:
+        """(content still to send, ``delta.tool_calls`` entries still to send, every call or
+        None) once the answer ended."""
+        if self.request.choice == "named":
+            return "", None, [self.named_call]
         _content, calls = self.request.read(self.text)
         if calls is None:
-            return self.text[self.sent:], None
-        return "", calls  # content before the calls (hermes) was sent already
+            return self.text[self.sent:], None, None
+        # content before the calls (hermes) was sent already
+        return "", [{"index": i, **call} for i, call in enumerate(calls)], calls
