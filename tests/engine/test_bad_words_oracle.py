@@ -182,3 +182,20 @@ def test_longer_words_arriving_mid_turn_keep_the_running_rows_words(family):
     assert first.token_ids == hf_greedy(hf, a, 24, [word_a]) != hf_greedy(hf, a, 24)
     assert second.token_ids == hf_greedy(hf, b, 16, [word_b, "Zq"]) != hf_greedy(hf, b, 16)
     assert engine.runner.penalties.slots_in_use == 0
+
+
+def test_each_of_n_samples_keeps_the_bad_words(family):
+    """n = 2 (engine/sample_group.py): sample i draws with seed s + i; each equals HF with the
+    same words and that seed."""
+    hf, engine = family
+    ids = prompt(9, 11)
+    plain = hf_greedy(hf, ids, 10)
+    words = [char_ngram(plain, 2)[0], token_text(next(t for t in plain if t in CHAR_IDS))]
+    c = Collector()
+    params = SamplingParams(max_tokens=10, temperature=0.9, seed=40, ignore_eos=True, bad_words=tuple(words), n=2)
+    engine.submit("bwn", ids, params, c, start=True, end=True, stateless=True)
+    engine.run_until_idle()
+    got = {}
+    for out in c.outputs:
+        got.setdefault(out.index, []).extend(out.token_ids)
+    assert got == {i: hf_seeded(hf, ids, 10, tuple(words), 0.9, 40 + i) for i in range(2)}

@@ -64,7 +64,7 @@ def _table_row(doc: str, name: str) -> list[str] | None:
 
 def _default_text(p) -> str:
     if p.default is None or p.default == ():
-        return "(none)" if p.name != "max_tokens" else "(the model's `default_max_tokens`)"
+        return "(none" if p.name != "max_tokens" else "(the model's `default_max_tokens`)"
     if isinstance(p.default, bool):
         return f"({str(p.default).lower()})"
     return f"({int(p.default) if float(p.default).is_integer() else p.default}"
