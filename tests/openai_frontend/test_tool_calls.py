@@ -269,3 +269,26 @@ def test_auto_without_a_parser_says_how_to_pick_one(tmp_path):
     app = create_app(ServedModel.load(checkpoint(tmp_path, LLAMA31, "gpt2"), "m", tool_parser="hermes"), bridge)
     r = post(app, "/v1/chat/completions", {"model": "m", "messages": USER, "tools": TOOLS})
     assert r.status_code == 200
+
+
+def test_each_of_n_choices_reads_its_own_calls(tmp_path):
+    """n = 2: choice 0 writes a call, choice 1 plain text; whole and streamed (SDK)."""
+    call = '{"name": "now", "parameters": {}}'
+    deltas = [Delta(call[:9], 1, [0], index=0), Delta("Hi ", 1, [0], index=1), Delta(call[9:], 1, [0], "eos", index=0),
+              Delta("there", 1, [0], "eos", prompt_tokens=5, index=1, last=True)]
+    app = create_app(ServedModel.load(checkpoint(tmp_path, LLAMA31, "llama"), "m"), RecordingBridge(deltas))
+    r = post(app, "/v1/chat/completions", {"model": "m", "messages": USER, "tools": TOOLS, "n": 2})
+    first, second = r.json()["choices"]
+    assert first["finish_reason"] == "tool_calls" and only_call(first["message"]) == ("now", {})
+    assert (second["message"]["content"], second["finish_reason"]) == ("Hi there", "stop")
+
+    async def stream():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t/v1") as http:
+            client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=http, max_retries=0)
+            async with client.chat.completions.stream(model="m", messages=USER, tools=TOOLS, n=2) as s:
+                return await s.get_final_completion()
+
+    final = asyncio.run(stream())
+    assert [c.finish_reason for c in final.choices] == ["tool_calls", "stop"]
+    assert final.choices[0].message.tool_calls[0].function.name == "now" and not final.choices[1].message.tool_calls
+    assert final.choices[1].message.content == "Hi there"
