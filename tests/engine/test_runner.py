@@ -178,3 +178,22 @@ def test_overlap_on_cpu_cancel_mid_stream(llama, monkeypatch):
     assert cut.final.finish_reason == "cancelled"
     assert 5 <= len(cut.token_ids) <= 6 and cut.token_ids == keep.token_ids[:len(cut.token_ids)]
     assert engine.pool.counts()["used"] == 0 and engine.stats()["live_sequences"] == 0
+
+
+def test_a_row_fed_from_the_previous_launch_reads_its_sampled_id(llama):
+    """``from_prev``: the input token is the previous launch's sample, read on the device; the
+    step equals one given that token from the host. A stale launch as ``prev`` is refused."""
+    def two_steps(feed_from_prev):
+        runner = make_engine(llama, device="cpu", block_size=4).runner
+        first = runner.launch([StepRow([1, 5, 6], 0, [0], True, greedy(4))])
+        token = runner.collect(first)[0]
+        row = StepRow([0 if feed_from_prev else token], 3, [0], True, greedy(4),
+                      from_prev=0 if feed_from_prev else -1)
+        return token, runner.collect(runner.launch([row], first))[0]
+
+    assert two_steps(True) == two_steps(False)
+    runner = make_engine(llama, device="cpu", block_size=4).runner
+    old = runner.launch([StepRow([1, 5, 6], 0, [0], True, greedy(4))])
+    runner.launch([StepRow([2, 7], 0, [1], True, greedy(4))])
+    with pytest.raises(ValueError, match="previous launch"):
+        runner.launch([StepRow([0], 3, [0], True, greedy(4), from_prev=0)], old)
