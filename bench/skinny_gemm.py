@@ -113,7 +113,11 @@ def main() -> None:
                 if not cfg[5] and m > 2:
                     continue
                 conf = SkinnyConfig(*cfg)
-                got = skinny_linear(x, weights[0], config=conf).float()
+                try:
+                    got = skinny_linear(x, weights[0], config=conf).float()
+                except Exception as exc:  # noqa: BLE001 - e.g. a config past the shared memory: skip it
+                    print(f"  (config {cfg} at {name} M={m} skipped: {type(exc).__name__}: {str(exc)[:120]})")
+                    continue
                 err = ((got - ref).abs().max() / ref.abs().max()).item()
                 if err > 0.02:
                     raise SystemExit(f"{name} M={m} config {cfg}: relative error {err:.3g} against torch")
