@@ -35,7 +35,7 @@ fi
 # is skipped there by name (tests/conftest.py).
 pins=(tritonclient==2.73.0 python-rapidjson pyzmq==26.4.0 msgspec==0.23.0 setproctitle==1.3.8
       fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 orjson==3.11.9 httpx-sse==0.4.3
-      openai==3.63.0 locust==2.47.0)
+      openai==3.63.0 locust==2.47.0 jsonschema==4.26.0)
 # xgrammar's own dependencies (torch, transformers, triton) are the image's: no resolving
 nodeps=(xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2)
 tmp=$(mktemp -d)

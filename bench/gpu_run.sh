@@ -31,7 +31,7 @@ if [ "${TINY:-0}" = 1 ]; then
   export PYTHONPATH=$PWD/backend:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 else
   source .gpu-carry/device_env.sh  # bench/gpu_device_env.sh: tritonserver, the stub's venv, the wheels
-  IMGPY=$(command -v python3)      # that venv: the tests see what the stub sees
+  IMGPY=$TRITONKV_TEST_PYTHON      # the tests' venv (numpy 2 for the HF oracles); the stub's is first on PATH
   # tritonkv is not installed there: subprocesses (`-m tritonkv.server.cli`, the OpenAI
   # frontend) find it through PYTHONPATH
   export PYTHONPATH=$PWD/backend:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
