@@ -105,7 +105,8 @@ class StepRow:
 class StepHandle:
     """A launched step: its sampled ids arrive in ``host`` once ``done`` has fired."""
 
-    sampled: torch.Tensor | None  # device ids [num_samples]
+    sampled: torch.Tensor | None  # device ids [num_samples]; a view of last_ids on greedy graph
+    # steps: valid for work queued before the next launch
     host: torch.Tensor | None
     done: torch.cuda.Event | None
     num_samples: int
