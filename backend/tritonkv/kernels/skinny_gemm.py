@@ -11,6 +11,7 @@ Rules:
   (the classic GEMV, M = 1-2).
 - ``SPLIT_K`` > 1 writes float32 partial sums ``[SPLIT_K, M, N]``; a second kernel adds them
   in a fixed order (deterministic), adds the bias and casts. ``SPLIT_K`` = 1 stores directly.
+- float32 inputs multiply exactly (no TF32); the model runs it on 16-bit weights only.
 - Output dtype = ``x``'s; bias (optional) is added in float32 before the one rounding.
 - No host sync, fixed shapes per launch: CUDA-graph safe.
 Which shapes and batch sizes use it is decided by measurement only (ops/linear.py, the table
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonkv.kernels.jit_helpers import dot_f32, mma
+from tritonkv.kernels.jit_helpers import dot_f32
 
 MAX_M = 16
 
@@ -65,7 +66,10 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, b_ptr, M, N, K, stride_xm, stride_wn, 
             w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if USE_DOT:
-            acc += mma(x, tl.trans(w), DOT_F32)
+            if DOT_F32:  # bf16 under the interpreter (kernels/jit_helpers.py) and float32 inputs: exact
+                acc += tl.dot(x.to(tl.float32), tl.trans(w).to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
         else:
             acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
         w_ptrs += BLOCK_K
@@ -115,16 +119,17 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     block_m = MAX_M if cfg.use_dot else triton.next_power_of_2(m)
     grid = (triton.cdiv(n, cfg.block_n), split)
     bias_arg = bias if bias is not None else weight
+    f32_dot = dot_f32(x.dtype) or x.dtype == torch.float32
     if split == 1:
         _skinny_kernel[grid](x, weight, y, bias_arg, m, n, k, x.stride(0), weight.stride(0), y.stride(0), 0,
                              k_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PARTIAL=False,
-                             HAS_BIAS=bias is not None, USE_DOT=cfg.use_dot, EVEN=even, DOT_F32=dot_f32(x.dtype),
+                             HAS_BIAS=bias is not None, USE_DOT=cfg.use_dot, EVEN=even, DOT_F32=f32_dot,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return y
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     _skinny_kernel[grid](x, weight, part, bias_arg, m, n, k, x.stride(0), weight.stride(0), part.stride(1),
                          part.stride(0), k_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                         PARTIAL=True, HAS_BIAS=False, USE_DOT=cfg.use_dot, EVEN=even, DOT_F32=dot_f32(x.dtype),
+                         PARTIAL=True, HAS_BIAS=False, USE_DOT=cfg.use_dot, EVEN=even, DOT_F32=f32_dot,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     block = 1024
     _split_sum_kernel[(m, triton.cdiv(n, block))](part, bias_arg, y, n, part.stride(0), part.stride(1), y.stride(0),
