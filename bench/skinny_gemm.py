@@ -124,6 +124,9 @@ def main() -> None:
                 t = graph_time(lambda w, conf=conf: skinny_linear(x, w, config=conf), weights)
                 if best is None or t < best[0]:
                     best = (t, cfg)
+            if best is None:
+                print(f"| {name} | {m} | {t_torch * 1e6:.1f} | - | every config failed | - | - | - |", flush=True)
+                continue
             t_sk, cfg = best
             row = {"layer": name, "k": k, "n": n, "m": m, "torch_us": t_torch * 1e6, "skinny_us": t_sk * 1e6,
                    "torch_gbps": nbytes / t_torch / 1e9, "skinny_gbps": nbytes / t_sk / 1e9, "config": list(cfg),
