@@ -23,6 +23,19 @@ class ParsedResponse:
     final: bool
     logprobs: list[dict] | None = None  # per token: {token id: {logprob, rank, decoded_token}}
     prompt_logprobs: list[dict | None] | None = None  # per prompt token, the same (None: the first)
+    # n > 1: per choice, its new text, new ids and (final response) finish reason
+    choices: list[tuple[str, list[int], str | None]] | None = None
+
+
+def _choices(texts: list, ids: list[int], counts, reasons) -> list[tuple[str, list[int], str | None]]:
+    """An n > 1 response's elements (server/triton_choices.py: ``output_ids`` split by
+    ``num_output_tokens``)."""
+    out, at = [], 0
+    for i, text in enumerate(texts):
+        n = int(counts[i])
+        out.append((_text(text), ids[at:at + n], None if reasons is None else _text(reasons[i])))
+        at += n
+    return out
 
 
 def _logprobs(value) -> list[dict] | None:
@@ -53,6 +66,14 @@ def parse_grpc_result(result) -> ParsedResponse:
     prompt = _scalar(result, "prompt_tokens")
     params = result.get_response().parameters
     flagged = "triton_final_response" in params and params["triton_final_response"].bool_param
+    if text is not None and text.size > 1:
+        reasons = result.as_numpy("finish_reason")
+        choices = _choices(list(text.reshape(-1)), [int(i) for i in ids.reshape(-1)],
+                           result.as_numpy("num_output_tokens").reshape(-1),
+                           None if reasons is None else list(reasons.reshape(-1)))
+        return ParsedResponse(choices[0][1], choices[0][0], choices[0][2], None if cached is None else int(cached),
+                              None if prompt is None else int(prompt), flagged or reasons is not None,
+                              choices=choices)
     return ParsedResponse(
         ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
         text="" if text is None or text.size == 0 else _text(text.reshape(-1)[0]),
@@ -72,6 +93,12 @@ def parse_json_response(body: dict) -> ParsedResponse:
     if not isinstance(ids, list):
         ids = [ids]
     finish = body.get("finish_reason")
+    texts = body.get("text_output")
+    if isinstance(texts, list) and len(texts) > 1:
+        counts = body.get("num_output_tokens")
+        choices = _choices(texts, [int(i) for i in ids], counts, finish)
+        return ParsedResponse(choices[0][1], choices[0][0], choices[0][2], body.get("cached_tokens"),
+                              body.get("prompt_tokens"), finish is not None, choices=choices)
     return ParsedResponse(
         ids=[int(i) for i in ids],
         text=body.get("text_output", "") or "",

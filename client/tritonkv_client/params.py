@@ -7,8 +7,8 @@ Rules:
 - the settings are the server's sampling parameters (tritonkv.sampling.params, where each
   one's range and meaning are defined; a test keeps the names and datatypes equal): scalars
   and ``stop`` / ``stop_token_ids`` travel as input tensors, ``logit_bias`` (no tensor) as
-  JSON text and ``logprobs`` / ``prompt_logprobs`` as an integer in a request parameter (gRPC) or body field (HTTP
-  generate).
+  JSON text and ``logprobs`` / ``prompt_logprobs`` / ``n`` / ``best_of`` as an integer in a request
+  parameter (gRPC) or body field (HTTP generate).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class GenerationParams:
     guided_json: dict | str | None = None  # structured output: a JSON schema the output satisfies
     guided_regex: str | None = None  # ... a regular expression the output matches
     guided_choice: tuple[str, ...] | None = None  # ... one of these strings exactly
+    n: int | None = None  # choices returned (llm_stateless; ``GenerationResult.choices``)
+    best_of: int | None = None  # samples generated, the n best by cumulative logprob returned (not streamed)
 
     def merged(self, **overrides) -> "GenerationParams":
         """These settings with the non-None ``overrides`` applied (unknown names are a TypeError)."""
@@ -153,7 +155,7 @@ def salt_parameters(cache_salt: str | None, params: GenerationParams | None = No
     out = {} if cache_salt is None else {"cache_salt": cache_salt}
     if params is not None and params.logit_bias:
         out["logit_bias"] = logit_bias_text(params.logit_bias)
-    for name in ("logprobs", "prompt_logprobs"):
+    for name in ("logprobs", "prompt_logprobs", "n", "best_of"):
         if params is not None and getattr(params, name) is not None:
             out[name] = getattr(params, name)
     if params is not None and params.guided_json is not None:

@@ -28,6 +28,15 @@ class TokenDelta:
 
 
 @dataclass
+class Choice:
+    """One of a request's n > 1 choices."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -42,6 +51,9 @@ class GenerationResult:
     logprobs: list[dict] | None = None
     # per prompt token, when the request set ``prompt_logprobs`` (None for the first token)
     prompt_logprobs: list[dict | None] | None = None
+    # n > 1: every choice, in index order (the fields above then hold choice 0's text, ids and
+    # reason; the timings are choice 0's)
+    choices: list[Choice] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +97,13 @@ class ResultBuilder:
     def add_response(self, parsed, at: float) -> TokenDelta:
         """One parsed response (``_responses.ParsedResponse``); the final one finishes the result."""
         delta = self.add_tokens(parsed.ids, parsed.text, at)
+        if parsed.choices is not None:
+            r = self.result
+            r.choices = r.choices or [Choice() for _ in parsed.choices]
+            for choice, (text, ids, reason) in zip(r.choices, parsed.choices):
+                choice.text += text
+                choice.token_ids.extend(ids)
+                choice.finish_reason = reason or choice.finish_reason
         if parsed.logprobs is not None:
             self.result.logprobs = (self.result.logprobs or []) + parsed.logprobs
         if parsed.prompt_logprobs is not None:

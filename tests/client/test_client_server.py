@@ -198,3 +198,24 @@ def test_chat_cli_renders_the_chat_template_as_the_openai_api_does(server):
     assert chat_main(args[:-2] + ["-p", "Hello"], out=out, err=err) == 0
     assert out.getvalue() == openai_reply([{"role": "user", "content": "Hello"}]) + "\n"
     assert wait_for_baseline(server.metrics_url, 10).at_baseline
+
+
+def test_n_choices_through_grpc_and_http_equal_requests_sent_alone(server, client):
+    """``n`` passes through the client; ``GenerationResult.choices`` holds each choice, and
+    choice i equals the request sent alone with seed s + i (engine/sample_group.py)."""
+    args = dict(max_tokens=8, temperature=1.5)
+    alone = [client.generate("Forks", seed=21 + i, **args) for i in range(2)]
+    assert alone[0].token_ids != alone[1].token_ids
+    both = client.generate("Forks", seed=21, n=2, **args)
+    assert [(c.token_ids, c.text, c.finish_reason) for c in both.choices] == [
+        (a.token_ids, a.text, "length") for a in alone]
+    assert both.token_ids == alone[0].token_ids  # the result's own fields: choice 0's
+    http = HttpClient(server.http_url, **GREEDY).generate("Forks", seed=21, n=2, **args)
+    assert [c.token_ids for c in http.choices] == [a.token_ids for a in alone]
+    assert [c.text for c in http.choices] == [a.text for a in alone]
+    # best_of: the one reply of HTTP generate (the gRPC client streams, which best_of refuses)
+    best = HttpClient(server.http_url, **GREEDY).generate("Forks", seed=21, n=2, best_of=3, **args)
+    assert len(best.choices) == 2 and all(len(c.token_ids) == 8 for c in best.choices)
+    with pytest.raises(ServerError, match="cannot be streamed"):
+        client.generate("Forks", n=1, best_of=3, **args)
+    assert wait_for_baseline(server.metrics_url, 10).at_baseline

@@ -149,7 +149,7 @@ def test_a_resent_chat_reuses_the_history_from_the_prefix_cache(client):
     (dict(temperature=2.5), 400, "temperature", "[0, 2]"),
     (dict(top_p=0.0), 400, "top_p", "(0, 1]"),
     (dict(max_tokens=0), 400, "max_tokens", "must be in [1, 2**31 - 1]"),
-    (dict(n=2), 400, "n", "only 1"),
+    (dict(n=2, best_of=1), 400, "best_of", "best_of (1) must be >= n (2)"),
     (dict(seed=2**70), 400, "seed", "'seed'"),
     (dict(seed=2**63), 400, "seed", "[0, 2**63 - 1]"),
     (dict(extra_body={"best_of_n": 3}), 400, "best_of_n", "unrecognized request argument"),
@@ -339,3 +339,25 @@ def test_cache_salt_separates_prefix_cache_namespaces(client):
     assert cached("bob") == 0  # another namespace: nothing reused
     assert cached("alice") > 0  # the same one: the prompt's full blocks
     assert cached(None) == 0  # unsalted requests share a namespace of their own
+
+
+def test_n_choices_share_one_prefill_and_equal_requests_sent_alone(server, client):
+    """n = 2 with seed s through the SDK: choice i equals the request sent alone with seed s + i
+    (engine/sample_group.py), streamed or not; usage counts the prompt once."""
+    prompt, args = "Samples of one prompt share", dict(model="tritonkv-demo", max_tokens=12, temperature=1.8,
+                                                         extra_body={"ignore_eos": True})
+    alone = [client.completions.create(prompt=prompt, seed=7 + i, **args).choices[0].text for i in range(2)]
+    assert alone[0] != alone[1]
+    whole = client.completions.create(prompt=prompt, seed=7, n=2, **args)
+    assert [(c.index, c.text, c.finish_reason) for c in whole.choices] == [(0, alone[0], "length"),
+                                                                           (1, alone[1], "length")]
+    assert whole.usage.completion_tokens == 24 and whole.usage.prompt_tokens == 1 + len(prompt.encode())
+    texts = ["", ""]
+    for chunk in client.completions.create(prompt=prompt, seed=7, n=2, stream=True, **args):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == alone
+    chat = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], seed=3, n=2,
+                                          **{**args, "model": "tritonkv-demo"})
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 24
+    assert wait_for_pool_baseline(server.metrics_url)

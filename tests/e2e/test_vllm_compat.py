@@ -187,7 +187,7 @@ def test_http_generate_vllm_form(server, ours, expected):
 
 @pytest.mark.parametrize("body, message", [
     ({"sampling_parameters": json.dumps({"lora_name": "x"})}, "unknown sampling_parameters key 'lora_name'"),
-    ({"sampling_parameters": json.dumps({"n": "2"})}, "'n' = '2' is not supported"),
+    ({"sampling_parameters": json.dumps({"n": "2", "best_of": "1"})}, "best_of (1) must be >= n (2)"),
     ({"sampling_parameters": json.dumps({"presence_penalty": "2.5"})},
      "parameter 'presence_penalty' must be in [-2, 2], got 2.5"),
     ({"sampling_parameters": json.dumps({"top_k": 1e20})}, "parameter 'top_k' must be in [0, 2**31 - 1]"),
@@ -208,3 +208,34 @@ def test_vllm_form_refusals_are_400_naming_the_key(server, body, message):
 
 def test_pool_back_to_baseline(server):
     assert wait_for_pool_baseline(server.metrics_url, timeout=15)
+
+
+SAMPLED_JSON = {"max_tokens": str(N), "temperature": "0.8", "ignore_eos": True}
+
+
+def test_n_choices_in_the_vllm_backends_shape_equal_requests_sent_alone(server):
+    """n = 2 with seed s: text_output holds one element per choice; choice i equals the
+    request sent alone with seed s + i (engine/sample_group.py); streamed, each response
+    carries one choice's delta. The pool returns to its baseline."""
+    alone = []
+    for seed in (41, 42):
+        responses = grpc_responses(server.grpc_url, vllm_inputs({**SAMPLED_JSON, "seed": seed}, False, True))
+        (reply,) = responses
+        alone.append((reply["output_ids"].tolist(), text(reply["text_output"])))
+    assert alone[0][0] != alone[1][0]  # (the seeds draw differently)
+    (reply,) = grpc_responses(server.grpc_url, vllm_inputs({**SAMPLED_JSON, "seed": 41, "n": 2}, False, True,
+                                                           return_finish_reason=True))
+    assert [t.decode() for t in reply["text_output"]] == [alone[0][1], alone[1][1]]
+    assert reply["num_output_tokens"].tolist() == [N, N]
+    assert reply["output_ids"].tolist() == alone[0][0] + alone[1][0]
+    assert [t.decode() for t in reply["finish_reason"]] == ["length", "length"]
+    streamed = grpc_responses(server.grpc_url, vllm_inputs({**SAMPLED_JSON, "seed": 41, "n": "2"}, True, True))
+    per_choice = [[], []]
+    for r in streamed:
+        counts, ids = r["num_output_tokens"].tolist(), r["output_ids"].tolist()
+        assert len(r["text_output"]) == 2 and sum(c > 0 for c in counts) <= 1  # one choice per response
+        per_choice[0] += ids[:counts[0]]
+        per_choice[1] += ids[counts[0]:]
+    assert per_choice == [alone[0][0], alone[1][0]]
+    assert [t.decode() for t in streamed[-1]["finish_reason"]] == ["length", "length"]
+    assert wait_for_pool_baseline(server.metrics_url)

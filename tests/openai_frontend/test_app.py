@@ -107,3 +107,28 @@ def test_an_unreachable_triton_is_a_503_naming_it(tmp_path):
     assert r.status_code == 503
     err = r.json()["error"]
     assert err["type"] == "service_unavailable" and f"127.0.0.1:{port}" in err["message"]
+
+
+N_DELTAS = [Delta("a", 1, [97], index=1), Delta("b", 1, [98], index=0),
+            Delta("c", 1, [99], "stop", index=1), Delta("", 0, [], "length", index=0, prompt_tokens=6, last=True)]
+
+
+def test_n_choices_are_indexed_and_usage_counts_every_choice_once(tmp_path):
+    bridge = RecordingBridge(N_DELTAS)
+    app = create_app(ServedModel.load(checkpoint_without_template(tmp_path), "plain"), bridge)
+    body = post(app, "/v1/completions", {"model": "plain", "prompt": "hello", "n": 2, "max_tokens": 3}).json()
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "b", "length"), (1, "ac", "stop")]
+    assert body["usage"]["prompt_tokens"] == 6 and body["usage"]["completion_tokens"] == 3
+    assert bridge.sent[-1].sampling["n"] == 2
+    r = post(app, "/v1/completions", {"model": "plain", "prompt": "hello", "n": 2, "stream": True,
+                                      "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    chunks = [(c["index"], c["text"], c["finish_reason"]) for e in events for c in e["choices"]]
+    assert chunks == [(1, "a", None), (0, "b", None), (1, "c", "stop"), (0, "", "length")]
+    assert events[-1]["usage"]["completion_tokens"] == 3 and r.text.endswith("data: [DONE]\n\n")
+    for bad, words in [({"n": 2, "best_of": 1}, "best_of (1) must be >= n (2)"),
+                       ({"best_of": 2, "stream": True}, "cannot be streamed"),
+                       ({"n": 65}, "n must be in [1, 64]")]:
+        r = post(app, "/v1/completions", {"model": "plain", "prompt": "hello", **bad})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], bad

@@ -252,7 +252,6 @@ def test_vllm_keys_without_a_sampler_are_accepted_only_when_neutral():
                "include_stop_str_in_output": False}
     p = parse(vllm_inputs({**neutral, "max_tokens": 4, "stop": ["x"]}))
     assert (p.params.max_tokens, p.params.stop, p.params.ignore_eos) == (4, ("x",), False)
-    assert "send 1 or leave it out" in refused(vllm_inputs({"n": 2}))
     assert "'include_stop_str_in_output' = True" in refused(vllm_inputs({"include_stop_str_in_output": True}))
 
 
@@ -370,3 +369,43 @@ def test_reply_channel_logprobs_outputs_in_vllms_format():
         {"7": {"logprob": -2.0, "rank": 2, "decoded_token": "b"}, "9": {"logprob": -0.25, "rank": 1,
                                                                        "decoded_token": "c"}}]
     assert out["cumulative_logprob"] == [-2.5]
+
+
+def test_n_and_best_of_are_parsed_and_refused_where_they_mean_nothing():
+    p = parse(vllm_inputs({"n": "3", "best_of": 5}))
+    assert (p.params.n, p.params.best_of, p.stream.choices) == (3, 5, 3)
+    assert parse({"text_input": "a"}, {"n": 2}).params.n == 2
+    assert refused(vllm_inputs({"n": 3, "best_of": 2})) == "best_of (2) must be >= n (3)"
+    assert refused(vllm_inputs({"n": 65})) == "parameter 'n' must be in [1, 64], got 65"
+    assert "cannot be streamed" in refused(vllm_inputs({"n": 2, "best_of": 3}, stream=True))
+    assert parse(vllm_inputs({"n": 2}, stream=True)).params.n == 2  # n alone streams
+    message = refused({"text_input": "a"}, {"n": 2}, stateless=False, flags=1, corr_id=7)
+    assert "for one-shot requests (llm_stateless)" in message
+
+
+def test_choices_channel_sends_one_element_per_choice():
+    from tritonkv.server.triton_choices import reply_channel
+
+    form = parse(vllm_inputs({"n": 2}, exclude_input_in_output=False, return_num_output_tokens=True)).stream
+    sender = pb.Sender()
+    channel = reply_channel(pb, sender, form)
+    channel(TurnOutput(" a", [4, 5], index=1))
+    channel(TurnOutput(" b", [6], finish_reason="eos", index=0))
+    channel(TurnOutput("c", [7], True, "length", index=1, prompt_tokens=3))
+    (response, flags), = sender.sent
+    assert flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    out = reply_tensors(response)
+    assert out["text_output"] == [b"Hello b", b"Hello ac"]  # the prompt echoed before each choice
+    assert out["output_ids"] == [6, 4, 5, 7] and out["num_output_tokens"] == [1, 3]
+    assert out["finish_reason"] == [b"eos", b"length"] and out["prompt_tokens"] == [3]
+    # streamed: one response per output, only its choice's element filled; reasons at the end
+    sender = pb.Sender()
+    channel = reply_channel(pb, sender, parse(vllm_inputs({"n": 2}, stream=True)).stream)
+    channel(TurnOutput("x", [4], index=1))
+    channel(TurnOutput("y", [6], finish_reason="length", index=0))
+    channel(TurnOutput("", [], True, "eos", index=1))
+    sent = [reply_tensors(r) for r, _ in sender.sent]
+    assert [s["text_output"] for s in sent] == [[b"", b"x"], [b"y", b""], [b"", b""]]
+    assert [s["num_output_tokens"] for s in sent] == [[0, 1], [1, 0], [0, 0]]
+    assert "finish_reason" not in sent[0] and sent[-1]["finish_reason"] == [b"length", b"eos"]
+    assert [f for _, f in sender.sent] == [0, 0, pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL]

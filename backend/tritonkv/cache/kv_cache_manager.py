@@ -21,6 +21,11 @@ Rules:
   valid for other sequences. Only the rebase re-rotates blocks in place, and only private ones
   never re-rotated before (recent-window blocks: each is rebased at most a couple of times in its
   life). A sequence registers no block past its policy's ``cacheable_blocks``.
+- ``fork`` gives samples of one prompt (engine/sample_group.py) the parent's whole blocks, one
+  more pool reference per sample, never a copy: the parent's table then ends on a block
+  boundary before the prompt's last token, so no shared block is written again (each sample
+  writes the rest of the prompt into blocks of its own). Policies that evict never fork (their
+  tables are not plain prefixes).
 - Only full blocks whose KV has been written are registered in the prefix index
   (``commit``), so a shared block is never written again.
 - A prefix hit never covers a prompt's last token: at least one token is computed, because
@@ -108,6 +113,7 @@ class KVCacheManager(TierMoves):
         self._history_type = EvictionHistory
         self.evicted_blocks = dict.fromkeys(EVICTING_POLICIES, 0)  # per policy name
         self.preempted_blocks = 0  # pool blocks held by sequences when they were preempted
+        self.forked_blocks = 0  # block references samples took from their parent (``fork``)
 
     def __contains__(self, seq_id) -> bool:
         return seq_id in self._seqs
@@ -147,6 +153,26 @@ class KVCacheManager(TierMoves):
         self._append(seq_id, seq, blocks)
         seq.hashes = hashes[: len(blocks)]
         return len(blocks) * self.block_size
+
+    def fork(self, parent_id, child_ids: list, num_tokens: int) -> None:
+        """Open each of ``child_ids`` holding the parent's first ``num_tokens`` tokens (whole
+        blocks: the parent's table covers exactly them) by reference."""
+        parent = self._seqs[parent_id]
+        if num_tokens % self.block_size or self.blocks_needed(num_tokens) != len(parent.blocks):
+            raise ValueError(f"fork at {num_tokens} tokens: the parent holds {len(parent.blocks)} blocks "
+                             f"of {self.block_size}; a fork shares whole blocks only")
+        if self.policy.evicts or parent.evicted_tokens:
+            raise ValueError(f"the {self.policy.name} eviction policy does not fork sequences")
+        for child_id in child_ids:
+            if child_id in self._seqs:
+                raise KeyError(f"sequence {child_id!r} already holds KV blocks")
+            if parent.blocks:
+                self.pool.take_ref(parent.blocks, self.owner)
+            k = len(parent.blocks)
+            self._seqs[child_id] = SequenceBlocks(parent.extra_keys, list(parent.blocks), list(parent.origins),
+                                                  list(parent.hashes), sources=[-1] * k, rerotated=[0] * k,
+                                                  mass=np.zeros(k) if self.policy.needs_attention_mass else np.zeros(0))
+        self.forked_blocks += len(parent.blocks) * len(child_ids)
 
     def _append(self, seq_id, seq: SequenceBlocks, blocks: list[int]) -> None:
         first = seq.origins[-1] + 1 if seq.origins else seq.evicted_tokens // self.block_size

@@ -33,7 +33,7 @@ from tritonkv.core import messages as m
 from tritonkv.core.proc import Wakeup
 from tritonkv.core.runtime_dir import core_name, core_paths, device_label
 from tritonkv.core.spawn import core_running, remove_stale, start_core
-from tritonkv.engine.output import TextStream
+from tritonkv.engine.output import ChoiceStreams, TextStream, output_stream
 from tritonkv.engine.requests import PromptLimits, TurnOutput, check_prompt, encode_prompt
 
 log = logging.getLogger("tritonkv.frontend")
@@ -49,7 +49,7 @@ class CoreUnavailable(RuntimeError):
 
 @dataclass
 class _Request:
-    emit: TextStream
+    emit: TextStream | ChoiceStreams
     is_cancelled: object
     cancel_sent: bool = False
 
@@ -179,7 +179,7 @@ class CoreClient:
                error: str | None = None) -> int:
         """Send one turn; ``emit`` gets its outputs (text included) on the I/O thread."""
         rid = next(self._ids)
-        stream = TextStream(self.tokenizer, params.stop, emit, lambda kept: self._ended_here(rid, kept))
+        stream = output_stream(self.tokenizer, params, emit, lambda kept, index: self._ended_here(rid, kept, index))
         with self._req_lock:
             down = self.down
             if down is None:
@@ -191,14 +191,17 @@ class CoreClient:
                             close_only, error))
         return rid
 
-    def _ended_here(self, rid: int, kept_tokens: int | None) -> None:
-        """The request's TextStream ended it (a stop string, or a fault in its text): it is
-        answered; the core ends the turn (``Abort``), and nothing of it is polled again."""
-        self._requests.pop(rid, None)
-        self.abort(rid, kept_tokens)
+    def _ended_here(self, rid: int, kept_tokens: int | None, index: int = 0) -> None:
+        """The request's TextStream ended it, or one of its choices (a stop string, or a fault
+        in its text): the core ends that turn or sample (``Abort``); once the request is
+        answered, nothing of it is polled again."""
+        req = self._requests.get(rid)
+        if req is not None and (kept_tokens is None or req.emit.done):
+            self._requests.pop(rid, None)
+        self.abort(rid, kept_tokens, index)
 
-    def abort(self, rid: int, kept_tokens: int | None = None) -> None:
-        self._send(m.Abort(rid, kept_tokens))
+    def abort(self, rid: int, kept_tokens: int | None = None, index: int = 0) -> None:
+        self._send(m.Abort(rid, kept_tokens, index))
 
     def _send(self, msg) -> None:
         self._out.put(m.encoder.encode(msg))

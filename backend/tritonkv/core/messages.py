@@ -66,6 +66,7 @@ class Submit(msgspec.Struct, tag=True):
 class Abort(msgspec.Struct, tag=True):
     request_id: int
     kept_tokens: int | None = None  # None: cancel; a count: a stop string ended it there
+    index: int = 0  # kept_tokens: of this choice (n > 1)
 
 
 class Bye(msgspec.Struct, tag=True):

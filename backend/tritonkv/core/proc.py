@@ -269,7 +269,7 @@ class EngineCore:
                                close_only=msg.close_only, error=msg.error, request_id=(fid, msg.request_id),
                                owner=fid)
         elif isinstance(msg, m.Abort):
-            engine.abort((fid, msg.request_id), msg.kept_tokens)
+            engine.abort((fid, msg.request_id), msg.kept_tokens, msg.index)
         elif isinstance(msg, m.Bye):
             self._drop(fid)
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonkv.engine.requests import SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.engine.requests import RequestError, SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.sampling.params import check_samples
 from tritonkv.sampling.grammar import GrammarCompiler, guided_kind
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -35,7 +36,8 @@ CANCEL_POLL_S = 0.05  # how often running turns' is_cancelled is asked (in-proce
 @dataclass
 class Abort:
     request_id: Hashable
-    kept_tokens: int | None  # None: cancel
+    kept_tokens: int | None  # None: cancel (every sample of the request)
+    index: int = 0  # kept_tokens: the sample (choice) they are of
 
 
 @dataclass
@@ -96,6 +98,11 @@ class Conversations:
             self._reply_error(turn, error or f"sequence {corr_id!r} is not live: its first request must "
                                     "carry START (it may have ended, been cancelled or timed out)")
             return
+        if error is None and not stateless and turn.params.samples > 1:
+            try:
+                check_samples(turn.params, False, stateless)
+            except RequestError as exc:
+                error = str(exc)
         if error is not None and (start or not turn.end_sequence):
             self._reply_error(turn, error)
             return
@@ -139,10 +146,13 @@ class Conversations:
             seq.status = SeqStatus.RUNNING
             seq.admitted_at = self._steps
             seq.last_active = time.monotonic()
+            turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
+            if turn.params.samples > 1:  # n / best_of: the samples run it (engine/sample_group.py)
+                self._start_samples(seq, turn)
+                return
             turn.generator = None
             if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
-            turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
             turn.grammar = self._open_grammar(turn.params)  # structured output, None when not asked
             # per-row penalty state (sampling/penalty_state.py): from the whole context
             turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids) \
@@ -211,9 +221,11 @@ class Conversations:
             turn = seq.turn
             if turn is None or turn.request_id != cmd.request_id:
                 continue
-            if cmd.kept_tokens is None:
+            if cmd.kept_tokens is None:  # every sample of the request (engine/sample_group.py)
                 self._finish(seq, TurnOutput("", [], True, "cancelled"))
-                return
+                continue
+            if turn.sample_index != cmd.index:
+                continue
             self._take_back(seq, len(turn.output_ids) - cmd.kept_tokens)
             self._finish(seq, TurnOutput("", [], True, "stop"))
             return

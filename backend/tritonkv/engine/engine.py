@@ -24,7 +24,8 @@ from tritonkv.cache.block_pool import BlockPool
 from tritonkv.cache.eviction.choose import policy_for
 from tritonkv.cache.kv_cache_manager import KVCacheManager
 from tritonkv.engine.conversations import Abort, Conversations, DropOwner
-from tritonkv.engine.output import TextStream
+from tritonkv.engine.sample_group import Samples
+from tritonkv.engine.output import output_stream
 from tritonkv.engine.requests import (PromptLimits, SamplingParams, Submission, Turn, TurnOutput,
                                       check_prompt, encode_prompt)
 from tritonkv.sampling import logprobs as lp, prompt_logprobs as prompt_lp
@@ -51,7 +52,7 @@ class PendingStep:
     origins: list | None = None  # h2o: each row's table at launch (original block numbers)
 
 
-class Engine(Conversations):
+class Engine(Conversations, Samples):
     def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: TextTokenizer | None,
                  pool: BlockPool, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         self.config = config
@@ -107,7 +108,7 @@ class Engine(Conversations):
         """The in-process API (tests, benchmarks): ``submit_turn`` with the frontend's output
         processing (text deltas, stop strings: ``TextStream``) around ``emit``."""
         rid = kw.pop("request_id", None) or ("local", next(self._request_ids))
-        stream = TextStream(self.tokenizer, params.stop, emit, lambda kept: self.abort(rid, kept))
+        stream = output_stream(self.tokenizer, params, emit, lambda kept, index: self.abort(rid, kept, index))
         self.submit_turn(corr_id, prompt_ids, params, stream, request_id=rid, **kw)
 
     def submit_turn(self, corr_id: Hashable, prompt_ids: list[int], params: SamplingParams,
@@ -127,12 +128,12 @@ class Engine(Conversations):
         self._commands.put(Submission(corr_id, turn, start, stateless, tuple(extra_keys), close_only, error,
                                       owner))
 
-    def abort(self, request_id: Hashable, kept_tokens: int | None = None) -> None:
+    def abort(self, request_id: Hashable, kept_tokens: int | None = None, index: int = 0) -> None:
         """End a turn from any thread, in order with submissions: ``kept_tokens`` None cancels
         it (its conversation is released); a count ends it as ``stop`` keeping that many output
         tokens in the conversation (a stop string the caller found; tokens sampled after it
         are taken back)."""
-        self._commands.put(Abort(request_id, kept_tokens))
+        self._commands.put(Abort(request_id, kept_tokens, index))
 
     def drop_owner(self, owner: Hashable) -> None:
         """A frontend is gone: its turns end unanswered and its conversations are released."""
@@ -238,6 +239,7 @@ class Engine(Conversations):
             return
         t1 = time.perf_counter()
         rows, plan = self._step_rows(plan)
+        self._retire_parents(running)  # (n > 1: their samples hold the blocks now)
         if not plan:
             return
         self._apply_kv_ops()
@@ -387,6 +389,7 @@ class Engine(Conversations):
         counts["live_sequences"] = len(self._seqs)
         counts["preemptions"] = self.scheduler.num_preemptions
         counts["preempted_blocks"] = self.kv.preempted_blocks  # KV blocks preemption released
+        counts["forked_blocks"] = self.kv.forked_blocks  # prompt block references samples shared (n > 1)
         for mode, n in self.kv.evicted_blocks.items():  # blocks returned by each eviction policy
             counts[f"evicted_blocks_{mode}"] = n
         counts["generated_tokens"] = self.num_generated_tokens

@@ -86,13 +86,14 @@ class TextStream:
                               error=f"output failed: {type(exc).__name__}: {exc}"))
 
     def _process(self, out) -> None:
-        self.done = out.finished
+        ends = out.finished or out.finish_reason is not None  # (a choice of n ends on its reason)
+        self.done = ends
         if out.error is not None or not out.token_ids:
             self.emit(out)
             return
         tokens = out.token_ids
         # an EOS or stop token (the engine's "eos" / "stop" on a token) adds no text
-        spoken = tokens[:-1] if out.finished and out.finish_reason in ("eos", "stop") else tokens
+        spoken = tokens[:-1] if ends and out.finish_reason in ("eos", "stop") else tokens
         delta = []
         for i, token in enumerate(spoken):
             piece, stopped = self.text.push(token)
@@ -107,9 +108,52 @@ class TextStream:
                                   finish_reason="stop", **cut))
                 return
         self.num_tokens += len(tokens)
-        if out.finished and out.finish_reason in ("eos", "length", "stop"):
+        if ends and out.finish_reason in ("eos", "length", "stop"):
             delta.append(self.text.finish(False))
         self.emit(replace(out, text="".join(delta)))
+
+
+class ChoiceStreams:
+    """A request's output processing when it has n > 1 choices (engine/sample_group.py): one
+    ``TextStream`` per choice, by the output's ``index``. A choice ends on its
+    ``finish_reason`` (a stop string found here included); ``finished`` is set on the output
+    that ends the last choice; an error ends the request. ``on_stop(kept_tokens, index)``."""
+
+    def __init__(self, tokenizer: TextTokenizer | None, stop: tuple[str, ...], emit, on_stop, n: int):
+        self.emit = emit
+        self.on_stop = on_stop
+        self.streams = [TextStream(tokenizer, stop, lambda out, i=i: self._emit(i, out),
+                                   lambda kept, i=i: self._stopped(i, kept)) for i in range(n)]
+        self.ended: set[int] = set()
+        self.done = False
+
+    def __call__(self, out) -> None:
+        if self.done:
+            return
+        if out.error is not None and out.finished:  # the request failed (or was refused)
+            self.done = True
+            self.emit(out)
+            return
+        self.streams[out.index](out)
+
+    def _stopped(self, index: int, kept: int | None) -> None:
+        if self.on_stop is not None:
+            self.on_stop(kept, index)
+
+    def _emit(self, index: int, out) -> None:
+        if out.finish_reason is not None:
+            self.ended.add(index)
+        ended = out.error is not None or len(self.ended) == len(self.streams)
+        self.done = self.done or ended
+        self.emit(replace(out, index=index, finished=ended))
+
+
+def output_stream(tokenizer: TextTokenizer | None, params, emit, on_stop=None):
+    """A request's output processing: a ``TextStream``, or ``ChoiceStreams`` when it returns
+    n > 1 choices. ``on_stop(kept_tokens, index)``."""
+    if params.n > 1:
+        return ChoiceStreams(tokenizer, params.stop, emit, on_stop, params.n)
+    return TextStream(tokenizer, params.stop, emit, on_stop and (lambda kept: on_stop(kept, 0)))
 
 
 def per_token_fields(out) -> list[str]:
@@ -121,8 +165,9 @@ def per_token_fields(out) -> list[str]:
 
 
 def merge_outputs(outs: list) -> list:
-    """Coalesce consecutive token outputs of one turn into one (text and ids concatenated,
-    per-token fields too, the last one's other fields); an error output stays on its own."""
+    """Coalesce consecutive token outputs of one turn (of one choice) into one (text and ids
+    concatenated, per-token fields too, the last one's other fields); an error output stays on
+    its own."""
     merged, run = [], []
 
     def flush():
@@ -143,6 +188,8 @@ def merge_outputs(outs: list) -> list:
             flush()
             merged.append(out)
         else:
+            if run and (run[-1].index != out.index or run[-1].finish_reason is not None):
+                flush()  # (n > 1: a choice's outputs merge with its own only, up to its end)
             run.append(out)
     flush()
     return merged

@@ -49,6 +49,7 @@ class TurnOutput:
     # first token), on the turn's first output with tokens; a tuple, so that it is never taken
     # for a per-token field (engine/output.py)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    index: int = 0  # the choice (sample) this output belongs to (n > 1: engine/sample_group.py)
     # a refused opening turn (START without END) whose id holds no live conversation: the
     # sequence batcher's slot must be released (server/slot_release.py); decided by the
     # engine, in submission order
@@ -65,6 +66,7 @@ class Turn:
     error: str | None = None  # set: the request was rejected; answered in order
     request_id: Hashable = None  # names the turn in ``Engine.abort``
     opens_slot: bool = False  # START without END on a sequence-batched model
+    sample_index: int = 0  # which of its request's samples this turn is (engine/sample_group.py)
     # filled while running
     output_ids: list[int] = field(default_factory=list)
     cached_tokens: int = -1  # context tokens whose KV was reused; -1 until known

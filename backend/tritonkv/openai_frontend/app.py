@@ -172,7 +172,7 @@ def _echo(model, gen: schema.Generation) -> tuple[str, str]:
 
 async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation, chat: bool, prompt_param: str,
                   echo: tuple[str, str] | None = None):
-    answer = Answer(gen.model, chat, gen.sampling.get("logprobs"), echo)
+    answer = Answer(gen.model, chat, gen.sampling.get("logprobs"), echo, gen.sampling.get("n", 1))
     deltas = bridge.generate(gen, prompt_param)
     try:
         if gen.stream:

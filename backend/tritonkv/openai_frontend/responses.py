@@ -15,7 +15,9 @@ Rules (as OpenAI):
 - a stream is ``data: <chunk>`` events and a last ``data: [DONE]``; with
   ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk with
   no choices carries the usage; an error after the stream started is one ``data: {"error"}``
-  event, then ``[DONE]``.
+  event, then ``[DONE]``;
+- ``n`` > 1: ``choices`` holds n entries (``index`` 0..n-1); a streamed chunk carries one
+  choice, with its index; usage counts the prompt once and the tokens of every choice.
 """
 
 from __future__ import annotations
@@ -79,81 +81,101 @@ def echo_logprobs(prompt: list[dict | None], first_token: str, top: int) -> tupl
     return out, end
 
 
+class _Choice:
+    """One choice's text, logprobs and end."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.logprobs: list[dict] = []
+        self.text_offset = 0
+        self.finish_reason: str | None = None
+
+
 class Answer:
     """One response's identity and running totals; ``chat`` picks the object kinds;
-    ``top_logprobs``: None when the request asked no logprobs, else its top count."""
+    ``top_logprobs``: None when the request asked no logprobs, else its top count; ``n``: its
+    choices (``index`` 0..n-1; usage counts the prompt once and every choice's tokens)."""
 
     def __init__(self, model: str, chat: bool, top_logprobs: int | None = None,
-                 echo: tuple[str, str] | None = None):
+                 echo: tuple[str, str] | None = None, n: int = 1):
         """``echo``: (prompt text, its first token's text) of an echoed completion."""
         self.echo = echo
         self.prompt_logprobs: list | None = None
         self.model = model
         self.chat = chat
         self.top_logprobs = top_logprobs
-        self.logprobs: list[dict] = []
-        self.text_offset = 0
+        self.choices = [_Choice() for _ in range(n)]
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.text: list[str] = []
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
-        self.finish_reason: str | None = None
 
-    def logprobs_of(self, tokens: list[dict] | None) -> dict | None:
-        """The ``logprobs`` of a choice holding ``tokens`` (None when not asked)."""
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+    def logprobs_of(self, tokens: list[dict] | None, index: int = 0) -> dict | None:
+        """The ``logprobs`` of choice ``index`` holding ``tokens`` (None when not asked)."""
         if self.top_logprobs is None:
             return None
         tokens = tokens or []
         if self.chat:
             return chat_logprobs(tokens, self.top_logprobs)
-        if self.echo is not None and self.prompt_logprobs is not None and self.text_offset == 0:
-            head, self.text_offset = echo_logprobs(self.prompt_logprobs, self.echo[1], self.top_logprobs)
-            shaped = completion_logprobs(tokens, self.top_logprobs, self.text_offset, head)
-            self.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
+        c = self.choices[index]
+        if self.echo is not None and self.prompt_logprobs is not None and c.text_offset == 0:
+            head, c.text_offset = echo_logprobs(self.prompt_logprobs, self.echo[1], self.top_logprobs)
+            shaped = completion_logprobs(tokens, self.top_logprobs, c.text_offset, head)
+            c.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1])
             return shaped
-        shaped = completion_logprobs(tokens, self.top_logprobs, self.text_offset)
-        self.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1]) if tokens else self.text_offset
+        shaped = completion_logprobs(tokens, self.top_logprobs, c.text_offset)
+        c.text_offset = shaped["text_offset"][-1] + len(shaped["tokens"][-1]) if tokens else c.text_offset
         return shaped
 
     def add(self, delta: Delta) -> None:
+        c = self.choices[delta.index]
         if delta.logprobs:
-            self.logprobs.extend(delta.logprobs)
+            c.logprobs.extend(delta.logprobs)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
-        self.text.append(delta.text)
+        c.text.append(delta.text)
         self.completion_tokens += delta.num_tokens
         if delta.finish_reason is not None:
-            self.finish_reason = finish_reason(delta.finish_reason)
+            c.finish_reason = finish_reason(delta.finish_reason)
+        if self.ends(delta):
             self.prompt_tokens = delta.prompt_tokens
             self.cached_tokens = delta.cached_tokens
+
+    def ends(self, delta: Delta) -> bool:
+        """``delta`` is the answer's last (one choice: the one with a finish reason)."""
+        return delta.last or (len(self.choices) == 1 and delta.finish_reason is not None)
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
     def body(self) -> dict:
-        text = "".join(self.text) if self.echo is None else self.echo[0] + "".join(self.text)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self.logprobs_of(self.logprobs), "finish_reason": self.finish_reason}
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self.logprobs_of(self.logprobs),
-                      "finish_reason": self.finish_reason}
-            kind = "text_completion"
+        choices = []
+        for i, c in enumerate(self.choices):
+            text = "".join(c.text) if self.echo is None else self.echo[0] + "".join(c.text)
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": self.logprobs_of(c.logprobs, i), "finish_reason": c.finish_reason})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": self.logprobs_of(c.logprobs, i),
+                                "finish_reason": c.finish_reason})
+        kind = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage()}
+                "choices": choices, "usage": self.usage()}
 
     def chunk(self, text: str | None, reason: str | None, include_usage: bool, role: bool = False,
-              logprobs: list[dict] | None = None) -> dict:
-        shaped = None if role else self.logprobs_of(logprobs)
+              logprobs: list[dict] | None = None, index: int = 0) -> dict:
+        shaped = None if role else self.logprobs_of(logprobs, index)
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if role else {"content": text or ""}
-            choice = {"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": shaped, "finish_reason": reason}
             kind = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": shaped, "finish_reason": reason}
+            choice = {"index": index, "text": text or "", "logprobs": shaped, "finish_reason": reason}
             kind = "text_completion"
         out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
         if include_usage:
@@ -177,14 +199,15 @@ async def sse_events(answer: Answer, first: Delta, rest: AsyncIterator[Delta], i
     """The SSE byte stream of an answer whose first delta is already in hand."""
     try:
         if answer.chat:
-            yield sse(answer.chunk("", None, include_usage, role=True))
+            for i in range(len(answer.choices)):
+                yield sse(answer.chunk("", None, include_usage, role=True, index=i))
         delta = first
         while True:
             answer.add(delta)
             if delta.text or delta.finish_reason is not None or delta.logprobs:
                 yield sse(answer.chunk(delta.text, finish_reason(delta.finish_reason), include_usage,
-                                       logprobs=delta.logprobs))
-            if delta.finish_reason is not None:
+                                       logprobs=delta.logprobs, index=delta.index))
+            if answer.ends(delta):
                 break
             delta = await rest.__anext__()
         if include_usage:

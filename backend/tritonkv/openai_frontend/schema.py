@@ -9,8 +9,9 @@ Rules:
   ``repetition_penalty``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
   ``cache_salt``); ``logprobs`` is OpenAI's per endpoint (completions: a count of top tokens,
   chat: a boolean with ``top_logprobs``), at most ``MAX_LOGPROBS`` (20, as vLLM);
-- a known OpenAI field this server does not implement is accepted only at its neutral value
-  (``n`` = 1, no tools, ...); completions' ``echo`` (not streamed) prepends the prompt to the
+- ``n`` choices and completions' ``best_of`` (>= n, not streamed) share one prefill
+  (engine/sample_group.py); a known OpenAI field this server does not implement is accepted
+  only at its neutral value (no tools, ...); completions' ``echo`` (not streamed) prepends the prompt to the
   text and, with ``logprobs``, the prompt tokens' logprobs (``prompt_logprobs``) to the logprobs and refused otherwise, naming it;
 - every check raises ``OpenAIError`` 400 whose message and ``param`` name the field.
 """
@@ -23,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tritonkv.openai_frontend.errors import bad_request
-from tritonkv.sampling.params import ANY_JSON_OBJECT
+from tritonkv.sampling.params import ANY_JSON_OBJECT, SamplingParams, check_samples, check_sampling
 from tritonkv.sampling.params import MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
 
 INT64_MAX = 2**63 - 1  # the seed travels as an INT64 tensor
@@ -40,6 +41,7 @@ class _Body(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     n: int | None = None
+    best_of: int | None = None  # (vLLM's, on both endpoints)
     stream: bool | None = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
@@ -61,7 +63,6 @@ class _Body(BaseModel):
 class CompletionBody(_Body):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
-    best_of: int | None = None
     suffix: str | None = None
 
 
@@ -121,7 +122,6 @@ def _neutral(body: _Body, name: str, allowed) -> None:
 
 def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
     """The sampling fields every endpoint shares, checked; ``max_tokens`` comes per endpoint."""
-    _neutral(body, "n", (1,))
     values = {}
     for p in PARAMETERS:
         if not p.openai:
@@ -145,6 +145,7 @@ def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
     if values.get("min_tokens", 0) > values.get("max_tokens", values.get("min_tokens", 0)):
         raise bad_request(f"min_tokens ({values['min_tokens']}) must be <= {max_tokens_name} "
                           f"({values['max_tokens']})", "min_tokens")
+    _check_samples(values, bool(body.stream))
     options = body.stream_options or {}
     unknown = sorted(set(options) - {"include_usage"})
     if unknown:
@@ -158,6 +159,16 @@ def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
                 cache_salt=body.cache_salt)
 
 
+def _check_samples(values: dict, stream: bool) -> None:
+    """n / best_of (tritonkv.sampling.params ``check_samples``): best_of >= n, not streamed."""
+    samples = SamplingParams(max_tokens=1, n=values.get("n", 1), best_of=values.get("best_of"))
+    try:
+        check_sampling(samples)
+        check_samples(samples, stream, one_shot=True)
+    except ParameterError as exc:
+        raise bad_request(str(exc), "best_of" if samples.best_of is not None else "n") from None
+
+
 def _logprobs(count, name: str) -> int:
     if isinstance(count, bool) or not isinstance(count, int):
         raise bad_request(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {count!r:.40}", name)
@@ -168,7 +179,6 @@ def _logprobs(count, name: str) -> int:
 
 
 def completion_generation(body: CompletionBody) -> Generation:
-    _neutral(body, "best_of", (1,))
     if body.echo and body.stream:
         raise bad_request("'echo' with 'stream' is not supported by this server: send stream false", "echo")
     if body.suffix:

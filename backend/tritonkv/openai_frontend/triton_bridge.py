@@ -39,6 +39,8 @@ class Delta:
     cached_tokens: int = 0
     logprobs: list[dict] | None = None  # per token: {token id: {logprob, rank, decoded_token}}
     prompt_logprobs: list[dict | None] | None = None  # per prompt token, the same (None: the first)
+    index: int = 0  # the choice (n > 1)
+    last: bool = False  # the request's last delta (every choice ended)
 
 
 def _tensor(name: str, arr: np.ndarray, dtype: str) -> grpcclient.InferInput:
@@ -119,14 +121,16 @@ class TritonBridge:
         except Exception as exc:  # noqa: BLE001
             raise unavailable(f"the Triton server at {self.grpc_url} cannot be reached: {exc}") from None
         finished = False
+        n = gen.sampling.get("n", 1)
         try:
             async for result, error in responses:
                 if error is not None:
                     raise from_model_error(error.message(), prompt_param)
-                delta = _delta(result)
-                if delta.finish_reason is not None:
-                    finished = True
-                yield delta
+                deltas = [_delta(result)] if n == 1 else _choice_deltas(result, n)
+                finished = any(d.finish_reason is not None for d in deltas)
+                deltas[-1].last = finished
+                for delta in deltas:
+                    yield delta
                 if finished:
                     return
             raise unavailable("the Triton stream ended before the final response")
@@ -161,3 +165,33 @@ def _delta(result) -> Delta:
         delta.cached_tokens = 0 if cached is None else int(cached[0])
         delta.prompt_tokens = 0 if prompt is None else int(prompt[0])
     return delta
+
+
+def _choice_deltas(result, n: int) -> list[Delta]:
+    """The deltas of one response of a request with n > 1 choices (server/triton_choices.py:
+    n elements per output, ``output_ids`` split by ``num_output_tokens``, every choice's
+    ``finish_reason`` on the final response). Never empty: a response without news gives an
+    empty delta of choice 0."""
+    texts = [t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1)]
+    counts = result.as_numpy("num_output_tokens").reshape(-1).tolist()
+    ids = result.as_numpy("output_ids").reshape(-1).tolist()
+    reasons = result.as_numpy("finish_reason")
+    reasons = [None] * n if reasons is None else [r.decode("utf-8") for r in reasons.reshape(-1)]
+    logprobs = result.as_numpy("logprobs")
+    logprobs = None if logprobs is None else [json.loads(x.decode("utf-8")) for x in logprobs.reshape(-1)]
+    cached = result.as_numpy("cached_tokens")
+    prompt = result.as_numpy("prompt_tokens")
+    deltas, at = [], 0
+    for i in range(n):
+        mine, at = ids[at:at + counts[i]], at + counts[i]
+        if texts[i] or mine or reasons[i] is not None or (logprobs and logprobs[i]):
+            deltas.append(Delta(texts[i], len(mine), mine, reasons[i], index=i,
+                                logprobs=logprobs[i] if logprobs is not None else None))
+    deltas = deltas or [Delta("", 0, [])]
+    prompt_logprobs = result.as_numpy("prompt_logprobs")
+    if prompt_logprobs is not None:
+        deltas[0].prompt_logprobs = json.loads(prompt_logprobs.reshape(-1)[0].decode("utf-8"))
+    if cached is not None:
+        for d in deltas:
+            d.cached_tokens, d.prompt_tokens = int(cached[0]), 0 if prompt is None else int(prompt[0])
+    return deltas

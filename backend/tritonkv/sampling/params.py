@@ -29,6 +29,7 @@ MAX_STOP = 64  # stop strings per request
 MAX_TOKEN_LIST = 1024  # entries of stop_token_ids / logit_bias per request
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
 MAX_LOGPROBS = 20  # most likely tokens returned per generated token
+MAX_SAMPLES = 64  # n / best_of: samples of one prompt
 
 
 class RequestError(ValueError):
@@ -102,6 +103,12 @@ PARAMETERS: tuple[Parameter, ...] = (
               "before it (the first token of a conversation has none) and this many of the most likely "
               f"tokens' at its position (None: none; at most {MAX_LOGPROBS}); such a request takes no "
               "prefix-cache hit (every prompt position is computed)", 0, MAX_LOGPROBS, openai=False),
+    Parameter("n", "int", 1, "samples returned for the prompt (choices 0..n-1); they share the prompt's KV "
+              "(one prefill); sample i with a seed s draws with seed s + i (as vLLM); stateless requests only",
+              1, MAX_SAMPLES),
+    Parameter("best_of", "int", None, "samples generated, of which the n with the highest cumulative logprob "
+              "(the sum of the chosen tokens' logprobs) are returned, best first (vLLM v0); >= n, never "
+              "streamed (None: n)", 1, MAX_SAMPLES),
     Parameter("guided_json", "json", None, "the output is JSON valid against this JSON schema (an object, or "
               "its JSON text); sampling/grammar.py", openai=False),
     Parameter("guided_regex", "regex", None, "the output matches this regular expression", openai=False),
@@ -112,7 +119,7 @@ MAX_GRAMMAR_CHARS = 64 << 10  # a schema's JSON text or a regex
 ANY_JSON_OBJECT = '{"type": "object"}'  # OpenAI's response_format json_object, as guided_json
 BY_NAME = {p.name: p for p in PARAMETERS}
 # vLLM SamplingParams keys accepted only at the value that changes nothing
-NEUTRAL_VALUES = {"n": 1, "best_of": 1, "include_stop_str_in_output": False}
+NEUTRAL_VALUES = {"include_stop_str_in_output": False}
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,13 @@ class SamplingParams:
     guided_json: str | None = None  # a JSON schema's canonical JSON text (sampling/grammar.py)
     guided_regex: str | None = None
     guided_choice: tuple[str, ...] | None = None
+    n: int = 1  # samples returned (engine/sample_group.py)
+    best_of: int | None = None  # samples generated (None: n)
+
+    @property
+    def samples(self) -> int:
+        """Sequences the request runs: best_of, else n."""
+        return self.n if self.best_of is None else self.best_of
 
     @property
     def uses_penalties(self) -> bool:
@@ -263,8 +277,22 @@ def check_sampling(params: SamplingParams) -> None:
     guided = [name for name in GUIDED if getattr(params, name) is not None]
     if len(guided) > 1:
         raise ParameterError(f"send at most one of {', '.join(GUIDED)}; got {' and '.join(guided)}")
+    if params.best_of is not None and params.best_of < params.n:
+        raise ParameterError(f"best_of ({params.best_of}) must be >= n ({params.n})")
     if params.min_tokens > params.max_tokens:
         raise ParameterError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
+
+
+def check_samples(params: SamplingParams, stream: bool, one_shot: bool) -> None:
+    """n / best_of where they have a meaning: best_of > 1 is never streamed (the best samples
+    are known once all ended, as vLLM), and n / best_of > 1 only on one-shot requests (a
+    conversation can continue only one sample)."""
+    if stream and (params.best_of or 1) > 1:
+        raise ParameterError(f"best_of ({params.best_of}) > 1 cannot be streamed: the best samples are known "
+                             "only once every sample ended; send stream false")
+    if not one_shot and params.samples > 1:
+        raise ParameterError(f"n / best_of > 1 (got n {params.n}, best_of {params.best_of}) is for one-shot "
+                             "requests (llm_stateless): a conversation can continue only one sample")
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:

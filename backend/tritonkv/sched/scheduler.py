@@ -18,6 +18,11 @@ Rules:
 - With an eviction policy (cache/eviction/) a sequence first returns the blocks its next
   chunk no longer sees (``evict``), and a chunk never crosses a position where the kept set
   changes (``max_chunk``). A preempted sequence keeps its eviction history (``preempt``).
+- Samples of one prompt (sched/sequence.py): a sample waits while its parent computes; in the
+  step whose plan brings the parent to ``fork_at`` (or once it is there) every waiting sample
+  forks (``KVCacheManager.fork``: the parent's blocks, one more reference each) and plans its
+  own rest of the prompt in the same step (the parent's KV is written before any attention
+  of the step reads it, layer by layer). A parent's chunks never sample.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted-and-reset sequences keep RUNNING; ended ones are skipped
+            if seq.parent is not None:
+                continue  # a sample whose parent has not reached its fork yet
             if self.kv.swapped(seq.seq_id):
                 if not self._make_room(seq, lambda: self.kv.swap_in(seq.seq_id), planned, order, idle):
                     continue
@@ -65,14 +72,32 @@ class Scheduler:
                     seq.turn.cached_tokens = cached
             n = min(seq.num_uncomputed, budget, self.kv.max_chunk(seq.num_computed))
             if n <= 0:
+                self._fork(seq)
                 continue
             if not self._make_room(seq, lambda: self.kv.evict(seq.seq_id, seq.num_computed), planned, order, idle):
                 continue
             if not self._make_room(seq, lambda: self.kv.grow(seq.seq_id, seq.num_computed + n), planned, order, idle):
                 continue
-            planned.append(ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
+            planned.append(ScheduledChunk(seq, seq.num_computed, n, seq.fork_at is None
+                                          and seq.num_computed + n == len(seq.token_ids)))
             budget -= n
+            if seq.fork_at is not None and seq.num_computed + n == seq.fork_at:
+                self._fork(seq)
         return planned
+
+    def _fork(self, parent: Sequence) -> None:
+        """``parent``'s first ``fork_at`` tokens are computed (or planned in this step): its
+        waiting samples take its blocks (the sample's prefix-cache count is the parent's)."""
+        if parent.fork_at is None or not parent.samples:
+            return
+        samples = [s for s in parent.samples if s.status is SeqStatus.RUNNING]
+        self.kv.fork(parent.seq_id, [s.seq_id for s in samples], parent.fork_at)
+        for s in samples:
+            s.parent = None
+            s.num_computed = parent.fork_at
+            if s.turn is not None and parent.turn is not None:
+                s.turn.cached_tokens = parent.turn.cached_tokens
+        parent.samples = []
 
     def plan_continuation(self, plan: list[ScheduledChunk], context_limit: int | None) -> list[ScheduledChunk] | None:
         """One decode token per sequence of ``plan`` (the step in flight) at the position after

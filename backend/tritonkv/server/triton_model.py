@@ -28,6 +28,7 @@ from tritonkv.engine.requests import RequestError
 from tritonkv.server.gauges import Gauges
 from tritonkv.server.heartbeat import Heartbeat
 from tritonkv.server.slot_release import SlotReleaser
+from tritonkv.server.triton_choices import reply_channel
 from tritonkv.server.triton_request import BadRequest, Limits, ReplyChannel, parse_request
 
 log = logging.getLogger("tritonkv")
@@ -157,7 +158,7 @@ class TritonPythonModel:
             corr_id = self._next_stateless_id
         elif self.slots is not None:
             release = lambda answer, cid=corr_id: self.slots.release(cid, answer)  # noqa: E731
-        reply = Reply(ReplyChannel(self.pb_utils, sender, parsed.stream), self.config.stream_interval, release)
+        reply = Reply(reply_channel(self.pb_utils, sender, parsed.stream), self.config.stream_interval, release)
         extra_keys = () if parsed.cache_salt is None else (("cache_salt", parsed.cache_salt),)
         common = dict(start=parsed.start, end=parsed.end, is_cancelled=request.is_cancelled,
                       stateless=self.stateless, extra_keys=extra_keys)

@@ -25,12 +25,12 @@ before any work: ``input_ids`` longer than ``max_model_len`` before converting t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from tritonkv.engine.requests import RequestError, SamplingParams, TurnOutput, check_sampling  # noqa: F401
-from tritonkv.sampling.params import MAX_STOP as MAX_STOP_STRINGS, PARAMETERS
+from tritonkv.sampling.params import MAX_STOP as MAX_STOP_STRINGS, PARAMETERS, check_samples
 from tritonkv.server import vllm_contract as vllm
 from tritonkv.server.request_values import (BadRequest, checked, convert, decode, same_value,  # noqa: F401
                                             tensor_setting)
@@ -154,8 +154,10 @@ def parse_request(pb_utils, request, *, stateless: bool, default_max_tokens: int
     if (reply.logprobs or reply.cumulative_logprob) and values["logprobs"] is None:
         values["logprobs"] = 0  # the chosen tokens' logprobs are needed
     sampling = SamplingParams(**values)
+    reply = replace(reply, choices=sampling.n)
     try:
         check_sampling(sampling)
+        check_samples(sampling, reply.stream, stateless)
     except RequestError as exc:
         raise BadRequest(str(exc)) from None
     salt = params.get("cache_salt")

@@ -33,6 +33,7 @@ class ReplyForm:
     num_output_tokens: bool = False
     logprobs: bool = False  # return_logprobs: the ``logprobs`` output on every response
     cumulative_logprob: bool = False
+    choices: int = 1  # n: more than one is answered by server/triton_choices.py
 
     def __bool__(self) -> bool:
         return self.stream

@@ -25,9 +25,10 @@ Inputs (all optional, declared in model_repository/llm_stateless/config.pbtxt):
   decoded_token}} of the prompt token and the k most likely there, vLLM's ``PromptLogprobs``).
 
 The sampling keys and their ranges are ``tritonkv.sampling.params``' (``PARAMETERS``, the
-keys marked ``vllm``). vLLM keys tritonkv has no sampler for (``n``, ``best_of``)
-are accepted at the value that changes nothing and refused, by name, at any other; ``top_k``
--1 means off (vLLM's spelling of 0). JSON is nested at most ``MAX_JSON_DEPTH`` levels.
+keys marked ``vllm``; ``n`` / ``best_of`` > 1 answer in the vLLM backend's shape, one element
+per choice: server/triton_choices.py). vLLM keys tritonkv has no sampler for
+(``include_stop_str_in_output``) are accepted at the value that changes nothing and refused,
+by name, at any other; ``top_k`` -1 means off (vLLM's spelling of 0). JSON is nested at most ``MAX_JSON_DEPTH`` levels.
 """
 
 from __future__ import annotations
