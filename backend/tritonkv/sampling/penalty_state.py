@@ -13,9 +13,9 @@ Rules:
   padded on the left with ``ANY`` = -2, which matches any token), ``word_last`` (int64
   ``[slot, W]``, -1: no word) and ``recent`` (int32 ``[slot, L]``: the turn's last L generated
   tokens, -1 before there were L, so a prefix longer than the output never matches). A word
-  whose prefix equals the end of ``recent`` has its last token masked (``ban_words``). W and
+  whose prefix equals the end of ``recent`` has its last token masked (``ban_words_``). W and
   L widen (copying) when a turn brings more or longer words; with no open slot holding such
-  words, ``ban_words`` does nothing.
+  words, ``ban_words_`` does nothing.
 - A slot is written only by device operations queued in stream order: when it is opened
   (reset from the turn's context) and by the sampler after each draw (``record``, in place,
   one scatter for the whole batch). A step already launched for a turn that ended may still
@@ -136,17 +136,19 @@ class PenaltyTable:
         self.word_last[slot, :len(words)].copy_(torch.tensor([w[-1] for w in words], dtype=torch.int64).to(self.device))
         self._word_slots.add(slot)
 
-    def ban_words(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """``logits`` (rows of ``slots``) with each multi-token bad word's last token at -inf
-        where the row's output ends with the word's other tokens."""
+    def ban_words_(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``logits`` (rows of ``slots``, changed in place) with each multi-token bad word's
+        last token at -inf where the row's output ends with the word's other tokens. Touches
+        only [rows, W] entries: a min-scatter of -inf (matched) or +inf (not, or no word), so
+        two words ending in one token cannot undo each other."""
         if not self._word_slots:
             return logits
         prefix = self.word_prefix.index_select(0, slots)  # [m, W, L]
         recent = self.recent.index_select(0, slots)[:, None, :]
         last = self.word_last.index_select(0, slots)
         match = ((prefix == recent) | (prefix == ANY)).all(dim=-1) & (last >= 0)
-        hits = torch.zeros_like(logits).scatter_add_(1, last.clamp(min=0), match.to(logits.dtype))
-        return logits.masked_fill(hits > 0, float("-inf"))
+        values = torch.where(match, float("-inf"), float("inf")).to(logits.dtype)
+        return logits.scatter_reduce_(1, last.clamp(min=0), values, reduce="amin")
 
     def _release(self, slot: int) -> None:
         with self._lock:
