@@ -18,7 +18,7 @@ for part in ${PART:-tests}; do
     tests)  # the whole suite now (no hand-kept list): bench/gpu_run.sh check
       bash bench/gpu_run.sh check ;;
     profile)
-      timeout 240 python3 bench/profile_step.py $PROFILE_ARGS 2>&1 | grep -v -i warn | tail -32 | tee "$OUT/profile.md" ;;
+      timeout 240 python3 bench/profile_step.py $PROFILE_ARGS 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/profile.md" ;;
     inproc)
       timeout 560 python3 bench/serving_benchmark.py --synthetic llama3-8b --systems inprocess inprocess-eager \
         --concurrency 1 64 --prompt-tokens 200 --max-tokens 180 --min-requests 8 --hf-batch \

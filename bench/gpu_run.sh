@@ -9,6 +9,8 @@
 #                                   # bench/results/ and commit it with the change it checks
 #   bash bench/gpu_run.sh serving   # Llama-3-8B shape, 200 in / 180 out, c=1/64/128/256: served,
 #                                   # 2x2, in-process, HF static-cache peer -> $OUT/serving_<h100|h200>.*
+#   bash bench/gpu_run.sh benches   # batch-1 step profile, skinny GEMM table, sampling / n / bad_words
+#                                   # costs, KV tiers -> $OUT/benches.tgz (BUDGET_S bounds the call)
 #
 # If one call cannot hold every serving system (each system's results are written as it ends),
 # copy $OUT's serving_<gpu>.json and .tokens.json into bench/results/ and run the rest with
@@ -22,7 +24,7 @@
 # Everything goes to $OUT as it is written, so a run cut short still returns what it had.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: bash bench/gpu_run.sh check|serving}
+mode=${1:?usage: bash bench/gpu_run.sh check|serving|benches}
 OUT=${OUT:-/tmp/tritonkv-gpu-run}
 mkdir -p "$OUT"
 t0=$(date +%s)
@@ -117,8 +119,31 @@ serving)
     --out "$OUT" --name "serving_$gpu" ${SERVING_ARGS:-} 2>&1 | grep --line-buffered -v -i warning | tee "$OUT/serving_$gpu.log" | tail -40
   rc=${PIPESTATUS[0]}
   ;;
+benches)
+  # the GPU-only results files of issues 23 (batch-1 step), 24 (sampling costs) and 25 (KV tiers),
+  # each bounded by the call's budget, packed into $OUT/benches.tgz (the device tool returns at
+  # most 8 files): unpack it here with `tar xzf benches.tgz -C bench/results` (and
+  # kernels/skinny_gemm_table.py from skinny_gemm_table.py); commit what it holds
+  gpu=$("$IMGPY" -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'h100')")
+  r="$OUT/benches"; mkdir -p "$r"; rm -f "$OUT/smoke.tsv" "$OUT/smoke.log"
+  p8b=(--synthetic llama3-8b --engine-param dtype=bfloat16 --engine-param kv_cache_memory_mb=40000
+       --engine-param max_num_batched_tokens=8192)
+  # in the order of what the issues need first; a step that would pass the budget is listed as not run
+  smoke profile-step 120 sh -c "'$IMGPY' bench/profile_step.py --batch 1 64 2>&1 | grep -v -i warn > '$r/profile_step_$gpu.md'"
+  smoke kv-tiers 180 "$IMGPY" bench/kv_tiers.py --device cuda --shape llama3-8b --out "$r/kv_tiers_$gpu.md"
+  smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device cuda "${p8b[@]}" --only-samples --out "$r/sampling_n_$gpu.md"
+  smoke sampling 120 "$IMGPY" bench/sampling_cost.py --device cuda "${p8b[@]}" --concurrency 64 \
+    --engine-param max_num_seqs=128 --out "$r/sampling_$gpu.md"
+  smoke bad-words 60 sh -c "'$IMGPY' bench/bad_words_cost.py --device cuda --rows 64 --vocab 128256 > '$r/bad_words_cost_$gpu.md' 2>&1"
+  smoke skinny-gemm 150 "$IMGPY" bench/skinny_gemm.py --out "$r/skinny_gemm_$gpu" --write-table
+  cp backend/tritonkv/kernels/skinny_gemm_table.py "$r/" 2>/dev/null
+  smoke profile-step-skinny 100 sh -c "'$IMGPY' bench/profile_step.py --batch 1 --skinny 2>&1 | grep -v -i warn > '$r/profile_step_${gpu}_skinny.md'"
+  column -t -s $'\t' "$OUT/smoke.tsv" | tee "$r/benches_run.txt"
+  tar czf "$OUT/benches.tgz" -C "$r" . && rm -rf "$r"
+  rc=0
+  ;;
 *)
-  echo "unknown mode $mode (check | serving)" >&2; exit 2 ;;
+  echo "unknown mode $mode (check | serving | benches)" >&2; exit 2 ;;
 esac
 echo "gpu_run.sh $mode: exit $rc after $(( $(date +%s) - t0 )) s; files in $OUT:"; ls -la "$OUT"
 exit "$rc"

@@ -20,6 +20,10 @@ SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
                      max_position_embeddings=8192, tie_word_embeddings=True),
+    # two small layers with the 8B's vocabulary and context: host-side costs on a CPU
+    "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                       max_position_embeddings=8192, tie_word_embeddings=False),
 }
 
 

@@ -7,8 +7,8 @@ Rules:
 - the settings are the server's sampling parameters (tritonkv.sampling.params, where each
   one's range and meaning are defined; a test keeps the names and datatypes equal): scalars
   and ``stop`` / ``stop_token_ids`` travel as input tensors, ``logit_bias`` (no tensor) as
-  JSON text and ``logprobs`` / ``prompt_logprobs`` / ``n`` / ``best_of`` as an integer in a request
-  parameter (gRPC) or body field (HTTP generate).
+  JSON text, ``bad_words`` as JSON text and ``logprobs`` / ``prompt_logprobs`` / ``n`` /
+  ``best_of`` as an integer in a request parameter (gRPC) or body field (HTTP generate).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class GenerationParams:
     min_tokens: int | None = None
     stop_token_ids: tuple[int, ...] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    bad_words: tuple[str, ...] | None = None  # words never generated (vLLM's bad_words)
     logprobs: int | None = None  # each token's logprob and this many top ones (``logprobs`` output)
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many top ones (the
     # ``prompt_logprobs`` output, on the first response with tokens; the first token's is None)
@@ -74,6 +75,10 @@ class GenerationParams:
             given["stop"] = tuple(given["stop"])
         if "stop_token_ids" in given:
             given["stop_token_ids"] = tuple(int(t) for t in given["stop_token_ids"])
+        if isinstance(given.get("bad_words"), str):
+            given["bad_words"] = (given["bad_words"],)
+        elif "bad_words" in given:
+            given["bad_words"] = tuple(given["bad_words"])
         if "logit_bias" in given:
             given["logit_bias"] = {int(t): float(b) for t, b in dict(given["logit_bias"]).items()}
         return replace(self, **given)
@@ -87,6 +92,8 @@ class GenerationParams:
                 continue
             if f.name == "logit_bias":
                 body[f.name] = logit_bias_text(value)
+            elif f.name == "bad_words":
+                body[f.name] = json.dumps(list(value))
             else:
                 body[f.name] = list(value) if isinstance(value, tuple) else value
         return body
@@ -161,6 +168,8 @@ def salt_parameters(cache_salt: str | None, params: GenerationParams | None = No
     if params is not None and params.guided_json is not None:
         schema = params.guided_json
         out["guided_json"] = schema if isinstance(schema, str) else json.dumps(schema)
+    if params is not None and params.bad_words:
+        out["bad_words"] = json.dumps(list(params.bad_words))
     if params is not None and params.guided_regex is not None:
         out["guided_regex"] = params.guided_regex
     if params is not None and params.guided_choice is not None:

@@ -36,8 +36,8 @@ def test_sigkilled_core_fails_requests_within_5s_and_the_next_connect_restarts_i
     for s in streams:
         assert s.final.finish_reason == "error" and f"engine core (pid {first.core_pid}) exited" in s.final.error
     assert client.down is not None
-    paths = core_paths(client.name)  # the dead core's files are gone
-    assert not os.path.lexists(paths.socket) and not os.path.lexists(paths.lock)
+    paths = core_paths(client.name)  # the client removes the dead core's files (after the errors)
+    assert wait_until(lambda: not os.path.lexists(paths.socket) and not os.path.lexists(paths.lock), 10)
     refused = turn(client, 2, PROMPT, 2)
     assert "no engine core serves this instance" in refused.final.error
     second = client.connect()

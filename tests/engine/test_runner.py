@@ -39,16 +39,17 @@ def test_fill_writes_exact_step_inputs(llama):
             StepRow([42], 9, [1, 6, 2], True)]  # a decode token at position 9
     tokens, max_q, max_len, sample_at, num_prev = runner._fill(rows, 4)  # two padding rows
     assert (tokens, max_q, max_len, sample_at, num_prev) == (8, 5, 10, [5], 0)
-    assert runner.ids[:8].tolist() == [7, 8, 9, 10, 11, 42, 0, 0]
-    assert runner.positions[:8].tolist() == [2, 3, 4, 5, 6, 9, 0, 0]
+    v = runner.inputs.views()
+    assert v["ids"].tolist() == [7, 8, 9, 10, 11, 42, 0, 0]
+    assert v["positions"].tolist() == [2, 3, 4, 5, 6, 9, 0, 0]
     # slot = block_table[pos // 4] * 4 + pos % 4; padding writes nowhere (-1)
-    assert runner.slots[:8].tolist() == [22, 23, 12, 13, 14, 9, -1, -1]
-    assert runner.seq_lens[:4].tolist() == [7, 10, 1, 1]
-    assert runner.query_start_loc[:5].tolist() == [0, 5, 6, 7, 8]
-    assert runner.block_tables[0, :2].tolist() == [5, 3]
-    assert runner.block_tables[1, :3].tolist() == [1, 6, 2]
-    assert runner.block_tables[2:4, 0].tolist() == [0, 0]
-    assert runner.sample_rows[:1].tolist() == [5]
+    assert v["slots"].tolist() == [22, 23, 12, 13, 14, 9, -1, -1]
+    assert v["seq_lens"].tolist() == [7, 10, 1, 1]
+    assert v["query_start_loc"].tolist() == [0, 5, 6, 7, 8]
+    # each row's table, then block 0 (never stale entries: the CPU attention gathers them)
+    assert v["block_tables"][:, :4].tolist() == [[5, 3, 0, 0], [1, 6, 2, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert v["sample_rows"].tolist() == [5]
+    assert v["prev_src"].tolist() == [-1] * 8
 
 
 def _two_turns(engine, lengths, prompt, second_prompt, second_len):
@@ -177,3 +178,22 @@ def test_overlap_on_cpu_cancel_mid_stream(llama, monkeypatch):
     assert cut.final.finish_reason == "cancelled"
     assert 5 <= len(cut.token_ids) <= 6 and cut.token_ids == keep.token_ids[:len(cut.token_ids)]
     assert engine.pool.counts()["used"] == 0 and engine.stats()["live_sequences"] == 0
+
+
+def test_a_row_fed_from_the_previous_launch_reads_its_sampled_id(llama):
+    """``from_prev``: the input token is the previous launch's sample, read on the device; the
+    step equals one given that token from the host. A stale launch as ``prev`` is refused."""
+    def two_steps(feed_from_prev):
+        runner = make_engine(llama, device="cpu", block_size=4).runner
+        first = runner.launch([StepRow([1, 5, 6], 0, [0], True, greedy(4))])
+        token = runner.collect(first)[0]
+        row = StepRow([0 if feed_from_prev else token], 3, [0], True, greedy(4),
+                      from_prev=0 if feed_from_prev else -1)
+        return token, runner.collect(runner.launch([row], first))[0]
+
+    assert two_steps(True) == two_steps(False)
+    runner = make_engine(llama, device="cpu", block_size=4).runner
+    old = runner.launch([StepRow([1, 5, 6], 0, [0], True, greedy(4))])
+    runner.launch([StepRow([2, 7], 0, [1], True, greedy(4))])
+    with pytest.raises(ValueError, match="previous launch"):
+        runner.launch([StepRow([0], 3, [0], True, greedy(4), from_prev=0)], old)

@@ -57,13 +57,30 @@ def test_openai_bodies_take_every_openai_parameter():
         assert {p.name for p in PARAMETERS if p.openai} <= set(body.model_fields)
 
 
-def test_docs_list_every_parameter():
+def _table_row(doc: str, name: str) -> list[str] | None:
+    row = next((line for line in doc.splitlines() if line.startswith(f"| `{name}`")), None)
+    return None if row is None else [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def _default_text(p) -> str:
+    if p.default is None or p.default == ():
+        return "(none" if p.name != "max_tokens" else "(the model's `default_max_tokens`)"
+    if isinstance(p.default, bool):
+        return f"({str(p.default).lower()})"
+    return f"({int(p.default) if float(p.default).is_integer() else p.default}"
+
+
+def test_docs_list_every_parameter_with_its_default_and_surfaces():
+    """Both docs have a table row for every parameter of params.py (a new one cannot go
+    undocumented); docs/client.md's row gives its default and says how the OpenAI API takes it."""
     client_doc = (ROOT / "docs" / "client.md").read_text()
     openai_doc = (ROOT / "docs" / "openai.md").read_text()
     for p in PARAMETERS:
-        assert f"| `{p.name}` (" in client_doc, p.name
-        if p.openai:
-            assert f"| `{p.name}`" in openai_doc, p.name
+        cells = _table_row(client_doc, p.name)
+        assert cells is not None and cells[0].startswith(f"`{p.name}` ("), f"docs/client.md has no row for {p.name}"
+        assert len(cells) == 4 and cells[3], f"docs/client.md: {p.name}'s row lacks its OpenAI column"
+        assert _default_text(p) in cells[1], f"docs/client.md: {p.name}'s row does not give its default {p.default!r}"
+        assert _table_row(openai_doc, p.name) is not None, f"docs/openai.md has no row for {p.name}"
 
 
 @pytest.mark.parametrize("value", [[1, 2, 3], [[1]], "x", 5, [[1, 2, 3]]])

@@ -285,7 +285,9 @@ class CoreClient:
                 req.emit(TurnOutput("", [], True, "error", error=f"{reason} while serving this request; retry"))
             except Exception:
                 log.exception("could not deliver a response")
-        remove_stale(self.name)
+        # after the errors (they must go out within 5 s); a SIGKILLed core's threads may hold
+        # its lock a while as they exit
+        remove_stale(self.name, wait_s=10.0)
         while True:
             try:
                 self._out.get_nowait()

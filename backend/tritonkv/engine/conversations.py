@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from tritonkv.engine.requests import RequestError, SamplingParams, Submission, Turn, TurnOutput
+from tritonkv.sampling.bad_words import bad_words_token_ids
 from tritonkv.sampling.params import check_samples
 from tritonkv.sampling.grammar import GrammarCompiler, guided_kind
 from tritonkv.sched.sequence import Sequence, SeqStatus
@@ -141,6 +142,15 @@ class Conversations:
                     self._release(seq)
                     return
                 continue
+            try:  # bad_words as token sequences, with this model's tokenizer
+                bad_words = bad_words_token_ids(turn.params.bad_words, self.tokenizer and (
+                    lambda text: self.tokenizer.encode(text, add_special_tokens=False)), self.model_config.vocab_size)
+            except RequestError as exc:
+                self._reply_error(turn, str(exc))
+                if turn.end_sequence:
+                    self._release(seq)
+                    return
+                continue
             seq.token_ids.extend(turn.prompt_ids)
             seq.turn = turn
             seq.status = SeqStatus.RUNNING
@@ -148,14 +158,14 @@ class Conversations:
             seq.last_active = time.monotonic()
             turn.cached_tokens = seq.num_computed if seq.seq_id in self.kv else -1
             if turn.params.samples > 1:  # n / best_of: the samples run it (engine/sample_group.py)
-                self._start_samples(seq, turn)
+                self._start_samples(seq, turn, bad_words)
                 return
             turn.generator = None
             if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
                 turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
             turn.grammar = self._open_grammar(turn.params)  # structured output, None when not asked
             # per-row penalty state (sampling/penalty_state.py): from the whole context
-            turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids) \
+            turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids, bad_words) \
                 if turn.params.uses_penalties else None
             return
         seq.status = SeqStatus.IDLE

@@ -17,6 +17,7 @@ from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.model.model_config import ModelConfig
 from tritonkv.model.registry import build_model
 from tritonkv.model.tokenizer import TextTokenizer
+from tritonkv.ops.linear import use_skinny_gemm
 
 log = logging.getLogger("tritonkv")
 
@@ -65,6 +66,8 @@ def build_engine(config: EngineConfig, gpu_instance: bool = True, device_id: int
              f"gpu_memory_utilization {config.gpu_memory_utilization}" if budget else "kv_cache_memory_mb")
     log.info("KV capacity: %s", capacity.describe())
     model = load_model(checkpoint, device, dtype)
+    if config.skinny_gemm and device.type == "cuda":
+        log.info("skinny GEMM (measured faster) in: %s", ", ".join(use_skinny_gemm(model)) or "no layer")
     pool = BlockPool.in_process(num_blocks, config.block_size)
     kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, kv_dtype, device)
     if kv_dtype != dtype:

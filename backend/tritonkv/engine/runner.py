@@ -1,10 +1,10 @@
 """The model runner: owns every tensor of a step and runs the model over the paged cache.
 
 Rules:
-- Step inputs live in persistent buffers sized at load (``max_num_batched_tokens`` tokens,
-  ``max_num_seqs`` rows of ``max_model_len / block_size`` block ids). Each step fills the
-  host side with numpy and copies each buffer to the device once (pinned, non-blocking on
-  CUDA); nothing is rebuilt from Python lists on the device.
+- Step inputs live in one packed buffer sized at load (``max_num_batched_tokens`` tokens,
+  ``max_num_seqs`` rows of ``max_model_len / block_size`` block ids, sampling settings;
+  engine/step_inputs.py). Each step fills its host side with numpy and reaches the device in
+  one copy (pinned, non-blocking on CUDA); nothing is rebuilt from Python lists on the device.
 - Decode steps (every scheduled sequence computes exactly one token) replay a CUDA graph
   captured at load for the smallest captured batch size >= the step's; padded rows write no
   KV (slot -1) and attend to one token of block 0; their outputs are never read. Prefill and
@@ -15,9 +15,12 @@ Rules:
   longest context; larger batches (one split per sequence) get one graph at ``max_model_len``.
 - A step's logits exist only for the rows that sample; sampling is batched
   (engine/sampler.py) and its ids come back in one asynchronous device-to-host copy:
-  ``launch`` returns at once, ``collect`` waits. A row may take its input token from the
-  previous launch's sampled ids on the device (``from_prev``), so a decode step can be
-  launched before the host has seen the tokens it continues (engine overlap).
+  ``launch`` returns at once, ``collect`` waits. A decode graph ends with the argmax of its
+  rows, so a greedy graph step (no penalties, grammar or logprobs) samples nothing outside it.
+- Every launch that samples leaves its ids, in sample order, in ``last_ids`` (fixed address).
+  A row may take its input token from there (``from_prev``: the previous launch's sample
+  number), inside the graph, so a decode step can be launched before the host has seen the
+  tokens it continues (engine overlap).
 - A row's ``start`` is a cache index (where its first token lands in its block table); its
   tokens are rotated at ``cache index + angle_shift`` (cache/kv_cache_manager.py: evicted
   blocks leave the table dense, the angles keep the distances the policy defines).
@@ -36,6 +39,7 @@ import torch
 
 from tritonkv.engine.requests import SamplingParams
 from tritonkv.engine.sampler import GREEDY_BELOW, PenaltyRows, RowSettings, sample_ids, uses_filter, uses_min_p
+from tritonkv.engine.step_inputs import StepInputs
 from tritonkv.ops import dispatch
 from tritonkv.ops.attention_batch import AttentionBatch
 from tritonkv.sampling import logprobs as lp
@@ -74,6 +78,7 @@ class StepTimes:
     forward: float = 0.0
     sample: float = 0.0
     graph: bool = False
+    h2d_copies: int = 0  # host-to-device copies of the step's inputs (one: engine/step_inputs.py)
 
 
 @dataclass
@@ -100,7 +105,8 @@ class StepRow:
 class StepHandle:
     """A launched step: its sampled ids arrive in ``host`` once ``done`` has fired."""
 
-    sampled: torch.Tensor | None  # device ids [num_samples]
+    sampled: torch.Tensor | None  # device ids [num_samples]; a view of last_ids on greedy graph
+    # steps: valid for work queued before the next launch
     host: torch.Tensor | None
     done: torch.cuda.Event | None
     num_samples: int
@@ -124,70 +130,43 @@ class ModelRunner:
         self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
         self.max_blocks = -(-max_model_len // block_size)
         cuda = device.type == "cuda"
-        pin = dict(pin_memory=True) if cuda else {}
-
-        def host(shape, dtype):
-            return torch.zeros(shape, dtype=dtype, **pin)
-
-        self._h_ids = host(self.max_tokens, torch.int64)
-        self._h_pos = host(self.max_tokens, torch.int64)
-        self._h_slots = host(self.max_tokens, torch.int64)
-        self._h_rows = host(self.max_tokens, torch.int64)
-        self._h_lens = host(self.max_seqs, torch.int32)
-        self._h_qsl = host(self.max_seqs + 1, torch.int32)
-        self._h_tables = host((self.max_seqs, self.max_blocks), torch.int32)
-        self._h_src = host(self.max_seqs, torch.int64)  # from_prev: sample index in the last launch
-        self._h_dst = host(self.max_seqs, torch.int64)  # from_prev: token index in this launch
-        self._host = [self._h_ids, self._h_pos, self._h_slots, self._h_rows, self._h_lens, self._h_qsl,
-                      self._h_tables, self._h_src, self._h_dst]
-        # per-row sampling settings (uploaded only when a row samples at temperature > 0)
-        self._h_temp = host(self.max_seqs, torch.float32)
-        self._h_topk = host(self.max_seqs, torch.int64)
-        self._h_topp = host(self.max_seqs, torch.float32)
-        self._h_minp = host(self.max_seqs, torch.float32)
-        # rows with a PenaltyState: batch row, slot, repetition / presence / frequency, min_tokens
-        self._h_prow = host(self.max_seqs, torch.int64)
-        self._h_pslot = host(self.max_seqs, torch.int64)
-        self._h_rep = host(self.max_seqs, torch.float32)
-        self._h_pres = host(self.max_seqs, torch.float32)
-        self._h_freq = host(self.max_seqs, torch.float32)
-        self._h_mintok = host(self.max_seqs, torch.int32)
-        self._settings_host = [self._h_temp, self._h_topk, self._h_topp, self._h_minp, self._h_prow,
-                               self._h_pslot, self._h_rep, self._h_pres, self._h_freq, self._h_mintok]
+        # every per-step input in one packed buffer, one copy per step (engine/step_inputs.py)
+        self.inputs = StepInputs(self.max_tokens, self.max_seqs, self.max_blocks, device)
         self.penalties = PenaltyTable(model.config.vocab_size, device)
-        self._settings_dev = [torch.zeros_like(t, device=device) for t in self._settings_host] \
-            if cuda else self._settings_host
+        # the last launch's sampled ids, in sample order, at a fixed address: a row fed from the
+        # previous launch (``from_prev``) gathers its token from here, inside the decode graph
+        self.last_ids = torch.zeros(self.max_seqs, dtype=torch.int64, device=device)
         # sampled ids come back into one of two pinned buffers, alternating (a step's ids are
         # read while the next step's copy is in flight)
-        self._h_out = [host(self.max_seqs, torch.int64) for _ in range(2)]
+        pin = dict(pin_memory=True) if cuda else {}
+        self._h_out = [torch.zeros(self.max_seqs, dtype=torch.int64, **pin) for _ in range(2)]
         self._out_turn = 0
         self.block_mass = torch.zeros((self.max_seqs, self.max_blocks), dtype=torch.float32, device=device) \
             if collect_mass else None
-        self._h_mass = [host((self.max_seqs, self.max_blocks), torch.float32) for _ in range(2)] \
-            if collect_mass and cuda else None
-        self._np = [t.numpy() for t in self._host]
-        if cuda:
-            self._dev = [torch.zeros_like(t, device=device) for t in self._host]
-        else:
-            self._dev = self._host  # the CPU path reads the host buffers directly
-        (self.ids, self.positions, self.slots, self.sample_rows, self.seq_lens, self.query_start_loc,
-         self.block_tables, self.prev_src, self.prev_dst) = self._dev
+        self._h_mass = [torch.zeros((self.max_seqs, self.max_blocks), dtype=torch.float32, **pin)
+                        for _ in range(2)] if collect_mass and cuda else None
         # (batch size, context bound) -> (graph, its logits)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
-        # pinned inputs are rewritten each step: wait until the last step's copies were done
-        self._uploaded = torch.cuda.Event() if cuda else None
+        self._last_launch: StepHandle | None = None  # the last launch that sampled (its ids: last_ids)
         if cuda and enable_cuda_graphs:
             self.capture_graphs()
 
     # -- inputs ------------------------------------------------------------------------------
     def _fill(self, rows: list[StepRow], pad_to: int) -> tuple[int, int, int, list[int], int]:
-        """Write the step into the host buffers; returns (tokens, max_query_len, max_seq_len,
-        sample row indices, rows fed from the previous launch). Rows past ``len(rows)`` up to
-        ``pad_to`` become padding."""
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
-        ids, pos, slots, srows, lens, qsl, tables, src, dst = self._np
+        """Write the step into the packed host buffer (engine/step_inputs.py), sampling settings
+        included; returns (tokens, max_query_len, max_seq_len, sample row indices, rows fed
+        from the previous launch). Rows past ``len(rows)`` up to ``pad_to`` become padding."""
+        samplers = [r for r in rows if r.sample]
+        penalised = [j for j, r in enumerate(samplers) if r.penalty is not None]
+        settings = penalised or any(r.params is not None and r.params.temperature >= GREEDY_BELOW for r in samplers)
+        tokens = sum(len(r.token_ids) for r in rows) + pad_to - len(rows)
+        v = self.inputs.begin(self.inputs.sizes(tokens, pad_to, len(samplers), len(samplers) if settings else 0,
+                                                len(penalised) if settings else 0))
+        ids, pos, src, slots, lens, qsl, tables = (v[k] for k in ("ids", "positions", "prev_src", "slots", "seq_lens",
+                                                                  "query_start_loc", "block_tables"))
+        tables.fill(0)  # entries past a row's table read block 0, never stale bytes
+        src.fill(-1)
         num_prev = 0
         bs = self.block_size
         t = 0
@@ -199,8 +178,7 @@ class ModelRunner:
             end = row.start + n
             table = row.block_table
             if row.from_prev >= 0:
-                src[num_prev] = row.from_prev
-                dst[num_prev] = t
+                src[t] = row.from_prev
                 num_prev += 1
             if n == 1:
                 ids[t] = row.token_ids[0]
@@ -223,27 +201,38 @@ class ModelRunner:
             ids[t] = 0
             pos[t] = 0
             slots[t] = -1
-            tables[i, 0] = 0
             lens[i] = 1
             t += 1
             qsl[i + 1] = t
-        srows[:len(sample_at)] = sample_at
+        v["sample_rows"][:] = sample_at
+        if settings:
+            self._fill_settings(v, samplers, penalised)
         return t, max_q, max_len, sample_at, num_prev
 
-    def _upload(self, num_tokens: int, num_seqs: int, num_samples: int, num_prev: int = 0) -> None:
-        if self._dev is self._host:
-            return
-        sizes = [num_tokens, num_tokens, num_tokens, num_samples, num_seqs, num_seqs + 1, num_seqs,
-                 num_prev, num_prev]
-        for d, h, n in zip(self._dev, self._host, sizes):
-            d[:n].copy_(h[:n], non_blocking=True)
+    @staticmethod
+    def _fill_settings(v: dict[str, np.ndarray], samplers: list[StepRow], penalised: list[int]) -> None:
+        """Per sampling row: temperature, top-k, top-p, min-p; per penalised row (index among
+        the sampling rows): its slot and penalties."""
+        for i, r in enumerate(samplers):
+            p = r.params
+            v["temperature"][i], v["top_k"][i], v["top_p"][i], v["min_p"][i] = p.temperature, p.top_k, p.top_p, p.min_p
+        for j, i in enumerate(penalised):
+            p = samplers[i].params
+            v["penalty_rows"][j], v["penalty_slots"][j] = i, samplers[i].penalty.slot
+            v["repetition"][j], v["presence"][j], v["frequency"][j], v["min_tokens"][j] = (
+                p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.min_tokens)
 
-    def _batch(self, num_tokens: int, num_seqs: int, max_q: int, max_len: int) -> AttentionBatch:
+    def _input_ids(self, v: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step's token ids, rows fed from the previous launch taking its sampled id from
+        ``last_ids`` (graph-capturable: fixed shapes, no host sync)."""
+        src = v["prev_src"]
+        return torch.where(src >= 0, self.last_ids.index_select(0, src.clamp(min=0)), v["ids"])
+
+    def _batch(self, v: dict[str, torch.Tensor], num_seqs: int, max_q: int, max_len: int) -> AttentionBatch:
         """The step's attention metadata, made once for every layer (the decode plan included)."""
         batch = AttentionBatch(
-            positions=self.positions[:num_tokens], slot_mapping=self.slots[:num_tokens],
-            block_tables=self.block_tables[:num_seqs], seq_lens=self.seq_lens[:num_seqs],
-            query_start_loc=self.query_start_loc[:num_seqs + 1], max_query_len=max_q,
+            positions=v["positions"], slot_mapping=v["slots"], block_tables=v["block_tables"],
+            seq_lens=v["seq_lens"], query_start_loc=v["query_start_loc"], max_query_len=max_q,
             max_seq_len=max_len, block_mass=None if self.block_mass is None else self.block_mass[:num_seqs],
             sliding_window=self.model.config.sliding_window)
         k_cache, v_cache = self.kv_caches[0][:2]
@@ -252,31 +241,36 @@ class ModelRunner:
     # -- one step ----------------------------------------------------------------------------
     def launch(self, rows: list[StepRow], prev: StepHandle | None = None) -> StepHandle:
         """Queue one step on the device and return without waiting for it. Rows with
-        ``from_prev`` read their input token from ``prev``'s sampled ids."""
+        ``from_prev`` read their input token from the sampled ids of ``prev``, which must be
+        the last launch (its ids wait in ``last_ids``)."""
         t0 = time.perf_counter()
         n = len(rows)
         decode = all(len(r.token_ids) == 1 and r.prompt_targets is None for r in rows)
         key = self._graph_key(n, max(r.start + 1 for r in rows)) if decode and rows else None
         graph_bs = key[0] if key else None
         tokens, max_q, max_len, sample_at, num_prev = self._fill(rows, graph_bs or n)
-        self._upload(tokens, graph_bs or n, len(sample_at), num_prev)
-        if num_prev:
-            self.ids.index_copy_(0, self.prev_dst[:num_prev], prev.sampled.index_select(0, self.prev_src[:num_prev]))
+        if num_prev and (prev is None or prev is not self._last_launch):
+            raise ValueError("rows fed from the previous launch need that launch, the last one, as prev")
+        uploads = self.inputs.h2d_copies
+        self.inputs.upload()
+        v = self.inputs.views()
         samplers = [r for r in rows if r.sample]
         params = [r.params for r in samplers]
-        settings = self._row_settings(params, [r.penalty for r in samplers]) if samplers else None
-        if self._uploaded is not None:
-            self._uploaded.record()  # every pinned input of this step is now queued for copy
+        settings = self._row_settings(params, v)
         t1 = time.perf_counter()
         if self.block_mass is not None:
             self.block_mass.zero_()
+        # greedy rows of a graph step take the argmax the graph computed into last_ids
+        in_graph = (key is not None and len(sample_at) == n and settings is None
+                    and all(r.grammar is None and r.params.logprobs is None for r in samplers))
         if key is not None:
             graph, logits = self.graphs[key]
             graph.replay()
-            logits = logits[:n] if len(sample_at) == n else logits[self.sample_rows[:len(sample_at)]]
+            logits = logits[:n] if len(sample_at) == n else logits[v["sample_rows"]]
         else:
-            hidden = self.model(self.ids[:tokens], self._batch(tokens, n, max_q, max_len), self.kv_caches)
-            logits = self.model.logits(hidden[self.sample_rows[:len(sample_at)]]) if sample_at else None
+            ids = self._input_ids(v) if num_prev else v["ids"]
+            hidden = self.model(ids, self._batch(v, n, max_q, max_len), self.kv_caches)
+            logits = self.model.logits(hidden[v["sample_rows"]]) if sample_at else None
         t2 = time.perf_counter()
         handle = StepHandle(None, None, None, len(sample_at))
         if key is None and any(r.prompt_targets is not None for r in rows):
@@ -288,8 +282,12 @@ class ModelRunner:
             else:
                 handle.mass = self.block_mass[:n].clone()
         if sample_at:
-            guided = apply_masks(logits, [r.grammar for r in samplers], self.model.config.vocab_size)
-            handle.sampled = sample_ids(guided, params, [r.generator for r in samplers], settings)
+            if in_graph:
+                handle.sampled = self.last_ids[:n]
+            else:
+                guided = apply_masks(logits, [r.grammar for r in samplers], self.model.config.vocab_size)
+                handle.sampled = sample_ids(guided, params, [r.generator for r in samplers], settings)
+                self.last_ids[:len(sample_at)].copy_(handle.sampled)  # for the next launch's from_prev rows
             asked = [j for j, p in enumerate(params) if p.logprobs is not None]
             if asked:  # of the raw logits (sampling/logprobs.py)
                 batch = lp.compute(logits, handle.sampled, asked, max(params[j].logprobs for j in asked))
@@ -297,15 +295,17 @@ class ModelRunner:
             if self.device.type == "cuda":
                 handle.host = self._h_out[self._out_turn][:len(sample_at)]
                 self._out_turn ^= 1
-                handle.host.copy_(handle.sampled, non_blocking=True)
+                handle.host.copy_(handle.sampled, non_blocking=True)  # the step's one device-to-host copy
                 handle.done = torch.cuda.Event()
                 handle.done.record()
             else:
                 handle.host = handle.sampled
+            self._last_launch = handle
         elif handle.mass is not None and self.device.type == "cuda":
             handle.done = torch.cuda.Event()
             handle.done.record()
-        handle.times = StepTimes(t1 - t0, t2 - t1, time.perf_counter() - t2, graph_bs is not None)
+        handle.times = StepTimes(t1 - t0, t2 - t1, time.perf_counter() - t2, graph_bs is not None,
+                                 self.inputs.h2d_copies - uploads)
         return handle
 
     def collect(self, handle: StepHandle) -> list[int]:
@@ -336,27 +336,16 @@ class ModelRunner:
             t += n
         return out
 
-    def _row_settings(self, params: list[SamplingParams], states: list[PenaltyState | None]) -> RowSettings | None:
-        penalised = [i for i, s in enumerate(states) if s is not None]
-        if not penalised and all(p.temperature < GREEDY_BELOW for p in params):
+    def _row_settings(self, params: list[SamplingParams], v: dict[str, torch.Tensor]) -> RowSettings | None:
+        """The sampler's per-row settings, device views of what ``_fill`` packed; None where
+        every sampling row is greedy and unpenalised (nothing was packed)."""
+        if not v["temperature"].shape[0]:
             return None
-        n, m = len(params), len(penalised)
-        temp, topk, topp, minp, prow, pslot, rep, pres, freq, mintok = (t.numpy() for t in self._settings_host)
-        for i, p in enumerate(params):
-            temp[i], topk[i], topp[i], minp[i] = p.temperature, p.top_k, p.top_p, p.min_p
-        for j, i in enumerate(penalised):
-            p = params[i]
-            prow[j], pslot[j] = i, states[i].slot
-            rep[j], pres[j], freq[j], mintok[j] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
-                                                   p.min_tokens)
-        dev = self._settings_dev
-        if dev is not self._settings_host:
-            for k, (d, h) in enumerate(zip(dev, self._settings_host)):
-                size = n if k < 4 else m
-                d[:size].copy_(h[:size], non_blocking=True)
-        penalties = PenaltyRows(self.penalties, *(d[:m] for d in dev[4:])) if m else None
-        return RowSettings(dev[0][:n], dev[1][:n], dev[2][:n], uses_filter(params),
-                           dev[3][:n] if uses_min_p(params) else None, penalties)
+        m = v["penalty_rows"].shape[0]
+        penalties = PenaltyRows(self.penalties, *(v[k] for k in ("penalty_rows", "penalty_slots", "repetition",
+                                                                 "presence", "frequency", "min_tokens"))) if m else None
+        return RowSettings(v["temperature"], v["top_k"], v["top_p"], uses_filter(params),
+                           v["min_p"] if uses_min_p(params) else None, penalties)
 
     def _graph_key(self, n: int, max_len: int) -> tuple[int, int] | None:
         """The captured graph for ``n`` sequences whose longest context is ``max_len``."""
@@ -377,15 +366,22 @@ class ModelRunner:
         free0 = torch.cuda.mem_get_info(self.device)[0]
         self.graph_pool = torch.cuda.graph_pool_handle()
         for bs, bound in sorted(keys, reverse=True):
-            tokens, _, _, _, _ = self._fill([], bs)
-            self._upload(tokens, bs, 0)
-            batch = self._batch(bs, bs, 1, bound)
+            self._fill([], bs)
+            self.inputs.upload()
+            v = self.inputs.views()  # the addresses every replay for batch bs reads
+            batch = self._batch(v, bs, 1, bound)
+
+            def decode_step():  # from-previous ids in, greedy ids out (into last_ids)
+                logits = self.model.logits(self.model(self._input_ids(v), batch, self.kv_caches))
+                torch.argmax(logits, dim=-1, out=self.last_ids[:bs])
+                return logits
+
             for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
-                self.model.logits(self.model(self.ids[:bs], batch, self.kv_caches))
+                decode_step()
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
-                logits = self.model.logits(self.model(self.ids[:bs], batch, self.kv_caches))
+                logits = decode_step()
             self.graphs[(bs, bound)] = (graph, logits)
             log.debug("captured decode CUDA graph: batch %d, context <= %d", bs, bound)
         torch.cuda.synchronize(self.device)

@@ -127,7 +127,7 @@ def _joined(outs: list[TurnOutput]) -> TurnOutput:
 class Samples:
     """The Engine's part in n / best_of (a mixin: the state is the Engine's)."""
 
-    def _start_samples(self, seq: Sequence, turn: Turn) -> None:
+    def _start_samples(self, seq: Sequence, turn: Turn, bad_words: list[list[int]] = ()) -> None:
         """``seq`` (running ``turn``, its prompt appended) becomes the parent of the request's
         samples; each sample starts waiting for the fork (or alone when there is nothing to share)."""
         group = SampleGroup(turn)
@@ -145,7 +145,7 @@ class Samples:
             if params.seed is not None:
                 child.generator = torch.Generator(device=self.device).manual_seed(params.seed)
             child.grammar = self._open_grammar(params)
-            child.penalty = self.runner.penalties.open(params, seq.token_ids, self.eos_token_ids) \
+            child.penalty = self.runner.penalties.open(params, seq.token_ids, self.eos_token_ids, bad_words) \
                 if params.uses_penalties else None
             key = next(self._keys)
             # prompt_logprobs: each sample scores the whole prompt, so none may hit another's blocks

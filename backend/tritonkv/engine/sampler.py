@@ -107,6 +107,7 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyRows) -> torch.Tensor:
     x = x - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0)
     early = (table.out_len.index_select(0, slots) < pen.min_tokens)[:, None]
     x = x.masked_fill(early & table.stops.index_select(0, slots), float("-inf"))
+    x = table.ban_words_(x, slots)  # bad_words of more than one token (sampling/penalty_state.py)
     return logits.index_copy(0, pen.rows, x)
 
 

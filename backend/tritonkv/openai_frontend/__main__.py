@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from tritonkv.openai_frontend.tool_parsers import PARSERS
+
 CONFIG_ENV = "TRITONKV_OPENAI_CONFIG"  # the settings every worker's app is built from (JSON)
 
 
@@ -38,6 +40,9 @@ def parse_args(argv=None):
                         "(default: the checkpoint's max_position_embeddings)")
     p.add_argument("--cache-salt-per-api-key", action="store_true",
                    help="give every API key (Authorization: Bearer KEY) a prefix-cache namespace of its own")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="how tool calls are read from the model's text for tool_choice 'auto' (default: by the "
+                        "checkpoint's model_type: llama -> llama3_json, qwen2 / qwen3 -> hermes)")
     return p.parse_args(argv)
 
 
@@ -48,7 +53,8 @@ def app_from_env():
     from tritonkv.openai_frontend.triton_bridge import TritonBridge
 
     cfg = json.loads(os.environ[CONFIG_ENV])
-    model = ServedModel.load(cfg["checkpoint"], cfg["model_name"], cfg.get("max_model_len"))
+    model = ServedModel.load(cfg["checkpoint"], cfg["model_name"], cfg.get("max_model_len"),
+                             cfg.get("tool_call_parser"))
     return create_app(model, TritonBridge(cfg["grpc_url"], cfg["triton_model"]),
                       salt_per_api_key=cfg.get("salt_per_api_key", False))
 
@@ -68,10 +74,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    model = ServedModel.load(args.checkpoint, args.model_name, args.max_model_len)  # fails here, once, if bad
+    # fails here, once, if bad
+    model = ServedModel.load(args.checkpoint, args.model_name, args.max_model_len, args.tool_call_parser)
     os.environ[CONFIG_ENV] = json.dumps({"checkpoint": args.checkpoint, "model_name": model.name,
                                          "grpc_url": args.grpc_url, "triton_model": args.triton_model,
-                                         "max_model_len": args.max_model_len,
+                                         "max_model_len": args.max_model_len, "tool_call_parser": args.tool_call_parser,
                                          "salt_per_api_key": args.cache_salt_per_api_key})
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()

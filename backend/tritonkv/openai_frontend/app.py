@@ -126,9 +126,9 @@ def create_app(model: ServedModel, bridge: TritonBridge, salt_per_api_key: bool 
         model.check_name(body.model)
         messages = schema.chat_messages(body)
         model.check_prompt_size([m["content"] for m in messages if isinstance(m.get("content"), str)], "messages")
-        schema.chat_generation(body, [])  # every other field checked before the template runs
-        ids = await asyncio.get_running_loop().run_in_executor(templating, model.chat_prompt_ids, messages)
-        gen = schema.chat_generation(body, ids)
+        schema.chat_generation(body, [], model.tool_parser)  # every other field checked before the template runs
+        ids = await asyncio.get_running_loop().run_in_executor(templating, model.chat_prompt_ids, messages, body.tools)
+        gen = schema.chat_generation(body, ids, model.tool_parser)
         return await _answer(request, bridge, salted(request, gen), chat=True, prompt_param="messages")
 
     return app
@@ -172,7 +172,7 @@ def _echo(model, gen: schema.Generation) -> tuple[str, str]:
 
 async def _answer(request: Request, bridge: TritonBridge, gen: schema.Generation, chat: bool, prompt_param: str,
                   echo: tuple[str, str] | None = None):
-    answer = Answer(gen.model, chat, gen.sampling.get("logprobs"), echo, gen.sampling.get("n", 1))
+    answer = Answer(gen.model, chat, gen.sampling.get("logprobs"), echo, gen.sampling.get("n", 1), gen.tools)
     deltas = bridge.generate(gen, prompt_param)
     try:
         if gen.stream:

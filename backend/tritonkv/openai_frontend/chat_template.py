@@ -4,8 +4,12 @@ transformers' ``apply_chat_template`` renders it (transformers.utils.chat_templa
 - jinja2's ``ImmutableSandboxedEnvironment`` with ``trim_blocks`` and ``lstrip_blocks`` and the
   ``loopcontrols`` extension; a ``tojson`` filter that does not escape HTML; globals
   ``raise_exception`` (a TemplateError with the template's message), ``strftime_now``;
-- variables: ``messages``, ``add_generation_prompt``, ``tools`` / ``documents`` (None here) and
-  the named special tokens (``bos_token``, ``eos_token``, ``unk_token``, ... as strings);
+- variables: ``messages``, ``add_generation_prompt``, ``tools`` (the request's tools as sent,
+  OpenAI's ``{"type": "function", "function": {...}}``, or None), ``documents`` (None) and the
+  named special tokens (``bos_token``, ``eos_token``, ``unk_token``, ... as strings);
+- an assistant message's ``tool_calls[].function.arguments`` (OpenAI: JSON text) is given to
+  the template as the object it encodes (as vLLM does: Llama 3.1 / Qwen2.5 templates write
+  ``arguments | tojson``); text that is not a JSON object stays text;
 - the rendered text is tokenised without adding special tokens (the template writes them).
 
 A template may also be a list of named templates (``[{"name": "default", "template": ...}]``);
@@ -56,6 +60,24 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _with_call_arguments(message: dict) -> dict:
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                args = json.loads(fn["arguments"])
+            except ValueError:
+                args = None
+            if isinstance(args, dict):
+                call = {**call, "function": {**fn, "arguments": args}}
+        out.append(call)
+    return {**message, "tool_calls": out}
+
+
 class ChatTemplate:
     def __init__(self, source: str, special_tokens: dict[str, str]):
         self.source = source
@@ -84,9 +106,10 @@ class ChatTemplate:
         special = {name: text for name in SPECIAL_TOKENS if (text := _token_text(cfg.get(name))) is not None}
         return cls(source, special)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
+            return self._template.render(messages=[_with_call_arguments(m) for m in messages], tools=tools,
+                                         documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.exceptions.TemplateError as exc:
             raise ChatTemplateError(str(exc)) from None

@@ -12,6 +12,10 @@ Rules (as OpenAI):
 - ``echo`` (completions): the text is the prompt's then the answer's; with logprobs, the prompt
   tokens come first in ``logprobs`` (the first with ``token_logprob`` and ``top_logprobs``
   None, as OpenAI), ``text_offset`` counting from the start of the prompt;
+- a chat with tools (``tool_calls.ToolRequest``) answers ``message.tool_calls`` when a
+  choice's text holds calls; streamed, ``delta.tool_calls`` entries (with ``index``) as each
+  choice's ``ToolStream`` gives them (a named function's arguments as they come; other calls
+  whole with the finish_reason);
 - a stream is ``data: <chunk>`` events and a last ``data: [DONE]``; with
   ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk with
   no choices carries the usage; an error after the stream started is one ``data: {"error"}``
@@ -29,6 +33,7 @@ from typing import AsyncIterator
 import orjson
 
 from tritonkv.openai_frontend.errors import OpenAIError, internal
+from tritonkv.openai_frontend.tool_calls import ToolRequest, ToolStream
 from tritonkv.openai_frontend.triton_bridge import Delta
 
 FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
@@ -97,8 +102,10 @@ class Answer:
     choices (``index`` 0..n-1; usage counts the prompt once and every choice's tokens)."""
 
     def __init__(self, model: str, chat: bool, top_logprobs: int | None = None,
-                 echo: tuple[str, str] | None = None, n: int = 1):
-        """``echo``: (prompt text, its first token's text) of an echoed completion."""
+                 echo: tuple[str, str] | None = None, n: int = 1, tools: ToolRequest | None = None):
+        """``echo``: (prompt text, its first token's text) of an echoed completion;
+        ``tools``: a chat's tools (None: plain text)."""
+        self.tools = tools
         self.echo = echo
         self.prompt_logprobs: list | None = None
         self.model = model
@@ -158,8 +165,14 @@ class Answer:
         for i, c in enumerate(self.choices):
             text = "".join(c.text) if self.echo is None else self.echo[0] + "".join(c.text)
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": self.logprobs_of(c.logprobs, i), "finish_reason": c.finish_reason})
+                message, reason = {"role": "assistant", "content": text}, c.finish_reason
+                if self.tools is not None:
+                    message["content"], calls = self.tools.read(text)
+                    if calls:
+                        message["tool_calls"] = calls
+                    reason = self.tools.finish_reason(reason, calls)
+                choices.append({"index": i, "message": message, "logprobs": self.logprobs_of(c.logprobs, i),
+                                "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": text, "logprobs": self.logprobs_of(c.logprobs, i),
                                 "finish_reason": c.finish_reason})
@@ -168,10 +181,12 @@ class Answer:
                 "choices": choices, "usage": self.usage()}
 
     def chunk(self, text: str | None, reason: str | None, include_usage: bool, role: bool = False,
-              logprobs: list[dict] | None = None, index: int = 0) -> dict:
+              logprobs: list[dict] | None = None, index: int = 0, tool_calls: list[dict] | None = None) -> dict:
         shaped = None if role else self.logprobs_of(logprobs, index)
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if role else {"content": text or ""}
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": shaped, "finish_reason": reason}
             kind = "chat.completion.chunk"
         else:
@@ -202,11 +217,19 @@ async def sse_events(answer: Answer, first: Delta, rest: AsyncIterator[Delta], i
             for i in range(len(answer.choices)):
                 yield sse(answer.chunk("", None, include_usage, role=True, index=i))
         delta = first
+        held = [ToolStream(answer.tools) for _ in answer.choices] if answer.tools is not None else None
         while True:
             answer.add(delta)
-            if delta.text or delta.finish_reason is not None or delta.logprobs:
-                yield sse(answer.chunk(delta.text, finish_reason(delta.finish_reason), include_usage,
-                                       logprobs=delta.logprobs, index=delta.index))
+            text, reason, deltas = delta.text, finish_reason(delta.finish_reason), None
+            if held is not None:
+                text, deltas = held[delta.index].feed(delta.text)
+                if reason is not None:
+                    tail, last, calls = held[delta.index].finish()
+                    text, deltas = text + tail, (deltas or []) + (last or []) or None
+                    reason = answer.tools.finish_reason(reason, calls)
+            if text or deltas or delta.finish_reason is not None or delta.logprobs:
+                yield sse(answer.chunk(text, reason, include_usage, logprobs=delta.logprobs, index=delta.index,
+                                       tool_calls=deltas))
             if answer.ends(delta):
                 break
             delta = await rest.__anext__()

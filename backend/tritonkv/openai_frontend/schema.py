@@ -6,12 +6,12 @@ Rules:
   checked against its ranges (what the runner stores: int32, finite float32, ...) before
   anything is converted; OpenAI's tighter range for temperature ([0, 2]) applies on top. The
   vLLM extensions are accepted as vLLM's OpenAI server does (``top_k`` -1 = off,
-  ``repetition_penalty``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
+  ``repetition_penalty``, ``min_p``, ``min_tokens``, ``stop_token_ids``, ``bad_words``, ``ignore_eos``,
   ``cache_salt``); ``logprobs`` is OpenAI's per endpoint (completions: a count of top tokens,
   chat: a boolean with ``top_logprobs``), at most ``MAX_LOGPROBS`` (20, as vLLM);
 - ``n`` choices and completions' ``best_of`` (>= n, not streamed) share one prefill
-  (engine/sample_group.py); a known OpenAI field this server does not implement is accepted
-  only at its neutral value (no tools, ...); completions' ``echo`` (not streamed) prepends the prompt to the
+  (engine/sample_group.py); chat ``tools`` / ``tool_choice`` are checked by ``tool_calls.py``;
+  completions' ``echo`` (not streamed) prepends the prompt to the
   text and, with ``logprobs``, the prompt tokens' logprobs (``prompt_logprobs``) to the logprobs and refused otherwise, naming it;
 - every check raises ``OpenAIError`` 400 whose message and ``param`` name the field.
 """
@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tritonkv.openai_frontend.errors import bad_request
+from tritonkv.openai_frontend.tool_calls import tool_request
 from tritonkv.sampling.params import ANY_JSON_OBJECT, SamplingParams, check_samples, check_sampling
 from tritonkv.sampling.params import MAX_LOGPROBS, MAX_STOP, PARAMETERS, ParameterError, check_value  # noqa: F401
 
@@ -57,6 +58,7 @@ class _Body(BaseModel):
     min_p: float | None = None
     min_tokens: int | None = None
     stop_token_ids: list | None = None
+    bad_words: list[str] | str | None = None
     cache_salt: str | None = None
 
 
@@ -90,6 +92,7 @@ class Generation:
     include_usage: bool
     cache_salt: str | None = None
     echo: bool = False  # completions: the prompt precedes the answer (and its logprobs, when asked)
+    tools: Any = None  # chat: tool_calls.ToolRequest (None: the answer is plain text)
 
     @property
     def max_tokens(self) -> int | None:  # None: the engine's default_max_tokens
@@ -205,8 +208,9 @@ def completion_generation(body: CompletionBody) -> Generation:
     return gen
 
 
-def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
-    """``prompt_ids``: the messages rendered by the chat template and tokenised."""
+def chat_generation(body: ChatBody, prompt_ids: list[int], tool_parser: str | None = None) -> Generation:
+    """``prompt_ids``: the messages rendered by the chat template and tokenised;
+    ``tool_parser``: the served model's (tool_parsers.PARSERS key or None)."""
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise bad_request("send 'max_completion_tokens' or 'max_tokens', not both", "max_tokens")
@@ -217,13 +221,22 @@ def chat_generation(body: ChatBody, prompt_ids: list[int]) -> Generation:
     top = None if body.top_logprobs is None else _logprobs(body.top_logprobs, "top_logprobs")
     if top is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs true", "top_logprobs")
-    if body.tools:
-        raise bad_request("'tools' are not supported by this server", "tools")
-    _neutral(body, "tool_choice", ("none",))
+    tools = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls, tool_parser)
     schema = _response_format(body.response_format)
     gen = Generation(text=None, input_ids=prompt_ids, **sampling(body, max_tokens, name))
     if schema is not None:
         gen.sampling["guided_json"] = schema
+    if tools is not None:
+        gen.tools = tools
+        constraint = tools.guided_json()
+        if constraint is not None and schema is not None:
+            raise bad_request("send 'response_format' or a tool_choice that constrains the output ('required' or a "
+                              "named function), not both", "tool_choice")
+        if constraint is not None:
+            try:
+                gen.sampling["guided_json"] = check_value("guided_json", constraint, "tools")
+            except ParameterError as exc:
+                raise bad_request(str(exc), "tools") from None
     if body.logprobs:
         gen.sampling["logprobs"] = top or 0
     return gen

@@ -11,6 +11,7 @@ never serves more).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,19 @@ from tritonkv.model.onnx_files import checkpoint_directory
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.openai_frontend.chat_template import ChatTemplate, ChatTemplateError
 from tritonkv.openai_frontend.errors import bad_request, model_not_found
+from tritonkv.openai_frontend.tool_parsers import FAMILY_PARSERS
 
 
 FALLBACK_BYTES_PER_TOKEN = 64
+
+
+def family_tool_parser(files: str) -> str | None:
+    """The tool call parser of the checkpoint's family (config.json ``model_type``), or None."""
+    try:
+        with open(os.path.join(files, "config.json")) as f:
+            return FAMILY_PARSERS.get(json.load(f).get("model_type"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def default_model_name(checkpoint: str | None) -> str:
@@ -46,9 +57,11 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     max_model_len: int | None = None
     max_prompt_bytes: int | None = None
+    tool_parser: str | None = None  # tool_parsers.PARSERS key: --tool-call-parser, else the family's
 
     @classmethod
-    def load(cls, checkpoint: str, name: str | None = None, max_model_len: int | None = None) -> "ServedModel":
+    def load(cls, checkpoint: str, name: str | None = None, max_model_len: int | None = None,
+             tool_parser: str | None = None) -> "ServedModel":
         files = checkpoint_directory(checkpoint)  # an .onnx file's tokenizer lies beside it
         tokenizer = None
         if os.path.isfile(os.path.join(files, "tokenizer.json")):
@@ -62,7 +75,8 @@ class ServedModel:
         if max_model_len and tokenizer is not None:
             max_bytes = tokenizer.max_text_bytes(max_model_len) or max_model_len * FALLBACK_BYTES_PER_TOKEN
         return cls(name or default_model_name(checkpoint), checkpoint, tokenizer, ChatTemplate.from_checkpoint(files),
-                   max_model_len=max_model_len, max_prompt_bytes=max_bytes)
+                   max_model_len=max_model_len, max_prompt_bytes=max_bytes,
+                   tool_parser=tool_parser or family_tool_parser(files))
 
     def check_prompt_size(self, texts: list[str], param: str) -> None:
         """Refuse (400) prompt texts that cannot fit ``max_model_len`` tokens, on their bytes."""
@@ -78,7 +92,7 @@ class ServedModel:
         if requested != self.name:
             raise model_not_found(requested, self.name)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Messages rendered by the chat template and tokenised (the template writes BOS etc.);
         called on a worker thread (app.py)."""
         if self.template is None:
@@ -89,7 +103,7 @@ class ServedModel:
             raise bad_request(f"model {self.name!r} has no tokenizer.json, so chat text cannot be tokenised",
                               "messages")
         try:
-            text = self.template.render(messages, add_generation_prompt=True)
+            text = self.template.render(messages, add_generation_prompt=True, tools=tools or None)
         except ChatTemplateError as exc:
             raise bad_request(f"the chat template refused the messages: {exc}", "messages") from None
         # encode_batch lets go of the GIL while it works (encode holds it: seconds for a large

@@ -29,6 +29,8 @@ MAX_STOP = 64  # stop strings per request
 MAX_TOKEN_LIST = 1024  # entries of stop_token_ids / logit_bias per request
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
 MAX_LOGPROBS = 20  # most likely tokens returned per generated token
+MAX_BAD_WORDS = 64  # bad_words per request
+MAX_BAD_WORD_CHARS = 256  # characters of one bad word
 MAX_SAMPLES = 64  # n / best_of: samples of one prompt
 
 
@@ -45,7 +47,7 @@ class ParameterError(RequestError):
 @dataclass(frozen=True)
 class Parameter:
     name: str
-    kind: str  # int | float | bool | strings | token_ids | token_bias
+    kind: str  # int | float | bool | strings | words | token_ids | token_bias | json | regex | choices
     default: object
     meaning: str
     lo: float | None = None  # inclusive unless lo_open
@@ -96,6 +98,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("logit_bias", "token_bias", (), f"token id -> value in [-{LOGIT_BIAS_LIMIT:g}, "
               f"{LOGIT_BIAS_LIMIT:g}] added to its logit before anything else"),
     Parameter("ignore_eos", "bool", False, "keep generating after EOS", triton_dtype="BOOL"),
+    Parameter("bad_words", "words", (), "vLLM: words never generated; each is tokenised with and without a "
+              "leading space (sampling/bad_words.py); a one-token word is banned always, a longer one's last "
+              f"token is banned right after the output ends with its other tokens (at most {MAX_BAD_WORDS} "
+              "words)"),
     Parameter("logprobs", "int", None, "return each generated token's log-probability (of the model's "
               f"distribution, before any setting above) and this many of the most likely tokens' "
               f"(None: none; at most {MAX_LOGPROBS})", 0, MAX_LOGPROBS, openai=False),
@@ -140,6 +146,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[str, ...] = ()  # banned words (sampling/bad_words.py tokenises them)
     logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, bias), ids unique
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's and the top k at its position
@@ -158,7 +165,7 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         """Some setting needs the per-sequence token state on the device (engine/sampler.py)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.min_tokens > 0 or bool(self.logit_bias))
+                or self.min_tokens > 0 or bool(self.logit_bias) or bool(self.bad_words))
 
 
 def check_value(name: str, value, what: str | None = None):
@@ -194,6 +201,8 @@ def check_value(name: str, value, what: str | None = None):
         return tuple(s for s in value if s)
     if p.kind in ("json", "regex", "choices"):
         return _check_guided(p.kind, value, what)
+    if p.kind == "words":
+        return _check_words(value, what)
     if p.kind == "token_ids":
         if not isinstance(value, (list, tuple)):
             raise ParameterError(f"{what} must be a list of token ids, got {type(value).__name__}")
@@ -250,6 +259,26 @@ def _check_guided(kind: str, value, what: str):
     if len(text) > MAX_GRAMMAR_CHARS:
         raise ParameterError(f"{what} is {len(text)} characters long; at most {MAX_GRAMMAR_CHARS}")
     return text
+
+
+def _check_words(value, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)  # a request parameter carries the list as JSON text
+        except ValueError:
+            pass
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) for w in value):
+        raise ParameterError(f"{what} must be a list of strings")
+    if len(value) > MAX_BAD_WORDS:
+        raise ParameterError(f"{what} holds {len(value)} words; at most {MAX_BAD_WORDS}")
+    for i, word in enumerate(value):
+        if not word.strip():
+            raise ParameterError(f"{what}[{i}] is blank; a bad word needs a character other than whitespace")
+        if len(word) > MAX_BAD_WORD_CHARS:
+            raise ParameterError(f"{what}[{i}] is {len(word)} characters long; at most {MAX_BAD_WORD_CHARS}")
+    return tuple(value)
 
 
 def _token_id(value, what: str) -> int:
