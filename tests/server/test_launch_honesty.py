@@ -3,6 +3,7 @@
 that die with their parent, a stopped process seen as not ready, and a frontend whose
 restarts keep failing given up after three."""
 
+import argparse
 import http.server
 import os
 import signal
@@ -176,3 +177,21 @@ def test_a_port_that_answers_without_http_is_not_ready():
         thread.start()
         assert http_ok(f"http://127.0.0.1:{port}/v2/health/ready", timeout_s=5) is False
         thread.join(5)
+
+
+def test_serves_tool_call_parser_reaches_the_openai_frontends_command():
+    """`tritonkv serve --tool-call-parser hermes` starts the frontend with that parser (the
+    frontend's own flag parser then reads it: tests/openai_frontend/test_tool_calls.py)."""
+    from tritonkv.openai_frontend.__main__ import parse_args
+    from tritonkv.openai_frontend.process import FrontendProcess
+    from tritonkv.server.cli import add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--tool-call-parser", "hermes"])
+    frontend = FrontendProcess(grpc_url="127.0.0.1:1", host="127.0.0.1", port=1, checkpoint=".", model_name=None,
+                               log_path=None, tool_call_parser=args.tool_call_parser)
+    assert parse_args(frontend.cmd[3:]).tool_call_parser == "hermes"
+    default = FrontendProcess(grpc_url="127.0.0.1:1", host="127.0.0.1", port=1, checkpoint=".", model_name=None,
+                              log_path=None)
+    assert parse_args(default.cmd[3:]).tool_call_parser is None

@@ -26,7 +26,8 @@ from tritonkv.server.process_tree import end_group, signal_group, spawn, stopped
 class FrontendProcess:
     def __init__(self, *, grpc_url: str, host: str, port: int, checkpoint: str, model_name: str | None,
                  log_path: str | None, workers: int = 1, env: dict | None = None,
-                 triton_model: str = "llm_stateless", max_failed_starts: int = 3, start_timeout_s: float = 60):
+                 triton_model: str = "llm_stateless", max_failed_starts: int = 3, start_timeout_s: float = 60,
+                 tool_call_parser: str | None = None):
         self.host = host
         self.port = port
         self.workers = workers
@@ -36,6 +37,8 @@ class FrontendProcess:
                     "--workers", str(workers), "--triton-model", triton_model]
         if model_name:
             self.cmd += ["--model-name", model_name]
+        if tool_call_parser:
+            self.cmd += ["--tool-call-parser", tool_call_parser]
         backend = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.env = dict(env or os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([backend] + [p for p in [self.env.get("PYTHONPATH")] if p])

@@ -26,6 +26,7 @@ import sys
 
 from tritonkv import config as engine_config
 from tritonkv.config import EngineConfig
+from tritonkv.openai_frontend.tool_parsers import PARSERS
 from tritonkv.server.launcher import DEFAULT_OPENAI_PORT, DEFAULT_REPOSITORY, RESTRICTED_APIS
 from tritonkv.server.repository import STATELESS_MODEL, check_model_name
 
@@ -192,6 +193,9 @@ def add_serve_parser(sub) -> tuple[argparse.ArgumentParser, list[str]]:
     serve.add_argument("--no-openai", action="store_true", help="do not start the OpenAI-compatible API")
     serve.add_argument("--openai-workers", type=int, default=0,
                        help="processes of the OpenAI API (0: 1 on CPU, up to 4 on a GPU server; default: %(default)s)")
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                       help="how the OpenAI API reads tool calls in the model's text (default: by the "
+                            "checkpoint's model_type: llama -> llama3_json, qwen2 -> hermes)")
     serve.add_argument("--model-name", default=None,
                        help="the model name the OpenAI API reports (default: the checkpoint directory's name, "
                             "tritonkv-demo for the demo model)")

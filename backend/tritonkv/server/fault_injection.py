@@ -2,11 +2,11 @@
 environment (never set it in a deployment). Used by tests/e2e/test_fault.py to keep streams
 in flight and to make an engine stop stepping, deterministically.
 
-When the variable names a directory, the engine thread of the stub with process id PID, at
-the end of a loop iteration (so within about a second, idle or busy):
+When the variable names a directory, the engine thread of the engine core with process id
+PID (core/proc.py), at the end of a loop iteration (so within about a second, idle or busy):
 - sleeps 0.05 s while the file ``<dir>/slow-PID`` exists (streams that stay in flight);
 - blocks for good once the file ``<dir>/hang-PID`` exists (an engine that stops stepping).
-Files name a process, not an instance, so a restarted instance runs clean.
+Files name a process, not a pool, so a restarted core runs clean.
 """
 
 from __future__ import annotations

@@ -268,7 +268,8 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
            restricted_apis: tuple[str, ...] | None = RESTRICTED_APIS, admin_key: bool = False,
            openai_port: int | None = None, model_name: str | None = None, openai_workers: int = 0,
            stateless_model: str = STATELESS_MODEL, progress: Callable[[str], None] | None = None,
-           cancel: threading.Event | None = None, private_shm: bool = True) -> Server:
+           cancel: threading.Event | None = None, private_shm: bool = True,
+           tool_call_parser: str | None = None) -> Server:
     """Start tritonserver on a copy of ``repository`` and wait until it is ready.
 
     ``restricted_apis``: Triton APIs (HTTP and gRPC) closed to clients; None or () restricts
@@ -278,7 +279,8 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
     config.pbtxt parameters for every model; without ``pool_name`` the models get a pool
     private to this server. ``openai_port``: None runs no OpenAI frontend, 0 picks a free
     port; ``model_name``: the name it reports (default: the checkpoint directory's);
-    ``openai_workers``: its processes (0: one on a CPU server, up to 4 on a GPU server).
+    ``openai_workers``: its processes (0: one on a CPU server, up to 4 on a GPU server);
+    ``tool_call_parser``: its ``--tool-call-parser`` (None: the model family's).
     ``stateless_model``: the Triton name of the one-shot model. ``progress``: called with a
     line while models load; ``cancel`` set (a signal) stops the start. ``private_shm``: run
     tritonserver with a /dev/shm of its own where the system allows it (``private_shm.py``).
@@ -342,7 +344,8 @@ def launch(checkpoint: str | None = None, *, http_port: int = 0, grpc_port: int 
     if openai_port is not None:
         if openai_workers <= 0:
             openai_workers = 1 if instance_kind == "KIND_CPU" else max(1, min(4, (os.cpu_count() or 1) // 4))
-        start_openai(server, checkpoint, ports["--openai-port"], model_name, log_to_console, openai_workers)
+        start_openai(server, checkpoint, ports["--openai-port"], model_name, log_to_console, openai_workers,
+                     tool_call_parser)
     return server
 
 
@@ -365,7 +368,7 @@ def tritonserver_command(repo: str, backends: str, host: str, ports: dict, exit_
 
 
 def start_openai(server: Server, checkpoint: str, port: int, model_name: str | None, log_to_console: bool,
-                 workers: int = 1) -> None:
+                 workers: int = 1, tool_call_parser: str | None = None) -> None:
     """Start the OpenAI frontend of ``server`` (stopping the server if it cannot start)."""
     from tritonkv.openai_frontend.process import FrontendProcess
     from tritonkv.openai_frontend.served_model import default_model_name
@@ -373,7 +376,7 @@ def start_openai(server: Server, checkpoint: str, port: int, model_name: str | N
     server.model_name = model_name or default_model_name(checkpoint)
     frontend = FrontendProcess(grpc_url=server.grpc_url, host=server.host, port=port,
                                checkpoint=checkpoint, model_name=server.model_name, workers=workers,
-                               triton_model=server.stateless_model,
+                               triton_model=server.stateless_model, tool_call_parser=tool_call_parser,
                                log_path=None if log_to_console else os.path.join(server.workdir, "openai.log"))
     try:
         frontend.start()

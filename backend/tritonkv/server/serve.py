@@ -71,6 +71,7 @@ def serve_forever(args) -> int:
                     extra_params=dict(p.split("=", 1) for p in getattr(args, "param", [])) or None,
                     exit_timeout_s=getattr(args, "exit_timeout", 1.5),
                     model_name=getattr(args, "model_name", None), openai_workers=getattr(args, "openai_workers", 0),
+                    tool_call_parser=getattr(args, "tool_call_parser", None),
                     stateless_model=getattr(args, "stateless_model_name", "llm_stateless"),
                     progress=say, cancel=stopping)
     say(f"tritonkv: starting tritonserver (checkpoint {args.checkpoint or 'demo'}); models load first")
