@@ -60,15 +60,22 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=16, help="multi-token words per row (and as many one-token ones)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the fastest is kept")
+    ap.add_argument("--out", default=None, help="also write the result, with this command line, to a markdown file")
     args = ap.parse_args()
     times = {0: [], args.words: []}
     for i in range(args.repeats):  # alternating, each order as often
         for words in ((0, args.words) if i % 2 == 0 else (args.words, 0)):
             times[words].append(step_ms(args.device, args.rows, args.vocab, words, args.steps))
     base, with_words = min(times[0]), min(times[args.words])
-    print(f"device {args.device}, {args.rows} rows, vocab {args.vocab}: penalty pass {base:.3f} ms/step; "
-          f"with {args.words} + {args.words} bad words per row {with_words:.3f} ms/step "
-          f"({(with_words / base - 1) * 100:+.1f}%)")
+    line = (f"device {args.device}, {args.rows} rows, vocab {args.vocab}: penalty pass {base:.3f} ms/step; "
+            f"with {args.words} + {args.words} bad words per row {with_words:.3f} ms/step "
+            f"({(with_words / base - 1) * 100:+.1f}%)")
+    print(line)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# bad_words in the sampler's penalty pass ({time.strftime('%Y-%m-%d')})\n\n"
+                    f"Command: `python bench/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}` "
+                    f"({os.cpu_count()} CPUs; fastest of {args.repeats} alternating runs each)\n\n{line}\n")
 
 
 if __name__ == "__main__":
