@@ -281,7 +281,8 @@ def test_serve_has_a_flag_with_help_for_every_setting(capsys):
         assert action.help, action.option_strings
     assert {a.dest: a.choices for a in serve._actions if a.choices} == {
         "engine_device": ("auto", "cpu", "cuda"), "engine_dtype": ("auto", "float32", "bfloat16", "float16"),
-        "engine_kv_cache_dtype": ("auto", "fp8", "int8"), "engine_kv_eviction": ("none", "streaming", "h2o")}
+        "engine_kv_cache_dtype": ("auto", "fp8", "int8"), "engine_kv_eviction": ("none", "streaming", "h2o"),
+        "tool_call_parser": ["hermes", "llama3_json"]}
     help_text = serve.format_help()
     assert "0: a free port" in help_text and "--block-size INT" in help_text
     args = serve.parse_args(["--kv-cache-memory-mb", "64", "--no-enable-prefix-caching", "--pool-name", "p1",
