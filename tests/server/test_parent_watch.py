@@ -11,12 +11,12 @@ import sys
 import textwrap
 import time
 
-from tritonkv.server.parent_watch import in_stub, watch_parent
+from tritonkv.server.parent_watch import in_stub, watch_stub_parent
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import os, time
     from tritonkv.server.parent_watch import watch_parent
-    watch_parent(period_s=0.1, force=True)
+    watch_parent(os.getppid(), lambda: os._exit(1), period_s=0.1)
     print("watching", flush=True)
     time.sleep(60)
 """)
@@ -57,4 +57,4 @@ def test_a_child_whose_parent_is_sigkilled_exits():
 
 def test_outside_a_stub_the_watch_does_not_start():
     assert not in_stub()
-    assert watch_parent() is None
+    assert watch_stub_parent() is None

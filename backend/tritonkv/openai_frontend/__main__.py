@@ -15,10 +15,9 @@ import json
 import os
 import signal
 import sys
-import threading
-import time
 
 from tritonkv.openai_frontend.tool_parsers import PARSERS
+from tritonkv.server.parent_watch import watch_parent
 
 CONFIG_ENV = "TRITONKV_OPENAI_CONFIG"  # the settings every worker's app is built from (JSON)
 
@@ -59,13 +58,6 @@ def app_from_env():
                       salt_per_api_key=cfg.get("salt_per_api_key", False))
 
 
-def _watch_parent(pid: int) -> None:
-    """SIGTERM this process (uvicorn stops gracefully) once ``pid`` is no longer its parent."""
-    while os.getppid() == pid:
-        time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def main(argv=None) -> int:
     import uvicorn
 
@@ -81,7 +73,8 @@ def main(argv=None) -> int:
                                          "max_model_len": args.max_model_len, "tool_call_parser": args.tool_call_parser,
                                          "salt_per_api_key": args.cache_salt_per_api_key})
     if args.parent_pid:
-        threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+        # SIGTERM: uvicorn stops gracefully
+        watch_parent(args.parent_pid, lambda: os.kill(os.getpid(), signal.SIGTERM))
     print(f"tritonkv OpenAI frontend: model {model.name!r} on http://{args.host}:{args.port}/v1 "
           f"-> Triton {args.grpc_url} ({args.triton_model}), {args.workers} worker(s)"
           + ("" if model.template else "; no chat template: /v1/chat/completions is refused"), flush=True)

@@ -27,7 +27,7 @@ from tritonkv.engine.output import merge_outputs
 from tritonkv.engine.requests import RequestError
 from tritonkv.server.gauges import Gauges
 from tritonkv.server.heartbeat import Heartbeat
-from tritonkv.server.parent_watch import watch_parent
+from tritonkv.server.parent_watch import watch_stub_parent
 from tritonkv.server.slot_release import SlotReleaser
 from tritonkv.server.triton_choices import reply_channel
 from tritonkv.server.triton_request import BadRequest, Limits, ReplyChannel, parse_request
@@ -99,7 +99,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         self.config = EngineConfig.from_parameters(params)
         log_info_to_stderr()
-        watch_parent()
+        watch_stub_parent()
         self.core = CoreClient(self.config, gpu_instance=args.get("model_instance_kind") == "GPU",
                                device_id=int(args.get("model_instance_device_id", 0)))
         self.core.connect()  # a refusal (e.g. another checkpoint on this pool) fails the load with its reason
