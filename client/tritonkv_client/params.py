@@ -69,16 +69,13 @@ class GenerationParams:
         if unknown:
             raise TypeError(f"unknown generation setting(s) {sorted(unknown)}; known: {sorted(names)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        if isinstance(given.get("stop"), str):
-            given["stop"] = (given["stop"],)
-        elif "stop" in given:
-            given["stop"] = tuple(given["stop"])
+        for name in ("stop", "bad_words"):  # one string or a list of them
+            if isinstance(given.get(name), str):
+                given[name] = (given[name],)
+            elif name in given:
+                given[name] = tuple(given[name])
         if "stop_token_ids" in given:
             given["stop_token_ids"] = tuple(int(t) for t in given["stop_token_ids"])
-        if isinstance(given.get("bad_words"), str):
-            given["bad_words"] = (given["bad_words"],)
-        elif "bad_words" in given:
-            given["bad_words"] = tuple(given["bad_words"])
         if "logit_bias" in given:
             given["logit_bias"] = {int(t): float(b) for t, b in dict(given["logit_bias"]).items()}
         return replace(self, **given)

@@ -126,9 +126,9 @@ def create_app(model: ServedModel, bridge: TritonBridge, salt_per_api_key: bool 
         model.check_name(body.model)
         messages = schema.chat_messages(body)
         model.check_prompt_size([m["content"] for m in messages if isinstance(m.get("content"), str)], "messages")
-        schema.chat_generation(body, [], model.tool_parser)  # every other field checked before the template runs
-        ids = await asyncio.get_running_loop().run_in_executor(templating, model.chat_prompt_ids, messages, body.tools)
-        gen = schema.chat_generation(body, ids, model.tool_parser)
+        gen = schema.chat_generation(body, [], model.tool_parser)  # every other field checked before the template runs
+        gen.input_ids = await asyncio.get_running_loop().run_in_executor(templating, model.chat_prompt_ids, messages,
+                                                                         body.tools)
         return await _answer(request, bridge, salted(request, gen), chat=True, prompt_param="messages")
 
     return app

@@ -118,10 +118,6 @@ class Answer:
         self.prompt_tokens = 0
         self.cached_tokens = 0
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self.choices[0].finish_reason
-
     def logprobs_of(self, tokens: list[dict] | None, index: int = 0) -> dict | None:
         """The ``logprobs`` of choice ``index`` holding ``tokens`` (None when not asked)."""
         if self.top_logprobs is None:

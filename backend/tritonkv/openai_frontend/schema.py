@@ -116,13 +116,6 @@ def parse_body(cls: type[_Body], raw: Any) -> _Body:
         raise bad_request(f"invalid value for {where!r}: {err['msg']} (got {err.get('input')!r:.80})", name) from None
 
 
-def _neutral(body: _Body, name: str, allowed) -> None:
-    value = getattr(body, name, None)
-    if value is not None and value not in allowed:
-        raise bad_request(f"{name!r} = {value!r} is not supported by this server "
-                          f"(only {' / '.join(repr(a) for a in allowed)})", name)
-
-
 def sampling(body: _Body, max_tokens: int | None, max_tokens_name: str) -> dict:
     """The sampling fields every endpoint shares, checked; ``max_tokens`` comes per endpoint."""
     values = {}

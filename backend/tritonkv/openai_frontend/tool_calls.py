@@ -48,7 +48,6 @@ MAX_TOOLS = 128
 class ToolRequest:
     """A chat request's tools, checked; ``choice``: auto | required | named."""
 
-    tools: list[dict]  # as sent (the chat template renders them)
     schemas: dict[str, dict]  # function name -> its parameters schema
     choice: str
     name: str | None  # the named function (choice "named")
@@ -119,7 +118,7 @@ def tool_request(tools, tool_choice, parallel_tool_calls: bool | None, parser: s
         raise bad_request("tool_choice 'auto' needs a tool call parser, and this model's family has none: start the "
                           f"frontend with --tool-call-parser ({' | '.join(PARSERS)}), or send tool_choice 'required' "
                           "or a named function", "tool_choice")
-    return ToolRequest(list(tools), schemas, choice, name, parallel_tool_calls is not False, parser)
+    return ToolRequest(schemas, choice, name, parallel_tool_calls is not False, parser)
 
 
 def _check_tools(tools) -> dict[str, dict]:
