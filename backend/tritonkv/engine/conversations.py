@@ -160,15 +160,19 @@ class Conversations:
             if turn.params.samples > 1:  # n / best_of: the samples run it (engine/sample_group.py)
                 self._start_samples(seq, turn, bad_words)
                 return
-            turn.generator = None
-            if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
-                turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
-            turn.grammar = self._open_grammar(turn.params)  # structured output, None when not asked
-            # per-row penalty state (sampling/penalty_state.py): from the whole context
-            turn.penalty = self.runner.penalties.open(turn.params, seq.token_ids, self.eos_token_ids, bad_words) \
-                if turn.params.uses_penalties else None
+            self._open_turn_state(turn, seq.token_ids, bad_words)
             return
         seq.status = SeqStatus.IDLE
+
+    def _open_turn_state(self, turn: Turn, context: list[int], bad_words: list[list[int]]) -> None:
+        """The sampling state of ``turn`` (a request's, or one of its samples'), from its params."""
+        turn.generator = None
+        if turn.params.seed is not None:  # (check_sampling bounds it to a uint64)
+            turn.generator = torch.Generator(device=self.device).manual_seed(turn.params.seed)
+        turn.grammar = self._open_grammar(turn.params)  # structured output, None when not asked
+        # per-row penalty state (sampling/penalty_state.py): from the whole context
+        turn.penalty = self.runner.penalties.open(turn.params, context, self.eos_token_ids, bad_words) \
+            if turn.params.uses_penalties else None
 
     @property
     def _decode_one(self):

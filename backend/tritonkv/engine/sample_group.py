@@ -30,7 +30,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import torch
 
 from tritonkv.engine.requests import Turn, TurnOutput
 from tritonkv.sampling.params import MAX_SEED
@@ -135,18 +134,13 @@ class Samples:
         seq.fork_at = fork_point(len(seq.token_ids), self.pool.block_size) if share else 0
         turn.emit = group.parent_output
         turn.is_cancelled = group.cancelled
-        turn.penalty = turn.grammar = turn.generator = None
         samples = []
         for i in range(group.count):
             params = group.sample_params(turn.params, i)
             child = Turn(list(turn.prompt_ids), params, lambda out, i=i: group.sample_output(i, out),
                          group.cancelled, end_sequence=True, request_id=turn.request_id)
             child.sample_index = i
-            if params.seed is not None:
-                child.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-            child.grammar = self._open_grammar(params)
-            child.penalty = self.runner.penalties.open(params, seq.token_ids, self.eos_token_ids, bad_words) \
-                if params.uses_penalties else None
+            self._open_turn_state(child, seq.token_ids, bad_words)
             key = next(self._keys)
             # prompt_logprobs: each sample scores the whole prompt, so none may hit another's blocks
             keys = (*seq.extra_keys, ("sample", key)) if params.prompt_logprobs is not None else seq.extra_keys
