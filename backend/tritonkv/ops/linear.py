@@ -34,13 +34,13 @@ def skinny_choices(device_name: str, n: int, k: int, wins: dict = WINS) -> dict[
 
 
 def _skinny_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    from tritonkv.kernels.skinny_gemm import SkinnyConfig, skinny_linear
+    from tritonkv.kernels.skinny_gemm import skinny_linear
 
     b = bucket(x.shape[0]) if x.dim() == 2 else None
-    cfg = self.skinny_choices.get(b)
+    cfg = self.skinny_configs.get(b)
     if cfg is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.stride(-1) != 1:
         return F.linear(x, self.weight, self.bias)
-    return skinny_linear(x, self.weight, self.bias, SkinnyConfig(*cfg))
+    return skinny_linear(x, self.weight, self.bias, cfg)
 
 
 def use_skinny_gemm(model: nn.Module, wins: dict = WINS) -> list[str]:
@@ -53,7 +53,9 @@ def use_skinny_gemm(model: nn.Module, wins: dict = WINS) -> list[str]:
         n, k = module.weight.shape
         choices = skinny_choices(torch.cuda.get_device_name(module.weight.device), n, k, wins)
         if choices:
-            module.skinny_choices = choices
+            from tritonkv.kernels.skinny_gemm import SkinnyConfig
+
+            module.skinny_configs = {m: SkinnyConfig(*cfg) for m, cfg in choices.items()}  # built once, not per call
             module.forward = types.MethodType(_skinny_forward, module)
             used.append(name)
     return used
