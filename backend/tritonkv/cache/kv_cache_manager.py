@@ -163,15 +163,15 @@ class KVCacheManager(TierMoves):
                              f"of {self.block_size}; a fork shares whole blocks only")
         if self.policy.evicts or parent.evicted_tokens:
             raise ValueError(f"the {self.policy.name} eviction policy does not fork sequences")
-        for child_id in child_ids:
-            if child_id in self._seqs:
-                raise KeyError(f"sequence {child_id!r} already holds KV blocks")
-            if parent.blocks:
-                self.pool.take_ref(parent.blocks, self.owner)
-            k = len(parent.blocks)
-            self._seqs[child_id] = SequenceBlocks(parent.extra_keys, list(parent.blocks), list(parent.origins),
-                                                  list(parent.hashes), sources=[-1] * k, rerotated=[0] * k,
-                                                  mass=np.zeros(k) if self.policy.needs_attention_mass else np.zeros(0))
+        taken = [c for c in child_ids if c in self._seqs]
+        if taken:
+            raise KeyError(f"sequence {taken[0]!r} already holds KV blocks")
+        if parent.blocks:
+            self.pool.take_ref(parent.blocks * len(child_ids), self.owner)  # one reference per child
+        for child_id in child_ids:  # (no eviction: a fresh table of the same blocks, as start() opens one)
+            child = self._seqs[child_id] = SequenceBlocks(parent.extra_keys)
+            self._append(child_id, child, list(parent.blocks))
+            child.hashes = list(parent.hashes)
         self.forked_blocks += len(parent.blocks) * len(child_ids)
 
     def _append(self, seq_id, seq: SequenceBlocks, blocks: list[int]) -> None:
