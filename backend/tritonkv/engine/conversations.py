@@ -126,27 +126,9 @@ class Conversations:
     def _begin_next_turn(self, seq: Sequence) -> None:
         while seq.pending:
             turn = seq.pending.popleft()
-            if not turn.prompt_ids:  # close marker or rejected request
-                reason = "error" if turn.error else "closed"
-                self._reply(turn, TurnOutput("", [], True, reason, error=turn.error))
-                if turn.end_sequence:
-                    self._release(seq)
-                    return
-                continue
-            context = len(seq.token_ids) + len(turn.prompt_ids)
-            if self.context_limit is not None and context >= self.context_limit:
-                self._reply_error(turn, f"conversation would hold {context} tokens; this model serves "
-                                        f"at most {self.max_model_len} (max_model_len) — shorten the prompt "
-                                        "or start a new conversation")
-                if turn.end_sequence:
-                    self._release(seq)
-                    return
-                continue
-            try:  # bad_words as token sequences, with this model's tokenizer
-                bad_words = bad_words_token_ids(turn.params.bad_words, self.tokenizer and (
-                    lambda text: self.tokenizer.encode(text, add_special_tokens=False)), self.model_config.vocab_size)
-            except RequestError as exc:
-                self._reply_error(turn, str(exc))
+            error, bad_words = self._check_turn(seq, turn) if turn.prompt_ids else (turn.error, [])
+            if not turn.prompt_ids or error is not None:  # a close marker, or a refused request
+                self._reply(turn, TurnOutput("", [], True, "error" if error else "closed", error=error))
                 if turn.end_sequence:
                     self._release(seq)
                     return
@@ -163,6 +145,18 @@ class Conversations:
             self._open_turn_state(turn, seq.token_ids, bad_words)
             return
         seq.status = SeqStatus.IDLE
+
+    def _check_turn(self, seq: Sequence, turn: Turn) -> tuple[str | None, list[list[int]]]:
+        """The refusal of a turn as it starts (None: it runs), and its bad_words as token ids."""
+        context = len(seq.token_ids) + len(turn.prompt_ids)
+        if self.context_limit is not None and context >= self.context_limit:
+            return (f"conversation would hold {context} tokens; this model serves at most {self.max_model_len} "
+                    "(max_model_len) — shorten the prompt or start a new conversation"), []
+        try:  # bad_words as token sequences, with this model's tokenizer
+            return None, bad_words_token_ids(turn.params.bad_words, self.tokenizer and (
+                lambda text: self.tokenizer.encode(text, add_special_tokens=False)), self.model_config.vocab_size)
+        except RequestError as exc:
+            return str(exc), []
 
     def _open_turn_state(self, turn: Turn, context: list[int], bad_words: list[list[int]]) -> None:
         """The sampling state of ``turn`` (a request's, or one of its samples'), from its params."""
