@@ -99,7 +99,7 @@ class Conversations:
             self._reply_error(turn, error or f"sequence {corr_id!r} is not live: its first request must "
                                     "carry START (it may have ended, been cancelled or timed out)")
             return
-        if error is None and not stateless and turn.params.samples > 1:
+        if error is None:  # n / best_of > 1 only on one-shot requests
             try:
                 check_samples(turn.params, False, stateless)
             except RequestError as exc:
