@@ -126,7 +126,7 @@ class TritonBridge:
             async for result, error in responses:
                 if error is not None:
                     raise from_model_error(error.message(), prompt_param)
-                deltas = [_delta(result)] if n == 1 else _choice_deltas(result, n)
+                deltas = _deltas(result, n)
                 finished = any(d.finish_reason is not None for d in deltas)
                 deltas[-1].last = finished
                 for delta in deltas:
@@ -146,41 +146,19 @@ class TritonBridge:
                 responses.cancel()  # the model sees is_cancelled(): its KV blocks are freed
 
 
-def _delta(result) -> Delta:
+def _deltas(result, n: int) -> list[Delta]:
+    """The deltas of one response (server/triton_choices.py for n > 1: n elements per output,
+    ``output_ids`` split by ``num_output_tokens``, every choice's ``finish_reason`` on the
+    final response; with n = 1 the one choice holds every id). Never empty: a response
+    without news gives an empty delta of choice 0."""
+    texts = _strings(result, "text_output") or [""] * n
     ids = result.as_numpy("output_ids")
-    text = result.as_numpy("text_output")
-    reason = result.as_numpy("finish_reason")
-    token_ids = [] if ids is None else ids.tolist()
-    delta = Delta("" if text is None else text[0].decode("utf-8"), len(token_ids), token_ids)
-    logprobs = result.as_numpy("logprobs")
-    if logprobs is not None:
-        delta.logprobs = json.loads(logprobs.reshape(-1)[0].decode("utf-8"))
-    prompt_logprobs = result.as_numpy("prompt_logprobs")
-    if prompt_logprobs is not None:
-        delta.prompt_logprobs = json.loads(prompt_logprobs.reshape(-1)[0].decode("utf-8"))
-    if reason is not None:
-        delta.finish_reason = reason[0].decode("utf-8")
-        cached = result.as_numpy("cached_tokens")
-        prompt = result.as_numpy("prompt_tokens")
-        delta.cached_tokens = 0 if cached is None else int(cached[0])
-        delta.prompt_tokens = 0 if prompt is None else int(prompt[0])
-    return delta
-
-
-def _choice_deltas(result, n: int) -> list[Delta]:
-    """The deltas of one response of a request with n > 1 choices (server/triton_choices.py:
-    n elements per output, ``output_ids`` split by ``num_output_tokens``, every choice's
-    ``finish_reason`` on the final response). Never empty: a response without news gives an
-    empty delta of choice 0."""
-    texts = [t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1)]
-    counts = result.as_numpy("num_output_tokens").reshape(-1).tolist()
-    ids = result.as_numpy("output_ids").reshape(-1).tolist()
-    reasons = result.as_numpy("finish_reason")
-    reasons = [None] * n if reasons is None else [r.decode("utf-8") for r in reasons.reshape(-1)]
-    logprobs = result.as_numpy("logprobs")
-    logprobs = None if logprobs is None else [json.loads(x.decode("utf-8")) for x in logprobs.reshape(-1)]
-    cached = result.as_numpy("cached_tokens")
-    prompt = result.as_numpy("prompt_tokens")
+    ids = [] if ids is None else ids.reshape(-1).tolist()
+    counts = result.as_numpy("num_output_tokens")
+    counts = [len(ids)] if n == 1 else counts.reshape(-1).tolist()
+    reasons = _strings(result, "finish_reason") or [None] * n
+    logprobs = _strings(result, "logprobs")
+    logprobs = None if logprobs is None else [json.loads(x) for x in logprobs]
     deltas, at = [], 0
     for i in range(n):
         mine, at = ids[at:at + counts[i]], at + counts[i]
@@ -188,10 +166,16 @@ def _choice_deltas(result, n: int) -> list[Delta]:
             deltas.append(Delta(texts[i], len(mine), mine, reasons[i], index=i,
                                 logprobs=logprobs[i] if logprobs is not None else None))
     deltas = deltas or [Delta("", 0, [])]
-    prompt_logprobs = result.as_numpy("prompt_logprobs")
+    prompt_logprobs = _strings(result, "prompt_logprobs")
     if prompt_logprobs is not None:
-        deltas[0].prompt_logprobs = json.loads(prompt_logprobs.reshape(-1)[0].decode("utf-8"))
+        deltas[0].prompt_logprobs = json.loads(prompt_logprobs[0])
+    cached, prompt = result.as_numpy("cached_tokens"), result.as_numpy("prompt_tokens")
     if cached is not None:
         for d in deltas:
             d.cached_tokens, d.prompt_tokens = int(cached[0]), 0 if prompt is None else int(prompt[0])
     return deltas
+
+
+def _strings(result, name: str) -> list[str] | None:
+    arr = result.as_numpy(name)
+    return None if arr is None else [x.decode("utf-8") for x in arr.reshape(-1)]
