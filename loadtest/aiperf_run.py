@@ -44,8 +44,14 @@ COLUMNS = (
 )
 
 
+def aiperf_executable() -> str:
+    """The aiperf installed beside this interpreter (a venv's bin/, on PATH or not), else PATH's."""
+    beside = os.path.join(os.path.dirname(sys.executable), "aiperf")
+    return beside if os.access(beside, os.X_OK) else "aiperf"
+
+
 def aiperf_command(url: str, model: str, tokenizer: str, endpoint: str, args, artifacts: str) -> list[str]:
-    return ["aiperf", "profile", "--model", model, "--url", url, "--endpoint-type", endpoint, "--streaming",
+    return [aiperf_executable(), "profile", "--model", model, "--url", url, "--endpoint-type", endpoint, "--streaming",
             "--tokenizer", tokenizer, "--concurrency", str(args.concurrency), "--request-count", str(args.requests),
             "--warmup-request-count", str(args.warmup),
             "--synthetic-input-tokens-mean", str(args.isl), "--synthetic-input-tokens-stddev", "0",
