@@ -29,7 +29,6 @@ import fcntl
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -41,6 +40,7 @@ from tritonkv.config import EngineConfig
 from tritonkv.core import messages as m
 from tritonkv.core import liveness
 from tritonkv.core.runtime_dir import core_paths
+from tritonkv.server.stop_signals import StopSignals
 
 log = logging.getLogger("tritonkv.core")
 
@@ -348,16 +348,13 @@ def main(argv=None) -> int:
     config = msgspec.json.decode(args.config.encode(), type=EngineConfig)
     core = EngineCore(args.name, config, bool(args.gpu_instance), args.device_id, args.lock_fd)
 
-    def on_signal(signum, frame):
-        log.info("engine core %s: signal %d, exiting", args.name, signum)
-        core.stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    signals = StopSignals(core.stop)
     code = 1
     try:
         code = core.run()
     finally:
+        if signals.received:
+            log.info("engine core %s: %s, exiting", args.name, signals.received)
         core.remove_files()
         logging.shutdown()
         sys.stdout.flush()

@@ -27,10 +27,10 @@ from tritonkv.server.errors import ServerStartError
 from tritonkv.server.launcher import RESTRICTED_APIS, launch
 from tritonkv.server.ports import check_ports_free
 from tritonkv.server.process_tree import set_parent_death_signal
+from tritonkv.server.stop_signals import StopSignals
 
 DEFAULT_HEALTH_PORT = 8003
 DEFAULT_STUCK_AFTER_S = 60.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def say(message: str) -> None:
@@ -51,14 +51,7 @@ def serve_forever(args) -> int:
     supervised = not getattr(args, "no_supervisor", False)
     ports = resolve_ports(args, supervised)  # before anything else: a busy port ends serve at once
     stopping = threading.Event()
-    received = {}
-
-    def on_signal(signum, _frame):
-        received.setdefault("signal", signal.Signals(signum).name)
-        stopping.set()
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, on_signal)
+    signals = StopSignals(stopping)
     parent = os.getppid()
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the request took effect
@@ -80,7 +73,7 @@ def serve_forever(args) -> int:
                         metrics_port=ports["--metrics-port"], openai_port=ports.get("--openai-port"), **settings)
     except ServerStartError:
         if stopping.is_set():
-            say(f"tritonkv: stopped ({received.get('signal', 'signal')} during the start)")
+            say(f"tritonkv: stopped ({signals.received or 'signal'} during the start)")
             return 0
         raise
     supervisor = health = None
@@ -105,7 +98,7 @@ def serve_forever(args) -> int:
             break
     t0 = time.monotonic()
     if stopping.is_set():
-        say(f"tritonkv: stopping ({received.get('signal', 'signal')}): OpenAI frontend and tritonserver, "
+        say(f"tritonkv: stopping ({signals.received or 'signal'}): OpenAI frontend and tritonserver, "
             f"in-flight requests get {server.exit_timeout_s:g} s")
     if supervisor is not None:  # no more checks or restarts; a restart in progress is cancelled
         supervisor.request_stop()
