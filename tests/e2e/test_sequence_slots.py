@@ -31,9 +31,8 @@ BAD_STARTS = 4096
 
 
 @pytest.fixture(scope="module")
-def server():
-    with start_server(extra_params={"pool_name": POOL, "kv_cache_memory_mb": "32"}) as s:
-        yield s
+def server(e2e_server):
+    return e2e_server  # the session's shared server (shared_server.py): the shipped config
 
 
 class Stream:
@@ -110,7 +109,7 @@ def small_server(tmp_path_factory):
     text, n = re.subn(r"max_candidate_sequences: \d+", "max_candidate_sequences: 4", cfg.read_text())
     assert n == 1
     cfg.write_text(text)
-    with start_server(repository=str(repo), extra_params={"pool_name": POOL + "s", "kv_cache_memory_mb": "32"}) as s:
+    with start_server(repository=str(repo), extra_params={"pool_name": POOL, "kv_cache_memory_mb": "32"}) as s:
         yield s
 
 
