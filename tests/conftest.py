@@ -6,6 +6,16 @@ for p in (os.path.join(ROOT, "backend"), os.path.join(ROOT, "tests"), os.path.jo
     if p not in sys.path:
         sys.path.insert(0, p)
 
+# Rule: pytest-xdist workers share the machine's cores: each worker, and every server or tool
+# it starts (they inherit the environment), computes on cores / workers threads. Two workers of
+# two threads each on a 2-core machine oversubscribe it (OpenMP threads spin on a busy core).
+# Set before torch is imported; a thread count set by hand wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 1:
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+
 # Without CUDA the Triton kernels run on CPU tensors through the interpreter. TRITON_INTERPRET
 # is read when triton is imported, and any test module collected before tests/kernels may
 # import it (through torch.onnx, transformers or the engine): so it is set here, first.
