@@ -20,7 +20,8 @@
 # a few tests): `TINY=1 OUT=/tmp/x bash bench/gpu_run.sh check` / `... serving`.
 # Knobs: WORKERS (pytest-xdist processes, default 8), SUITE_S (the suite's time limit, 360),
 # BUDGET_S (the whole call, 540: smoke runs that would pass it are listed as not run),
-# PYTEST_ARGS (extra pytest arguments), SYSTEMS / LEVELS (serving), TRITONKV_COMMIT.
+# PYTEST_ARGS (extra pytest arguments), SYSTEMS / LEVELS (serving), ONLY (the smoke / bench steps
+# to run, by name, e.g. ONLY="profile-step kv-tiers"; default all), TRITONKV_COMMIT.
 # Everything goes to $OUT as it is written, so a run cut short still returns what it had.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 deadline=$(( t0 + ${BUDGET_S:-540} ))  # the whole call stays inside the device tool's 10 minutes
 smoke() {  # name, seconds, command...: one line of $OUT/smoke.tsv; skipped (said so) past the budget
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$*" "-" "0" "not run: not in ONLY" >> "$OUT/smoke.tsv"
+    return
+  fi
   local s=$(date +%s) shown="$*"
   shown=${shown//$IMGPY/python3}
   local left=$(( deadline - s - 20 ))
@@ -130,7 +135,8 @@ benches)
        --engine-param max_num_batched_tokens=8192)
   # in the order of what the issues need first; a step that would pass the budget is listed as not run
   smoke profile-step 120 sh -c "'$IMGPY' bench/profile_step.py --batch 1 64 2>&1 | grep -v -i warn > '$r/profile_step_$gpu.md'"
-  smoke kv-tiers 180 "$IMGPY" bench/kv_tiers.py --device cuda --shape llama3-8b --out "$r/kv_tiers_$gpu.md"
+  smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device cuda --shape llama3-8b --dir /tmp/tritonkv-synthetic \
+    --parts 1,3,2 --out "$r/kv_tiers_$gpu.md"
   smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device cuda "${p8b[@]}" --only-samples --out "$r/sampling_n_$gpu.md"
   smoke sampling 120 "$IMGPY" bench/sampling_cost.py --device cuda "${p8b[@]}" --concurrency 64 \
     --engine-param max_num_seqs=128 --out "$r/sampling_$gpu.md"

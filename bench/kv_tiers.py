@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--oversubscribe", type=float, default=4.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=256, help="part 3 tokens per sequence")
-    p.add_argument("--parts", default="1,2,3")
+    p.add_argument("--parts", default="1,2,3", help="which parts, in this order (1,3,2: the long one last)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     tiny = args.shape == "tiny"
@@ -206,39 +206,49 @@ def main(argv=None) -> int:
     path = checkpoint(args.shape, args.dir)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [f"# KV host tier: {args.shape} on {dev}", "", f"`python bench/kv_tiers.py {' '.join(sys.argv[1:])}`", ""]
-    parts = args.parts.split(",")
-    if "1" in parts:
-        off, on = returning_ttft(args, path, 0), returning_ttft(args, path, host_gb)
-        gc.collect()
-        lines += [f"## Returning conversation: {args.history} tokens of history, {args.new} new", "",
-                  "| host tier | TTFT median (ms) | runs (ms) | swap-in blocks | swap-in bytes | preemptions |",
-                  "|---|---:|---|---:|---:|---:|"]
-        for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
-            lines.append(f"| {name} | {r['ttft_ms']:.1f} | {r['ttfts_ms']} | {r['swap_in_blocks']} | "
-                         f"{r['swap_in_bytes']:,} | {r['preemptions']} |")
-        lines += ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", ""]
-    if "2" in parts:
-        off, on = workload(args, path, 0), workload(args, path, host_gb)
-        lines += [f"## Multi-turn: {on['conversations']} conversations x {args.turns} turns, pool of "
-                  f"{on['pool_blocks']} blocks ({args.pool_conversations} conversations), waves of "
-                  f"{args.concurrency}", "",
-                  "| host tier | TTFT p50 (ms) | TTFT p90 (ms) | output tok/s | swap-ins | preemptions | dropped |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
-            lines.append(f"| {name} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['output_tok_s']:.1f} | "
-                         f"{r['swap_ins']} | {r['preemptions']} | {r['host_dropped_blocks']} |")
-        lines += ["", f"TTFT p90 off / on: {off['ttft_p90_ms'] / on['ttft_p90_ms']:.2f} (target >= 3); "
-                      f"tok/s on / off: {on['output_tok_s'] / off['output_tok_s']:.2f} (target >= 1)", ""]
-    if "3" in parts:
-        off, on = decode_speed(args, path, 0), decode_speed(args, path, host_gb)
-        lines += [f"## Decode, no swap pending: {args.concurrency} sequences x {args.decode_tokens} tokens", "",
-                  f"output tok/s: tier off {off:.1f}, on {on:.1f}: on / off {on / off:.3f} (target >= 0.98)", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    for part in args.parts.split(","):  # in the order given; the file is rewritten after each
+        lines += PARTS[part](args, path, host_gb)
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
     return 0
+
+
+def part_returning(args, path, host_gb) -> list[str]:
+    off, on = returning_ttft(args, path, 0), returning_ttft(args, path, host_gb)
+    gc.collect()
+    lines = [f"## Returning conversation: {args.history} tokens of history, {args.new} new", "",
+             "| host tier | TTFT median (ms) | runs (ms) | swap-in blocks | swap-in bytes | preemptions |",
+             "|---|---:|---|---:|---:|---:|"]
+    for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
+        lines.append(f"| {name} | {r['ttft_ms']:.1f} | {r['ttfts_ms']} | {r['swap_in_blocks']} | "
+                     f"{r['swap_in_bytes']:,} | {r['preemptions']} |")
+    return lines + ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", ""]
+
+
+def part_workload(args, path, host_gb) -> list[str]:
+    off, on = workload(args, path, 0), workload(args, path, host_gb)
+    lines = [f"## Multi-turn: {on['conversations']} conversations x {args.turns} turns, pool of "
+             f"{on['pool_blocks']} blocks ({args.pool_conversations} conversations), waves of "
+             f"{args.concurrency}", "",
+             "| host tier | TTFT p50 (ms) | TTFT p90 (ms) | output tok/s | swap-ins | preemptions | dropped |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
+        lines.append(f"| {name} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['output_tok_s']:.1f} | "
+                     f"{r['swap_ins']} | {r['preemptions']} | {r['host_dropped_blocks']} |")
+    return lines + ["", f"TTFT p90 off / on: {off['ttft_p90_ms'] / on['ttft_p90_ms']:.2f} (target >= 3); "
+                        f"tok/s on / off: {on['output_tok_s'] / off['output_tok_s']:.2f} (target >= 1)", ""]
+
+
+def part_decode(args, path, host_gb) -> list[str]:
+    off, on = decode_speed(args, path, 0), decode_speed(args, path, host_gb)
+    return [f"## Decode, no swap pending: {args.concurrency} sequences x {args.decode_tokens} tokens", "",
+            f"output tok/s: tier off {off:.1f}, on {on:.1f}: on / off {on / off:.3f} (target >= 0.98)", ""]
+
+
+PARTS = {"1": part_returning, "2": part_workload, "3": part_decode}
 
 
 if __name__ == "__main__":

@@ -17,13 +17,9 @@ Rules:
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
-
 from tritonkv.engine.requests import TurnOutput
-from tritonkv.server import vllm_contract as vllm
-from tritonkv.server.triton_response import ReplyChannel, ReplyForm, error_response, make_response
+from tritonkv.server.triton_response import (ReplyChannel, ReplyForm, choices_response, error_response,
+                                             make_response)
 
 
 def reply_channel(pb_utils, sender, form: ReplyForm | bool):
@@ -58,39 +54,12 @@ class ChoicesChannel:
             self.reasons[i] = out.finish_reason
         self.cumulative[i] += sum(e.logprob for e in out.logprobs or ())
         if self.stream:
-            self.sender.send(self._response({i: [out]}, out, ""), flags=final if out.finished else 0)
+            parts = [[out] if j == i else [] for j in range(self.form.choices)]
+            self.sender.send(self._response(parts, out, ""), flags=final if out.finished else 0)
             return
         self.held[i].append(out)
         if out.finished:
-            self.sender.send(self._response(dict(enumerate(self.held)), out, self.form.echo), flags=final)
+            self.sender.send(self._response(self.held, out, self.form.echo), flags=final)
 
-    def _response(self, parts: dict[int, list[TurnOutput]], last: TurnOutput, echo: str):
-        pb, form, n = self.pb_utils, self.form, self.form.choices
-
-        def strings(name, values):
-            return pb.Tensor(name, np.array([v.encode("utf-8") for v in values], dtype=np.object_))
-
-        outs = [parts.get(i, []) for i in range(n)]
-        ids = [[t for o in outs[i] for t in o.token_ids] for i in range(n)]
-        tensors = [strings("text_output", [echo + "".join(o.text for o in outs[i]) for i in range(n)]),
-                   pb.Tensor("output_ids", np.array([t for choice in ids for t in choice], dtype=np.int32)),
-                   pb.Tensor("num_output_tokens", np.array([len(c) for c in ids], dtype=np.uint32))]
-        if form.vllm_finish_reason:
-            tensors.append(strings("finish_reason", [vllm.vllm_finish_reason(r) for r in self.reasons]))
-        elif last.finished:
-            tensors.append(strings("finish_reason", [r or "" for r in self.reasons]))
-        if last.finished:
-            tensors += [pb.Tensor("cached_tokens", np.array([last.cached_tokens], dtype=np.int32)),
-                        pb.Tensor("prompt_tokens", np.array([last.prompt_tokens], dtype=np.int32))]
-        if form.num_input_tokens and last.prompt_tokens:
-            tensors.append(pb.Tensor("num_input_tokens", np.array([last.prompt_tokens], dtype=np.uint32)))
-        if form.logprobs or any(o.logprobs is not None for choice in outs for o in choice):
-            tensors.append(strings("logprobs", [json.dumps([e.as_vllm() for o in outs[i] for e in o.logprobs or ()])
-                                                for i in range(n)]))
-        firsts = [o.prompt_logprobs for choice in outs for o in choice if o.prompt_logprobs is not None]
-        if firsts:
-            tensors.append(strings("prompt_logprobs", [json.dumps([None if e is None else e.as_vllm()
-                                                                   for e in firsts[0]])]))
-        if form.cumulative_logprob:
-            tensors.append(pb.Tensor("cumulative_logprob", np.array(self.cumulative, dtype=np.float32)))
-        return pb.InferenceResponse(output_tensors=tensors)
+    def _response(self, outs: list[list[TurnOutput]], last: TurnOutput, echo: str):
+        return choices_response(self.pb_utils, self.form, outs, self.reasons, self.cumulative, last, echo)

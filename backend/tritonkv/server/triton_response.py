@@ -44,39 +44,52 @@ PLAIN = ReplyForm(stream=True)  # no output asked beyond our own
 
 def make_response(pb_utils, out: TurnOutput, form: ReplyForm = PLAIN, echo: str = "",
                   cumulative_logprob: float = 0.0):
-    """One response; ``echo`` is prepended to its text. The vLLM outputs are added where
-    ``form`` asks for them; ``num_input_tokens`` where the engine reported the prompt's size;
-    ``logprobs`` wherever the engine computed them (``logprobs`` asked by parameter, or
-    ``return_logprobs``)."""
+    """One response of a one-choice request; ``echo`` is prepended to its text."""
     if out.error is not None:
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(out.error))
+    return choices_response(pb_utils, form, [[out]], [out.finish_reason if out.finished else None],
+                            [cumulative_logprob], out, echo)
 
-    def strings(name, text):
-        return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
 
-    tensors = [strings("text_output", echo + out.text),
-               pb_utils.Tensor("output_ids", np.array(out.token_ids, dtype=np.int32))]
+def choices_response(pb_utils, form: ReplyForm, outs: list[list[TurnOutput]], reasons: list[str | None],
+                     cumulative: list[float], last: TurnOutput, echo: str = ""):
+    """One response holding, for each of the request's choices, the outputs ``outs[i]`` (none:
+    nothing new), in one element per choice of each output (triton_choices.py's rules); ``last``
+    is the output that triggered it (its ``finished`` makes the response the final one),
+    ``reasons`` each choice's finish reason so far. The vLLM outputs are added where ``form``
+    asks for them; ``num_input_tokens`` where the engine reported the prompt's size;
+    ``logprobs`` wherever the engine computed them (``logprobs`` asked by parameter, or
+    ``return_logprobs``): one JSON list per choice, or ``null`` for a single choice without
+    them."""
+    n = len(outs)
+
+    def strings(name, values):
+        return pb_utils.Tensor(name, np.array([v.encode("utf-8") for v in values], dtype=np.object_))
+
+    ids = [[t for o in choice for t in o.token_ids] for choice in outs]
+    tensors = [strings("text_output", [echo + "".join(o.text for o in choice) for choice in outs]),
+               pb_utils.Tensor("output_ids", np.array([t for choice in ids for t in choice], dtype=np.int32))]
+    if n > 1 or form.num_output_tokens:  # n > 1: always, output_ids is split by it
+        tensors.append(pb_utils.Tensor("num_output_tokens", np.array([len(c) for c in ids], dtype=np.uint32)))
     if form.vllm_finish_reason:
-        tensors.append(strings("finish_reason", vllm.vllm_finish_reason(out.finish_reason if out.finished else None)))
-    elif out.finished:
-        tensors.append(strings("finish_reason", out.finish_reason or ""))
-    if out.finished:
-        tensors += [
-            pb_utils.Tensor("cached_tokens", np.array([out.cached_tokens], dtype=np.int32)),
-            pb_utils.Tensor("prompt_tokens", np.array([out.prompt_tokens], dtype=np.int32)),
-        ]
-    if form.num_input_tokens and out.prompt_tokens:
-        tensors.append(pb_utils.Tensor("num_input_tokens", np.array([out.prompt_tokens], dtype=np.uint32)))
-    if form.num_output_tokens:
-        tensors.append(pb_utils.Tensor("num_output_tokens", np.array([len(out.token_ids)], dtype=np.uint32)))
-    if form.logprobs or out.logprobs is not None:
-        text = "null" if out.logprobs is None else json.dumps([e.as_vllm() for e in out.logprobs])
-        tensors.append(strings("logprobs", text))
-    if out.prompt_logprobs is not None:  # vLLM's PromptLogprobs: null where a token has none
-        tensors.append(strings("prompt_logprobs", json.dumps(
-            [None if e is None else e.as_vllm() for e in out.prompt_logprobs])))
+        tensors.append(strings("finish_reason", [vllm.vllm_finish_reason(r) for r in reasons]))
+    elif last.finished:
+        tensors.append(strings("finish_reason", [r or "" for r in reasons]))
+    if last.finished:
+        tensors += [pb_utils.Tensor("cached_tokens", np.array([last.cached_tokens], dtype=np.int32)),
+                    pb_utils.Tensor("prompt_tokens", np.array([last.prompt_tokens], dtype=np.int32))]
+    if form.num_input_tokens and last.prompt_tokens:
+        tensors.append(pb_utils.Tensor("num_input_tokens", np.array([last.prompt_tokens], dtype=np.uint32)))
+    computed = [[e for o in choice for e in o.logprobs or ()] if any(o.logprobs is not None for o in choice)
+                else None for choice in outs]
+    if form.logprobs or any(c is not None for c in computed):
+        tensors.append(strings("logprobs", ["null" if c is None and n == 1 else json.dumps([e.as_vllm() for e in c or ()])
+                                            for c in computed]))
+    firsts = [o.prompt_logprobs for choice in outs for o in choice if o.prompt_logprobs is not None]
+    if firsts:  # vLLM's PromptLogprobs: null where a token has none
+        tensors.append(strings("prompt_logprobs", [json.dumps([None if e is None else e.as_vllm() for e in firsts[0]])]))
     if form.cumulative_logprob:
-        tensors.append(pb_utils.Tensor("cumulative_logprob", np.array([cumulative_logprob], dtype=np.float32)))
+        tensors.append(pb_utils.Tensor("cumulative_logprob", np.array(cumulative, dtype=np.float32)))
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
