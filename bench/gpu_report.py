@@ -110,7 +110,8 @@ def report(args) -> tuple[str, bool]:
     cuda_skips = [r for r in skipped if CUDA_SKIP.search(r["message"])]
     passed = sum(r["outcome"] == "passed" for r in first) + len(flaky)
     m = machine()
-    lines = [f"# The whole test suite on {m.get('device')} ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
+    what = "Part of the test suite (PYTEST_ARGS)" if "PYTEST_ARGS=" in args.command else "The whole test suite"
+    lines = [f"# {what} on {m.get('device')} ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
              f"Commit `{args.commit}`; command `{args.command}` (bench/gpu_run.sh; "
              "`TRITONKV_TEST_DEVICE=cuda`: the engine tests run on CUDA, kernels through Triton, "
              "tritonserver with KIND_GPU instances).", "",

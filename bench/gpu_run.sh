@@ -109,7 +109,7 @@ check)
   rm -rf "$OUT/smoke" "$OUT/failed.txt"
   "$IMGPY" bench/gpu_report.py --junit "$OUT/junit.xml" --rerun "$OUT/junit_rerun.xml" --record "$OUT/record.tsv" \
     --smoke "$OUT/smoke.tsv" \
-    --commit "$commit" --command "bash bench/gpu_run.sh check" --wall-s "$wall" --out "$OUT/gpu_check.md" | tail -25
+    --commit "$commit" --command "${PYTEST_ARGS:+PYTEST_ARGS=\"$PYTEST_ARGS\" }${ONLY:+ONLY=\"$ONLY\" }bash bench/gpu_run.sh check" --wall-s "$wall" --out "$OUT/gpu_check.md" | tail -25
   rc=${PIPESTATUS[0]}
   rm -f "$OUT/smoke.tsv"
   ;;
