@@ -93,3 +93,15 @@ import tempfile  # noqa: E402
 if "TRITONKV_RUNTIME_DIR" not in os.environ:
     os.environ["TRITONKV_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="tkv-")
     atexit.register(shutil.rmtree, os.environ["TRITONKV_RUNTIME_DIR"], True)
+
+
+@pytest.fixture(scope="module")
+def hf_demo():
+    """HF transformers on the generated demo checkpoint (float32): the oracle of the e2e and
+    client tests, whose servers serve that checkpoint."""
+    import torch
+    import transformers
+
+    from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
+
+    return transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()

@@ -7,7 +7,6 @@ import io
 import re
 
 import pytest
-import torch
 
 from polling import wait_until
 from tiny_models import hf_greedy
@@ -23,13 +22,6 @@ BOS = 256
 @pytest.fixture(scope="module")
 def server(e2e_server):
     return e2e_server  # the session's shared server (tests/e2e/shared_server.py)
-
-
-@pytest.fixture(scope="module")
-def hf_demo():
-    import transformers
-
-    return transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from malformed_requests import (GRPC_CASES, HTTP_CASES, TRITON_MESSAGES, check_a
                                 random_grpc_cases, random_http_cases)
 from tiny_models import hf_greedy
 from triton_calls import StreamClient, http_post, inputs_for, wait_for_pool_baseline
-from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -31,13 +30,6 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def server(e2e_server):
     return e2e_server  # the session's shared server (shared_server.py)
-
-
-@pytest.fixture(scope="module")
-def hf_demo():
-    import transformers
-
-    return transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()
 
 
 # -- well-formed conversations --------------------------------------------------------------

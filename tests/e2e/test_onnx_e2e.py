@@ -4,7 +4,6 @@ and a text request give HF transformers' greedy tokens on the original weights."
 import os
 
 import pytest
-import torch
 
 from tiny_models import hf_greedy
 from triton_calls import StreamClient, http_generate
@@ -13,13 +12,6 @@ from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.server.launcher import start_server
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def hf_demo():
-    import transformers
-
-    return transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import torch
 
 from tiny_models import hf_greedy
 from triton_calls import StreamClient, http_generate, http_post, inputs_for, metric_values, wait_for_pool_baseline
-from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from shared_server import MAX_MODEL_LEN
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -16,13 +15,6 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def server(e2e_server):
     return e2e_server  # the session's shared server (shared_server.py)
-
-
-@pytest.fixture(scope="module")
-def hf_demo():
-    import transformers
-
-    return transformers.LlamaForCausalLM.from_pretrained(ensure_demo_checkpoint(), dtype=torch.float32).eval()
 
 
 @pytest.fixture
