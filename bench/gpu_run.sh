@@ -17,7 +17,7 @@
 #   SYSTEMS="tritonkv-2x2 hf-static" SERVING_ARGS="--merge bench/results/serving_<gpu>.json" \
 #     bash bench/gpu_run.sh serving
 # TINY=1: the same steps shrunk to prove the script on a CPU (the local venv, the demo model,
-# a few tests): `TINY=1 OUT=/tmp/x bash bench/gpu_run.sh check` / `... serving`.
+# a few tests): `TINY=1 OUT=/tmp/x bash bench/gpu_run.sh check` / `... serving` / `... benches`.
 # Knobs: WORKERS (pytest-xdist processes, default 8), SUITE_S (the suite's time limit, 360),
 # BUDGET_S (the whole call, 540: smoke runs that would pass it are listed as not run),
 # PYTEST_ARGS (extra pytest arguments), SYSTEMS / LEVELS (serving), ONLY (the smoke / bench steps
@@ -129,21 +129,34 @@ benches)
   # each bounded by the call's budget, packed into $OUT/benches.tgz (the device tool returns at
   # most 8 files): unpack it here with `tar xzf benches.tgz -C bench/results` (and
   # kernels/skinny_gemm_table.py from skinny_gemm_table.py); commit what it holds
-  gpu=$("$IMGPY" -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'h100')")
   r="$OUT/benches"; mkdir -p "$r"; rm -f "$OUT/smoke.tsv" "$OUT/smoke.log"
-  p8b=(--synthetic llama3-8b --engine-param dtype=bfloat16 --engine-param kv_cache_memory_mb=40000
-       --engine-param max_num_batched_tokens=8192)
+  if [ "${TINY:-0}" = 1 ]; then  # the same steps on the CPU, shrunk: proves the script, measures nothing
+    gpu=cpu dev=cpu
+    p8b=(--max-tokens 8 --prompt-tokens 32) prof=(--device cpu --batch 1 4 --serve-steps 10)
+    tiers=(--shape tiny --history 256 --turn-history 64 --turns 2 --repeats 1 --decode-tokens 16)
+    nsamp=(--samples-prompt-tokens 64 --samples-max-tokens 4 --samples-repeats 1) conc=4
+    bad=(--rows 4 --vocab 1000 --steps 10 --repeats 1)
+  else
+    gpu=$("$IMGPY" -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'h100')")
+    dev=cuda
+    p8b=(--synthetic llama3-8b --engine-param dtype=bfloat16 --engine-param kv_cache_memory_mb=40000
+         --engine-param max_num_batched_tokens=8192)
+    prof=(--batch 1 64) tiers=(--shape llama3-8b) nsamp=() conc=64 bad=(--rows 64 --vocab 128256)
+  fi
   # in the order of what the issues need first; a step that would pass the budget is listed as not run
-  smoke profile-step 120 sh -c "'$IMGPY' bench/profile_step.py --batch 1 64 2>&1 | grep -v -i warn > '$r/profile_step_$gpu.md'"
-  smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device cuda --shape llama3-8b --dir /tmp/tritonkv-synthetic \
+  smoke profile-step 120 bash -o pipefail -c "'$IMGPY' bench/profile_step.py ${prof[*]} 2>&1 | grep -v -i warn > '$r/profile_step_$gpu.md'"
+  smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device $dev "${tiers[@]}" --dir /tmp/tritonkv-synthetic \
     --parts 1,3,2 --out "$r/kv_tiers_$gpu.md"
-  smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device cuda "${p8b[@]}" --only-samples --out "$r/sampling_n_$gpu.md"
-  smoke sampling 120 "$IMGPY" bench/sampling_cost.py --device cuda "${p8b[@]}" --concurrency 64 \
+  smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" "${nsamp[@]}" --only-samples \
+    --out "$r/sampling_n_$gpu.md"
+  smoke sampling 120 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" --concurrency $conc \
     --engine-param max_num_seqs=128 --out "$r/sampling_$gpu.md"
-  smoke bad-words 60 sh -c "'$IMGPY' bench/bad_words_cost.py --device cuda --rows 64 --vocab 128256 > '$r/bad_words_cost_$gpu.md' 2>&1"
-  smoke skinny-gemm 150 "$IMGPY" bench/skinny_gemm.py --out "$r/skinny_gemm_$gpu" --write-table
-  cp backend/tritonkv/kernels/skinny_gemm_table.py "$r/" 2>/dev/null
-  smoke profile-step-skinny 100 sh -c "'$IMGPY' bench/profile_step.py --batch 1 --skinny 2>&1 | grep -v -i warn > '$r/profile_step_${gpu}_skinny.md'"
+  smoke bad-words 60 bash -o pipefail -c "'$IMGPY' bench/bad_words_cost.py --device $dev ${bad[*]} > '$r/bad_words_cost_$gpu.md' 2>&1"
+  if [ $dev = cuda ]; then  # CUDA events and cuBLASLt: nothing to prove on the CPU
+    smoke skinny-gemm 150 "$IMGPY" bench/skinny_gemm.py --out "$r/skinny_gemm_$gpu" --write-table
+    cp backend/tritonkv/kernels/skinny_gemm_table.py "$r/" 2>/dev/null
+    smoke profile-step-skinny 100 bash -o pipefail -c "'$IMGPY' bench/profile_step.py --batch 1 --skinny 2>&1 | grep -v -i warn > '$r/profile_step_${gpu}_skinny.md'"
+  fi
   column -t -s $'\t' "$OUT/smoke.tsv" | tee "$r/benches_run.txt"
   tar czf "$OUT/benches.tgz" -C "$r" . && rm -rf "$r"
   rc=0

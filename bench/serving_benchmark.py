@@ -74,7 +74,7 @@ def inprocess_engine(checkpoint: str, engine_params: dict, graphs: bool):
     params = dict(engine_params)
     if graphs is False:
         params["enable_cuda_graphs"] = False
-    engine = build_engine(EngineConfig(checkpoint=checkpoint, **params))
+    engine = build_engine(EngineConfig.from_parameters(params, checkpoint=checkpoint))  # --engine-param: strings
     engine.start_loop()
     return engine
 
