@@ -30,7 +30,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-
 from tritonkv.engine.requests import Turn, TurnOutput
 from tritonkv.sampling.params import MAX_SEED
 from tritonkv.sched.sequence import Sequence, SeqStatus

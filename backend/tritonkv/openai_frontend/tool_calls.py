@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import jsonschema
 
 from tritonkv.openai_frontend.errors import bad_request
-from tritonkv.openai_frontend.tool_parsers import PARSERS, ParsedCall, held_from
+from tritonkv.openai_frontend.tool_parsers import PARSERS, ParsedCall, held_from, parsed_call
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ANY_OBJECT = {"type": "object"}
@@ -93,13 +93,8 @@ def _required_calls(text: str) -> list[ParsedCall] | None:
         return None
     if not isinstance(items, list) or not items:
         return None
-    calls = []
-    for item in items:
-        if not (isinstance(item, dict) and isinstance(item.get("name"), str)
-                and isinstance(item.get("parameters"), dict)):
-            return None
-        calls.append(ParsedCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
-    return calls
+    calls = [parsed_call(item, ("parameters",)) for item in items]
+    return None if None in calls else calls
 
 
 def openai_calls(calls: list[ParsedCall]) -> list[dict]:

@@ -32,7 +32,8 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
 
 
-def _call(obj, args_keys: tuple[str, ...]) -> ParsedCall | None:
+def parsed_call(obj, args_keys: tuple[str, ...]) -> ParsedCall | None:
+    """``{"name": str, <first of args_keys>: object}`` as a call, else None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = next((obj[k] for k in args_keys if k in obj), None)
@@ -54,7 +55,7 @@ def parse_llama3_json(text: str) -> tuple[str | None, list[ParsedCall] | None]:
             obj, end = decoder.raw_decode(body, at)
         except ValueError:
             return text, None
-        call = _call(obj, ("parameters", "arguments"))
+        call = parsed_call(obj, ("parameters", "arguments"))
         if call is None:
             return text, None
         calls.append(call)
@@ -71,7 +72,7 @@ def parse_hermes(text: str) -> tuple[str | None, list[ParsedCall] | None]:
     calls = []
     for closed, open_end in _HERMES.findall(text[start:]):
         try:
-            call = _call(json.loads(closed or open_end), ("arguments", "parameters"))
+            call = parsed_call(json.loads(closed or open_end), ("arguments", "parameters"))
         except ValueError:
             return text, None
         if call is None:
