@@ -37,8 +37,14 @@ def kv_cast(x, dtype: tl.constexpr):
 
 @triton.jit
 def mma(a, b, DOT_F32: tl.constexpr):
+    """``a @ b``. Rule: float32 operands (an fp32 KV cache: the tests' oracle path) multiply in
+    full fp32 ("ieee"), never tf32 (tl.dot's default on the GPU, ~5e-4 relative): the CUDA
+    engine then equals an fp32 reference up to summation order, as on the CPU. bf16 / fp16
+    operands are unaffected."""
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
 

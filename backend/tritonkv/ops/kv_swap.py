@@ -32,6 +32,7 @@ import itertools
 import logging
 import os
 import re
+import weakref
 
 import numpy as np
 import torch
@@ -108,6 +109,24 @@ class DiskBlocks:
                 os.unlink(self.path)
 
 
+def pin(owner, host: torch.Tensor):
+    """Page-lock ``host`` for asynchronous copies; the returned finalizer unpins it, and runs
+    by itself when ``owner`` is collected. Rule: a registration never outlives its buffer
+    (an engine dropped without close() would otherwise leave its freed address registered,
+    and the next tier allocated there fails with cudaErrorHostMemoryAlreadyRegistered)."""
+    cudart, ptr = torch.cuda.cudart(), host.data_ptr()
+    rc = cudart.cudaHostRegister(ptr, host.numel(), 0)
+    if int(rc) != 0:
+        raise RuntimeError(f"cudaHostRegister of {host.numel() / 2**30:.1f} GiB for the host KV "
+                           f"tier failed (error {int(rc)}); lower kv_host_memory_gb")
+    # the finalizer holds the buffer: it is freed only after it is unregistered
+    return weakref.finalize(owner, _unregister, cudart, ptr, host)
+
+
+def _unregister(cudart, ptr: int, host: torch.Tensor) -> None:
+    cudart.cudaHostUnregister(ptr)
+
+
 class KVSwapper:
     def __init__(self, kv_caches, num_host_blocks: int, device: torch.device, disk: DiskBlocks | None = None):
         self.planes = kv_planes(kv_caches)
@@ -116,14 +135,10 @@ class KVSwapper:
         self.block_bytes = sum(self.widths)
         self.cuda = device.type == "cuda"
         self.host = torch.empty((num_host_blocks, self.block_bytes), dtype=torch.uint8)
-        self._registered = False
+        self._unpin = None
         self.stream = None
         if self.cuda:
-            rc = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), self.host.numel(), 0)
-            if int(rc) != 0:
-                raise RuntimeError(f"cudaHostRegister of {self.host.numel() / 2**30:.1f} GiB for the host KV "
-                                   f"tier failed (error {int(rc)}); lower kv_host_memory_gb")
-            self._registered = True
+            self._unpin = pin(self, self.host)
             self.stream = torch.cuda.Stream(device)
         self.disk = disk
         self.bytes_out = 0
@@ -200,9 +215,8 @@ class KVSwapper:
         self.synchronize()
         if self.disk is not None:
             self.disk.close()
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
-            self._registered = False
+        if self._unpin is not None:
+            self._unpin()
 
 
 def run_swaps(kv, swapper: KVSwapper | None) -> None:
