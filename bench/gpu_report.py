@@ -81,11 +81,11 @@ def machine() -> dict:
         info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     except Exception as e:  # noqa: BLE001
         info["torch"] = f"not importable ({e})"
-    for mod in ("triton", "transformers"):
+    for mod in ("triton", "transformers", "onnx", "onnxruntime", "xgrammar"):
         try:
             info[mod] = __import__(mod).__version__
         except Exception as e:  # noqa: BLE001
-            info[mod] = f"not importable ({type(e).__name__})"
+            info[mod] = f"not importable ({type(e).__name__}: {str(e)[:160]})"
     try:
         info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                         capture_output=True, text=True, timeout=20).stdout.strip() or "-"

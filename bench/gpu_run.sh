@@ -81,21 +81,27 @@ check)
     # the HF oracles run on the CPU: 2 threads per worker, not 16 each on 16 cores
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
   fi
-  "$IMGPY" -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout "${TEST_TIMEOUT_S:-300}")
+  "$IMGPY" -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout "${TEST_TIMEOUT_S:-120}")
   sel=()
   [ "${TINY:-0}" = 1 ] && sel=(tests/kernels/test_decode_attention.py -k "any_size or refused")
+  # the optional imports of the stub's venv (python3: the server and its engine cores) and the tests'
+  for py in python3 "$IMGPY"; do
+    "$py" -c "import sys, xgrammar; print(sys.executable, 'imports xgrammar', xgrammar.__version__)" 2>&1 | tail -3
+  done | tee "$OUT/pytest.log"
   suite_s=${SUITE_S:-360}
   s=$(date +%s)
   rm -f "$OUT/record.tsv"
-  TRITONKV_TEST_RECORD="$OUT/record.tsv" timeout -k 10 "$suite_s" "$IMGPY" -m pytest -q -rfEs --durations=30 -p no:cacheprovider \
-    --junitxml="$OUT/junit.xml" "${par[@]}" "${tmo[@]}" ${PYTEST_ARGS:-} "${sel[@]}" 2>&1 | tee "$OUT/pytest.log" | tail -60
+  TRITONKV_TEST_RECORD="$OUT/record.tsv" timeout -k 10 "$suite_s" "$IMGPY" -m pytest -q -rfEs --tb=short --durations=30 -p no:cacheprovider \
+    --junitxml="$OUT/junit.xml" "${par[@]}" "${tmo[@]}" ${PYTEST_ARGS:-} "${sel[@]}" 2>&1 | tee -a "$OUT/pytest.log" | tail -60
   wall=$(( $(date +%s) - s ))
   # what failed in parallel runs again alone (an interaction of workers is then named, not hidden)
   "$IMGPY" bench/gpu_report.py --failed "$OUT/junit.xml" > "$OUT/failed.txt" 2>/dev/null
   n=$(wc -l < "$OUT/failed.txt")
   if [ "$n" -gt 0 ] && [ "$n" -le 40 ] && [ ${#par[@]} -gt 0 ]; then
     echo "== re-running $n failures alone" | tee -a "$OUT/pytest.log"
-    timeout -k 10 "${RERUN_S:-90}" "$IMGPY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/junit_rerun.xml" \
+    # CUDA_LAUNCH_BLOCKING: a device-side assert is reported by the call that launched it
+    CUDA_LAUNCH_BLOCKING=1 timeout -k 10 "${RERUN_S:-90}" "$IMGPY" -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+      --junitxml="$OUT/junit_rerun.xml" \
       "${tmo[@]}" $(cat "$OUT/failed.txt") 2>&1 | tee -a "$OUT/pytest.log" | tail -15
   fi
   if [ "${TINY:-0}" = 1 ]; then

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from triton_calls import StreamClient, wait_for_pool_baseline
+from triton_calls import StreamClient, metric_values, wait_for_pool_baseline
 from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.openai_frontend.chat_template import ChatTemplate
@@ -203,13 +203,22 @@ def per_token_s(client):
     return (time.monotonic() - t0) / 256
 
 
-def test_a_client_gone_mid_stream_cancels_the_request(server, per_token_s):
+def generated_tokens(server) -> float:
+    """Tokens the server generated so far (every instance), once the pool is idle and the
+    counters published (metrics every 0.5 s: the baseline's hold covers it)."""
+    assert wait_for_pool_baseline(server.metrics_url, timeout=60, hold=1.2)
+    return sum(metric_values(server.metrics_url, "tritonkv_generated_tokens_total"))
+
+
+# Rule for the two disconnect tests: the proof of a cancel is the token count, not a time. The
+# request asks for MAX_MODEL_LEN - 32 tokens; a cancelled one generates fewer than half of them
+# (on a fast GPU the whole answer takes well under a second, so elapsed time proves nothing).
+def test_a_client_gone_mid_stream_cancels_the_request(server):
     """The client reads a few chunks of a long answer and disconnects: the server cancels the
     request (its KV blocks return to the pool) long before the answer would have ended."""
-    assert wait_for_pool_baseline(server.metrics_url, timeout=30)
+    before = generated_tokens(server)
     body = {"model": "tritonkv-demo", "prompt": "Tell a long story:", "max_tokens": MAX_MODEL_LEN - 32,
             "temperature": 0, "stream": True, "ignore_eos": True}
-    start = time.monotonic()
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{server.openai_url}/completions", json=body) as r:
             assert r.status_code == 200
@@ -219,12 +228,9 @@ def test_a_client_gone_mid_stream_cancels_the_request(server, per_token_s):
                     events.append(json.loads(line[6:]))
                 if len(events) == 20:
                     break
-    hold = 1.2  # the baseline must hold this long before it counts
-    assert wait_for_pool_baseline(server.metrics_url, timeout=60, hold=hold)
-    lifetime = time.monotonic() - start - hold
-    whole_answer_s = per_token_s * body["max_tokens"]
-    print(f"request freed {lifetime:.1f}s after it started; the whole answer would take ~{whole_answer_s:.1f}s")
-    assert lifetime < whole_answer_s / 4
+    made = generated_tokens(server) - before
+    print(f"the request generated {made:.0f} of {body['max_tokens']} tokens")
+    assert 20 <= made < body["max_tokens"] / 2
 
 
 def test_a_crashed_frontend_is_restarted_and_tritonserver_keeps_serving(server, grpc):
@@ -248,18 +254,16 @@ def test_a_crashed_frontend_is_restarted_and_tritonserver_keeps_serving(server, 
 def test_a_client_gone_before_a_whole_answer_cancels_the_request(server, per_token_s):
     """Not streamed: the client gives up (timeout) and closes the connection; the server sees
     the disconnect and cancels the request before the answer is done."""
-    assert wait_for_pool_baseline(server.metrics_url, timeout=30)
+    before = generated_tokens(server)
     body = {"model": "tritonkv-demo", "prompt": "Tell a long story:", "max_tokens": MAX_MODEL_LEN - 32,
             "temperature": 0, "ignore_eos": True}
-    start = time.monotonic()
+    # give up a quarter of the way through the answer (at most 1 s in)
+    read_s = min(1.0, per_token_s * body["max_tokens"] / 4)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.openai_url}/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
-    hold = 1.2
-    assert wait_for_pool_baseline(server.metrics_url, timeout=60, hold=hold)
-    lifetime = time.monotonic() - start - hold
-    whole_answer_s = per_token_s * body["max_tokens"]
-    print(f"request freed {lifetime:.1f}s after it started; the whole answer would take ~{whole_answer_s:.1f}s")
-    assert lifetime < whole_answer_s / 4
+        httpx.post(f"{server.openai_url}/completions", json=body, timeout=httpx.Timeout(60, read=read_s))
+    made = generated_tokens(server) - before
+    print(f"the request generated {made:.0f} of {body['max_tokens']} tokens (client gone after {read_s:.2f} s)")
+    assert made < body["max_tokens"] / 2
 
 
 def test_the_frontend_logged_no_error(server):

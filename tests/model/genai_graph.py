@@ -12,7 +12,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from optimum_graph import _Builder
+from optimum_graph import IR_VERSION, _Builder
 
 MS = "com.microsoft"
 
@@ -85,7 +85,7 @@ def build_genai_graph(hf_model, path: str, packed_qkv: bool) -> None:
     head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
     b.nodes.append(helper.make_node("Identity", [matmul(h, [head], "/lm_head")], ["logits"]))
     graph = helper.make_graph(b.nodes, "main_graph", inputs, outputs, b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=IR_VERSION)
     onnx.save(model, path)
 
 

@@ -20,6 +20,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+# The graphs' IR version: 10 (onnx 1.16), what every onnxruntime since 1.18 loads. make_model's
+# default follows the onnx wheel (11 from onnx 1.18), which an older onnxruntime beside it refuses
+# to load (the GPU image's did: "Fail" at InferenceSession).
+IR_VERSION = 10
+
 
 class _Builder:
     """Nodes and initializers; with ``data_file`` the weights go to it as external data, one at
@@ -205,7 +210,7 @@ def write_decoder_graph(cfg, sd, inv_freq: torch.Tensor, path: str, with_past: b
     if data_file is not None:
         data_file.close()
     graph = helper.make_graph(b.nodes, "main_graph", inputs, outputs, b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pytorch", ir_version=IR_VERSION)
     onnx.save(model, path)
 
 
