@@ -87,3 +87,15 @@ def test_bad_grammars_are_refused_naming_the_parameter(engine):
         check_sampling(SamplingParams(max_tokens=4, guided_regex="a", guided_choice=("b",)))
     c = run_all(engine, [(prompt(0), SamplingParams(max_tokens=4, guided_regex="(unclosed"))])[0]
     assert c.outputs[-1].error is not None and "guided_regex" in c.outputs[-1].error
+
+
+def test_a_broken_xgrammar_install_is_a_clear_refusal(monkeypatch):
+    """xgrammar that fails to import (the GPU image's stub venv did) refuses the guided turn
+    naming the library and its error, instead of an unexplained failure."""
+    import sys
+
+    from tritonkv.sampling.grammar import GrammarCompiler
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` raises ImportError
+    with pytest.raises(ParameterError, match=r"xgrammar failed to import \(ModuleNotFoundError"):
+        GrammarCompiler(ensure_demo_checkpoint(), 256, [2])

@@ -38,7 +38,12 @@ class GrammarCompiler:
     """Compiles a turn's grammar for one tokenizer (made on the first guided turn)."""
 
     def __init__(self, checkpoint: str, vocab_size: int, stop_token_ids: list[int]):
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except Exception as exc:  # noqa: BLE001 (a broken install raises more than ImportError)
+            raise ParameterError("structured output (guided_json / guided_regex / guided_choice, response_format, "
+                                 f"tool_choice) is unavailable on this server: xgrammar failed to import "
+                                 f"({type(exc).__name__}: {exc})") from None
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(checkpoint)
