@@ -60,6 +60,11 @@ class TextTokenizer:
     def eos_token_id(self) -> int | None:
         return None if self.eos_token is None else self._tok.token_to_id(self.eos_token)
 
+    @property
+    def backend(self) -> Tokenizer:
+        """The ``tokenizers`` object (its vocabulary and serialised pipeline)."""
+        return self._tok
+
 
 def _longest_token_bytes(tok: Tokenizer) -> int:
     """Longest vocabulary entry in UTF-8 bytes, as written in the vocabulary (``▁the``,

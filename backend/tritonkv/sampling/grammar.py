@@ -22,6 +22,7 @@ import threading
 
 import torch
 
+from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.sampling.params import ANY_JSON_OBJECT, ParameterError, SamplingParams  # noqa: F401
 
 
@@ -34,6 +35,21 @@ def guided_kind(params: SamplingParams) -> tuple[str, object] | None:
     return None
 
 
+def tokenizer_info(xgr, tok, vocab_size: int, stop_token_ids: list[int]):
+    """xgrammar's TokenizerInfo from the checkpoint's ``tokenizers`` object, as
+    ``TokenizerInfo.from_huggingface`` builds it for a fast tokenizer (the vocabulary by id, the
+    vocab type and prefix space detected from the serialised pipeline), without importing
+    transformers' AutoTokenizer: in the Triton stub's environment (numpy < 2) that import chain
+    can fail where ``tokenizers`` works (seen on the GPU image)."""
+    encoded = [""] * vocab_size
+    for token, idx in tok.get_vocab(with_added_tokens=True).items():
+        if idx < vocab_size:
+            encoded[idx] = token
+    meta = xgr.TokenizerInfo._detect_metadata_from_hf(tok.to_str())
+    return xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=vocab_size, stop_token_ids=stop_token_ids,
+                             add_prefix_space=meta["add_prefix_space"])
+
+
 class GrammarCompiler:
     """Compiles a turn's grammar for one tokenizer (made on the first guided turn)."""
 
@@ -44,10 +60,7 @@ class GrammarCompiler:
             raise ParameterError("structured output (guided_json / guided_regex / guided_choice, response_format, "
                                  f"tool_choice) is unavailable on this server: xgrammar failed to import "
                                  f"({type(exc).__name__}: {exc})") from None
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(checkpoint)
-        self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.info = tokenizer_info(xgr, TextTokenizer(checkpoint).backend, vocab_size, stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.info)
         self.vocab_size = vocab_size
         self._lock = threading.Lock()
