@@ -39,13 +39,20 @@ def prompt(n, seed):
 
 
 class OnOutput(LogitsProcessor):
-    """An HF processor applied to the generated tokens only (vLLM's bad words see no prompt)."""
+    """An HF processor applied to the generated tokens only (vLLM's bad words see no prompt),
+    behind one token that matches nothing (-1). vLLM bans a word's last token once the output
+    ends with the word's other tokens, so a two-token word after the first output token;
+    transformers 5.17 (the GPU image's) skips a word longer than the context it is given, one
+    token too late for that; 5.24 does not. With the extra token both give vLLM's rule: the
+    context is one longer, and a prefix reaching into it cannot match."""
 
     def __init__(self, prompt_len, inner):
         self.prompt_len, self.inner = prompt_len, inner
 
     def __call__(self, input_ids, scores):
-        return self.inner(input_ids[:, self.prompt_len:], scores)
+        out = input_ids[:, self.prompt_len:]
+        never = torch.full((out.shape[0], 1), -1, dtype=out.dtype, device=out.device)
+        return self.inner(torch.cat([never, out], dim=1), scores)
 
 
 def hf_processors(prompt_ids, words):
