@@ -29,14 +29,16 @@ import pytest
 
 from polling import wait_until
 from triton_calls import StreamClient, http_generate, metric_values, wait_for_pool_baseline
-from tritonkv.core.runtime_dir import core_paths, core_pid
+from tritonkv.core.runtime_dir import core_name, core_paths, core_pid, device_label
 from tritonkv.server import fault_injection
 from tritonkv.server.health_endpoint import HealthEndpoint
-from tritonkv.server.launcher import REGION_DIR, launch, server_regions
+from tritonkv.server.launcher import REGION_DIR, default_instance_kind, launch, server_regions
 from tritonkv.server.supervisor import Supervisor, find_stubs, relauncher
 
 POOL = f"faulttest{os.getpid()}"
-CORE = f"{POOL}-cpu0"  # the engine core's name (pool and device)
+# the engine core's name (pool and device): launch() makes GPU instances where there is a GPU,
+# whose core runs on cuda0 (the "slow" fault armed for a cpu0 core there never fired)
+CORE = core_name(POOL, device_label("auto", gpu_instance=default_instance_kind() == "KIND_GPU"))
 STUCK_AFTER_S = 4.0
 PROMPT = [256, 72, 101, 108, 108, 111]
 LONG = {"input_ids": [256, 65, 66, 67], "max_tokens": 1000, "ignore_eos": True, "temperature": 0.0,
@@ -217,7 +219,9 @@ class GrpcTurn:
 
 def start_streams(supervised, n=4):
     """``n`` HTTP streams in flight (the engine core slowed to ~20 steps/s keeps them so)."""
-    fault(supervised, "slow", core_pid(CORE))
+    pid = core_pid(CORE)
+    assert pid is not None, f"no engine core {CORE} to slow down"
+    fault(supervised, "slow", pid)
     streams = [LongStream(supervised.server) for _ in range(n)]
     for s in streams:
         assert s.first_event.wait(60) and s.outcome is None, s.outcome
