@@ -7,6 +7,10 @@ if [ ! -x /tmp/tritonkv-ts/pytriton/tritonserver/bin/tritonserver ]; then
   cp /tmp/tritonkv-ts/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub \
      /tmp/tritonkv-ts/pytriton/tritonserver/backends/python/
 fi
+# the wheel's layout (site-packages/pytriton/tritonserver beside nvidia_pytriton.libs): with
+# /tmp/tritonkv-ts on the venvs' path (below), `import pytriton` finds the server as an installed
+# nvidia-pytriton would (the plugin test runs `install-backend` and the binary that way)
+touch /tmp/tritonkv-ts/pytriton/__init__.py
 # Two venvs over the image's packages (torch, triton, transformers, ...):
 # - /tmp/tritonkv-stubenv: numpy 1.26 first (the Python stub fails with numpy 2) + the carried
 #   wheels; first on PATH, so the stub and the engine cores it starts run in it;
@@ -25,8 +29,11 @@ for _env in stubenv testenv; do
     echo "$_image_site" > "$_se/zz_image_site.pth"
     printf '%s\n%s\n' "$(dirname "$_carry")/backend" "$(dirname "$_carry")/client" > "$_se/tritonkv_src.pth"
   fi
+  _se=$(/tmp/tritonkv-$_env/bin/python3 -c "import site; print(site.getsitepackages()[0])")
+  echo /tmp/tritonkv-ts > "$_se/tritonkv_pytriton.pth"
 done
 export TRITONKV_TEST_PYTHON=/tmp/tritonkv-testenv/bin/python3
+export TRITONKV_STUB_PYTHON=/tmp/tritonkv-stubenv/bin/python3  # tests that start a stub by hand
 export PATH=/tmp/tritonkv-stubenv/bin:$PATH
 export LD_LIBRARY_PATH=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export TRITONSERVER=/tmp/tritonkv-ts/pytriton/tritonserver/bin/tritonserver

@@ -47,8 +47,11 @@ def plain_tritonserver(tmp_path_factory):
         text = set_parameter(text, "checkpoint", ensure_demo_checkpoint())  # the one place
         cfg.write_text(set_parameter(text, "pool_name", POOL))  # not "default": other servers may use it
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # the stub's python3
-    installed = subprocess.run([sys.executable, "-m", "tritonkv.server.cli", "install-backend", str(work / "backends")],
+    # the stub's python3 first on PATH: this interpreter, or $TRITONKV_STUB_PYTHON where the tests'
+    # venv cannot host the stub (the GPU image: numpy 2 for the HF oracles, < 2 for the stub)
+    stub_python = os.environ.get("TRITONKV_STUB_PYTHON", sys.executable)
+    env["PATH"] = os.pathsep.join([os.path.dirname(stub_python), env.get("PATH", "")])
+    installed = subprocess.run([stub_python, "-m", "tritonkv.server.cli", "install-backend", str(work / "backends")],
                                capture_output=True, text=True, env=env, timeout=60)
     assert installed.returncode == 0, installed.stderr
     assert sorted(os.listdir(work / "backends")) == ["python", "tritonkv"]
