@@ -37,8 +37,8 @@ def prompt(n: int, seed: int) -> list[int]:
 @torch.no_grad()
 def assert_hf_greedy(model, context: list[int], generated: list[int]) -> None:
     """A generated stream equals HF greedy decoding iff each token is HF's choice after the
-    tokens before it (induction over the stream; one full forward pass). On CUDA (tf32 dots)
-    a token whose HF logit is within NEAR_TIE of HF's best is a tie, not a difference."""
+    tokens before it (induction over the stream; one full forward pass). On CUDA (another summation
+    order) a token whose HF logit is within NEAR_TIE of HF's best is a tie, not a difference."""
     rows = model(torch.tensor([context + generated])).logits[0][len(context) - 1: len(context) - 1 + len(generated)]
     expected = rows.argmax(-1).tolist()
     if TEST_DEVICE == "cpu":

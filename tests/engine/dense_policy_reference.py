@@ -22,7 +22,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from engine_helpers import TEST_DEVICE
 
 
-# logits closer than this are a tie under tf32 dots (CUDA); CPU runs are exact
+# logits closer than this are a tie on CUDA (another summation order; the bound dates from tf32
+# dots, now full fp32: kernels/jit_helpers.mma); CPU runs are exact
 NEAR_TIE = 2e-2
 
 
@@ -109,8 +110,8 @@ def reference_turn(ref: DensePolicyReference, new_tokens: list[int], max_tokens:
     """One greedy turn. ``pending``: the previous turn's last token, sampled but not yet
     computed (the engine computes it with the next turn's tokens); updated in place.
 
-    ``follow`` (the engine's tokens) matters on CUDA only, where the kernels' fp32 dots run as
-    tf32: the reference then feeds the engine's tokens and accepts each one whose logit is
+    ``follow`` (the engine's tokens) matters on CUDA only, where the summation order differs from
+    the CPU's: the reference then feeds the engine's tokens and accepts each one whose logit is
     within NEAR_TIE of its own best (a near-tie, not a policy difference); the first token
     that is not is replaced by the reference's choice, so an equality assert shows where."""
     feed = pending + new_tokens

@@ -27,7 +27,8 @@ def test_prefill_logits_match_hf(family):
     ours = engine_prefill_logits(engine, ids)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
-    # fp32 everywhere on CPU; on CUDA the kernels' fp32 dots run as tf32 (~3e-4 relative)
+    # fp32 everywhere; on CUDA another summation order (the kernels' fp32 dots are full fp32,
+    # kernels/jit_helpers.mma): the CUDA bound is the tf32-era one until a GPU run measures it
     tol = dict(atol=2e-4, rtol=1e-4) if TEST_DEVICE == "cpu" else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(ours, ref, **tol)
 
