@@ -83,7 +83,7 @@ check)
   fi
   "$IMGPY" -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout "${TEST_TIMEOUT_S:-120}")
   sel=()
-  [ "${TINY:-0}" = 1 ] && sel=(tests/kernels/test_decode_attention.py -k "any_size or refused")
+  [ "${TINY:-0}" = 1 ] && sel=(tests/kernels/test_decode_tiles.py -k "any_size or refused")
   # the optional imports of the stub's venv (python3: the server and its engine cores) and the tests'
   for py in python3 "$IMGPY"; do
     "$py" -c "import sys, xgrammar; print(sys.executable, 'imports xgrammar', xgrammar.__version__)" 2>&1 | tail -3

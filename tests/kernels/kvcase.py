@@ -138,6 +138,15 @@ def tol(dtype) -> float:
     return {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
 
 
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    """A kernel's output: the reference's shape, every element written (the NaN poison gone)
+    and finite, within ``tol(dtype)`` relative error."""
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
+    err = rel_err(out, ref)
+    assert err < tol(dtype), err
+
+
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
