@@ -65,17 +65,22 @@ def end_core(name: str, wait_s: float) -> None:
         if time.monotonic() >= deadline:
             if pid is not None:
                 kill(pid, signal.SIGKILL)
-                while is_core(pid, name) and time.monotonic() < deadline + 2:
-                    time.sleep(0.02)
+                _wait_gone(pid, name, deadline + 2)
             break
         if pid is not None and pid != signalled:
             kill(pid, signal.SIGTERM)  # the core's own stop
             signalled = pid
         time.sleep(0.02)
-    while signalled is not None and is_core(signalled, name) and time.monotonic() < deadline + 2:
-        time.sleep(0.01)  # it removed its files: now its exit
+    if signalled is not None:
+        _wait_gone(signalled, name, deadline + 2)  # it removed its files: now its exit
     if os.path.lexists(lock):
         remove_stale(name)
+
+
+def _wait_gone(pid: int, name: str, until: float) -> None:
+    """Until process ``pid`` is no longer core ``name`` (it exited), or ``until`` (monotonic)."""
+    while is_core(pid, name) and time.monotonic() < until:
+        time.sleep(0.02)
 
 
 def kill(pid: int, sig: int) -> None:
