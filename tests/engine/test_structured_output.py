@@ -94,8 +94,9 @@ def test_a_broken_xgrammar_install_is_a_clear_refusal(monkeypatch):
     naming the library and its error, instead of an unexplained failure."""
     import sys
 
+    from tritonkv.model.tokenizer import TextTokenizer
     from tritonkv.sampling.grammar import GrammarCompiler
 
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` raises ImportError
     with pytest.raises(ParameterError, match=r"xgrammar failed to import \(ModuleNotFoundError"):
-        GrammarCompiler(ensure_demo_checkpoint(), 256, [2])
+        GrammarCompiler(TextTokenizer(ensure_demo_checkpoint()), 256, [2])

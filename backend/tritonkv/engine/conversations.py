@@ -178,8 +178,7 @@ class Conversations:
         if guided_kind(params) is None:
             return None
         if getattr(self, "_grammars", None) is None:
-            self._grammars = GrammarCompiler(self.checkpoint or self.config.checkpoint, self.model_config.vocab_size,
-                                             sorted(self.eos_token_ids))
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         return self._grammars.open(params)
 
     def _finish(self, seq: Sequence, out: TurnOutput) -> None:

@@ -22,7 +22,6 @@ import threading
 
 import torch
 
-from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.sampling.params import ANY_JSON_OBJECT, ParameterError, SamplingParams  # noqa: F401
 
 
@@ -53,14 +52,18 @@ def tokenizer_info(xgr, tok, vocab_size: int, stop_token_ids: list[int]):
 class GrammarCompiler:
     """Compiles a turn's grammar for one tokenizer (made on the first guided turn)."""
 
-    def __init__(self, checkpoint: str, vocab_size: int, stop_token_ids: list[int]):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        """``tokenizer``: the engine's TextTokenizer (model/tokenizer.py), None without one."""
+        if tokenizer is None:
+            raise ParameterError("structured output needs the checkpoint's tokenizer (tokenizer.json), "
+                                 "which this model lacks")
         try:
             import xgrammar as xgr
         except Exception as exc:  # noqa: BLE001 (a broken install raises more than ImportError)
             raise ParameterError("structured output (guided_json / guided_regex / guided_choice, response_format, "
                                  f"tool_choice) is unavailable on this server: xgrammar failed to import "
                                  f"({type(exc).__name__}: {exc})") from None
-        self.info = tokenizer_info(xgr, TextTokenizer(checkpoint).backend, vocab_size, stop_token_ids)
+        self.info = tokenizer_info(xgr, tokenizer.backend, vocab_size, stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.info)
         self.vocab_size = vocab_size
         self._lock = threading.Lock()
