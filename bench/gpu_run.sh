@@ -11,6 +11,9 @@
 #                                   # 2x2, in-process, HF static-cache peer -> $OUT/serving_<h100|h200>.*
 #   bash bench/gpu_run.sh benches   # batch-1 step profile, skinny GEMM table, sampling / n / bad_words
 #                                   # costs, KV tiers -> $OUT/benches.tgz (BUDGET_S bounds the call)
+#   FILES="tests/a.py tests/b.py" bash bench/gpu_run.sh files
+#                                   # a check's failing files, one pytest process each -> $OUT/<file>.log
+#                                   # (JOBS, default 6; LIMIT_S per file, 240; TEST_TIMEOUT_S, 120; BLOCKING=1)
 #
 # If one call cannot hold every serving system (each system's results are written as it ends),
 # copy $OUT's serving_<gpu>.json and .tokens.json into bench/results/ and run the rest with
@@ -25,7 +28,7 @@
 # Everything goes to $OUT as it is written, so a run cut short still returns what it had.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: bash bench/gpu_run.sh check|serving|benches}
+mode=${1:?usage: bash bench/gpu_run.sh check|serving|benches|files}
 OUT=${OUT:-/tmp/tritonkv-gpu-run}
 mkdir -p "$OUT"
 t0=$(date +%s)
@@ -167,8 +170,30 @@ benches)
   tar czf "$OUT/benches.tgz" -C "$r" . && rm -rf "$r"
   rc=0
   ;;
+files)
+  # failing test files (or node ids) of a check, each in a pytest process of its own (a
+  # device-side assert then poisons only its own file), JOBS at a time, full tracebacks in
+  # $OUT/<file>.log; BLOCKING=1 sets CUDA_LAUNCH_BLOCKING (an assert names its kernel's caller)
+  [ "${BLOCKING:-0}" = 1 ] && export CUDA_LAUNCH_BLOCKING=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+  "$IMGPY" -c "from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint as e; e()"
+  one() {
+    local f=$1 log="$OUT/$(echo "$1" | tr '/:[]' '____').log"
+    timeout -k 5 "${LIMIT_S:-240}" "$IMGPY" -m pytest -q -rfE --tb=short -p no:cacheprovider \
+      --timeout "${TEST_TIMEOUT_S:-120}" "$f" > "$log" 2>&1
+    echo "$f: exit $? $(tail -1 "$log")"
+  }
+  running=0
+  for f in ${FILES:?name the test files}; do
+    one "$f" &
+    running=$((running + 1))
+    if [ "$running" -ge "${JOBS:-6}" ]; then wait -n; running=$((running - 1)); fi
+  done
+  wait
+  rc=0
+  ;;
 *)
-  echo "unknown mode $mode (check | serving | benches)" >&2; exit 2 ;;
+  echo "unknown mode $mode (check | serving | benches | files)" >&2; exit 2 ;;
 esac
 echo "gpu_run.sh $mode: exit $rc after $(( $(date +%s) - t0 )) s; files in $OUT:"; ls -la "$OUT"
 exit "$rc"
