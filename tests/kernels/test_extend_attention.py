@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from kvcase import (INTERPRET, make_case, poison_stale_slots, poisoned_like, reference,
-                    rel_err, tol)
+from kvcase import INTERPRET, assert_matches, make_case, poison_stale_slots, poisoned_like, reference
 
 from tritonkv.kernels.extend_attention import extend_attention_triton
 from tritonkv.ops.paged_attention import paged_attention_reference
@@ -21,12 +20,6 @@ else:
     CFG = {}
 
 
-def _check(out, ref, dtype):
-    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
-    err = rel_err(out, ref)
-    assert err < tol(dtype), err
-
-
 @pytest.mark.parametrize("lens,q_lens", CASES)
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -35,7 +28,7 @@ def test_extend_bf16(lens, q_lens, heads, head_dim):
     ref = paged_attention_reference(*c.args())
     out = extend_attention_triton(*c.args(), max_query_len=c.max_query_len,
                                   out=poisoned_like(c.q), **CFG)
-    _check(out, ref, torch.bfloat16)
+    assert_matches(out, ref, torch.bfloat16)
 
 
 def test_extend_fp16():
@@ -43,7 +36,7 @@ def test_extend_fp16():
     c = make_case(lens, q_lens, 8, 2, 64, dtype=torch.float16)
     ref = paged_attention_reference(*c.args())
     out = extend_attention_triton(*c.args(), out=poisoned_like(c.q), **CFG)
-    _check(out, ref, torch.float16)
+    assert_matches(out, ref, torch.float16)
 
 
 @pytest.mark.parametrize("window,sinks", [(10, 0), (10, 3), (1, 0), (33, 20)])
@@ -54,7 +47,7 @@ def test_extend_window_sinks(window, sinks):
     c = make_case(lens, q_lens, 8, 2, 64)
     ref = paged_attention_reference(*c.args(), window, sinks)
     out = extend_attention_triton(*c.args(), window, sinks, out=poisoned_like(c.q), **CFG)
-    _check(out, ref, torch.bfloat16)
+    assert_matches(out, ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8])
@@ -70,7 +63,7 @@ def test_extend_quant(kv_dtype, granularity, v_minor):
     ref = paged_attention_quant_reference(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale)
     out = extend_attention_triton(*c.args(), k_scale=c.k_scale, v_scale=c.v_scale,
                                   out=poisoned_like(c.q), **CFG)
-    _check(out, ref, torch.bfloat16)
+    assert_matches(out, ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("block_n", [16, 64])
@@ -86,7 +79,7 @@ def test_extend_v_token_minor_loads(block_n):
         out = extend_attention_triton(*c.args(), window, sinks, k_scale=c.k_scale,
                                       v_scale=c.v_scale, out=poisoned_like(c.q), block_m=32,
                                       block_n=block_n, num_warps=4, num_stages=2)
-        _check(out, ref, torch.bfloat16)
+        assert_matches(out, ref, torch.bfloat16)
 
 
 
@@ -106,4 +99,4 @@ def test_extend_never_reads_block_table_padding(pad, kv_dtype):
             out = extend_attention_triton(*c.args(), window, sinks, **kw, out=poisoned_like(c.q),
                                           block_m=32, block_n=block_n, num_warps=4,
                                           num_stages=2)
-            _check(out, ref, torch.bfloat16)
+            assert_matches(out, ref, torch.bfloat16)
