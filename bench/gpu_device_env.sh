@@ -28,9 +28,8 @@ for _env in stubenv testenv; do
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$_se" "$_carry"/wheels/*.whl
     echo "$_image_site" > "$_se/zz_image_site.pth"
     printf '%s\n%s\n' "$(dirname "$_carry")/backend" "$(dirname "$_carry")/client" > "$_se/tritonkv_src.pth"
+    echo /tmp/tritonkv-ts > "$_se/tritonkv_pytriton.pth"
   fi
-  _se=$(/tmp/tritonkv-$_env/bin/python3 -c "import site; print(site.getsitepackages()[0])")
-  echo /tmp/tritonkv-ts > "$_se/tritonkv_pytriton.pth"
 done
 export TRITONKV_TEST_PYTHON=/tmp/tritonkv-testenv/bin/python3
 export TRITONKV_STUB_PYTHON=/tmp/tritonkv-stubenv/bin/python3  # tests that start a stub by hand
