@@ -89,11 +89,14 @@ check)
   [ "${TINY:-0}" = 1 ] && sel=(tests/kernels/test_decode_tiles.py -k "any_size or refused")
   # the optional imports of the stub's venv (python3: the server and its engine cores) and the tests'
   for py in python3 "$IMGPY"; do
-    "$py" -c "import sys, xgrammar; print(sys.executable, 'imports xgrammar', xgrammar.__version__)" 2>&1 | tail -3
+    "$py" -c "import sys, xgrammar, importlib.metadata as m; print(sys.executable, 'imports xgrammar', m.version('xgrammar'))" 2>&1 | tail -3
   done | tee "$OUT/pytest.log"
   suite_s=${SUITE_S:-360}
   s=$(date +%s)
   rm -f "$OUT/record.tsv"
+  # the shared e2e servers' logs (tests/e2e/shared_server.py), one folder per worker -> $OUT/server_logs.tgz
+  export TRITONKV_TEST_LOG_DIR=$OUT/server_logs
+  rm -rf "$TRITONKV_TEST_LOG_DIR"
   TRITONKV_TEST_RECORD="$OUT/record.tsv" timeout -k 10 "$suite_s" "$IMGPY" -m pytest -q -rfEs --tb=short --durations=30 -p no:cacheprovider \
     --junitxml="$OUT/junit.xml" "${par[@]}" "${tmo[@]}" ${PYTEST_ARGS:-} "${sel[@]}" 2>&1 | tee -a "$OUT/pytest.log" | tail -60
   wall=$(( $(date +%s) - s ))
@@ -103,9 +106,10 @@ check)
   if [ "$n" -gt 0 ] && [ "$n" -le 40 ] && [ ${#par[@]} -gt 0 ]; then
     echo "== re-running $n failures alone" | tee -a "$OUT/pytest.log"
     # CUDA_LAUNCH_BLOCKING: a device-side assert is reported by the call that launched it
+    mapfile -t failed < "$OUT/failed.txt"  # node ids hold spaces ([param ids])
     CUDA_LAUNCH_BLOCKING=1 timeout -k 10 "${RERUN_S:-90}" "$IMGPY" -m pytest -q -rfEs --tb=short -p no:cacheprovider \
       --junitxml="$OUT/junit_rerun.xml" \
-      "${tmo[@]}" $(cat "$OUT/failed.txt") 2>&1 | tee -a "$OUT/pytest.log" | tail -15
+      "${tmo[@]}" "${failed[@]}" 2>&1 | tee -a "$OUT/pytest.log" | tail -15
   fi
   if [ "${TINY:-0}" = 1 ]; then
     smoke serving-tiny 600 "$IMGPY" bench/serving_benchmark.py --tiny --systems tritonkv inprocess --out "$OUT/smoke" --no-plot
@@ -116,6 +120,7 @@ check)
       --out "$OUT/smoke" --no-plot
   fi
   rm -rf "$OUT/smoke" "$OUT/failed.txt"
+  [ -d "$OUT/server_logs" ] && tar czf "$OUT/server_logs.tgz" -C "$OUT" server_logs && rm -rf "$OUT/server_logs"
   "$IMGPY" bench/gpu_report.py --junit "$OUT/junit.xml" --rerun "$OUT/junit_rerun.xml" --record "$OUT/record.tsv" \
     --smoke "$OUT/smoke.tsv" \
     --commit "$commit" --command "${PYTEST_ARGS:+PYTEST_ARGS=\"$PYTEST_ARGS\" }${ONLY:+ONLY=\"$ONLY\" }bash bench/gpu_run.sh check" --wall-s "$wall" --out "$OUT/gpu_check.md" | tail -25
@@ -176,6 +181,7 @@ files)
   # $OUT/<file>.log; BLOCKING=1 sets CUDA_LAUNCH_BLOCKING (an assert names its kernel's caller)
   [ "${BLOCKING:-0}" = 1 ] && export CUDA_LAUNCH_BLOCKING=1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+  export TRITONKV_TEST_LOG_DIR=$OUT/server_logs  # the shared e2e servers' logs -> $OUT/server_logs.tgz
   "$IMGPY" -c "from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint as e; e()"
   one() {
     local f=$1 log="$OUT/$(echo "$1" | tr '/:[]' '____').log"
@@ -190,6 +196,7 @@ files)
     if [ "$running" -ge "${JOBS:-6}" ]; then wait -n; running=$((running - 1)); fi
   done
   wait
+  [ -d "$OUT/server_logs" ] && tar czf "$OUT/server_logs.tgz" -C "$OUT" server_logs && rm -rf "$OUT/server_logs"
   rc=0
   ;;
 *)

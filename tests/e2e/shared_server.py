@@ -29,4 +29,22 @@ def stop_shared_server() -> None:
     global _server
     if _server is not None:
         server, _server = _server, None
+        keep_logs(server)
         server.stop()
+
+
+def keep_logs(server) -> None:
+    """Copy the server's logs (tritonserver with its stubs and engine core; the OpenAI frontend)
+    into $TRITONKV_TEST_LOG_DIR/<pid>/ when it is set: the GPU recipe keeps them, the work
+    directory goes with the server."""
+    dest = os.environ.get("TRITONKV_TEST_LOG_DIR")
+    if not dest:
+        return
+    import shutil
+
+    dest = os.path.join(dest, str(os.getpid()))
+    os.makedirs(dest, exist_ok=True)
+    for name in ("server.log", "openai.log"):
+        src = os.path.join(server.workdir, name)
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(dest, name))
