@@ -17,6 +17,7 @@ working core, published with the core's stats (``server/gauges.py``) by the metr
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import threading
@@ -99,6 +100,9 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         self.config = EngineConfig.from_parameters(params)
         log_info_to_stderr()
+        # a stub that dies by a fault (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL) writes every
+        # thread's Python stack to stderr, the server log: Triton itself says nothing of it
+        faulthandler.enable()
         watch_stub_parent()
         self.core = CoreClient(self.config, gpu_instance=args.get("model_instance_kind") == "GPU",
                                device_id=int(args.get("model_instance_device_id", 0)))
