@@ -81,9 +81,12 @@ def machine() -> dict:
         info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     except Exception as e:  # noqa: BLE001
         info["torch"] = f"not importable ({e})"
+    from importlib.metadata import version
+
     for mod in ("triton", "transformers", "onnx", "onnxruntime", "xgrammar"):
         try:
-            info[mod] = __import__(mod).__version__
+            __import__(mod)  # importable here, and the installed distribution's version
+            info[mod] = version(mod)
         except Exception as e:  # noqa: BLE001
             info[mod] = f"not importable ({type(e).__name__}: {str(e)[:160]})"
     try:
