@@ -42,6 +42,8 @@ VARIANTS = {
     "D no echo": (FULL, False, True, FULL, ["text_output"]),
     "E no top_p": (NO_TOP_P, False, False, NO_TOP_P, ["text_output"]),
     "F request parameters alone": (FULL, False, None, FULL, None),
+    "H only not streamed (one final response on the gRPC stream)": (PLAIN, False, None, None, None),
+    "I the test's request, streamed, no echo": (FULL, True, True, FULL, ["text_output"]),
     "G HTTP empty input_ids, twice": None,
 }
 
