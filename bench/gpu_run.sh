@@ -23,7 +23,7 @@
 # a few tests): `TINY=1 OUT=/tmp/x bash bench/gpu_run.sh check` / `... serving` / `... benches`.
 # Knobs: WORKERS (pytest-xdist processes, default 8), SUITE_S (the suite's time limit, 360),
 # BUDGET_S (the whole call, 540: smoke runs that would pass it are listed as not run),
-# PYTEST_ARGS (extra pytest arguments), STUB_BISECT (0: skip bench/stub_crash_bisect.py), SYSTEMS / LEVELS (serving), ONLY (the smoke / bench steps
+# PYTEST_ARGS (extra pytest arguments), SYSTEMS / LEVELS (serving), ONLY (the smoke / bench steps
 # to run, by name, e.g. ONLY="profile-step kv-tiers"; default all), TRITONKV_COMMIT.
 # Everything goes to $OUT as it is written, so a run cut short still returns what it had.
 set -uo pipefail
@@ -91,12 +91,6 @@ check)
   for py in python3 "$IMGPY"; do
     "$py" -c "import sys, xgrammar, importlib.metadata as m; print(sys.executable, 'imports xgrammar', m.version('xgrammar'))" 2>&1 | tail -3
   done | tee "$OUT/pytest.log"
-  # the open question of gpu_check.md (the stub that ends on the vLLM sample client's request):
-  # one server per variant of the request, before the suite -> $OUT/stub_bisect.log
-  if [ "${TINY:-0}" != 1 ] && [ "${STUB_BISECT:-1}" = 1 ]; then
-    timeout -k 5 150 "$IMGPY" bench/stub_crash_bisect.py > "$OUT/stub_bisect.log" 2>&1
-    grep -A2 '^===' "$OUT/stub_bisect.log" | cut -c1-200
-  fi
   suite_s=${SUITE_S:-360}
   s=$(date +%s)
   rm -f "$OUT/record.tsv"

@@ -56,8 +56,9 @@ class Sender:
 
 
 class Request:
-    def __init__(self, inputs=None, parameters=None, flags=0, corr_id=0, raw_parameters=None):
+    def __init__(self, inputs=None, parameters=None, flags=0, corr_id=0, raw_parameters=None, outputs=None):
         self.inputs = {k: _array(v) for k, v in (inputs or {}).items()}
+        self._outputs = list(outputs or ())  # the outputs asked for by name (Triton: all when none)
         self._parameters = raw_parameters if raw_parameters is not None else json.dumps(parameters or {})
         self._flags, self._corr_id = flags, corr_id
         self.sender = Sender()
@@ -72,6 +73,9 @@ class Request:
 
     def correlation_id(self):
         return self._corr_id
+
+    def requested_output_names(self):
+        return self._outputs
 
     def get_response_sender(self):
         return self.sender

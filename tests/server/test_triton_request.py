@@ -328,6 +328,30 @@ def test_reply_channel_vllm_outputs_one_reply():
     assert response.output_tensors[-1].as_numpy().dtype == np.uint32
 
 
+def test_a_reply_holds_only_the_outputs_the_request_asked_for():
+    """vLLM's samples/client.py asks for text_output alone. Triton 2.51's stub removes the other
+    outputs itself with the GIL released; on the GPU machine (Python 3.12) the stub died on
+    that request (bench/results/gpu_check.md): the response must not hold them at all."""
+    sent = {}
+    for stream, asked in ((False, ["text_output"]), (True, ["output_ids", "finish_reason"])):
+        flags = {"stream": stream} if stream else {"stream": False, "exclude_input_in_output": False}
+        form = parse(vllm_inputs({}, return_finish_reason=True, **flags), outputs=asked).stream
+        sender = pb.Sender()
+        channel = ReplyChannel(pb, sender, form)
+        channel(TurnOutput(" wor", [1, 2]))
+        channel(TurnOutput("ld", [3], True, "length", cached_tokens=0, prompt_tokens=6))
+        sent[stream] = [reply_tensors(r) for r, _ in sender.sent]
+    assert sent[False] == [{"text_output": [b"Hello world"]}]
+    assert sent[True] == [{"output_ids": [1, 2], "finish_reason": [b"None"]},
+                          {"output_ids": [3], "finish_reason": [b"length"]}]
+    # a request that names no output (Triton then asks for all): every output, as before
+    form = parse(vllm_inputs({}, stream=False)).stream
+    sender = pb.Sender()
+    ReplyChannel(pb, sender, form)(TurnOutput("x", [9], True, "length", cached_tokens=0, prompt_tokens=6))
+    assert set(reply_tensors(sender.sent[0][0])) == {"text_output", "output_ids", "finish_reason",
+                                                     "cached_tokens", "prompt_tokens"}
+
+
 def test_reply_channel_vllm_outputs_streamed():
     form = parse(vllm_inputs({}, stream=True, return_finish_reason=True, return_num_output_tokens=True)).stream
     sender = pb.Sender()

@@ -205,7 +205,16 @@ def _reply_form(pb_utils, request, stream: bool, text: str | None, input_ids, vl
                      bool(_flag(pb_utils, request, "return_num_input_tokens")),
                      bool(_flag(pb_utils, request, "return_num_output_tokens")),
                      bool(_flag(pb_utils, request, "return_logprobs")),
-                     bool(_flag(pb_utils, request, "return_cumulative_logprob")))
+                     bool(_flag(pb_utils, request, "return_cumulative_logprob")),
+                     outputs=_requested_outputs(request))
+
+
+def _requested_outputs(request) -> frozenset[str] | None:
+    """The output names the request asked for; None where it names none (Triton fills in every
+    output then, and a stand-in request may not say)."""
+    names = getattr(request, "requested_output_names", None)
+    names = names() if names is not None else None
+    return frozenset(names) if names else None
 
 
 def _is_vllm_form(pb_utils, request) -> bool:

@@ -34,6 +34,10 @@ class ReplyForm:
     logprobs: bool = False  # return_logprobs: the ``logprobs`` output on every response
     cumulative_logprob: bool = False
     choices: int = 1  # n: more than one is answered by server/triton_choices.py
+    # the outputs the request asked for (None: all). Rule: a response holds no other output.
+    # Triton 2.51's stub drops the others itself with the GIL released, so their numpy arrays
+    # are freed without it: a segfault of the stub under Python 3.12 (python_backend#390)
+    outputs: frozenset[str] | None = None
 
     def __bool__(self) -> bool:
         return self.stream
@@ -62,34 +66,39 @@ def choices_response(pb_utils, form: ReplyForm, outs: list[list[TurnOutput]], re
     ``return_logprobs``): one JSON list per choice, or ``null`` for a single choice without
     them."""
     n = len(outs)
+    tensors = []
+
+    def add(name, arr):
+        if form.outputs is None or name in form.outputs:
+            tensors.append(pb_utils.Tensor(name, arr))
 
     def strings(name, values):
-        return pb_utils.Tensor(name, np.array([v.encode("utf-8") for v in values], dtype=np.object_))
+        add(name, np.array([v.encode("utf-8") for v in values], dtype=np.object_))
 
     ids = [[t for o in choice for t in o.token_ids] for choice in outs]
-    tensors = [strings("text_output", [echo + "".join(o.text for o in choice) for choice in outs]),
-               pb_utils.Tensor("output_ids", np.array([t for choice in ids for t in choice], dtype=np.int32))]
+    strings("text_output", [echo + "".join(o.text for o in choice) for choice in outs])
+    add("output_ids", np.array([t for choice in ids for t in choice], dtype=np.int32))
     if n > 1 or form.num_output_tokens:  # n > 1: always, output_ids is split by it
-        tensors.append(pb_utils.Tensor("num_output_tokens", np.array([len(c) for c in ids], dtype=np.uint32)))
+        add("num_output_tokens", np.array([len(c) for c in ids], dtype=np.uint32))
     if form.vllm_finish_reason:
-        tensors.append(strings("finish_reason", [vllm.vllm_finish_reason(r) for r in reasons]))
+        strings("finish_reason", [vllm.vllm_finish_reason(r) for r in reasons])
     elif last.finished:
-        tensors.append(strings("finish_reason", [r or "" for r in reasons]))
+        strings("finish_reason", [r or "" for r in reasons])
     if last.finished:
-        tensors += [pb_utils.Tensor("cached_tokens", np.array([last.cached_tokens], dtype=np.int32)),
-                    pb_utils.Tensor("prompt_tokens", np.array([last.prompt_tokens], dtype=np.int32))]
+        add("cached_tokens", np.array([last.cached_tokens], dtype=np.int32))
+        add("prompt_tokens", np.array([last.prompt_tokens], dtype=np.int32))
     if form.num_input_tokens and last.prompt_tokens:
-        tensors.append(pb_utils.Tensor("num_input_tokens", np.array([last.prompt_tokens], dtype=np.uint32)))
+        add("num_input_tokens", np.array([last.prompt_tokens], dtype=np.uint32))
     computed = [[e for o in choice for e in o.logprobs or ()] if any(o.logprobs is not None for o in choice)
                 else None for choice in outs]
     if form.logprobs or any(c is not None for c in computed):
-        tensors.append(strings("logprobs", ["null" if c is None and n == 1 else json.dumps([e.as_vllm() for e in c or ()])
-                                            for c in computed]))
+        strings("logprobs", ["null" if c is None and n == 1 else json.dumps([e.as_vllm() for e in c or ()])
+                             for c in computed])
     firsts = [o.prompt_logprobs for choice in outs for o in choice if o.prompt_logprobs is not None]
     if firsts:  # vLLM's PromptLogprobs: null where a token has none
-        tensors.append(strings("prompt_logprobs", [json.dumps([None if e is None else e.as_vllm() for e in firsts[0]])]))
+        strings("prompt_logprobs", [json.dumps([None if e is None else e.as_vllm() for e in firsts[0]])])
     if form.cumulative_logprob:
-        tensors.append(pb_utils.Tensor("cumulative_logprob", np.array(cumulative, dtype=np.float32)))
+        add("cumulative_logprob", np.array(cumulative, dtype=np.float32))
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
