@@ -210,10 +210,9 @@ def _reply_form(pb_utils, request, stream: bool, text: str | None, input_ids, vl
 
 
 def _requested_outputs(request) -> frozenset[str] | None:
-    """The output names the request asked for; None where it names none (Triton fills in every
-    output then, and a stand-in request may not say)."""
-    names = getattr(request, "requested_output_names", None)
-    names = names() if names is not None else None
+    """The output names the request asked for; None where it names none (Triton then fills in
+    every output)."""
+    names = request.requested_output_names()
     return frozenset(names) if names else None
 
 
