@@ -74,6 +74,16 @@ smoke() {  # name, seconds, command...: one line of $OUT/smoke.tsv; skipped (sai
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$shown" "$rc" "$(( $(date +%s) - s ))" "$last" >> "$OUT/smoke.tsv"
 }
 
+# the shared e2e servers' logs (tests/e2e/shared_server.py copies them at the end of each pytest
+# process, one folder per process) -> $OUT/server_logs.tgz
+keep_server_logs() {
+  export TRITONKV_TEST_LOG_DIR=$OUT/server_logs
+  rm -rf "$TRITONKV_TEST_LOG_DIR"
+}
+pack_server_logs() {
+  [ -d "$OUT/server_logs" ] && tar czf "$OUT/server_logs.tgz" -C "$OUT" server_logs && rm -rf "$OUT/server_logs"
+}
+
 case $mode in
 check)
   rm -f "$OUT"/junit*.xml "$OUT/smoke.tsv" "$OUT/smoke.log"
@@ -94,9 +104,7 @@ check)
   suite_s=${SUITE_S:-360}
   s=$(date +%s)
   rm -f "$OUT/record.tsv"
-  # the shared e2e servers' logs (tests/e2e/shared_server.py), one folder per worker -> $OUT/server_logs.tgz
-  export TRITONKV_TEST_LOG_DIR=$OUT/server_logs
-  rm -rf "$TRITONKV_TEST_LOG_DIR"
+  keep_server_logs
   TRITONKV_TEST_RECORD="$OUT/record.tsv" timeout -k 10 "$suite_s" "$IMGPY" -m pytest -q -rfEs --tb=short --durations=30 -p no:cacheprovider \
     --junitxml="$OUT/junit.xml" "${par[@]}" "${tmo[@]}" ${PYTEST_ARGS:-} "${sel[@]}" 2>&1 | tee -a "$OUT/pytest.log" | tail -60
   wall=$(( $(date +%s) - s ))
@@ -120,7 +128,7 @@ check)
       --out "$OUT/smoke" --no-plot
   fi
   rm -rf "$OUT/smoke" "$OUT/failed.txt"
-  [ -d "$OUT/server_logs" ] && tar czf "$OUT/server_logs.tgz" -C "$OUT" server_logs && rm -rf "$OUT/server_logs"
+  pack_server_logs
   "$IMGPY" bench/gpu_report.py --junit "$OUT/junit.xml" --rerun "$OUT/junit_rerun.xml" --record "$OUT/record.tsv" \
     --smoke "$OUT/smoke.tsv" \
     --commit "$commit" --command "${PYTEST_ARGS:+PYTEST_ARGS=\"$PYTEST_ARGS\" }${ONLY:+ONLY=\"$ONLY\" }bash bench/gpu_run.sh check" --wall-s "$wall" --out "$OUT/gpu_check.md" | tail -25
@@ -181,7 +189,7 @@ files)
   # $OUT/<file>.log; BLOCKING=1 sets CUDA_LAUNCH_BLOCKING (an assert names its kernel's caller)
   [ "${BLOCKING:-0}" = 1 ] && export CUDA_LAUNCH_BLOCKING=1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-  export TRITONKV_TEST_LOG_DIR=$OUT/server_logs  # the shared e2e servers' logs -> $OUT/server_logs.tgz
+  keep_server_logs
   "$IMGPY" -c "from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint as e; e()"
   one() {
     local f=$1 log="$OUT/$(echo "$1" | tr '/:[]' '____').log"
@@ -196,7 +204,7 @@ files)
     if [ "$running" -ge "${JOBS:-6}" ]; then wait -n; running=$((running - 1)); fi
   done
   wait
-  [ -d "$OUT/server_logs" ] && tar czf "$OUT/server_logs.tgz" -C "$OUT" server_logs && rm -rf "$OUT/server_logs"
+  pack_server_logs
   rc=0
   ;;
 *)
