@@ -7,6 +7,9 @@ the socket, sends what was queued, and calls each request's ``emit`` with its ou
 Rules:
 - Outputs arrive one message per engine step; each request's outputs go through its
   ``TextStream`` (detokenise, stop strings; a stop string sends ``Abort`` with the tokens kept).
+- What waits on the socket is read together (at most ``DRAIN_MESSAGES`` messages) and each
+  request's outputs in it become one (``coalesce``): a frontend slower than the core sends
+  fewer, larger responses and keeps up, instead of falling further behind one token at a time.
 - Cancellation: the I/O thread polls each open request's ``is_cancelled`` every
   ``CANCEL_POLL_S`` and sends ``Abort`` for it.
 - A core that dies (its process is gone) ends every open request with an error at once
@@ -33,12 +36,13 @@ from tritonkv.core import messages as m
 from tritonkv.core.proc import Wakeup
 from tritonkv.core.runtime_dir import core_name, core_paths, device_label
 from tritonkv.core.spawn import core_running, remove_stale, start_core
-from tritonkv.engine.output import ChoiceStreams, TextStream, output_stream
+from tritonkv.engine.output import ChoiceStreams, TextStream, coalesce, output_stream
 from tritonkv.engine.requests import PromptLimits, TurnOutput, check_prompt, encode_prompt
 
 log = logging.getLogger("tritonkv.frontend")
 
 CANCEL_POLL_S = 0.05
+DRAIN_MESSAGES = 64  # engine steps read before their outputs are sent on
 WATCH_PERIOD_S = 0.2
 START_TIMEOUT_ENV = "TRITONKV_CORE_START_TIMEOUT_S"
 
@@ -225,7 +229,10 @@ class CoreClient:
                     except queue.Empty:
                         break
                 while sock.poll(0, zmq.POLLIN):
-                    self._receive(m.frontend_decoder.decode(sock.recv()))
+                    backlog = [m.frontend_decoder.decode(sock.recv())]
+                    while len(backlog) < DRAIN_MESSAGES and sock.poll(0, zmq.POLLIN):
+                        backlog.append(m.frontend_decoder.decode(sock.recv()))
+                    self._receive(backlog)
                 now = time.monotonic()
                 if now >= next_cancel:
                     next_cancel = now + CANCEL_POLL_S
@@ -249,21 +256,25 @@ class CoreClient:
         sock.close()
         self._core_gone(reason)
 
-    def _receive(self, msg) -> None:
-        if isinstance(msg, m.Outputs):
-            for rid, out in msg.items:
-                self.generated_tokens += len(out.token_ids)
-                req = self._requests.get(rid)
-                if req is None:
-                    continue
-                if out.finished:
-                    del self._requests[rid]
-                try:
-                    req.emit(out)
-                except Exception:  # a vanished client must not stop the others
-                    log.exception("could not deliver a response")
-        elif isinstance(msg, m.Stats):
-            self.stats, self.loops, self.core_failure = msg.stats, msg.loops, msg.failure
+    def _receive(self, msgs: list) -> None:
+        """Deliver the outputs of messages received together (in arrival order)."""
+        items = []
+        for msg in msgs:
+            if isinstance(msg, m.Outputs):
+                items.extend(msg.items)
+            elif isinstance(msg, m.Stats):
+                self.stats, self.loops, self.core_failure = msg.stats, msg.loops, msg.failure
+        for rid, out in coalesce(items) if len(msgs) > 1 else items:
+            self.generated_tokens += len(out.token_ids)
+            req = self._requests.get(rid)
+            if req is None:
+                continue
+            if out.finished:
+                del self._requests[rid]
+            try:
+                req.emit(out)
+            except Exception:  # a vanished client must not stop the others
+                log.exception("could not deliver a response")
 
     def _poll_cancelled(self) -> None:
         # only requests not answered yet: Triton may have freed a request once its final

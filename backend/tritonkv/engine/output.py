@@ -193,3 +193,21 @@ def merge_outputs(outs: list) -> list:
             run.append(out)
     flush()
     return merged
+
+
+def coalesce(items: list[tuple]) -> list[tuple]:
+    """A frontend's backlog of ``(request id, output)`` pairs (several engine steps, received
+    together) as fewer pairs: each request's outputs of one choice merged (``merge_outputs``).
+    Rules: a choice's outputs keep their order; a merged output goes where its last part was,
+    so a request's last output (``finished``) stays its last. One response per request then
+    carries every token that waited, instead of one response per token (a frontend that falls
+    behind catches up, as vLLM's output collector merges what its consumer has not taken)."""
+    groups: dict[tuple, list] = {}
+    last: dict[tuple, int] = {}
+    for pos, (rid, out) in enumerate(items):
+        key = (rid, out.index)
+        groups.setdefault(key, []).append(out)
+        last[key] = pos
+    return [(key[0], merged) for key in sorted(groups, key=last.__getitem__)
+            for merged in merge_outputs(groups[key])]
+

@@ -1,0 +1,87 @@
+"""A frontend slower than its core: the engine steps that waited on the socket are read
+together and each request's outputs in them become one (``coalesce``), so the frontend sends
+fewer, larger responses; tokens, text, stop strings and the order of a request's last output
+are those of one output per step."""
+
+import time
+
+from core_helpers import core_config, used_blocks
+from polling import wait_until
+from tiny_models import hf_greedy
+from tritonkv.core.client import CoreClient
+from tritonkv.engine.output import TextStream, coalesce
+from tritonkv.engine.requests import SamplingParams, TurnOutput
+from tritonkv.model.demo_checkpoint import byte_level_tokenizer, write_checkpoint
+from tritonkv.model.tokenizer import TextTokenizer
+
+
+def test_coalesce_merges_each_request_and_choice_and_keeps_the_last_output_last():
+    steps = [
+        [(1, TurnOutput("", [10], cached_tokens=4, prompt_tokens=9)), (2, TurnOutput("", [20])),
+         (3, TurnOutput("", [30], index=0)), (3, TurnOutput("", [31], index=1))],
+        [(1, TurnOutput("", [11], cached_tokens=4, prompt_tokens=9)), (2, TurnOutput("", [21], True, "length")),
+         (3, TurnOutput("", [32], index=0)), (3, TurnOutput("", [33], finish_reason="length", index=1))],
+        [(1, TurnOutput("", [12], cached_tokens=4, prompt_tokens=9)),
+         (3, TurnOutput("", [34], True, "length", index=0)), (4, TurnOutput("", [], True, "error", error="bad"))],
+    ]
+    got = coalesce([item for step in steps for item in step])
+    assert got == [
+        (2, TurnOutput("", [20, 21], True, "length")),
+        (3, TurnOutput("", [31, 33], finish_reason="length", index=1)),  # choice 1 ended before 0
+        (1, TurnOutput("", [10, 11, 12], cached_tokens=4, prompt_tokens=9)),
+        (3, TurnOutput("", [30, 32, 34], True, "length", index=0)),  # finished: the request's last
+        (4, TurnOutput("", [], True, "error", error="bad")),
+    ]
+
+
+def test_a_stop_string_inside_a_merged_output_cuts_as_token_by_token(tmp_path):
+    write_checkpoint(str(tmp_path), {"architectures": ["LlamaForCausalLM"]}, {}, byte_level_tokenizer())
+    tokenizer = TextTokenizer(str(tmp_path))
+    ids = list(b"abENcENDxyz")
+
+    def run(outputs):
+        sent, kept = [], []
+        stream = TextStream(tokenizer, ("END",), sent.append, kept.append)
+        for out in outputs:
+            stream(out)
+        return "".join(o.text for o in sent), [t for o in sent for t in o.token_ids], sent[-1], kept
+
+    one_by_one = run([TurnOutput("", [t]) for t in ids])
+    merged = run([TurnOutput("", ids[:3]), TurnOutput("", ids[3:])])
+    for text, tokens, last, kept in (one_by_one, merged):
+        assert text == "abENc" and tokens == list(b"abENcEND")
+        assert (last.finished, last.finish_reason, kept) == (True, "stop", [8])
+
+
+def test_a_slow_frontend_receives_fewer_larger_outputs_with_hf_greedy_tokens(tiny):
+    client = CoreClient(core_config(tiny[0]))
+    client.connect()
+    try:
+        assert wait_until(lambda: used_blocks(client) == 0, 10)
+        before = client.generated_tokens
+        prompts = {1: [1, 5, 9, 13, 17], 2: [1, 40, 41, 42]}
+        outputs = {rid: [] for rid in prompts}
+        held = []
+
+        def emit_for(corr_id):
+            def emit(out):
+                if not held:  # the I/O thread stops a while: the core's steps wait on the socket
+                    held.append(out)
+                    time.sleep(1.0)
+                outputs[corr_id].append(out)
+            return emit
+
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        for corr_id, prompt in prompts.items():
+            client.submit(corr_id, prompt, params, emit_for(corr_id), start=True, end=True, stateless=True)
+        assert wait_until(lambda: all(o and o[-1].finished for o in outputs.values()), 60)
+        for corr_id, prompt in prompts.items():
+            outs = outputs[corr_id]
+            assert [t for o in outs for t in o.token_ids] == hf_greedy(tiny[1], prompt, 12)[0]
+            assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        # 24 tokens arrived in fewer outputs than steps: what waited was merged
+        assert sum(len(o) for o in outputs.values()) < 24, [len(o.token_ids) for o in outputs[1]]
+        assert client.generated_tokens - before == 24
+        assert wait_until(lambda: used_blocks(client) == 0, 10)
+    finally:
+        client.close()
