@@ -117,10 +117,61 @@ def returning_ttft(args, path, host_gb) -> dict:
         if r >= warm:
             ttfts.append(t.first)
     stats = engine.stats()
+    result = {"ttft_ms": 1000 * statistics.median(ttfts), "ttfts_ms": [round(1000 * x, 2) for x in ttfts],
+              "swap_in_blocks": stats["swap_in_blocks"], "swap_in_bytes": stats["swap_in_bytes"],
+              "preemptions": stats["preemptions"]}
+    if host_gb:
+        result["breakdown"] = restore_breakdown(args, engine, -(-(args.history + 1) // bs), vocab)
     engine.close()
-    return {"ttft_ms": 1000 * statistics.median(ttfts), "ttfts_ms": [round(1000 * x, 2) for x in ttfts],
-            "swap_in_blocks": stats["swap_in_blocks"], "swap_in_bytes": stats["swap_in_bytes"],
-            "preemptions": stats["preemptions"]}
+    return result
+
+
+def timed_ms(fn, cuda: bool, repeats: int) -> float:
+    """Median wall ms of ``fn`` with the device idle before and after each call."""
+    runs = []
+    for _ in range(1 + repeats):  # the first call warms up (allocations)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        runs.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(runs[1:])
+
+
+def restore_breakdown(args, engine, blocks: int, vocab: int) -> dict:
+    """Where a restore's TTFT goes, on the engine that measured it (after its runs; it is closed
+    next, so its device blocks may be overwritten): the returning turn with the history still on
+    the device (prefill of the new tokens, no copy), the swapper's copies of the history's
+    blocks (host -> device; and with as many device -> host beside them, as when the pool makes
+    room), and one pinned copy of the same bytes (the link's floor)."""
+    from tritonkv.cache.tier_moves import SwapPlan
+
+    cuda = args.device == "cuda"
+    resident = []
+    for r in range(1 + args.repeats):
+        x = f"resident{r}"
+        submit(engine, x, tokens(args.history, 5000 + r, vocab), 1, start=True)
+        engine.run_until_idle()
+        t = submit(engine, x, tokens(args.new, 6000 + r, vocab), 1, start=False, end=True)
+        engine.run_until_idle()
+        if r:
+            resident.append(t.first)
+    swapper = engine.swapper
+    ids = list(range(blocks))
+    copy_in = timed_ms(lambda: swapper.run(SwapPlan(in_host=ids, in_device=ids)), cuda, args.repeats)
+    out_ids = list(range(blocks, 2 * blocks))
+    both = timed_ms(lambda: swapper.run(SwapPlan(out_device=ids, out_host=out_ids, in_host=ids, in_device=ids)),
+                    cuda, args.repeats)
+    nbytes = blocks * swapper.block_bytes
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    if cuda:
+        src = src.pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=engine.device)
+    floor = timed_ms(lambda: dst.copy_(src, non_blocking=True), cuda, args.repeats)
+    return {"blocks": blocks, "bytes": nbytes, "resident_ttft_ms": 1000 * statistics.median(resident),
+            "swap_in_ms": copy_in, "swap_in_out_ms": both, "pinned_copy_ms": floor}
 
 
 def workload(args, path, host_gb) -> dict:
@@ -225,7 +276,19 @@ def part_returning(args, path, host_gb) -> list[str]:
     for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
         lines.append(f"| {name} | {r['ttft_ms']:.1f} | {r['ttfts_ms']} | {r['swap_in_blocks']} | "
                      f"{r['swap_in_bytes']:,} | {r['preemptions']} |")
-    return lines + ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", ""]
+    lines += ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", ""]
+    b = on["breakdown"]
+    gbps = lambda ms: b["bytes"] / ms / 1e6  # noqa: E731
+    return lines + [
+        f"Where the restore goes ({b['blocks']} blocks, {b['bytes']:,} bytes; medians of {args.repeats}, "
+        "tier-on engine, device idle before and after each):", "",
+        "| | ms | GB/s |", "|---|---:|---:|",
+        f"| returning turn, history still on the device (no copy) | {b['resident_ttft_ms']:.1f} | - |",
+        f"| swapper: host -> device | {b['swap_in_ms']:.1f} | {gbps(b['swap_in_ms']):.1f} |",
+        f"| swapper: host -> device and as many device -> host | {b['swap_in_out_ms']:.1f} | "
+        f"{gbps(b['swap_in_out_ms']):.1f} |",
+        f"| one pinned host -> device copy of the same bytes (floor) | {b['pinned_copy_ms']:.1f} | "
+        f"{gbps(b['pinned_copy_ms']):.1f} |", ""]
 
 
 def part_workload(args, path, host_gb) -> list[str]:
