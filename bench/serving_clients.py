@@ -32,6 +32,7 @@ class Sample:
     ttft_s: float
     tpot_s: float | None
     e2e_s: float
+    responses: int | None = None  # Triton responses that carried the tokens (None: not a served request)
 
 
 def _one(client, model: str, prompt: list[int], max_tokens: int):
@@ -56,7 +57,8 @@ def _proc_main(grpc_url, jobs, max_tokens, barrier, results, errors):
                 r = _one(client, model, prompt, max_tokens)
                 if r.finish_reason != "length" or r.num_tokens != max_tokens:
                     raise RuntimeError(f"request {index}: finish_reason {r.finish_reason}, {r.num_tokens} tokens")
-                out.append((index, model, list(r.token_ids), r.ttft_s, r.tpot_s, r.e2e_s, time.perf_counter()))
+                out.append((index, model, list(r.token_ids), r.ttft_s, r.tpot_s, r.e2e_s, r.num_responses,
+                            time.perf_counter()))
         except Exception as e:  # noqa: BLE001  (a failed request fails the level)
             failures.append(f"{type(e).__name__}: {e}")
 
@@ -103,8 +105,8 @@ def run_level(grpc_url: str, prompts: list[list[int]], concurrency: int, max_tok
         raise RuntimeError(f"{len(failures)} clients failed, first: {failures[0]}")
     samples: list[Sample | None] = [None] * len(prompts)
     model_of: list[str | None] = [None] * len(prompts)
-    for index, model, tokens, ttft, tpot, e2e, _end in rows:
-        samples[index], model_of[index] = Sample(tokens, ttft, tpot, e2e), model
+    for index, model, tokens, ttft, tpot, e2e, responses, _end in rows:
+        samples[index], model_of[index] = Sample(tokens, ttft, tpot, e2e, responses), model
     # the last request's end, not the processes' exit, closes the level
     wall = max(row[-1] for row in rows) - start if rows else 0.0
     return samples, wall, model_of

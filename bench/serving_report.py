@@ -26,7 +26,11 @@ def summarize(samples, wall: float) -> dict:
     ttft = [s.ttft_s * 1000 for s in samples]
     tpot = [s.tpot_s * 1000 for s in samples if s.tpot_s is not None]
     tokens = sum(len(s.tokens) for s in samples)
+    responses = [s.responses for s in samples]
+    # tokens per response > 1: the server merged tokens that waited (a frontend behind its core)
+    per_response = tokens / sum(responses) if responses and None not in responses and sum(responses) else None
     return {"requests": len(samples), "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
+            "tokens_per_response": per_response,
             **{f"ttft_p{q}_ms": percentile(ttft, q) for q in (50, 90, 99)},
             **{f"tpot_p{q}_ms": percentile(tpot, q) for q in (50, 90, 99)},
             "e2e_p50_ms": percentile([s.e2e_s * 1000 for s in samples], 50), "ttft_ms": ttft}
@@ -65,17 +69,19 @@ def cross_check(tokens: dict, exact_all: bool) -> dict:
 
 
 def markdown(results: dict, levels: list[int]) -> str:
-    lines = ["| system | concurrency | requests | output tok/s | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | e2e p50 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| system | concurrency | requests | output tok/s | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | "
+             "e2e p50 ms | tokens / response |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for system, per_level in results.items():
         for c in sorted(set(levels) | {int(k) for k in per_level if k.isdigit()}):
             r = per_level.get(str(c))
             if r is None:
                 continue
-            f = lambda k: "-" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
+            f = lambda k, digits=1: "-" if r.get(k) is None else f"{r[k]:.{digits}f}"  # noqa: E731
             lines.append(f"| {system} | {c} | {r['requests']} | {r['output_tokens_per_s']:,.1f} "
                          f"| {f('ttft_p50_ms')} / {f('ttft_p90_ms')} / {f('ttft_p99_ms')} "
-                         f"| {f('tpot_p50_ms')} / {f('tpot_p90_ms')} / {f('tpot_p99_ms')} | {f('e2e_p50_ms')} |")
+                         f"| {f('tpot_p50_ms')} / {f('tpot_p90_ms')} / {f('tpot_p99_ms')} | {f('e2e_p50_ms')} "
+                         f"| {f('tokens_per_response', 2)} |")
     return "\n".join(lines)
 
 
