@@ -156,12 +156,19 @@ def output_stream(tokenizer: TextTokenizer | None, params, emit, on_stop=None):
     return TextStream(tokenizer, params.stop, emit, on_stop and (lambda kept: on_stop(kept, 0)))
 
 
+_LIST_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def per_token_fields(out) -> list[str]:
-    """The list-valued fields of ``out`` that hold one entry per token id (``logprobs``, or
-    any such field added to ``TurnOutput`` later): merged and cut along with ``token_ids``."""
+    """The fields of ``out`` annotated as lists that hold one entry per token id (``logprobs``,
+    or any such field added to ``TurnOutput`` later): merged and cut along with ``token_ids``.
+    (Per output, on the frontend's path: the candidates are found once per class.)"""
+    names = _LIST_FIELDS.get(type(out))
+    if names is None:
+        names = _LIST_FIELDS[type(out)] = tuple(f.name for f in fields(out)
+                                                if f.name != "token_ids" and "list" in str(f.type))
     n = len(out.token_ids)
-    return [f.name for f in fields(out) if f.name != "token_ids"
-            and isinstance(getattr(out, f.name), list) and len(getattr(out, f.name)) == n]
+    return [name for name in names if isinstance(v := getattr(out, name), list) and len(v) == n]
 
 
 def merge_outputs(outs: list) -> list:
@@ -171,6 +178,8 @@ def merge_outputs(outs: list) -> list:
     merged, run = [], []
 
     def flush():
+        if len(run) == 1:
+            merged.append(run.pop())
         if not run:
             return
         last = run[-1]
