@@ -19,7 +19,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "backend"))
+sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
+
+from md_table import table  # noqa: E402
 
 from tritonkv.core import messages as m  # noqa: E402
 from tritonkv.engine.output import TextStream, coalesce  # noqa: E402
@@ -88,21 +90,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     encoded = messages(args.rows, args.steps, 200)
     tokens = args.rows * args.steps
-    lines = ["# Frontend cost per token (Python share, no Triton send)", "",
-             f"`python bench/frontend_cost.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-             f"{args.rows} requests x {args.steps} tokens, one token per request per step; median of "
-             f"{args.repeats}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start.", "",
-             "| steps read together | responses | us per token | us per response |", "|---:|---:|---:|---:|"]
+    load = os.getloadavg()[0]
+    rows = []
     for k in args.merge:
         runs = [run(encoded, args.rows, k) for _ in range(args.repeats)]
-        wall = statistics.median(r[0] for r in runs)
-        sent = runs[0][1]
-        lines.append(f"| {k} | {sent:,} | {1e6 * wall / tokens:.1f} | {1e6 * wall / sent:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
+        wall, sent = statistics.median(r[0] for r in runs), runs[0][1]
+        rows.append([k, f"{sent:,}", f"{1e6 * wall / tokens:.1f}", f"{1e6 * wall / sent:.1f}"])
+    text = "\n".join([
+        "# Frontend cost per token (Python share, no Triton send)", "",
+        f"`python bench/frontend_cost.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+        f"{args.rows} requests x {args.steps} tokens, one token per request per step; median of "
+        f"{args.repeats}; {os.cpu_count()} cores, load average {load:.1f} at the start.", "",
+        *table(["steps read together", "responses", "us per token", "us per response"], rows, right=(0, 1, 2, 3))]) + "\n"
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    print(text)
     return 0
 
 
