@@ -166,7 +166,7 @@ def per_token_fields(out) -> list[str]:
     names = _LIST_FIELDS.get(type(out))
     if names is None:
         names = _LIST_FIELDS[type(out)] = tuple(f.name for f in fields(out)
-                                                if f.name != "token_ids" and "list" in str(f.type))
+                                                if f.name != "token_ids" and "list" in str(f.type).lower())
     n = len(out.token_ids)
     return [name for name in names if isinstance(v := getattr(out, name), list) and len(v) == n]
 
