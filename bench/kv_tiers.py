@@ -41,6 +41,7 @@ sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 from tritonkv.config import EngineConfig  # noqa: E402
 from tritonkv.engine.factory import build_engine  # noqa: E402
 from tritonkv.engine.requests import SamplingParams  # noqa: E402
+from md_table import table  # noqa: E402
 
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -281,17 +282,17 @@ def part_returning(args, path, host_gb) -> list[str]:
                      f"{r['swap_in_bytes']:,} | {r['preemptions']} |")
     lines += ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", ""]
     b = on["breakdown"]
-    gbps = lambda ms: b["bytes"] / ms / 1e6  # noqa: E731
+    gbps = lambda ms: f"{b['bytes'] / ms / 1e6:.1f}"  # noqa: E731
     return lines + [
         f"Where the restore goes ({b['blocks']} blocks, {b['bytes']:,} bytes; medians of {args.repeats}, "
         "tier-on engine, device idle before and after each):", "",
-        "| | ms | GB/s |", "|---|---:|---:|",
-        f"| returning turn, history still on the device (no copy) | {b['resident_ttft_ms']:.1f} | - |",
-        f"| swapper: host -> device | {b['swap_in_ms']:.1f} | {gbps(b['swap_in_ms']):.1f} |",
-        f"| swapper: host -> device and as many device -> host | {b['swap_in_out_ms']:.1f} | "
-        f"{gbps(b['swap_in_out_ms']):.1f} |",
-        f"| one pinned host -> device copy of the same bytes (floor) | {b['pinned_copy_ms']:.1f} | "
-        f"{gbps(b['pinned_copy_ms']):.1f} |", ""]
+        *table(["", "ms", "GB/s"], [
+            ["returning turn, history still on the device (no copy)", f"{b['resident_ttft_ms']:.1f}", "-"],
+            ["swapper: host -> device", f"{b['swap_in_ms']:.1f}", gbps(b["swap_in_ms"])],
+            ["swapper: host -> device and as many device -> host", f"{b['swap_in_out_ms']:.1f}",
+             gbps(b["swap_in_out_ms"])],
+            ["one pinned host -> device copy of the same bytes (floor)", f"{b['pinned_copy_ms']:.1f}",
+             gbps(b["pinned_copy_ms"])]], right=(1, 2)), ""]
 
 
 def part_workload(args, path, host_gb) -> list[str]:
@@ -308,9 +309,9 @@ def part_workload(args, path, host_gb) -> list[str]:
                   f"tok/s on / off: {on['output_tok_s'] / off['output_tok_s']:.2f} (target >= 1)", "",
               f"The same TTFTs without each conversation's first turn (a {args.turn_history}-token prefill, "
               "the same work with the tier on or off), i.e. the turns that return:", "",
-              "| host tier | TTFT p50 (ms) | TTFT p90 (ms) |", "|---|---:|---:|"]
-    for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
-        lines.append(f"| {name} | {r['returning_p50_ms']:.1f} | {r['returning_p90_ms']:.1f} |")
+              *table(["host tier", "TTFT p50 (ms)", "TTFT p90 (ms)"],
+                     [[name, f"{r['returning_p50_ms']:.1f}", f"{r['returning_p90_ms']:.1f}"]
+                      for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on))], right=(1, 2))]
     return lines + ["", f"returning turns' TTFT p90 off / on: {off['returning_p90_ms'] / on['returning_p90_ms']:.2f}", ""]
 
 
