@@ -46,12 +46,17 @@ python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implement
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 -d "$tmp" "${nodeps[@]}" 2>&1 | grep -v -i 'warning' || true
+# rebuilt each time: an unpinned dependency that moved on (configargparse 1.9.0 -> 1.10.2) would
+# otherwise leave both versions, and pip on the device refuses to install the folder
+rm -rf "$out/wheels"
 mkdir -p "$out/wheels"
 for w in "$tmp"/*.whl; do
   name=$(basename "$w" | cut -d- -f1 | tr '_.' '--' | tr 'A-Z' 'a-z')
   grep -qxi "$name" bench/device_image_packages.txt || cp "$w" "$out/wheels/"
 done
 rm -rf "$tmp"
+twice=$(ls "$out/wheels" | cut -d- -f1 | tr 'A-Z_.' 'a-z--' | sort | uniq -d)
+[ -z "$twice" ] || { echo "two versions of: $twice (keep one: the device's pip refuses both)" >&2; exit 1; }
 cp bench/gpu_device_env.sh "$out/device_env.sh"
 git rev-parse HEAD > "$out/commit"
 git diff --quiet HEAD -- backend tests bench || echo "dirty" >> "$out/commit"

@@ -25,7 +25,12 @@ for _env in stubenv testenv; do
     python3 -m venv --without-pip /tmp/tritonkv-$_env
     _se=$(/tmp/tritonkv-$_env/bin/python3 -c "import site; print(site.getsitepackages()[0])")
     [ $_env = stubenv ] && tar xJf "$_carry/np.txz" -C "$_se"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$_se" "$_carry"/wheels/*.whl
+    if ! python3 -m pip install -q --no-index --no-deps --no-compile --target "$_se" "$_carry"/wheels/*.whl; then
+      # no half-made venv stays behind for the next call to take as ready
+      rm -rf /tmp/tritonkv-$_env
+      echo "device env: installing the carried wheels into $_env failed (above)" >&2
+      return 1
+    fi
     echo "$_image_site" > "$_se/zz_image_site.pth"
     printf '%s\n%s\n' "$(dirname "$_carry")/backend" "$(dirname "$_carry")/client" > "$_se/tritonkv_src.pth"
     echo /tmp/tritonkv-ts > "$_se/tritonkv_pytriton.pth"
@@ -38,7 +43,8 @@ export LD_LIBRARY_PATH=$(python3 -c "import sysconfig; print(sysconfig.get_confi
 export TRITONSERVER=/tmp/tritonkv-ts/pytriton/tritonserver/bin/tritonserver
 export TRITON_BACKENDS=/tmp/tritonkv-ts/pytriton/tritonserver/backends
 export TRITONKV_COMMIT=$(head -c 40 "$_carry/commit" 2>/dev/null)
-python3 -c "import numpy, torch, zmq, msgspec; print('device env (stub): numpy', numpy.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+python3 -c "import numpy, torch, zmq, msgspec; print('device env (stub): numpy', numpy.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
+  || { echo "device env: the stub's venv lacks a package (above)" >&2; return 1; }
 "$TRITONKV_TEST_PYTHON" -c "import numpy, transformers; print('device env (tests): numpy', numpy.__version__, 'transformers', transformers.__version__)"
 # the tritonkv backend (model.py) beside the carried Python backend: models say backend: "tritonkv"
 "$TRITONKV_TEST_PYTHON" -m tritonkv.server.cli install-backend "$TRITON_BACKENDS" > /dev/null

@@ -36,7 +36,7 @@ if [ "${TINY:-0}" = 1 ]; then
   IMGPY=$(command -v python3)
   export PYTHONPATH=$PWD/backend:$PWD/client${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 else
-  source .gpu-carry/device_env.sh  # bench/gpu_device_env.sh: tritonserver, the stub's venv, the wheels
+  source .gpu-carry/device_env.sh || { echo "gpu_run.sh: the device environment is not ready (above); nothing run" >&2; exit 1; }  # bench/gpu_device_env.sh
   IMGPY=$TRITONKV_TEST_PYTHON      # the tests' venv (numpy 2 for the HF oracles); the stub's is first on PATH
   # tritonkv is not installed there: subprocesses (`-m tritonkv.server.cli`, the OpenAI
   # frontend) find it through PYTHONPATH

@@ -52,12 +52,16 @@ def block(path: str) -> str:
     lines = [BEGIN,
              f"{meta['checkpoint']}, {meta['device']}, {meta['prompt_tokens']} prompt / {meta['max_tokens']} output "
              f"tokens, greedy; served = `tritonkv serve` with gRPC streams from {meta['client_processes']} client "
-             f"processes ([{rel}]({rel}), `{meta['command']}`):", "", *table(columns, rows)]
+             f"processes ([{rel}]({rel}), `{meta['command']}`"
+             + (f", merged over the earlier call `{meta['merged_from']['command']}`" if meta.get("merged_from") else "")
+             + "):", "", *table(columns, rows)]
     check = meta.get("cross_check", {})
     if check:
-        verdicts = ", ".join(f"{s}: {v['verdict']}" for s, v in check.items() if v["verdict"] != "-")
-        lines += ["", f"Greedy tokens served vs in-process (asserted at c={levels[0]}): {verdicts}; "
-                      "the other levels are counted in the results file."]
+        verdicts = ", ".join(f"{s}: {v['verdict']}" + (f" at c={', '.join(map(str, v['asserted_levels']))}"
+                                                        if v["asserted_levels"] else "")
+                             for s, v in check.items() if v["verdict"] != "-")
+        lines += ["", f"Greedy tokens served vs in-process: {verdicts}; every level's count of equal requests "
+                      "is in the results file."]
     lines.append(END)
     return "\n".join(lines)
 

@@ -42,8 +42,9 @@ def _first_difference(a: list, b: list):
 
 def cross_check(tokens: dict, exact_all: bool) -> dict:
     """Each served system (and the HF peer, for information) against the in-process engine,
-    request by request per level. Verdict FAILED: a request differs at the first common level
-    (or at any level when ``exact_all``, i.e. fp32)."""
+    request by request per level. Verdict FAILED: a request differs at concurrency 1 (batch 1
+    on both sides: the same kernels, the same tokens), or at any level when ``exact_all``
+    (fp32). Without a level 1 in common (a merged run) nothing is asserted: "not asserted"."""
     ref_name = "inprocess" if "inprocess" in tokens else "inprocess-eager" if "inprocess-eager" in tokens else None
     if ref_name is None:
         return {}
@@ -58,14 +59,35 @@ def cross_check(tokens: dict, exact_all: bool) -> dict:
             differing = [d for d in diffs if d is not None]
             per_level[c] = {"requests": len(pairs), "equal": len(pairs) - len(differing),
                             "first_difference_at": sorted(differing)}
-        verdict = "-"
+        verdict, must = "-", []
         if system in SERVED and levels:
-            must = levels if exact_all else levels[:1]
-            verdict = "FAILED" if any(per_level[c]["equal"] < per_level[c]["requests"] for c in must) else "passed"
-        out[system] = {"against": ref_name, "verdict": verdict,
-                       "asserted_levels": (levels if exact_all else levels[:1]) if system in SERVED else [],
-                       "levels": per_level}
+            must = levels if exact_all else [c for c in levels if int(c) == 1]
+            verdict = ("not asserted" if not must else "FAILED" if any(
+                per_level[c]["equal"] < per_level[c]["requests"] for c in must) else "passed")
+        out[system] = {"against": ref_name, "verdict": verdict, "asserted_levels": must, "levels": per_level}
     return out
+
+
+def merge_earlier(path: str, meta: dict, results: dict, tokens: dict, replacing=()) -> tuple[dict, dict]:
+    """This run's results over an earlier run's (``path``: its NAME.json, NAME.tokens.json
+    beside it). Rules: a system of this run (in ``results`` or ``replacing``, the systems it
+    runs) replaces the earlier one whole, so no system mixes levels of two runs; the earlier
+    meta stays as ``merged_from``; a level's floor that this run did not measure is the earlier
+    run's. Returns (results, tokens); ``meta`` is updated in place."""
+    with open(path) as f:
+        old = json.load(f)
+    old_tokens = {}
+    tokens_file = os.path.splitext(path)[0] + ".tokens.json"
+    if os.path.isfile(tokens_file):  # the earlier systems' tokens, for the cross-check
+        with open(tokens_file) as f:
+            old_tokens = json.load(f)["tokens"]
+    drop = set(results) | set(replacing)
+    meta["merged_from"] = old["meta"]
+    meta["concurrency"] = sorted(set(old["meta"]["concurrency"]) | set(meta["concurrency"]))
+    if old["meta"].get("reference"):
+        meta["reference"] = {**old["meta"]["reference"], **meta.get("reference", {})}
+    return ({s: r for s, r in old["results"].items() if s not in drop} | results,
+            {s: t for s, t in old_tokens.items() if s not in drop} | tokens)
 
 
 def markdown(results: dict, levels: list[int]) -> str:
@@ -147,6 +169,10 @@ def write_results(args, meta: dict, results: dict, tokens: dict) -> None:
              "Systems that ran:", ""] + [f"- `{s}`: {d}" for s, d in ran.items()]
     if meta.get("merged_from"):
         lines += [f"- (earlier run) {s}: {d}" for s, d in meta["merged_from"].get("systems", {}).items()]
+        lines += [f"- (earlier run) failed, replaced by this run's: {' '.join(f.split())}"
+                  for f in meta["merged_from"].get("failed", []) if f.split(":")[0] in ran]
+    if meta.get("merge_command"):
+        lines += [f"- merged afterwards by `{meta['merge_command']}`"]
     for s, cmd in meta.get("server_commands", {}).items():
         lines.append(f"- server of `{s}`: `{cmd}`")
     if meta.get("failed"):
@@ -154,7 +180,7 @@ def write_results(args, meta: dict, results: dict, tokens: dict) -> None:
     lines += ["", markdown(results, levels), ""]
     if meta.get("cross_check"):
         lines += ["## Greedy cross-check against the in-process engine", "",
-                  "Asserted at the first level (batch 1 on both sides: the same kernels, the same tokens) and, "
+                  "Asserted at concurrency 1 (batch 1 on both sides: the same kernels, the same tokens) and, "
                   "in fp32, at every level; at higher bf16 levels requests are batched differently in each run, "
                   "so a near-tie may flip one token and the rest of that request follows it: counted, with the "
                   "position of the first difference.", ""]
@@ -178,3 +204,34 @@ def write_results(args, meta: dict, results: dict, tokens: dict) -> None:
         lines.append(f"![throughput and TTFT CDF]({args.name}.png)")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    """Merge two results files already written (a later call's systems over an earlier call's,
+    as ``serving_benchmark.py --merge`` does while it runs) and rewrite the report."""
+    import argparse
+    import sys
+    from types import SimpleNamespace
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--merge", nargs=2, metavar=("EARLIER", "LATER"), required=True, help="two NAME.json files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    earlier, later = args.merge
+    with open(later) as f:
+        run = json.load(f)
+    with open(os.path.splitext(later)[0] + ".tokens.json") as f:
+        later_tokens = json.load(f)["tokens"]
+    meta = run["meta"]
+    results, tokens = merge_earlier(earlier, meta, run["results"], later_tokens)
+    meta["merge_command"] = " ".join(["python bench/serving_report.py", *(argv if argv is not None else sys.argv[1:])])
+    meta["cross_check"] = cross_check(tokens, exact_all=meta["device"] == "cpu")
+    write_results(SimpleNamespace(out=args.out, name=args.name, no_plot=args.no_plot), meta, results, tokens)
+    print(markdown(results, meta["concurrency"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
