@@ -149,6 +149,37 @@ def test_cancel_right_after_swap_in_and_end_while_parked_leak_nothing(llama):
     assert (stats["used"], stats["host_blocks_used"], stats["swap_ins"]) == (0, 0, 1)
 
 
+def test_a_restore_in_flight_lets_the_other_rows_decode_and_its_turn_equals_hf(llama):
+    """A conversation swapped in while another decodes: its copies are left in flight (the
+    swapper reports them landed only at the fourth look) and the other conversation keeps
+    decoding meanwhile; then the restored turn prefills only its new tokens. Both equal HF."""
+    path, hf = llama
+    engine = make_engine(path, block_size=BS, num_blocks=16, **HOST)
+    history = fill_and_park(engine, hf)
+    a_id = engine._live["a"].seq_id
+    looks, real = [], engine.swapper.restores_landed
+    engine.swapper.restores_landed = lambda: looks.append(1) or (len(looks) > 3 and real())
+    other, turn = Collector(), Collector()
+    engine.submit("c", prompt(6, 9), greedy(16), other, start=True, end=True)
+    engine._drain()
+    engine.step()  # c's prefill: c is running when a's turn arrives
+    new = prompt(4, 8)[1:]
+    engine.submit("a", new, greedy(6), turn, start=False, end=True)
+    engine._drain()
+    steps_before = len(other.token_ids)
+    engine.step()  # a swaps in (copies queued), c decodes without it
+    assert engine.kv.restoring(a_id) and turn.token_ids == []
+    for _ in range(3):  # not landed: c keeps decoding, a waits
+        engine.step()
+    assert len(looks) == 3 and turn.token_ids == [] and len(other.token_ids) >= steps_before + 3
+    engine.run_until_idle()
+    assert_hf_greedy(hf, history + new, turn.token_ids)
+    assert_hf_greedy(hf, prompt(6, 9), other.token_ids)
+    assert turn.final.cached_tokens == len(history) - 1  # restored, not recomputed
+    stats = engine.stats()
+    assert (stats["swap_ins"], stats["preemptions"], stats["used"], stats["host_blocks_used"]) == (1, 0, 0, 0)
+
+
 def test_idle_timeout_frees_the_host_tier(llama):
     path, hf = llama
     engine = make_engine(path, block_size=BS, num_blocks=14, **HOST)

@@ -61,14 +61,16 @@ def test_idle_conversation_swaps_out_instead_of_preempting_and_comes_back_withou
     next_turn(a, [7, 7, 7], admitted_at=2)
     plan = sched.schedule([a], [])
     swaps = kv.take_swaps()
-    assert swaps.in_host == [0, 1]
+    # a is the step's only work: it runs now and the step waits for its restore (3r)
+    assert swaps.restore_host == [0, 1] and swaps.in_host == [] and swaps.wait_restores
+    assert not kv.restoring("a")
     # the device blocks it takes that were cached are demoted first: 0 (a's own old block 0,
     # reclaimed by the swap-in while a's host blocks are still held: host block 3), then 5 (b's
     # chain tail, reclaimed by the turn's growth after a left host blocks 0, 1: host block 0)
     assert (swaps.out_device, swaps.out_host) == ([0, 5], [3, 0])
     # the free block 1 (b's unfilled tail), then the least recently used cached one: a's old 0;
     # the turn's growth then evicts b's chain tail (5)
-    assert swaps.in_device == [1, 0] and kv.block_table("a") == [1, 0, 5]
+    assert swaps.restore_device == [1, 0] and kv.block_table("a") == [1, 0, 5]
     assert shape(plan) == [("a", 8, 4, True)]  # 8 tokens restored: token 8 (sampled) + 3 new
     assert a.turn.cached_tokens == 8
     assert not kv.swapped("a") and kv.host.counts()["used"] == 0 and kv.host.counts()["cached"] == 3
@@ -199,3 +201,57 @@ def test_parking_evicts_cached_host_blocks_before_any_parked_conversation():
     assert kv.host.parked() == ["a"]
     kv.release("a")
     assert kv.host.counts()["used"] == 0 and kv.host.counts()["cached"] == 1
+
+
+def park(kv, sched, a, b_tokens: int):
+    """``a`` ran a turn and went idle; ``b`` then needs room: a is parked on the host. Returns b."""
+    advance(kv, sched.schedule([a], []))
+    go_idle(a)
+    assert kv.swap_out("a") and kv.take_swaps().out_device == [0, 1]
+    b = running("b", prompt(200, b_tokens), admitted_at=1)
+    advance(kv, sched.schedule([b], [a]))
+    kv.take_swaps()
+    return b
+
+
+def test_a_restore_overlaps_the_other_rows_and_runs_once_its_copies_landed():
+    pool, kv, sched = make(num_blocks=8, host_blocks=4)
+    a = running("a", prompt(100, 8), admitted_at=0)
+    b = park(kv, sched, a, b_tokens=6)  # b decodes on blocks 2, 3 (blocks 0, 1 cached: a's old ones)
+    next_turn(a, [7, 7, 7], admitted_at=2)
+    # a's turn arrives while b decodes: a swaps in (its copies queued), b runs alone this step
+    plan = sched.schedule([b, a], [])
+    assert shape(plan) == [("b", 6, 1, True)]
+    swaps = kv.take_swaps()
+    assert swaps.restore_host == [0, 1] and not swaps.wait_restores and swaps.in_host == []
+    assert kv.restoring("a") and len(kv.block_table("a")) == 3  # restored table + its turn's block
+    advance(kv, plan)
+    # not landed yet: b's next step still runs without a, and waits for nothing
+    plan = sched.schedule([b, a], [])
+    assert shape(plan) == [("b", 7, 1, True)] and not kv.take_swaps()
+    advance(kv, plan)
+    # landed: a prefills only its new tokens (8 computed + its sampled token + 3), beside b
+    kv.restores_landed()
+    plan = sched.schedule([b, a], [])
+    assert shape(plan) == [("b", 8, 1, True), ("a", 8, 4, True)] and not kv.take_swaps()
+    assert a.turn.cached_tokens == 8
+    advance(kv, plan)
+    kv.release("a")
+    kv.release("b")
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
+
+
+def test_a_restoring_sequence_released_makes_the_next_step_wait_for_its_copies():
+    """Its blocks go back to the pool while the copies into them may be in flight: nothing may
+    write them before those land."""
+    pool, kv, sched = make(num_blocks=8, host_blocks=4)
+    a = running("a", prompt(100, 8), admitted_at=0)
+    b = park(kv, sched, a, b_tokens=6)
+    next_turn(a, [7, 7, 7], admitted_at=2)
+    advance(kv, sched.schedule([b, a], []))
+    assert not kv.take_swaps().wait_restores and kv.restoring("a")
+    kv.release("a")  # a cancelled mid-restore
+    assert not kv.restoring("a") and kv.take_swaps() == SwapPlan(wait_restores=True)
+    assert pool.refcounts(kv.block_table("b")) == [1, 1] and pool.counts()["used"] == 2
+    kv.release("b")
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0

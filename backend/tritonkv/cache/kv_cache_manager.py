@@ -110,6 +110,7 @@ class KVCacheManager(TierMoves):
             pool.on_reclaim = self._demote
         self._swaps = SwapPlan()
         self._parked_now: set = set()
+        self._restoring: set = set()  # swapped in, copies maybe in flight (cache/tier_moves.py)
         self._history_type = EvictionHistory
         self.evicted_blocks = dict.fromkeys(EVICTING_POLICIES, 0)  # per policy name
         self.preempted_blocks = 0  # pool blocks held by sequences when they were preempted
@@ -382,6 +383,7 @@ class KVCacheManager(TierMoves):
         self._drop_all(seq_id)
 
     def _drop_all(self, seq_id) -> None:
+        self._abandon_restore(seq_id)
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
             self.pool.release(seq.blocks + [b for b in seq.sources if b >= 0], self.owner)

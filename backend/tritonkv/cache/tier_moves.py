@@ -14,6 +14,14 @@ Rules:
 - A conversation the host tier drops to make room keeps what a recompute needs (h2o mass),
   as a preempted one does.
 - ``release`` frees every tier at once.
+- Restores overlap other rows' compute: a host-tier swap-in's copies (``restore_host`` ->
+  ``restore_device``) run on the copy stream, and the sequence is ``restoring`` until the
+  engine reports them landed (``restores_landed``); the scheduler computes it from the first
+  step after that, or in the step of its swap-in when nothing else runs then (``restore_now``:
+  that step's compute waits for the copies). A restoring sequence whose blocks are released
+  (cancel, end, preemption) sets ``wait_restores``: the next step's compute waits for the
+  copies before anything can write those blocks again. Disk swap-ins and prefix loads from the
+  host are waited in their own step.
 - Disk tier (a HostTier of file-backed blocks): a conversation the host tier drops to make
   room is spilled there instead (``_spill``), and swaps in from there directly.
 - Prefix blocks the device pool reclaims are demoted (``_demote``, the pool's ``on_reclaim``):
@@ -34,7 +42,9 @@ from tritonkv.cache.block_pool import PoolExhausted
 @dataclass
 class SwapPlan:
     """The copies one step runs: device block ``out_device[i]`` -> host block ``out_host[i]``,
-    host block ``in_host[i]`` -> device block ``in_device[i]``."""
+    host block ``in_host[i]`` -> device block ``in_device[i]`` (prefix loads: this step's
+    compute reads them), host block ``restore_host[i]`` -> device block ``restore_device[i]``
+    (swap-ins: waited only with ``wait_restores``, or once landed)."""
 
     out_device: list[int] = field(default_factory=list)
     out_host: list[int] = field(default_factory=list)
@@ -44,15 +54,42 @@ class SwapPlan:
     spill_disk: list[int] = field(default_factory=list)
     in_disk: list[int] = field(default_factory=list)  # disk block -> device block in_disk_device[i]
     in_disk_device: list[int] = field(default_factory=list)
+    restore_host: list[int] = field(default_factory=list)
+    restore_device: list[int] = field(default_factory=list)
+    wait_restores: bool = False  # this step's compute waits for every restore queued so far
 
     def __bool__(self) -> bool:
-        return bool(self.out_device or self.in_host or self.spill_host or self.in_disk)
+        return bool(self.out_device or self.in_host or self.spill_host or self.in_disk or self.restore_host
+                    or self.wait_restores)
 
 
 class TierMoves:
     """Needs ``self.host`` (a HostTier or None), ``self.disk``, ``self._seqs``, ``self.pool``,
-    ``self.owner``, ``self._history``, ``self._swaps`` (a SwapPlan) and ``self._parked_now``
-    (sequences parked since the last ``take_swaps``)."""
+    ``self.owner``, ``self._history``, ``self._swaps`` (a SwapPlan), ``self._parked_now``
+    (sequences parked since the last ``take_swaps``) and ``self._restoring`` (a set)."""
+
+    def restoring(self, seq_id) -> bool:
+        """Swapped in from the host; its copies may not have landed yet."""
+        return seq_id in self._restoring
+
+    def restoring_any(self) -> bool:
+        return bool(self._restoring)
+
+    def restores_landed(self) -> None:
+        """The engine saw every queued restore land: those sequences may be computed."""
+        self._restoring.clear()
+
+    def restore_now(self, seq_ids) -> None:
+        """These sequences are computed in this step: its compute waits for the copies."""
+        self._restoring.difference_update(seq_ids)
+        self._swaps.wait_restores = True
+
+    def _abandon_restore(self, seq_id) -> None:
+        """A restoring sequence's blocks are released: nothing may write them before its
+        copies land."""
+        if seq_id in self._restoring:
+            self._restoring.discard(seq_id)
+            self._swaps.wait_restores = True
 
     def swapped(self, seq_id) -> bool:
         """The sequence's blocks sit in the host tier or on disk."""
@@ -80,6 +117,7 @@ class TierMoves:
         seq = self._seqs.get(seq_id)
         if self.host is None or seq is None:
             return False
+        self._abandon_restore(seq_id)
         held = self._held(seq)
         if self.host.num_free() < len(held):
             # (never a conversation parked in this step: its bytes are not on the host yet)
@@ -111,8 +149,9 @@ class TierMoves:
         seq.sources = [next(fresh) if b >= 0 else -1 for b in seq.sources]
         self._seqs[seq_id] = seq
         if tier is self.host:
-            self._swaps.in_host += parked.host_blocks
-            self._swaps.in_device += device
+            self._swaps.restore_host += parked.host_blocks
+            self._swaps.restore_device += device
+            self._restoring.add(seq_id)
         else:
             self._swaps.in_disk += parked.host_blocks
             self._swaps.in_disk_device += device

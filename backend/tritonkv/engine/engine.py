@@ -34,7 +34,7 @@ from tritonkv.engine.step_times import StepBreakdown
 from tritonkv.model.llama import CausalLM
 from tritonkv.model.tokenizer import TextTokenizer
 from tritonkv.ops.kv_relocate import rotate_keys, copy_rerotated_blocks, copy_rerotated_blocks_batched
-from tritonkv.ops.kv_swap import build_host_tier, close_swapper, run_swaps, tier_stats
+from tritonkv.ops.kv_swap import build_host_tier, close_swapper, run_swaps, settle_restores, tier_stats
 from tritonkv.sched.scheduler import ScheduledChunk, Scheduler
 from tritonkv.sched.sequence import Sequence, SeqStatus
 
@@ -231,10 +231,14 @@ class Engine(Conversations, Samples):
         if not running:
             return
         idle = [s for s in self._seqs.values() if s.status is SeqStatus.IDLE]
+        settle_restores(self.kv, self.swapper)
         plan = self.scheduler.schedule(running, idle)
         run_swaps(self.kv, self.swapper)  # the tier copies it decided, before anything else
         self._steps += 1
         if not plan:
+            if self.kv.restoring_any():  # only sequences whose restores are in flight: wait for them
+                settle_restores(self.kv, self.swapper, block=True)
+                return
             self._fail_unschedulable(running)
             return
         t1 = time.perf_counter()

@@ -8,14 +8,18 @@ Rules:
   that goes out and comes back is bit-identical.
 - One step's copies run in this order, so a block released and handed out again in the same
   step is never read after it is written: (1) gather the outgoing device blocks into a
-  device staging buffer, (2) copy the incoming host blocks into a device staging buffer,
-  (3) scatter them into the device pool, (4) copy the outgoing staging to host. Host copies
-  go one per run of consecutive host block ids (the host tier hands out runs).
+  device staging buffer, (2) copy the incoming host blocks (prefix loads) into a device
+  staging buffer, (3) scatter them into the device pool, (3r) the same for the restores
+  (swap-ins), (4) copy the outgoing staging to host. Host copies go one per run of
+  consecutive host block ids (the host tier hands out runs).
 - CUDA: the host pool is pinned (``cudaHostRegister``: no power-of-two rounding of a large
   pinned allocation); the copies run on a side stream that first waits for the compute
-  stream (earlier steps wrote the outgoing blocks); the compute stream waits only for
-  (1)-(3) (the device pool is read and written); (4) overlaps the next steps. Later copies
-  queue on the same side stream, so a host block freed and reused is ordered too.
+  stream (earlier steps wrote the outgoing blocks); the compute stream waits for (1)-(3)
+  (what this step reads and writes), for (3r) only when the plan says ``wait_restores`` (a
+  restored sequence runs in this step, or its blocks were released); otherwise the scheduler
+  runs restored sequences once ``restores_landed`` (cache/tier_moves.py), so (3r) and (4)
+  overlap the steps between. Later copies queue on the same side stream, so a host block
+  freed and reused is ordered too.
 - CPU: the same code path, every copy synchronous.
 - Disk tier (``kv_disk_path``): one file per server run, ``tritonkv-kv-<pid>-<n>.bin``, holding
   ``[disk_blocks, block_bytes]`` like the host pool, mapped (np.memmap); removed at close and
@@ -143,6 +147,7 @@ class KVSwapper:
         self.disk = disk
         self.bytes_out = 0
         self.bytes_in = 0
+        self._restored = None  # CUDA: an event after the last queued restore (3r)
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids, dtype=torch.int64)
@@ -168,10 +173,22 @@ class KVSwapper:
         if not self.cuda:
             return self._copies(plan, loaded)
         compute = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(compute)
-        with torch.cuda.stream(self.stream):
-            device_done = self._copies(plan, loaded)
-        compute.wait_event(device_done)
+        if plan.out_device or plan.in_host or plan.in_disk or plan.restore_host:
+            self.stream.wait_stream(compute)
+            with torch.cuda.stream(self.stream):
+                device_done = self._copies(plan, loaded)
+            compute.wait_event(device_done)
+        if plan.wait_restores and self._restored is not None:
+            compute.wait_event(self._restored)
+
+    def restores_landed(self) -> bool:
+        """Every queued restore (3r) is in the device pool (CPU: they ran synchronously)."""
+        return self._restored is None or self._restored.query()
+
+    def wait_restores(self) -> None:
+        """Block this thread until the queued restores landed."""
+        if self._restored is not None:
+            self._restored.synchronize()
 
     def _disk_moves(self, plan: SwapPlan) -> torch.Tensor | None:
         """(a) read the incoming disk blocks, (b) spill host blocks to disk."""
@@ -187,12 +204,8 @@ class KVSwapper:
 
     def _copies(self, plan: SwapPlan, loaded: torch.Tensor | None = None):
         out = self._gather(self._ids(plan.out_device)) if plan.out_device else None  # (1)
-        if plan.in_host:
-            staging = torch.empty((len(plan.in_host), self.block_bytes), dtype=torch.uint8, device=self.device)
-            for at, first, n in _runs(plan.in_host):  # (2)
-                staging[at:at + n].copy_(self.host[first:first + n], non_blocking=True)
-            self._scatter(self._ids(plan.in_device), staging)  # (3)
-            self.bytes_in += staging.numel()
+        if plan.in_host:  # (2), (3)
+            self._load(plan.in_host, plan.in_device)
         if loaded is not None:  # disk blocks, read in (a)
             self._scatter(self._ids(plan.in_disk_device), loaded.to(self.device, non_blocking=True))
             self.bytes_in += loaded.numel()
@@ -200,11 +213,24 @@ class KVSwapper:
         if self.cuda:
             device_done = torch.cuda.Event()
             device_done.record(self.stream)
+        if plan.restore_host:  # (3r)
+            self._load(plan.restore_host, plan.restore_device)
+            if self.cuda:
+                self._restored = torch.cuda.Event()
+                self._restored.record(self.stream)
         if out is not None:
             for at, first, n in _runs(plan.out_host):  # (4)
                 self.host[first:first + n].copy_(out[at:at + n], non_blocking=True)
             self.bytes_out += out.numel()
         return device_done
+
+    def _load(self, host_ids: list[int], device_ids: list[int]) -> None:
+        """Host blocks -> a device staging buffer -> the device pool."""
+        staging = torch.empty((len(host_ids), self.block_bytes), dtype=torch.uint8, device=self.device)
+        for at, first, n in _runs(host_ids):
+            staging[at:at + n].copy_(self.host[first:first + n], non_blocking=True)
+        self._scatter(self._ids(device_ids), staging)
+        self.bytes_in += staging.numel()
 
     def synchronize(self) -> None:
         if self.stream is not None:
@@ -225,6 +251,17 @@ def run_swaps(kv, swapper: KVSwapper | None) -> None:
     swaps = kv.take_swaps()
     if swaps:
         swapper.run(swaps)
+
+
+def settle_restores(kv, swapper: KVSwapper | None, block: bool = False) -> None:
+    """Before a step is planned: restores that landed make their sequences schedulable
+    (``block``: wait for them first, when nothing else can run)."""
+    if swapper is None or not kv.restoring_any():
+        return
+    if block:
+        swapper.wait_restores()
+    if swapper.restores_landed():
+        kv.restores_landed()
 
 
 def close_swapper(swapper: KVSwapper | None) -> None:

@@ -15,6 +15,11 @@ Rules:
   it is it preempted. A running sequence whose blocks sit in the host tier swaps in before
   anything else of its step (making room as for ``grow``) and then prefills only its new
   tokens. Running victims are always preempted (recomputed).
+- A swap-in's copies overlap the other rows' compute: when a step plans other sequences too,
+  the restored ones are taken out of it (their blocks stay allocated) and run from the first
+  step after their copies landed (``kv.restoring``); a step of restored sequences alone runs
+  them at once and waits for the copies (``kv.restore_now``). A sequence whose samples wait
+  for its fork is never taken out.
 - With an eviction policy (cache/eviction/) a sequence first returns the blocks its next
   chunk no longer sees (``evict``), and a chunk never crosses a position where the kept set
   changes (``max_chunk``). A preempted sequence keeps its eviction history (``preempt``).
@@ -53,6 +58,7 @@ class Scheduler:
         order = sorted(running, key=lambda s: s.admitted_at)
         planned: list[ScheduledChunk] = []
         budget = self.budget
+        restored = set()  # swapped in this step (their copies are queued now)
         for seq in order:
             if budget == 0 or len(planned) == self.max_num_seqs:
                 break
@@ -60,11 +66,15 @@ class Scheduler:
                 continue  # preempted-and-reset sequences keep RUNNING; ended ones are skipped
             if seq.parent is not None:
                 continue  # a sample whose parent has not reached its fork yet
+            if self.kv.restoring(seq.seq_id):
+                continue  # swapped in by an earlier step, its copies not landed yet
             if self.kv.swapped(seq.seq_id):
                 if not self._make_room(seq, lambda: self.kv.swap_in(seq.seq_id), planned, order, idle):
                     continue
                 if seq.turn is not None and seq.turn.cached_tokens < 0:
                     seq.turn.cached_tokens = seq.num_computed
+                if self.kv.restoring(seq.seq_id) and not seq.samples:
+                    restored.add(seq.seq_id)
             if seq.seq_id not in self.kv:
                 cached = self.kv.start(seq.seq_id, seq.token_ids, seq.extra_keys)
                 seq.num_computed = cached
@@ -83,7 +93,17 @@ class Scheduler:
             budget -= n
             if seq.fork_at is not None and seq.num_computed + n == seq.fork_at:
                 self._fork(seq)
-        return planned
+        return self._overlap_restores(planned, restored)
+
+    def _overlap_restores(self, planned: list[ScheduledChunk], restored: set) -> list[ScheduledChunk]:
+        """Take the sequences swapped in this step out of it when it computes others too; the
+        step waits for the copies of the restoring sequences it keeps."""
+        others = [c for c in planned if c.seq.seq_id not in restored]
+        kept = others if restored and others else planned
+        now = [c.seq.seq_id for c in kept if self.kv.restoring(c.seq.seq_id)]
+        if now:
+            self.kv.restore_now(now)
+        return kept
 
     def _fork(self, parent: Sequence) -> None:
         """``parent``'s first ``fork_at`` tokens are computed (or planned in this step): its
