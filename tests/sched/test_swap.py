@@ -255,3 +255,27 @@ def test_a_restoring_sequence_released_makes_the_next_step_wait_for_its_copies()
     assert pool.refcounts(kv.block_table("b")) == [1, 1] and pool.counts()["used"] == 2
     kv.release("b")
     assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
+
+
+def test_an_eviction_that_trims_a_restoring_sequence_makes_its_step_wait_for_the_copies():
+    """A sliding window that drops blocks of a sequence whose restore may be in flight: those
+    blocks could be handed out and written in the same step, so the step waits for the copies."""
+    from tritonkv.cache.eviction.window import SlidingWindow
+
+    pool = BlockPool.in_process(8, BS)
+    kv = KVCacheManager(pool, owner=0, host=HostTier(8), policy=SlidingWindow(BS, window=8))
+    tokens = prompt(100, 8)
+    kv.start("a", tokens, ())
+    assert kv.grow("a", 8)
+    kv.commit("a", tokens)
+    assert kv.swap_out("a") and kv.take_swaps().out_device == [0, 1]
+    assert kv.swap_in("a") and kv.restoring("a")
+    assert kv.take_swaps().restore_host == [0, 1]
+    assert kv.evict("a", 8)  # the window still holds positions 0..7: nothing to drop, no wait
+    assert not kv.take_swaps()
+    assert kv.evict("a", 13)  # the query at 13 sees 6..13: block 0 (positions 0..3) goes
+    assert len(kv.block_table("a")) == 1 and kv.take_swaps() == SwapPlan(wait_restores=True)
+    kv.restores_landed()
+    assert kv.evict("a", 17) and not kv.take_swaps()  # landed: evicting waits for nothing
+    kv.release("a")
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0

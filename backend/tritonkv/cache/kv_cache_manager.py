@@ -261,6 +261,8 @@ class KVCacheManager(TierMoves):
         rebase = bool(self.policy.positions_in_cache and shift and shift + self._cache_bound >= self.angle_limit)
         if not victims and not rebase:
             return True
+        if seq_id in self._restoring:  # its blocks may still be arriving: this step's compute
+            self._swaps.wait_restores = True  # (and the re-rotations) wait for them
         in_place = set()
         if rebase:
             for i in range(len(seq.blocks)):

@@ -19,8 +19,9 @@ Rules:
   engine reports them landed (``restores_landed``); the scheduler computes it from the first
   step after that, or in the step of its swap-in when nothing else runs then (``restore_now``:
   that step's compute waits for the copies). A restoring sequence whose blocks are released
-  (cancel, end, preemption) sets ``wait_restores``: the next step's compute waits for the
-  copies before anything can write those blocks again. Disk swap-ins and prefix loads from the
+  (cancel, end, preemption), or that an eviction policy trims or re-rotates before they
+  landed, sets ``wait_restores``: the step's compute waits for the copies before anything
+  can write those blocks again. Disk swap-ins and prefix loads from the
   host are waited in their own step.
 - Disk tier (a HostTier of file-backed blocks): a conversation the host tier drops to make
   room is spilled there instead (``_spill``), and swaps in from there directly.
