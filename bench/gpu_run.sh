@@ -169,7 +169,7 @@ benches)
   smoke profile-step 120 bash -o pipefail -c "'$IMGPY' bench/profile_step.py ${prof[*]} 2>&1 | grep -v -i warn > '$r/profile_step_$gpu.md'"
   smoke response-send 60 "$IMGPY" bench/response_send_cost.py "${send[@]}" --out "$r/response_send_cost_$gpu.md"
   smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device $dev "${tiers[@]}" --dir /tmp/tritonkv-synthetic \
-    --parts 1,3,2 --out "$r/kv_tiers_$gpu.md"
+    --parts 1,3,4,2 --out "$r/kv_tiers_$gpu.md"
   smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" "${nsamp[@]}" --only-samples \
     --out "$r/sampling_n_$gpu.md"
   smoke sampling 120 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" --concurrency $conc \

@@ -22,6 +22,13 @@ Part 3, the decode step with no swap pending (target: tier on within 2% of off):
 sequences of 128-token prompts decode ``--decode-tokens`` tokens in a pool that holds them
 all; output tok/s over the whole run (prefill included, the same in both), best of
 ``--repeats``.
+
+Part 4, a restore beside decoding rows (issue 25: "overlapped with other rows' decode"):
+``--concurrency`` sequences decode while conversation X (``--history`` tokens, parked on the
+host as in part 1) returns; the decoding rows' longest gap between two tokens around the
+restore and X's TTFT, with the restore overlapped (the scheduler runs X once its copies
+landed) and waited (X computed in its swap-in step, every row waiting for the copies: the
+scheduler's ``_overlap_restores`` replaced here by the rule before the overlap).
 """
 
 from __future__ import annotations
@@ -228,6 +235,58 @@ def decode_speed(args, path, host_gb) -> float:
     return best
 
 
+def restore_beside_decode(args, path, host_gb, overlap: bool) -> dict:
+    import types
+
+    bs = args.block_size
+    rows, decode = args.concurrency, args.decode_tokens
+    x_blocks = -(-(args.history + args.new + 16) // bs)
+    num_blocks = x_blocks + rows * (-(-(128 + decode) // bs) + 1) + 4
+    engine = make(args, path, host_gb, num_blocks)
+    if not overlap:
+        def waited(self, planned, restored):
+            now = [c.seq.seq_id for c in planned if self.kv.restoring(c.seq.seq_id)]
+            if now:
+                self.kv.restore_now(now)
+            return planned
+        engine.scheduler._overlap_restores = types.MethodType(waited, engine.scheduler)
+    vocab = engine.model_config.vocab_size
+    results = []
+    for r in range(1 + args.repeats):  # the first run warms up
+        x = f"x{r}"
+        submit(engine, x, tokens(args.history, 300 + r, vocab), 1, start=True)
+        engine.run_until_idle()
+        submit(engine, f"fill{r}", tokens((num_blocks - 2) * bs, 400 + r, vocab), 1, start=True, end=True)
+        engine.run_until_idle()
+        assert engine.kv.swapped(engine._live[x].seq_id), "the returning conversation was not parked"
+        times: dict[int, list[float]] = {c: [] for c in range(rows)}
+
+        def stamp(c):
+            def emit(out):
+                if out.token_ids:
+                    times[c].append(time.perf_counter())
+            return emit
+
+        for c in range(rows):
+            engine.submit(f"d{r}-{c}", tokens(128, 500 + 31 * c + r, vocab),
+                          SamplingParams(max_tokens=decode, temperature=0.0, ignore_eos=True), stamp(c),
+                          start=True, end=True)
+        for _ in range(decode // 4):  # the rows decode a while before X returns
+            engine._drain()
+            engine.step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t_x = time.perf_counter()
+        turn = submit(engine, x, tokens(args.new, 600 + r, vocab), 1, start=False, end=True)
+        engine.run_until_idle()
+        gaps = [b - a for c in range(rows) for a, b in zip(times[c], times[c][1:]) if b > t_x]
+        if r:
+            results.append({"ttft_ms": 1000 * turn.first, "max_gap_ms": 1000 * max(gaps),
+                            "median_gap_ms": 1000 * statistics.median(gaps)})
+    engine.close()
+    return {k: statistics.median(x[k] for x in results) for k in results[0]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="tiny", choices=["tiny", "llama3-8b", "llama-1b"])
@@ -249,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--oversubscribe", type=float, default=4.0)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=256, help="part 3 tokens per sequence")
-    p.add_argument("--parts", default="1,2,3", help="which parts, in this order (1,3,2: the long one last)")
+    p.add_argument("--parts", default="1,2,3,4", help="which parts, in this order (1,3,4,2: the long one last)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     tiny = args.shape == "tiny"
@@ -321,7 +380,17 @@ def part_decode(args, path, host_gb) -> list[str]:
             f"output tok/s: tier off {off:.1f}, on {on:.1f}: on / off {on / off:.3f} (target >= 0.98)", ""]
 
 
-PARTS = {"1": part_returning, "2": part_workload, "3": part_decode}
+def part_beside_decode(args, path, host_gb) -> list[str]:
+    on, waited = (restore_beside_decode(args, path, host_gb, overlap) for overlap in (True, False))
+    return [f"## A {args.history}-token restore while {args.concurrency} sequences decode (medians of "
+            f"{args.repeats})", "",
+            *table(["restore", "returning turn TTFT (ms)", "decoding rows: longest gap (ms)", "median gap (ms)"],
+                   [[name, f"{r['ttft_ms']:.1f}", f"{r['max_gap_ms']:.1f}", f"{r['median_gap_ms']:.1f}"]
+                    for name, r in (("overlapped (run once landed)", on), ("waited (same step)", waited))],
+                   right=(1, 2, 3)), ""]
+
+
+PARTS = {"1": part_returning, "2": part_workload, "3": part_decode, "4": part_beside_decode}
 
 
 if __name__ == "__main__":
