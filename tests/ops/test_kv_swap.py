@@ -78,3 +78,70 @@ def test_caches_that_are_not_one_storage_are_refused():
     k = torch.zeros(BLOCKS, BS, 2, 16)
     with pytest.raises(ValueError, match="views into one"):
         kv_planes([(k, torch.zeros_like(k))])
+
+
+def test_a_restore_trimmed_in_its_swap_in_step_does_not_overwrite_the_block_given_on():
+    """Conversation r comes back while prompt t finds its prefix in the host tier, in one step,
+    with a sliding window: r's first block drops out of the window before its copy ran, and t's
+    prefix load takes that block. The block must end with t's prefix bytes, not r's old ones
+    (the copy of a block released in its own step is dropped)."""
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/tests/", 1)[0] + "/tests/sched")
+    from test_scheduler import running
+
+    from tritonkv.cache.block_pool import BlockPool
+    from tritonkv.cache.eviction.window import SlidingWindow
+    from tritonkv.cache.host_tier import HostTier
+    from tritonkv.cache.kv_cache_manager import KVCacheManager
+    from tritonkv.engine.requests import SamplingParams, Turn
+    from tritonkv.sched.scheduler import Scheduler
+
+    device = torch.device(TEST_DEVICE)
+    pool = BlockPool.in_process(6, BS)
+    kv = KVCacheManager(pool, 0, True, SlidingWindow(BS, window=8), host=HostTier(8))
+    sched = Scheduler(kv, 64, 8)
+    storage = torch.zeros(1, 2, 6, BS, 2, device=device)
+    swapper = KVSwapper([(storage[0, 0], storage[0, 1])], 8, device)
+
+    def fill(seq_id, value):
+        for b in kv.block_table(seq_id):
+            storage[:, :, b] = value
+
+    def run():
+        swapper.run(kv.take_swaps())
+        swapper.synchronize()
+
+    p_ids = list(range(100, 109))  # p's two full blocks go to the host as prefix blocks (7.0)
+    kv.start("p", p_ids)
+    kv.grow("p", 9)
+    fill("p", 7.0)
+    kv.commit("p", p_ids)
+    kv.release("p")
+    run()
+    r_ids = list(range(200, 211))  # r (5.0) is parked
+    kv.start("r", r_ids)
+    kv.grow("r", 11)
+    fill("r", 5.0)
+    kv.commit("r", r_ids)
+    assert kv.swap_out("r")
+    run()
+    f_ids = list(range(300, 316))  # f takes the device pool: p's blocks are demoted to the host
+    kv.start("f", f_ids)
+    kv.grow("f", 16)
+    run()
+    kv.release("f")
+    storage.zero_()
+    r = running("r", r_ids + [7], admitted_at=0)
+    r.num_computed = 11
+    r.turn = Turn(prompt_ids=[7], params=SamplingParams(max_tokens=4), emit=lambda o: None)
+    t = running("t", p_ids + [1, 2, 3], admitted_at=1)
+    plan = sched.schedule([r, t], [])
+    assert [c.seq.seq_id for c in plan] == ["t"] and kv.restoring("r")  # r waits for its copies
+    swaps = kv.take_swaps()
+    assert not set(swaps.restore_device) & set(swaps.in_device)
+    swapper.run(swaps)
+    swapper.synchronize()
+    first = kv.block_table("t")[0]
+    assert first in swaps.in_device and torch.all(storage[:, :, first] == 7.0)  # p's bytes, not r's
+    assert all(torch.all(storage[:, :, b] == 5.0) for b in kv.block_table("r"))  # r's kept blocks

@@ -263,6 +263,8 @@ class KVCacheManager(TierMoves):
             return True
         if seq_id in self._restoring:  # its blocks may still be arriving: this step's compute
             self._swaps.wait_restores = True  # (and the re-rotations) wait for them
+            self._unqueue_restore([seq.blocks[i] for i in victims] + [seq.sources[i] for i in victims
+                                                                       if seq.sources[i] >= 0])
         in_place = set()
         if rebase:
             for i in range(len(seq.blocks)):

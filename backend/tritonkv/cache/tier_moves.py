@@ -21,8 +21,10 @@ Rules:
   that step's compute waits for the copies). A restoring sequence whose blocks are released
   (cancel, end, preemption), or that an eviction policy trims or re-rotates before they
   landed, sets ``wait_restores``: the step's compute waits for the copies before anything
-  can write those blocks again. Disk swap-ins and prefix loads from the
-  host are waited in their own step.
+  can write those blocks again; if that happens in the step that queued the copies, the
+  copies of the released blocks are dropped (``_unqueue_restore``), so a block handed on in
+  the same step never receives a stale copy. Disk swap-ins and prefix loads from the host are
+  waited in their own step.
 - Disk tier (a HostTier of file-backed blocks): a conversation the host tier drops to make
   room is spilled there instead (``_spill``), and swaps in from there directly.
 - Prefix blocks the device pool reclaims are demoted (``_demote``, the pool's ``on_reclaim``):
@@ -91,6 +93,18 @@ class TierMoves:
         if seq_id in self._restoring:
             self._restoring.discard(seq_id)
             self._swaps.wait_restores = True
+            seq = self._seqs.get(seq_id)
+            if seq is not None:
+                self._unqueue_restore(self._held(seq))
+
+    def _unqueue_restore(self, device_blocks) -> None:
+        """Restoring blocks released in the step that queued their copies: those copies are
+        dropped (no one keeps the bytes, and another sequence may take the block in this
+        step: a copy into it would land after that sequence's own)."""
+        gone = set(device_blocks)
+        pairs = [(h, d) for h, d in zip(self._swaps.restore_host, self._swaps.restore_device) if d not in gone]
+        self._swaps.restore_host = [h for h, _ in pairs]
+        self._swaps.restore_device = [d for _, d in pairs]
 
     def swapped(self, seq_id) -> bool:
         """The sequence's blocks sit in the host tier or on disk."""
