@@ -263,8 +263,6 @@ class KVCacheManager(TierMoves):
             return True
         if seq_id in self._restoring:  # its blocks may still be arriving: this step's compute
             self._swaps.wait_restores = True  # (and the re-rotations) wait for them
-            self._unqueue_restore([seq.blocks[i] for i in victims] + [seq.sources[i] for i in victims
-                                                                       if seq.sources[i] >= 0])
         in_place = set()
         if rebase:
             for i in range(len(seq.blocks)):
@@ -287,8 +285,14 @@ class KVCacheManager(TierMoves):
         """The block at table index ``i`` may sit in the prefix index (others may read it)."""
         return seq.origins[i] < len(seq.hashes)
 
+    @staticmethod
+    def _blocks_at(seq: SequenceBlocks, victims: list[int]) -> list[int]:
+        """The pool blocks the table entries ``victims`` hold: each block, then the written
+        originals of turned ones."""
+        return [seq.blocks[i] for i in victims] + [seq.sources[i] for i in victims if seq.sources[i] >= 0]
+
     def _freed(self, seq: SequenceBlocks, victims: list[int]) -> int:
-        held = [seq.blocks[i] for i in victims] + [seq.sources[i] for i in victims if seq.sources[i] >= 0]
+        held = self._blocks_at(seq, victims)
         return sum(r == 1 for r in self.pool.refcounts(held)) if held else 0
 
     def _victims(self, seq_id, seq: SequenceBlocks, position: int) -> list[int]:
@@ -305,7 +309,9 @@ class KVCacheManager(TierMoves):
             for i in victims:
                 past.evicted_at.setdefault(seq.origins[i], position)
             past.last = max(past.last, position)
-        released = [seq.blocks[i] for i in victims] + [seq.sources[i] for i in victims if seq.sources[i] >= 0]
+        released = self._blocks_at(seq, victims)
+        if seq_id in self._restoring:
+            self._unqueue_restore(released)
         keep = [i for i in range(len(seq.blocks)) if i not in gone]
         seq.blocks = [seq.blocks[i] for i in keep]
         seq.origins = [seq.origins[i] for i in keep]

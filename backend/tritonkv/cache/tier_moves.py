@@ -61,9 +61,12 @@ class SwapPlan:
     restore_device: list[int] = field(default_factory=list)
     wait_restores: bool = False  # this step's compute waits for every restore queued so far
 
+    def copies_device(self) -> bool:
+        """Reads or writes device blocks (the copy stream's part)."""
+        return bool(self.out_device or self.in_host or self.in_disk or self.restore_host)
+
     def __bool__(self) -> bool:
-        return bool(self.out_device or self.in_host or self.spill_host or self.in_disk or self.restore_host
-                    or self.wait_restores)
+        return self.copies_device() or bool(self.spill_host or self.wait_restores)
 
 
 class TierMoves:
@@ -128,11 +131,11 @@ class TierMoves:
     def swap_out(self, seq_id, keep=()) -> bool:
         """Park ``seq_id``'s blocks in the host tier, dropping least recently parked
         conversations (other than ``keep``) if it is full. False (nothing changed) when there
-        is no host tier or it cannot hold them."""
+        is no host tier, it cannot hold them, or the sequence is restoring (the caller then
+        preempts it)."""
         seq = self._seqs.get(seq_id)
-        if self.host is None or seq is None:
-            return False
-        self._abandon_restore(seq_id)
+        if self.host is None or seq is None or seq_id in self._restoring:
+            return False  # (its bytes may not be on the device yet: the gather would read them first)
         held = self._held(seq)
         if self.host.num_free() < len(held):
             # (never a conversation parked in this step: its bytes are not on the host yet)

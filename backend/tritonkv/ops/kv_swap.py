@@ -173,7 +173,7 @@ class KVSwapper:
         if not self.cuda:
             return self._copies(plan, loaded)
         compute = torch.cuda.current_stream(self.device)
-        if plan.out_device or plan.in_host or plan.in_disk or plan.restore_host:
+        if plan.copies_device():
             self.stream.wait_stream(compute)
             with torch.cuda.stream(self.stream):
                 device_done = self._copies(plan, loaded)
