@@ -106,6 +106,19 @@ def make(args, path, host_gb, num_blocks):
     return build_engine(cfg)
 
 
+def park(engine, args, num_blocks: int, seed: int, vocab: int) -> str:
+    """Conversation ``x<seed>`` computes ``args.history`` tokens and goes idle, then a filler
+    conversation takes the whole device pool (x is swapped to the host tier, or with the tier
+    off preempted and its cached blocks evicted). Returns x's name."""
+    x = f"x{seed}"
+    submit(engine, x, tokens(args.history, seed, vocab), 1, start=True)
+    engine.run_until_idle()
+    submit(engine, f"fill{seed}", tokens((num_blocks - 2) * args.block_size, 1000 + seed, vocab), 1,
+           start=True, end=True)
+    engine.run_until_idle()
+    return x
+
+
 def returning_ttft(args, path, host_gb) -> dict:
     bs = args.block_size
     num_blocks = -(-(args.history + args.new + 16) // bs) + 4
@@ -113,11 +126,7 @@ def returning_ttft(args, path, host_gb) -> dict:
     vocab = engine.model_config.vocab_size
     ttfts, warm = [], 1
     for r in range(warm + args.repeats):
-        x = f"x{r}"
-        submit(engine, x, tokens(args.history, r, vocab), 1, start=True)
-        engine.run_until_idle()
-        submit(engine, f"fill{r}", tokens((num_blocks - 2) * bs, 1000 + r, vocab), 1, start=True, end=True)
-        engine.run_until_idle()
+        x = park(engine, args, num_blocks, r, vocab)
         if args.device == "cuda":
             torch.cuda.synchronize()
         t = submit(engine, x, tokens(args.new, 2000 + r, vocab), 1, start=False, end=True)
@@ -253,11 +262,7 @@ def restore_beside_decode(args, path, host_gb, overlap: bool) -> dict:
     vocab = engine.model_config.vocab_size
     results = []
     for r in range(1 + args.repeats):  # the first run warms up
-        x = f"x{r}"
-        submit(engine, x, tokens(args.history, 300 + r, vocab), 1, start=True)
-        engine.run_until_idle()
-        submit(engine, f"fill{r}", tokens((num_blocks - 2) * bs, 400 + r, vocab), 1, start=True, end=True)
-        engine.run_until_idle()
+        x = park(engine, args, num_blocks, 300 + r, vocab)
         assert engine.kv.swapped(engine._live[x].seq_id), "the returning conversation was not parked"
         times: dict[int, list[float]] = {c: [] for c in range(rows)}
 

@@ -24,13 +24,11 @@ import argparse
 import os
 import platform
 import queue
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
@@ -38,6 +36,8 @@ sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 from md_table import table  # noqa: E402
 
 from tritonkv.server.install_backend import install_python_backend  # noqa: E402
+from tritonkv.server.ports import free_port  # noqa: E402
+from tritonkv.server.probes import http_ok  # noqa: E402
 from tritonkv.server.tritonserver_env import server_env, tritonserver_binary  # noqa: E402
 
 CONFIG = """name: "sender"
@@ -68,12 +68,6 @@ class TritonPythonModel:
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(tmp: str) -> tuple[subprocess.Popen, int]:
     repo = os.path.join(tmp, "models", "sender")
     os.makedirs(os.path.join(repo, "1"))
@@ -94,11 +88,9 @@ def start_server(tmp: str) -> tuple[subprocess.Popen, int]:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"tritonserver exited ({proc.returncode}); log: {os.path.join(tmp, 'server.log')}")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status == 200:
-                return proc, grpc
-        except OSError:
-            time.sleep(0.3)
+        if http_ok(f"http://127.0.0.1:{http}/v2/health/ready", timeout_s=1):
+            return proc, grpc
+        time.sleep(0.3)
     proc.kill()
     raise SystemExit("tritonserver not ready in 120 s")
 
