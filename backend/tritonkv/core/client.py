@@ -10,8 +10,8 @@ Rules:
 - What waits on the socket is read together (at most ``DRAIN_MESSAGES`` messages) and each
   request's outputs in it become one (``coalesce``): a frontend slower than the core sends
   fewer, larger responses and keeps up, instead of falling further behind one token at a time.
-- Cancellation: the I/O thread polls each open request's ``is_cancelled`` every
-  ``CANCEL_POLL_S`` and sends ``Abort`` for it.
+- Cancellation: ``CancelWatch`` (a thread of its own) asks open requests' ``is_cancelled``
+  and sends ``Abort`` for them; a request's outputs are delivered under its ``lock``.
 - A core that dies (its process is gone) ends every open request with an error at once
   (checked every ``WATCH_PERIOD_S``); the client is then ``down`` and ``connect`` starts or
   attaches a core again.
@@ -26,13 +26,14 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
 from tritonkv.config import EngineConfig
 from tritonkv.core import liveness
 from tritonkv.core import messages as m
+from tritonkv.core.cancel_watch import CancelWatch
 from tritonkv.core.proc import Wakeup
 from tritonkv.core.runtime_dir import core_name, core_paths, device_label
 from tritonkv.core.spawn import core_running, remove_stale, start_core
@@ -41,7 +42,7 @@ from tritonkv.engine.requests import PromptLimits, TurnOutput, check_prompt, enc
 
 log = logging.getLogger("tritonkv.frontend")
 
-CANCEL_POLL_S = 0.05
+POLL_S = 0.05  # the I/O thread's longest wait (closing, the core's liveness)
 DRAIN_MESSAGES = 64  # engine steps read before their outputs are sent on
 WATCH_PERIOD_S = 0.2
 START_TIMEOUT_ENV = "TRITONKV_CORE_START_TIMEOUT_S"
@@ -56,6 +57,7 @@ class _Request:
     emit: TextStream | ChoiceStreams
     is_cancelled: object
     cancel_sent: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # delivery vs is_cancelled (CancelWatch)
 
 
 class CoreClient:
@@ -81,6 +83,7 @@ class CoreClient:
         self._req_lock = threading.Lock()  # open requests vs a core that died
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._cancel_watch = CancelWatch(lambda rid: self._requests.get(rid), self.abort, self._closing)
         self._sock = None
         self._ctx = zmq.Context.instance()
 
@@ -188,6 +191,8 @@ class CoreClient:
             down = self.down
             if down is None:
                 self._requests[rid] = _Request(stream, is_cancelled)
+                if is_cancelled is not None:
+                    self._cancel_watch.add(rid)
         if down is not None:
             stream(TurnOutput("", [], True, "error", error=f"no engine core serves this instance: {down}; retry"))
             return rid
@@ -216,11 +221,11 @@ class CoreClient:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake.r, zmq.POLLIN)
-        next_cancel = next_watch = 0.0
+        next_watch = 0.0
         reason = None
         try:
             while reason is None and not self._closing.is_set():
-                events = dict(poller.poll(CANCEL_POLL_S * 1000))
+                events = dict(poller.poll(POLL_S * 1000))
                 if self._wake.r in events:
                     self._wake.clear()
                 while True:
@@ -234,9 +239,6 @@ class CoreClient:
                         backlog.append(m.frontend_decoder.decode(sock.recv()))
                     self._receive(backlog)
                 now = time.monotonic()
-                if now >= next_cancel:
-                    next_cancel = now + CANCEL_POLL_S
-                    self._poll_cancelled()
                 if now >= next_watch:
                     next_watch = now + WATCH_PERIOD_S
                     self._reap()
@@ -272,19 +274,10 @@ class CoreClient:
             if out.finished:
                 del self._requests[rid]
             try:
-                req.emit(out)
+                with req.lock:
+                    req.emit(out)
             except Exception:  # a vanished client must not stop the others
                 log.exception("could not deliver a response")
-
-    def _poll_cancelled(self) -> None:
-        # only requests not answered yet: Triton may have freed a request once its final
-        # response went out, and asking it then is a use after free in the backend
-        for rid, req in list(self._requests.items()):
-            if req.cancel_sent or req.is_cancelled is None or req.emit.done:
-                continue
-            if req.is_cancelled():
-                req.cancel_sent = True
-                self.abort(rid)
 
     def _core_gone(self, reason: str) -> None:
         log.error("%s; %d open requests fail; the next request restarts it", reason, len(self._requests))
@@ -293,7 +286,8 @@ class CoreClient:
             requests, self._requests = self._requests, {}
         for req in requests.values():
             try:
-                req.emit(TurnOutput("", [], True, "error", error=f"{reason} while serving this request; retry"))
+                with req.lock:
+                    req.emit(TurnOutput("", [], True, "error", error=f"{reason} while serving this request; retry"))
             except Exception:
                 log.exception("could not deliver a response")
         # after the errors (they must go out within 5 s); a SIGKILLed core's threads may hold
