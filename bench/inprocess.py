@@ -50,9 +50,10 @@ def kv_bytes_per_token(model_config, elem_size: int) -> int:
     return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * elem_size
 
 
-def engine_request(engine, prompt: list[int], max_tokens: int):
+def engine_request(engine, prompt: list[int], max_tokens: int, stages=None):
     """One greedy request through a started engine, timed at ``emit`` as a client would see
-    it: returns (tokens, ttft_s, tpot_s, e2e_s)."""
+    it: returns (tokens, ttft_s, tpot_s, e2e_s). ``stages`` (a FirstTokenStages) gets its
+    first token's stages, the frontend's two with nothing between them and the engine."""
     from tritonkv.engine.requests import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -61,6 +62,8 @@ def engine_request(engine, prompt: list[int], max_tokens: int):
 
     def emit(out):
         now = time.perf_counter()
+        if stages is not None and out.first_token_times is not None:
+            stages.add(taken, out.first_token_times, time.monotonic())
         times.extend([now] * len(out.token_ids))
         toks.extend(out.token_ids)
         if out.finished:
@@ -70,7 +73,7 @@ def engine_request(engine, prompt: list[int], max_tokens: int):
 
     with _LOCK:
         cid = ("bench", next(_CORR_IDS))
-    sent = time.perf_counter()
+    sent, taken = time.perf_counter(), time.monotonic()
     engine.submit(cid, prompt, params, emit, start=True, end=True, stateless=True)
     done.wait()
     end = time.perf_counter()

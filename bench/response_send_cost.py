@@ -68,13 +68,15 @@ class TritonPythonModel:
 '''
 
 
-def start_server(tmp: str) -> tuple[subprocess.Popen, int]:
-    repo = os.path.join(tmp, "models", "sender")
+def start_server(tmp: str, config: str = CONFIG, model: str = MODEL) -> tuple[subprocess.Popen, int]:
+    """tritonserver with one Python model (its config.pbtxt names it) -> (process, gRPC port)."""
+    name = config.split('"')[1]
+    repo = os.path.join(tmp, "models", name)
     os.makedirs(os.path.join(repo, "1"))
     with open(os.path.join(repo, "config.pbtxt"), "w") as f:
-        f.write(CONFIG)
+        f.write(config)
     with open(os.path.join(repo, "1", "model.py"), "w") as f:
-        f.write(MODEL)
+        f.write(model)
     backends = os.environ.get("TRITON_BACKENDS")
     if not backends:
         backends = os.path.join(tmp, "backends")
@@ -93,6 +95,15 @@ def start_server(tmp: str) -> tuple[subprocess.Popen, int]:
         time.sleep(0.3)
     proc.kill()
     raise SystemExit("tritonserver not ready in 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def measure(url: str, total: int, levels: list[int], repeats: int) -> dict[int, list[float]]:
@@ -139,12 +150,7 @@ def main(argv=None) -> int:
         try:
             rates = measure(f"127.0.0.1:{grpc}", args.total, args.threads, args.repeats)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
     one = statistics.median(rates[args.threads[0]])
     rows = [[k, f"{max(v):,.0f}", f"{statistics.median(v):,.0f}", f"{statistics.median(v) / one:.2f}",
              f"{1e6 / statistics.median(v):.0f}"] for k, v in rates.items()]

@@ -35,7 +35,7 @@ def serve_command(checkpoint: str, ports: dict, instances: int, params: dict) ->
 
 @contextlib.contextmanager
 def served(checkpoint: str, *, instances: int = 1, params: dict | None = None, ready_timeout_s: float = 900):
-    """Yields (grpc_url, the command line as a string)."""
+    """Yields (grpc_url, the command line as a string, the /metrics URL)."""
     ports = {k: free_port() for k in ("http", "grpc", "metrics", "health")}
     cmd = serve_command(checkpoint, ports, instances, params or {})
     env = dict(os.environ)
@@ -56,7 +56,8 @@ def served(checkpoint: str, *, instances: int = 1, params: dict | None = None, r
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tritonkv serve not ready after {ready_timeout_s:.0f} s: {_tail(log.name)}")
             time.sleep(1)
-        yield f"127.0.0.1:{ports['grpc']}", " ".join(cmd[2:]).replace("tritonkv.server.cli", "tritonkv", 1)
+        yield (f"127.0.0.1:{ports['grpc']}", " ".join(cmd[2:]).replace("tritonkv.server.cli", "tritonkv", 1),
+               f"http://127.0.0.1:{ports['metrics']}/metrics")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

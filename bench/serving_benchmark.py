@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from peer_static_cache import prompts_for as make_prompts  # noqa: E402
 from serving_clients import Sample, run_level as run_clients  # noqa: E402
 from serving_report import cross_check, markdown, merge_earlier, plot, summarize, write_results  # noqa: E402
+from tritonkv_client.first_token_stages import read_stages, stage_means  # noqa: E402
 
 SYSTEMS = ("tritonkv", "tritonkv-2x2", "inprocess", "inprocess-eager", "hf-static")
 DESCRIPTION = {
@@ -128,16 +129,21 @@ def run_threads(request, prompts, concurrency: int, max_tokens: int):
     return samples, wall
 
 
-def measure_levels(run, args, prompts, warm, results, tokens, system, engine=None):
-    """Warm-up (one full request, then a short burst), then every level."""
+def measure_levels(run, args, prompts, warm, results, tokens, system, engine=None, stages=None):
+    """Warm-up (one full request, then a short burst), then every level. ``stages``: reads the
+    system's first-token stage sums (tritonkv_client/first_token_stages.py) before and after
+    each level, for their means."""
     run(warm[:1], 1, args.max_tokens)
     run(warm, min(16, max(args.concurrency)), 8)
     for c in args.concurrency:
         n = max(c, args.min_requests)
         if engine is not None and hasattr(engine, "step_times"):
             engine.step_times.reset()
+        before = stages() if stages is not None else None
         samples, wall = run(prompts[:n], c, args.max_tokens)
         r = results.setdefault(system, {})[str(c)] = summarize(samples, wall)
+        if stages is not None:
+            r["first_token_stages_ms"] = level_stages(stages, before, n)
         tokens.setdefault(system, {})[str(c)] = [s.tokens for s in samples]
         if engine is not None and hasattr(engine, "step_times"):
             r["step_breakdown"] = engine.step_times.summary()
@@ -145,17 +151,30 @@ def measure_levels(run, args, prompts, warm, results, tokens, system, engine=Non
               f"  TPOT p50 {r['tpot_p50_ms'] or 0:6.2f} ms  ({n} requests, {wall:.1f} s)", flush=True)
 
 
+def level_stages(read, before, n: int, timeout_s: float = 5.0) -> dict | None:
+    """The stage means of a level's ``n`` requests (a server publishes its sums twice a second:
+    wait for all ``n``)."""
+    deadline = time.monotonic() + timeout_s
+    after = read()
+    while after[1] - before[1] < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = read()
+    return stage_means(before, after)
+
+
 def measure_inprocess(args, checkpoint, params, system, prompts, warm, results, tokens) -> None:
     """The in-process engine's levels; on return nothing references the engine any more, so
     its weights, KV pool and graph pools go back to the device (the next system needs them)."""
     from inprocess import engine_request
+    from tritonkv.server.first_token_stages import FirstTokenStages
 
     engine = inprocess_engine(checkpoint, params, graphs=None if system == "inprocess" else False)
+    stages = FirstTokenStages()
     try:
         def run(ps, c, n):
-            return run_threads(lambda p, m: engine_request(engine, p, m), ps, c, n)
+            return run_threads(lambda p, m: engine_request(engine, p, m, stages), ps, c, n)
 
-        measure_levels(run, args, prompts, warm, results, tokens, system, engine)
+        measure_levels(run, args, prompts, warm, results, tokens, system, engine, stages.snapshot)
     finally:
         close_engine(engine)
         del engine
@@ -284,7 +303,7 @@ def main(argv=None) -> int:
                 from served import served
 
                 two = system == "tritonkv-2x2"
-                with served(checkpoint, instances=2 if two else 1, params=engine_params) as (url, cmd):
+                with served(checkpoint, instances=2 if two else 1, params=engine_params) as (url, cmd, metrics):
                     commands[system] = cmd
                     models = ("llm_stateless", "llm") if two else ("llm_stateless",)
 
@@ -292,7 +311,8 @@ def main(argv=None) -> int:
                         samples, wall, _ = run_clients(url, ps, c, n, procs, models)
                         return samples, wall
 
-                    measure_levels(run, args, prompts, warm, results, tokens, system)
+                    measure_levels(run, args, prompts, warm, results, tokens, system,
+                                   stages=lambda metrics=metrics: read_stages(metrics))
             elif system.startswith("inprocess"):
                 measure_inprocess(args, checkpoint, {**engine_params, "device": device.type}, system,
                                   prompts, warm, results, tokens)

@@ -107,6 +107,28 @@ def markdown(results: dict, levels: list[int]) -> str:
     return "\n".join(lines)
 
 
+def stage_lines(results: dict, levels: list[int]) -> list[str]:
+    """Where each level's time to first token went (means; backend/tritonkv/server/
+    first_token_stages.py defines the stages), beside the clients' own mean TTFT."""
+    rows = []
+    for system, per_level in results.items():
+        for c in sorted(set(levels) | {int(k) for k in per_level if k.isdigit()}):
+            r = per_level.get(str(c)) or {}
+            st = r.get("first_token_stages_ms")
+            if st:
+                ttft = r.get("ttft_ms") or []
+                rows.append(f"| {system} | {c} | " + " | ".join(f"{st[k]:.1f}" for k in ("admit", "queue", "prefill", "deliver"))
+                            + f" | {sum(st.values()):.1f} | {sum(ttft) / len(ttft) if ttft else float('nan'):.1f} |")
+    if not rows:
+        return []
+    return ["## Where the time to first token goes (means, ms)", "",
+            "admit: the frontend took the request -> the engine accepted it; queue: -> first in a step; prefill: "
+            "-> first token emitted; deliver: -> first response sent (in-process: the engine's emit). The client's "
+            "TTFT adds Triton's queue and the network both ways.", "",
+            "| system | concurrency | admit | queue | prefill | deliver | stages | client TTFT |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
 def cross_check_lines(check: dict) -> list[str]:
     lines = ["| system | against | level | equal / requests | first differing position of the others | asserted |",
              "|---|---|---:|---:|---|---|"]
@@ -178,6 +200,7 @@ def write_results(args, meta: dict, results: dict, tokens: dict) -> None:
     if meta.get("failed"):
         lines += ["", "**Failed systems**: " + "; ".join(meta["failed"])]
     lines += ["", markdown(results, levels), ""]
+    lines += stage_lines(results, levels)
     if meta.get("cross_check"):
         lines += ["## Greedy cross-check against the in-process engine", "",
                   "Asserted at concurrency 1 (batch 1 on both sides: the same kernels, the same tokens) and, "

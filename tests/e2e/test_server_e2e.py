@@ -1,13 +1,16 @@
 """A real tritonserver started by the launcher, driven with tritonclient (gRPC stream + HTTP)."""
 
 import threading
+import time
 
 import pytest
 import torch
 
 from tiny_models import hf_greedy
 from triton_calls import StreamClient, http_generate, http_post, inputs_for, metric_values, wait_for_pool_baseline
+from polling import wait_until
 from shared_server import MAX_MODEL_LEN
+from tritonkv_client.first_token_stages import read_stages, stage_means
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -166,6 +169,30 @@ def test_metrics_report_the_pool(server):
     cached = metric_values(server.metrics_url, "tritonkv_kv_blocks_cached")
     used = metric_values(server.metrics_url, "tritonkv_kv_blocks_used")
     assert [f + c + u for f, c, u in zip(free, cached, used)] == total
+
+
+def test_first_token_stages_are_published_and_fit_inside_each_clients_wait(server):
+    before = read_stages(server.metrics_url)
+    client = StreamClient(server.grpc_url)
+    waits = []
+    try:
+        for i in range(3):  # streamed (llm's default): the first response goes out before the end
+            t0 = time.monotonic()
+            turn = client.turn(seq_id=7100 + i, start=True, end=True, ids=[256, 80 + i, 81], max_tokens=2, **GREEDY)
+            waits.append(time.monotonic() - t0)
+            assert turn.error is None and len(turn.ids) == 2
+    finally:
+        client.close()
+    # the gauges go out twice a second
+    assert wait_until(lambda: read_stages(server.metrics_url)[1] - before[1] >= 3, 10)
+    after = read_stages(server.metrics_url)
+    assert after[1] - before[1] == 3
+    means = stage_means(before, after)
+    assert set(means) == {"admit", "queue", "prefill", "deliver"}
+    assert all(v >= 0 for v in means.values()) and means["prefill"] > 0, means
+    # every stage lies between the frontend taking the request and its first response: inside
+    # what the client waited for the whole turn
+    assert sum(means.values()) <= 1e3 * sum(waits) / 3
 
 
 def test_string_conversation_ids_work(stream, hf_demo):

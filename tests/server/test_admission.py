@@ -2,13 +2,16 @@
 to that request (never raised out of ``execute``); without a core that can be attached, the
 request is answered at once."""
 
+import time
+
 import numpy as np
 import pytest
 
 import fake_pb_utils as pb
 from fake_pb_utils import Request, Sender
 from tritonkv.core.client import CoreUnavailable
-from tritonkv.engine.requests import RequestError
+from tritonkv.engine.requests import RequestError, TurnOutput
+from tritonkv.server.first_token_stages import FirstTokenStages
 from tritonkv.server.triton_model import TritonPythonModel
 from tritonkv.server.triton_request import Limits
 
@@ -20,6 +23,7 @@ class FakeCore:
         self.down = None
         self.connect_error = None
         self.submitted = []
+        self.emits = []
         self.encode_error = None
 
     def connect(self):
@@ -36,6 +40,7 @@ class FakeCore:
 
     def submit(self, corr_id, ids, params, emit, **kw):
         self.submitted.append((corr_id, ids, kw))
+        self.emits.append(emit)
 
 
 class config:
@@ -114,3 +119,29 @@ def test_a_broken_sender_or_request_never_escapes_execute():
     request.get_response_sender = lambda: (_ for _ in ()).throw(RuntimeError("no sender"))
     assert m.execute([request, Request({"text_input": "x"})]) is None
     assert len(m.engine.submitted) == 1
+
+
+def test_the_first_response_adds_its_stages_once():
+    m = model()
+    m.first_token_stages = stages = FirstTokenStages()
+    taken_before = time.monotonic()
+    sender = run(m, Request({"text_input": "hi", "stream": np.array([True])}))
+    (emit,) = m.engine.emits
+    t = time.monotonic()
+    emit(TurnOutput("h", [104], first_token_times=(t + 0.010, t + 0.030, t + 0.060)))
+    emit(TurnOutput("i", [105], finished=True, finish_reason="length"))
+    sent_after = time.monotonic()
+    sums, count = stages.snapshot()
+    assert count == 1 and len(sender.sent) == 2
+    assert sums["queue"] == pytest.approx(0.020) and sums["prefill"] == pytest.approx(0.030)
+    # the four stages add up to the frontend's own span: execute took it -> first response sent
+    assert 0 <= sum(sums.values()) <= sent_after - taken_before
+
+
+def test_a_request_answered_whole_adds_no_stages():
+    m = model()
+    m.first_token_stages = stages = FirstTokenStages()
+    run(m, Request({"text_input": "hi"}))
+    t = time.monotonic()
+    m.engine.emits[0](TurnOutput("h", [104], finished=True, finish_reason="length", first_token_times=(t, t, t)))
+    assert stages.snapshot()[1] == 0

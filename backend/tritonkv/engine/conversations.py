@@ -210,6 +210,8 @@ class Conversations:
         out.cached_tokens = max(turn.cached_tokens, 0)
         out.prompt_tokens = len(turn.prompt_ids)
         out.release_slot = turn.opens_slot and not turn.replied and out.error is not None
+        if not turn.replied and out.token_ids and turn.scheduled:
+            out.first_token_times = (turn.arrival, turn.scheduled, time.monotonic())
         turn.replied = True
         try:
             turn.emit(out)

@@ -356,6 +356,8 @@ class Engine(Conversations, Samples):
     def _step_row(self, chunk: ScheduledChunk) -> StepRow:
         seq = chunk.seq
         turn = seq.turn
+        if not turn.scheduled:  # (a turn's first step is never a graph continuation)
+            turn.scheduled = time.monotonic()
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
                        turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),

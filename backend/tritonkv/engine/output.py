@@ -157,6 +157,7 @@ def output_stream(tokenizer: TextTokenizer | None, params, emit, on_stop=None):
 
 
 _LIST_FIELDS: dict[type, tuple[str, ...]] = {}
+FIRST_OUTPUT_FIELDS = ("prompt_logprobs", "first_token_times")  # a merged output keeps its first part's
 
 
 def per_token_fields(out) -> list[str]:
@@ -186,9 +187,10 @@ def merge_outputs(outs: list) -> list:
         joined = {"text": "".join(o.text for o in run), "token_ids": [t for o in run for t in o.token_ids]}
         for name in {n for o in run for n in per_token_fields(o)}:
             joined[name] = [e for o in run for e in (getattr(o, name) or [None] * len(o.token_ids))]
-        firsts = [o.prompt_logprobs for o in run if getattr(o, "prompt_logprobs", None) is not None]
-        if firsts:  # sent once, on the turn's first token output
-            joined["prompt_logprobs"] = firsts[0]
+        for name in FIRST_OUTPUT_FIELDS:  # sent once, on the turn's first output
+            firsts = [v for o in run if (v := getattr(o, name, None)) is not None]
+            if firsts:
+                joined[name] = firsts[0]
         merged.append(replace(last, **joined))
         run.clear()
 

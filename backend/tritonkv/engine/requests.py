@@ -54,6 +54,10 @@ class TurnOutput:
     # sequence batcher's slot must be released (server/slot_release.py); decided by the
     # engine, in submission order
     release_slot: bool = False
+    # on a turn's first output when it holds tokens: (arrival, scheduled, emitted), the
+    # monotonic times (CLOCK_MONOTONIC: one clock for every process of the host) the engine
+    # accepted the turn, first put it in a step, and emitted this output (server/first_token_stages.py)
+    first_token_times: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Turn:
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # token index -> its logprob
     grammar: GrammarState | None = None  # structured output (sampling/grammar.py)
     arrival: float = field(default_factory=time.monotonic)
+    scheduled: float = 0.0  # when a step first ran it (monotonic); 0 until then
 
 
 @dataclass

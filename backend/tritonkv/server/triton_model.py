@@ -21,11 +21,13 @@ import faulthandler
 import json
 import logging
 import threading
+import time
 
 from tritonkv.config import EngineConfig
 from tritonkv.core.client import CoreClient, CoreUnavailable
 from tritonkv.engine.output import merge_outputs
 from tritonkv.engine.requests import RequestError
+from tritonkv.server.first_token_stages import FirstTokenGauges, FirstTokenStages
 from tritonkv.server.gauges import Gauges
 from tritonkv.server.heartbeat import Heartbeat
 from tritonkv.server.parent_watch import watch_stub_parent
@@ -64,12 +66,16 @@ class Reply:
     the first response, tokens go out k at a time; the final and errors at once), and a
     refused opening turn's error held until its sequence slot is released."""
 
-    def __init__(self, channel: ReplyChannel, interval: int, release=None):
+    def __init__(self, channel: ReplyChannel, interval: int, release=None, taken: float = 0.0,
+                 stages: FirstTokenStages | None = None):
         self.channel = channel
         self.interval = interval
         self.release = release  # corr-id-bound SlotReleaser.release, or None
         self.started = False
         self.waiting: list = []
+        # when execute took the request; where its first response is timed (streamed requests
+        # only: a request answered whole sends nothing before its end)
+        self.taken, self.stages = taken, stages
 
     def __call__(self, out) -> None:
         if out.release_slot and out.finished and self.release is not None:
@@ -80,13 +86,17 @@ class Reply:
                 and sum(len(o.token_ids) for o in self.waiting) < self.interval):
             return
         waiting, self.waiting = self.waiting, []
+        first = not self.started
         self.started = True
         for merged in merge_outputs(waiting):
             self.channel(merged)
+        if first and self.stages is not None and self.channel.stream and waiting[0].first_token_times is not None:
+            self.stages.add(self.taken, waiting[0].first_token_times, time.monotonic())
 
 
 class TritonPythonModel:
     slots: SlotReleaser | None = None  # llm only: frees the sequence slots of refused STARTs
+    first_token_stages: FirstTokenStages | None = None  # the instance's (server/first_token_stages.py)
 
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
@@ -112,17 +122,20 @@ class TritonPythonModel:
         self._next_stateless_id = 0
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.gauges = Gauges(pb_utils, labels)
+        self.first_token_stages = FirstTokenStages()
+        self.first_token_gauges = FirstTokenGauges(pb_utils, labels)
         self.heartbeat = Heartbeat(pb_utils, labels)
         self._stop = threading.Event()
         self._metrics_thread = threading.Thread(target=self._publish_metrics, daemon=True)
         self._metrics_thread.start()
 
     def execute(self, requests):
+        taken = time.monotonic()
         for request in requests:
-            self._enqueue(request)
+            self._enqueue(request, taken)
         return None
 
-    def _enqueue(self, request) -> None:
+    def _enqueue(self, request, taken: float = 0.0) -> None:
         """Admit one request; whatever goes wrong is answered to this request alone."""
         try:
             sender = request.get_response_sender()
@@ -130,7 +143,7 @@ class TritonPythonModel:
             log.exception("request without a response sender; dropped")
             return
         try:
-            self._admit(request, sender)
+            self._admit(request, sender, taken)
         except Exception as exc:
             log.exception("request could not be admitted")
             self._answer(sender, f"internal error while admitting the request: {type(exc).__name__}: {exc}",
@@ -142,7 +155,7 @@ class TritonPythonModel:
         except Exception:  # e.g. the request was already answered, or the client is gone
             log.exception("could not answer a request with an error (%s)", message)
 
-    def _admit(self, request, sender) -> None:
+    def _admit(self, request, sender, taken: float) -> None:
         core = self.core
         if core.down is not None:
             try:
@@ -164,7 +177,8 @@ class TritonPythonModel:
             corr_id = self._next_stateless_id
         elif self.slots is not None:
             release = lambda answer, cid=corr_id: self.slots.release(cid, answer)  # noqa: E731
-        reply = Reply(reply_channel(self.pb_utils, sender, parsed.stream), self.config.stream_interval, release)
+        reply = Reply(reply_channel(self.pb_utils, sender, parsed.stream), self.config.stream_interval, release,
+                      taken, self.first_token_stages)
         extra_keys = () if parsed.cache_salt is None else (("cache_salt", parsed.cache_salt),)
         common = dict(start=parsed.start, end=parsed.end, is_cancelled=request.is_cancelled,
                       stateless=self.stateless, extra_keys=extra_keys)
@@ -190,6 +204,7 @@ class TritonPythonModel:
                 self.heartbeat.publish(self.core.loops, self.core.down is not None or self.core.core_failure is not None)
                 if self.core.down is None and self.core.stats:  # (the core's first stats came)
                     self.gauges.publish(view)
+                self.first_token_gauges.publish(self.first_token_stages)
             except Exception:
                 logging.getLogger("tritonkv").exception("metrics update failed")
 
