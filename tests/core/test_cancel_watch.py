@@ -4,7 +4,9 @@ factory is freed then), and never while its outputs are being delivered."""
 
 import threading
 import time
+from types import SimpleNamespace
 
+from polling import wait_until
 from tritonkv.core.cancel_watch import POLLS_PER_TICK, CancelWatch
 
 
@@ -19,9 +21,15 @@ class Req:
         self.emit = Emit()
         self.cancel_sent = False
         self.lock = threading.Lock()
+        self.fails = 0  # the next calls that raise
+        self.late = []  # questions asked after the request was answered (a use after free in Triton)
 
     def is_cancelled(self):
-        assert not self.emit.done, f"request {self.rid} asked after it was answered"
+        if self.emit.done:
+            self.late.append(self.rid)
+        if self.fails:
+            self.fails -= 1
+            raise RuntimeError("stub is shutting down")
         self.log.append(self.rid)
         return self.cancelled
 
@@ -29,7 +37,7 @@ class Req:
 def watch_of(reqs):
     aborted = []
     watch = CancelWatch(reqs.get, aborted.append, threading.Event())
-    watch._thread = object()  # ticks are driven by the test, no thread of its own
+    watch._thread = SimpleNamespace(is_alive=lambda: True)  # ticks are driven by the test: no thread
     for rid in reqs:
         watch.add(rid)
     return watch, aborted
@@ -49,15 +57,56 @@ def test_each_tick_asks_at_most_its_share_round_robin_and_aborts_a_cancelled_req
     assert aborted == [5] and reqs[5].cancel_sent
 
 
-def test_answered_or_finished_requests_are_not_asked_and_leave_the_rotation():
+def test_answered_or_finished_requests_are_not_asked_and_cost_no_budget():
     asked = []
-    reqs = {1: Req(1, asked), 2: Req(2, asked), 3: Req(3, asked)}
+    reqs = {rid: Req(rid, asked) for rid in range(1, 101)}
     watch, aborted = watch_of(reqs)
-    reqs[2].emit.done = True  # its final response went out (Req.is_cancelled asserts it is not asked)
-    del reqs[3]  # the core finished it: the client forgot it
+    for rid in range(1, 91):  # 90 answered (final response sent) or forgotten
+        if rid % 2:
+            reqs[rid].emit.done = True
+        else:
+            del reqs[rid]
     watch.tick()
+    assert asked == list(range(91, 101)) and aborted == []  # the 10 open ones, in one tick
+    assert list(watch._order) == list(range(91, 101))  # the answered left the rotation
+    assert all(not r.late for r in reqs.values())
+
+
+def test_a_failing_question_is_logged_and_asked_again_next_round():
+    asked = []
+    reqs = {1: Req(1, asked), 2: Req(2, asked)}
+    reqs[1].fails = 1
+    watch, aborted = watch_of(reqs)
     watch.tick()
-    assert asked == [1, 1] and aborted == []
+    assert asked == [2]
+    reqs[1].cancelled = True
+    watch.tick()
+    assert asked == [2, 1, 2] and aborted == [1]
+
+
+def test_the_thread_outlives_a_failing_tick_and_aborts_later_cancels():
+    asked = []
+    reqs = {1: Req(1, asked)}
+    stop = threading.Event()
+    aborted = []
+    watch = CancelWatch(reqs.get, aborted.append, stop)
+    real_tick = watch.tick
+    calls = []
+
+    def tick():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        real_tick()
+
+    watch.tick = tick
+    watch.add(1)
+    reqs[1].cancelled = True
+    try:
+        assert wait_until(lambda: aborted == [1], 5)
+    finally:
+        stop.set()
+        watch.join(5)
 
 
 def test_a_request_is_not_asked_while_its_final_response_is_being_delivered():
@@ -72,4 +121,4 @@ def test_a_request_is_not_asked_while_its_final_response_is_being_delivered():
     reqs[1].emit.done = True  # the delivery was the final response
     reqs[1].lock.release()
     ticked.join(5)
-    assert not ticked.is_alive() and asked == []
+    assert not ticked.is_alive() and asked == [] and reqs[1].late == []

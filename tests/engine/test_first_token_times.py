@@ -54,3 +54,20 @@ def test_a_merged_output_keeps_its_first_parts_times():
     outs = [TurnOutput("a", [1], first_token_times=(1.0, 2.0, 3.0)), TurnOutput("b", [2]), TurnOutput("c", [3])]
     (merged,) = merge_outputs(outs)
     assert merged.token_ids == [1, 2, 3] and merged.first_token_times == (1.0, 2.0, 3.0)
+
+
+def test_the_samples_of_one_prompt_carry_its_arrival_and_its_first_step(tiny):
+    from tritonkv.sampling.params import SamplingParams
+
+    # a 12-token prompt, 4 tokens a step: the parent computes the shared 8 over two steps, then
+    # each sample its own last block in steps of their own
+    engine = make_engine(tiny, max_num_batched_tokens=4)
+    c = Collector()
+    params = SamplingParams(max_tokens=2, temperature=1.0, seed=3, n=2, ignore_eos=True)
+    engine.submit("n", list(range(1, 13)), params, c, start=True, end=True, stateless=True)
+    engine.run_until_idle()
+    stamped = {o.index: o.first_token_times for o in c.outputs if o.first_token_times is not None}
+    assert set(stamped) == {0, 1}
+    (a0, s0, e0), (a1, s1, e1) = stamped[0], stamped[1]
+    # one request, one arrival; the shared prompt's first step is each sample's first
+    assert a0 == a1 and s0 == s1 and a0 <= s0 <= min(e0, e1)

@@ -9,7 +9,11 @@ tokens. Here a thread of its own asks, a bounded number of times per tick.
 Rules:
 - Each tick (``TICK_S``) asks at most ``POLLS_PER_TICK`` open requests, in submission order
   and round robin: with n open requests a cancellation is noticed within
-  ceil(n / POLLS_PER_TICK) ticks (256 open: 0.4 s).
+  ceil(n / POLLS_PER_TICK) ticks (256 open: 0.4 s). Answered requests leave the rotation
+  when it reaches them, without counting against the budget.
+- A question that fails (the stub shutting down, an IPC fault) is logged and the request
+  stays in the rotation; the thread outlives any error (one that ended anyway is started
+  again by the next ``add``).
 - A request is asked only under its ``lock`` and while it is not answered: Triton frees a
   request's response factory with its final response, and asking after that is a use after
   free in the backend. Whoever delivers the request's outputs holds the same lock.
@@ -19,8 +23,11 @@ Rules:
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from typing import Callable
+
+log = logging.getLogger("tritonkv.frontend")
 
 TICK_S = 0.05
 POLLS_PER_TICK = 32
@@ -38,19 +45,30 @@ class CancelWatch:
     def add(self, rid: int) -> None:
         """Watch a submitted request (any thread)."""
         self._order.append(rid)
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             with self._start_lock:
-                if self._thread is None:
+                if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(target=self._run, name="tritonkv-cancel-watch", daemon=True)
                     self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the watch must go on
+                log.exception("cancellation check failed")
+
+    def join(self, timeout_s: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def tick(self) -> None:
-        """Ask the next ``POLLS_PER_TICK`` requests; those still open go to the back."""
-        for _ in range(min(POLLS_PER_TICK, len(self._order))):
+        """Ask up to ``POLLS_PER_TICK`` open requests, one pass at most; those still open go
+        to the back."""
+        asked = 0
+        for _ in range(len(self._order)):
+            if asked >= POLLS_PER_TICK:
+                return
             rid = self._order.popleft()
             req = self._lookup(rid)
             if req is None or req.is_cancelled is None:
@@ -58,7 +76,12 @@ class CancelWatch:
             with req.lock:
                 if req.cancel_sent or req.emit.done:
                     continue
-                cancelled = req.is_cancelled()
+                asked += 1
+                try:
+                    cancelled = req.is_cancelled()
+                except Exception:  # noqa: BLE001 - asked again next round
+                    log.exception("is_cancelled failed")
+                    cancelled = False
                 if cancelled:
                     req.cancel_sent = True
             if cancelled:

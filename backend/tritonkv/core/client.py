@@ -1,8 +1,9 @@
 """A frontend's side of its engine core: attach (starting the core if none runs), submit
 turns, receive their token outputs, turn them into text (``TextStream``), notice a dead core.
 
-Threads: the caller's (``submit``, ``abort``: they only queue) and one I/O thread that owns
-the socket, sends what was queued, and calls each request's ``emit`` with its outputs.
+Threads: the caller's (``submit``, ``abort``: they only queue), one I/O thread that owns
+the socket, sends what was queued, and calls each request's ``emit`` with its outputs, and
+the ``CancelWatch`` thread (core/cancel_watch.py).
 
 Rules:
 - Outputs arrive one message per engine step; each request's outputs go through its
@@ -191,13 +192,13 @@ class CoreClient:
             down = self.down
             if down is None:
                 self._requests[rid] = _Request(stream, is_cancelled)
-                if is_cancelled is not None:
-                    self._cancel_watch.add(rid)
         if down is not None:
             stream(TurnOutput("", [], True, "error", error=f"no engine core serves this instance: {down}; retry"))
             return rid
         self._send(m.Submit(rid, corr_id, list(prompt_ids), params, start, end, stateless, tuple(extra_keys),
                             close_only, error))
+        if is_cancelled is not None:  # (after its Submit: an Abort never overtakes it)
+            self._cancel_watch.add(rid)
         return rid
 
     def _ended_here(self, rid: int, kept_tokens: int | None, index: int = 0) -> None:
@@ -308,4 +309,5 @@ class CoreClient:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._cancel_watch.join(timeout_s=5)
         self._reap()

@@ -358,6 +358,8 @@ class Engine(Conversations, Samples):
         turn = seq.turn
         if not turn.scheduled:  # (a turn's first step is never a graph continuation)
             turn.scheduled = time.monotonic()
+            for sample in seq.samples:  # n > 1: the prompt the samples share starts here
+                sample.turn.scheduled = sample.turn.scheduled or turn.scheduled
         return StepRow(seq.token_ids[chunk.start:chunk.start + chunk.num_tokens],
                        self.kv.cache_index(seq.seq_id, chunk.start), self.kv.block_table(seq.seq_id), chunk.sample,
                        turn.params, turn.generator, angle_shift=self.kv.angle_shift(seq.seq_id),

@@ -80,7 +80,9 @@ class Turn:
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # token index -> its logprob
     grammar: GrammarState | None = None  # structured output (sampling/grammar.py)
     arrival: float = field(default_factory=time.monotonic)
-    scheduled: float = 0.0  # when a step first ran it (monotonic); 0 until then
+    # when a step first ran it, or the prompt its samples share (monotonic; 0 until then); a
+    # preempted turn keeps it (its recompute counts as prefill)
+    scheduled: float = 0.0
 
 
 @dataclass

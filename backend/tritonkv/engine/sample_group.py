@@ -137,7 +137,8 @@ class Samples:
         for i in range(group.count):
             params = group.sample_params(turn.params, i)
             child = Turn(list(turn.prompt_ids), params, lambda out, i=i: group.sample_output(i, out),
-                         group.cancelled, end_sequence=True, request_id=turn.request_id)
+                         group.cancelled, end_sequence=True, request_id=turn.request_id,
+                         arrival=turn.arrival)  # (its request's: first-token stages)
             child.sample_index = i
             self._open_turn_state(child, seq.token_ids, bad_words)
             key = next(self._keys)

@@ -5,7 +5,9 @@ Triton's own queue and the network, before and after, are outside them.
 - admit: taken -> the engine accepted the turn (parse, tokenise, the frontend's I/O thread,
   the socket to the core);
 - queue: accepted -> first in a step (the scheduler's budget, other prefills, admission);
-- prefill: first in a step -> its first token emitted (the steps computing the prompt);
+- prefill: first in a step -> its first token emitted (the steps computing the prompt; for
+  n > 1, from the first step of the prompt its samples share; a turn preempted before its
+  first token counts the wait and the recompute here);
 - deliver: emitted -> the first response sent (the core's I/O thread, the socket, the
   frontend's backlog, detokenising, Triton's send).
 
