@@ -1,10 +1,10 @@
 """Which open requests their clients cancelled, asked off the frontend's I/O thread.
 
 Triton's ``request.is_cancelled`` is one round trip to the tritonserver process
-(python_backend pb_cancel.cc: the stub queues the question and waits for the answer; ~75 us
-on a 2-core CPU, bench/NOTES_serving.md run 15). Asked of every open request every 50 ms on
-the I/O thread, 256 open requests cost it ~40% of its time, time it did not spend sending
-tokens. Here a thread of its own asks, a bounded number of times per tick.
+(python_backend pb_cancel.cc: the stub queues the question and waits for the answer; 64 us
+median on a 2-core CPU, bench/results/is_cancelled_cost_cpu.md). Asked of every open request
+every 50 ms on the I/O thread, 256 open requests cost it a third of its time, time it did not
+spend sending tokens. Here a thread of its own asks, a bounded number of times per tick.
 
 Rules:
 - Each tick (``TICK_S``) asks at most ``POLLS_PER_TICK`` open requests, in submission order

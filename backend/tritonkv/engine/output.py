@@ -110,7 +110,8 @@ class TextStream:
         self.num_tokens += len(tokens)
         if ends and out.finish_reason in ("eos", "length", "stop"):
             delta.append(self.text.finish(False))
-        self.emit(replace(out, text="".join(delta)))
+        out.text = "".join(delta)  # (handed over on emit: ours to change, engine/requests.py)
+        self.emit(out)
 
 
 class ChoiceStreams:
