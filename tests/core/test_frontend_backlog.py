@@ -3,6 +3,7 @@ together and each request's outputs in them become one (``coalesce``), so the fr
 fewer, larger responses; tokens, text, stop strings and the order of a request's last output
 are those of one output per step."""
 
+import threading
 import time
 
 from core_helpers import core_config, used_blocks
@@ -82,6 +83,38 @@ def test_a_slow_frontend_receives_fewer_larger_outputs_with_hf_greedy_tokens(tin
         # 24 tokens arrived in fewer outputs than steps: what waited was merged
         assert sum(len(o) for o in outputs.values()) < 24, [len(o.token_ids) for o in outputs[1]]
         assert client.generated_tokens - before == 24
+        assert wait_until(lambda: used_blocks(client) == 0, 10)
+    finally:
+        client.close()
+
+
+def test_a_request_submitted_while_a_backlog_is_delivered_reaches_the_core_after_one_delivery(tiny):
+    client = CoreClient(core_config(tiny[0]))
+    client.connect()
+    try:
+        assert wait_until(lambda: used_blocks(client) == 0, 10)
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        delivering = threading.Event()
+        outs = {}
+
+        def slow(corr_id):
+            def emit(out):
+                outs.setdefault(corr_id, []).append(out)
+                delivering.set()
+                time.sleep(0.3)  # each delivery holds the I/O thread (a slow Triton send)
+            return emit
+
+        for corr_id in range(1, 6):
+            client.submit(corr_id, [1, 5 + corr_id, 9], params, slow(corr_id), start=True, end=True, stateless=True)
+        assert delivering.wait(30)
+        queued_at = time.monotonic()  # the I/O thread is inside the first of five deliveries
+        late = []
+        client.submit(9, [1, 30, 31], params, late.append, start=True, end=True, stateless=True)
+        assert wait_until(lambda: late and late[-1].finished, 60)
+        arrival = late[0].first_token_times[0]  # when the core accepted it
+        # it went out after the delivery under way, not after the other four (1.2 s more)
+        assert arrival - queued_at < 0.6, arrival - queued_at
+        assert wait_until(lambda: len(outs) == 5 and all(o[-1].finished for o in outs.values()), 60)
         assert wait_until(lambda: used_blocks(client) == 0, 10)
     finally:
         client.close()

@@ -229,16 +229,12 @@ class CoreClient:
                 events = dict(poller.poll(POLL_S * 1000))
                 if self._wake.r in events:
                     self._wake.clear()
-                while True:
-                    try:
-                        sock.send(self._out.get_nowait(), copy=False)
-                    except queue.Empty:
-                        break
+                self._send_queued(sock)
                 while sock.poll(0, zmq.POLLIN):
                     backlog = [m.frontend_decoder.decode(sock.recv())]
                     while len(backlog) < DRAIN_MESSAGES and sock.poll(0, zmq.POLLIN):
                         backlog.append(m.frontend_decoder.decode(sock.recv()))
-                    self._receive(backlog)
+                    self._receive(backlog, lambda: self._send_queued(sock))
                 now = time.monotonic()
                 if now >= next_watch:
                     next_watch = now + WATCH_PERIOD_S
@@ -259,8 +255,14 @@ class CoreClient:
         sock.close()
         self._core_gone(reason)
 
-    def _receive(self, msgs: list) -> None:
-        """Deliver the outputs of messages received together (in arrival order)."""
+    def _send_queued(self, sock) -> None:
+        while not self._out.empty():
+            sock.send(self._out.get_nowait(), copy=False)
+
+    def _receive(self, msgs: list, between=None) -> None:
+        """Deliver the outputs of messages received together (in arrival order); ``between``
+        runs after each delivery (the I/O loop sends what was queued meanwhile: a Submit
+        waits one response, not every response of the backlog)."""
         items = []
         for msg in msgs:
             if isinstance(msg, m.Outputs):
@@ -279,6 +281,8 @@ class CoreClient:
                     req.emit(out)
             except Exception:  # a vanished client must not stop the others
                 log.exception("could not deliver a response")
+            if between is not None:
+                between()
 
     def _core_gone(self, reason: str) -> None:
         log.error("%s; %d open requests fail; the next request restarts it", reason, len(self._requests))
