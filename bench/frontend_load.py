@@ -160,7 +160,9 @@ def measure(args) -> list[dict]:
     rows = []
     for step_ms in args.step_ms:
         pool = f"{POOL}-{os.getpid()}"
-        env = {**os.environ, "TRITONKV_CORE_GRACE_S": "600", "PYTHONPATH": os.pathsep.join(
+        # the scripted core waits up to 120 s for its first frontend and leaves 120 s after the
+        # last (a run cut short leaves it no longer than that); SIGTERM ends it at once
+        env = {**os.environ, "TRITONKV_CORE_GRACE_S": "120", "PYTHONPATH": os.pathsep.join(
             [os.path.join(ROOT, "backend"), os.path.join(ROOT, "client"), os.environ.get("PYTHONPATH", "")])}
         core = subprocess.Popen([sys.executable, __file__, "--core", core_name(pool, "cpu0"), "--core-step-ms",
                                  str(step_ms), "--core-checkpoint", checkpoint, "--core-vocab", str(vocab)],
