@@ -118,3 +118,31 @@ def test_a_request_submitted_while_a_backlog_is_delivered_reaches_the_core_after
         assert wait_until(lambda: used_blocks(client) == 0, 10)
     finally:
         client.close()
+
+
+def test_first_outputs_are_delivered_before_the_backlog_of_requests_already_streaming(tiny):
+    from tritonkv.config import EngineConfig
+    from tritonkv.core import messages as m
+    from tritonkv.core.client import _Request
+
+    client = CoreClient(EngineConfig(checkpoint=tiny[0], device="cpu"))  # not connected: _receive alone
+    delivered = []
+
+    class Emit:
+        done = False
+
+        def __init__(self, rid):
+            self.rid = rid
+
+        def __call__(self, out):
+            delivered.append((self.rid, out.token_ids))
+
+    client._requests = {rid: _Request(Emit(rid), None) for rid in (1, 2, 3)}
+    client._requests[1].answered = client._requests[3].answered = True  # streaming already
+    step = m.Outputs([(1, TurnOutput("", [10])), (3, TurnOutput("", [30])), (2, TurnOutput("", [20]))])
+    client._receive([step])
+    assert delivered == [(2, [20]), (1, [10]), (3, [30])]
+    delivered.clear()
+    client._receive([m.Outputs([(2, TurnOutput("", [21])), (1, TurnOutput("", [11]))]),
+                     m.Outputs([(1, TurnOutput("", [12], True, "length")), (2, TurnOutput("", [22]))])])
+    assert delivered == [(1, [11, 12]), (2, [21, 22])]  # both streaming now: the backlog's order

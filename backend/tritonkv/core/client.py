@@ -11,6 +11,10 @@ Rules:
 - What waits on the socket is read together (at most ``DRAIN_MESSAGES`` messages) and each
   request's outputs in it become one (``coalesce``): a frontend slower than the core sends
   fewer, larger responses and keeps up, instead of falling further behind one token at a time.
+- Delivery order: the first outputs of requests not answered yet go before the outputs of
+  requests already streaming (time to first token does not wait behind their backlog); each
+  request's outputs keep their order. After each delivery, what ``submit`` queued meanwhile
+  is sent: a new request never waits for a whole backlog of responses.
 - Cancellation: ``CancelWatch`` (a thread of its own) asks open requests' ``is_cancelled``
   and sends ``Abort`` for them; a request's outputs are delivered under its ``lock``.
 - A core that dies (its process is gone) ends every open request with an error at once
@@ -59,6 +63,7 @@ class _Request:
     is_cancelled: object
     cancel_sent: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)  # delivery vs is_cancelled (CancelWatch)
+    answered: bool = False  # an output was delivered
 
 
 class CoreClient:
@@ -269,11 +274,16 @@ class CoreClient:
                 items.extend(msg.items)
             elif isinstance(msg, m.Stats):
                 self.stats, self.loops, self.core_failure = msg.stats, msg.loops, msg.failure
-        for rid, out in coalesce(items) if len(msgs) > 1 else items:
+        items = coalesce(items) if len(msgs) > 1 else items
+        # first outputs first: a request's time to first token does not wait behind the
+        # backlog of requests already streaming (sort is stable: each request keeps its order)
+        items.sort(key=lambda item: (req := self._requests.get(item[0])) is not None and req.answered)
+        for rid, out in items:
             self.generated_tokens += len(out.token_ids)
             req = self._requests.get(rid)
             if req is None:
                 continue
+            req.answered = True
             if out.finished:
                 del self._requests[rid]
             try:
