@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -149,7 +150,8 @@ def measure(args) -> list[dict]:
     from served import served
     from serving_clients import run_level
     from serving_report import summarize
-    from tritonkv.core.runtime_dir import core_name
+    from tritonkv.core.runtime_dir import core_name, core_paths
+    from tritonkv.core.spawn import core_running
     from tritonkv.model.demo_checkpoint import ensure_demo_checkpoint
     from tritonkv_client.first_token_stages import read_stages, stage_means
 
@@ -164,16 +166,25 @@ def measure(args) -> list[dict]:
         # last (a run cut short leaves it no longer than that); SIGTERM ends it at once
         env = {**os.environ, "TRITONKV_CORE_GRACE_S": "120", "PYTHONPATH": os.pathsep.join(
             [os.path.join(ROOT, "backend"), os.path.join(ROOT, "client"), os.environ.get("PYTHONPATH", "")])}
-        core = subprocess.Popen([sys.executable, __file__, "--core", core_name(pool, "cpu0"), "--core-step-ms",
+        name = core_name(pool, "cpu0")
+        core = subprocess.Popen([sys.executable, __file__, "--core", name, "--core-step-ms",
                                  str(step_ms), "--core-checkpoint", checkpoint, "--core-vocab", str(vocab)],
                                 env=env, start_new_session=True)
         try:
+            # the frontends must find the scripted core, or they would start a real one
+            deadline = time.monotonic() + 60
+            while not (core_running(name) and os.path.exists(core_paths(name).socket)):
+                if core.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the scripted core {name} did not start (exit code {core.poll()})")
+                time.sleep(0.1)
             params = {"pool_name": pool, "device": "cpu", "stream_interval": 1}
             with served(checkpoint, instances=args.instances, params=params) as (url, _cmd, metrics):
                 run_level(url, prompts[:4], 4, 8, 1)  # warm-up
                 for c in args.concurrency:
                     before = read_stages(metrics)
                     samples, wall, _ = run_level(url, prompts[:c], c, args.max_tokens, args.client_procs)
+                    if core.poll() is not None:
+                        raise RuntimeError(f"the scripted core exited ({core.returncode}) during the level")
                     r = summarize(samples, wall)
                     time.sleep(1.2)  # the stage gauges go out twice a second
                     st = stage_means(before, read_stages(metrics)) or {}
@@ -183,7 +194,11 @@ def measure(args) -> list[dict]:
                           f"{r['tokens_per_response']:.2f} tokens/response, stages {st}", flush=True)
         finally:
             core.terminate()
-            core.wait(30)
+            try:
+                core.wait(30)
+            except subprocess.TimeoutExpired:
+                core.kill()
+                core.wait()
     return rows
 
 
@@ -203,6 +218,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.core:
         return core_main(args.core, args.core_step_ms, args.core_checkpoint, args.core_vocab)
+    # SIGTERM / SIGHUP (a timeout, a closed terminal) unwind like Ctrl-C: the server and the
+    # scripted core are stopped on the way out
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, frame: sys.exit(128 + number))
     rows = measure(args)
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     lines = [f"# The served path with no model: frontends, Triton and gRPC ({os.cpu_count()} cores, "

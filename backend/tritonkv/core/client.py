@@ -12,8 +12,9 @@ Rules:
   request's outputs in it become one (``coalesce``): a frontend slower than the core sends
   fewer, larger responses and keeps up, instead of falling further behind one token at a time.
 - Delivery order: the first outputs of requests not answered yet go before the outputs of
-  requests already streaming (time to first token does not wait behind their backlog); each
-  request's outputs keep their order. After each delivery, what ``submit`` queued meanwhile
+  requests already streaming (time to first token does not wait behind their backlog),
+  unless an earlier output of the backlog belongs to another turn of the same conversation
+  (its turns are answered in order); each request's outputs keep their order. After each delivery, what ``submit`` queued meanwhile
   is sent: a new request never waits for a whole backlog of responses.
 - Cancellation: ``CancelWatch`` (a thread of its own) asks open requests' ``is_cancelled``
   and sends ``Abort`` for them; a request's outputs are delivered under its ``lock``.
@@ -63,6 +64,7 @@ class _Request:
     is_cancelled: object
     cancel_sent: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)  # delivery vs is_cancelled (CancelWatch)
+    conversation: object = None  # the correlation id of a turn of a conversation (None: stateless)
     answered: bool = False  # an output was delivered
 
 
@@ -196,7 +198,7 @@ class CoreClient:
         with self._req_lock:
             down = self.down
             if down is None:
-                self._requests[rid] = _Request(stream, is_cancelled)
+                self._requests[rid] = _Request(stream, is_cancelled, conversation=None if stateless else corr_id)
         if down is not None:
             stream(TurnOutput("", [], True, "error", error=f"no engine core serves this instance: {down}; retry"))
             return rid
@@ -235,7 +237,7 @@ class CoreClient:
                 if self._wake.r in events:
                     self._wake.clear()
                 self._send_queued(sock)
-                while sock.poll(0, zmq.POLLIN):
+                while not self._closing.is_set() and sock.poll(0, zmq.POLLIN):
                     backlog = [m.frontend_decoder.decode(sock.recv())]
                     while len(backlog) < DRAIN_MESSAGES and sock.poll(0, zmq.POLLIN):
                         backlog.append(m.frontend_decoder.decode(sock.recv()))
@@ -274,25 +276,34 @@ class CoreClient:
                 items.extend(msg.items)
             elif isinstance(msg, m.Stats):
                 self.stats, self.loops, self.core_failure = msg.stats, msg.loops, msg.failure
-        items = coalesce(items) if len(msgs) > 1 else items
-        # first outputs first: a request's time to first token does not wait behind the
-        # backlog of requests already streaming (sort is stable: each request keeps its order)
-        items.sort(key=lambda item: (req := self._requests.get(item[0])) is not None and req.answered)
-        for rid, out in items:
+        for rid, out in self._delivery_order(coalesce(items) if len(msgs) > 1 else items):
             self.generated_tokens += len(out.token_ids)
             req = self._requests.get(rid)
             if req is None:
                 continue
-            req.answered = True
             if out.finished:
                 del self._requests[rid]
             try:
                 with req.lock:
                     req.emit(out)
+                req.answered = True
             except Exception:  # a vanished client must not stop the others
                 log.exception("could not deliver a response")
             if between is not None:
                 between()
+
+    def _delivery_order(self, items: list) -> list:
+        """First outputs first (the module's rule): a stable partition of the backlog."""
+        first, rest = [], []
+        first_of: dict = {}  # conversation -> the request of its earliest output in the backlog
+        for item in items:
+            req = self._requests.get(item[0])
+            conversation = None if req is None else req.conversation
+            if conversation is not None:
+                first_of.setdefault(conversation, item[0])
+            early = req is not None and not req.answered and (conversation is None or first_of[conversation] == item[0])
+            (first if early else rest).append(item)
+        return first + rest
 
     def _core_gone(self, reason: str) -> None:
         log.error("%s; %d open requests fail; the next request restarts it", reason, len(self._requests))
