@@ -117,8 +117,9 @@ def stage_lines(results: dict, levels: list[int]) -> list[str]:
             st = r.get("first_token_stages_ms")
             if st:
                 ttft = r.get("ttft_ms") or []
-                rows.append(f"| {system} | {c} | " + " | ".join(f"{st[k]:.1f}" for k in ("admit", "queue", "prefill", "deliver"))
-                            + f" | {sum(st.values()):.1f} | {sum(ttft) / len(ttft) if ttft else float('nan'):.1f} |")
+                stages = " | ".join(f"{st[k]:.1f}" for k in ("admit", "queue", "prefill", "deliver"))
+                mean = sum(ttft) / len(ttft) if ttft else float("nan")
+                rows.append(f"| {system} | {c} | {stages} | {sum(st.values()):.1f} | {mean:.1f} |")
     if not rows:
         return []
     return ["## Where the time to first token goes (means, ms)", "",

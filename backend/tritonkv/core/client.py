@@ -14,8 +14,9 @@ Rules:
 - Delivery order: the first outputs of requests not answered yet go before the outputs of
   requests already streaming (time to first token does not wait behind their backlog),
   unless an earlier output of the backlog belongs to another turn of the same conversation
-  (its turns are answered in order); each request's outputs keep their order. After each delivery, what ``submit`` queued meanwhile
-  is sent: a new request never waits for a whole backlog of responses.
+  (its turns are answered in order); each request's outputs keep their order.
+- After each delivery, what ``submit`` queued meanwhile is sent: a new request never waits
+  for a whole backlog of responses.
 - Cancellation: ``CancelWatch`` (a thread of its own) asks open requests' ``is_cancelled``
   and sends ``Abort`` for them; a request's outputs are delivered under its ``lock``.
 - A core that dies (its process is gone) ends every open request with an error at once

@@ -5,10 +5,11 @@ Rules:
 - A turn carries only its new prompt tokens; the conversation's earlier tokens live in the
   engine's ``Sequence``.
 - ``emit`` is called on the engine thread, one or more times per turn; the last call has
-  ``finished`` set and a ``finish_reason``. An output is handed over: the engine keeps no
-  reference to it, and the receiver may change it (``TextStream`` sets its text). The engine emits token ids only; text and stop
+  ``finished`` set and a ``finish_reason``. The engine emits token ids only; text and stop
   strings are the caller's (engine/output.py ``TextStream``: the frontend's, or the
   in-process ``Engine.submit``'s).
+- An output is handed over on ``emit``: the engine keeps no reference to it, and the
+  receiver may change it (``TextStream`` sets its text).
 - Every output carries ``cached_tokens`` and ``prompt_tokens`` as known so far, so a caller
   that ends a turn itself (a stop string) can answer with them.
 - ``TurnOutput`` crosses the core's transport field by field (core/messages.py): a field
