@@ -147,7 +147,7 @@ def core_main(name: str, step_ms: float, checkpoint: str, vocab: int) -> int:
 def measure(args) -> list[dict]:
     import json
 
-    from served import served
+    from served import project_env, served
     from serving_clients import run_level
     from serving_report import summarize
     from tritonkv.core.runtime_dir import core_name, core_paths
@@ -164,8 +164,7 @@ def measure(args) -> list[dict]:
         pool = f"{POOL}-{os.getpid()}"
         # the scripted core waits up to 120 s for its first frontend and leaves 120 s after the
         # last (a run cut short leaves it no longer than that); SIGTERM ends it at once
-        env = {**os.environ, "TRITONKV_CORE_GRACE_S": "120", "PYTHONPATH": os.pathsep.join(
-            [os.path.join(ROOT, "backend"), os.path.join(ROOT, "client"), os.environ.get("PYTHONPATH", "")])}
+        env = project_env(TRITONKV_CORE_GRACE_S="120")
         name = core_name(pool, "cpu0")
         core = subprocess.Popen([sys.executable, __file__, "--core", name, "--core-step-ms",
                                  str(step_ms), "--core-checkpoint", checkpoint, "--core-vocab", str(vocab)],

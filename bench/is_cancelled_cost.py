@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import queue
 import statistics
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 
 from md_table import table  # noqa: E402
-from response_send_cost import start_server, stop_server  # noqa: E402
+from response_send_cost import grpc_stream, python_model_server  # noqa: E402
 
 CONFIG = """name: "asker"
 backend: "python"
@@ -76,11 +74,8 @@ def measure(url: str, calls: int, levels: list[int], repeats: int) -> dict[int, 
     import numpy as np
     import tritonclient.grpc as g
 
-    done: queue.SimpleQueue = queue.SimpleQueue()
-    client = g.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: done.put((result, error)))
     us: dict[int, list[float]] = {k: [] for k in levels}
-    try:
+    with grpc_stream(url) as (client, done):
         for r in range(1 + repeats):  # round 0 warms up
             for k in levels:
                 n, kk = g.InferInput("N", [1], "INT64"), g.InferInput("K", [1], "INT64")
@@ -92,8 +87,6 @@ def measure(url: str, calls: int, levels: list[int], repeats: int) -> dict[int, 
                     raise RuntimeError(str(error))
                 if r:
                     us[k].append(statistics.median(result.as_numpy("US").tolist()))
-    finally:
-        client.stop_stream()
     return us
 
 
@@ -104,12 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tritonkv-cancel-") as tmp:
-        proc, grpc = start_server(tmp, CONFIG, MODEL)
-        try:
-            us = measure(f"127.0.0.1:{grpc}", args.calls, args.threads, args.repeats)
-        finally:
-            stop_server(proc)
+    with python_model_server(CONFIG, MODEL, "tritonkv-cancel-") as url:
+        us = measure(url, args.calls, args.threads, args.repeats)
     rows = []
     for k, v in us.items():
         med = statistics.median(v)

@@ -21,6 +21,7 @@ name the carried server) the same command measures that host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import queue
@@ -97,24 +98,42 @@ def start_server(tmp: str, config: str = CONFIG, model: str = MODEL) -> tuple[su
     raise SystemExit("tritonserver not ready in 120 s")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
+@contextlib.contextmanager
+def python_model_server(config: str = CONFIG, model: str = MODEL, prefix: str = "tritonkv-send-"):
+    """``start_server`` in a temporary directory; yields the gRPC URL; stops the server after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        proc, grpc = start_server(tmp, config, model)
+        try:
+            yield f"127.0.0.1:{grpc}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def grpc_stream(url: str):
+    """A tritonclient gRPC stream: yields (client, queue of (result, error) per response)."""
+    import tritonclient.grpc as g
+
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    client = g.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: done.put((result, error)))
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        yield client, done
+    finally:
+        client.stop_stream()
 
 
 def measure(url: str, total: int, levels: list[int], repeats: int) -> dict[int, list[float]]:
     import numpy as np
     import tritonclient.grpc as g
 
-    done: queue.SimpleQueue = queue.SimpleQueue()
-    client = g.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: done.put((result, error)))
     rates: dict[int, list[float]] = {k: [] for k in levels}
-    try:
+    with grpc_stream(url) as (client, done):
         for r in range(1 + repeats):  # round 0 warms up
             for k in levels:
                 t0 = time.perf_counter()
@@ -133,8 +152,6 @@ def measure(url: str, total: int, levels: list[int], repeats: int) -> dict[int, 
                         got += 1
                 if r:
                     rates[k].append(got / (time.perf_counter() - t0))
-    finally:
-        client.stop_stream()
     return rates
 
 
@@ -145,12 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tritonkv-send-") as tmp:
-        proc, grpc = start_server(tmp)
-        try:
-            rates = measure(f"127.0.0.1:{grpc}", args.total, args.threads, args.repeats)
-        finally:
-            stop_server(proc)
+    with python_model_server() as url:
+        rates = measure(url, args.total, args.threads, args.repeats)
     one = statistics.median(rates[args.threads[0]])
     rows = [[k, f"{max(v):,.0f}", f"{statistics.median(v):,.0f}", f"{statistics.median(v) / one:.2f}",
              f"{1e6 / statistics.median(v):.0f}"] for k, v in rates.items()]

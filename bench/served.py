@@ -23,6 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def project_env(**extra: str) -> dict[str, str]:
+    """This environment, with ``extra``, for a subprocess that imports this tree's tritonkv."""
+    path = os.pathsep.join([os.path.join(ROOT, "backend"), os.path.join(ROOT, "client"),
+                            os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def serve_command(checkpoint: str, ports: dict, instances: int, params: dict) -> list[str]:
     cmd = [sys.executable, "-m", "tritonkv.server.cli", "serve", checkpoint, "--no-openai",
            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
@@ -38,9 +45,7 @@ def served(checkpoint: str, *, instances: int = 1, params: dict | None = None, r
     """Yields (grpc_url, the command line as a string, the /metrics URL)."""
     ports = {k: free_port() for k in ("http", "grpc", "metrics", "health")}
     cmd = serve_command(checkpoint, ports, instances, params or {})
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "backend"), os.path.join(ROOT, "client"),
-                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = project_env()
     log = tempfile.NamedTemporaryFile("w+", prefix="tritonkv-bench-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

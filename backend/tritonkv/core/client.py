@@ -253,11 +253,7 @@ class CoreClient:
             log.exception("engine core client failed")
             reason = f"the connection to the engine core failed: {exc}"
         if self._closing.is_set():
-            while True:  # a Bye queued by close()
-                try:
-                    sock.send(self._out.get_nowait(), copy=False)
-                except queue.Empty:
-                    break
+            self._send_queued(sock)  # a Bye queued by close()
             sock.close(linger=500)
             return
         sock.close()

@@ -16,11 +16,12 @@ Rules:
   first_token_times``, monotonic: one clock for every process of the host); the frontend adds
   its own two and sums each stage. Streamed requests only (one answered whole sends nothing
   before its end); outputs without tokens (errors, cancels) add nothing.
-- Published as gauges of sums in seconds and a count (``FIRST_TOKEN_GAUGES``), as the sums of
-  vLLM's request_queue_time / request_prefill_time histograms: a stage's mean over an interval
-  is its sum's difference over the count's (tritonkv_client/first_token_stages.py). Sums rather than histograms: each
-  Triton metric update is a round trip to the server process, too dear per request; these go
-  out with the other gauges, twice a second.
+- Published as gauges of sums in seconds and a count (``FirstTokenGauges``: ``STAGE_SECONDS``,
+  ``FIRST_TOKENS``), as the sums of vLLM's request_queue_time / request_prefill_time
+  histograms: a stage's mean over an interval is its sum's difference over the count's
+  (tritonkv_client/first_token_stages.py). Sums rather than histograms: each Triton metric
+  update is a round trip to the server process, too dear per request; these go out with the
+  other gauges, twice a second.
 """
 
 from __future__ import annotations
