@@ -66,6 +66,16 @@ def kv_planes(kv_caches) -> list[torch.Tensor]:
     return planes
 
 
+def _as_words(planes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``planes`` viewed as the widest integer word that divides every plane's page: the
+    gathers and scatters then move 8-byte elements, not bytes (same bytes, same layout)."""
+    for word in (torch.int64, torch.int32, torch.int16):
+        size = word.itemsize
+        if all(p.shape[2] % size == 0 and p.data_ptr() % size == 0 for p in planes):
+            return [p.view(word) for p in planes]
+    return planes
+
+
 def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
     """(offset in ``ids``, first id, length) of each run of consecutive ids."""
     runs, i = [], 0
@@ -133,9 +143,9 @@ def _unregister(cudart, ptr: int, host: torch.Tensor) -> None:
 
 class KVSwapper:
     def __init__(self, kv_caches, num_host_blocks: int, device: torch.device, disk: DiskBlocks | None = None):
-        self.planes = kv_planes(kv_caches)
+        self.planes = _as_words(kv_planes(kv_caches))
         self.device = device
-        self.widths = [p.shape[0] * p.shape[2] for p in self.planes]
+        self.widths = [p.shape[0] * p.shape[2] * p.element_size() for p in self.planes]  # bytes
         self.block_bytes = sum(self.widths)
         self.cuda = device.type == "cuda"
         self.host = torch.empty((num_host_blocks, self.block_bytes), dtype=torch.uint8)
@@ -154,14 +164,22 @@ class KVSwapper:
         return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
 
     def _gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """Device blocks ``ids`` as ``[n, block_bytes]`` (one index_select per plane)."""
+        """Device blocks ``ids`` as ``[n, block_bytes]``: one index_select per plane, straight
+        into block-major order (a plane seen as ``[blocks, layers * 2, page]``)."""
         n = ids.numel()
-        return torch.cat([p.index_select(1, ids).transpose(0, 1).reshape(n, -1) for p in self.planes], dim=1)
+        parts = [p.transpose(0, 1).index_select(0, ids).view(torch.uint8).reshape(n, -1) for p in self.planes]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _scatter(self, ids: torch.Tensor, src: torch.Tensor) -> None:
         n, col = ids.numel(), 0
         for p, w in zip(self.planes, self.widths):
-            p.index_copy_(1, ids, src[:, col:col + w].reshape(n, p.shape[0], p.shape[2]).transpose(0, 1))
+            part = src[:, col:col + w]
+            if part.is_contiguous() or (part.stride(0) % p.element_size() == 0
+                                        and part.data_ptr() % p.element_size() == 0):
+                part = part.view(p.dtype)
+            else:
+                part = part.contiguous().view(p.dtype)
+            p.transpose(0, 1).index_copy_(0, ids, part.reshape(n, p.shape[0], p.shape[2]))
             col += w
 
     def run(self, plan: SwapPlan) -> None:
