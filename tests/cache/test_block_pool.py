@@ -143,3 +143,43 @@ def test_release_owner_drops_every_reference_of_that_owner(two_instances):
     assert pool.release_owner(a.owner) == 3
     assert pool.arrays.refcount[:4].tolist() == [1, 1, 0, 1]
     assert (pool.arrays.refcount == pool.arrays.owner_refs.sum(axis=0)).all()
+
+
+def test_a_reclaimed_head_block_is_not_found_under_its_old_hash():
+    """The head block of a chain (parent NO_HASH) reclaimed and handed out, not yet written:
+    a query for its old tokens misses (the hash lookup must forget it; its stored tokens and
+    parent still match), and once the new owner commits, the block is found under its new
+    hash only."""
+    pool = BlockPool.in_process(2, BS)
+    a, b = KVCacheManager(pool, 0), KVCacheManager(pool, 1)
+    old = [1, 2, 3, 4, 5]
+    run_prefill(a, "a", old)  # block 0 holds [1, 2, 3, 4] (registered), block 1 the partial tail
+    a.release("a")
+    assert pool.counts()["cached"] == 1
+    b.start("b", [9, 9, 9, 9, 9, 9])
+    assert b.grow("b", 6) and b.block_table("b") == [1, 0]  # block 1 free first, then 0 reclaimed
+    assert pool.find(hash_full_blocks(old, BS)[0], NO_HASH, np.asarray(old[:4], np.int32)) is None
+    assert a.start("a2", old) == 0
+    a.release("a2")
+    b.commit("b", [9, 9, 9, 9, 9, 9])  # block 1 now holds [9, 9, 9, 9]
+    new_hash = hash_full_blocks([9] * 4, BS)[0]
+    assert pool.find(new_hash, NO_HASH, np.asarray([9] * 4, np.int32)) == 1
+    b.release("b")
+    assert run_prefill(a, "a3", [9] * 5) == 4 and a.block_table("a3")[0] == 1
+
+
+def test_free_blocks_go_lowest_id_first_after_a_refusal_a_release_and_a_dead_owner():
+    pool = BlockPool.in_process(5, BS)
+    assert pool.allocate(3, 0) == [0, 1, 2]
+    with pytest.raises(PoolExhausted):
+        pool.allocate(3, 1)  # 2 free: refused, and the 2 stay free
+    assert pool.counts()["free"] == 2
+    pool.release([1], 0)
+    assert pool.allocate(2, 1) == [1, 3]
+    pool.release([3], 1)
+    pool.take_ref([0], 1)  # block 0: one reference from each owner
+    assert pool.release_owner(0) == 2  # owner 0 held 0 and 2; block 0 is still owner 1's, 1 too
+    assert pool.arrays.refcount.tolist() == [1, 1, 0, 0, 0]
+    assert pool.allocate(3, 0) == [2, 3, 4]
+    with pytest.raises(PoolExhausted):
+        pool.allocate(1, 0)

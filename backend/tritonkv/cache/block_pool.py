@@ -4,8 +4,10 @@ Words: a cached block is *reclaimed* when the pool hands it out again (its prefi
 dropped); *eviction* is the bounded-KV policies' word (cache/eviction/) for blocks a live
 sequence returns.
 
-All metadata lives in flat numpy arrays (``PoolArrays``) so that it can sit in shared memory
-and serve several processes; every public method runs under ``self.lock``.
+The metadata lives in flat numpy arrays (``PoolArrays``: the allocator's scans run over them
+whole), plus ``_by_hash``, a dict from block hash to the blocks registered under it (a prefix
+lookup reads it instead of scanning every block); the pool is its only writer, and every
+public method runs under ``self.lock``.
 
 Block states (derived from the arrays, never stored twice):
 - free:    refcount 0, no hash          -> handed out first
@@ -16,12 +18,17 @@ Rules:
 - ``refcount[b] == owner_refs[:, b].sum()``: every reference is tagged with the owner (a
   process slot) that took it, so a dead owner's references can be dropped wholesale.
 - A hash hit counts only if the stored tokens and parent hash equal the query's.
+- ``_free_heap`` (a heap of block ids, each at most once: ``_queued``) holds every free block,
+  and maybe blocks that stopped being free: ``allocate`` pops the lowest ids and skips those
+  (a block is pushed again when ``release`` / ``release_owner`` frees it).
+- ``_by_hash[h]`` lists exactly the blocks whose ``block_hash`` is ``h`` (h != NO_HASH).
 - Reclaim order: least recently used first (``last_used``: a pool-wide tick, bumped when a
   block is taken or released), ties broken by lower block id.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 from dataclasses import dataclass
 
@@ -74,6 +81,10 @@ class BlockPool:
         self.arrays = arrays
         self.num_blocks, self.block_size = arrays.block_tokens.shape
         self.lock = lock if lock is not None else threading.RLock()
+        self._by_hash: dict[int, list[int]] = {}
+        free = (arrays.refcount == 0) & (arrays.block_hash == NO_HASH)
+        self._free_heap: list[int] = np.flatnonzero(free).tolist()  # ascending: already a heap
+        self._queued: set[int] = set(self._free_heap)
         # called with the cached blocks ``allocate`` reclaims, before their hashes are cleared
         self.on_reclaim = None
 
@@ -103,28 +114,53 @@ class BlockPool:
     def allocate(self, n: int, owner: int) -> list[int]:
         """``n`` blocks, free ones first (lowest id), then reclaiming cached ones LRU-first."""
         with self.lock:
-            unused = self.arrays.refcount == 0
-            free = np.flatnonzero(unused & (self.arrays.block_hash == NO_HASH))
+            free = self._pop_free(n)
             if len(free) >= n:
-                chosen = free[:n]
+                chosen = np.asarray(free, dtype=np.int64)
             else:
-                cached = np.flatnonzero(unused & (self.arrays.block_hash != NO_HASH))
+                cached = np.flatnonzero((self.arrays.refcount == 0) & (self.arrays.block_hash != NO_HASH))
                 if len(free) + len(cached) < n:
+                    self._push_free(free)
                     raise PoolExhausted(f"need {n} KV blocks, {len(free) + len(cached)} available")
                 order = np.lexsort((cached, self.arrays.last_used[cached]))
                 victims = cached[order[: n - len(free)]]
                 if self.on_reclaim is not None:  # (the host tier keeps a copy: cache/tier_moves.py)
                     self.on_reclaim([int(b) for b in victims])
+                for b in victims.tolist():
+                    self._unindex(b)
                 self.arrays.block_hash[victims] = NO_HASH
                 self.arrays.parent_hash[victims] = NO_HASH
                 self._add_stat("reclaimed", len(victims))
-                chosen = np.concatenate([free, victims])
-            self._take(chosen, owner)
-            return [int(b) for b in chosen]
+                chosen = np.concatenate([np.asarray(free, dtype=np.int64), victims])
+            self._take(chosen, owner, distinct=True)
+            return chosen.tolist()
 
-    def _take(self, blocks: np.ndarray, owner: int) -> None:
-        np.add.at(self.arrays.refcount, blocks, 1)
-        np.add.at(self.arrays.owner_refs[owner], blocks, 1)
+    def _pop_free(self, n: int) -> list[int]:
+        """Up to ``n`` free blocks, lowest ids first, out of the heap."""
+        heap, refcount, block_hash = self._free_heap, self.arrays.refcount, self.arrays.block_hash
+        out = []
+        while heap and len(out) < n:
+            b = heapq.heappop(heap)
+            self._queued.discard(b)
+            if refcount[b] == 0 and block_hash[b] == NO_HASH:
+                out.append(b)
+        return out
+
+    def _push_free(self, blocks) -> None:
+        for b in blocks:
+            b = int(b)
+            if b not in self._queued:
+                self._queued.add(b)
+                heapq.heappush(self._free_heap, b)
+
+    def _take(self, blocks: np.ndarray, owner: int, distinct: bool = False) -> None:
+        """One reference per listed block (``distinct``: no id twice, so plain indexing adds)."""
+        if distinct:
+            self.arrays.refcount[blocks] += 1
+            self.arrays.owner_refs[owner][blocks] += 1
+        else:
+            np.add.at(self.arrays.refcount, blocks, 1)
+            np.add.at(self.arrays.owner_refs[owner], blocks, 1)
         self.arrays.last_used[blocks] = self._tick()
 
     def take_ref(self, blocks: list[int], owner: int) -> None:
@@ -145,6 +181,7 @@ class BlockPool:
             tick = self._tick()
             self.arrays.last_used[idx] = tick + np.arange(len(idx))[::-1]
             self._add_stat("tick", len(idx))
+            self._push_free(idx[(self.arrays.refcount[idx] == 0) & (self.arrays.block_hash[idx] == NO_HASH)])
 
     def release_owner(self, owner: int) -> int:
         """Drop every reference ``owner`` holds (its process died). Returns how many."""
@@ -152,6 +189,8 @@ class BlockPool:
             refs = self.arrays.owner_refs[owner].copy()
             self.arrays.refcount -= refs
             self.arrays.owner_refs[owner] = 0
+            held = np.flatnonzero(refs)
+            self._push_free(held[(self.arrays.refcount[held] == 0) & (self.arrays.block_hash[held] == NO_HASH)])
             return int(refs.sum())
 
     def num_available(self) -> int:
@@ -167,15 +206,28 @@ class BlockPool:
     def register(self, block: int, block_hash: int, parent_hash: int, tokens) -> None:
         """Enter a full, written block into the prefix index."""
         with self.lock:
+            self._unindex(block)
             self.arrays.block_hash[block] = block_hash
             self.arrays.parent_hash[block] = parent_hash
             self.arrays.block_tokens[block] = tokens
+            self._by_hash.setdefault(int(block_hash), []).append(int(block))
+
+    def _unindex(self, block: int) -> None:
+        """Take ``block`` out of ``_by_hash`` (it is about to lose or change its hash)."""
+        h = int(self.arrays.block_hash[block])
+        if h == NO_HASH:
+            return
+        blocks = self._by_hash[h]
+        blocks.remove(block)
+        if not blocks:
+            del self._by_hash[h]
 
     def find(self, block_hash: int, parent_hash: int, tokens) -> int | None:
         """A block holding exactly these tokens after this parent, or None."""
         with self.lock:
-            for b in np.flatnonzero(self.arrays.block_hash == block_hash):
-                if self.arrays.parent_hash[b] == parent_hash and np.array_equal(self.arrays.block_tokens[b], tokens):
+            tokens = [int(t) for t in tokens]
+            for b in self._by_hash.get(int(block_hash), ()):
+                if self.arrays.parent_hash[b] == parent_hash and self.arrays.block_tokens[b].tolist() == tokens:
                     return int(b)
             return None
 
@@ -186,7 +238,7 @@ class BlockPool:
             blocks, parent = [], NO_HASH
             bs = self.block_size
             for i, h in enumerate(hashes):
-                b = self.find(h, parent, np.asarray(token_ids[i * bs:(i + 1) * bs], dtype=np.int32))
+                b = self.find(h, parent, token_ids[i * bs:(i + 1) * bs])
                 if b is None:
                     break
                 blocks.append(b)
@@ -194,6 +246,6 @@ class BlockPool:
             self._add_stat("prefix_query_blocks", len(hashes))
             self._add_stat("prefix_hit_blocks", len(blocks))
             if blocks:
-                self._take(np.asarray(blocks, dtype=np.int64), owner)
+                self._take(np.asarray(blocks, dtype=np.int64), owner, distinct=True)
             return blocks
 

@@ -201,8 +201,9 @@ class KVCacheManager(TierMoves):
         self._append(seq_id, seq, blocks)
         return True
 
-    def commit(self, seq_id, token_ids: Sequence[int]) -> None:
-        """``token_ids`` have their KV written: enter newly full blocks into the prefix index."""
+    def commit(self, seq_id, token_ids: Sequence[int], num_tokens: int | None = None) -> None:
+        """The first ``num_tokens`` of ``token_ids`` (default: all) have their KV written: enter
+        newly full blocks into the prefix index."""
         if not self.enable_prefix_caching:
             return
         seq = self._seqs[seq_id]
@@ -210,7 +211,8 @@ class KVCacheManager(TierMoves):
             return  # KV past the first eviction depends on the policy, and sinks get rotated
         start = len(seq.hashes)
         parent = seq.hashes[-1] if seq.hashes else NO_HASH
-        limit = min(len(token_ids) // self.block_size, self.policy.cacheable_blocks())
+        written = len(token_ids) if num_tokens is None else min(num_tokens, len(token_ids))
+        limit = min(written // self.block_size, self.policy.cacheable_blocks())
         if start >= limit:
             return
         new = hash_full_blocks(token_ids[: limit * self.block_size], self.block_size, seq.extra_keys, start, parent)

@@ -325,7 +325,7 @@ class Engine(Conversations, Samples):
             if seq.turn is not turn or seq.status is not SeqStatus.RUNNING or seq.num_computed != chunk.start:
                 continue
             seq.num_computed += chunk.num_tokens
-            self.kv.commit(seq.seq_id, seq.token_ids[: seq.num_computed])
+            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
             prompt_lp.record(seq, chunk.start, (step.handle.prompt_logprobs or {}).get(i), self._decode_one)
             if mass is not None and chunk.sample:  # h2o: the mass of the sampling query
                 self.kv.add_mass(seq.seq_id, step.origins[i], mass[i])

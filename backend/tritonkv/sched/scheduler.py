@@ -137,9 +137,13 @@ class Scheduler:
         return continued
 
     def _make_room(self, seq, attempt, planned, order, idle) -> bool:
-        """Retry ``attempt`` (a KV manager call that needs blocks) after each preemption."""
-        busy = {c.seq.seq_id for c in planned} | {seq.seq_id}
+        """Retry ``attempt`` (a KV manager call that needs blocks) after each preemption. (The
+        set of planned ids is built only when a victim is needed: built on every call it made
+        a step of n rows O(n^2).)"""
+        busy = None
         while not attempt():
+            if busy is None:
+                busy = {c.seq.seq_id for c in planned} | {seq.seq_id}
             victim = self._pick_victim(seq, busy, order, idle)
             if victim is None:
                 return False
