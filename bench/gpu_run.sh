@@ -147,8 +147,8 @@ serving)
   rc=${PIPESTATUS[0]}
   ;;
 benches)
-  # the GPU-only results files of issues 23 (batch-1 step; sender threads, is_cancelled and the
-  # frontends with no model on that host), 24 (sampling costs) and 25 (KV tiers),
+  # the GPU-only results files of issues 23 (batch-1 step; sender threads, is_cancelled, the
+  # frontends with no model and the engine's host work per step on that host), 24 (sampling costs) and 25 (KV tiers),
   # each bounded by the call's budget, packed into $OUT/benches.tgz (the device tool returns at
   # most 8 files): unpack it here with `tar xzf benches.tgz -C bench/results` (and
   # kernels/skinny_gemm_table.py from skinny_gemm_table.py); commit what it holds
@@ -159,20 +159,21 @@ benches)
     tiers=(--shape tiny --history 256 --turn-history 64 --turns 2 --repeats 1 --decode-tokens 16)
     nsamp=(--samples-prompt-tokens 64 --samples-max-tokens 4 --samples-repeats 1) conc=4
     bad=(--rows 4 --vocab 1000 --steps 10 --repeats 1) send=(--total 800 --repeats 1) asks=(--calls 500 --repeats 1)
-    fload=(--concurrency 8 --step-ms 10 --max-tokens 16 --client-procs 2)
+    fload=(--concurrency 8 --step-ms 10 --max-tokens 16 --client-procs 2) hstep=(--concurrency 8 --repeats 1)
   else
     gpu=$("$IMGPY" -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'h100')")
     dev=cuda
     p8b=(--synthetic llama3-8b --engine-param dtype=bfloat16 --engine-param kv_cache_memory_mb=40000
          --engine-param max_num_batched_tokens=8192)
     prof=(--batch 1 64) tiers=(--shape llama3-8b) nsamp=() conc=64 bad=(--rows 64 --vocab 128256) send=(--repeats 5) asks=()
-    fload=(--concurrency 64 256 --step-ms 7 15)
+    fload=(--concurrency 64 256 --step-ms 7 15) hstep=()
   fi
   # in the order of what the issues need first; a step that would pass the budget is listed as not run
   smoke profile-step 120 bash -o pipefail -c "'$IMGPY' bench/profile_step.py ${prof[*]} 2>&1 | grep -v -i warn > '$r/profile_step_$gpu.md'"
   smoke response-send 60 "$IMGPY" bench/response_send_cost.py "${send[@]}" --out "$r/response_send_cost_$gpu.md"
   smoke is-cancelled 40 "$IMGPY" bench/is_cancelled_cost.py "${asks[@]}" --out "$r/is_cancelled_cost_$gpu.md"
   smoke frontend-load 150 "$IMGPY" bench/frontend_load.py "${fload[@]}" --out "$r/frontend_load_$gpu.md"
+  smoke host-step 60 "$IMGPY" bench/host_step_cost.py "${hstep[@]}" --out "$r/host_step_cost_$gpu.md"
   smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device $dev "${tiers[@]}" --dir /tmp/tritonkv-synthetic \
     --parts 1,3,4,2 --out "$r/kv_tiers_$gpu.md"
   smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" "${nsamp[@]}" --only-samples \
