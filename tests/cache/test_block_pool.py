@@ -183,3 +183,34 @@ def test_free_blocks_go_lowest_id_first_after_a_refusal_a_release_and_a_dead_own
     assert pool.allocate(3, 0) == [2, 3, 4]
     with pytest.raises(PoolExhausted):
         pool.allocate(1, 0)
+
+
+def test_of_two_blocks_holding_one_prefix_a_hit_takes_the_lower_id():
+    """Two rows with one prompt fill a block each and both register it (in either order)."""
+    for order in ((1, 0), (0, 1)):
+        pool = BlockPool.in_process(4, BS)
+        a, b = pool.allocate(1, 0), pool.allocate(1, 1)
+        assert (a, b) == ([0], [1])
+        h = hash_full_blocks([5, 6, 7, 8], BS)[0]
+        for block in order:
+            pool.register(block, h, NO_HASH, [5, 6, 7, 8])
+        pool.release(a, 0)
+        pool.release(b, 1)
+        assert pool.acquire_cached_prefix([h], [5, 6, 7, 8], 2) == [0]
+
+
+def test_a_failing_reclaim_callback_changes_nothing():
+    pool = BlockPool.in_process(3, BS)
+    assert pool.allocate(1, 0) == [0]
+    pool.register(0, hash_full_blocks([1, 2, 3, 4], BS)[0], NO_HASH, [1, 2, 3, 4])
+    pool.release([0], 0)  # block 0 cached, 1 and 2 free
+
+    def refuse(blocks):
+        raise RuntimeError("host tier copy failed")
+
+    pool.on_reclaim = refuse
+    with pytest.raises(RuntimeError):
+        pool.allocate(3, 1)  # needs the cached block: the callback fails
+    assert pool.counts()["cached"] == 1 and pool.counts()["free"] == 2
+    pool.on_reclaim = None
+    assert pool.allocate(2, 1) == [1, 2]

@@ -145,3 +145,21 @@ def test_a_restore_trimmed_in_its_swap_in_step_does_not_overwrite_the_block_give
     first = kv.block_table("t")[0]
     assert first in swaps.in_device and torch.all(storage[:, :, first] == 7.0)  # p's bytes, not r's
     assert all(torch.all(storage[:, :, b] == 5.0) for b in kv.block_table("r"))  # r's kept blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_scatter_takes_a_source_at_any_byte_offset(dtype):
+    """The word-wide scatter (8-byte elements) of a source whose rows start at an odd byte
+    offset and stride: one block and two blocks land byte for byte (a block's host bytes: for
+    each plane, every layer's K then V page)."""
+    kv = caches(dtype)
+    swapper = KVSwapper(kv, 2, torch.device(TEST_DEVICE))
+    width = swapper.block_bytes
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(0, 256, (2, width + 3), generator=g, dtype=torch.uint8).to(TEST_DEVICE)
+    for rows, device_ids in ((raw[:1, 1:1 + width], [4]), (raw[:, 3:], [6, 2])):
+        swapper._scatter(torch.tensor(device_ids, device=TEST_DEVICE), rows)
+        for i, b in enumerate(device_ids):
+            host_bytes = torch.cat([plane[:, b].reshape(-1) for plane in kv_planes(kv)])
+            assert torch.equal(host_bytes.cpu(), rows[i].cpu()), (tuple(rows.shape), b)
+    swapper.close()

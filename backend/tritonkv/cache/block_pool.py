@@ -21,13 +21,15 @@ Rules:
 - ``_free_heap`` (a heap of block ids, each at most once: ``_queued``) holds every free block,
   and maybe blocks that stopped being free: ``allocate`` pops the lowest ids and skips those
   (a block is pushed again when ``release`` / ``release_owner`` frees it).
-- ``_by_hash[h]`` lists exactly the blocks whose ``block_hash`` is ``h`` (h != NO_HASH).
+- ``_by_hash[h]`` lists exactly the blocks whose ``block_hash`` is ``h`` (h != NO_HASH), in
+  ascending id order: when two blocks hold the same prefix, a hit takes the lower one.
 - Reclaim order: least recently used first (``last_used``: a pool-wide tick, bumped when a
   block is taken or released), ties broken by lower block id.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import threading
 from dataclasses import dataclass
@@ -125,7 +127,11 @@ class BlockPool:
                 order = np.lexsort((cached, self.arrays.last_used[cached]))
                 victims = cached[order[: n - len(free)]]
                 if self.on_reclaim is not None:  # (the host tier keeps a copy: cache/tier_moves.py)
-                    self.on_reclaim([int(b) for b in victims])
+                    try:
+                        self.on_reclaim([int(b) for b in victims])
+                    except BaseException:
+                        self._push_free(free)  # nothing changed: the free blocks stay free
+                        raise
                 for b in victims.tolist():
                     self._unindex(b)
                 self.arrays.block_hash[victims] = NO_HASH
@@ -210,7 +216,7 @@ class BlockPool:
             self.arrays.block_hash[block] = block_hash
             self.arrays.parent_hash[block] = parent_hash
             self.arrays.block_tokens[block] = tokens
-            self._by_hash.setdefault(int(block_hash), []).append(int(block))
+            bisect.insort(self._by_hash.setdefault(int(block_hash), []), int(block))  # find: lowest id first
 
     def _unindex(self, block: int) -> None:
         """Take ``block`` out of ``_by_hash`` (it is about to lose or change its hash)."""

@@ -174,11 +174,10 @@ class KVSwapper:
         n, col = ids.numel(), 0
         for p, w in zip(self.planes, self.widths):
             part = src[:, col:col + w]
-            if part.is_contiguous() or (part.stride(0) % p.element_size() == 0
-                                        and part.data_ptr() % p.element_size() == 0):
-                part = part.view(p.dtype)
-            else:
-                part = part.contiguous().view(p.dtype)
+            size = p.element_size()
+            if part.storage_offset() % size or part.stride(0) % size:  # not viewable as words
+                part = part.clone(memory_format=torch.contiguous_format)
+            part = part.view(p.dtype)
             p.transpose(0, 1).index_copy_(0, ids, part.reshape(n, p.shape[0], p.shape[2]))
             col += w
 
