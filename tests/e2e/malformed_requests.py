@@ -27,7 +27,7 @@ from triton_calls import StreamClient, inputs_for
 
 TEXT_LIMIT = MAX_MODEL_LEN * 4  # the demo tokenizer's longest token is "</s>": 4 bytes
 BIG_TEXT_BYTES = 8_000_000  # gRPC; took ~10 s to refuse and stalled every stream before the limit
-# HTTP: tritonserver 2.51 itself dies (SIGSEGV) on a request body of about 4.1 MB or more, on
+# HTTP: tritonserver 2.51 itself dies (SIGSEGV) on large request bodies (4.2 MB did; the threshold is not measured), on
 # any endpoint (/generate, /infer, unknown models) before any model code runs (upstream
 # triton-inference-server/server#5840; its HTTP handler put one iovec per body chunk on the
 # stack, fixed after 2.51 by #8305): the HTTP case stays below that; a deployment needs a body
