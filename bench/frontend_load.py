@@ -32,7 +32,7 @@ for path in (HERE, os.path.join(ROOT, "client"), os.path.join(ROOT, "backend")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from md_table import table  # noqa: E402
+from md_table import publish, table  # noqa: E402
 
 from tritonkv.engine.requests import TurnOutput  # noqa: E402
 
@@ -236,11 +236,7 @@ def main(argv=None) -> int:
                       f"{row['r']['output_tokens_per_s'] / row['ideal']:.2f}", f"{row['r']['tokens_per_response']:.2f}",
                       f(row["r"]["tpot_p50_ms"]), f(row["r"]["ttft_p50_ms"]), f(row["stages"].get("admit")),
                       f(row["stages"].get("deliver"))] for row in rows], right=tuple(range(10))), ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    publish(lines, args.out)
     return 0
 
 

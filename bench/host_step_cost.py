@@ -30,7 +30,7 @@ sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 
 import torch  # noqa: E402
 
-from md_table import table  # noqa: E402
+from md_table import publish, table  # noqa: E402
 
 from tritonkv.config import EngineConfig  # noqa: E402
 from tritonkv.engine.factory import build_engine  # noqa: E402
@@ -111,11 +111,7 @@ def main(argv=None) -> int:
              "(8192 tokens a step). Decode: eager steps of c rows.", "",
              *table(["c", "prefix hit: schedule", "no hit: schedule", "decode: schedule", "prepare", "forward",
                      "sample", "emit"], rows, right=tuple(range(8))), ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    publish(lines, args.out)
     return 0
 
 

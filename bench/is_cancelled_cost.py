@@ -23,7 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 
-from md_table import table  # noqa: E402
+from md_table import publish, table  # noqa: E402
 from response_send_cost import grpc_stream, python_model_server  # noqa: E402
 
 CONFIG = """name: "asker"
@@ -110,11 +110,7 @@ def main(argv=None) -> int:
              f"{args.calls} calls per thread, {args.repeats} repeats after a warm-up; every thread asks one open request.", "",
              *table(["asking threads", "best us per call", "median us per call", "calls/s (all threads)",
                      "ms to ask 64 requests (one thread)", "ms to ask 256"], rows, right=(0, 1, 2, 3, 4, 5)), ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    publish(lines, args.out)
     return 0
 
 

@@ -48,7 +48,7 @@ sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 from tritonkv.config import EngineConfig  # noqa: E402
 from tritonkv.engine.factory import build_engine  # noqa: E402
 from tritonkv.engine.requests import SamplingParams  # noqa: E402
-from md_table import table  # noqa: E402
+from md_table import publish, table  # noqa: E402
 
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -327,11 +327,7 @@ def main(argv=None) -> int:
     lines = [f"# KV host tier: {args.shape} on {dev}", "", f"`python bench/kv_tiers.py {' '.join(sys.argv[1:])}`", ""]
     for part in args.parts.split(","):  # in the order given; the file is rewritten after each
         lines += PARTS[part](args, path, host_gb)
-        text = "\n".join(lines)
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+        publish(lines, args.out)
     return 0
 
 

@@ -13,3 +13,12 @@ def table(columns: list[str], rows: list[list], right: tuple[int, ...] = ()) -> 
             raise ValueError(f"a row of {len(row)} cells under {len(columns)} columns: {row}")
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return lines
+
+
+def publish(lines: list[str], out: str | None) -> None:
+    """Print a results file's lines and, when ``out`` names a file, write them there."""
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")

@@ -34,7 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 
-from md_table import table  # noqa: E402
+from md_table import publish, table  # noqa: E402
 
 from tritonkv.server.install_backend import install_python_backend  # noqa: E402
 from tritonkv.server.ports import free_port  # noqa: E402
@@ -174,11 +174,7 @@ def main(argv=None) -> int:
              "each thread sends the responses of its own request.", "",
              *table(["sending threads", "best responses/s", "median responses/s", f"median / {args.threads[0]} thread",
                      "us per response (median)"], rows, right=(0, 1, 2, 3, 4)), ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    publish(lines, args.out)
     return 0
 
 
