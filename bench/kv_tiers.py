@@ -107,14 +107,21 @@ def make(args, path, host_gb, num_blocks):
 
 
 def park(engine, args, num_blocks: int, seed: int, vocab: int) -> str:
-    """Conversation ``x<seed>`` computes ``args.history`` tokens and goes idle, then a filler
-    conversation takes the whole device pool (x is swapped to the host tier, or with the tier
-    off preempted and its cached blocks evicted). Returns x's name."""
+    """Conversation ``x<seed>`` computes ``args.history`` tokens and goes idle, then filler
+    conversations, running together, take the whole device pool (x is swapped to the host tier,
+    or with the tier off preempted and its cached blocks evicted); each filler stays within
+    the model's positions (a pool larger than one conversation gets several). Returns x's name."""
     x = f"x{seed}"
     submit(engine, x, tokens(args.history, seed, vocab), 1, start=True)
     engine.run_until_idle()
-    submit(engine, f"fill{seed}", tokens((num_blocks - 2) * args.block_size, 1000 + seed, vocab), 1,
-           start=True, end=True)
+    left = (num_blocks - 2) * args.block_size
+    longest = (engine.max_model_len - 1) // args.block_size * args.block_size  # + its one output token
+    fillers = []
+    while left > 0:
+        n = min(left, longest)
+        fillers.append(submit(engine, f"fill{seed}-{len(fillers)}", tokens(n, 1000 + 97 * len(fillers) + seed, vocab),
+                              1, start=True, end=True))
+        left -= n
     engine.run_until_idle()
     return x
 
