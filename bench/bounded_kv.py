@@ -51,12 +51,10 @@ POLICIES = ("none", "window", "streaming", "h2o")
 
 def small_checkpoints(directory: str, window: int) -> dict[str, str]:
     """A random Llama and the same weights as a Mistral with ``sliding_window``."""
-    import transformers
+    from synthetic_checkpoint import random_llama
 
-    paths = {"llama": os.path.join(directory, "llama"), "mistral": os.path.join(directory, "mistral")}
-    if not os.path.exists(os.path.join(paths["llama"], "config.json")):
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)).save_pretrained(paths["llama"])
+    paths = {"llama": random_llama(os.path.join(directory, "llama"), SMALL),
+             "mistral": os.path.join(directory, "mistral")}
     _window_twin(paths["llama"], paths["mistral"], window)
     return paths
 

@@ -35,6 +35,7 @@ for path in (HERE, os.path.join(ROOT, "client"), os.path.join(ROOT, "backend")):
 from md_table import publish, table  # noqa: E402
 
 from tritonkv.engine.requests import TurnOutput  # noqa: E402
+from tritonkv.server.process_tree import end_group  # noqa: E402
 
 POOL = "frontend-load"
 
@@ -193,11 +194,7 @@ def measure(args) -> list[dict]:
                           f"{r['tokens_per_response']:.2f} tokens/response, stages {st}", flush=True)
         finally:
             core.terminate()
-            try:
-                core.wait(30)
-            except subprocess.TimeoutExpired:
-                core.kill()
-                core.wait()
+            end_group(core, time.monotonic() + 30)
     return rows
 
 

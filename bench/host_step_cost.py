@@ -31,6 +31,7 @@ sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 import torch  # noqa: E402
 
 from md_table import publish, table  # noqa: E402
+from synthetic_checkpoint import random_llama  # noqa: E402
 
 from tritonkv.config import EngineConfig  # noqa: E402
 from tritonkv.engine.factory import build_engine  # noqa: E402
@@ -38,16 +39,6 @@ from tritonkv.engine.requests import SamplingParams  # noqa: E402
 
 MICRO = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
              num_key_value_heads=1, head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
-
-
-def micro_checkpoint(directory: str) -> str:
-    import transformers
-
-    path = os.path.join(directory, "micro_llama")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(transformers.LlamaConfig(**MICRO)).save_pretrained(path)
-    return path
 
 
 def one_level(path: str, c: int, args) -> dict:
@@ -95,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    path = micro_checkpoint(args.dir)
+    path = random_llama(os.path.join(args.dir, "micro_llama"), MICRO)
     rows = []
     for c in args.concurrency:
         runs = [one_level(path, c, args) for _ in range(args.repeats)]

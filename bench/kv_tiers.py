@@ -56,15 +56,10 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
 
 
 def checkpoint(shape: str, directory: str) -> str:
-    if shape == "tiny":
-        import transformers
+    from synthetic_checkpoint import random_llama, write_synthetic
 
-        path = os.path.join(directory, "tiny")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            torch.manual_seed(0)
-            transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(path)
-        return path
-    from synthetic_checkpoint import write_synthetic
+    if shape == "tiny":
+        return random_llama(os.path.join(directory, "tiny"), TINY)
 
     return write_synthetic(shape, os.path.join(directory, shape))
 

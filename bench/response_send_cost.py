@@ -39,6 +39,7 @@ from md_table import publish, table  # noqa: E402
 from tritonkv.server.install_backend import install_python_backend  # noqa: E402
 from tritonkv.server.ports import free_port  # noqa: E402
 from tritonkv.server.probes import http_ok  # noqa: E402
+from tritonkv.server.process_tree import end_group  # noqa: E402
 from tritonkv.server.tritonserver_env import server_env, tritonserver_binary  # noqa: E402
 
 CONFIG = """name: "sender"
@@ -107,11 +108,7 @@ def python_model_server(config: str = CONFIG, model: str = MODEL, prefix: str = 
             yield f"127.0.0.1:{grpc}"
         finally:
             proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            end_group(proc, time.monotonic() + 30)  # (its session: the stubs go too)
 
 
 @contextlib.contextmanager

@@ -79,3 +79,14 @@ def _write_index(directory: str) -> None:
                 weight_map.update(dict.fromkeys(f.keys(), name))
     with open(path, "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def random_llama(path: str, config: dict) -> str:
+    """A small Llama with HF's random init (seed 0) and ``config`` (LlamaConfig fields, fp32),
+    written to ``path`` once; later calls reuse it."""
+    if not os.path.exists(os.path.join(path, "config.json")):
+        import transformers
+
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(path)
+    return path
