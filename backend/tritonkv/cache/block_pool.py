@@ -231,8 +231,11 @@ class BlockPool:
     def find(self, block_hash: int, parent_hash: int, tokens) -> int | None:
         """A block holding exactly these tokens after this parent, or None."""
         with self.lock:
+            candidates = self._by_hash.get(int(block_hash))
+            if not candidates:  # (most lookups: a miss costs no token conversion)
+                return None
             tokens = [int(t) for t in tokens]
-            for b in self._by_hash.get(int(block_hash), ()):
+            for b in candidates:
                 if self.arrays.parent_hash[b] == parent_hash and self.arrays.block_tokens[b].tolist() == tokens:
                     return int(b)
             return None
