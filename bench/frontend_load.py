@@ -161,7 +161,7 @@ def measure(args) -> list[dict]:
         vocab = json.load(f)["vocab_size"]
     prompts = [[1] + [65 + (i + j) % 26 for j in range(args.prompt_tokens - 1)] for i in range(max(args.concurrency))]
     rows = []
-    for step_ms in args.step_ms:
+    for instances, step_ms in [(i, s) for i in args.instances for s in args.step_ms]:
         pool = f"{POOL}-{os.getpid()}"
         # the scripted core waits up to 120 s for its first frontend and leaves 120 s after the
         # last (a run cut short leaves it no longer than that); SIGTERM ends it at once
@@ -178,7 +178,7 @@ def measure(args) -> list[dict]:
                     raise RuntimeError(f"the scripted core {name} did not start (exit code {core.poll()})")
                 time.sleep(0.1)
             params = {"pool_name": pool, "device": "cpu", "stream_interval": 1}
-            with served(checkpoint, instances=args.instances, params=params) as (url, _cmd, metrics):
+            with served(checkpoint, instances=instances, params=params) as (url, _cmd, metrics):
                 run_level(url, prompts[:4], 4, 8, 1)  # warm-up
                 for c in args.concurrency:
                     before = read_stages(metrics)
@@ -188,9 +188,9 @@ def measure(args) -> list[dict]:
                     r = summarize(samples, wall)
                     time.sleep(1.2)  # the stage gauges go out twice a second
                     st = stage_means(before, read_stages(metrics)) or {}
-                    rows.append({"step_ms": step_ms, "c": c, "r": r, "stages": st,
+                    rows.append({"instances": instances, "step_ms": step_ms, "c": c, "r": r, "stages": st,
                                  "ideal": c * 1e3 / step_ms})
-                    print(f"step {step_ms} ms c={c}: {r['output_tokens_per_s']:,.0f} tok/s of {c * 1e3 / step_ms:,.0f}, "
+                    print(f"{instances} instance(s), step {step_ms} ms c={c}: {r['output_tokens_per_s']:,.0f} tok/s of {c * 1e3 / step_ms:,.0f}, "
                           f"{r['tokens_per_response']:.2f} tokens/response, stages {st}", flush=True)
         finally:
             core.terminate()
@@ -204,7 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--step-ms", type=float, nargs="+", default=[7.0, 15.0])
     p.add_argument("--max-tokens", type=int, default=180)
     p.add_argument("--prompt-tokens", type=int, default=200)
-    p.add_argument("--instances", type=int, default=1, help="frontends (Triton instances of each model)")
+    p.add_argument("--instances", type=int, nargs="+", default=[1],
+                   help="frontends (Triton instances of llm_stateless), one server per count")
     p.add_argument("--client-procs", type=int, default=max(1, min(16, (os.cpu_count() or 2) // 2)))
     p.add_argument("--out", default=None)
     p.add_argument("--core", help=argparse.SUPPRESS)  # the scripted core's own process
@@ -224,15 +225,16 @@ def main(argv=None) -> int:
              f"{platform.processor() or platform.machine()})", "",
              f"`python bench/frontend_load.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              f"A scripted engine core emits one token per running request every step; {args.prompt_tokens} prompt "
-             f"tokens, {args.max_tokens} output tokens, {args.instances} instance(s) of llm_stateless, "
-             f"{args.client_procs} client processes; one closed wave per level. Stages: means in ms "
+             f"tokens, {args.max_tokens} output tokens, "
+             f"{args.client_procs} client processes; one closed wave per level; instances: the server's "
+             "Triton instances of llm_stateless (the clients use that model alone). Stages: means in ms "
              "(server/first_token_stages.py; queue and prefill are the script's one step).", "",
-             *table(["step ms", "concurrency", "tok/s", "the step's tok/s", "ratio", "tokens / response",
+             *table(["instances", "step ms", "concurrency", "tok/s", "the step's tok/s", "ratio", "tokens / response",
                      "TPOT p50 ms", "TTFT p50 ms", "admit", "deliver"],
-                    [[row["step_ms"], row["c"], f"{row['r']['output_tokens_per_s']:,.0f}", f"{row['ideal']:,.0f}",
+                    [[row["instances"], row["step_ms"], row["c"], f"{row['r']['output_tokens_per_s']:,.0f}", f"{row['ideal']:,.0f}",
                       f"{row['r']['output_tokens_per_s'] / row['ideal']:.2f}", f"{row['r']['tokens_per_response']:.2f}",
                       f(row["r"]["tpot_p50_ms"]), f(row["r"]["ttft_p50_ms"]), f(row["stages"].get("admit")),
-                      f(row["stages"].get("deliver"))] for row in rows], right=tuple(range(10))), ""]
+                      f(row["stages"].get("deliver"))] for row in rows], right=tuple(range(11))), ""]
     publish(lines, args.out)
     return 0
 

@@ -166,13 +166,13 @@ benches)
     p8b=(--synthetic llama3-8b --engine-param dtype=bfloat16 --engine-param kv_cache_memory_mb=40000
          --engine-param max_num_batched_tokens=8192)
     prof=(--batch 1 64) tiers=(--shape llama3-8b) nsamp=() conc=64 bad=(--rows 64 --vocab 128256) send=(--repeats 5) asks=()
-    fload=(--concurrency 64 256 --step-ms 7 15) hstep=()
+    fload=(--concurrency 64 256 --step-ms 7 --instances 1 2) hstep=()
   fi
   # in the order of what the issues need first; a step that would pass the budget is listed as not run
   smoke profile-step 120 bash -o pipefail -c "'$IMGPY' bench/profile_step.py ${prof[*]} 2>&1 | grep -v -i warn > '$r/profile_step_$gpu.md'"
   smoke response-send 60 "$IMGPY" bench/response_send_cost.py "${send[@]}" --out "$r/response_send_cost_$gpu.md"
   smoke is-cancelled 40 "$IMGPY" bench/is_cancelled_cost.py "${asks[@]}" --out "$r/is_cancelled_cost_$gpu.md"
-  smoke frontend-load 150 "$IMGPY" bench/frontend_load.py "${fload[@]}" --out "$r/frontend_load_$gpu.md"
+  smoke frontend-load 200 "$IMGPY" bench/frontend_load.py "${fload[@]}" --out "$r/frontend_load_$gpu.md"
   smoke host-step 60 "$IMGPY" bench/host_step_cost.py "${hstep[@]}" --out "$r/host_step_cost_$gpu.md"
   smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device $dev "${tiers[@]}" --dir /tmp/tritonkv-synthetic \
     --parts 1,3,4,2 --out "$r/kv_tiers_$gpu.md"
