@@ -48,6 +48,7 @@ sys.path[:0] = [os.path.join(ROOT, "backend"), os.path.join(ROOT, "bench")]
 from tritonkv.config import EngineConfig  # noqa: E402
 from tritonkv.engine.factory import build_engine  # noqa: E402
 from tritonkv.engine.requests import SamplingParams  # noqa: E402
+from tritonkv.engine.step_times import PHASES  # noqa: E402
 from md_table import publish, table  # noqa: E402
 
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -131,14 +132,16 @@ def returning_ttft(args, path, host_gb) -> dict:
         x = park(engine, args, num_blocks, r, vocab)
         if args.device == "cuda":
             torch.cuda.synchronize()
+        engine.step_times.reset()
         t = submit(engine, x, tokens(args.new, 2000 + r, vocab), 1, start=False, end=True)
         engine.run_until_idle()
         if r >= warm:
             ttfts.append(t.first)
+    steps = engine.step_times.summary()  # the last returning turn's steps, by kind
     stats = engine.stats()
     result = {"ttft_ms": 1000 * statistics.median(ttfts), "ttfts_ms": [round(1000 * x, 2) for x in ttfts],
               "swap_in_blocks": stats["swap_in_blocks"], "swap_in_bytes": stats["swap_in_bytes"],
-              "preemptions": stats["preemptions"]}
+              "preemptions": stats["preemptions"], "steps": steps}
     if host_gb:
         result["breakdown"] = restore_breakdown(args, engine, -(-(args.history + 1) // bs), vocab)
     engine.close()
@@ -342,7 +345,13 @@ def part_returning(args, path, host_gb) -> list[str]:
     for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
         lines.append(f"| {name} | {r['ttft_ms']:.1f} | {r['ttfts_ms']} | {r['swap_in_blocks']} | "
                      f"{r['swap_in_bytes']:,} | {r['preemptions']} |")
-    lines += ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", ""]
+    lines += ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", "",
+              "The last returning turn's engine steps (engine/step_times.py: host phases, ms per step; "
+              "`wait` is the host blocked on the GPU for the step's token):", "",
+              *table(["host tier", "kind", "steps", *PHASES, "total"],
+                     [[name, kind, v["steps"], *(f"{v[p + '_ms']:.2f}" for p in PHASES), f"{v['total_ms']:.2f}"]
+                      for name, r in (("off", off), ("on", on)) for kind, v in r["steps"].items()],
+                     right=tuple(range(2, 4 + len(PHASES)))), ""]
     b = on["breakdown"]
     gbps = lambda ms: f"{b['bytes'] / ms / 1e6:.1f}"  # noqa: E731
     return lines + [

@@ -4,6 +4,8 @@ blocks; the engine's part between steps is played by ``advance`` (tests/sched/te
 
 from __future__ import annotations
 
+import random
+
 from test_scheduler import BS, SAMPLED, advance, prompt, running, shape
 
 from tritonkv.cache.block_pool import BlockPool
@@ -141,6 +143,52 @@ def test_host_runs_are_contiguous_when_they_can_be():
     assert tier.counts() == {"total": 8, "used": 6, "cached": 0, "free": 2, "sequences": 2, "swap_out_blocks": 13,
                              "swap_in_blocks": 0, "swap_outs": 5, "swap_ins": 0, "dropped_blocks": 0, "dropped": 0,
                              "demoted_blocks": 0, "prefix_hit_blocks": 0}
+
+
+def test_host_tier_counts_and_lowest_ids_follow_a_model_of_its_blocks_under_random_operations():
+    """The tier keeps its free count instead of counting (cache/host_tier.py): under random
+    parks, unparks, drops, demotions and room-making, every count and every demoted block id
+    equals a plain set model's (the lowest free id; parks as in the run rule above)."""
+    rng = random.Random(7)
+    tier = HostTier(40)
+    used: dict = {}  # sequence -> its blocks (the model)
+    cached: list[int] = []  # demoted blocks, least recently used first (the model)
+    for step in range(3000):
+        free = sorted(set(range(40)) - {b for bs in used.values() for b in bs} - set(cached))
+        op = rng.random()
+        if op < 0.3 and free:
+            n = rng.randint(1, min(6, len(free)))
+            runs = [free[i:i + n] for i in range(len(free) - n + 1) if free[i + n - 1] - free[i] == n - 1]
+            expect = runs[0] if runs else free[:n]
+            assert tier.park(step, None, n) == expect
+            used[step] = expect
+        elif op < 0.5 and used:
+            seq = rng.choice(list(used))
+            if rng.random() < 0.5:
+                assert tier.unpark(seq).host_blocks == used.pop(seq)
+            else:
+                assert tier.drop(seq)
+                used.pop(seq)
+        elif op < 0.85:
+            got = tier.demote(step, 0, (step,))
+            if not free and cached:  # the least recently used cached block makes room
+                free = [cached.pop(0)]
+            expect = free[0] if free else None
+            assert got == expect
+            if expect is not None:
+                cached.append(expect)
+        else:
+            n = rng.randint(1, 12)
+            dropped = tier.make_room(n)
+            if dropped is not None:
+                while len(free) < n and cached:
+                    free.append(cached.pop(0))
+                for seq, _, blocks in dropped:
+                    assert used.pop(seq) == blocks
+        c = tier.counts()
+        in_use = sum(len(bs) for bs in used.values())
+        assert (c["used"], c["cached"], c["free"]) == (in_use, len(cached), 40 - in_use - len(cached))
+        assert tier.num_free() == int(tier._free.sum())
 
 
 def test_host_tier_sizing_rules():

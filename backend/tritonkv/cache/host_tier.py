@@ -8,6 +8,9 @@ Rules:
   block it held, in the same order; ``unpark`` hands both back and frees the host blocks.
 - Host blocks are handed out lowest id first, as one contiguous run when one exists (a
   swap of n blocks is then one host copy, not n).
+- Every per-block operation (a demotion, a free) costs the same whatever the tier's size:
+  the free count is kept, not counted, and one block is found by the first free id (a
+  reclaim demotes hundreds of blocks within one step).
 - When a new conversation needs room, the tier makes it by dropping whole conversations,
   least recently parked first (``make_room``): a dropped conversation recomputes its KV on
   its next turn, exactly as a preempted one.
@@ -46,6 +49,7 @@ class HostTier:
         self.num_blocks = num_blocks
         self.block_bytes = block_bytes
         self._free = np.ones(num_blocks, dtype=bool)
+        self._num_free = num_blocks  # == self._free.sum()
         self._parked: OrderedDict[Hashable, Parked] = OrderedDict()  # least recently parked first
         # demoted prefix blocks: host block -> (hash, parent hash, tokens), least recently used first
         self._cached: OrderedDict[int, tuple[int, int, tuple]] = OrderedDict()
@@ -56,7 +60,7 @@ class HostTier:
         return seq_id in self._parked
 
     def num_free(self) -> int:
-        return int(self._free.sum())
+        return self._num_free
 
     def blocks_of(self, seq_id) -> list[int]:
         return list(self._parked[seq_id].host_blocks)
@@ -71,16 +75,27 @@ class HostTier:
                 "sequences": len(self._parked), **self.stats}
 
     def _allocate(self, n: int) -> list[int]:
-        free = np.flatnonzero(self._free)
-        if len(free) < n:
-            raise ValueError(f"host tier: need {n} blocks, {len(free)} free")
+        if self._num_free < n:
+            raise ValueError(f"host tier: need {n} blocks, {self._num_free} free")
         if n == 0:
             return []
+        if n == 1:  # the lowest free id (argmax stops at the first True)
+            b = int(self._free.argmax())
+            self._free[b] = False
+            self._num_free -= 1
+            return [b]
+        free = np.flatnonzero(self._free)
         # the first run of n consecutive free ids, else the lowest free ids
         runs = np.flatnonzero(free[n - 1:] - free[:len(free) - n + 1] == n - 1)
         chosen = free[runs[0]:runs[0] + n] if len(runs) else free[:n]
         self._free[chosen] = False
+        self._num_free -= n
         return [int(b) for b in chosen]
+
+    def _release(self, blocks: list[int]) -> None:
+        """Free host blocks that were in use (each once)."""
+        self._free[blocks] = True
+        self._num_free += len(blocks)
 
     def make_room(self, n: int, keep=()) -> list | None:
         """Free cached prefix blocks, then drop least recently parked conversations (not in
@@ -115,7 +130,7 @@ class HostTier:
             self._index[h].remove(b)
             if not self._index[h]:
                 del self._index[h]
-            self._free[b] = True
+            self._release([b])
 
     def find(self, block_hash: int, parent_hash: int, tokens: tuple) -> int | None:
         """A demoted block holding exactly these tokens after this parent (now most recently
@@ -155,7 +170,7 @@ class HostTier:
         """Take ``seq_id`` out (its blocks are being copied back; the host blocks are free
         for later copies, which the copy stream orders after this one)."""
         parked = self._parked.pop(seq_id)
-        self._free[parked.host_blocks] = True
+        self._release(parked.host_blocks)
         self.stats["swap_in_blocks"] += len(parked.host_blocks)
         self.stats["swap_ins"] += 1
         return parked
@@ -165,7 +180,7 @@ class HostTier:
         parked = self._parked.pop(seq_id, None)
         if parked is None:
             return False
-        self._free[parked.host_blocks] = True
+        self._release(parked.host_blocks)
         return True
 
 
