@@ -23,7 +23,7 @@
 # a few tests): `TINY=1 OUT=/tmp/x bash bench/gpu_run.sh check` / `... serving` / `... benches`.
 # Knobs: WORKERS (pytest-xdist processes, default 8), SUITE_S (the suite's time limit, 360),
 # BUDGET_S (the whole call, 540: smoke runs that would pass it are listed as not run),
-# PYTEST_ARGS (extra pytest arguments), SYSTEMS / LEVELS (serving), ONLY (the smoke / bench steps
+# PYTEST_ARGS (extra pytest arguments), SYSTEMS / LEVELS (serving), TIER_PARTS (kv_tiers.py --parts), ONLY (the smoke / bench steps
 # to run, by name, e.g. ONLY="profile-step kv-tiers"; default all), TRITONKV_COMMIT.
 # Everything goes to $OUT as it is written, so a run cut short still returns what it had.
 set -uo pipefail
@@ -175,7 +175,7 @@ benches)
   smoke frontend-load 200 "$IMGPY" bench/frontend_load.py "${fload[@]}" --out "$r/frontend_load_$gpu.md"
   smoke host-step 60 "$IMGPY" bench/host_step_cost.py "${hstep[@]}" --out "$r/host_step_cost_$gpu.md"
   smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device $dev "${tiers[@]}" --dir /tmp/tritonkv-synthetic \
-    --parts 1,3,4,2 --out "$r/kv_tiers_$gpu.md"
+    --parts ${TIER_PARTS:-1,3,4,2} --out "$r/kv_tiers_$gpu.md"
   smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" "${nsamp[@]}" --only-samples \
     --out "$r/sampling_n_$gpu.md"
   smoke sampling 120 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" --concurrency $conc \
