@@ -74,6 +74,34 @@ def test_a_block_released_and_reused_in_one_step_is_read_before_it_is_written():
     swapper.close()
 
 
+def test_host_rows_order_the_two_copy_streams_with_copies_long_enough_to_race():
+    """(4) runs on a stream of its own (ops/kv_swap.py): a host read must wait for the
+    device -> host copy that writes its rows (a block parked and loaded right after), and a
+    device -> host copy must wait for the queued host read of the rows it reuses (in one
+    step). Blocks of 256 KiB, 256 at a time (64 MiB: milliseconds per copy on a GPU), and no
+    synchronisation between the plans."""
+    mc = SimpleNamespace(num_layers=4, num_kv_heads=8, head_dim=128)
+    n = 256
+    device = torch.device(TEST_DEVICE)
+    kv = allocate_kv_caches(mc, 2 * n + 8, 16, torch.bfloat16, device)
+    (plane,) = kv_planes(kv)
+    swapper = KVSwapper(kv, n, device)
+    a, b = list(range(n)), list(range(n, 2 * n))
+    plane[:, :n] = 1  # every byte of blocks a: 0x01
+    swapper.run(SwapPlan(out_device=a, out_host=a))  # a -> host rows 0..n-1
+    plane[:, :n] = 2  # the compute stream reuses blocks a (after their gather)
+    swapper.run(SwapPlan(in_host=a, in_device=b))  # host rows 0..n-1 -> b: must read 0x01
+    swapper.synchronize()
+    assert torch.all(plane[:, n:2 * n] == 1)
+    plane[:, n:2 * n] = 3
+    swapper.run(SwapPlan(out_device=a, out_host=a, restore_host=a, restore_device=b, wait_restores=True))
+    # ^ one step: b gets the rows' bytes (0x01) while a (0x02) goes out into the same rows
+    swapper.synchronize()
+    assert torch.all(plane[:, n:2 * n] == 1)
+    assert torch.all(swapper.host[:n] == 2)
+    swapper.close()
+
+
 def test_caches_that_are_not_one_storage_are_refused():
     k = torch.zeros(BLOCKS, BS, 2, 16)
     with pytest.raises(ValueError, match="views into one"):

@@ -13,13 +13,19 @@ Rules:
   (swap-ins), (4) copy the outgoing staging to host. Host copies go one per run of
   consecutive host block ids (the host tier hands out runs).
 - CUDA: the host pool is pinned (``cudaHostRegister``: no power-of-two rounding of a large
-  pinned allocation); the copies run on a side stream that first waits for the compute
+  pinned allocation); (1)-(3r) run on the copy stream, which first waits for the compute
   stream (earlier steps wrote the outgoing blocks); the compute stream waits for (1)-(3)
   (what this step reads and writes), for (3r) only when the plan says ``wait_restores`` (a
   restored sequence runs in this step, or its blocks were released); otherwise the scheduler
   runs restored sequences once ``restores_landed`` (cache/tier_moves.py), so (3r) and (4)
-  overlap the steps between. Later copies queue on the same side stream, so a host block
-  freed and reused is ordered too.
+  overlap the steps between.
+- (4) runs on a second stream (the out stream), after (1) filled its staging: host -> device
+  and device -> host copies then share the link in both directions at once instead of
+  queueing behind each other. Host rows order the two streams: a host read (2, 3r) waits for
+  the device -> host copies still in flight if they write a row it reads, and (4) waits for
+  the host reads queued before it (this step's included) if it writes a row they read (a
+  host block freed by a restore and reused in the same step). Copies of one stream keep
+  their order.
 - CPU: the same code path, every copy synchronous.
 - Disk tier (``kv_disk_path``): one file per server run, ``tritonkv-kv-<pid>-<n>.bin``, holding
   ``[disk_blocks, block_bytes]`` like the host pool, mapped (np.memmap); removed at close and
@@ -150,10 +156,15 @@ class KVSwapper:
         self.cuda = device.type == "cuda"
         self.host = torch.empty((num_host_blocks, self.block_bytes), dtype=torch.uint8)
         self._unpin = None
-        self.stream = None
+        self.stream = self.out_stream = None
         if self.cuda:
             self._unpin = pin(self, self.host)
-            self.stream = torch.cuda.Stream(device)
+            self.stream = torch.cuda.Stream(device)  # (1)-(3r): reads host rows
+            self.out_stream = torch.cuda.Stream(device)  # (4): writes host rows
+        # CUDA: the host rows that copies still in flight may read / write, with an event
+        # recorded after the last of them (rows of copies known finished are forgotten)
+        self._reads: tuple = (None, set())
+        self._writes: tuple = (None, set())
         self.disk = disk
         self.bytes_out = 0
         self.bytes_in = 0
@@ -221,6 +232,14 @@ class KVSwapper:
 
     def _copies(self, plan: SwapPlan, loaded: torch.Tensor | None = None):
         out = self._gather(self._ids(plan.out_device)) if plan.out_device else None  # (1)
+        gathered = None
+        if self.cuda:
+            if out is not None:
+                gathered = torch.cuda.Event()
+                gathered.record(self.stream)
+            reads = plan.in_host + plan.restore_host
+            if reads and not self._in_flight(self._writes).isdisjoint(reads):
+                self.stream.wait_event(self._writes[0])  # those rows are still being written
         if plan.in_host:  # (2), (3)
             self._load(plan.in_host, plan.in_device)
         if loaded is not None:  # disk blocks, read in (a)
@@ -235,11 +254,43 @@ class KVSwapper:
             if self.cuda:
                 self._restored = torch.cuda.Event()
                 self._restored.record(self.stream)
+        if self.cuda and reads:
+            self._reads = self._track(self._reads, reads, self.stream)
         if out is not None:
-            for at, first, n in _runs(plan.out_host):  # (4)
-                self.host[first:first + n].copy_(out[at:at + n], non_blocking=True)
+            if self.cuda:  # (4) on the out stream, once (1) filled ``out``
+                self.out_stream.wait_event(gathered)
+                if not self._in_flight(self._reads).isdisjoint(plan.out_host):
+                    self.out_stream.wait_event(self._reads[0])  # rows a queued read still needs
+                out.record_stream(self.out_stream)
+                with torch.cuda.stream(self.out_stream):
+                    self._store(out, plan.out_host)
+                self._writes = self._track(self._writes, plan.out_host, self.out_stream)
+            else:
+                self._store(out, plan.out_host)
             self.bytes_out += out.numel()
         return device_done
+
+    def _store(self, out: torch.Tensor, host_ids: list[int]) -> None:
+        """(4): the gathered blocks -> their host rows, one copy per run of rows."""
+        for at, first, n in _runs(host_ids):
+            self.host[first:first + n].copy_(out[at:at + n], non_blocking=True)
+
+    @staticmethod
+    def _in_flight(tracked: tuple) -> set:
+        """The rows of ``tracked`` (event, rows) whose copies may still run (none once its event
+        has completed)."""
+        event, rows = tracked
+        if event is not None and rows and event.query():
+            rows.clear()
+        return rows
+
+    def _track(self, tracked: tuple, rows: list[int], stream) -> tuple:
+        """``tracked`` plus ``rows``, whose copies were just queued on ``stream``."""
+        pending = self._in_flight(tracked)
+        pending.update(rows)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event, pending
 
     def _load(self, host_ids: list[int], device_ids: list[int]) -> None:
         """Host blocks -> a device staging buffer -> the device pool."""
@@ -250,8 +301,10 @@ class KVSwapper:
         self.bytes_in += staging.numel()
 
     def synchronize(self) -> None:
+        """Wait for every copy queued on either stream."""
         if self.stream is not None:
             self.stream.synchronize()
+            self.out_stream.synchronize()
 
     def close(self) -> None:
         """Wait for the copies in flight, unpin the host pool, remove the disk file."""
