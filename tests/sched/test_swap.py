@@ -238,6 +238,29 @@ def test_a_reclaimed_prefix_block_is_demoted_and_a_later_prompt_loads_it_from_th
     kv.release("d")
 
 
+def test_a_block_demoted_in_this_step_is_not_a_host_prefix_hit_until_the_next():
+    """Its bytes reach the host row after the step's loads read theirs (ops/kv_swap.py), so
+    a prompt in the same step computes it; from the next step it loads."""
+    pool = BlockPool.in_process(3, BS)
+    kv = KVCacheManager(pool, owner=0, host=HostTier(4))
+    first = prompt(40, 9)
+    kv.start("a", first)
+    kv.grow("a", 9)
+    kv.commit("a", first)
+    kv.release("a")  # a's two full blocks stay cached on the device
+    kv.take_swaps()
+    kv.start("b", prompt(80, 12))
+    assert kv.grow("b", 12)  # takes every block: a's two are demoted to host rows 0, 1
+    kv.release("b")
+    assert kv.start("c", first) == 0  # the same step: no hit
+    swaps = kv.take_swaps()
+    assert (swaps.out_host, swaps.in_host) == ([0, 1], [])
+    kv.release("c")
+    assert kv.start("d", first) == 8  # the next step: both blocks load from the host
+    swaps = kv.take_swaps()
+    assert sorted(swaps.in_host) == [0, 1] and len(swaps.in_device) == 2
+
+
 def test_parking_evicts_cached_host_blocks_before_any_parked_conversation():
     pool, kv, _ = make(num_blocks=8, host_blocks=3)
     assert kv.host.demote(11, 0, (1, 2, 3, 4)) == 0 and kv.host.demote(12, 11, (5, 6, 7, 8)) == 1

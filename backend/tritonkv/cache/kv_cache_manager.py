@@ -110,6 +110,7 @@ class KVCacheManager(TierMoves):
             pool.on_reclaim = self._demote
         self._swaps = SwapPlan()
         self._parked_now: set = set()
+        self._demoted_now: set = set()  # host blocks demoted since the last take_swaps
         self._restoring: set = set()  # swapped in, copies maybe in flight (cache/tier_moves.py)
         self._history_type = EvictionHistory
         self.evicted_blocks = dict.fromkeys(EVICTING_POLICIES, 0)  # per policy name

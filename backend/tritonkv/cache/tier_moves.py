@@ -31,7 +31,9 @@ Rules:
   their copy is queued like a swap-out, read before the reused block is written. A prompt
   whose prefix misses on the device continues its lookup in the host tier
   (``_host_prefix``): those blocks get fresh device blocks, are copied in before the step
-  runs, and enter the device prefix index again.
+  runs, and enter the device prefix index again. A block demoted in the same step is not
+  such a hit (its bytes reach the host after the step's loads read it): the lookup stops
+  there and the prompt computes it.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class SwapPlan:
 
 class TierMoves:
     """Needs ``self.host`` (a HostTier or None), ``self.disk``, ``self._seqs``, ``self.pool``,
-    ``self.owner``, ``self._history``, ``self._swaps`` (a SwapPlan), ``self._parked_now``
+    ``self.owner``, ``self._history``, ``self._swaps`` (a SwapPlan), ``self._parked_now``,
+    ``self._demoted_now`` (host blocks demoted since the last ``take_swaps``)
     (sequences parked since the last ``take_swaps``) and ``self._restoring`` (a set)."""
 
     def restoring(self, seq_id) -> bool:
@@ -183,6 +186,7 @@ class TierMoves:
     def take_swaps(self) -> SwapPlan:
         plan, self._swaps = self._swaps, SwapPlan()
         self._parked_now = set()
+        self._demoted_now = set()
         return plan
 
     def tier_counts(self) -> dict[str, int]:
@@ -201,6 +205,7 @@ class TierMoves:
             if host is not None:
                 self._swaps.out_device.append(b)
                 self._swaps.out_host.append(host)
+                self._demoted_now.add(host)
 
     def _host_prefix(self, hashes: list[int], token_ids, start: int) -> list[int]:
         """Device blocks for the blocks ``start``.. of a prompt's prefix found in the host tier
@@ -211,7 +216,7 @@ class TierMoves:
         parent = hashes[start - 1] if start else NO_HASH
         for i in range(start, len(hashes)):
             host = self.host.find(hashes[i], parent, tuple(int(t) for t in token_ids[i * bs:(i + 1) * bs]))
-            if host is None:
+            if host is None or host in self._demoted_now:  # (its bytes are copied there after this step's loads)
                 break
             found.append(host)
             parent = hashes[i]

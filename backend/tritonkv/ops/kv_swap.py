@@ -238,8 +238,7 @@ class KVSwapper:
                 gathered = torch.cuda.Event()
                 gathered.record(self.stream)
             reads = plan.in_host + plan.restore_host
-            if reads and not self._in_flight(self._writes).isdisjoint(reads):
-                self.stream.wait_event(self._writes[0])  # those rows are still being written
+            self._after_writes(plan.in_host)
         if plan.in_host:  # (2), (3)
             self._load(plan.in_host, plan.in_device)
         if loaded is not None:  # disk blocks, read in (a)
@@ -250,6 +249,8 @@ class KVSwapper:
             device_done = torch.cuda.Event()
             device_done.record(self.stream)
         if plan.restore_host:  # (3r)
+            if self.cuda:  # (after device_done: the step's compute waits for this only if it must)
+                self._after_writes(plan.restore_host)
             self._load(plan.restore_host, plan.restore_device)
             if self.cuda:
                 self._restored = torch.cuda.Event()
@@ -274,6 +275,12 @@ class KVSwapper:
         """(4): the gathered blocks -> their host rows, one copy per run of rows."""
         for at, first, n in _runs(host_ids):
             self.host[first:first + n].copy_(out[at:at + n], non_blocking=True)
+
+    def _after_writes(self, rows: list[int]) -> None:
+        """The copy stream's next copies wait for the device -> host copies in flight if
+        they write one of ``rows``."""
+        if rows and not self._in_flight(self._writes).isdisjoint(rows):
+            self.stream.wait_event(self._writes[0])
 
     @staticmethod
     def _in_flight(tracked: tuple) -> set:
