@@ -70,7 +70,10 @@ def test_end_on_last_turn_and_one_shot_paths_agree(server, client, hf_demo):
     streamed = stream.result()
     assert grpc.token_ids == whole.token_ids == streamed.token_ids == expected
     assert grpc.text == whole.text == streamed.text == bytes(expected).decode("utf-8", errors="replace")
-    assert len(events) == 6 and whole.num_responses == 1 and whole.inter_token_s == [0.0] * 5
+    # streamed: more than one event, the tokens in order (a frontend behind its core merges a
+    # backlog into fewer events, core/client.py, so the count is not one per token)
+    assert 1 < len(events) <= 6 and [t for e in events for t in e.token_ids] == expected
+    assert whole.num_responses == 1 and whole.inter_token_s == [0.0] * 5
     assert whole.prompt_tokens == 6 and whole.finish_reason == streamed.finish_reason == "length"
 
 
