@@ -174,6 +174,7 @@ benches)
   smoke is-cancelled 40 "$IMGPY" bench/is_cancelled_cost.py "${asks[@]}" --out "$r/is_cancelled_cost_$gpu.md"
   smoke frontend-load 200 "$IMGPY" bench/frontend_load.py "${fload[@]}" --out "$r/frontend_load_$gpu.md"
   smoke host-step 60 "$IMGPY" bench/host_step_cost.py "${hstep[@]}" --out "$r/host_step_cost_$gpu.md"
+  smoke gc-pause 60 "$IMGPY" bench/gc_pause.py --device $dev --out "$r/gc_pause_$gpu.md"
   smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device $dev "${tiers[@]}" --dir /tmp/tritonkv-synthetic \
     --parts ${TIER_PARTS:-1,3,4,2} --out "$r/kv_tiers_$gpu.md"
   smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" "${nsamp[@]}" --only-samples \

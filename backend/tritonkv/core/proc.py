@@ -40,6 +40,7 @@ from tritonkv.config import EngineConfig
 from tritonkv.core import messages as m
 from tritonkv.core import liveness
 from tritonkv.core.runtime_dir import core_paths
+from tritonkv.core.startup_heap import freeze_startup_heap
 from tritonkv.server.stop_signals import StopSignals
 
 log = logging.getLogger("tritonkv.core")
@@ -161,7 +162,9 @@ class EngineCore:
                                  engine.pool.num_blocks, str(engine.kv_caches[0][0].dtype).replace("torch.", ""),
                                  engine.device.type)
         self.engine = engine
-        log.info("engine core %s (pid %d) serving", self.name, os.getpid())
+        frozen = freeze_startup_heap()
+        log.info("engine core %s (pid %d) serving (%d startup objects out of the collector's scans)",
+                 self.name, os.getpid(), frozen)
 
     # -- engine thread --------------------------------------------------------------------------
     def _emitter(self, fid: str, rid: int):

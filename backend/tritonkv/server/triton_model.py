@@ -25,6 +25,7 @@ import time
 
 from tritonkv.config import EngineConfig
 from tritonkv.core.client import CoreClient, CoreUnavailable
+from tritonkv.core.startup_heap import freeze_startup_heap
 from tritonkv.engine.output import merge_outputs
 from tritonkv.engine.requests import RequestError
 from tritonkv.server.first_token_stages import FirstTokenGauges, FirstTokenStages
@@ -128,6 +129,7 @@ class TritonPythonModel:
         self._stop = threading.Event()
         self._metrics_thread = threading.Thread(target=self._publish_metrics, daemon=True)
         self._metrics_thread.start()
+        freeze_startup_heap()
 
     def execute(self, requests):
         taken = time.monotonic()
