@@ -73,9 +73,9 @@ class SwapPlan:
 
 class TierMoves:
     """Needs ``self.host`` (a HostTier or None), ``self.disk``, ``self._seqs``, ``self.pool``,
-    ``self.owner``, ``self._history``, ``self._swaps`` (a SwapPlan), ``self._parked_now``,
-    ``self._demoted_now`` (host blocks demoted since the last ``take_swaps``)
-    (sequences parked since the last ``take_swaps``) and ``self._restoring`` (a set)."""
+    ``self.owner``, ``self._history``, ``self._swaps`` (a SwapPlan), ``self._parked_now``
+    (sequences parked since the last ``take_swaps``), ``self._demoted_now`` (host blocks
+    demoted since then) and ``self._restoring`` (a set)."""
 
     def restoring(self, seq_id) -> bool:
         """Swapped in from the host; its copies may not have landed yet."""
