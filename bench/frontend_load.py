@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=180)
     p.add_argument("--prompt-tokens", type=int, default=200)
     p.add_argument("--instances", type=int, nargs="+", default=[1],
-                   help="frontends (Triton instances of llm_stateless), one server per count")
+                   help="Triton instances of each model (the clients use llm_stateless), one server per count")
     p.add_argument("--client-procs", type=int, default=max(1, min(16, (os.cpu_count() or 2) // 2)))
     p.add_argument("--out", default=None)
     p.add_argument("--core", help=argparse.SUPPRESS)  # the scripted core's own process
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
              f"A scripted engine core emits one token per running request every step; {args.prompt_tokens} prompt "
              f"tokens, {args.max_tokens} output tokens, "
              f"{args.client_procs} client processes; one closed wave per level; instances: the server's "
-             "Triton instances of llm_stateless (the clients use that model alone). Stages: means in ms "
+             "Triton instances of each model (llm and llm_stateless); the clients use llm_stateless alone. Stages: means in ms "
              "(server/first_token_stages.py; queue and prefill are the script's one step).", "",
              *table(["instances", "step ms", "concurrency", "tok/s", "the step's tok/s", "ratio", "tokens / response",
                      "TPOT p50 ms", "TTFT p50 ms", "admit", "deliver"],
