@@ -153,8 +153,9 @@ class BlockPool:
         return out
 
     def _push_free(self, blocks) -> None:
-        for b in blocks:
-            b = int(b)
+        """Queue those of ``blocks`` that are free now (each at most once)."""
+        ids = np.asarray(blocks, dtype=np.int64)
+        for b in ids[(self.arrays.refcount[ids] == 0) & (self.arrays.block_hash[ids] == NO_HASH)].tolist():
             if b not in self._queued:
                 self._queued.add(b)
                 heapq.heappush(self._free_heap, b)
@@ -187,7 +188,7 @@ class BlockPool:
             tick = self._tick()
             self.arrays.last_used[idx] = tick + np.arange(len(idx))[::-1]
             self._add_stat("tick", len(idx))
-            self._push_free(idx[(self.arrays.refcount[idx] == 0) & (self.arrays.block_hash[idx] == NO_HASH)])
+            self._push_free(idx)
 
     def release_owner(self, owner: int) -> int:
         """Drop every reference ``owner`` holds (its process died). Returns how many."""
@@ -195,8 +196,7 @@ class BlockPool:
             refs = self.arrays.owner_refs[owner].copy()
             self.arrays.refcount -= refs
             self.arrays.owner_refs[owner] = 0
-            held = np.flatnonzero(refs)
-            self._push_free(held[(self.arrays.refcount[held] == 0) & (self.arrays.block_hash[held] == NO_HASH)])
+            self._push_free(np.flatnonzero(refs))
             return int(refs.sum())
 
     def num_available(self) -> int:

@@ -232,12 +232,11 @@ class KVSwapper:
 
     def _copies(self, plan: SwapPlan, loaded: torch.Tensor | None = None):
         out = self._gather(self._ids(plan.out_device)) if plan.out_device else None  # (1)
-        gathered = None
+        gathered, reads = None, plan.in_host + plan.restore_host
         if self.cuda:
             if out is not None:
                 gathered = torch.cuda.Event()
                 gathered.record(self.stream)
-            reads = plan.in_host + plan.restore_host
             self._after_writes(plan.in_host)
         if plan.in_host:  # (2), (3)
             self._load(plan.in_host, plan.in_device)
