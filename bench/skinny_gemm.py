@@ -162,19 +162,31 @@ def main() -> None:
                       f, indent=1)
     if args.write_table:
         path = os.path.join(ROOT, "backend", "tritonkv", "kernels", "skinny_gemm_table.py")
-        write_table(path, (args.out + ".md") if args.out else cmd.strip(), wins)
-        print(f"wrote {path} ({len(wins)} entries)")
+        # the results file as committed (bench/results/<name>.md), not the run's own path
+        write_table(path, dev_name, f"bench/results/{os.path.basename(args.out)}.md" if args.out else cmd.strip(), wins)
+        print(f"wrote {path} ({len(wins)} entries for {dev_name})")
 
 
-def write_table(path: str, source: str, wins: dict) -> None:
-    """Rewrite the table module's SOURCE and WINS, keeping its docstring and MIN_GAIN."""
+def write_table(path: str, device: str, source: str, wins: dict) -> None:
+    """Replace ``device``'s entries of the table module (its SOURCES line and WINS rows) with
+    this run's, keeping the other GPUs' entries, the docstring and MIN_GAIN."""
     with open(path) as f:
-        head = f.read().split("SOURCE =")[0]
+        text = f.read()
+    table: dict = {}
+    exec(compile(text, path, "exec"), table)  # the module defines only constants
+    sources = {d: s for d, s in table.get("SOURCES", {}).items() if d != device}
+    sources[device] = source
+    kept = {key: cfg for key, cfg in table["WINS"].items() if key[0] != device}
+    kept.update(wins)
     with open(path, "w") as f:
-        f.write(head + f"SOURCE = {source!r}\nWINS: dict = {{\n")
-        for key, cfg in sorted(wins.items()):
+        f.write(text.split("SOURCES =")[0] + "SOURCES = {\n")
+        for d, s in sorted(sources.items()):
+            f.write(f"    {d!r}: {s!r},\n")
+        f.write("}\nWINS: dict = {\n")
+        for key, cfg in sorted(kept.items()):
             f.write(f"    {key!r}: {cfg!r},\n")
         f.write("}\n")
+
 
 if __name__ == "__main__":
     main()

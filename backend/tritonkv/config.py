@@ -35,9 +35,11 @@ class EngineConfig:
     pool_name: str = ""  # shared pool name; "" keeps the pool private to this instance
     stream_interval: int = 1  # tokens per streamed response after the first (as vLLM's)
     enable_cuda_graphs: bool = True  # CUDA: decode steps replay graphs captured at load
-    # CUDA: linear layers at <= 16 rows run the Triton skinny GEMM where it measured faster
-    # than cuBLASLt on this GPU (kernels/skinny_gemm_table.py; empty: torch everywhere)
-    skinny_gemm: bool = False
+    # CUDA: linear layers at <= 16 rows run the Triton skinny GEMM where the committed table
+    # measured it faster than cuBLASLt on this GPU (kernels/skinny_gemm_table.py); a GPU, shape
+    # or row count not in it runs torch. On: the H100's batch-1 decode step 5.95 -> 5.75 ms
+    # (bench/results/profile_step_h100_skinny.md)
+    skinny_gemm: bool = True
     # CUDA: > 0 sizes the KV pool so that weights + activations + graphs + KV use this fraction
     # of the device's total memory (as vLLM's); 0 keeps kv_cache_memory_mb
     gpu_memory_utilization: float = 0.0

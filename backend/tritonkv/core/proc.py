@@ -49,7 +49,9 @@ STATS_PERIOD_S = 0.5
 WATCH_PERIOD_S = 0.2
 GRACE_ENV = "TRITONKV_CORE_GRACE_S"
 # an engine loop that has not come round for this long is stuck (an idle one comes round
-# every second): a stuck core takes no new frontend and exits once it has none
+# every second): a stuck core takes no new frontend and exits once it has none. Only a loop
+# that has started can be stuck: loading (the engine built, its heap frozen, CUDA graphs
+# captured) may take any time
 STUCK_S = 5.0
 # per-frontend settings: they may differ between the frontends of one core
 FRONTEND_FIELDS = ("default_max_tokens", "stream_interval")
@@ -303,7 +305,8 @@ class EngineCore:
             self._empty_since = time.monotonic()
 
     def _stuck(self) -> bool:
-        return self.engine is not None and time.monotonic() - self._last_loop > STUCK_S
+        # loaded is set after _last_loop is reset to the loop's start (run)
+        return self.loaded.is_set() and self.engine is not None and time.monotonic() - self._last_loop > STUCK_S
 
     def _watch(self, now: float) -> None:
         for fid, fe in list(self.frontends.items()):
@@ -311,6 +314,9 @@ class EngineCore:
                 log.warning("frontend %s (pid %d) is gone: its requests are cancelled", fid, fe.pid)
                 self._drop(fid)
         if self.engine is not None and (self.engine.failure is not None or (self._stuck() and not self.frontends)):
+            log.error("engine core %s: %s, exiting", self.name,
+                      f"the engine failed: {self.engine.failure}" if self.engine.failure is not None else
+                      f"the engine loop has not come round for {STUCK_S:.0f} s and no frontend is attached")
             self.stop.set()
         if self.loaded.is_set() and self._empty_since is not None and now - self._empty_since >= self.grace_s:
             log.info("engine core %s: no frontend for %.1f s, exiting", self.name, self.grace_s)

@@ -1,7 +1,7 @@
 """Which GEMM each linear layer of the model runs: torch (cuBLASLt) everywhere, except where the
 skinny decode kernel (kernels/skinny_gemm.py) measured faster for that weight shape and row count
 on this GPU (kernels/skinny_gemm_table.py, written by bench/skinny_gemm.py) and the engine asks
-for it (``EngineConfig.skinny_gemm``, off by default).
+for it (``EngineConfig.skinny_gemm``, on by default: the table is the gate).
 
 Rules:
 - The decision is per (GPU name, N, K, M bucket); M rounds up to the next measured row count
