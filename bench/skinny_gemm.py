@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -86,6 +87,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=None, help="names (prefixes) of SHAPES to run")
     ap.add_argument("--rows", type=int, nargs="*", default=list(ROWS))
     args = ap.parse_args()
+    if args.write_table and (args.shapes or sorted(args.rows) != sorted(ROWS) or not args.out):
+        # the table replaces every entry of this GPU: only a whole run, with its results file, may
+        ap.error("--write-table needs the whole run (no --shapes, the default --rows) and --out")
     torch.backends.cuda.preferred_blas_library("cublaslt")  # as engine/factory.py
     dev_name = torch.cuda.get_device_name(0)
     copy_gbps = copy_bandwidth()
@@ -163,7 +167,7 @@ def main() -> None:
     if args.write_table:
         path = os.path.join(ROOT, "backend", "tritonkv", "kernels", "skinny_gemm_table.py")
         # the results file as committed (bench/results/<name>.md), not the run's own path
-        write_table(path, dev_name, f"bench/results/{os.path.basename(args.out)}.md" if args.out else cmd.strip(), wins)
+        write_table(path, dev_name, f"bench/results/{os.path.basename(args.out)}.md", wins)
         print(f"wrote {path} ({len(wins)} entries for {dev_name})")
 
 
@@ -179,7 +183,7 @@ def write_table(path: str, device: str, source: str, wins: dict) -> None:
     kept = {key: cfg for key, cfg in table["WINS"].items() if key[0] != device}
     kept.update(wins)
     with open(path, "w") as f:
-        f.write(text.split("SOURCES =")[0] + "SOURCES = {\n")
+        f.write(re.split(r"^SOURCES = ", text, maxsplit=1, flags=re.M)[0] + "SOURCES = {\n")
         for d, s in sorted(sources.items()):
             f.write(f"    {d!r}: {s!r},\n")
         f.write("}\nWINS: dict = {\n")

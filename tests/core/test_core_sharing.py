@@ -86,8 +86,23 @@ def test_other_settings_are_refused_naming_both_sides(pair):
     same.close()
 
 
-def test_sigkilled_frontend_mid_stream_frees_its_blocks_and_others_stay_exact(pair):
-    a, _, hf = pair
+def test_sigkilled_frontend_mid_stream_frees_its_blocks_and_others_stay_exact(tiny, tmp_path, monkeypatch):
+    # a core of its own, slowed by the fault hook (server/fault_injection.py): each loop
+    # iteration sleeps 0.05 s, so the stub's 300-token streams last ~15 s and are certainly in
+    # flight when it is killed (unslowed, a tiny model on the CPU could finish them before the
+    # half-second stats showed their blocks: a flake under load)
+    monkeypatch.setenv("TRITONKV_TEST_FAULT_DIR", str(tmp_path))
+    path, hf = tiny
+    a = CoreClient(core_config(path))
+    (tmp_path / f"slow-{a.connect().core_pid}").touch()
+    try:
+        _sigkill_a_streaming_stub(a, hf)
+    finally:
+        a.close()
+        wait_core_gone(a)
+
+
+def _sigkill_a_streaming_stub(a, hf):
     assert wait_until(lambda: used_blocks(a) == 0, 10)
     stub = subprocess.Popen([sys.executable, os.path.join(HERE, "frontend_stub.py"),
                              msgspec.json.encode(a.config).decode(), json.dumps(SYSTEM), "3", "300"],

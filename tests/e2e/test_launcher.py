@@ -307,3 +307,20 @@ def test_failure_reason_is_the_first_line_of_tritons_message():
     assert failure_reason(log) == ("model 'llm' failed to load: Internal: PoolMismatch: KV pool 'p-cpu0' is in "
                                    "use with 341 blocks; this instance wants 682")
     assert failure_reason("I1201 all fine\n") is None
+
+
+def test_failure_reason_carries_the_line_an_exited_core_logged():
+    """The server log goes with the work folder when a start fails: the reason names why the
+    core exited (its own error line), not only that it did."""
+    from tritonkv.server.probes import failure_reason
+
+    log = ("tritonkv INFO: KV pool: 682 blocks x 16 tokens (kv_cache_memory_mb)\n"
+           "tritonkv ERROR: engine core p-cuda0: the engine loop has not come round for 5 s and no frontend "
+           "is attached, exiting\n"
+           "E1201 10:00:01.0 1 model_lifecycle.cc:654] \"failed to load 'llm_stateless' version 1: Internal: "
+           "CoreUnavailable: the engine core for pool 'p-cuda0' exited while starting (exit code 0; see the "
+           "server log for why)\\n\\nAt:\\n\"\n")
+    assert failure_reason(log) == (
+        "model 'llm_stateless' failed to load: Internal: CoreUnavailable: the engine core for pool 'p-cuda0' "
+        "exited while starting (exit code 0; see the server log for why) (the core logged: engine core "
+        "p-cuda0: the engine loop has not come round for 5 s and no frontend is attached, exiting)")

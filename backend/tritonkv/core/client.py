@@ -152,6 +152,7 @@ class CoreClient:
                 if not (reply.retry and self._wait_gone(deadline)):
                     raise CoreUnavailable(reply.reason)
             elif child is not None and child.poll() is not None:
+                # (server/probes.py's failure_reason adds the core's own last error line on these words)
                 raise CoreUnavailable(f"the engine core for pool {self.name!r} exited while starting (exit code "
                                       f"{child.returncode}; see the server log for why)")
             if time.monotonic() >= deadline:

@@ -16,8 +16,10 @@ Rules:
   conversations release their blocks.
 - A frontend that attaches with other engine settings is refused, naming both sides.
 - The core exits ``grace_s`` after its last frontend left (or after loading, if none came),
-  on SIGTERM / SIGINT / SIGHUP, when the engine failed, and when its loop is stuck
-  (``STUCK_S``) with no frontend left (new frontends are refused meanwhile, to retry); on the way out it removes its
+  on SIGTERM / SIGINT / SIGHUP, when the engine failed, and when its loop, once started, is
+  stuck (``STUCK_S``) with no frontend left (new frontends are refused meanwhile, to retry once
+  it is gone; while frontends are attached a newcomer is answered when the loop comes round);
+  a load takes as long as it takes. On the way out it removes its
   socket and lock file while it still holds the lock. It ignores its terminal (own session).
 """
 
@@ -109,7 +111,7 @@ class EngineCore:
         self.welcome: m.Welcome | None = None
         self.load_error: str | None = None
         self.frontends: dict[str, Frontend] = {}
-        self.waiting: list[tuple[bytes, m.Hello]] = []  # hellos that came while loading
+        self.waiting: list[tuple[bytes, m.Hello]] = []  # hellos that came while loading or in a long step
         self.stop = threading.Event()
         self.loaded = threading.Event()
         self._out: queue.SimpleQueue = queue.SimpleQueue()  # (identity, bytes) from the engine thread
@@ -284,9 +286,14 @@ class EngineCore:
         elif (why := mismatch(self.config, hello.config)) is not None:
             reply = m.Refused(f"pool {hello.config.pool_name!r} is served by an engine core with other settings: "
                               f"{why}; use the same settings or another pool_name")
-        elif self.engine.failure is not None or self._stuck():
+        elif self.engine.failure is not None or (self._stuck() and not self.frontends):
             reply = m.Refused(f"the engine core {self.name!r} (pid {os.getpid()}) is failed or stuck and exits",
                               retry=True)
+        elif self._stuck():
+            # a long step with frontends attached: the core is not exiting (_watch), so the
+            # newcomer is answered once the loop comes round (the I/O loop retries waiting hellos)
+            self.waiting.append((identity, hello))
+            return
         else:
             self.frontends[hello.frontend_id] = Frontend(identity, hello.pid, hello.started)
             self._empty_since = None
@@ -316,7 +323,8 @@ class EngineCore:
         if self.engine is not None and (self.engine.failure is not None or (self._stuck() and not self.frontends)):
             log.error("engine core %s: %s, exiting", self.name,
                       f"the engine failed: {self.engine.failure}" if self.engine.failure is not None else
-                      f"the engine loop has not come round for {STUCK_S:.0f} s and no frontend is attached")
+                      f"the engine loop has not come round for {now - self._last_loop:.1f} s "
+                      f"(stuck after {STUCK_S:g} s) and no frontend is attached")
             self.stop.set()
         if self.loaded.is_set() and self._empty_since is not None and now - self._empty_since >= self.grace_s:
             log.info("engine core %s: no frontend for %.1f s, exiting", self.name, self.grace_s)

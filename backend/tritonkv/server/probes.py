@@ -24,6 +24,8 @@ _FAILURE_PATTERNS = (
     re.compile(r"failed to load '([^']+)' version \d+: (.+)$"),
     re.compile(r"(?:^|\] )(?:E\d{4} [^\]]*\] )?(.*(?:Error|Mismatch|Exception): .+)$"),
 )
+# an engine core's own error line (core/proc.py's log format), e.g. why it exited
+_CORE_ERROR = re.compile(r"^tritonkv ERROR: (engine core .+)$")
 
 
 def failure_reason(log: str) -> str | None:
@@ -33,7 +35,13 @@ def failure_reason(log: str) -> str | None:
     for line in lines:
         m = _FAILURE_PATTERNS[0].search(line)
         if m:
-            return f"model {m.group(1)!r} failed to load: {m.group(2).strip()}"
+            reason = f"model {m.group(1)!r} failed to load: {m.group(2).strip()}"
+            # a core that exited while starting said why in this log, which goes with the
+            # server's work folder: the reason carries its last error line
+            said = [c.group(1) for c in map(_CORE_ERROR.match, lines) if c]
+            if said and "exited while starting" in reason:  # (core/client.py's words)
+                reason += f" (the core logged: {said[-1]})"
+            return reason
     for line in reversed(lines):
         m = _FAILURE_PATTERNS[1].search(line)
         if m:
