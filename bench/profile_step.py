@@ -153,7 +153,8 @@ def main() -> None:
     ap.add_argument("--blas", default="", help="torch.backends.cuda.preferred_blas_library (cublas / cublaslt)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--shape", default=None, help="bench/synthetic_checkpoint.py shape (llama3-8b; cpu: llama-tiny)")
-    ap.add_argument("--skinny", action="store_true", help="EngineConfig.skinny_gemm (kernels/skinny_gemm_table.py)")
+    ap.add_argument("--skinny", action="store_true", help="EngineConfig.skinny_gemm on (kernels/skinny_gemm_table.py; the engine's "
+                    "default since 89c9a16); without it the profile measures torch (cuBLASLt) GEMMs alone")
     args = ap.parse_args()
     print("Command: `" + " ".join(["python bench/profile_step.py", *sys.argv[1:]]) + "`", flush=True)
     cuda = args.device == "cuda"
