@@ -145,9 +145,10 @@ def test_a_loaded_core_whose_loop_stops_coming_round_with_no_frontend_exits(monk
     core = proc.EngineCore.__new__(proc.EngineCore)  # (the watch alone: no socket, no lock)
     core.engine, core.loaded, core.frontends = SimpleNamespace(failure=None), threading.Event(), {}
     core.name, core.stop, core._empty_since, core.grace_s = "t-cpu0", threading.Event(), None, 60.0
+    core.gave_up = False
     core._last_loop = time.monotonic() - 1.0
     core._watch(time.monotonic())
     assert not core.stop.is_set()  # still loading
     core.loaded.set()
     core._watch(time.monotonic())
-    assert core.stop.is_set()  # loaded, its loop a second behind, no frontend: it exits
+    assert core.stop.is_set() and core.gave_up  # loaded, its loop a second behind, no frontend: it exits, code 1

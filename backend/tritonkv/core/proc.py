@@ -110,6 +110,7 @@ class EngineCore:
         self.engine = None
         self.welcome: m.Welcome | None = None
         self.load_error: str | None = None
+        self.gave_up = False  # the engine failed, or its loop was stuck with no frontend: exit code 1
         self.frontends: dict[str, Frontend] = {}
         self.waiting: list[tuple[bytes, m.Hello]] = []  # hellos that came while loading or in a long step
         self.stop = threading.Event()
@@ -154,7 +155,7 @@ class EngineCore:
             self.engine.start_loop()
         self.stop.wait()
         io.join(timeout=2)
-        return 0 if self.load_error is None else 1
+        return 1 if self.load_error is not None or self.gave_up else 0
 
     def _load(self) -> None:
         from tritonkv.engine.factory import build_engine
@@ -325,6 +326,7 @@ class EngineCore:
                       f"the engine failed: {self.engine.failure}" if self.engine.failure is not None else
                       f"the engine loop has not come round for {now - self._last_loop:.1f} s "
                       f"(stuck after {STUCK_S:g} s) and no frontend is attached")
+            self.gave_up = True
             self.stop.set()
         if self.loaded.is_set() and self._empty_since is not None and now - self._empty_since >= self.grace_s:
             log.info("engine core %s: no frontend for %.1f s, exiting", self.name, self.grace_s)
