@@ -160,6 +160,7 @@ benches)
     nsamp=(--samples-prompt-tokens 64 --samples-max-tokens 4 --samples-repeats 1) conc=4
     bad=(--rows 4 --vocab 1000 --steps 10 --repeats 1) send=(--total 800 --repeats 1) asks=(--calls 500 --repeats 1)
     fload=(--concurrency 8 --step-ms 10 --max-tokens 16 --client-procs 2) hstep=(--concurrency 8 --repeats 1)
+    grow=(--turn-history 32 --new 32 --concurrency 2)
   else
     gpu=$("$IMGPY" -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'h100')")
     dev=cuda
@@ -167,6 +168,7 @@ benches)
          --engine-param max_num_batched_tokens=8192)
     prof=(--batch 1 64) tiers=(--shape llama3-8b) nsamp=() conc=64 bad=(--rows 64 --vocab 128256) send=(--repeats 5) asks=()
     fload=(--concurrency 64 256 --step-ms 7 --instances 1 2) hstep=()
+    grow=(--turn-history 512 --new 512)
   fi
   # in the order of what the issues need first; a step that would pass the budget is listed as not run
   smoke profile-step 120 bash -o pipefail -c "'$IMGPY' bench/profile_step.py ${prof[*]} 2>&1 | grep -v -i warn > '$r/profile_step_$gpu.md'"
@@ -177,6 +179,10 @@ benches)
   smoke gc-pause 60 "$IMGPY" bench/gc_pause.py --device $dev --out "$r/gc_pause_$gpu.md"
   smoke kv-tiers 300 "$IMGPY" bench/kv_tiers.py --device $dev "${tiers[@]}" --dir /tmp/tritonkv-synthetic \
     --parts ${TIER_PARTS:-1,3,4,2} --out "$r/kv_tiers_$gpu.md"
+  # part 2 with growing histories (512-token turns, ~2.1k at the 4th): each returning turn
+  # recomputes its whole history with the tier off, prefills only its new tokens with it on
+  smoke kv-tiers-growing 150 "$IMGPY" bench/kv_tiers.py --device $dev "${tiers[@]}" --dir /tmp/tritonkv-synthetic \
+    --parts 2 "${grow[@]}" --out "$r/kv_tiers_growing_$gpu.md"
   smoke sampling-n 100 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" "${nsamp[@]}" --only-samples \
     --out "$r/sampling_n_$gpu.md"
   smoke sampling 120 "$IMGPY" bench/sampling_cost.py --device $dev "${p8b[@]}" --concurrency $conc \

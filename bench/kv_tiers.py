@@ -9,7 +9,11 @@ Part 2, a multi-turn workload with ``--oversubscribe`` x more live conversations
 device pool holds at ``--turn-history`` tokens each: every conversation runs ``--turns``
 turns; turns arrive in waves of ``--concurrency`` conversations (round robin, so between two
 turns of a conversation every other conversation runs one: the think time). Per turn TTFT
-p50 / p90 and output tok/s, tier on vs off.
+p50 / p90 and output tok/s, tier on vs off. Two shapes of history: the default, one long first
+turn (``--turn-history`` 2048) and short returning turns (``--new`` 64), where a quarter of the
+turns are first-turn prefills that no tier shortens; and growing histories, ``--turn-history 512
+--new 512`` (each turn adds 512 tokens, ~2.1k at the 4th, a chat's pattern), where each
+returning turn recomputes its whole history with the tier off.
 
 GPU (Llama-3-8B shape, random bf16 weights, bench/synthetic_checkpoint.py; 8B bf16 takes 2 MiB
 per 16-token block: part 2's defaults hold 32 conversations of ~2.4k tokens on the device
