@@ -109,7 +109,8 @@ class HttpClient(Closing):
 
     def generate_stream(self, prompt: str | None = None, *, input_ids=None, model: str | None = None,
                         **settings) -> HttpStream:
-        """``POST /generate_stream`` with ``"stream": true``: one event per token."""
+        """``POST /generate_stream`` with ``"stream": true``: one event per response (a token, or
+        several when the server fell behind and merged them)."""
         model = model or self.model
         body = request_body(prompt, input_ids, self.params.merged(**settings), stream=True)
         response, sent_at = self._post("generate_stream", body, model, SSE_HEADERS)
