@@ -145,6 +145,7 @@ def returning_ttft(args, path, host_gb) -> dict:
     stats = engine.stats()
     result = {"ttft_ms": 1000 * statistics.median(ttfts), "ttfts_ms": [round(1000 * x, 2) for x in ttfts],
               "swap_in_blocks": stats["swap_in_blocks"], "swap_in_bytes": stats["swap_in_bytes"],
+              "taken_back_blocks": stats.get("swap_in_device_hit_blocks", 0),
               "preemptions": stats["preemptions"], "steps": steps}
     if host_gb:
         result["breakdown"] = restore_breakdown(args, engine, -(-(args.history + 1) // bs), vocab)
@@ -344,11 +345,12 @@ def part_returning(args, path, host_gb) -> list[str]:
     off, on = returning_ttft(args, path, 0), returning_ttft(args, path, host_gb)
     gc.collect()
     lines = [f"## Returning conversation: {args.history} tokens of history, {args.new} new", "",
-             "| host tier | TTFT median (ms) | runs (ms) | swap-in blocks | swap-in bytes | preemptions |",
-             "|---|---:|---|---:|---:|---:|"]
+             "| host tier | TTFT median (ms) | runs (ms) | swap-in blocks (copied) | swap-in bytes | "
+             "taken back (still cached on the device) | preemptions |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for name, r in (("off (recompute)", off), (f"on ({host_gb} GiB)", on)):
         lines.append(f"| {name} | {r['ttft_ms']:.1f} | {r['ttfts_ms']} | {r['swap_in_blocks']} | "
-                     f"{r['swap_in_bytes']:,} | {r['preemptions']} |")
+                     f"{r['swap_in_bytes']:,} | {r['taken_back_blocks']} | {r['preemptions']} |")
     lines += ["", f"restore / recompute TTFT: {on['ttft_ms'] / off['ttft_ms']:.3f} (target <= 0.25)", "",
               "The last returning turn's engine steps (engine/step_times.py: host phases, ms per step; "
               "`wait` is the host blocked on the GPU for the step's token):", "",

@@ -154,9 +154,11 @@ def test_a_restore_trimmed_in_its_swap_in_step_does_not_overwrite_the_block_give
     kv.commit("r", r_ids)
     assert kv.swap_out("r")
     run()
-    f_ids = list(range(300, 316))  # f takes the device pool: p's blocks are demoted to the host
+    # f takes the whole device pool: p's blocks are demoted to the host, and so are r's
+    # registered blocks (still cached there, a swap-in would take them back instead of copying)
+    f_ids = list(range(300, 324))
     kv.start("f", f_ids)
-    kv.grow("f", 16)
+    kv.grow("f", 24)
     run()
     kv.release("f")
     storage.zero_()

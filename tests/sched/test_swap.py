@@ -17,9 +17,11 @@ from tritonkv.sched.scheduler import Scheduler
 from tritonkv.sched.sequence import SeqStatus
 
 
-def make(num_blocks: int, host_blocks: int, budget: int = 64):
+def make(num_blocks: int, host_blocks: int, budget: int = 64, prefix_caching: bool = True):
+    """``prefix_caching`` off: a swapped-out sequence's blocks are never found still cached on
+    the device, so its swap-in copies them all (the restore path's tests)."""
     pool = BlockPool.in_process(num_blocks, BS)
-    kv = KVCacheManager(pool, owner=0, host=HostTier(host_blocks))
+    kv = KVCacheManager(pool, owner=0, host=HostTier(host_blocks), enable_prefix_caching=prefix_caching)
     return pool, kv, Scheduler(kv, budget, 8)
 
 
@@ -63,21 +65,23 @@ def test_idle_conversation_swaps_out_instead_of_preempting_and_comes_back_withou
     next_turn(a, [7, 7, 7], admitted_at=2)
     plan = sched.schedule([a], [])
     swaps = kv.take_swaps()
-    # a is the step's only work: it runs now and the step waits for its restore (3r)
-    assert swaps.restore_host == [0, 1] and swaps.in_host == [] and swaps.wait_restores
-    assert not kv.restoring("a")
-    # the device blocks it takes that were cached are demoted first: 0 (a's own old block 0,
-    # reclaimed by the swap-in while a's host blocks are still held: host block 3), then 5 (b's
-    # chain tail, reclaimed by the turn's growth after a left host blocks 0, 1: host block 0)
-    assert (swaps.out_device, swaps.out_host) == ([0, 5], [3, 0])
-    # the free block 1 (b's unfilled tail), then the least recently used cached one: a's old 0;
-    # the turn's growth then evicts b's chain tail (5)
-    assert swaps.restore_device == [1, 0] and kv.block_table("a") == [1, 0, 5]
+    # a's first block is still cached on the device (block 0, registered, unused since): it is
+    # taken back by reference, not copied; only its second block (host block 1) is restored,
+    # into the free block 1 (b's unfilled tail). a is the step's only work: it runs now and
+    # the step waits for that restore (3r)
+    assert swaps.restore_host == [1] and swaps.restore_device == [1] and swaps.in_host == []
+    assert swaps.wait_restores and not kv.restoring("a")
+    # the turn's growth reclaims b's chain tail (5), demoted to host block 0 (a left host
+    # blocks 0, 1 at its swap-in)
+    assert (swaps.out_device, swaps.out_host) == ([5], [0])
+    assert kv.block_table("a") == [0, 1, 5]
     assert shape(plan) == [("a", 8, 4, True)]  # 8 tokens restored: token 8 (sampled) + 3 new
     assert a.turn.cached_tokens == 8
-    assert not kv.swapped("a") and kv.host.counts()["used"] == 0 and kv.host.counts()["cached"] == 3
+    # host: block 2 (b's growth demoted a's old block 1) and block 0 (5) hold prefix blocks
+    assert not kv.swapped("a") and kv.host.counts()["used"] == 0 and kv.host.counts()["cached"] == 2
     stats = kv.host.counts()
-    assert (stats["swap_out_blocks"], stats["swap_in_blocks"], stats["swap_outs"], stats["swap_ins"]) == (2, 2, 1, 1)
+    assert (stats["swap_out_blocks"], stats["swap_in_blocks"], stats["swap_in_device_hit_blocks"],
+            stats["swap_outs"], stats["swap_ins"]) == (2, 1, 1, 1, 1)
     advance(kv, plan)
     kv.release("a")
     assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
@@ -141,7 +145,7 @@ def test_host_runs_are_contiguous_when_they_can_be():
     tier.drop("w")
     assert tier.park("r", None, 2) == [3, 4]  # free 3, 4, 6, 7: the first run
     assert tier.counts() == {"total": 8, "used": 6, "cached": 0, "free": 2, "sequences": 2, "swap_out_blocks": 13,
-                             "swap_in_blocks": 0, "swap_outs": 5, "swap_ins": 0, "dropped_blocks": 0, "dropped": 0,
+                             "swap_in_blocks": 0, "swap_in_device_hit_blocks": 0, "swap_outs": 5, "swap_ins": 0, "dropped_blocks": 0, "dropped": 0,
                              "demoted_blocks": 0, "prefix_hit_blocks": 0}
 
 
@@ -286,9 +290,9 @@ def park(kv, sched, a, b_tokens: int):
 
 
 def test_a_restore_overlaps_the_other_rows_and_runs_once_its_copies_landed():
-    pool, kv, sched = make(num_blocks=8, host_blocks=4)
+    pool, kv, sched = make(num_blocks=8, host_blocks=4, prefix_caching=False)
     a = running("a", prompt(100, 8), admitted_at=0)
-    b = park(kv, sched, a, b_tokens=6)  # b decodes on blocks 2, 3 (blocks 0, 1 cached: a's old ones)
+    b = park(kv, sched, a, b_tokens=6)  # b decodes on blocks 2, 3 (blocks 0, 1 free: a's old ones)
     next_turn(a, [7, 7, 7], admitted_at=2)
     # a's turn arrives while b decodes: a swaps in (its copies queued), b runs alone this step
     plan = sched.schedule([b, a], [])
@@ -315,7 +319,7 @@ def test_a_restore_overlaps_the_other_rows_and_runs_once_its_copies_landed():
 def test_a_restoring_sequence_released_makes_the_next_step_wait_for_its_copies():
     """Its blocks go back to the pool while the copies into them may be in flight: nothing may
     write them before those land."""
-    pool, kv, sched = make(num_blocks=8, host_blocks=4)
+    pool, kv, sched = make(num_blocks=8, host_blocks=4, prefix_caching=False)
     a = running("a", prompt(100, 8), admitted_at=0)
     b = park(kv, sched, a, b_tokens=6)
     next_turn(a, [7, 7, 7], admitted_at=2)
@@ -351,5 +355,99 @@ def test_an_eviction_that_trims_a_restoring_sequence_makes_its_step_wait_for_the
     assert len(kv.block_table("a")) == 1 and kv.take_swaps() == SwapPlan(wait_restores=True)
     kv.restores_landed()
     assert kv.evict("a", 17) and not kv.take_swaps()  # landed: evicting waits for nothing
+    kv.release("a")
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
+
+
+def test_a_swap_in_takes_back_the_blocks_the_device_still_caches_and_copies_the_rest():
+    """Nothing reclaimed a's registered blocks while it was parked: its next turn takes them
+    back by reference (no copy) and restores only its unregistered tail block from the host."""
+    pool, kv, sched = make(num_blocks=16, host_blocks=8)
+    a = running("a", prompt(100, 10), admitted_at=0)
+    advance(kv, sched.schedule([a], []))  # a: blocks 0, 1 full (registered), 2 holds 2 tokens
+    go_idle(a)
+    assert kv.block_table("a") == [0, 1, 2] and a.token_ids[-1] == SAMPLED
+    assert kv.swap_out("a") and kv.take_swaps().out_device == [0, 1, 2]
+    assert kv.host.blocks_of("a") == [0, 1, 2] and pool.refcounts([0, 1, 2]) == [0, 0, 0]
+    assert pool.counts()["cached"] == 2  # blocks 0, 1 stay in the prefix index; 2 is free
+    next_turn(a, [7, 7], admitted_at=1)  # 13 tokens: 10 computed, the sampled one + 2 new to prefill
+    plan = sched.schedule([a], [])
+    swaps = kv.take_swaps()
+    # 0, 1 taken back; the tail (host block 2) restored into the lowest free block (2), and
+    # a is the step's only work, so the step waits for that one copy
+    assert (swaps.restore_host, swaps.restore_device, swaps.wait_restores) == ([2], [2], True)
+    assert swaps.out_device == [] and swaps.in_host == []
+    assert kv.block_table("a") == [0, 1, 2, 3] and pool.refcounts([0, 1, 2, 3]) == [1, 1, 1, 1]
+    assert shape(plan) == [("a", 10, 3, True)] and a.turn.cached_tokens == 10
+    stats = kv.host.counts()
+    assert (stats["swap_in_blocks"], stats["swap_in_device_hit_blocks"], stats["used"]) == (1, 2, 0)
+    # a swap-in's reuse is no prefix-cache hit in the pool's stats (nothing was looked up for a prompt)
+    assert pool.counts()["prefix_hit_blocks"] == 0
+    advance(kv, plan)
+    kv.release("a")
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
+
+
+def test_a_swap_in_whose_blocks_are_all_still_cached_copies_nothing_and_runs_at_once():
+    pool, kv, sched = make(num_blocks=16, host_blocks=8)
+    b = running("b", prompt(300, 3), admitted_at=0)
+    a = running("a", prompt(100, 7), admitted_at=0)
+    advance(kv, sched.schedule([a, b], []))  # a: 7 tokens + the sampled one = 2 full blocks (0, 1)
+    advance(kv, sched.schedule([a, b], []))  # a's 8th token computed: block 1 registered
+    go_idle(a)
+    assert kv.block_table("a") == [0, 1] and a.num_computed == 8 == len(a.token_ids) - 1
+    assert kv.swap_out("a") and kv.take_swaps().out_device == [0, 1]
+    next_turn(a, [5, 6, 7], admitted_at=1)
+    plan = sched.schedule([b, a], [])
+    swaps = kv.take_swaps()
+    assert swaps == SwapPlan()  # nothing copied, nothing waited
+    assert not kv.restoring("a") and kv.block_table("a")[:2] == [0, 1]
+    # not restoring: a prefills its new tokens in this very step, beside b's decode
+    assert shape(plan) == [("b", 4, 1, True), ("a", 8, 4, True)]
+    assert kv.host.counts()["swap_in_device_hit_blocks"] == 2 and kv.host.counts()["swap_in_blocks"] == 0
+    advance(kv, plan)
+    kv.release("a")
+    kv.release("b")
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
+
+
+def test_a_swap_in_that_cannot_get_its_other_blocks_gives_back_the_cached_ones():
+    pool, kv, _ = make(num_blocks=4, host_blocks=8)
+    kv.start("a", prompt(100, 10))
+    assert kv.grow("a", 10)
+    kv.commit("a", prompt(100, 10))  # blocks 0, 1 registered, 2 partial
+    assert kv.swap_out("a")
+    kv.take_swaps()
+    kv.start("c", prompt(500, 8))  # c takes the free blocks 2, 3: a's tail has no room now
+    assert kv.grow("c", 8) and kv.block_table("c") == [2, 3]
+    stamps = pool.arrays.last_used[[0, 1]].tolist()
+    assert not kv.swap_in("a", prompt(100, 10))  # blocks 0, 1 found, but no block for the tail
+    assert kv.swapped("a") and pool.refcounts([0, 1]) == [0, 0] and pool.counts()["cached"] == 2
+    assert pool.arrays.last_used[[0, 1]].tolist() == stamps  # the reclaim order is as it was
+    assert kv.take_swaps() == SwapPlan()
+    kv.release("c")
+    assert kv.swap_in("a", prompt(100, 10)) and kv.block_table("a")[:2] == [0, 1]
+    kv.release("a")
+    assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0
+
+
+def test_a_window_evicted_sequence_copies_every_block_back():
+    """Its kept blocks are no longer its original blocks from the first on: the cached blocks
+    of its evicted originals must not be taken back into the kept ones' places."""
+    from tritonkv.cache.eviction.window import SlidingWindow
+
+    pool = BlockPool.in_process(16, BS)
+    kv = KVCacheManager(pool, owner=0, host=HostTier(16), policy=SlidingWindow(BS, window=8))
+    tokens = prompt(100, 16)
+    kv.start("a", tokens)
+    assert kv.grow("a", 16)
+    kv.commit("a", tokens)
+    assert kv.evict("a", 16) and kv.block_table("a") == [2, 3]  # 0, 1 left the window, still cached
+    assert pool.counts()["cached"] == 2
+    assert kv.swap_out("a")
+    kv.take_swaps()
+    assert kv.swap_in("a", tokens + [5])
+    assert kv.host.counts()["swap_in_device_hit_blocks"] == 0 and kv.take_swaps().restore_host == [0, 1]
+    assert pool.refcounts([0, 1]) == [0, 0]
     kv.release("a")
     assert pool.counts()["used"] == 0 and kv.host.counts()["used"] == 0

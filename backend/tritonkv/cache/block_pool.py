@@ -160,15 +160,17 @@ class BlockPool:
                 self._queued.add(b)
                 heapq.heappush(self._free_heap, b)
 
-    def _take(self, blocks: np.ndarray, owner: int, distinct: bool = False) -> None:
-        """One reference per listed block (``distinct``: no id twice, so plain indexing adds)."""
+    def _take(self, blocks: np.ndarray, owner: int, distinct: bool = False, stamp: bool = True) -> None:
+        """One reference per listed block (``distinct``: no id twice, so plain indexing adds);
+        ``stamp``: mark them used now (the LRU order of cached blocks)."""
         if distinct:
             self.arrays.refcount[blocks] += 1
             self.arrays.owner_refs[owner][blocks] += 1
         else:
             np.add.at(self.arrays.refcount, blocks, 1)
             np.add.at(self.arrays.owner_refs[owner], blocks, 1)
-        self.arrays.last_used[blocks] = self._tick()
+        if stamp:
+            self.arrays.last_used[blocks] = self._tick()
 
     def take_ref(self, blocks: list[int], owner: int) -> None:
         with self.lock:
@@ -188,6 +190,19 @@ class BlockPool:
             tick = self._tick()
             self.arrays.last_used[idx] = tick + np.arange(len(idx))[::-1]
             self._add_stat("tick", len(idx))
+            self._push_free(idx)
+
+    def drop_refs(self, blocks: list[int], owner: int) -> None:
+        """Undo an unstamped ``acquire_cached_prefix``: one reference per listed block dropped,
+        their LRU stamps untouched, so the pool is as it was before the acquire."""
+        if not blocks:
+            return
+        with self.lock:
+            idx = np.asarray(blocks, dtype=np.int64)
+            if (self.arrays.owner_refs[owner][idx] <= 0).any():
+                raise ValueError(f"owner {owner} drops blocks it does not hold: {blocks}")
+            np.subtract.at(self.arrays.refcount, idx, 1)
+            np.subtract.at(self.arrays.owner_refs[owner], idx, 1)
             self._push_free(idx)
 
     def release_owner(self, owner: int) -> int:
@@ -240,9 +255,11 @@ class BlockPool:
                     return int(b)
             return None
 
-    def acquire_cached_prefix(self, hashes: list[int], token_ids, owner: int) -> list[int]:
+    def acquire_cached_prefix(self, hashes: list[int], token_ids, owner: int, swap_in: bool = False) -> list[int]:
         """Longest run of cached blocks matching ``hashes`` (block i = tokens of block i), with
-        one reference taken on each, atomically (no reclaim can slip in between)."""
+        one reference taken on each, atomically (no reclaim can slip in between). ``swap_in``:
+        a parked sequence taking its own blocks back, no prompt lookup: not counted in the
+        prefix-cache stats, and not stamped, so ``drop_refs`` undoes it exactly."""
         with self.lock:
             blocks, parent = [], NO_HASH
             bs = self.block_size
@@ -252,9 +269,10 @@ class BlockPool:
                     break
                 blocks.append(b)
                 parent = h
-            self._add_stat("prefix_query_blocks", len(hashes))
-            self._add_stat("prefix_hit_blocks", len(blocks))
+            if not swap_in:
+                self._add_stat("prefix_query_blocks", len(hashes))
+                self._add_stat("prefix_hit_blocks", len(blocks))
             if blocks:
-                self._take(np.asarray(blocks, dtype=np.int64), owner, distinct=True)
+                self._take(np.asarray(blocks, dtype=np.int64), owner, distinct=True, stamp=not swap_in)
             return blocks
 

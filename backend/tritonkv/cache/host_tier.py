@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STAT_NAMES = ("swap_out_blocks", "swap_in_blocks", "swap_outs", "swap_ins", "dropped_blocks", "dropped",
-              "demoted_blocks", "prefix_hit_blocks")
+STAT_NAMES = ("swap_out_blocks", "swap_in_blocks", "swap_in_device_hit_blocks", "swap_outs", "swap_ins",
+              "dropped_blocks", "dropped", "demoted_blocks", "prefix_hit_blocks")
 
 
 @dataclass
@@ -166,12 +166,18 @@ class HostTier:
         self.stats["swap_outs"] += 1
         return blocks
 
-    def unpark(self, seq_id) -> Parked:
+    def peek(self, seq_id) -> Parked:
+        """``seq_id``'s parked state, left in place."""
+        return self._parked[seq_id]
+
+    def unpark(self, seq_id, still_on_device: int = 0) -> Parked:
         """Take ``seq_id`` out (its blocks are being copied back; the host blocks are free
-        for later copies, which the copy stream orders after this one)."""
+        for later copies, which the copy stream orders after this one). The first
+        ``still_on_device`` of its blocks are not copied: the device still caches them."""
         parked = self._parked.pop(seq_id)
         self._release(parked.host_blocks)
-        self.stats["swap_in_blocks"] += len(parked.host_blocks)
+        self.stats["swap_in_blocks"] += len(parked.host_blocks) - still_on_device
+        self.stats["swap_in_device_hit_blocks"] += still_on_device
         self.stats["swap_ins"] += 1
         return parked
 

@@ -11,6 +11,10 @@ Rules:
 - ``swap_in`` takes one fresh device block per parked block and restores the table with
   the new ids; the sequence's computed tokens, eviction state (origins, turns, h2o mass)
   and registered hashes are as they were, so its next turn prefills only its new tokens.
+  Leading registered blocks the device pool still caches (nothing reclaimed them since the
+  swap-out, or another sequence wrote the same prefix) are taken back by reference instead
+  of copied (``_still_cached``; host tier only, a sequence no eviction policy has reshaped);
+  a sequence all of whose blocks are still cached is not ``restoring`` at all.
 - A conversation the host tier drops to make room keeps what a recompute needs (h2o mass),
   as a preempted one does.
 - ``release`` frees every tier at once.
@@ -154,29 +158,46 @@ class TierMoves:
         self.pool.release(held, self.owner)
         return True
 
-    def swap_in(self, seq_id) -> bool:
+    def swap_in(self, seq_id, token_ids=None) -> bool:
         """Bring ``seq_id`` back to the device. False (nothing changed) if the pool cannot
-        supply its blocks now (the caller makes room or waits)."""
+        supply its blocks now (the caller makes room or waits). With its ``token_ids``, the
+        leading blocks the device still caches (``_still_cached``) are taken back, not copied."""
         tier = self.host if seq_id in self.host else self.disk
-        need = len(tier.blocks_of(seq_id))
+        reuse = self._still_cached(tier.peek(seq_id).state, token_ids) if tier is self.host else []
         try:
-            device = self.pool.allocate(need, self.owner)
-        except PoolExhausted:
-            return False
-        parked = tier.unpark(seq_id)
+            device = self.pool.allocate(len(tier.blocks_of(seq_id)) - len(reuse), self.owner)
+        except BaseException as exc:
+            self.pool.drop_refs(reuse, self.owner)  # (nothing changed, the LRU order included)
+            if isinstance(exc, PoolExhausted):
+                return False
+            raise
+        parked = tier.unpark(seq_id, len(reuse))
         seq = parked.state
         fresh = iter(device)
-        seq.blocks = [next(fresh) for _ in seq.blocks]
+        seq.blocks = reuse + [next(fresh) for _ in seq.blocks[len(reuse):]]
         seq.sources = [next(fresh) if b >= 0 else -1 for b in seq.sources]
         self._seqs[seq_id] = seq
         if tier is self.host:
-            self._swaps.restore_host += parked.host_blocks
-            self._swaps.restore_device += device
-            self._restoring.add(seq_id)
+            if device:
+                self._swaps.restore_host += parked.host_blocks[len(reuse):]  # (host blocks: blocks, then sources)
+                self._swaps.restore_device += device
+                self._restoring.add(seq_id)
         else:
             self._swaps.in_disk += parked.host_blocks
             self._swaps.in_disk_device += device
         return True
+
+    def _still_cached(self, state, token_ids) -> list[int]:
+        """The device blocks (one reference taken on each) still caching the leading blocks of
+        a parked sequence: its registered blocks, found in the device prefix index by hash,
+        parent and tokens (the KV any sequence wrote for them). Only for a sequence whose kept
+        blocks are its original blocks from the first on, with no turned originals (no
+        eviction, window or sink rotation has moved them); [] otherwise."""
+        if token_ids is None or not self.enable_prefix_caching or not state.hashes or state.evicted_tokens:
+            return []
+        if any(b >= 0 for b in state.sources) or state.origins[: len(state.hashes)] != list(range(len(state.hashes))):
+            return []
+        return self.pool.acquire_cached_prefix(state.hashes, token_ids, self.owner, swap_in=True)
 
     def _remember_mass(self, seq_id, seq) -> None:
         if self.policy.needs_attention_mass:

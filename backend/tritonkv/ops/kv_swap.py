@@ -379,6 +379,7 @@ def tier_stats(kv, swapper: KVSwapper | None, scheduler) -> dict[str, int]:
     return {"host_blocks_total": c.get("total", 0), "host_blocks_used": c.get("used", 0),
             "host_blocks_free": c.get("free", 0), "host_sequences": c.get("sequences", 0),
             "swap_out_blocks": c.get("swap_out_blocks", 0), "swap_in_blocks": c.get("swap_in_blocks", 0),
+            "swap_in_device_hit_blocks": c.get("swap_in_device_hit_blocks", 0),
             "swap_out_bytes": swapper.bytes_out if swapper else 0, "swap_in_bytes": swapper.bytes_in if swapper else 0,
             "swap_outs": scheduler.num_swap_outs, "swap_ins": c.get("swap_ins", 0),
             "host_dropped_blocks": c.get("dropped_blocks", 0), "host_blocks_cached": c.get("cached", 0),

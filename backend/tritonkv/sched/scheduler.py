@@ -69,7 +69,7 @@ class Scheduler:
             if self.kv.restoring(seq.seq_id):
                 continue  # swapped in by an earlier step, its copies not landed yet
             if self.kv.swapped(seq.seq_id):
-                if not self._make_room(seq, lambda: self.kv.swap_in(seq.seq_id), planned, order, idle):
+                if not self._make_room(seq, lambda: self.kv.swap_in(seq.seq_id, seq.token_ids), planned, order, idle):
                     continue
                 if seq.turn is not None and seq.turn.cached_tokens < 0:
                     seq.turn.cached_tokens = seq.num_computed

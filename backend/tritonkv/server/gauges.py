@@ -40,6 +40,8 @@ GAUGES = {
     "tritonkv_swap_out_blocks_total": ("swap_out_blocks", "KV blocks copied device -> host (idle conversations)"),
     "tritonkv_swap_in_blocks_total": ("swap_in_blocks", "KV blocks copied host -> device: host-tier hits, "
                                                         "not recomputed"),
+    "tritonkv_swap_in_device_hit_blocks_total": ("swap_in_device_hit_blocks", "blocks of swapped-in conversations "
+                                                 "the device still cached: taken back, not copied"),
     "tritonkv_swap_out_bytes_total": ("swap_out_bytes", "bytes copied device -> host"),
     "tritonkv_swap_in_bytes_total": ("swap_in_bytes", "bytes copied host -> device"),
     "tritonkv_host_kv_blocks_cached": ("host_blocks_cached", "host-tier KV blocks holding prefix blocks the device "
