@@ -178,6 +178,14 @@ class BlockPool:
 
     def release(self, blocks: list[int], owner: int) -> None:
         """Drop one reference per listed block; hashed blocks stay cached, others become free."""
+        self._drop(blocks, owner, stamp=True)
+
+    def drop_refs(self, blocks: list[int], owner: int) -> None:
+        """Undo an unstamped ``acquire_cached_prefix``: one reference per listed block dropped,
+        their LRU stamps untouched, so the pool is as it was before the acquire."""
+        self._drop(blocks, owner, stamp=False)
+
+    def _drop(self, blocks: list[int], owner: int, stamp: bool) -> None:
         if not blocks:
             return
         with self.lock:
@@ -186,23 +194,11 @@ class BlockPool:
                 raise ValueError(f"owner {owner} releases blocks it does not hold: {blocks}")
             np.subtract.at(self.arrays.refcount, idx, 1)
             np.subtract.at(self.arrays.owner_refs[owner], idx, 1)
-            # Released last block of a chain is reclaimed before its parents (LRU by tick order).
-            tick = self._tick()
-            self.arrays.last_used[idx] = tick + np.arange(len(idx))[::-1]
-            self._add_stat("tick", len(idx))
-            self._push_free(idx)
-
-    def drop_refs(self, blocks: list[int], owner: int) -> None:
-        """Undo an unstamped ``acquire_cached_prefix``: one reference per listed block dropped,
-        their LRU stamps untouched, so the pool is as it was before the acquire."""
-        if not blocks:
-            return
-        with self.lock:
-            idx = np.asarray(blocks, dtype=np.int64)
-            if (self.arrays.owner_refs[owner][idx] <= 0).any():
-                raise ValueError(f"owner {owner} drops blocks it does not hold: {blocks}")
-            np.subtract.at(self.arrays.refcount, idx, 1)
-            np.subtract.at(self.arrays.owner_refs[owner], idx, 1)
+            if stamp:
+                # Released last block of a chain is reclaimed before its parents (LRU by tick order).
+                tick = self._tick()
+                self.arrays.last_used[idx] = tick + np.arange(len(idx))[::-1]
+                self._add_stat("tick", len(idx))
             self._push_free(idx)
 
     def release_owner(self, owner: int) -> int:
