@@ -145,7 +145,7 @@ def returning_ttft(args, path, host_gb) -> dict:
     stats = engine.stats()
     result = {"ttft_ms": 1000 * statistics.median(ttfts), "ttfts_ms": [round(1000 * x, 2) for x in ttfts],
               "swap_in_blocks": stats["swap_in_blocks"], "swap_in_bytes": stats["swap_in_bytes"],
-              "taken_back_blocks": stats.get("swap_in_device_hit_blocks", 0),
+              "taken_back_blocks": stats["swap_in_device_hit_blocks"],
               "preemptions": stats["preemptions"], "steps": steps}
     if host_gb:
         result["breakdown"] = restore_breakdown(args, engine, -(-(args.history + 1) // bs), vocab)

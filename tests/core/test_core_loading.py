@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import zmq
 
+from polling import wait_until
 from tritonkv.config import EngineConfig
 from tritonkv.core import liveness
 from tritonkv.core import messages as m
@@ -67,7 +68,7 @@ class FakeCore:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, fid.encode())
         sock.setsockopt(zmq.LINGER, 0)
-        assert wait_for(lambda: os.path.exists(self.core.paths.socket), 10)
+        assert wait_until(lambda: os.path.exists(self.core.paths.socket), 10)
         sock.connect(self.core.paths.endpoint)
         me = os.getpid()
         sock.send(m.encoder.encode(m.Hello(fid, me, liveness.start_time(me), CONFIG)))
@@ -90,15 +91,6 @@ class FakeCore:
         self.core.remove_files()
         self.ctx.destroy(linger=0)
         self.lock.close()
-
-
-def wait_for(cond, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def test_a_hello_during_a_load_longer_than_stuck_s_is_welcomed(monkeypatch):

@@ -190,12 +190,10 @@ class TierMoves:
     def _still_cached(self, state, token_ids) -> list[int]:
         """The device blocks (one reference taken on each) still caching the leading blocks of
         a parked sequence: its registered blocks, found in the device prefix index by hash,
-        parent and tokens (the KV any sequence wrote for them). Only for a sequence whose kept
-        blocks are its original blocks from the first on, with no turned originals (no
-        eviction, window or sink rotation has moved them); [] otherwise."""
+        parent and tokens (the KV any sequence wrote for them). Only for a sequence that has
+        evicted nothing (every eviction counts in ``evicted_tokens``): its kept blocks are then
+        its original blocks from the first on, none turned or re-rotated; [] otherwise."""
         if token_ids is None or not self.enable_prefix_caching or not state.hashes or state.evicted_tokens:
-            return []
-        if any(b >= 0 for b in state.sources) or state.origins[: len(state.hashes)] != list(range(len(state.hashes))):
             return []
         return self.pool.acquire_cached_prefix(state.hashes, token_ids, self.owner, swap_in=True)
 

@@ -287,7 +287,7 @@ class EngineCore:
         elif (why := mismatch(self.config, hello.config)) is not None:
             reply = m.Refused(f"pool {hello.config.pool_name!r} is served by an engine core with other settings: "
                               f"{why}; use the same settings or another pool_name")
-        elif self.engine.failure is not None or (self._stuck() and not self.frontends):
+        elif self._leaving():
             reply = m.Refused(f"the engine core {self.name!r} (pid {os.getpid()}) is failed or stuck and exits",
                               retry=True)
         elif self._stuck():
@@ -312,6 +312,11 @@ class EngineCore:
         if not self.frontends:
             self._empty_since = time.monotonic()
 
+    def _leaving(self) -> bool:
+        """The engine failed, or its loop is stuck with no frontend attached: the core exits
+        (``_watch``) and refuses newcomers meanwhile (``_hello``)."""
+        return self.engine is not None and (self.engine.failure is not None or (self._stuck() and not self.frontends))
+
     def _stuck(self) -> bool:
         # loaded is set after _last_loop is reset to the loop's start (run)
         return self.loaded.is_set() and self.engine is not None and time.monotonic() - self._last_loop > STUCK_S
@@ -321,7 +326,7 @@ class EngineCore:
             if not liveness.alive(fe.pid, fe.started):
                 log.warning("frontend %s (pid %d) is gone: its requests are cancelled", fid, fe.pid)
                 self._drop(fid)
-        if self.engine is not None and (self.engine.failure is not None or (self._stuck() and not self.frontends)):
+        if self._leaving():
             log.error("engine core %s: %s, exiting", self.name,
                       f"the engine failed: {self.engine.failure}" if self.engine.failure is not None else
                       f"the engine loop has not come round for {now - self._last_loop:.1f} s "
